@@ -1,0 +1,43 @@
+// SPDX-License-Identifier: MIT
+// ParameterView: how a layer exposes one parameter tensor and its gradient to optimisers, clipping and checkpoints.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "types.hpp"
+
+namespace memoryformer {
+
+/// What a parameter is; optimisers decide weight decay and learning-rate groups from it.
+enum class ParameterKind {
+  Table,      ///< Memory Layer bucket tables [K, 2^τ, d_out]: sparse gradients (only hit rows are non-zero)
+  Dense,      ///< dense weight matrices (Linear, LM head)
+  Embedding,  ///< token embedding [vocab, d]: sparse gradients like tables
+  Bias,       ///< biases: no weight decay
+  Norm,       ///< RMSNorm / LayerNorm scales and shifts: no weight decay
+};
+
+/// True for kinds that get weight decay in the paper's recipe (not biases and norms).
+inline bool decays(ParameterKind kind) { return kind == ParameterKind::Table || kind == ParameterKind::Dense || kind == ParameterKind::Embedding; }
+
+/**
+ * A view of one parameter tensor of a layer and of its gradient buffer (same size). The layer owns the memory;
+ * a view stays valid while the layer lives and is not resized.
+ */
+template <class Scalar>
+struct ParameterView {
+  std::string name;            ///< dotted path, e.g. "blocks.0.q.tables"
+  std::vector<Index> shape;    ///< row-major shape
+  std::span<Scalar> value;     ///< the parameter
+  std::span<Scalar> grad;      ///< its gradient, accumulated by backward until zero_grad()
+  ParameterKind kind = ParameterKind::Dense;
+  /// For sparse kinds (Table, Embedding): length of one row, and a flag per row set by backward when the row
+  /// received a gradient since the last zero_grad(). nullptr means "treat every row as touched".
+  Index row_size = 0;
+  const std::vector<std::uint8_t>* touched_rows = nullptr;
+};
+
+}  // namespace memoryformer
