@@ -1,0 +1,146 @@
+// SPDX-License-Identifier: MIT
+// Affine LayerNorm over the last dimension, y = (x − μ)/sqrt(var + eps)·γ + β, biased variance (spec §2, Memory Block).
+#pragma once
+
+#include <cmath>
+#include <concepts>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "../error.hpp"
+#include "../parameter.hpp"
+#include "../types.hpp"
+
+namespace memoryformer {
+
+/// What LayerNorm::forward keeps for backward: two statistics per row.
+template <std::floating_point Scalar>
+struct LayerNormCache {
+  Vector<Scalar> mean;  // [rows] μ of each row
+  Vector<Scalar> rstd;  // [rows] 1/sqrt(var + eps) of each row (biased variance, divided by d)
+};
+
+/**
+ * @brief Affine layer normalisation of each row of a [rows, d] matrix (PyTorch nn.LayerNorm semantics).
+ *
+ * y = (x − μ) / sqrt(var + eps) · γ + β with μ and the biased variance over the row; eps default 1e-5;
+ * γ starts at 1 and β at 0.
+ * @tparam Scalar float or double.
+ */
+template <std::floating_point Scalar>
+class LayerNorm {
+ public:
+  /**
+   * @param d    normalised (last) dimension, > 0
+   * @param eps  added to the variance, > 0
+   * @throws ConfigError for d ≤ 0 or eps ≤ 0.
+   */
+  explicit LayerNorm(Index d, double eps = 1e-5) : eps_(Scalar(eps)) {
+    detail::check_config(d > 0, "LayerNorm", "d = " + std::to_string(d) + " must be positive");
+    detail::check_config(eps > 0.0, "LayerNorm", "eps = " + std::to_string(eps) + " must be positive");
+    gamma_ = Vector<Scalar>::Ones(d);
+    beta_ = Vector<Scalar>::Zero(d);
+    dgamma_ = Vector<Scalar>::Zero(d);
+    dbeta_ = Vector<Scalar>::Zero(d);
+  }
+
+  Index d() const { return gamma_.size(); }
+  Scalar eps() const { return eps_; }
+  /// γ [d].
+  Vector<Scalar>& gamma() { return gamma_; }
+  const Vector<Scalar>& gamma() const { return gamma_; }
+  /// β [d].
+  Vector<Scalar>& beta() { return beta_; }
+  const Vector<Scalar>& beta() const { return beta_; }
+  /// dL/dγ [d], accumulated by backward.
+  const Vector<Scalar>& dgamma() const { return dgamma_; }
+  /// dL/dβ [d], accumulated by backward.
+  const Vector<Scalar>& dbeta() const { return dbeta_; }
+
+  /**
+   * @brief y = (x − μ)·rstd·γ + β row by row; fills `cache` with μ and rstd.
+   * @param y      [rows, d] output; may be x itself (in place)
+   * @param x      [rows, d] input
+   * @param cache  receives the per-row statistics
+   * @throws ShapeError when the shapes disagree.
+   */
+  void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, LayerNormCache<Scalar>& cache) const {
+    constexpr const char* where = "LayerNorm::forward";
+    detail::check_shape(where, "x", x.rows(), x.cols(), -1, d());
+    detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), d());
+    cache.mean.resize(x.rows());
+    cache.rstd.resize(x.rows());
+    const Scalar inv_d = Scalar(1) / Scalar(d());
+    for (Index n = 0; n < x.rows(); ++n) {
+      // Two passes (mean, then squared deviations) rather than E[x²] − μ²: no cancellation for large means.
+      const Scalar mu = x.row(n).sum() * inv_d;
+      const Scalar var = (x.row(n).array() - mu).square().sum() * inv_d;
+      const Scalar rstd = Scalar(1) / std::sqrt(var + eps_);
+      cache.mean(n) = mu;
+      cache.rstd(n) = rstd;
+      y.row(n) = ((x.row(n).array() - mu) * rstd * gamma_.transpose().array() + beta_.transpose().array()).matrix();
+    }
+  }
+
+  /**
+   * @brief dx (overwritten), dγ and dβ (accumulated) from dy.
+   *
+   * With x̂ = (x − μ)·rstd and g = γ⊙dy: dx = rstd·(g − mean(g) − x̂·mean(g⊙x̂)).
+   * @param dx     [rows, d] gradient of the input; may be x or dy itself
+   * @param x      [rows, d] the input given to forward
+   * @param dy     [rows, d] gradient of the output
+   * @param cache  filled by forward on this x
+   * @throws ShapeError when the shapes disagree; StateError when the cache does not come from forward on x.
+   */
+  void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> dy,
+                const LayerNormCache<Scalar>& cache) {
+    constexpr const char* where = "LayerNorm::backward";
+    detail::check_shape(where, "x", x.rows(), x.cols(), -1, d());
+    detail::check_shape(where, "dy", dy.rows(), dy.cols(), x.rows(), d());
+    detail::check_shape(where, "dx", dx.rows(), dx.cols(), x.rows(), d());
+    if (cache.mean.size() != x.rows() || cache.rstd.size() != x.rows())
+      throw StateError(std::string(where) + ": cache holds " + std::to_string(cache.mean.size()) + " rows, x has " +
+                       std::to_string(x.rows()) + "; call forward on this x first");
+    const Scalar inv_d = Scalar(1) / Scalar(d());
+    for (Index n = 0; n < x.rows(); ++n) {
+      const Scalar mu = cache.mean(n);
+      const Scalar rstd = cache.rstd(n);
+      const auto xhat = (x.row(n).array() - mu) * rstd;        // lazy expression, re-read per use
+      const auto g = dy.row(n).array() * gamma_.transpose().array();
+      const Scalar mean_g = g.sum() * inv_d;
+      const Scalar mean_gx = (g * xhat).sum() * inv_d;
+      dgamma_.transpose().array() += dy.row(n).array() * xhat;
+      dbeta_.transpose() += dy.row(n);
+      // Element-wise from x_j and dy_j only, so dx may share storage with either.
+      dx.row(n) = (rstd * (g - mean_g - xhat * mean_gx)).matrix();
+    }
+  }
+
+  /// Sets dgamma and dbeta to zero.
+  void zero_grad() {
+    dgamma_.setZero();
+    dbeta_.setZero();
+  }
+
+  /**
+   * @brief Views of γ ("<prefix>.gamma") and β ("<prefix>.beta"), both kind Norm (no weight decay).
+   * @param prefix dotted path of this layer without a trailing dot; empty gives "gamma" / "beta".
+   */
+  std::vector<ParameterView<Scalar>> parameters(const std::string& prefix = {}) {
+    const std::string dot = prefix.empty() ? std::string() : prefix + ".";
+    return {{dot + "gamma", {d()}, std::span<Scalar>(gamma_.data(), size_t(d())),
+             std::span<Scalar>(dgamma_.data(), size_t(d())), ParameterKind::Norm, 0, nullptr},
+            {dot + "beta", {d()}, std::span<Scalar>(beta_.data(), size_t(d())),
+             std::span<Scalar>(dbeta_.data(), size_t(d())), ParameterKind::Norm, 0, nullptr}};
+  }
+
+ private:
+  Scalar eps_;
+  Vector<Scalar> gamma_;   // [d]
+  Vector<Scalar> beta_;    // [d]
+  Vector<Scalar> dgamma_;  // [d]
+  Vector<Scalar> dbeta_;   // [d]
+};
+
+}  // namespace memoryformer
