@@ -59,6 +59,14 @@ inline std::string shape_string(std::initializer_list<Eigen::Index> dims) {
   return os.str();
 }
 
+/// Throws ShapeError "<where>: <what> is (r, c), expected <expected_text>".
+[[noreturn]] inline void throw_shape(std::string_view where, std::string_view what, Eigen::Index rows, Eigen::Index cols,
+                                     std::string_view expected_text) {
+  std::ostringstream os;
+  os << where << ": " << what << " is " << shape_string({rows, cols}) << ", expected " << expected_text;
+  throw ShapeError(os.str());
+}
+
 /// Throws ShapeError "<where>: <what> is (r, c), expected <expected>" unless rows/cols match.
 /// A negative expected value means "any".
 inline void check_shape(std::string_view where, std::string_view what, Eigen::Index rows, Eigen::Index cols,

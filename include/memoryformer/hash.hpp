@@ -1,0 +1,207 @@
+// SPDX-License-Identifier: MIT
+// SignHasher: the sign-bit LSH of spec §1.2 with the scores of §1.4 — x [N, K·τ] → codes [N, K] and scores [N, K] —
+// and its backward (dscores → dx). One hash can feed several Memory Layers (Q, K and V share one, spec §3).
+#pragma once
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "detail/dispatch.hpp"
+#include "detail/hash_kernels.hpp"
+#include "detail/simd.hpp"
+#include "error.hpp"
+#include "score.hpp"
+#include "types.hpp"
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+#include <omp.h>
+#endif
+
+namespace memoryformer {
+
+/// The hash of a batch: what forward computes once and backward needs again.
+template <std::floating_point Scalar>
+struct HashResult {
+  Index rows = 0;                    ///< N
+  Index tables = 0;                  ///< K
+  int tau = 0;                       ///< bits per code
+  std::vector<std::int32_t> codes;   ///< [N, K] bucket index in [0, 2^τ)
+  Matrix<Scalar> scores;             ///< [N, K] weight of the retrieved row
+
+  bool empty() const { return rows == 0 && tables == 0; }
+  std::int32_t code(Index n, Index k) const { return codes[size_t(n * tables + k)]; }
+};
+
+namespace detail {
+
+/// Splits [0, rows) into contiguous ranges, one per thread; each row is processed by exactly one thread, in
+/// the same way whatever the thread count, so results are bitwise identical for any count.
+template <class F>
+void parallel_rows(Index rows, Index min_rows_per_thread, F&& f) {
+#if defined(MEMORYFORMER_USE_OPENMP)
+  const int threads = int(std::min<Index>(omp_get_max_threads(), std::max<Index>(1, rows / min_rows_per_thread)));
+  if (threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(threads)
+    {
+      const Index t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const Index begin = rows * t / nt, end = rows * (t + 1) / nt;
+      if (begin < end) f(begin, end);
+    }
+    return;
+  }
+#else
+  (void)min_rows_per_thread;
+#endif
+  if (rows > 0) f(Index(0), rows);
+}
+
+}  // namespace detail
+
+/**
+ * @brief Sign-bit locality-sensitive hasher with differentiable scores (spec §1.2, §1.4).
+ *
+ * Chunk k of a row is x[kτ : (k+1)τ]; its code has bit (τ−1−j) set when element j is ≥ 0 (so 0.0 and −0.0 give 1):
+ * the first element is the most significant bit, as in the authors' code.
+ * @tparam Scalar float (SIMD fast path) or double (reference path, std::exp).
+ */
+template <std::floating_point Scalar>
+class SignHasher {
+ public:
+  /// @throws ConfigError for τ outside 1..16 or a temperature that is not finite and > 0.
+  explicit SignHasher(const HashConfig& config) : config_(config) { config_.validate("SignHasher"); }
+
+  const HashConfig& config() const { return config_; }
+  int tau() const { return config_.tau; }
+
+  /**
+   * @brief Codes and scores of x [N, K·τ] into `out` (resized; its buffers are reused across calls).
+   * @param isa the kernel path; Isa::Scalar and best_isa() are always available.
+   * @throws ShapeError if x's width is not a multiple of τ; NonFiniteError if x holds NaN or ±Inf (rejected rather
+   *         than propagated: a NaN has no sign bit to hash, so any code chosen for it would be arbitrary).
+   */
+  void hash(HashResult<Scalar>& out, ConstMatrixRef<Scalar> x, Isa isa = best_isa()) const {
+    const int tau = config_.tau;
+    if (x.cols() % tau != 0 || x.cols() == 0) {
+      std::ostringstream os;
+      os << "(N, K·τ) with τ = " << tau;
+      detail::throw_shape("SignHasher::hash", "x", x.rows(), x.cols(), os.str());
+    }
+    check_isa(isa);
+    const Index rows = x.rows(), tables = x.cols() / tau;
+    out.rows = rows;
+    out.tables = tables;
+    out.tau = tau;
+    out.codes.resize(size_t(rows * tables));
+    out.scores.resize(rows, tables);
+    const bool l1 = config_.score == ScoreKind::L1;
+    const Scalar neg_scale = l1 ? Scalar(-2) : Scalar(-2.0 / config_.temperature);
+    detail::dispatch_tau(tau, [&](auto tau_constant) {
+      constexpr int Tau = decltype(tau_constant)::value;
+      auto run = [&]<Isa I>() {
+        detail::parallel_rows(rows, 64, [&](Index begin, Index end) {
+          detail::hash_rows<I, Tau>(out.codes.data() + begin * tables, out.scores.data() + begin * tables,
+                                    x.data() + begin * x.outerStride(), x.outerStride(), end - begin, tables, l1,
+                                    neg_scale);
+        });
+      };
+      dispatch_isa(isa, run);
+    });
+    // Any NaN/Inf in x reaches a score (through Σ|z| or the product); scanning the scores is K·N, not K·τ·N.
+    if (!out.scores.allFinite()) report_non_finite(x, out);
+  }
+
+  /// Convenience: returns a fresh HashResult.
+  HashResult<Scalar> hash(ConstMatrixRef<Scalar> x, Isa isa = best_isa()) const {
+    HashResult<Scalar> out;
+    hash(out, x, isa);
+    return out;
+  }
+
+  /**
+   * @brief dx = dscores · ∂scores/∂x (spec §1 Backward); the codes have no gradient. dx is overwritten.
+   * @param dx      [N, K·τ] output
+   * @param x       [N, K·τ] the input that was hashed
+   * @param h       the hash of x
+   * @param dscores [N, K] gradient of the loss with respect to the scores (summed over every layer sharing h)
+   */
+  void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> x, const HashResult<Scalar>& h,
+                ConstMatrixRef<Scalar> dscores, Isa isa = best_isa()) const {
+    check_hash_matches("SignHasher::backward", x, h);
+    const Index rows = h.rows, tables = h.tables;
+    detail::check_shape("SignHasher::backward", "dscores", dscores.rows(), dscores.cols(), rows, tables);
+    detail::check_shape("SignHasher::backward", "dx", dx.rows(), dx.cols(), rows, x.cols());
+    check_isa(isa);
+    const bool l1 = config_.score == ScoreKind::L1;
+    const Scalar neg_scale = l1 ? Scalar(-2) : Scalar(-2.0 / config_.temperature);
+    detail::dispatch_tau(config_.tau, [&](auto tau_constant) {
+      constexpr int Tau = decltype(tau_constant)::value;
+      auto run = [&]<Isa I>() {
+        detail::parallel_rows(rows, 64, [&](Index begin, Index end) {
+          detail::hash_backward_rows<I, Tau>(dx.data() + begin * dx.outerStride(), dx.outerStride(),
+                                             x.data() + begin * x.outerStride(), x.outerStride(),
+                                             dscores.data() + begin * dscores.outerStride(), dscores.outerStride(),
+                                             end - begin, tables, l1, neg_scale);
+        });
+      };
+      dispatch_isa(isa, run);
+    });
+  }
+
+  /// Throws StateError if h is empty (backward before forward) and ShapeError if h is not the hash of x's shape.
+  void check_hash_matches(const char* where, ConstMatrixRef<Scalar> x, const HashResult<Scalar>& h) const {
+    if (h.empty() && x.rows() > 0)
+      throw StateError(std::string(where) + ": the hash cache is empty; call forward (or hash) before backward");
+    if (h.tau != config_.tau)
+      throw ShapeError(std::string(where) + ": the cache was hashed with τ = " + std::to_string(h.tau) +
+                       ", this layer has τ = " + std::to_string(config_.tau));
+    std::ostringstream os;
+    os << "(" << h.rows << ", " << h.tables * config_.tau << ") = the shape hashed by forward (N = " << h.rows
+       << ", K = " << h.tables << ", τ = " << config_.tau << ")";
+    detail::check_shape(where, "x", x.rows(), x.cols(), h.rows, h.tables * config_.tau, os.str());
+  }
+
+ private:
+  template <class Run>
+  static void dispatch_isa(Isa isa, Run& run) {
+    switch (isa) {
+#if defined(MEMORYFORMER_HAVE_AVX512)
+      case Isa::Avx512: run.template operator()<Isa::Avx512>(); return;
+#endif
+#if defined(MEMORYFORMER_HAVE_AVX2)
+      case Isa::Avx2: run.template operator()<Isa::Avx2>(); return;
+#endif
+      default: run.template operator()<Isa::Scalar>(); return;
+    }
+  }
+
+  static void check_isa(Isa isa) {
+    if (!isa_available(isa))
+      throw ConfigError("SignHasher: the " + std::string(isa_name(isa)) +
+                        " kernels are not compiled into this build (compile with the matching -m flags)");
+  }
+
+  [[noreturn]] static void report_non_finite(ConstMatrixRef<Scalar> x, const HashResult<Scalar>& h) {
+    for (Index r = 0; r < x.rows(); ++r)
+      for (Index c = 0; c < x.cols(); ++c)
+        if (!std::isfinite(x(r, c))) {
+          std::ostringstream os;
+          os << "SignHasher::hash: x has a non-finite value " << x(r, c) << " at (" << r << ", " << c << ")";
+          throw NonFiniteError(os.str());
+        }
+    for (Index r = 0; r < h.rows; ++r)
+      for (Index k = 0; k < h.tables; ++k)
+        if (!std::isfinite(h.scores(r, k))) {
+          std::ostringstream os;
+          os << "SignHasher::hash: the score of row " << r << ", chunk " << k
+             << " overflows (the chunk's values are too large for the scalar type)";
+          throw NonFiniteError(os.str());
+        }
+    throw NonFiniteError("SignHasher::hash: non-finite score");
+  }
+
+  HashConfig config_;
+};
+
+}  // namespace memoryformer
