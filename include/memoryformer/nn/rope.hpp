@@ -1,0 +1,178 @@
+// SPDX-License-Identifier: MIT
+// Rotary position embedding, GPT-NeoX rotate-half on the first rotary_dims of each head, with position offsets for
+// incremental decoding (spec §3, "rotary ... on the first rotary_pct·(d/H) dims of each head of Q and K").
+#pragma once
+
+#include <cmath>
+#include <concepts>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "../error.hpp"
+#include "../types.hpp"
+
+namespace memoryformer {
+
+/**
+ * @brief Rotary position embedding (RoPE) in the GPT-NeoX "rotate-half" layout, applied per head.
+ *
+ * The d features of a row are split contiguously into `heads` heads of head_dim = d/heads. In each head, the first
+ * R = rotary_dims features are rotated and the rest pass through. With half = R/2, inv_freq_i = base^(−2i/R) and
+ * angle_i = pos·inv_freq_i, for i < half:
+ *   out[i]        = r[i]·cos(angle_i) − r[i+half]·sin(angle_i)
+ *   out[i + half] = r[i+half]·cos(angle_i) + r[i]·sin(angle_i)
+ * i.e. pairs (i, i+half) are rotated by angle_i (cos/sin repeated over both halves, as GPT-NeoX does). The
+ * backward pass is the inverse rotation (by −angle_i). No parameters.
+ * Angles are computed in double and rounded to Scalar once.
+ * @tparam Scalar float or double.
+ */
+template <std::floating_point Scalar>
+class Rotary {
+ public:
+  /**
+   * @param d            features per row (all heads), > 0
+   * @param heads        number of heads, > 0, dividing d
+   * @param rotary_dims  rotated features at the start of each head: even, 0 ≤ rotary_dims ≤ d/heads
+   * @param base         frequency base (10000 in GPT-NeoX), > 0
+   * @throws ConfigError naming the offending value.
+   */
+  Rotary(Index d, Index heads, Index rotary_dims, double base = 10000.0)
+      : d_(d), heads_(heads), rotary_dims_(rotary_dims), base_(base) {
+    constexpr const char* where = "Rotary";
+    detail::check_config(d > 0, where, "d = " + std::to_string(d) + " must be positive");
+    detail::check_config(heads > 0, where, "heads = " + std::to_string(heads) + " must be positive");
+    detail::check_config(d % heads == 0, where,
+                         "d = " + std::to_string(d) + " is not divisible by heads = " + std::to_string(heads));
+    head_dim_ = d / heads;
+    detail::check_config(rotary_dims >= 0 && rotary_dims <= head_dim_, where,
+                         "rotary_dims = " + std::to_string(rotary_dims) + " must be in [0, head_dim = " +
+                             std::to_string(head_dim_) + "]");
+    detail::check_config(rotary_dims % 2 == 0, where,
+                         "rotary_dims = " + std::to_string(rotary_dims) + " must be even (rotate-half pairs i, i + R/2)");
+    detail::check_config(base > 0.0 && std::isfinite(base), where, "base = " + std::to_string(base) + " must be positive");
+    const Index half = rotary_dims / 2;
+    inv_freq_.resize(size_t(half));
+    for (Index i = 0; i < half; ++i) inv_freq_[size_t(i)] = std::pow(base, -2.0 * double(i) / double(rotary_dims));
+  }
+
+  Index d() const { return d_; }
+  Index heads() const { return heads_; }
+  Index head_dim() const { return head_dim_; }
+  Index rotary_dims() const { return rotary_dims_; }
+  double base() const { return base_; }
+
+  /**
+   * @brief Rotates a batch of sequences: row b·seq + t (batch-major) is at position position_offset + t.
+   * @param y                [batch·seq, d] output; may be x itself
+   * @param x                [batch·seq, d] input (Q or K before attention)
+   * @param batch, seq       sequences and tokens per sequence, ≥ 1
+   * @param position_offset  position of the first token of every sequence (e.g. the KV-cache length), ≥ 0
+   * @throws ShapeError on a shape mismatch; ConfigError on a bad batch, seq or offset.
+   */
+  void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Index batch, Index seq, Index position_offset = 0) const {
+    apply_sequences("Rotary::forward", "x", "y", y, x, batch, seq, position_offset, Scalar(1));
+  }
+
+  /**
+   * @brief dx = inverse rotation of dy, for the layout and positions of forward(y, x, batch, seq, position_offset).
+   * @param dx  [batch·seq, d] gradient of the input; may be dy itself
+   * @param dy  [batch·seq, d] gradient of the output
+   * @throws as forward.
+   */
+  void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> dy, Index batch, Index seq, Index position_offset = 0) const {
+    apply_sequences("Rotary::backward", "dy", "dx", dx, dy, batch, seq, position_offset, Scalar(-1));
+  }
+
+  /**
+   * @brief Rotates row n of x by position positions[n] (arbitrary positions, e.g. sequences of different lengths).
+   * @param y          [rows, d] output; may be x itself
+   * @param x          [rows, d] input
+   * @param positions  one position ≥ 0 per row
+   * @throws ShapeError on a shape mismatch; ConfigError on a negative position.
+   */
+  void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, std::span<const Index> positions) const {
+    apply_positions("Rotary::forward", "x", "y", y, x, positions, Scalar(1));
+  }
+
+  /// @brief Inverse of forward(y, x, positions): dx = rotation of dy by −angle. dx may be dy itself.
+  void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> dy, std::span<const Index> positions) const {
+    apply_positions("Rotary::backward", "dy", "dx", dx, dy, positions, Scalar(-1));
+  }
+
+ private:
+  void check_io(const char* where, const char* in_name, const char* out_name, const MatrixRef<Scalar>& out,
+                const ConstMatrixRef<Scalar>& in, Index rows, const std::string& expected_rows_text) const {
+    detail::check_shape(where, in_name, in.rows(), in.cols(), rows, d_,
+                        expected_rows_text + " = (" + std::to_string(rows) + ", " + std::to_string(d_) + ")");
+    detail::check_shape(where, out_name, out.rows(), out.cols(), rows, d_);
+  }
+
+  // cos_row/sin_row hold cos(angle_i), sign·sin(angle_i) for i < half.
+  void rotate_row(Scalar* out, const Scalar* in, const Scalar* cos_row, const Scalar* sin_row) const {
+    const Index half = rotary_dims_ / 2;
+    for (Index h = 0; h < heads_; ++h) {
+      const Index base = h * head_dim_;
+      for (Index i = 0; i < half; ++i) {
+        // Read both halves before writing either: out may be in.
+        const Scalar a = in[base + i];
+        const Scalar b = in[base + i + half];
+        out[base + i] = a * cos_row[i] - b * sin_row[i];
+        out[base + i + half] = b * cos_row[i] + a * sin_row[i];
+      }
+      if (out != in)
+        for (Index j = rotary_dims_; j < head_dim_; ++j) out[base + j] = in[base + j];
+    }
+  }
+
+  void fill_angles(Index pos, Scalar sign, Scalar* cos_row, Scalar* sin_row) const {
+    for (size_t i = 0; i < inv_freq_.size(); ++i) {
+      const double angle = double(pos) * inv_freq_[i];
+      cos_row[i] = Scalar(std::cos(angle));
+      sin_row[i] = sign * Scalar(std::sin(angle));
+    }
+  }
+
+  void apply_sequences(const char* where, const char* in_name, const char* out_name, MatrixRef<Scalar> out,
+                       ConstMatrixRef<Scalar> in, Index batch, Index seq, Index offset, Scalar sign) const {
+    detail::check_config(batch >= 1, where, "batch = " + std::to_string(batch) + " must be ≥ 1");
+    detail::check_config(seq >= 1, where, "seq = " + std::to_string(seq) + " must be ≥ 1");
+    detail::check_config(offset >= 0, where, "position_offset = " + std::to_string(offset) + " must be ≥ 0");
+    check_io(where, in_name, out_name, out, in, batch * seq,
+             "(batch·seq, d) with batch = " + std::to_string(batch) + ", seq = " + std::to_string(seq));
+    // One table of angles per position, shared by every sequence of the batch and every head.
+    const Index half = rotary_dims_ / 2;
+    std::vector<Scalar> cos_table(size_t(seq * half)), sin_table(size_t(seq * half));
+    for (Index t = 0; t < seq; ++t)
+      fill_angles(offset + t, sign, cos_table.data() + t * half, sin_table.data() + t * half);
+    for (Index b = 0; b < batch; ++b)
+      for (Index t = 0; t < seq; ++t) {
+        const Index n = b * seq + t;
+        rotate_row(out.row(n).data(), in.row(n).data(), cos_table.data() + t * half, sin_table.data() + t * half);
+      }
+  }
+
+  void apply_positions(const char* where, const char* in_name, const char* out_name, MatrixRef<Scalar> out,
+                       ConstMatrixRef<Scalar> in, std::span<const Index> positions, Scalar sign) const {
+    const Index rows = Index(positions.size());
+    check_io(where, in_name, out_name, out, in, rows, "(positions.size(), d)");
+    for (Index n = 0; n < rows; ++n)
+      detail::check_config(positions[size_t(n)] >= 0, where,
+                           "positions[" + std::to_string(n) + "] = " + std::to_string(positions[size_t(n)]) +
+                               " must be ≥ 0");
+    std::vector<Scalar> cos_row(inv_freq_.size()), sin_row(inv_freq_.size());
+    for (Index n = 0; n < rows; ++n) {
+      fill_angles(positions[size_t(n)], sign, cos_row.data(), sin_row.data());
+      rotate_row(out.row(n).data(), in.row(n).data(), cos_row.data(), sin_row.data());
+    }
+  }
+
+  Index d_;
+  Index heads_;
+  Index head_dim_ = 0;
+  Index rotary_dims_;
+  double base_;
+  std::vector<double> inv_freq_;  // [rotary_dims/2] base^(−2i/R)
+};
+
+}  // namespace memoryformer
