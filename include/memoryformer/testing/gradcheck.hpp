@@ -35,8 +35,8 @@ struct GradCheckOptions {
  * @param param     the parameter (or input) buffer; perturbed in place and restored.
  * @param analytic  the gradient the layer computed, same size as param.
  * @param loss      recomputes the scalar loss (typically Σ dy ⊙ y) from the current buffers.
- * @param codes     optional: returns the current bucket codes of every hashed layer involved; a coordinate whose
- *                  ±eps perturbation changes them is skipped. Pass {} for smooth functions.
+ * @param codes     optional: returns the bucket codes of every hashed layer as of the most recent loss() call; a
+ *                  coordinate whose ±eps perturbation changes them is skipped. Pass {} for smooth functions.
  */
 inline GradCheckResult check_gradient(std::span<double> param, std::span<const double> analytic,
                                       const std::function<double()>& loss,
@@ -48,7 +48,11 @@ inline GradCheckResult check_gradient(std::span<double> param, std::span<const d
   GradCheckResult result;
   const Index n = Index(param.size());
   const Index stride = (options.max_coordinates > 0 && n > options.max_coordinates) ? n / options.max_coordinates : 1;
-  const std::vector<std::int32_t> base_codes = codes ? codes() : std::vector<std::int32_t>{};
+  std::vector<std::int32_t> base_codes;
+  if (codes) {
+    (void)loss();  // codes() reports the state of the latest loss() evaluation
+    base_codes = codes();
+  }
   double diff_sq = 0.0, sum_sq = 0.0;
   for (Index i = 0; i < n; i += stride) {
     const double saved = param[size_t(i)];
