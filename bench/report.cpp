@@ -1,0 +1,690 @@
+// SPDX-License-Identifier: MIT
+// memoryformer_report: the paper's FLOP tables recomputed by the library (spec §2, §4: Table 1, Table 5,
+// Figure 1) and measured Memory Layer / dense time ratios on this machine, as text or JSON.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <limits>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench_common.hpp"
+
+namespace fs = std::filesystem;
+namespace mf = memoryformer;
+using mfbench::Index;
+using mfbench::LayerShape;
+
+namespace {
+
+// ------------------------------------------------------------------------------------------------ options
+
+struct Options {
+  bool help = false;
+  bool full = false;
+  bool smoke = false;
+  bool json = false;
+  bool measure = true;
+  std::string out_dir;  // empty: current directory (redirected if that is the source tree)
+  double max_table_mb = -1;
+  double min_time = -1;
+  int repetitions = -1;
+};
+
+void print_help() {
+  std::cout <<
+      R"(memoryformer_report: FLOPs of the paper recomputed by the library, and measured Memory Layer vs dense times.
+
+Usage: memoryformer_report [options]
+  (default)          Table 1 and Table 5 recomputed, Figure 1 series (CSV, PNG with gnuplot), and measured
+                     memory/dense time ratios for d in {512, 1024}, tau in {4, 8}, N in {1, 16, 2048} plus
+                     d = 2048, tau = 8 (N = 1, 2048); 3 repetitions each (median). About 1-3 minutes on 2 cores.
+  --full             the whole grid d in {256, 512, 1024, 2048} x tau in {4, 6, 8, 10} x N in {1, 16, 2048}
+                     (tens of minutes; shapes whose fp32 tables + gradients exceed --max-table-mb are skipped)
+  --smoke            tiny shapes, a few seconds (for tests of this program)
+  --no-measure       only the analytic tables (no timing)
+  --json             print one JSON array on stdout instead of the text report (progress goes to stderr)
+  --out DIR          directory for memoryformer_figure1.{csv,gp,png} and memoryformer_measured.csv
+                     (default: the current directory; if that is the source tree, a temp directory instead)
+  --max-table-mb MB  cap on fp32 tables + gradients per Memory Layer (1 MB = 1e6 bytes)
+  --min-time SEC     minimum time per benchmark (default 0.1)
+  --repetitions N    repetitions per benchmark, the median is used (default 3, smoke 1)
+  --help             this text
+
+Conventions: FLOPs in the paper's convention count one multiply-add as ONE FLOP and leave out softmax, norms,
+rotary and hashing (spec section 4). "literal" counts are the multiply-adds of the block this library builds.
+Memory is in MB = 1e6 bytes (that is what reproduces the paper's Table 5).
+Times are single-thread CPU times (Eigen::setNbThreads(1)).
+)";
+}
+
+bool parse_args(int argc, char** argv, Options& o) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&](const char* flag) -> std::optional<std::string> {
+      const std::string f = flag;
+      if (a == f) {
+        if (i + 1 >= argc) {
+          std::cerr << "memoryformer_report: " << f << " needs a value\n";
+          return std::nullopt;
+        }
+        return std::string(argv[++i]);
+      }
+      if (a.rfind(f + "=", 0) == 0) return a.substr(f.size() + 1);
+      return std::nullopt;
+    };
+    if (a == "--help" || a == "-h") {
+      o.help = true;
+    } else if (a == "--full") {
+      o.full = true;
+    } else if (a == "--smoke") {
+      o.smoke = true;
+    } else if (a == "--json") {
+      o.json = true;
+    } else if (a == "--no-measure") {
+      o.measure = false;
+    } else if (a == "--out" || a.rfind("--out=", 0) == 0) {
+      auto v = value("--out");
+      if (!v) return false;
+      o.out_dir = *v;
+    } else if (a == "--max-table-mb" || a.rfind("--max-table-mb=", 0) == 0) {
+      auto v = value("--max-table-mb");
+      if (!v) return false;
+      o.max_table_mb = std::atof(v->c_str());
+    } else if (a == "--min-time" || a.rfind("--min-time=", 0) == 0) {
+      auto v = value("--min-time");
+      if (!v) return false;
+      o.min_time = std::atof(v->c_str());
+    } else if (a == "--repetitions" || a.rfind("--repetitions=", 0) == 0) {
+      auto v = value("--repetitions");
+      if (!v) return false;
+      o.repetitions = std::atoi(v->c_str());
+    } else {
+      std::cerr << "memoryformer_report: unknown argument '" << a << "' (see --help)\n";
+      return false;
+    }
+  }
+  if (o.full && o.smoke) {
+    std::cerr << "memoryformer_report: --full and --smoke exclude each other\n";
+    return false;
+  }
+  return true;
+}
+
+/// The current directory, unless it is the library's source tree (or a source subdirectory), which the report
+/// must not litter: then a directory under the system temp dir.
+fs::path choose_out_dir(const Options& o, std::string& note) {
+  if (!o.out_dir.empty()) return fs::path(o.out_dir);
+  const fs::path cwd = fs::current_path();
+  auto is_root = [](const fs::path& p) {
+    std::error_code ec;
+    return fs::exists(p / "include" / "memoryformer" / "flops.hpp", ec) && fs::exists(p / "bench" / "report.cpp", ec);
+  };
+  bool in_source = is_root(cwd);
+  if (!in_source && cwd.has_parent_path() && is_root(cwd.parent_path())) {
+    const std::string leaf = cwd.filename().string();
+    in_source = leaf.rfind("build", 0) != 0 && leaf.rfind("out", 0) != 0;
+  }
+  if (!in_source) return cwd;
+  const fs::path tmp = fs::temp_directory_path() / "memoryformer_report";
+  note = "the current directory is the source tree; writing to " + tmp.string() + " instead (use --out DIR)";
+  return tmp;
+}
+
+// ------------------------------------------------------------------------------------------------ formatting
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+std::string pad(std::string s, size_t w, bool right = true) {
+  if (s.size() >= w) return s;
+  return right ? std::string(w - s.size(), ' ') + s : s + std::string(w - s.size(), ' ');
+}
+std::string g1(double flops) { return fmt("%.1f", flops / 1e9); }  // as the paper prints: G, one decimal
+std::string mb(double bytes) { return fmt("%.1f", bytes / 1e6); }
+std::string human_bytes(double b) {
+  if (b >= 1e9) return fmt("%.2f GB", b / 1e9);
+  if (b >= 1e6) return fmt("%.1f MB", b / 1e6);
+  if (b >= 1e3) return fmt("%.1f KB", b / 1e3);
+  return fmt("%.0f B", b);
+}
+
+/// JSON number, or null for NaN/Inf (JSON has no NaN).
+std::string jnum(double v) {
+  if (!std::isfinite(v)) return "null";
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+std::string jstr(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out + "\"";
+}
+
+/// One JSON object built field by field, in insertion order.
+class JsonObject {
+ public:
+  JsonObject& num(const std::string& k, double v) { return raw(k, jnum(v)); }
+  JsonObject& str(const std::string& k, const std::string& v) { return raw(k, jstr(v)); }
+  JsonObject& boolean(const std::string& k, bool v) { return raw(k, v ? "true" : "false"); }
+  JsonObject& raw(const std::string& k, const std::string& v) {
+    fields_.emplace_back(k, v);
+    return *this;
+  }
+  std::string dump() const {
+    std::string s = "{";
+    for (size_t i = 0; i < fields_.size(); ++i) s += (i ? ", " : "") + jstr(fields_[i].first) + ": " + fields_[i].second;
+    return s + "}";
+  }
+
+ private:
+  std::vector<std::pair<std::string, std::string>> fields_;
+};
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// ------------------------------------------------------------------------------------------------ Table 1
+
+/// FLOPs the paper prints in Table 1 (G, per block, s = 2048), where we have them from a source we can cite.
+/// Only the Pythia-70M / MemoryFormer-tiny pair is quoted in the spec (§4, from the paper's text). The other rows
+/// are left unknown rather than guessed; fill them in from the paper's Table 1 when it is at hand.
+struct PrintedFlops {
+  double no_attn = kNaN, total = kNaN;
+};
+PrintedFlops paper_printed(std::string_view model) {
+  if (model == "Pythia-70M") return {6.4, 10.7};
+  if (model == "MemoryFormer-tiny") return {0.4, 4.7};
+  return {};
+}
+
+void table1(std::ostream& os, std::vector<JsonObject>& json) {
+  constexpr double s = 2048;
+  os << "== Table 1 of the paper: inference FLOPs of ONE block at s = 2048 (paper convention, G) ==\n"
+     << "   (the paper's caption: \"Inference FLOPs are measured for one block with sequence length of 2048\")\n\n";
+  os << pad("model", 20, false) << pad("layers", 7) << pad("d", 6) << pad("K", 5) << pad("w/o attn", 10)
+     << pad("total", 8) << pad("paper w/o", 11) << pad("paper tot", 10) << pad("literal", 9) << pad("model tot", 11)
+     << pad("tables fp16", 13) << "\n";
+  for (const auto& m : mf::paper_table1_models) {
+    const double no_attn = mf::paper_model_block_flops(m, s, false);
+    const double total = mf::paper_model_block_flops(m, s, true);
+    const double k = m.memoryformer ? double(m.d / m.tau) : 0.0;
+    const auto printed = paper_printed(m.name);
+    double literal = kNaN, storage = kNaN;
+    if (m.memoryformer) {
+      const mf::MemoryFormerBlockShape shape{.d = double(m.d), .heads = 1, .tau = m.tau, .expand_bits = 2};
+      literal = mf::memoryformer_block_flops_literal(s, shape).total;
+      storage = mf::memoryformer_block_table_bytes(shape, mf::StorageType::F16);
+    } else {
+      storage = mf::dense_block_parameter_bytes(m.d, mf::StorageType::F16);
+    }
+    const double model_total = m.layers * total;
+    os << pad(std::string(m.name), 20, false) << pad(std::to_string(m.layers), 7) << pad(std::to_string(m.d), 6)
+       << pad(m.memoryformer ? std::to_string(m.d / m.tau) : "-", 5) << pad(g1(no_attn), 10) << pad(g1(total), 8)
+       << pad(std::isfinite(printed.no_attn) ? fmt("%.1f", printed.no_attn) : "n/a", 11)
+       << pad(std::isfinite(printed.total) ? fmt("%.1f", printed.total) : "n/a", 10)
+       << pad(m.memoryformer ? g1(literal) : "=", 9) << pad(g1(model_total), 11)
+       << pad(mb(storage) + " MB", 13) << "\n";
+    json.push_back(JsonObject()
+                       .str("kind", "table1")
+                       .str("model", std::string(m.name))
+                       .num("layers", m.layers)
+                       .num("d", m.d)
+                       .num("s", s)
+                       .num("tau", m.memoryformer ? m.tau : 0)
+                       .num("K", k)
+                       .num("flops_paper_no_attn", no_attn)
+                       .num("flops_paper_total", total)
+                       .num("flops_paper_model_total", model_total)
+                       .num("flops_literal_total", m.memoryformer ? literal : total)
+                       .num("paper_printed_no_attn_G", printed.no_attn)
+                       .num("paper_printed_total_G", printed.total)
+                       .num(m.memoryformer ? "table_bytes_fp16_per_block" : "parameter_bytes_fp16_per_block", storage));
+  }
+  os << "\n   w/o attn, total: paper convention per block (Transformer 12sd^2 + 2s^2d; MemoryFormer 6Ksd + 2s^2d).\n"
+        "   paper w/o, paper tot: the values the paper prints; n/a = not available to this program (only the\n"
+        "   Pythia-70M / MemoryFormer-tiny pair is quoted in the spec) - fill from the paper's Table 1.\n"
+        "   literal: multiply-adds of the block this library builds (QKV 3sKd + ML1 sK*K(tau+e) + ML2 sKd + 2s^2d,\n"
+        "   e = 2, hashing not included). model tot: layers x block total (paper convention).\n"
+        "   tables fp16: MemoryFormer Q/K/V + Memory Block tables per block; Pythia: block parameters (12d^2+13d).\n\n";
+}
+
+void table5(std::ostream& os, std::vector<JsonObject>& json) {
+  os << "== Table 5 of the paper: Memory Block table memory, d = 512, tau = 8, fp16 ==\n";
+  const double printed[4] = {33.6, 52.4, 88.1, 157.3};
+  os << pad("e", 3) << pad("library MB", 12) << pad("paper MB", 10) << pad("MiB", 8) << "\n";
+  for (int e = 0; e < 4; ++e) {
+    const double b = mf::memory_block_table_bytes(512, 8, e, mf::StorageType::F16);
+    os << pad(std::to_string(e), 3) << pad(fmt("%.1f", mf::megabytes(b)), 12) << pad(fmt("%.1f", printed[e]), 10)
+       << pad(fmt("%.1f", mf::mebibytes(b)), 8) << "\n";
+    json.push_back(JsonObject()
+                       .str("kind", "table5")
+                       .str("model", "MemoryBlock")
+                       .num("d", 512)
+                       .num("s", 0)
+                       .num("tau", 8)
+                       .num("K", 64)
+                       .num("expand_bits", e)
+                       .num("flops_paper_no_attn", kNaN)
+                       .num("flops_paper_total", kNaN)
+                       .num("table_bytes_fp16", b)
+                       .num("paper_printed_MB", printed[e]));
+  }
+  os << "   formula: ML1 K*2^tau*K(tau+e) + ML2 K*2^(tau+e)*d values x 2 bytes; MB = 1e6 bytes reproduces the paper.\n\n";
+}
+
+// ------------------------------------------------------------------------------------------------ Figure 1
+
+void figure1(std::ostream& os, const fs::path& out_dir, std::vector<JsonObject>& json) {
+  const fs::path csv = out_dir / "memoryformer_figure1.csv";
+  std::ofstream f(csv);
+  if (!f) {
+    os << "== Figure 1: cannot write " << csv.string() << " ==\n\n";
+    return;
+  }
+  f << "s,d,K,transformer_paper,memoryformer_paper,ratio_paper,memoryformer_literal,ratio_literal\n";
+  for (double s : {1024.0, 2048.0}) {
+    for (int d = 512; d <= 3072; d += 512) {
+      const double t = mf::transformer_block_flops_paper(s, d);
+      const double m = mf::memoryformer_block_flops_paper(s, d, 8);
+      const double lit = mf::memoryformer_block_flops_literal(s, {.d = double(d), .heads = 1, .tau = 8}).total;
+      f << s << ',' << d << ',' << d / 8 << ',' << jnum(t) << ',' << jnum(m) << ',' << jnum(m / t) << ','
+        << jnum(lit) << ',' << jnum(lit / t) << '\n';
+      for (int mf_row = 0; mf_row < 2; ++mf_row)
+        json.push_back(JsonObject()
+                           .str("kind", "figure1")
+                           .str("model", mf_row ? "MemoryFormer block" : "Transformer block")
+                           .num("d", d)
+                           .num("s", s)
+                           .num("tau", mf_row ? 8 : 0)
+                           .num("K", mf_row ? d / 8 : 0)
+                           .num("flops_paper_no_attn", mf_row ? mf::memoryformer_block_flops_paper_no_attention(s, d, 8)
+                                                              : mf::transformer_block_flops_paper_no_attention(s, d))
+                           .num("flops_paper_total", mf_row ? m : t)
+                           .num("flops_literal_total", mf_row ? lit : t));
+    }
+  }
+  f.close();
+  os << "== Figure 1 of the paper: FLOPs per block vs d (tau = 8), s in {1024, 2048} ==\n"
+     << "   CSV: " << fs::absolute(csv).string() << "\n";
+  const double r_paper = mf::memoryformer_block_flops_paper(2048, 2048, 8) / mf::transformer_block_flops_paper(2048, 2048);
+  const double r_lit = mf::memoryformer_block_flops_literal(2048, {.d = 2048, .heads = 1, .tau = 8}).total /
+                       mf::transformer_block_flops_paper(2048, 2048);
+  os << "   at s = d = 2048: MemoryFormer / Transformer = " << fmt("%.4f", r_paper)
+     << " with the paper's 6Ksd (= 11/56), " << fmt("%.4f", r_lit)
+     << " with the literal count (e = 2); the paper says \"about 19%\".\n";
+
+  // A PNG when gnuplot is available; the script is kept next to the CSV so the plot can be redone by hand.
+  const fs::path gp = out_dir / "memoryformer_figure1.gp";
+  const fs::path png = out_dir / "memoryformer_figure1.png";
+  {
+    std::ofstream g(gp);
+    g << "set terminal pngcairo size 900,600\n"
+      << "set output '" << png.string() << "'\n"
+      << "set datafile separator ','\n"
+      << "set title 'FLOPs per block (paper convention, tau = 8)'\n"
+      << "set xlabel 'hidden size d'\nset ylabel 'GFLOPs per block'\nset key left top\nset grid\n"
+      << "f = '" << csv.string() << "'\n"
+      << "plot f every ::1 using ($1==1024?$2:1/0):($4/1e9) with linespoints lw 2 title 'Transformer, s=1024', \\\n"
+      << "     f every ::1 using ($1==2048?$2:1/0):($4/1e9) with linespoints lw 2 title 'Transformer, s=2048', \\\n"
+      << "     f every ::1 using ($1==1024?$2:1/0):($5/1e9) with linespoints lw 2 title 'MemoryFormer, s=1024', \\\n"
+      << "     f every ::1 using ($1==2048?$2:1/0):($5/1e9) with linespoints lw 2 title 'MemoryFormer, s=2048', \\\n"
+      << "     f every ::1 using ($1==2048?$2:1/0):($7/1e9) with lines dt 2 title 'MemoryFormer literal, s=2048'\n";
+  }
+  if (std::system("command -v gnuplot >/dev/null 2>&1") == 0) {
+    const std::string cmd = "gnuplot '" + gp.string() + "' 2>/dev/null";
+    if (std::system(cmd.c_str()) == 0 && fs::exists(png))
+      os << "   PNG: " << fs::absolute(png).string() << " (gnuplot script: " << gp.filename().string() << ")\n\n";
+    else
+      os << "   gnuplot failed; script left at " << fs::absolute(gp).string() << "\n\n";
+  } else {
+    os << "   gnuplot not on PATH: no PNG (script for later: " << fs::absolute(gp).string() << ")\n\n";
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ measuring
+
+/// Median (and spread) of the repetitions of one benchmark.
+struct Measurement {
+  std::string name;
+  int samples = 0;
+  double cpu_us = kNaN;  // median CPU time per call, µs
+  double real_us = kNaN;
+  double cpu_us_min = kNaN, cpu_us_max = kNaN;
+  std::map<std::string, double> counters;
+  std::string error;
+};
+
+/// Collects every iteration run; prints one progress line per finished benchmark to stderr.
+class CollectingReporter : public benchmark::BenchmarkReporter {
+ public:
+  explicit CollectingReporter(size_t expected) : expected_(expected) {}
+  bool ReportContext(const Context&) override { return true; }
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const auto& r : runs) {
+      if (r.run_type != Run::RT_Iteration) continue;
+      auto& v = runs_[r.run_name.function_name];
+      v.push_back(r);
+      if (r.error_occurred) errors_[r.run_name.function_name] = r.error_message;
+      const auto total_reps = std::max<int64_t>(1, r.repetitions);
+      if (int64_t(v.size()) == total_reps || r.error_occurred) {
+        ++done_;
+        std::cerr << "[" << done_ << "/" << expected_ << "] " << r.run_name.function_name << "  "
+                  << (r.error_occurred ? "ERROR " + r.error_message : fmt("%.2f us", to_us(r, r.GetAdjustedCPUTime())))
+                  << "\n";
+      }
+    }
+  }
+  std::map<std::string, Measurement> measurements() const {
+    std::map<std::string, Measurement> out;
+    for (const auto& [name, v] : runs_) {
+      Measurement m;
+      m.name = name;
+      if (auto e = errors_.find(name); e != errors_.end()) {
+        m.error = e->second;
+        out[name] = m;
+        continue;
+      }
+      std::vector<double> cpu, real;
+      for (const auto& r : v) {
+        cpu.push_back(to_us(r, r.GetAdjustedCPUTime()));
+        real.push_back(to_us(r, r.GetAdjustedRealTime()));
+      }
+      m.samples = int(cpu.size());
+      m.cpu_us = median(cpu);
+      m.real_us = median(real);
+      m.cpu_us_min = *std::min_element(cpu.begin(), cpu.end());
+      m.cpu_us_max = *std::max_element(cpu.begin(), cpu.end());
+      for (const auto& [k, c] : v.front().counters) m.counters[k] = c.value;
+      out[name] = m;
+    }
+    return out;
+  }
+
+ private:
+  static double to_us(const Run& r, double t) {
+    switch (r.time_unit) {
+      case benchmark::kNanosecond: return t / 1e3;
+      case benchmark::kMicrosecond: return t;
+      case benchmark::kMillisecond: return t * 1e3;
+      default: return t * 1e6;
+    }
+  }
+  static double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  }
+  size_t expected_;
+  size_t done_ = 0;
+  std::map<std::string, std::vector<Run>> runs_;
+  std::map<std::string, std::string> errors_;
+};
+
+/// Where the block benchmarks (MemoryFormerBlock vs TransformerBlock, prefill and decode) plug in once they exist:
+/// register them here under the names "block/memoryformer/<mode>/<shape>" and "block/transformer/<mode>/<shape>",
+/// and print_block_section pairs them by <mode>/<shape> and prints the time ratio. Returns how many it registered.
+size_t register_block_benchmarks_for_report(const mfbench::Grid& /*grid*/) { return 0; }
+
+void print_block_section(std::ostream& os, const std::map<std::string, Measurement>& results,
+                         std::vector<JsonObject>& json) {
+  os << "== MemoryFormer block vs Transformer block (measured) ==\n";
+  const std::string mf_prefix = "block/memoryformer/", tf_prefix = "block/transformer/";
+  size_t pairs = 0;
+  for (const auto& [name, m] : results) {
+    if (name.rfind(mf_prefix, 0) != 0) continue;
+    const std::string rest = name.substr(mf_prefix.size());
+    const auto twin = results.find(tf_prefix + rest);
+    if (twin == results.end()) continue;
+    ++pairs;
+    const double ratio = m.cpu_us / twin->second.cpu_us;
+    os << "   " << pad(rest, 50, false) << pad(fmt("%.1f us", m.cpu_us), 14) << pad(fmt("%.1f us", twin->second.cpu_us), 14)
+       << "  ratio " << fmt("%.2f", ratio) << "\n";
+    json.push_back(JsonObject()
+                       .str("kind", "block")
+                       .str("model", "MemoryFormerBlock/TransformerBlock")
+                       .str("shape", rest)
+                       .num("memoryformer_us", m.cpu_us)
+                       .num("transformer_us", twin->second.cpu_us)
+                       .num("time_ratio", ratio));
+  }
+  if (pairs == 0) os << "   (no block benchmarks yet: bench_block.cpp is still to come)\n";
+  os << "\n";
+}
+
+/// Short reason, from bytes moved vs cache sizes and from measured FLOP rates, for a memory/dense time ratio.
+std::string explain(const LayerShape& s, double ratio, double mem_gflops, double dense_gflops, double l2, double l3) {
+  std::ostringstream r;
+  const double table = s.table_bytes();
+  const double row_bytes = double(s.d_out()) * 4.0;
+  const std::string where = (l2 > 0 && table <= l2) ? "fit in L2"
+                            : (l3 > 0 && table <= l3) ? "exceed L2, fit in L3"
+                                                       : "exceed L3";
+  if (ratio > 1.0) {
+    r << "slower: tables " << human_bytes(table) << " " << where << "; each token gathers K = " << s.k()
+      << " scattered rows of " << human_bytes(row_bytes) << " (" << human_bytes(double(s.k()) * row_bytes)
+      << "/token)";
+    if (s.n > 1)
+      r << ", while the dense GEMM reuses each weight of W (" << human_bytes(s.weight_bytes()) << ") for all N = " << s.n
+        << " tokens at " << fmt("%.0f", dense_gflops) << " GFLOP/s vs " << fmt("%.1f", mem_gflops)
+        << " for the lookups";
+    else
+      r << "; at N = 1 the dense layer streams W (" << human_bytes(s.weight_bytes()) << ")";
+    if (s.tau <= 4) r << "; with tau = " << s.tau << " the FLOP saving is only " << s.tau << "x";
+  } else {
+    r << "faster: per token reads K rows = " << human_bytes(double(s.k()) * row_bytes) << " vs W = "
+      << human_bytes(s.weight_bytes()) << (s.n == 1 ? " (dense at N = 1 is bandwidth-bound)" : "")
+      << "; tables " << human_bytes(table) << " " << where;
+  }
+  return r.str();
+}
+
+struct LayerRow {
+  LayerShape s;
+  const Measurement *mf = nullptr, *df = nullptr, *mb = nullptr, *db = nullptr, *lookup = nullptr;
+};
+
+void measured_section(std::ostream& os, const mfbench::Grid& grid, const std::vector<LayerShape>& skipped,
+                      const std::map<std::string, Measurement>& results, const fs::path& out_dir,
+                      std::vector<JsonObject>& json) {
+  const auto caches = mfbench::read_caches();
+  const double l2 = mfbench::cache_bytes(caches, 2), l3 = mfbench::cache_bytes(caches, 3);
+  os << "== Memory Layer vs dense layer y = xW + b, measured (single thread, CPU time, median of "
+     << std::max(1, grid.repetitions) << ") ==\n"
+     << "   CPU: " << mfbench::cpu_model_name() << ", " << mfbench::logical_cpu_count() << " logical CPUs; L2 "
+     << human_bytes(l2) << ", L3 " << human_bytes(l3) << "; " << mfbench::isa_string() << "\n"
+     << "   ratio = memory time / dense time (> 1: the Memory Layer is slower). FLOP ratio = paper FLOPs memory/dense.\n\n";
+  os << pad("d_in", 5) << pad("d_out", 6) << pad("tau", 4) << pad("K", 5) << pad("N", 6) << pad("tables", 10)
+     << pad("FLOPr", 7) << pad("mem fwd", 11) << pad("dense fwd", 11) << pad("ratio", 7) << pad("lookup", 10)
+     << pad("mem bwd", 11) << pad("dense bwd", 11) << pad("ratio", 7) << "   (times in us per call)\n";
+
+  std::vector<LayerRow> rows;
+  auto find = [&](const std::string& n) -> const Measurement* {
+    auto it = results.find(n);
+    return it == results.end() || !it->second.error.empty() ? nullptr : &it->second;
+  };
+  for (const auto& s : mfbench::grid_shapes(grid)) {
+    if (!mfbench::shape_fits(grid, s)) continue;
+    LayerRow r{s};
+    r.mf = find(mfbench::memory_forward_name(s));
+    r.df = find(mfbench::dense_forward_name(s));
+    r.mb = find(mfbench::memory_backward_name(s));
+    r.db = find(mfbench::dense_backward_name(s));
+    r.lookup = find("memory_layer/forward_hashed/" + mfbench::shape_suffix(s));
+    rows.push_back(r);
+  }
+  auto us = [](const Measurement* m) { return m ? fmt(m->cpu_us < 10 ? "%.3f" : "%.1f", m->cpu_us) : std::string("-"); };
+  auto ratio = [](const Measurement* a, const Measurement* b) { return a && b ? a->cpu_us / b->cpu_us : kNaN; };
+  std::vector<std::string> reasons;
+  const fs::path csv = out_dir / "memoryformer_measured.csv";
+  std::ofstream f(csv);
+  f << "d_in,d_out,tau,K,N,table_bytes,weight_bytes,flops_memory_paper,flops_dense_paper,memory_forward_us,"
+       "dense_forward_us,forward_ratio,lookup_only_us,memory_backward_us,dense_backward_us,backward_ratio\n";
+  for (const auto& r : rows) {
+    const auto& s = r.s;
+    const double fm = mf::memory_layer_flops_paper(double(s.n), double(s.d_in()), double(s.d_out()), s.tau);
+    const double fd = mf::dense_layer_flops_paper(double(s.n), double(s.d_in()), double(s.d_out()));
+    const double rf = ratio(r.mf, r.df), rb = ratio(r.mb, r.db);
+    os << pad(std::to_string(s.d_in()), 5) << pad(std::to_string(s.d_out()), 6) << pad(std::to_string(s.tau), 4)
+       << pad(std::to_string(s.k()), 5) << pad(std::to_string(s.n), 6) << pad(mb(s.table_bytes()) + "MB", 10)
+       << pad(fmt("%.3f", fm / fd), 7) << pad(us(r.mf), 11) << pad(us(r.df), 11)
+       << pad(std::isfinite(rf) ? fmt("%.2f", rf) : "-", 7) << pad(us(r.lookup), 10) << pad(us(r.mb), 11)
+       << pad(us(r.db), 11) << pad(std::isfinite(rb) ? fmt("%.2f", rb) : "-", 7) << "\n";
+    if (std::isfinite(rf)) {
+      const double mem_gflops = fm / (r.mf->cpu_us * 1e3);
+      const double dense_gflops = fd / (r.df->cpu_us * 1e3);
+      reasons.push_back(mfbench::shape_suffix(s) + " forward x" + fmt("%.2f", rf) + ": " +
+                        explain(s, rf, mem_gflops, dense_gflops, l2, l3));
+    }
+    f << s.d_in() << ',' << s.d_out() << ',' << s.tau << ',' << s.k() << ',' << s.n << ',' << jnum(s.table_bytes())
+      << ',' << jnum(s.weight_bytes()) << ',' << jnum(fm) << ',' << jnum(fd) << ','
+      << jnum(r.mf ? r.mf->cpu_us : kNaN) << ',' << jnum(r.df ? r.df->cpu_us : kNaN) << ',' << jnum(rf) << ','
+      << jnum(r.lookup ? r.lookup->cpu_us : kNaN) << ',' << jnum(r.mb ? r.mb->cpu_us : kNaN) << ','
+      << jnum(r.db ? r.db->cpu_us : kNaN) << ',' << jnum(rb) << '\n';
+    JsonObject o;
+    o.str("kind", "memory_layer")
+        .str("model", "MemoryLayer vs dense")
+        .num("d", double(s.d_out()))
+        .num("d_in", double(s.d_in()))
+        .num("d_out", double(s.d_out()))
+        .num("s", double(s.n))
+        .num("tau", s.tau)
+        .num("K", double(s.k()))
+        .num("flops_paper_no_attn", fm)
+        .num("flops_paper_total", fm)
+        .num("flops_dense_paper", fd)
+        .num("table_bytes_fp32", s.table_bytes())
+        .num("weight_bytes_fp32", s.weight_bytes())
+        .num("memory_forward_us", r.mf ? r.mf->cpu_us : kNaN)
+        .num("dense_forward_us", r.df ? r.df->cpu_us : kNaN)
+        .num("forward_ratio", rf)
+        .num("lookup_only_us", r.lookup ? r.lookup->cpu_us : kNaN)
+        .num("memory_backward_us", r.mb ? r.mb->cpu_us : kNaN)
+        .num("dense_backward_us", r.db ? r.db->cpu_us : kNaN)
+        .num("backward_ratio", rb)
+        .num("memory_forward_ns_per_token", r.mf ? r.mf->cpu_us * 1e3 / double(s.n) : kNaN)
+        .num("dense_forward_ns_per_token", r.df ? r.df->cpu_us * 1e3 / double(s.n) : kNaN);
+    json.push_back(o);
+  }
+  os << "\n   tables: fp32 Memory Layer tables (K*2^tau*d_out*4). lookup: forward with the hash precomputed (tau = 8).\n"
+        "   mem bwd: dx overwritten, dtables/dbias accumulated (no zero_grad per call); dense bwd: dX, dW +=, db +=.\n";
+  for (const auto& s : skipped)
+    os << "   skipped " << mfbench::shape_suffix(s) << ": tables + dtables " << mb(2 * s.table_bytes())
+       << " MB > cap " << mb(grid.max_table_bytes) << " MB (--max-table-mb)\n";
+  os << "   CSV: " << fs::absolute(csv).string() << "\n\n   Why (forward):\n";
+  for (const auto& line : reasons) os << "   - " << line << "\n";
+  os << "\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options opt;
+  if (!parse_args(argc, argv, opt)) return 2;
+  if (opt.help) {
+    print_help();
+    return 0;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  mfbench::init_single_thread();
+
+  std::string out_note;
+  const fs::path out_dir = choose_out_dir(opt, out_note);
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) {
+    std::cerr << "memoryformer_report: cannot create " << out_dir.string() << ": " << ec.message() << "\n";
+    return 1;
+  }
+
+  // Text goes to stdout normally; with --json it goes nowhere (stdout carries the JSON only).
+  std::ostringstream text;
+  std::vector<JsonObject> json;
+  text << "memoryformer_report - MemoryFormer (Ding et al., NeurIPS 2024) FLOPs and measured costs\n"
+       << "CPU: " << mfbench::cpu_model_name() << " | compiler: " << mfbench::compiler_string()
+       << " | ISA: " << mfbench::isa_string() << " | git: " << mfbench::git_sha() << "\n";
+  if (!out_note.empty()) text << "note: " << out_note << "\n";
+  text << "\n";
+
+  table1(text, json);
+  table5(text, json);
+  figure1(text, out_dir, json);
+
+  if (opt.measure) {
+    mfbench::Grid grid = opt.smoke ? mfbench::smoke_grid() : (opt.full ? mfbench::full_grid() : mfbench::default_grid());
+    grid.repetitions = opt.repetitions > 0 ? opt.repetitions : (opt.smoke ? 1 : 3);
+    if (opt.min_time > 0) grid.min_time = opt.min_time;
+    if (opt.max_table_mb > 0) grid.max_table_bytes = opt.max_table_mb * 1e6;
+
+    // Google Benchmark reads its own flags in Initialize; give it none, and run what we register.
+    int bm_argc = 1;
+    char* bm_argv[] = {argv[0], nullptr};
+    benchmark::Initialize(&bm_argc, bm_argv);
+    const auto skipped = mfbench::register_layer_suite(grid);
+    size_t expected = 0;
+    std::vector<std::string> seen;
+    for (const auto& s : mfbench::grid_shapes(grid)) {
+      if (!mfbench::shape_fits(grid, s)) continue;
+      for (const auto& n : {mfbench::memory_forward_name(s), mfbench::dense_forward_name(s),
+                            mfbench::memory_backward_name(s), mfbench::dense_backward_name(s)})
+        if (std::find(seen.begin(), seen.end(), n) == seen.end()) seen.push_back(n), ++expected;
+      if (s.tau == 8) {
+        benchmark::RegisterBenchmark(("memory_layer/forward_hashed/" + mfbench::shape_suffix(s)).c_str(),
+                                     [s](benchmark::State& st) { mfbench::bm_memory_forward_hashed(st, s); })
+            ->Unit(benchmark::kMicrosecond)
+            ->MinTime(grid.min_time)
+            ->Repetitions(std::max(1, grid.repetitions));
+        ++expected;
+      }
+    }
+    expected += register_block_benchmarks_for_report(grid);
+    std::cerr << "memoryformer_report: running " << expected << " benchmarks (" << grid.repetitions
+              << " repetitions, min time " << grid.min_time << " s each)...\n";
+    CollectingReporter reporter(expected);
+    benchmark::RunSpecifiedBenchmarks(&reporter);
+    const auto results = reporter.measurements();
+    benchmark::Shutdown();
+    measured_section(text, grid, skipped, results, out_dir, json);
+    print_block_section(text, results, json);
+  } else {
+    text << "(--no-measure: no timings)\n\n";
+  }
+
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  text << "report finished in " << fmt("%.1f", secs) << " s; files in " << fs::absolute(out_dir).string() << "\n";
+
+  if (opt.json) {
+    std::cout << "[\n";
+    for (size_t i = 0; i < json.size(); ++i) std::cout << "  " << json[i].dump() << (i + 1 < json.size() ? ",\n" : "\n");
+    std::cout << "]\n";
+    std::cerr << text.str();  // the human text is still useful in a log; stdout stays pure JSON
+  } else {
+    std::cout << text.str();
+  }
+  return 0;
+}
