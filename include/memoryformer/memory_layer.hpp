@@ -180,10 +180,12 @@ class MemoryLayer {
     std::fill(touched_.begin(), touched_.end(), std::uint8_t(0));
   }
 
-  /// Parameter views: "<prefix>tables" [K, 2^τ, d_out] (kind Table, sparse rows) and "<prefix>bias" [d_out].
-  std::vector<ParameterView<Scalar>> parameters(const std::string& prefix = "") {
+  /// Parameter views: "<prefix>.tables" [K, 2^τ, d_out] (kind Table, sparse rows) and "<prefix>.bias" [d_out]
+  /// (an empty prefix gives "tables" and "bias").
+  std::vector<ParameterView<Scalar>> parameters(const std::string& prefix = {}) {
+    const std::string dot = prefix.empty() ? std::string() : prefix + ".";
     std::vector<ParameterView<Scalar>> views;
-    views.push_back({prefix + "tables",
+    views.push_back({dot + "tables",
                      {num_tables(), config_.rows_per_table(), config_.d_out},
                      tables_.values(),
                      dtables_.values(),
@@ -191,7 +193,7 @@ class MemoryLayer {
                      config_.d_out,
                      &touched_});
     if (config_.bias)
-      views.push_back({prefix + "bias",
+      views.push_back({dot + "bias",
                        {config_.d_out},
                        std::span<Scalar>(bias_.data(), size_t(bias_.size())),
                        std::span<Scalar>(dbias_.data(), size_t(dbias_.size())),
