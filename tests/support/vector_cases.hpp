@@ -9,6 +9,7 @@
 
 #include <memoryformer/io/text_tensor.hpp>
 #include <memoryformer/memory_block.hpp>
+#include <memoryformer/memoryformer_block.hpp>
 #include <memoryformer/memory_layer.hpp>
 
 #include "vector_files.hpp"
@@ -101,9 +102,54 @@ void run_memory_block_file(const TextTensorFile& file) {
   expect_memory_block_gradients(block, file, "dtables1", "dbias1", "dln_gamma", "dln_beta", "dtables2", "dbias2");
 }
 
+/// memoryformer_block_*: the whole block of spec §3, batch × seq from x's shape [batch, seq, d]; every parameter
+/// and its gradient.
 template <class Scalar>
 void run_memoryformer_block_file(const TextTensorFile& file) {
-  GTEST_SKIP() << file.path << ": skipped — MemoryFormerBlock is not implemented yet";
+  const auto& x_t = file.at("x");
+  ASSERT_EQ(x_t.shape.size(), 3u) << "x must be [batch, seq, d]";
+  const Index batch = x_t.dim(0), seq = x_t.dim(1), d = x_t.dim(2);
+  const MemoryBlockConfig mb = memory_block_config_of(file, d);
+  MemoryFormerBlockConfig config;
+  config.d = d;
+  config.heads = Index(file.at("heads").scalar());
+  config.rotary_dims = Index(file.at("rotary_dims").scalar());
+  config.tau = mb.tau;
+  config.expand_bits = mb.expand_bits;
+  config.gelu = mb.gelu;
+  config.score = mb.score;
+  config.temperature = mb.temperature;
+  config.bias = file.has("bias_q");
+  MemoryFormerBlock<Scalar> block(config, 0);
+  copy_vector(block.norm1().rms()->scale(), file.at("norm1_scale"));
+  load_into(block.q(), file, "tables_q", "bias_q");
+  load_into(block.k(), file, "tables_k", "bias_k");
+  load_into(block.v(), file, "tables_v", "bias_v");
+  copy_vector(block.norm2().rms()->scale(), file.at("norm2_scale"));
+  load_memory_block(block.memory_block(), file, "tables1", "bias1", "ln_gamma", "ln_beta", "tables2", "bias2");
+
+  const Matrix<Scalar> x = x_t.template as_matrix<Scalar>();
+  const Matrix<Scalar> dy = file.at("dy").template as_matrix<Scalar>();
+  MemoryFormerBlockCache<Scalar> cache;
+  Matrix<Scalar> y(x.rows(), d), dx(x.rows(), d);
+  block.forward(y, x, batch, seq, cache);
+  block.zero_grad();
+  block.backward(dx, x, dy, cache);
+  const double rtol = vector_rtol<Scalar>();
+  EXPECT_TRUE(tensors_close("y", y.data(), file.at("y"), rtol));
+  EXPECT_TRUE(tensors_close("dx", dx.data(), file.at("dx"), rtol));
+  EXPECT_TRUE(tensors_close("dnorm1_scale", block.norm1().rms()->dscale().data(), file.at("dnorm1_scale"), rtol));
+  EXPECT_TRUE(tensors_close("dnorm2_scale", block.norm2().rms()->dscale().data(), file.at("dnorm2_scale"), rtol));
+  for (const char* name : {"q", "k", "v"}) {
+    MemoryLayer<Scalar>& layer = *name == 'q' ? block.q() : *name == 'k' ? block.k() : block.v();
+    const std::string t = std::string("dtables_") + name, b = std::string("dbias_") + name;
+    EXPECT_TRUE(tensors_close(t, layer.dtables().data(), file.at(t), rtol));
+    if (file.has(b)) {
+      EXPECT_TRUE(tensors_close(b, layer.dbias().data(), file.at(b), rtol));
+    }
+  }
+  expect_memory_block_gradients(block.memory_block(), file, "dtables1", "dbias1", "dln_gamma", "dln_beta", "dtables2",
+                                "dbias2");
 }
 
 }  // namespace memoryformer::testing_support

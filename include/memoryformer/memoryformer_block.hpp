@@ -1,0 +1,341 @@
+// SPDX-License-Identifier: MIT
+// MemoryFormerBlock: spec §3 as the authors' code builds it — RMSNorm → one shared hash → Q, K, V Memory Layers →
+// causal multi-head attention with partial rotary → (no output projection) → residual → RMSNorm → MemoryBlock →
+// residual — with its hand-written backward and incremental (KV-cache) decoding.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "error.hpp"
+#include "memory_block.hpp"
+#include "memory_layer.hpp"
+#include "nn/attention.hpp"
+#include "nn/kv_cache.hpp"
+#include "nn/layer_norm.hpp"
+#include "nn/linear.hpp"
+#include "nn/rms_norm.hpp"
+#include "nn/rope.hpp"
+#include "parameter.hpp"
+#include "types.hpp"
+
+namespace memoryformer {
+
+/// Normalisation used before attention and before the Memory Block.
+enum class NormKind {
+  RMS,    ///< authors' code: x / (rms(x) + 1e-8) · g (eps added to the RMS)
+  Layer,  ///< affine LayerNorm, eps 1e-5
+};
+
+/// Settings of a MemoryFormer block.
+struct MemoryFormerBlockConfig {
+  Index d = 0;                      ///< model width; a multiple of heads and of τ
+  Index heads = 1;                  ///< attention heads; d is split contiguously into heads of d/heads
+  Index rotary_dims = -1;           ///< rotary dims per head; −1 → rotary_pct 0.25 of the head, rounded down to even
+  double rotary_base = 10000.0;
+  int tau = 8;                      ///< code length of the Q/K/V hash and of ML1
+  int expand_bits = 2;              ///< e of the Memory Block
+  bool gelu = false;                ///< GeLU inside the Memory Block
+  bool extra_table = false;         ///< the Memory Block's "extra_table" variant
+  ScoreKind score = ScoreKind::L1;
+  double temperature = 1.0;
+  bool bias = true;                 ///< biases of every memory layer
+  bool output_projection = false;   ///< add a dense W_O after attention (the authors' block has none)
+  NormKind norm = NormKind::RMS;
+  double rms_eps = 1e-8;
+  double layer_norm_eps = 1e-5;
+  double table_init_std = 0.02;     ///< Memory Block tables
+  double qkv_init_std = -1.0;       ///< Q/K/V tables; −1 → sqrt(2/(5d)) as the authors' code
+
+  Index head_dim() const { return heads > 0 ? d / heads : 0; }
+  Index resolved_rotary_dims() const {
+    if (rotary_dims >= 0) return rotary_dims;
+    return (head_dim() / 4) / 2 * 2;
+  }
+  MemoryBlockConfig memory_block() const {
+    return {.d = d, .tau = tau, .expand_bits = expand_bits, .gelu = gelu, .extra_table = extra_table, .score = score,
+            .temperature = temperature, .bias = bias, .layer_norm_eps = layer_norm_eps};
+  }
+  MemoryLayerConfig qkv() const {
+    return {.d_in = d, .d_out = d, .tau = tau, .score = score, .temperature = temperature, .bias = bias,
+            .table_init_std = qkv_init_std >= 0 ? qkv_init_std : std::sqrt(2.0 / (5.0 * double(d)))};
+  }
+
+  /// @throws ConfigError naming the offending value.
+  void validate(std::string_view where = "MemoryFormerBlockConfig") const {
+    detail::check_config(d > 0, where, "d = " + std::to_string(d) + " must be > 0");
+    detail::check_config(heads >= 1 && d % heads == 0, where,
+                         "d = " + std::to_string(d) + " is not divisible by heads = " + std::to_string(heads));
+    const Index r = resolved_rotary_dims();
+    detail::check_config(r % 2 == 0 && r <= head_dim(), where,
+                         "rotary_dims = " + std::to_string(r) + " must be even and <= head_dim = " +
+                             std::to_string(head_dim()));
+    qkv().validate(where);
+    memory_block().validate(where);
+  }
+};
+
+namespace detail {
+
+/// RMSNorm or LayerNorm behind one interface, chosen by NormKind.
+template <std::floating_point Scalar>
+class SwitchableNorm {
+ public:
+  struct Cache {
+    RMSNormCache<Scalar> rms;
+    LayerNormCache<Scalar> layer;
+  };
+  SwitchableNorm(NormKind kind, Index d, double rms_eps, double layer_eps) {
+    if (kind == NormKind::RMS) {
+      rms_.emplace(d, rms_eps);
+    } else {
+      layer_.emplace(d, layer_eps);
+    }
+  }
+  void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Cache& cache) const {
+    if (rms_) {
+      rms_->forward(y, x, cache.rms);
+    } else {
+      layer_->forward(y, x, cache.layer);
+    }
+  }
+  void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> dy, const Cache& cache) {
+    if (rms_) {
+      rms_->backward(dx, x, dy, cache.rms);
+    } else {
+      layer_->backward(dx, x, dy, cache.layer);
+    }
+  }
+  void zero_grad() {
+    if (rms_) rms_->zero_grad();
+    if (layer_) layer_->zero_grad();
+  }
+  std::vector<ParameterView<Scalar>> parameters(const std::string& prefix) {
+    return rms_ ? rms_->parameters(prefix) : layer_->parameters(prefix);
+  }
+  Index num_parameters() const { return rms_ ? rms_->d() : 2 * layer_->d(); }
+  RMSNorm<Scalar>* rms() { return rms_ ? &*rms_ : nullptr; }
+  LayerNorm<Scalar>* layer() { return layer_ ? &*layer_ : nullptr; }
+
+ private:
+  std::optional<RMSNorm<Scalar>> rms_;
+  std::optional<LayerNorm<Scalar>> layer_;
+};
+
+}  // namespace detail
+
+/// What MemoryFormerBlock::forward keeps for backward; buffers are reused across calls of the same size.
+template <std::floating_point Scalar>
+struct MemoryFormerBlockCache {
+  Index batch = 0, seq = 0;
+  typename detail::SwitchableNorm<Scalar>::Cache norm1, norm2;
+  Matrix<Scalar> a;                 // [B·S, d] norm1(x)
+  HashResult<Scalar> hash;          // [B·S, K] shared by Q, K, V
+  Matrix<Scalar> q, k, v;           // [B·S, d] (q, k after rotary)
+  AttentionCache<Scalar> attention; // probabilities
+  Matrix<Scalar> ctx;               // [B·S, d] attention output (before W_O)
+  Matrix<Scalar> h;                 // [B·S, d] x + attention
+  Matrix<Scalar> b;                 // [B·S, d] norm2(h)
+  MemoryBlockCache<Scalar> memory;  // the Memory Block's own cache
+};
+
+/**
+ * @brief One MemoryFormer block (spec §3). Inputs are [batch·seq, d] matrices, rows batch-major (row b·seq + t is
+ * token t of sequence b). forward is const; backward overwrites dx and accumulates parameter gradients.
+ */
+template <std::floating_point Scalar>
+class MemoryFormerBlock {
+ public:
+  using Config = MemoryFormerBlockConfig;
+  using Cache = MemoryFormerBlockCache<Scalar>;
+
+  /// @throws ConfigError
+  MemoryFormerBlock(const Config& config, std::uint64_t seed)
+      : config_((config.validate("MemoryFormerBlock"), config)),
+        norm1_(config.norm, config.d, config.rms_eps, config.layer_norm_eps),
+        q_(config.qkv(), Rng::stream(seed, 1).next_u64()),
+        k_(config.qkv(), Rng::stream(seed, 2).next_u64()),
+        v_(config.qkv(), Rng::stream(seed, 3).next_u64()),
+        rotary_(config.d, config.heads, config.resolved_rotary_dims(), config.rotary_base),
+        norm2_(config.norm, config.d, config.rms_eps, config.layer_norm_eps),
+        memory_(config.memory_block(), Rng::stream(seed, 4).next_u64()) {
+    if (config_.output_projection) output_.emplace(config.d, config.d, config.bias, Rng::stream(seed, 5).next_u64());
+  }
+
+  const Config& config() const { return config_; }
+  Index d() const { return config_.d; }
+  MemoryLayer<Scalar>& q() { return q_; }
+  MemoryLayer<Scalar>& k() { return k_; }
+  MemoryLayer<Scalar>& v() { return v_; }
+  MemoryBlock<Scalar>& memory_block() { return memory_; }
+  detail::SwitchableNorm<Scalar>& norm1() { return norm1_; }
+  detail::SwitchableNorm<Scalar>& norm2() { return norm2_; }
+  Linear<Scalar>* output_projection() { return output_ ? &*output_ : nullptr; }
+
+  /**
+   * @param y [batch·seq, d] output
+   * @param x [batch·seq, d] input
+   * @throws ShapeError, NonFiniteError, ConfigError (batch or seq < 1)
+   */
+  void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Index batch, Index seq, Cache& c) const {
+    check_rows("MemoryFormerBlock::forward", x, batch, seq);
+    detail::check_shape("MemoryFormerBlock::forward", "y", y.rows(), y.cols(), x.rows(), config_.d);
+    const Index n = x.rows(), d = config_.d;
+    c.batch = batch;
+    c.seq = seq;
+    for (Matrix<Scalar>* m : {&c.a, &c.q, &c.k, &c.v, &c.ctx, &c.h, &c.b}) m->resize(n, d);
+    norm1_.forward(c.a, x, c.norm1);
+    q_.hasher().hash(c.hash, c.a);
+    q_.forward_hashed(c.q, c.hash);
+    k_.forward_hashed(c.k, c.hash);
+    v_.forward_hashed(c.v, c.hash);
+    rotary_.forward(c.q, c.q, batch, seq, 0);
+    rotary_.forward(c.k, c.k, batch, seq, 0);
+    attention_forward<Scalar>(c.ctx, c.q, c.k, c.v, batch, seq, config_.heads, c.attention);
+    if (output_) {
+      output_->forward(c.h, c.ctx);
+      c.h += x;
+    } else {
+      c.h = x + c.ctx;
+    }
+    norm2_.forward(c.b, c.h, c.norm2);
+    memory_.forward(y, c.b, c.memory);
+    y += c.h;
+  }
+
+  /**
+   * @param dx [batch·seq, d] overwritten
+   * @param x  [batch·seq, d] the input given to forward
+   * @param dy [batch·seq, d]
+   * @throws StateError (backward before forward), ShapeError, NonFiniteError
+   */
+  void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> dy, const Cache& c) {
+    constexpr const char* where = "MemoryFormerBlock::backward";
+    if (c.batch == 0) throw StateError(std::string(where) + ": the cache is empty; call forward first");
+    detail::check_shape(where, "x", x.rows(), x.cols(), c.batch * c.seq, config_.d);
+    detail::check_shape(where, "dy", dy.rows(), dy.cols(), x.rows(), config_.d);
+    detail::check_shape(where, "dx", dx.rows(), dx.cols(), x.rows(), config_.d);
+    const Index n = x.rows(), d = config_.d;
+    for (Matrix<Scalar>* m : {&dh_, &tmp_, &dq_, &dk_, &dv_, &da_}) m->resize(n, d);
+    // y = h + MB(norm2(h))
+    memory_.backward(tmp_, c.b, dy, c.memory);
+    norm2_.backward(dh_, c.h, tmp_, c.norm2);
+    dh_ += dy;
+    // h = x + [W_O] ctx
+    if (output_) {
+      output_->backward(tmp_, c.ctx, dh_);
+    } else {
+      tmp_ = dh_;
+    }
+    attention_backward<Scalar>(dq_, dk_, dv_, c.q, c.k, c.v, tmp_, c.attention);
+    rotary_.backward(dq_, dq_, c.batch, c.seq, 0);
+    rotary_.backward(dk_, dk_, c.batch, c.seq, 0);
+    // One hash feeds Q, K and V: their score gradients add up before one pass through the hasher.
+    dscores_.setZero(c.hash.rows, c.hash.tables);
+    q_.backward_hashed(dscores_, dq_, c.hash);
+    k_.backward_hashed(dscores_, dk_, c.hash);
+    v_.backward_hashed(dscores_, dv_, c.hash);
+    q_.hasher().backward(da_, c.a, c.hash, dscores_);
+    norm1_.backward(dx, x, da_, c.norm1);
+    dx += dh_;
+  }
+
+  /// A KV cache sized for this block.
+  KVCache<Scalar> make_kv_cache(Index batch, Index max_seq) const { return KVCache<Scalar>(batch, max_seq, config_.d); }
+
+  /**
+   * @brief Incremental decoding: x_new [batch·t, d] are the next t tokens of each sequence, at positions
+   * kv.length() …; appends their keys and values to kv and writes their outputs — the same values forward gives
+   * at those positions on the whole sequence.
+   * @throws ShapeError; std::length_error past the cache's max_seq (kv unchanged)
+   */
+  void forward_decode(MatrixRef<Scalar> y_new, ConstMatrixRef<Scalar> x_new, KVCache<Scalar>& kv) const {
+    constexpr const char* where = "MemoryFormerBlock::forward_decode";
+    if (x_new.cols() != config_.d || x_new.rows() == 0 || x_new.rows() % kv.batch() != 0)
+      detail::throw_shape(where, "x_new", x_new.rows(), x_new.cols(),
+                          "(batch·t, " + std::to_string(config_.d) + ") with batch = " + std::to_string(kv.batch()));
+    detail::check_shape(where, "y_new", y_new.rows(), y_new.cols(), x_new.rows(), config_.d);
+    const Index t = x_new.rows() / kv.batch();
+    if (kv.length() + t > kv.max_seq())
+      throw std::length_error(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " +
+                              std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
+    Cache c;  // decoding keeps no state for backward
+    const Index n = x_new.rows(), d = config_.d;
+    for (Matrix<Scalar>* m : {&c.a, &c.q, &c.k, &c.v, &c.ctx, &c.h, &c.b}) m->resize(n, d);
+    norm1_.forward(c.a, x_new, c.norm1);
+    q_.hasher().hash(c.hash, c.a);
+    q_.forward_hashed(c.q, c.hash);
+    k_.forward_hashed(c.k, c.hash);
+    v_.forward_hashed(c.v, c.hash);
+    rotary_.forward(c.q, c.q, kv.batch(), t, kv.length());
+    rotary_.forward(c.k, c.k, kv.batch(), t, kv.length());
+    attention_decode<Scalar>(c.ctx, c.q, c.k, c.v, kv, config_.heads);
+    if (output_) {
+      output_->forward(c.h, c.ctx);
+      c.h += x_new;
+    } else {
+      c.h = x_new + c.ctx;
+    }
+    norm2_.forward(c.b, c.h, c.norm2);
+    memory_.forward(y_new, c.b, c.memory);
+    y_new += c.h;
+  }
+
+  void zero_grad() {
+    norm1_.zero_grad();
+    q_.zero_grad();
+    k_.zero_grad();
+    v_.zero_grad();
+    if (output_) output_->zero_grad();
+    norm2_.zero_grad();
+    memory_.zero_grad();
+  }
+
+  /// "<prefix>.norm1.scale", "<prefix>.q.tables", … "<prefix>.memory.ml2.bias".
+  std::vector<ParameterView<Scalar>> parameters(const std::string& prefix = {}) {
+    const std::string dot = prefix.empty() ? std::string() : prefix + ".";
+    std::vector<ParameterView<Scalar>> views;
+    auto add = [&](std::vector<ParameterView<Scalar>> more) {
+      for (auto& v : more) views.push_back(std::move(v));
+    };
+    add(norm1_.parameters(dot + "norm1"));
+    add(q_.parameters(dot + "q"));
+    add(k_.parameters(dot + "k"));
+    add(v_.parameters(dot + "v"));
+    if (output_) add(output_->parameters(dot + "o"));
+    add(norm2_.parameters(dot + "norm2"));
+    add(memory_.parameters(dot + "memory"));
+    return views;
+  }
+
+  Index num_parameters() const {
+    Index total = norm1_.num_parameters() + norm2_.num_parameters() + q_.num_parameters() + k_.num_parameters() +
+                  v_.num_parameters() + memory_.num_parameters();
+    if (output_) total += config_.d * config_.d + (config_.bias ? config_.d : 0);
+    return total;
+  }
+
+ private:
+  void check_rows(const char* where, ConstMatrixRef<Scalar> x, Index batch, Index seq) const {
+    detail::check_config(batch >= 1 && seq >= 1, where,
+                         "batch = " + std::to_string(batch) + " and seq = " + std::to_string(seq) + " must be >= 1");
+    if (x.rows() != batch * seq || x.cols() != config_.d)
+      detail::throw_shape(where, "x", x.rows(), x.cols(),
+                          "(batch·seq, d) = (" + std::to_string(batch * seq) + ", " + std::to_string(config_.d) + ")");
+  }
+
+  Config config_;
+  detail::SwitchableNorm<Scalar> norm1_;  // [d]
+  MemoryLayer<Scalar> q_, k_, v_;         // d → d each, one shared hash
+  Rotary<Scalar> rotary_;
+  std::optional<Linear<Scalar>> output_;  // W_O [d, d], only with output_projection
+  detail::SwitchableNorm<Scalar> norm2_;  // [d]
+  MemoryBlock<Scalar> memory_;            // the FFN replacement
+  // Scratch of backward, [B·S, d] each except dscores_ [B·S, K]: kept to avoid reallocating every step.
+  Matrix<Scalar> dh_, tmp_, dq_, dk_, dv_, da_, dscores_;
+};
+
+}  // namespace memoryformer
