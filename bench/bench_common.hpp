@@ -107,13 +107,36 @@ inline double cache_bytes(const std::vector<CacheLevel>& caches, int level) {
 }
 
 inline std::string compiler_string() {
-#if defined(__clang__)
-  return "clang " __clang_version__;
+  std::string s;
+#if defined(MEMORYFORMER_BENCH_COMPILER)
+  s = MEMORYFORMER_BENCH_COMPILER;  // from bench/CMakeLists.txt: "<id> <version>"
+#elif defined(__clang__)
+  s = "clang " __clang_version__;
 #elif defined(__GNUC__)
-  return "gcc " __VERSION__;
+  s = "gcc " __VERSION__;
 #else
-  return "unknown";
+  s = "unknown";
 #endif
+  while (!s.empty() && s.back() == ' ') s.pop_back();
+  return s;
+}
+
+/// Compiler flags of the benchmark build, when the build system passes them (bench/CMakeLists.txt does).
+inline std::string cxx_flags_string() {
+#if defined(MEMORYFORMER_BENCH_CXX_FLAGS)
+  return MEMORYFORMER_BENCH_CXX_FLAGS;
+#else
+  return "unknown (built without bench/CMakeLists.txt)";
+#endif
+}
+
+/// gnuplot to call: the one CMake found at configure time, else whatever "gnuplot" is on PATH ("" if none).
+inline std::string gnuplot_command() {
+#if defined(MEMORYFORMER_GNUPLOT_EXECUTABLE)
+  const std::string configured = MEMORYFORMER_GNUPLOT_EXECUTABLE;
+  if (!configured.empty() && std::ifstream(configured).good()) return configured;
+#endif
+  return std::system("command -v gnuplot >/dev/null 2>&1") == 0 ? "gnuplot" : "";
 }
 
 /// The SIMD flags this translation unit was compiled with, and the kernel path the layers use.
@@ -129,6 +152,9 @@ inline std::string isa_string() {
   s += "FMA ";
 #endif
   if (s.empty()) s = "(no AVX) ";
+#if defined(MEMORYFORMER_BENCH_ISA)
+  s += "(build ISA " MEMORYFORMER_BENCH_ISA ") ";
+#endif
   s += "-> kernels: ";
   s += std::string(memoryformer::isa_name(memoryformer::best_isa()));
   return s;
@@ -161,6 +187,7 @@ inline void init_single_thread() {
 inline void add_benchmark_context() {
   benchmark::AddCustomContext("cpu_model", cpu_model_name());
   benchmark::AddCustomContext("compiler", compiler_string());
+  benchmark::AddCustomContext("cxx_flags", cxx_flags_string());
   benchmark::AddCustomContext("isa", isa_string());
   benchmark::AddCustomContext("git_sha", git_sha());
   benchmark::AddCustomContext("eigen", std::to_string(EIGEN_WORLD_VERSION) + "." + std::to_string(EIGEN_MAJOR_VERSION) +

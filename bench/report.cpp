@@ -191,6 +191,8 @@ std::string jstr(const std::string& s) {
 class JsonObject {
  public:
   JsonObject& num(const std::string& k, double v) { return raw(k, jnum(v)); }
+  /// A measured field: left out when it was not measured (NaN).
+  JsonObject& measured(const std::string& k, double v) { return std::isfinite(v) ? num(k, v) : *this; }
   JsonObject& str(const std::string& k, const std::string& v) { return raw(k, jstr(v)); }
   JsonObject& boolean(const std::string& k, bool v) { return raw(k, v ? "true" : "false"); }
   JsonObject& raw(const std::string& k, const std::string& v) {
@@ -274,7 +276,7 @@ void table1(std::ostream& os, std::vector<JsonObject>& json) {
         "   tables fp16: MemoryFormer Q/K/V + Memory Block tables per block; Pythia: block parameters (12d^2+13d).\n\n";
 }
 
-void table5(std::ostream& os, std::vector<JsonObject>& json) {
+void table5(std::ostream& os) {
   os << "== Table 5 of the paper: Memory Block table memory, d = 512, tau = 8, fp16 ==\n";
   const double printed[4] = {33.6, 52.4, 88.1, 157.3};
   os << pad("e", 3) << pad("library MB", 12) << pad("paper MB", 10) << pad("MiB", 8) << "\n";
@@ -282,18 +284,7 @@ void table5(std::ostream& os, std::vector<JsonObject>& json) {
     const double b = mf::memory_block_table_bytes(512, 8, e, mf::StorageType::F16);
     os << pad(std::to_string(e), 3) << pad(fmt("%.1f", mf::megabytes(b)), 12) << pad(fmt("%.1f", printed[e]), 10)
        << pad(fmt("%.1f", mf::mebibytes(b)), 8) << "\n";
-    json.push_back(JsonObject()
-                       .str("kind", "table5")
-                       .str("model", "MemoryBlock")
-                       .num("d", 512)
-                       .num("s", 0)
-                       .num("tau", 8)
-                       .num("K", 64)
-                       .num("expand_bits", e)
-                       .num("flops_paper_no_attn", kNaN)
-                       .num("flops_paper_total", kNaN)
-                       .num("table_bytes_fp16", b)
-                       .num("paper_printed_MB", printed[e]));
+
   }
   os << "   formula: ML1 K*2^tau*K(tau+e) + ML2 K*2^(tau+e)*d values x 2 bytes; MB = 1e6 bytes reproduces the paper.\n\n";
 }
@@ -356,8 +347,8 @@ void figure1(std::ostream& os, const fs::path& out_dir, std::vector<JsonObject>&
       << "     f every ::1 using ($1==2048?$2:1/0):($5/1e9) with linespoints lw 2 title 'MemoryFormer, s=2048', \\\n"
       << "     f every ::1 using ($1==2048?$2:1/0):($7/1e9) with lines dt 2 title 'MemoryFormer literal, s=2048'\n";
   }
-  if (std::system("command -v gnuplot >/dev/null 2>&1") == 0) {
-    const std::string cmd = "gnuplot '" + gp.string() + "' 2>/dev/null";
+  if (const std::string gnuplot = mfbench::gnuplot_command(); !gnuplot.empty()) {
+    const std::string cmd = "'" + gnuplot + "' '" + gp.string() + "' 2>/dev/null";
     if (std::system(cmd.c_str()) == 0 && fs::exists(png))
       os << "   PNG: " << fs::absolute(png).string() << " (gnuplot script: " << gp.filename().string() << ")\n\n";
     else
@@ -485,23 +476,44 @@ std::string explain(const LayerShape& s, double ratio, double mem_gflops, double
   const std::string where = (l2 > 0 && table <= l2) ? "fit in L2"
                             : (l3 > 0 && table <= l3) ? "exceed L2, fit in L3"
                                                        : "exceed L3";
+  const double rows_moved = double(s.n) * double(s.k()) * row_bytes;  // table rows read per call, repeats counted
+  const double dense_moved = s.weight_bytes() + double(s.n) * double(s.d_in() + s.d_out()) * 4.0;
   if (ratio > 1.0) {
-    r << "slower: tables " << human_bytes(table) << " " << where << "; each token gathers K = " << s.k()
-      << " scattered rows of " << human_bytes(row_bytes) << " (" << human_bytes(double(s.k()) * row_bytes)
-      << "/token)";
+    r << "slower: tables " << human_bytes(table) << " " << where << "; the call gathers N*K = " << s.n * s.k()
+      << " rows of " << human_bytes(row_bytes) << " = " << human_bytes(rows_moved) << " from scattered addresses, "
+      << "while the dense layer moves W once plus activations = " << human_bytes(dense_moved);
     if (s.n > 1)
-      r << ", while the dense GEMM reuses each weight of W (" << human_bytes(s.weight_bytes()) << ") for all N = " << s.n
-        << " tokens at " << fmt("%.0f", dense_gflops) << " GFLOP/s vs " << fmt("%.1f", mem_gflops)
-        << " for the lookups";
-    else
-      r << "; at N = 1 the dense layer streams W (" << human_bytes(s.weight_bytes()) << ")";
+      r << " and reuses each weight N = " << s.n << " times from registers/L1 (" << fmt("%.0f", dense_gflops)
+        << " GFLOP/s vs " << fmt("%.1f", mem_gflops) << " for the lookups, paper convention)";
     if (s.tau <= 4) r << "; with tau = " << s.tau << " the FLOP saving is only " << s.tau << "x";
+    if (s.n <= 16 && dense_gflops > 0 && s.weight_bytes() < 64e3)
+      r << "; at this size fixed per-call work (argument checks, hashing) matters";
   } else {
-    r << "faster: per token reads K rows = " << human_bytes(double(s.k()) * row_bytes) << " vs W = "
-      << human_bytes(s.weight_bytes()) << (s.n == 1 ? " (dense at N = 1 is bandwidth-bound)" : "")
-      << "; tables " << human_bytes(table) << " " << where;
+    r << "faster: per token it reads K rows = " << human_bytes(double(s.k()) * row_bytes) << " instead of all of W = "
+      << human_bytes(s.weight_bytes()) << " (tau = " << s.tau << "x fewer bytes and FLOPs); with N = " << s.n
+      << " the dense layer gets " << (s.n == 1 ? "no" : "little") << " reuse of W (" << fmt("%.0f", dense_gflops)
+      << " GFLOP/s); tables " << human_bytes(table) << " " << where;
   }
   return r.str();
+}
+
+/// The analytic fields of one Memory Layer shape (N tokens is reported as "s").
+JsonObject layer_analytic_json(const LayerShape& s) {
+  JsonObject o;
+  o.str("kind", "memory_layer")
+      .str("model", "MemoryLayer vs dense")
+      .num("d", double(s.d_out()))
+      .num("d_in", double(s.d_in()))
+      .num("d_out", double(s.d_out()))
+      .num("s", double(s.n))
+      .num("tau", s.tau)
+      .num("K", double(s.k()))
+      .num("flops_paper_no_attn", mf::memory_layer_flops_paper(double(s.n), double(s.d_in()), double(s.d_out()), s.tau))
+      .num("flops_paper_total", mf::memory_layer_flops_paper(double(s.n), double(s.d_in()), double(s.d_out()), s.tau))
+      .num("flops_dense_paper", mf::dense_layer_flops_paper(double(s.n), double(s.d_in()), double(s.d_out())))
+      .num("table_bytes_fp32", s.table_bytes())
+      .num("weight_bytes_fp32", s.weight_bytes());
+  return o;
 }
 
 struct LayerRow {
@@ -517,10 +529,12 @@ void measured_section(std::ostream& os, const mfbench::Grid& grid, const std::ve
   os << "== Memory Layer vs dense layer y = xW + b, measured (single thread, CPU time, median of "
      << std::max(1, grid.repetitions) << ") ==\n"
      << "   CPU: " << mfbench::cpu_model_name() << ", " << mfbench::logical_cpu_count() << " logical CPUs; L2 "
-     << human_bytes(l2) << ", L3 " << human_bytes(l3) << "; " << mfbench::isa_string() << "\n"
+     << fmt("%.0f", l2 / 1024) << " KiB, L3 " << fmt("%.0f", l3 / 1024) << " KiB (sysfs, cpu0); "
+     << mfbench::isa_string() << "\n"
      << "   ratio = memory time / dense time (> 1: the Memory Layer is slower). FLOP ratio = paper FLOPs memory/dense.\n\n";
   os << pad("d_in", 5) << pad("d_out", 6) << pad("tau", 4) << pad("K", 5) << pad("N", 6) << pad("tables", 10)
-     << pad("FLOPr", 7) << pad("mem fwd", 11) << pad("dense fwd", 11) << pad("ratio", 7) << pad("lookup", 10)
+     << pad("FLOPr", 7) << pad("mem fwd", 11) << pad("GB/s", 6) << pad("dense fwd", 11) << pad("ratio", 7)
+     << pad("lookup", 10)
      << pad("mem bwd", 11) << pad("dense bwd", 11) << pad("ratio", 7) << "   (times in us per call)\n";
 
   std::vector<LayerRow> rows;
@@ -544,15 +558,18 @@ void measured_section(std::ostream& os, const mfbench::Grid& grid, const std::ve
   const fs::path csv = out_dir / "memoryformer_measured.csv";
   std::ofstream f(csv);
   f << "d_in,d_out,tau,K,N,table_bytes,weight_bytes,flops_memory_paper,flops_dense_paper,memory_forward_us,"
-       "dense_forward_us,forward_ratio,lookup_only_us,memory_backward_us,dense_backward_us,backward_ratio\n";
+       "dense_forward_us,forward_ratio,lookup_only_us,memory_backward_us,dense_backward_us,backward_ratio,"
+       "memory_forward_us_min,memory_forward_us_max,dense_forward_us_min,dense_forward_us_max,table_rows_GB_per_s\n";
   for (const auto& r : rows) {
     const auto& s = r.s;
     const double fm = mf::memory_layer_flops_paper(double(s.n), double(s.d_in()), double(s.d_out()), s.tau);
     const double fd = mf::dense_layer_flops_paper(double(s.n), double(s.d_in()), double(s.d_out()));
     const double rf = ratio(r.mf, r.df), rb = ratio(r.mb, r.db);
+    const double rows_moved = double(s.n) * double(s.k()) * double(s.d_out()) * 4.0;
     os << pad(std::to_string(s.d_in()), 5) << pad(std::to_string(s.d_out()), 6) << pad(std::to_string(s.tau), 4)
        << pad(std::to_string(s.k()), 5) << pad(std::to_string(s.n), 6) << pad(mb(s.table_bytes()) + "MB", 10)
-       << pad(fmt("%.3f", fm / fd), 7) << pad(us(r.mf), 11) << pad(us(r.df), 11)
+       << pad(fmt("%.3f", fm / fd), 7) << pad(us(r.mf), 11)
+       << pad(r.mf ? fmt("%.1f", rows_moved / (r.mf->cpu_us * 1e3)) : "-", 6) << pad(us(r.df), 11)
        << pad(std::isfinite(rf) ? fmt("%.2f", rf) : "-", 7) << pad(us(r.lookup), 10) << pad(us(r.mb), 11)
        << pad(us(r.db), 11) << pad(std::isfinite(rb) ? fmt("%.2f", rb) : "-", 7) << "\n";
     if (std::isfinite(rf)) {
@@ -565,33 +582,28 @@ void measured_section(std::ostream& os, const mfbench::Grid& grid, const std::ve
       << ',' << jnum(s.weight_bytes()) << ',' << jnum(fm) << ',' << jnum(fd) << ','
       << jnum(r.mf ? r.mf->cpu_us : kNaN) << ',' << jnum(r.df ? r.df->cpu_us : kNaN) << ',' << jnum(rf) << ','
       << jnum(r.lookup ? r.lookup->cpu_us : kNaN) << ',' << jnum(r.mb ? r.mb->cpu_us : kNaN) << ','
-      << jnum(r.db ? r.db->cpu_us : kNaN) << ',' << jnum(rb) << '\n';
-    JsonObject o;
-    o.str("kind", "memory_layer")
-        .str("model", "MemoryLayer vs dense")
-        .num("d", double(s.d_out()))
-        .num("d_in", double(s.d_in()))
-        .num("d_out", double(s.d_out()))
-        .num("s", double(s.n))
-        .num("tau", s.tau)
-        .num("K", double(s.k()))
-        .num("flops_paper_no_attn", fm)
-        .num("flops_paper_total", fm)
-        .num("flops_dense_paper", fd)
-        .num("table_bytes_fp32", s.table_bytes())
-        .num("weight_bytes_fp32", s.weight_bytes())
-        .num("memory_forward_us", r.mf ? r.mf->cpu_us : kNaN)
-        .num("dense_forward_us", r.df ? r.df->cpu_us : kNaN)
-        .num("forward_ratio", rf)
-        .num("lookup_only_us", r.lookup ? r.lookup->cpu_us : kNaN)
-        .num("memory_backward_us", r.mb ? r.mb->cpu_us : kNaN)
-        .num("dense_backward_us", r.db ? r.db->cpu_us : kNaN)
-        .num("backward_ratio", rb)
-        .num("memory_forward_ns_per_token", r.mf ? r.mf->cpu_us * 1e3 / double(s.n) : kNaN)
-        .num("dense_forward_ns_per_token", r.df ? r.df->cpu_us * 1e3 / double(s.n) : kNaN);
+      << jnum(r.db ? r.db->cpu_us : kNaN) << ',' << jnum(rb) << ',' << jnum(r.mf ? r.mf->cpu_us_min : kNaN) << ','
+      << jnum(r.mf ? r.mf->cpu_us_max : kNaN) << ',' << jnum(r.df ? r.df->cpu_us_min : kNaN) << ','
+      << jnum(r.df ? r.df->cpu_us_max : kNaN) << ',' << jnum(r.mf ? rows_moved / (r.mf->cpu_us * 1e3) : kNaN) << '\n';
+    JsonObject o = layer_analytic_json(s);
+    o.measured("memory_forward_us", r.mf ? r.mf->cpu_us : kNaN)
+        .measured("dense_forward_us", r.df ? r.df->cpu_us : kNaN)
+        .measured("forward_ratio", rf)
+        .measured("lookup_only_us", r.lookup ? r.lookup->cpu_us : kNaN)
+        .measured("memory_backward_us", r.mb ? r.mb->cpu_us : kNaN)
+        .measured("dense_backward_us", r.db ? r.db->cpu_us : kNaN)
+        .measured("backward_ratio", rb)
+        .measured("memory_forward_ns_per_token", r.mf ? r.mf->cpu_us * 1e3 / double(s.n) : kNaN)
+        .measured("dense_forward_ns_per_token", r.df ? r.df->cpu_us * 1e3 / double(s.n) : kNaN)
+        .measured("memory_forward_us_min", r.mf ? r.mf->cpu_us_min : kNaN)
+        .measured("memory_forward_us_max", r.mf ? r.mf->cpu_us_max : kNaN)
+        .measured("dense_forward_us_min", r.df ? r.df->cpu_us_min : kNaN)
+        .measured("dense_forward_us_max", r.df ? r.df->cpu_us_max : kNaN)
+        .measured("table_rows_GB_per_s", r.mf ? rows_moved / (r.mf->cpu_us * 1e3) : kNaN);
     json.push_back(o);
   }
-  os << "\n   tables: fp32 Memory Layer tables (K*2^tau*d_out*4). lookup: forward with the hash precomputed (tau = 8).\n"
+  os << "\n   tables: fp32 Memory Layer tables (K*2^tau*d_out*4). GB/s: table-row bytes gathered by the forward\n"
+        "   (N*K*d_out*4, repeats counted) per second. lookup: forward with the hash precomputed (tau = 8 only).\n"
         "   mem bwd: dx overwritten, dtables/dbias accumulated (no zero_grad per call); dense bwd: dX, dW +=, db +=.\n";
   for (const auto& s : skipped)
     os << "   skipped " << mfbench::shape_suffix(s) << ": tables + dtables " << mb(2 * s.table_bytes())
@@ -627,12 +639,13 @@ int main(int argc, char** argv) {
   std::vector<JsonObject> json;
   text << "memoryformer_report - MemoryFormer (Ding et al., NeurIPS 2024) FLOPs and measured costs\n"
        << "CPU: " << mfbench::cpu_model_name() << " | compiler: " << mfbench::compiler_string()
-       << " | ISA: " << mfbench::isa_string() << " | git: " << mfbench::git_sha() << "\n";
+       << " | ISA: " << mfbench::isa_string() << " | git: " << mfbench::git_sha() << "\n"
+       << "flags: " << mfbench::cxx_flags_string() << "\n";
   if (!out_note.empty()) text << "note: " << out_note << "\n";
   text << "\n";
 
   table1(text, json);
-  table5(text, json);
+  table5(text);
   figure1(text, out_dir, json);
 
   if (opt.measure) {
@@ -673,6 +686,8 @@ int main(int argc, char** argv) {
     print_block_section(text, results, json);
   } else {
     text << "(--no-measure: no timings)\n\n";
+    const mfbench::Grid grid = opt.smoke ? mfbench::smoke_grid() : (opt.full ? mfbench::full_grid() : mfbench::default_grid());
+    for (const auto& s : mfbench::grid_shapes(grid)) json.push_back(layer_analytic_json(s));
   }
 
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
