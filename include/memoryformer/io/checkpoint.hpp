@@ -868,6 +868,8 @@ inline Checkpoint parse_checkpoint(std::span<const std::byte> bytes, const std::
 /**
  * @brief Writes `ckpt` to `path` atomically: to "<path>.tmp.<random>" in the same directory, fsync, then rename
  *        over `path` (replacing an existing file). Readers see the old file or the complete new one, never a part.
+ *        The new file gets mode 0666 & ~umask (an old file's mode is not kept); a symlink at `path` is replaced by
+ *        the file, not followed. POSIX only (open/fsync/rename).
  * @throws ConfigError/ShapeError (as serialize_checkpoint) before touching the filesystem; std::runtime_error naming
  *         the path and the system's error text if creating, writing, syncing or renaming fails, after removing the
  *         temporary file.
@@ -879,7 +881,9 @@ inline void save_checkpoint(const std::filesystem::path& path, const Checkpoint&
 }
 
 /**
- * @brief Reads and fully validates the checkpoint at `path`. Peak memory is the file's size plus 1 MiB.
+ * @brief Reads and fully validates the checkpoint at `path` (two passes: the whole-file checksum, then the header
+ *        and tensors). Peak memory is the tensor data plus the header plus 1 MiB; whatever a header claims, no
+ *        allocation exceeds the file's actual size, so the total stays below twice the file size.
  * @throws FormatError naming the path and the problem: missing or unreadable file, wrong magic ("not a memoryformer
  *         checkpoint"), other byte order, unsupported version, truncation or trailing bytes (expected vs actual
  *         size), whole-file checksum mismatch (naming damaged tensors when the directory is intact), a malformed

@@ -122,7 +122,8 @@ inline bool is_sparse_kind(ParameterKind kind) {
  * to 2^24 = 16,777,216 steps and then stop increasing, which changes nothing: for β ≤ 1 − 1e-5, β^(2^24) is below
  * double precision, so both bias corrections are exactly 1 from there on.
  *
- * The optimiser reads gradients and never clears them (the layers' zero_grad() does). Updates are sequential and
+ * The optimiser reads gradients and touched-row flags and never clears them: call step() after backward and before
+ * the layers' zero_grad(), which clears both. Updates are sequential and
  * deterministic. The views must stay valid (and their sizes unchanged) for the optimiser's lifetime.
  *
  * @tparam Scalar float or double (the parameters' type).
