@@ -231,13 +231,14 @@ struct Grid {
   std::vector<std::tuple<Index, int, Index>> extra;  // additional (d, τ, N) points outside the product
 };
 
-/// Small default: d ∈ {512, 1024}, τ ∈ {4, 8}, N ∈ {1, 16, 2048}, plus d = 2048, τ = 8 (tables ≫ L2) at N = 1, 2048.
+/// Small default: d ∈ {512, 1024}, τ ∈ {4, 8}, N ∈ {1, 16, 2048}, plus d = 256, τ = 4 (1 MB of tables: fits L2)
+/// and d = 2048, τ = 8 (537 MB: far beyond L2) to show both ends of the cache story.
 inline Grid default_grid() {
   Grid g;
   g.d = {512, 1024};
   g.tau = {4, 8};
   g.n = {1, 16, 2048};
-  g.extra = {{2048, 8, 1}, {2048, 8, 2048}};
+  g.extra = {{256, 4, 1}, {256, 4, 16}, {256, 4, 2048}, {2048, 8, 1}, {2048, 8, 2048}};
   return g;
 }
 

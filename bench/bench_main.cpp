@@ -12,7 +12,8 @@ namespace {
 
 void print_usage() {
   std::cout << "memoryformer_bench [--full | --smoke] [--max-table-mb=MB] [Google Benchmark flags]\n"
-               "  default   small grid: d in {512, 1024}, tau in {4, 8}, N in {1, 16, 2048}, plus d = 2048, tau = 8\n"
+               "  default   small grid: d in {512, 1024}, tau in {4, 8}, N in {1, 16, 2048}, plus d = 256, tau = 4\n"
+               "            and d = 2048, tau = 8\n"
                "  --full    d in {256, 512, 1024, 2048} x tau in {4, 6, 8, 10} x N in {1, 16, 2048}\n"
                "            (also: environment MEMORYFORMER_BENCH_FULL=1)\n"
                "  --smoke   tiny shapes, a few seconds\n"

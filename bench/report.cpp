@@ -46,7 +46,8 @@ void print_help() {
 Usage: memoryformer_report [options]
   (default)          Table 1 and Table 5 recomputed, Figure 1 series (CSV, PNG with gnuplot), and measured
                      memory/dense time ratios for d in {512, 1024}, tau in {4, 8}, N in {1, 16, 2048} plus
-                     d = 2048, tau = 8 (N = 1, 2048); 3 repetitions each (median). About 1-3 minutes on 2 cores.
+                     d = 256, tau = 4 (tables fit L2) and d = 2048, tau = 8 (N = 1, 2048); 3 repetitions each
+                     (median). About 1-3 minutes on 2 cores.
   --full             the whole grid d in {256, 512, 1024, 2048} x tau in {4, 6, 8, 10} x N in {1, 16, 2048}
                      (tens of minutes; shapes whose fp32 tables + gradients exceed --max-table-mb are skipped)
   --smoke            tiny shapes, a few seconds (for tests of this program)
@@ -479,15 +480,16 @@ std::string explain(const LayerShape& s, double ratio, double mem_gflops, double
   const double rows_moved = double(s.n) * double(s.k()) * row_bytes;  // table rows read per call, repeats counted
   const double dense_moved = s.weight_bytes() + double(s.n) * double(s.d_in() + s.d_out()) * 4.0;
   if (ratio > 1.0) {
-    r << "slower: tables " << human_bytes(table) << " " << where << "; the call gathers N*K = " << s.n * s.k()
-      << " rows of " << human_bytes(row_bytes) << " = " << human_bytes(rows_moved) << " from scattered addresses, "
-      << "while the dense layer moves W once plus activations = " << human_bytes(dense_moved);
-    if (s.n > 1)
-      r << " and reuses each weight N = " << s.n << " times from registers/L1 (" << fmt("%.0f", dense_gflops)
-        << " GFLOP/s vs " << fmt("%.1f", mem_gflops) << " for the lookups, paper convention)";
-    if (s.tau <= 4) r << "; with tau = " << s.tau << " the FLOP saving is only " << s.tau << "x";
-    if (s.n <= 16 && dense_gflops > 0 && s.weight_bytes() < 64e3)
-      r << "; at this size fixed per-call work (argument checks, hashing) matters";
+    r << "slower: each lookup multiply-add needs its own table load (the call gathers N*K = " << s.n * s.k()
+      << " rows of " << human_bytes(row_bytes) << " = " << human_bytes(rows_moved) << ", "
+      << fmt("%.1f", mem_gflops) << " GFLOP/s), while the dense GEMM moves W once plus activations ("
+      << human_bytes(dense_moved) << ")";
+    if (s.n > 1) r << " and reuses each loaded weight for N = " << s.n << " tokens";
+    r << " (" << fmt("%.0f", dense_gflops) << " GFLOP/s): the " << s.tau << "x FLOP saving of tau = " << s.tau
+      << " does not cover a " << fmt("%.1f", dense_gflops / std::max(mem_gflops, 1e-9)) << "x throughput gap; tables "
+      << human_bytes(table) << " " << where;
+    if (l2 > 0 && table > l2) r << ", so the gathered rows come from L3/DRAM";
+    if (s.n <= 16 && s.weight_bytes() < 64e3) r << "; at this size fixed per-call work (argument checks, hashing) matters";
   } else {
     r << "faster: per token it reads K rows = " << human_bytes(double(s.k()) * row_bytes) << " instead of all of W = "
       << human_bytes(s.weight_bytes()) << " (tau = " << s.tau << "x fewer bytes and FLOPs); with N = " << s.n
@@ -555,6 +557,7 @@ void measured_section(std::ostream& os, const mfbench::Grid& grid, const std::ve
   auto us = [](const Measurement* m) { return m ? fmt(m->cpu_us < 10 ? "%.3f" : "%.1f", m->cpu_us) : std::string("-"); };
   auto ratio = [](const Measurement* a, const Measurement* b) { return a && b ? a->cpu_us / b->cpu_us : kNaN; };
   std::vector<std::string> reasons;
+  std::map<Index, std::pair<int, int>> faster_by_n;  // N -> (shapes where memory forward is faster, shapes measured)
   const fs::path csv = out_dir / "memoryformer_measured.csv";
   std::ofstream f(csv);
   f << "d_in,d_out,tau,K,N,table_bytes,weight_bytes,flops_memory_paper,flops_dense_paper,memory_forward_us,"
@@ -575,6 +578,9 @@ void measured_section(std::ostream& os, const mfbench::Grid& grid, const std::ve
     if (std::isfinite(rf)) {
       const double mem_gflops = fm / (r.mf->cpu_us * 1e3);
       const double dense_gflops = fd / (r.df->cpu_us * 1e3);
+      auto& fb = faster_by_n[s.n];
+      fb.first += rf < 1.0 ? 1 : 0;
+      fb.second += 1;
       reasons.push_back(mfbench::shape_suffix(s) + " forward x" + fmt("%.2f", rf) + ": " +
                         explain(s, rf, mem_gflops, dense_gflops, l2, l3));
     }
@@ -608,7 +614,32 @@ void measured_section(std::ostream& os, const mfbench::Grid& grid, const std::ve
   for (const auto& s : skipped)
     os << "   skipped " << mfbench::shape_suffix(s) << ": tables + dtables " << mb(2 * s.table_bytes())
        << " MB > cap " << mb(grid.max_table_bytes) << " MB (--max-table-mb)\n";
-  os << "   CSV: " << fs::absolute(csv).string() << "\n\n   Why (forward):\n";
+  os << "   CSV: " << fs::absolute(csv).string() << "\n\n";
+  if (!faster_by_n.empty()) {
+    os << "   Summary (forward): the Memory Layer is faster than the dense layer in";
+    bool first = true;
+    for (const auto& [n, fb] : faster_by_n) {
+      os << (first ? " " : ", ") << fb.first << "/" << fb.second << " shapes at N = " << n;
+      first = false;
+    }
+    os << ".\n";
+    const auto& small = faster_by_n.begin()->second;
+    const auto& large = faster_by_n.rbegin()->second;
+    if (small.first > 0)
+      os << "   It wins when few tokens share a call (N = " << faster_by_n.begin()->first
+         << ": the dense layer reads all of W per token, the Memory Layer tau times fewer bytes).\n";
+    if (large.first < large.second)
+      os << "   It loses when many tokens share a call (N = " << faster_by_n.rbegin()->first
+         << "): a GEMM reuses every loaded weight N times from\n"
+            "   registers, a table lookup never reuses a load, so the lookups run at the gather bandwidth of wherever\n"
+            "   the tables live (GB/s column; lower once tables exceed L2), and the tau-fold FLOP saving is smaller\n"
+            "   than the GEMM's throughput advantage.\n";
+    if (small.first == 0)
+      os << "   At N = " << faster_by_n.begin()->first
+         << " it does not win here: at these sizes per-call work (argument checks, hashing) dominates.\n";
+    os << "\n";
+  }
+  os << "   Why, per shape (forward):\n";
   for (const auto& line : reasons) os << "   - " << line << "\n";
   os << "\n";
 }
