@@ -30,5 +30,6 @@
 #include "random.hpp"
 #include "score.hpp"
 #include "testing/gradcheck.hpp"
+#include "transformer_block.hpp"
 #include "types.hpp"
 #include "version.hpp"
