@@ -1,0 +1,337 @@
+// SPDX-License-Identifier: MIT
+// Trainer: the training recipe of spec §3 for a LanguageModel on byte-level text — AdamW (β = (0.9, 0.95), eps 1e-8,
+// weight decay 0.1 except biases and norms), global-norm clipping, cosine schedule with linear warm-up, periodic
+// validation, atomic checkpoints and exact resume. Silent: progress goes to callbacks.
+#pragma once
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <numbers>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../error.hpp"
+#include "../model.hpp"
+#include "../optim/adamw.hpp"
+#include "../optim/clip.hpp"
+#include "../optim/schedule.hpp"
+#include "../random.hpp"
+#include "text_data.hpp"
+
+namespace memoryformer {
+
+/// The recipe's AdamW options with the RowSparse update for tables and the embedding (the Trainer's default).
+inline AdamWOptions row_sparse_adamw() {
+  AdamWOptions o;
+  o.sparse_update = SparseUpdate::RowSparse;
+  return o;
+}
+
+/// Settings of a training run. The defaults are the paper's recipe (spec §3) at this library's small sizes.
+struct TrainerOptions {
+  Index steps = 1000;              ///< optimisation steps of the run: the length of the cosine schedule
+  Index batch = 16;                ///< sequences per step
+  Index seq = 128;                 ///< tokens per sequence
+  double lr = 3e-3;                ///< peak learning rate (recipe: 3e-3 for MemoryFormer, 3× the dense model's)
+  double lr_min_ratio = 0.01;      ///< cosine decay down to lr · lr_min_ratio (recipe: lr/100)
+  double warmup_ratio = 0.01;      ///< linear warm-up over this share of the steps, at least 1 step (recipe: 1%)
+  double clip_norm = 1.0;          ///< global gradient-norm clipping threshold; 0 disables clipping
+  /// β, eps, weight decay (not on biases and norms), per-kind learning-rate multipliers ("lr groups") and the
+  /// sparse update mode of tables and the embedding. Default here: RowSparse (see AdamW for its lazy semantics).
+  AdamWOptions adamw = row_sparse_adamw();
+  Index eval_every = 100;          ///< validate every this many steps and after the last; 0: only when asked
+  Index eval_windows = 64;         ///< validation windows (seq tokens each) per evaluation; 0: the whole split
+  std::uint64_t data_seed = 1;     ///< the batch of step t is drawn with Rng::stream(data_seed, t)
+  std::filesystem::path checkpoint_path;  ///< where run() saves checkpoints; empty: never
+  Index checkpoint_every = 0;      ///< with checkpoint_path: save every this many steps (0: only at the end)
+
+  /// @throws ConfigError naming the offending value.
+  void validate(std::string_view where = "TrainerOptions") const {
+    detail::check_config(steps >= 1, where, "steps = " + std::to_string(steps) + " must be ≥ 1");
+    detail::check_config(batch >= 1, where, "batch = " + std::to_string(batch) + " must be ≥ 1");
+    detail::check_config(seq >= 1, where, "seq = " + std::to_string(seq) + " must be ≥ 1");
+    detail::check_config(std::isfinite(lr) && lr >= 0.0, where, "lr = " + std::to_string(lr) + " must be ≥ 0");
+    detail::check_config(lr_min_ratio >= 0.0 && lr_min_ratio <= 1.0, where,
+                         "lr_min_ratio = " + std::to_string(lr_min_ratio) + " is outside [0, 1]");
+    detail::check_config(warmup_ratio >= 0.0 && warmup_ratio <= 1.0, where,
+                         "warmup_ratio = " + std::to_string(warmup_ratio) + " is outside [0, 1]");
+    detail::check_config(std::isfinite(clip_norm) && clip_norm >= 0.0, where,
+                         "clip_norm = " + std::to_string(clip_norm) + " must be ≥ 0 (0: no clipping)");
+    detail::check_config(eval_every >= 0 && eval_windows >= 0 && checkpoint_every >= 0, where,
+                         "eval_every, eval_windows and checkpoint_every must be ≥ 0");
+  }
+
+  /// The learning-rate schedule these options describe.
+  CosineSchedule schedule() const {
+    const auto warmup = std::max<std::int64_t>(1, std::int64_t(std::llround(warmup_ratio * double(steps))));
+    return {lr, lr * lr_min_ratio, std::min<std::int64_t>(warmup, steps), steps};
+  }
+};
+
+/// What one optimisation step did (passed to on_step callbacks).
+struct StepInfo {
+  Index step = 0;                  ///< steps completed, including this one (1 after the first step)
+  Index total_steps = 0;           ///< TrainerOptions::steps
+  double loss = 0.0;               ///< mean training cross-entropy of this step's batch, nats per token
+  double lr = 0.0;                 ///< base learning rate used (before per-kind multipliers)
+  double grad_norm = 0.0;          ///< global gradient norm before clipping
+  Index tokens = 0;                ///< tokens processed by this Trainer object so far (resumed steps excluded)
+  double step_seconds = 0.0;       ///< wall time of this step
+  double elapsed_seconds = 0.0;    ///< wall time of the steps of this Trainer object so far
+  double tokens_per_second = 0.0;  ///< tokens / elapsed_seconds
+  double eta_seconds = 0.0;        ///< remaining steps × mean step time so far
+};
+
+/// A validation result (passed to on_eval callbacks).
+struct EvalInfo {
+  Index step = 0;              ///< steps completed when evaluated
+  double loss = 0.0;           ///< mean cross-entropy over the validation tokens, nats per token
+  double bits_per_byte = 0.0;  ///< loss / ln 2: tokens are bytes
+  Index tokens = 0;            ///< validation tokens scored
+  double seconds = 0.0;        ///< wall time of the evaluation
+};
+
+/// Summary of Trainer::run.
+struct TrainResult {
+  Index steps = 0;                 ///< steps completed (resumed ones included)
+  double train_loss = 0.0;         ///< mean training loss of the last min(20, steps run) steps
+  EvalInfo validation;             ///< the last evaluation (run() always evaluates after the last step)
+  Index tokens = 0;                ///< training tokens processed in this run
+  double seconds = 0.0;            ///< wall time of the training steps (evaluations excluded)
+  double tokens_per_second = 0.0;  ///< tokens / seconds
+  bool stopped_early = false;      ///< request_stop() ended the run before options.steps
+};
+
+/**
+ * @brief Trains a LanguageModel on a TextDataset with the spec §3 recipe.
+ *
+ * One step: zero_grad → forward_loss on the step's batch → backward → global-norm clip → AdamW step with the
+ * scheduled rate. The batch of step t depends only on (data_seed, t), so a run resumed from a checkpoint of step t
+ * (model + optimizer + step count) continues exactly as the uninterrupted run would.
+ *
+ * The model, the data and the callbacks must outlive the trainer. The library prints nothing: see callbacks.hpp for
+ * a progress bar and printers.
+ * @tparam Model a LanguageModel
+ */
+template <class Model>
+class Trainer {
+ public:
+  using Scalar = typename Model::ScalarType;
+  using StepCallback = std::function<void(const StepInfo&)>;
+  using EvalCallback = std::function<void(const EvalInfo&)>;
+  using CheckpointCallback = std::function<void(const std::filesystem::path&, Index step)>;
+
+  /// @throws ConfigError for invalid options (see TrainerOptions::validate, AdamW) or a model whose vocabulary
+  ///         cannot hold byte tokens.
+  Trainer(Model& model, const TextDataset& data, TrainerOptions options)
+      : model_(model),
+        data_(data),
+        options_((options.validate("Trainer"), std::move(options))),
+        params_(model.parameters()),
+        optimizer_(params_, options_.adamw) {
+    detail::check_config(model.vocab() >= TextDataset::vocab(), "Trainer",
+                         "the model's vocab = " + std::to_string(model.vocab()) + " cannot hold " +
+                             std::to_string(TextDataset::vocab()) + " byte tokens");
+  }
+
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+
+  const TrainerOptions& options() const { return options_; }
+  Model& model() { return model_; }
+  AdamW<Scalar>& optimizer() { return optimizer_; }
+  /// Steps completed (including resumed ones).
+  Index step_count() const { return step_; }
+  /// The base learning rate of 0-based step `step`.
+  double learning_rate(Index step) const { return options_.schedule()(step); }
+
+  void on_step(StepCallback cb) { step_callbacks_.push_back(std::move(cb)); }
+  void on_eval(EvalCallback cb) { eval_callbacks_.push_back(std::move(cb)); }
+  void on_checkpoint(CheckpointCallback cb) { checkpoint_callbacks_.push_back(std::move(cb)); }
+  /// Makes run() return after the current step (e.g. from a callback, on a time budget).
+  void request_stop() { stop_requested_ = true; }
+
+  /// The batch of 0-based step `step` (a pure function of data_seed and step).
+  void batch_of_step(TokenBatch& out, Index step) const {
+    Rng rng = Rng::stream(options_.data_seed, std::uint64_t(step));
+    data_.sample_train(out, options_.batch, options_.seq, rng);
+  }
+
+  /**
+   * @brief One optimisation step (does not call callbacks; run() does).
+   * @throws NonFiniteError when the loss or the gradient norm is not finite (nothing is updated then).
+   */
+  StepInfo step() {
+    const auto t0 = std::chrono::steady_clock::now();
+    batch_of_step(batch_, step_);
+    model_.zero_grad();
+    const Scalar loss = model_.forward_loss(batch_.inputs, batch_.targets, batch_.batch, batch_.seq, cache_);
+    if (!std::isfinite(double(loss)))
+      throw NonFiniteError("Trainer::step: the training loss is " + std::to_string(double(loss)) + " at step " +
+                           std::to_string(step_) + " (try a lower learning rate)");
+    model_.backward(cache_);
+    const double norm = options_.clip_norm > 0.0 ? clip_grad_norm(params_, options_.clip_norm)
+                                                 : global_grad_norm(params_);
+    if (!std::isfinite(norm))
+      throw NonFiniteError("Trainer::step: the gradient norm is " + std::to_string(norm) + " at step " +
+                           std::to_string(step_) + " (try a lower learning rate)");
+    const double lr = learning_rate(step_);
+    optimizer_.step(lr);
+    ++step_;
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    tokens_ += batch_.batch * batch_.seq;
+    seconds_ += seconds;
+    ++steps_this_object_;
+    StepInfo info;
+    info.step = step_;
+    info.total_steps = options_.steps;
+    info.loss = double(loss);
+    info.lr = lr;
+    info.grad_norm = norm;
+    info.tokens = tokens_;
+    info.step_seconds = seconds;
+    info.elapsed_seconds = seconds_;
+    info.tokens_per_second = seconds_ > 0.0 ? double(tokens_) / seconds_ : 0.0;
+    info.eta_seconds = double(std::max<Index>(0, options_.steps - step_)) * seconds_ / double(steps_this_object_);
+    return info;
+  }
+
+  /// Validation loss over options().eval_windows windows (see TextDataset::validation_windows).
+  EvalInfo evaluate() { return evaluate(options_.eval_windows); }
+
+  /**
+   * @brief Mean validation cross-entropy over `max_windows` evenly spread windows of seq tokens (0: all), scored in
+   *        batches of options().batch windows. Changes no parameter or gradient.
+   * @throws ConfigError when the validation split is shorter than seq + 1 tokens.
+   */
+  EvalInfo evaluate(Index max_windows) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto starts = data_.validation_windows(options_.seq, max_windows);
+    double total = 0.0;
+    Index tokens = 0;
+    for (Index first = 0; first < Index(starts.size()); first += options_.batch) {
+      data_.validation_batch(eval_batch_, starts, first, options_.batch, options_.seq);
+      const Index n = eval_batch_.batch * eval_batch_.seq;
+      total += double(model_.forward_loss(eval_batch_.inputs, eval_batch_.targets, eval_batch_.batch,
+                                          eval_batch_.seq, eval_cache_)) * double(n);
+      tokens += n;
+    }
+    EvalInfo info;
+    info.step = step_;
+    info.tokens = tokens;
+    info.loss = tokens > 0 ? total / double(tokens) : 0.0;
+    info.bits_per_byte = info.loss / std::numbers::ln2;
+    info.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return info;
+  }
+
+  /**
+   * @brief Steps from step_count() to options().steps, calling the step callbacks after every step, evaluating every
+   *        eval_every steps and after the last one, and saving checkpoints as the options say.
+   * @throws NonFiniteError as step(); std::runtime_error when a checkpoint cannot be written.
+   */
+  TrainResult run() {
+    TrainResult result;
+    const Index tokens0 = tokens_;
+    const double seconds0 = seconds_;
+    std::vector<double> recent;
+    stop_requested_ = false;
+    bool evaluated_last = false;
+    while (step_ < options_.steps) {
+      const StepInfo info = step();
+      recent.push_back(info.loss);
+      if (recent.size() > 20) recent.erase(recent.begin());
+      for (auto& cb : step_callbacks_) cb(info);
+      evaluated_last = false;
+      if (options_.eval_every > 0 && step_ % options_.eval_every == 0 && step_ < options_.steps) {
+        result.validation = evaluate();
+        evaluated_last = true;
+        for (auto& cb : eval_callbacks_) cb(result.validation);
+      }
+      if (!options_.checkpoint_path.empty() && options_.checkpoint_every > 0 && step_ % options_.checkpoint_every == 0 &&
+          step_ < options_.steps)
+        save_checkpoint(options_.checkpoint_path);
+      if (stop_requested_) {
+        result.stopped_early = step_ < options_.steps;
+        break;
+      }
+    }
+    if (!evaluated_last) {
+      result.validation = evaluate();
+      for (auto& cb : eval_callbacks_) cb(result.validation);
+    }
+    if (!options_.checkpoint_path.empty()) save_checkpoint(options_.checkpoint_path);
+    result.steps = step_;
+    for (double l : recent) result.train_loss += l / double(recent.size());
+    result.tokens = tokens_ - tokens0;
+    result.seconds = seconds_ - seconds0;
+    result.tokens_per_second = result.seconds > 0.0 ? double(result.tokens) / result.seconds : 0.0;
+    return result;
+  }
+
+  /**
+   * @brief Saves model, optimiser state and the step count ("train.step", with "train.data_seed") atomically, then
+   *        calls the checkpoint callbacks.
+   * @throws std::runtime_error when writing fails.
+   */
+  void save_checkpoint(const std::filesystem::path& path) {
+    save_model(path, model_, &optimizer_,
+               {{"train.step", std::to_string(step_)},
+                {"train.data_seed", std::to_string(options_.data_seed)},
+                {"train.batch", std::to_string(options_.batch)},
+                {"train.seq", std::to_string(options_.seq)}});
+    for (auto& cb : checkpoint_callbacks_) cb(path, step_);
+  }
+
+  /**
+   * @brief Loads a checkpoint written by save_checkpoint: parameters, optimiser state and the step count. The next
+   *        step() then does exactly what the saved run's next step did, given the same options.
+   * @return the step count restored
+   * @throws FormatError for a missing, damaged or mismatching checkpoint (the model and optimiser are unchanged), or
+   *         one whose data seed, batch or seq differ from the options (the batches would differ).
+   */
+  Index resume(const std::filesystem::path& path) {
+    const Checkpoint ckpt = load_checkpoint(path);
+    const std::string origin = "'" + path.string() + "'";
+    const detail::model::ConfigReader r(ckpt.config, "Trainer::resume: " + origin);
+    const std::int64_t step = r.integer("train.step");
+    if (step < 0) throw FormatError("Trainer::resume: " + origin + ": train.step = " + std::to_string(step) + " < 0");
+    const auto expect = [&](const char* key, std::int64_t want) {
+      if (r.integer(key) != want)
+        throw FormatError("Trainer::resume: " + origin + ": the checkpoint has " + key + "=" +
+                          std::to_string(r.integer(key)) + ", this run has " + std::to_string(want) +
+                          " (resuming with other data settings would not continue the same run)");
+    };
+    if (r.text("train.data_seed") != std::to_string(options_.data_seed))
+      throw FormatError("Trainer::resume: " + origin + ": the checkpoint has train.data_seed=" +
+                        r.text("train.data_seed") + ", this run has " + std::to_string(options_.data_seed));
+    expect("train.batch", options_.batch);
+    expect("train.seq", options_.seq);
+    load_model(ckpt, model_, &optimizer_, origin);
+    step_ = Index(step);
+    return step_;
+  }
+
+ private:
+  Model& model_;
+  const TextDataset& data_;
+  TrainerOptions options_;
+  std::vector<ParameterView<Scalar>> params_;
+  AdamW<Scalar> optimizer_;
+  Index step_ = 0;
+  Index tokens_ = 0;
+  double seconds_ = 0.0;
+  Index steps_this_object_ = 0;
+  bool stop_requested_ = false;
+  TokenBatch batch_, eval_batch_;
+  typename Model::Cache cache_, eval_cache_;
+  std::vector<StepCallback> step_callbacks_;
+  std::vector<EvalCallback> eval_callbacks_;
+  std::vector<CheckpointCallback> checkpoint_callbacks_;
+};
+
+}  // namespace memoryformer
