@@ -127,25 +127,35 @@ class TransformerBlock {
         up_(config.d, config.hidden(), config.bias, Rng::stream(seed, 5).next_u64(), config.init_std),
         down_(config.hidden(), config.d, config.bias, Rng::stream(seed, 6).next_u64(), config.init_std) {}
 
+  /// The validated configuration (rotary_dims and ffn_hidden as given; see resolved_rotary_dims(), hidden()).
   const Config& config() const { return config_; }
   /// Model width.
   Index d() const { return config_.d; }
 
+  /// LayerNorm before attention.
   LayerNorm<Scalar>& ln1() { return ln1_; }
   const LayerNorm<Scalar>& ln1() const { return ln1_; }
+  /// Query projection d → d.
   Linear<Scalar>& q() { return q_; }
   const Linear<Scalar>& q() const { return q_; }
+  /// Key projection d → d.
   Linear<Scalar>& k() { return k_; }
   const Linear<Scalar>& k() const { return k_; }
+  /// Value projection d → d.
   Linear<Scalar>& v() { return v_; }
   const Linear<Scalar>& v() const { return v_; }
+  /// Output projection d → d after attention.
   Linear<Scalar>& o() { return o_; }
   const Linear<Scalar>& o() const { return o_; }
+  /// Rotary embedding of q and k (no parameters).
   const Rotary<Scalar>& rotary() const { return rotary_; }
+  /// LayerNorm before the FFN.
   LayerNorm<Scalar>& ln2() { return ln2_; }
   const LayerNorm<Scalar>& ln2() const { return ln2_; }
+  /// FFN up projection d → F.
   Linear<Scalar>& up() { return up_; }
   const Linear<Scalar>& up() const { return up_; }
+  /// FFN down projection F → d.
   Linear<Scalar>& down() { return down_; }
   const Linear<Scalar>& down() const { return down_; }
 
