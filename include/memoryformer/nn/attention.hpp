@@ -43,10 +43,15 @@ inline Index attention_head_dim(const char* where, Index d, Index heads) {
 template <class Row>
 void causal_softmax_row(Row&& row, Index valid) {
   using Scalar = typename std::remove_cvref_t<Row>::Scalar;
-  auto head = row.head(valid);
-  const Scalar m = head.maxCoeff();
-  head = (head.array() - m).exp().matrix();
-  head *= Scalar(1) / head.sum();
+  // Scalar std::exp, not Eigen's packet exp: GCC 12 reports a false -Wuninitialized inside the AVX-512 pexp.
+  const Scalar m = row.head(valid).maxCoeff();
+  Scalar sum = 0;
+  for (Index j = 0; j < valid; ++j) {
+    const Scalar e = std::exp(row(j) - m);
+    row(j) = e;
+    sum += e;
+  }
+  row.head(valid) *= Scalar(1) / sum;
   row.tail(row.size() - valid).setZero();
 }
 

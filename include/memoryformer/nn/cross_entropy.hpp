@@ -60,8 +60,11 @@ Scalar cross_entropy_forward(std::type_identity_t<ConstMatrixRef<Scalar>> logits
   cache.logsumexp.resize(logits.rows());
   double total = 0.0;
   for (Index n = 0; n < logits.rows(); ++n) {
+    // Scalar std::exp, not Eigen's packet exp: GCC 12 reports a false -Wuninitialized inside the AVX-512 pexp.
     const Scalar m = logits.row(n).maxCoeff();
-    const Scalar lse = m + std::log((logits.row(n).array() - m).exp().sum());
+    Scalar sum = 0;
+    for (Index v = 0; v < logits.cols(); ++v) sum += std::exp(logits(n, v) - m);
+    const Scalar lse = m + std::log(sum);
     cache.logsumexp(n) = lse;
     total += double(lse) - double(logits(n, targets[size_t(n)]));
   }
@@ -89,7 +92,8 @@ void cross_entropy_backward(std::type_identity_t<MatrixRef<Scalar>> dlogits,
                      " rows, logits has " + std::to_string(logits.rows()) + "; call cross_entropy_forward first");
   const Scalar scale = dloss / Scalar(logits.rows());
   for (Index n = 0; n < logits.rows(); ++n) {
-    dlogits.row(n) = ((logits.row(n).array() - cache.logsumexp(n)).exp() * scale).matrix();
+    const Scalar lse = cache.logsumexp(n);
+    for (Index v = 0; v < logits.cols(); ++v) dlogits(n, v) = std::exp(logits(n, v) - lse) * scale;
     dlogits(n, targets[size_t(n)]) -= scale;
   }
 }
