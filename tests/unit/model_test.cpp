@@ -184,10 +184,11 @@ TEST(LanguageModel, IsCausalAndSequencesAreIndependent) {
   const mf::Matrix<double> after = model.forward(tokens, batch, seq, cache);
   for (Index r = 0; r < batch * seq; ++r) {
     const bool may_change = r >= changed && r < seq;  // later positions of the same sequence
-    if (!may_change)
+    if (!may_change) {
       EXPECT_EQ(before.row(r), after.row(r)) << "row " << r;
-    else
+    } else {
       EXPECT_NE(before.row(r), after.row(r)) << "row " << r;
+    }
   }
 }
 
