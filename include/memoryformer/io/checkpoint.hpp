@@ -88,7 +88,15 @@ constexpr DType dtype_of() {
 
 namespace detail::ckpt {
 
-inline std::string quote_name(std::string_view s) { return "'" + std::string(s) + "'"; }
+// Built with append: GCC 12 reports a false -Wrestrict for "'" + std::string(s) at -O3 (GCC bug 105329).
+inline std::string quote_name(std::string_view s) {
+  std::string out;
+  out.reserve(s.size() + 2);
+  out.push_back('\'');
+  out.append(s);
+  out.push_back('\'');
+  return out;
+}
 
 inline std::string shape_text(std::span<const Index> shape) {
   std::ostringstream os;
