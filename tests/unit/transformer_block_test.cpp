@@ -3,6 +3,7 @@
 // gradients of dx and every parameter in both residual modes, KV-cache decoding equal to the full forward, config
 // resolution, parameter views, and errors.
 #include <memoryformer/transformer_block.hpp>
+#include <memoryformer/flops.hpp>
 #include <memoryformer/random.hpp>
 #include <memoryformer/testing/gradcheck.hpp>
 
@@ -288,6 +289,14 @@ TEST(TransformerBlock, ParametersNamesShapesAndCount) {
   for (const auto& v : nb) nb_total += mf::Index(v.value.size());
   EXPECT_EQ(nb_total, 4 * 144 + 2 * 576 + 48);
   EXPECT_EQ(no_bias.num_parameters(), nb_total);
+
+  // Pythia-70M's block (d = 512, 8 heads): 12d² + 13d, as flops.hpp counts it independently.
+  mf::TransformerBlockConfig pythia;
+  pythia.d = 512;
+  pythia.heads = 8;
+  const mf::TransformerBlock<float> pythia_block(pythia, 1);
+  EXPECT_EQ(pythia_block.num_parameters(), 12 * 512 * 512 + 13 * 512);
+  EXPECT_EQ(double(pythia_block.num_parameters()), mf::dense_block_parameters(512.0));
 }
 
 TEST(TransformerBlock, ForwardMatchesNaiveCompositionSequential) {
