@@ -59,7 +59,7 @@ struct Args {
   Index save_every = 0;
   int threads = 0;                  // 0: leave OpenMP's default
   double max_seconds = 0;           // 0: no budget
-  bool json = false, quiet = false, profile = false, smoke = false;
+  bool json = false, quiet = false, profile = false, smoke = false, eigen_threads = false;
 };
 
 const char* usage =
@@ -83,6 +83,8 @@ const char* usage =
     "  --save FILE [--save-every N]   write checkpoints (model + AdamW state + step) atomically\n"
     "  --resume FILE          continue a run saved with --save (same data options)\n"
     "  --threads N            OpenMP threads (builds with MEMORYFORMER_USE_OPENMP; results do not depend on N)\n"
+    "  --eigen-threads        also let Eigen thread the dense products (faster dense parts; results then depend\n"
+    "                         on the thread count by float rounding)\n"
     "  --max-seconds S        stop once training has taken S seconds (the schedule is not shortened)\n"
     "  --profile              time the parts of a training step and exit\n"
     "  --json                 print the final metrics as one JSON object on stdout\n"
@@ -161,6 +163,7 @@ Args parse(int argc, char** argv) {
     else if (f == "--json") a.json = true;
     else if (f == "--quiet") a.quiet = true;
     else if (f == "--smoke") a.smoke = true;
+    else if (f == "--eigen-threads") a.eigen_threads = true;
     else fail("unknown option '" + f + "'");
   }
   if (a.model != "memoryformer" && a.model != "transformer")
@@ -286,6 +289,7 @@ template <class Model>
 int train(const Args& a, typename Model::Config config, const std::string& text, const std::string& text_name) {
   const mf::TextDataset data(text, a.val_fraction);
   Model model(config, a.seed);
+  model.set_deterministic_threads(!a.eigen_threads);
 
   mf::TrainerOptions o;
   o.steps = a.steps;
@@ -398,6 +402,7 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
     js << ", \"seq\": " << a.seq << ", \"batch\": " << a.batch << ", \"lr\": " << json_number(o.lr)
        << ", \"val_tokens\": " << final_eval.tokens << ", \"text\": " << json_string(text_name)
        << ", \"text_bytes\": " << text.size() << ", \"threads\": " << threads
+       << ", \"eigen_threads\": " << (a.eigen_threads ? "true" : "false")
        << ", \"stopped_early\": " << (result.stopped_early ? "true" : "false") << "}";
     std::cout << js.str() << std::endl;
   }
