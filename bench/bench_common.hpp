@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -23,7 +24,11 @@
 #include <memoryformer/flops.hpp>
 #include <memoryformer/hash.hpp>
 #include <memoryformer/memory_layer.hpp>
+#include <memoryformer/memoryformer_block.hpp>
+#include <memoryformer/nn/attention.hpp>
+#include <memoryformer/nn/kv_cache.hpp>
 #include <memoryformer/random.hpp>
+#include <memoryformer/transformer_block.hpp>
 #include <memoryformer/types.hpp>
 
 #if defined(MEMORYFORMER_USE_OPENMP) && MEMORYFORMER_USE_OPENMP
@@ -303,12 +308,27 @@ inline void fill_normal(MatrixF& m, std::uint64_t seed, std::uint64_t stream) {
   rng.fill_normal(std::span<float>(m.data(), size_t(m.size())), 0.0, 1.0);
 }
 
+/// The one Memory Layer kept between benchmark calls (see cached_layer), and its shape.
+struct CachedLayerSlot {
+  std::unique_ptr<memoryformer::MemoryLayer<float>> layer;
+  std::tuple<Index, Index, int> key{-1, -1, -1};
+};
+inline CachedLayerSlot& cached_layer_slot() {
+  static CachedLayerSlot slot;
+  return slot;
+}
+/// Frees the cached Memory Layer (up to 1 GB of tables + gradients) so that later benchmarks (the blocks) have the
+/// memory; the next cached_layer() call rebuilds it.
+inline void release_cached_layer() {
+  cached_layer_slot().layer.reset();
+  cached_layer_slot().key = {-1, -1, -1};
+}
 /// Google Benchmark calls a benchmark function several times while it sizes the iteration count; building a
 /// 0.5 GB table each time would dominate the wall time, so the last layer (and inputs) are kept between calls.
 /// One entry only: the grid is ordered so consecutive benchmarks share it, and memory stays bounded.
 inline memoryformer::MemoryLayer<float>& cached_layer(const LayerShape& s) {
-  static std::unique_ptr<memoryformer::MemoryLayer<float>> layer;
-  static std::tuple<Index, Index, int> key{-1, -1, -1};
+  auto& layer = cached_layer_slot().layer;
+  auto& key = cached_layer_slot().key;
   const auto want = std::make_tuple(s.d_in(), s.d_out(), s.tau);
   if (!layer || key != want) {
     layer.reset();  // free the old tables before allocating the new ones
@@ -538,6 +558,432 @@ inline std::vector<LayerShape> register_layer_suite(const Grid& g) {
                                           [s](benchmark::State& st) { bm_dense_backward(st, s); }));
   }
   return skipped;
+}
+
+// ------------------------------------------------------------------------------------------------ blocks
+
+/// One shape of the block benchmarks (MemoryFormerBlock against TransformerBlock, spec §3, §4). Prefill: one
+/// sequence of s tokens per call. Decode: one new token whose KV cache holds s − 1 tokens, so it attends to s.
+/// Heads follow the paper's head size 64 (heads = d/64, at least 1); the MemoryFormer block uses τ and e = 2.
+struct BlockShape {
+  Index d = 512;
+  Index s = 1024;
+  int tau = 8;
+  Index heads() const { return std::max<Index>(1, d / 64); }
+  Index k() const { return d / tau; }
+};
+
+/// Which block shapes to run, and how the decode stacks are sized.
+struct BlockGrid {
+  std::vector<BlockShape> prefill;
+  std::vector<BlockShape> decode;
+  double min_time = 0.1;
+  int repetitions = 1;
+  /// Resident bytes one decode stack may take (weights + their gradient buffers, which the layers allocate, + KV
+  /// caches). 5 GB keeps the process under 8 GB with everything else it holds.
+  double max_stack_bytes = 5e9;
+  /// The stacks get enough layers that their weights exceed this; 0: 1.25 × the L3 size sysfs reports.
+  double cache_target_bytes = 0;
+  Index min_layers = 2;
+  /// Distinct decode inputs cycled through: a Memory Layer reads only the rows its input hashes to, so repeating one
+  /// token would keep those few rows in L1/L2 and flatter it; thousands of tokens touch (nearly) every row.
+  Index token_pool = 4096;
+};
+
+/// Default subset (keeps memoryformer_report under 5 minutes on 2 cores): prefill s = 1024 at d = 512, 768;
+/// decode at d = 512 with 1023 tokens of context.
+inline BlockGrid default_block_grid() {
+  BlockGrid g;
+  g.prefill = {{512, 1024}, {768, 1024}};
+  g.decode = {{512, 1024}};
+  return g;
+}
+
+/// The grid: s ∈ {1024, 2048} × d ∈ {512, 768, 1024}, prefill and decode.
+inline BlockGrid full_block_grid() {
+  BlockGrid g;
+  for (Index d : {512, 768, 1024})
+    for (Index s : {1024, 2048}) {
+      g.prefill.push_back({d, s});
+      g.decode.push_back({d, s});
+    }
+  return g;
+}
+
+/// Seconds-long grid for tests of the executables: d = 64 (one head), s = 32, two-layer decode stacks.
+inline BlockGrid smoke_block_grid() {
+  BlockGrid g;
+  g.prefill = {{64, 32}};
+  g.decode = {{64, 32}};
+  g.min_time = 0.005;
+  g.cache_target_bytes = 1;  // → min_layers
+  g.token_pool = 16;
+  return g;
+}
+
+inline std::string block_suffix(const BlockShape& s) {
+  return "d:" + std::to_string(s.d) + "/heads:" + std::to_string(s.heads()) + "/s:" + std::to_string(s.s);
+}
+/// "block/<model>/<mode>/d:D/heads:H/s:S" with model memoryformer, transformer or attention (attention alone, the
+/// part both blocks share) and mode prefill or decode.
+inline std::string block_name(const std::string& model, const std::string& mode, const BlockShape& s) {
+  return "block/" + model + "/" + mode + "/" + block_suffix(s);
+}
+
+inline memoryformer::MemoryFormerBlockConfig memoryformer_block_config(const BlockShape& s) {
+  memoryformer::MemoryFormerBlockConfig c;
+  c.d = s.d;
+  c.heads = s.heads();
+  c.tau = s.tau;
+  return c;
+}
+inline memoryformer::TransformerBlockConfig transformer_block_config(const BlockShape& s) {
+  memoryformer::TransformerBlockConfig c;
+  c.d = s.d;
+  c.heads = s.heads();
+  return c;
+}
+
+/// fp32 bytes of one block's weights: MemoryFormer Q/K/V + Memory Block tables (biases and gains left out, < 0.1 %);
+/// Transformer 12d² + 13d parameters.
+inline double memoryformer_block_weight_bytes(const BlockShape& s) {
+  const memoryformer::MemoryFormerBlockShape shape{.d = double(s.d), .heads = double(s.heads()), .tau = s.tau};
+  return memoryformer::memoryformer_block_table_bytes(shape, memoryformer::StorageType::F32);
+}
+inline double transformer_block_weight_bytes(const BlockShape& s) {
+  return memoryformer::dense_block_parameter_bytes(double(s.d), memoryformer::StorageType::F32);
+}
+
+/// Weight/table bytes one token reads in one block. MemoryFormer: the K rows each Memory Layer gathers (Q, K, V:
+/// K rows of d; ML1: K rows of K(τ+e); ML2: K rows of d). Transformer: every weight (12d² + 13d values).
+inline double memoryformer_block_bytes_per_token(const BlockShape& s) {
+  const auto c = memoryformer_block_config(s);
+  const auto mb = c.memory_block();
+  const double rows_qkv = 3.0 * double(c.qkv().num_tables()) * double(s.d);
+  const double rows_ml1 = double(mb.ml1().num_tables()) * double(mb.hidden());
+  const double rows_ml2 = double(mb.ml2().num_tables()) * double(s.d);
+  return 4.0 * (rows_qkv + rows_ml1 + rows_ml2);
+}
+inline double transformer_block_bytes_per_token(const BlockShape& s) { return transformer_block_weight_bytes(s); }
+/// KV-cache bytes one decoded token reads in one block: keys and values of s positions (identical in both blocks).
+inline double kv_bytes_per_token(const BlockShape& s) { return 2.0 * double(s.s) * double(s.d) * 4.0; }
+
+/// Paper-convention FLOPs of one block call (spec §4): prefill on s tokens 2s²d + 12sd² (Transformer), 2s²d + 6Ksd
+/// (MemoryFormer); one decoded token at context s is that divided by s: 2sd + 12d² resp. 2sd + 6Kd.
+inline double block_flops_paper(bool memoryformer, bool decode, const BlockShape& s, bool with_attention = true) {
+  const double sd = double(s.s), d = double(s.d);
+  double f = 0;
+  if (memoryformer)
+    f = with_attention ? memoryformer::memoryformer_block_flops_paper(sd, d, s.tau)
+                       : memoryformer::memoryformer_block_flops_paper_no_attention(sd, d, s.tau);
+  else
+    f = with_attention ? memoryformer::transformer_block_flops_paper(sd, d)
+                       : memoryformer::transformer_block_flops_paper_no_attention(sd, d);
+  return decode ? f / sd : f;
+}
+
+/// How many layers a decode stack gets: the fewest whose weights exceed the cache target (so every token streams
+/// them from DRAM rather than L3), at least min_layers, at most what max_stack_bytes allows.
+struct StackPlan {
+  Index layers = 0;
+  double weight_bytes = 0;    // whole stack, fp32
+  double resident_bytes = 0;  // weights + gradient buffers + KV caches
+  double target_bytes = 0;    // cache target the weights were meant to exceed
+  bool exceeds_target = false;
+  bool capped = false;        // the memory cap stopped it short of the target
+};
+inline double block_cache_target(const BlockGrid& g) {
+  if (g.cache_target_bytes > 0) return g.cache_target_bytes;
+  const auto caches = read_caches();
+  double l3 = cache_bytes(caches, 3);
+  if (l3 <= 0) l3 = cache_bytes(caches, 2);
+  if (l3 <= 0) l3 = 32.0 * 1024 * 1024;
+  return 1.25 * l3;
+}
+inline StackPlan plan_decode_stack(const BlockGrid& g, const BlockShape& s, bool memoryformer) {
+  StackPlan p;
+  p.target_bytes = block_cache_target(g);
+  const double w = memoryformer ? memoryformer_block_weight_bytes(s) : transformer_block_weight_bytes(s);
+  // Each layer also holds its gradient buffers (the layers allocate them up front) and a KV cache of s tokens.
+  const double resident = 2.0 * w + kv_bytes_per_token(s);
+  Index layers = std::max<Index>(g.min_layers, Index(std::floor(p.target_bytes / w)) + 1);
+  const Index cap = std::max<Index>(1, Index(std::floor(g.max_stack_bytes / resident)));
+  if (layers > cap) {
+    layers = cap;
+    p.capped = true;
+  }
+  p.layers = layers;
+  p.weight_bytes = double(layers) * w;
+  p.resident_bytes = double(layers) * resident;
+  p.exceeds_target = p.weight_bytes > p.target_bytes;
+  return p;
+}
+
+/// One object kept between the calls Google Benchmark makes of a benchmark function (iteration sizing,
+/// repetitions): building a block's tables takes seconds. Two slots, MemoryFormer (0) and Transformer (1), so the
+/// twins that alternate in the run order each keep theirs; a slot frees its old object before building a new one.
+struct BlockSlot {
+  std::string key;
+  std::shared_ptr<void> object;
+  double build_seconds = 0;
+};
+inline BlockSlot& block_slot(int which) {
+  static BlockSlot slots[2];
+  return slots[which];
+}
+template <class T, class Make>
+T& cached_block_object(int which, const std::string& key, Make&& make) {
+  auto& slot = block_slot(which);
+  if (!slot.object || slot.key != key) {
+    slot = BlockSlot{};
+    release_cached_layer();
+    const auto t0 = std::chrono::steady_clock::now();
+    std::shared_ptr<T> made = make();
+    slot.build_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    slot.object = made;
+    slot.key = key;
+  }
+  return *static_cast<T*>(slot.object.get());
+}
+
+template <class Block>
+struct BlockTraits;
+template <>
+struct BlockTraits<memoryformer::MemoryFormerBlock<float>> {
+  static constexpr int slot = 0;
+  static constexpr bool memoryformer = true;
+  static constexpr const char* name = "memoryformer";
+  static memoryformer::MemoryFormerBlockConfig config(const BlockShape& s) { return memoryformer_block_config(s); }
+  static double weight_bytes(const BlockShape& s) { return memoryformer_block_weight_bytes(s); }
+  static double bytes_per_token(const BlockShape& s) { return memoryformer_block_bytes_per_token(s); }
+};
+template <>
+struct BlockTraits<memoryformer::TransformerBlock<float>> {
+  static constexpr int slot = 1;
+  static constexpr bool memoryformer = false;
+  static constexpr const char* name = "transformer";
+  static memoryformer::TransformerBlockConfig config(const BlockShape& s) { return transformer_block_config(s); }
+  static double weight_bytes(const BlockShape& s) { return transformer_block_weight_bytes(s); }
+  static double bytes_per_token(const BlockShape& s) { return transformer_block_bytes_per_token(s); }
+};
+
+/// Counters of the block benchmarks (on top of set_layer_counters' FLOPS, flop_per_iter, bytes_per_iter,
+/// storage_MB, items_per_second = tokens/s and time_per_token): layers (1 for prefill), weight_bytes_per_token (per
+/// layer, see *_block_bytes_per_token), kv_bytes_per_token (per layer, decode), stack_weight_MB, build_s (seconds it
+/// took to build the blocks; not part of the timed loop), tau and K (0 for the Transformer).
+inline void set_block_counters(benchmark::State& st, bool memoryformer, const BlockShape& s, double tokens,
+                               double flops_per_iter, double bytes_per_iter, double layers, double kv_bytes,
+                               double build_seconds) {
+  const double per_token = memoryformer ? memoryformer_block_bytes_per_token(s) : transformer_block_bytes_per_token(s);
+  const double weights = memoryformer ? memoryformer_block_weight_bytes(s) : transformer_block_weight_bytes(s);
+  set_layer_counters(st, tokens, flops_per_iter, bytes_per_iter, layers * weights);
+  st.counters["layers"] = layers;
+  st.counters["weight_bytes_per_token"] = per_token;
+  st.counters["kv_bytes_per_token"] = kv_bytes;
+  st.counters["stack_weight_MB"] = layers * weights / 1e6;
+  st.counters["build_s"] = build_seconds;
+  st.counters["tau"] = memoryformer ? s.tau : 0;
+  st.counters["K"] = memoryformer ? double(s.k()) : 0.0;
+}
+
+/// Prefill: block.forward(y, x, batch = 1, seq = s, cache) on x ~ N(0, 1). One block, built once per (model, d).
+template <class Block>
+inline void bm_block_prefill(benchmark::State& st, BlockShape s) {
+  using Traits = BlockTraits<Block>;
+  init_single_thread();
+  auto& block = cached_block_object<Block>(Traits::slot, std::string(Traits::name) + "/prefill/" + std::to_string(s.d),
+                                           [&] { return std::make_shared<Block>(Traits::config(s), /*seed=*/11); });
+  const auto& in = cached_inputs(s.s, s.d, s.d);
+  MatrixF y(s.s, s.d);
+  typename Block::Cache cache;
+  for (auto _ : st) {
+    block.forward(y, in.x, 1, s.s, cache);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  // bytes_per_iter: the MemoryFormer gathers s·(rows per token); the GEMMs read each weight once per call.
+  const double bytes = Traits::memoryformer ? double(s.s) * Traits::bytes_per_token(s) : Traits::weight_bytes(s);
+  set_block_counters(st, Traits::memoryformer, s, double(s.s), block_flops_paper(Traits::memoryformer, false, s), bytes,
+                     1.0, 0.0, block_slot(Traits::slot).build_seconds);
+}
+
+/// The causal multi-head attention both blocks run (attention_forward on q, k, v ~ N(0, 1)), timed alone to show
+/// how much of a block's prefill time it takes. Paper FLOPs 2s²d.
+inline void bm_attention_prefill(benchmark::State& st, BlockShape s) {
+  init_single_thread();
+  const auto& in = cached_inputs(s.s, s.d, s.d);
+  MatrixF ctx(s.s, s.d);
+  memoryformer::AttentionCache<float> cache;
+  for (auto _ : st) {
+    memoryformer::attention_forward<float>(ctx, in.x, in.dy, in.x, 1, s.s, s.heads(), cache);
+    benchmark::DoNotOptimize(ctx.data());
+    benchmark::ClobberMemory();
+  }
+  const double f = memoryformer::attention_flops_paper(double(s.s), double(s.d));
+  st.SetItemsProcessed(st.iterations() * static_cast<std::int64_t>(s.s));
+  st.counters["FLOPS"] = benchmark::Counter(f, benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["flop_per_iter"] = f;
+  st.counters["time_per_token"] =
+      benchmark::Counter(double(s.s), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+}
+
+/// A stack of decode layers with their KV caches and a pool of distinct input tokens.
+template <class Block>
+struct DecodeStack {
+  std::vector<std::unique_ptr<Block>> layers;
+  std::vector<memoryformer::KVCache<float>> kv;  // one per layer; s − 1 cached tokens between iterations
+  Index context = -1;                             // s the KV caches were filled for
+  MatrixF pool;                                   // [token_pool, d] decode inputs, cycled through
+  Index next = 0;                                 // next pool row (continues across calls: no re-warmed rows)
+};
+
+/// Decode: one token through a stack of plan_decode_stack() layers, each attending to its KV cache of s − 1
+/// tokens plus the new one; the cache is truncated back to s − 1 after every step. Successive iterations take
+/// successive tokens of a pool of distinct N(0, 1) inputs. Time, FLOPs and bytes are for the whole stack; the
+/// report divides by `layers`. The KV caches hold N(0, 1) keys and values (their values do not change the work).
+template <class Block>
+inline void bm_block_decode(benchmark::State& st, BlockShape s, BlockGrid g) {
+  using Traits = BlockTraits<Block>;
+  init_single_thread();
+  const StackPlan plan = plan_decode_stack(g, s, Traits::memoryformer);
+  const std::string key = std::string(Traits::name) + "/decode/" + std::to_string(s.d) + "/" +
+                          std::to_string(plan.layers) + "/" + std::to_string(g.token_pool);
+  auto& stack = cached_block_object<DecodeStack<Block>>(Traits::slot, key, [&] {
+    auto p = std::make_shared<DecodeStack<Block>>();
+    for (Index l = 0; l < plan.layers; ++l)
+      p->layers.push_back(std::make_unique<Block>(Traits::config(s), /*seed=*/100 + std::uint64_t(l)));
+    p->pool.resize(g.token_pool, s.d);
+    fill_normal(p->pool, 5, 0);
+    return p;
+  });
+  if (stack.context != s.s) {
+    stack.kv.clear();
+    MatrixF keys(s.s - 1, s.d), values(s.s - 1, s.d);
+    fill_normal(keys, 9, 0);
+    fill_normal(values, 9, 1);
+    for (const auto& layer : stack.layers) {
+      stack.kv.push_back(layer->make_kv_cache(1, s.s));
+      if (s.s > 1) stack.kv.back().append(keys, values);
+    }
+    stack.context = s.s;
+  }
+  MatrixF a(1, s.d), b(1, s.d);
+  const Index past = s.s - 1;
+  for (auto _ : st) {
+    a = stack.pool.row(stack.next);
+    stack.next = (stack.next + 1) % stack.pool.rows();
+    for (size_t l = 0; l < stack.layers.size(); ++l) {
+      stack.layers[l]->forward_decode(b, a, stack.kv[l]);
+      stack.kv[l].truncate(past);
+      a.swap(b);
+    }
+    benchmark::DoNotOptimize(a.data());
+    benchmark::ClobberMemory();
+  }
+  const double layers = double(plan.layers);
+  set_block_counters(st, Traits::memoryformer, s, 1.0, layers * block_flops_paper(Traits::memoryformer, true, s),
+                     layers * (Traits::bytes_per_token(s) + kv_bytes_per_token(s)), layers, kv_bytes_per_token(s),
+                     block_slot(Traits::slot).build_seconds);
+  st.counters["stack_exceeds_cache_target"] = plan.exceeds_target ? 1.0 : 0.0;
+}
+
+/// Layers of the attention-only decode benchmark: the fewest whose KV caches exceed the cache target (at least
+/// min_layers, within max_stack_bytes).
+inline Index attention_decode_layers(const BlockGrid& g, const BlockShape& s) {
+  const double kv = kv_bytes_per_token(s);
+  Index layers = std::max<Index>(g.min_layers, Index(std::floor(block_cache_target(g) / kv)) + 1);
+  return std::min(layers, std::max<Index>(1, Index(std::floor(g.max_stack_bytes / kv))));
+}
+
+/// KV caches of the attention-only decode benchmark and a pool of new (q, k, v) rows.
+struct AttentionDecodeStack {
+  std::vector<memoryformer::KVCache<float>> kv;  // [layers], s − 1 cached tokens each
+  MatrixF q, k, v;                                // [token_pool, d]
+  Index next = 0;
+};
+
+/// What decoding one token costs in the attention both blocks share: attention_decode (append the new key/value,
+/// attend to s positions, truncate back) over as many KV caches as it takes to exceed the cache target, so the
+/// keys and values come from DRAM as in a deep model. Time and FLOPs (2sd per layer) are for all layers.
+inline void bm_attention_decode(benchmark::State& st, BlockShape s, BlockGrid g) {
+  init_single_thread();
+  const Index layers = attention_decode_layers(g, s);
+  const std::string key = "attention/decode/" + std::to_string(s.d) + "/" + std::to_string(s.s) + "/" +
+                          std::to_string(layers) + "/" + std::to_string(g.token_pool);
+  auto& stack = cached_block_object<AttentionDecodeStack>(1, key, [&] {
+    auto p = std::make_shared<AttentionDecodeStack>();
+    MatrixF keys(s.s - 1, s.d), values(s.s - 1, s.d);
+    fill_normal(keys, 9, 0);
+    fill_normal(values, 9, 1);
+    for (Index l = 0; l < layers; ++l) {
+      p->kv.emplace_back(1, s.s, s.d);
+      if (s.s > 1) p->kv.back().append(keys, values);
+    }
+    for (MatrixF* m : {&p->q, &p->k, &p->v}) m->resize(g.token_pool, s.d);
+    fill_normal(p->q, 13, 0);
+    fill_normal(p->k, 13, 1);
+    fill_normal(p->v, 13, 2);
+    return p;
+  });
+  MatrixF ctx(1, s.d);
+  const Index past = s.s - 1;
+  for (auto _ : st) {
+    const Index i = stack.next;
+    stack.next = (stack.next + 1) % stack.q.rows();
+    for (auto& kv : stack.kv) {
+      memoryformer::attention_decode<float>(ctx, stack.q.row(i), stack.k.row(i), stack.v.row(i), kv, s.heads());
+      kv.truncate(past);
+    }
+    benchmark::DoNotOptimize(ctx.data());
+    benchmark::ClobberMemory();
+  }
+  const double f = double(layers) * 2.0 * double(s.s) * double(s.d);
+  st.SetItemsProcessed(st.iterations());
+  st.counters["FLOPS"] = benchmark::Counter(f, benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["flop_per_iter"] = f;
+  st.counters["bytes_per_iter"] = double(layers) * kv_bytes_per_token(s);
+  st.counters["layers"] = double(layers);
+  st.counters["kv_bytes_per_token"] = kv_bytes_per_token(s);
+  st.counters["build_s"] = block_slot(1).build_seconds;
+  st.counters["time_per_token"] =
+      benchmark::Counter(1.0, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+}
+
+/// Registers, per prefill shape: memoryformer, transformer, attention; then per decode shape: memoryformer,
+/// transformer, attention (each twin right after the other, so both see the same machine load). Shapes are ordered by d so
+/// a built block is reused across s. Returns the names in registration order.
+inline std::vector<std::string> register_block_suite(const BlockGrid& g) {
+  std::vector<std::string> names;
+  auto common = [&](benchmark::internal::Benchmark* b) {
+    b->Unit(benchmark::kMicrosecond)->MinTime(g.min_time);
+    if (g.repetitions > 1) b->Repetitions(g.repetitions);
+  };
+  auto by_d = [](std::vector<BlockShape> v) {
+    std::stable_sort(v.begin(), v.end(), [](const BlockShape& a, const BlockShape& b) { return a.d < b.d; });
+    return v;
+  };
+  using MF = memoryformer::MemoryFormerBlock<float>;
+  using TF = memoryformer::TransformerBlock<float>;
+  for (const auto& s : by_d(g.prefill)) {
+    names.push_back(block_name("memoryformer", "prefill", s));
+    common(benchmark::RegisterBenchmark(names.back().c_str(), [s](benchmark::State& st) { bm_block_prefill<MF>(st, s); }));
+    names.push_back(block_name("transformer", "prefill", s));
+    common(benchmark::RegisterBenchmark(names.back().c_str(), [s](benchmark::State& st) { bm_block_prefill<TF>(st, s); }));
+    names.push_back(block_name("attention", "prefill", s));
+    common(benchmark::RegisterBenchmark(names.back().c_str(), [s](benchmark::State& st) { bm_attention_prefill(st, s); }));
+  }
+  for (const auto& s : by_d(g.decode)) {
+    names.push_back(block_name("memoryformer", "decode", s));
+    common(benchmark::RegisterBenchmark(names.back().c_str(),
+                                        [s, g](benchmark::State& st) { bm_block_decode<MF>(st, s, g); }));
+    names.push_back(block_name("transformer", "decode", s));
+    common(benchmark::RegisterBenchmark(names.back().c_str(),
+                                        [s, g](benchmark::State& st) { bm_block_decode<TF>(st, s, g); }));
+    names.push_back(block_name("attention", "decode", s));
+    common(benchmark::RegisterBenchmark(names.back().c_str(),
+                                        [s, g](benchmark::State& st) { bm_attention_decode(st, s, g); }));
+  }
+  return names;
 }
 
 // Defined in bench_memory_layer.cpp and bench_hash.cpp; called by bench_main.cpp after it has read --full/--smoke.
