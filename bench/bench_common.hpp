@@ -580,8 +580,8 @@ struct BlockGrid {
   double min_time = 0.1;
   int repetitions = 1;
   /// Resident bytes one decode stack may take (weights + their gradient buffers, which the layers allocate, + KV
-  /// caches). 5 GB keeps the process under 8 GB with everything else it holds.
-  double max_stack_bytes = 5e9;
+  /// caches). 5.5 GB keeps the process under 8 GB with everything else it holds.
+  double max_stack_bytes = 5.5e9;
   /// The stacks get enough layers that their weights exceed this; 0: 1.25 × the L3 size sysfs reports.
   double cache_target_bytes = 0;
   Index min_layers = 2;
@@ -682,16 +682,8 @@ inline double block_flops_paper(bool memoryformer, bool decode, const BlockShape
   return decode ? f / sd : f;
 }
 
-/// How many layers a decode stack gets: the fewest whose weights exceed the cache target (so every token streams
-/// them from DRAM rather than L3), at least min_layers, at most what max_stack_bytes allows.
-struct StackPlan {
-  Index layers = 0;
-  double weight_bytes = 0;    // whole stack, fp32
-  double resident_bytes = 0;  // weights + gradient buffers + KV caches
-  double target_bytes = 0;    // cache target the weights were meant to exceed
-  bool exceeds_target = false;
-  bool capped = false;        // the memory cap stopped it short of the target
-};
+/// The size the decode stacks' weights (and KV caches) should exceed: the grid's cache_target_bytes, else 1.25 × the
+/// L3 size sysfs reports (L2, then 32 MiB when that is unknown).
 inline double block_cache_target(const BlockGrid& g) {
   if (g.cache_target_bytes > 0) return g.cache_target_bytes;
   const auto caches = read_caches();
@@ -700,48 +692,79 @@ inline double block_cache_target(const BlockGrid& g) {
   if (l3 <= 0) l3 = 32.0 * 1024 * 1024;
   return 1.25 * l3;
 }
+
+/// How many KV caches of s tokens it takes for their bytes to exceed the cache target (at least min_layers,
+/// within max_stack_bytes): the attention-only decode benchmark uses that many, and the block stacks rotate through
+/// that many, so keys and values come from DRAM as in a deep model.
+inline Index kv_caches_for_target(const BlockGrid& g, const BlockShape& s) {
+  const double kv = kv_bytes_per_token(s);
+  Index n = std::max<Index>(g.min_layers, Index(std::floor(block_cache_target(g) / kv)) + 1);
+  return std::min(n, std::max<Index>(1, Index(std::floor(g.max_stack_bytes / kv))));
+}
+
+/// How a decode stack is sized. Layers: the fewest whose weights exceed the cache target (so every token streams
+/// them from DRAM rather than L3), at least min_layers, at most what max_stack_bytes allows. KV caches: each layer
+/// cycles through kv_sets caches, one set per token, so that the stack's KV data also exceed the cache target.
+/// Without that a 3-layer MemoryFormer stack would re-read 3 small KV caches from L3 while a 50-layer Transformer
+/// stack reads 50 from DRAM; in a real deep model a layer's KV cache is re-read only after all other layers ran.
+struct StackPlan {
+  Index layers = 0;
+  Index kv_sets = 1;          // KV caches per layer, used in rotation
+  double weight_bytes = 0;    // whole stack, fp32
+  double resident_bytes = 0;  // weights + gradient buffers + all KV caches
+  double target_bytes = 0;    // cache target the weights were meant to exceed
+  bool exceeds_target = false;
+  bool capped = false;        // the memory cap stopped it short of the target
+};
 inline StackPlan plan_decode_stack(const BlockGrid& g, const BlockShape& s, bool memoryformer) {
   StackPlan p;
   p.target_bytes = block_cache_target(g);
   const double w = memoryformer ? memoryformer_block_weight_bytes(s) : transformer_block_weight_bytes(s);
-  // Each layer also holds its gradient buffers (the layers allocate them up front) and a KV cache of s tokens.
-  const double resident = 2.0 * w + kv_bytes_per_token(s);
+  const double kv = kv_bytes_per_token(s);
+  const double kv_total = double(kv_caches_for_target(g, s)) * kv;
+  // Each layer also holds its gradient buffers (the layers allocate them up front).
   Index layers = std::max<Index>(g.min_layers, Index(std::floor(p.target_bytes / w)) + 1);
-  const Index cap = std::max<Index>(1, Index(std::floor(g.max_stack_bytes / resident)));
+  const Index cap = std::max<Index>(1, Index(std::floor(std::max(0.0, g.max_stack_bytes - kv_total) / (2.0 * w))));
   if (layers > cap) {
     layers = cap;
     p.capped = true;
   }
   p.layers = layers;
+  p.kv_sets = std::max<Index>(1, (kv_caches_for_target(g, s) + layers - 1) / layers);
   p.weight_bytes = double(layers) * w;
-  p.resident_bytes = double(layers) * resident;
+  p.resident_bytes = double(layers) * (2.0 * w + double(p.kv_sets) * kv);
   p.exceeds_target = p.weight_bytes > p.target_bytes;
   return p;
 }
 
 /// One object kept between the calls Google Benchmark makes of a benchmark function (iteration sizing,
 /// repetitions): building a block's tables takes seconds. Two slots, MemoryFormer (0) and Transformer (1), so the
-/// twins that alternate in the run order each keep theirs; a slot frees its old object before building a new one.
+/// twins that alternate in the run order each keep theirs; a slot frees its old object before building a new one,
+/// and the other slot's object too when both together would exceed kMaxSlotBytes.
 struct BlockSlot {
   std::string key;
   std::shared_ptr<void> object;
+  double bytes = 0;  // resident estimate of the object
   double build_seconds = 0;
 };
+inline constexpr double kMaxSlotBytes = 6.5e9;
 inline BlockSlot& block_slot(int which) {
   static BlockSlot slots[2];
   return slots[which];
 }
 template <class T, class Make>
-T& cached_block_object(int which, const std::string& key, Make&& make) {
+T& cached_block_object(int which, const std::string& key, double bytes, Make&& make) {
   auto& slot = block_slot(which);
   if (!slot.object || slot.key != key) {
     slot = BlockSlot{};
     release_cached_layer();
+    if (auto& other = block_slot(1 - which); other.bytes + bytes > kMaxSlotBytes) other = BlockSlot{};
     const auto t0 = std::chrono::steady_clock::now();
     std::shared_ptr<T> made = make();
     slot.build_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     slot.object = made;
     slot.key = key;
+    slot.bytes = bytes;
   }
   return *static_cast<T*>(slot.object.get());
 }
@@ -792,6 +815,7 @@ inline void bm_block_prefill(benchmark::State& st, BlockShape s) {
   using Traits = BlockTraits<Block>;
   init_single_thread();
   auto& block = cached_block_object<Block>(Traits::slot, std::string(Traits::name) + "/prefill/" + std::to_string(s.d),
+                                           2.0 * Traits::weight_bytes(s),  // weights + gradient buffers
                                            [&] { return std::make_shared<Block>(Traits::config(s), /*seed=*/11); });
   const auto& in = cached_inputs(s.s, s.d, s.d);
   MatrixF y(s.s, s.d);
@@ -831,16 +855,18 @@ inline void bm_attention_prefill(benchmark::State& st, BlockShape s) {
 template <class Block>
 struct DecodeStack {
   std::vector<std::unique_ptr<Block>> layers;
-  std::vector<memoryformer::KVCache<float>> kv;  // one per layer; s − 1 cached tokens between iterations
-  Index context = -1;                             // s the KV caches were filled for
+  std::vector<std::vector<memoryformer::KVCache<float>>> kv;  // [kv_sets][layers]; s − 1 cached tokens each
+  Index set = 0;                                               // KV set of the next token
+  Index context = -1;                                          // s the KV caches were filled for
   MatrixF pool;                                   // [token_pool, d] decode inputs, cycled through
   Index next = 0;                                 // next pool row (continues across calls: no re-warmed rows)
 };
 
-/// Decode: one token through a stack of plan_decode_stack() layers, each attending to its KV cache of s − 1
-/// tokens plus the new one; the cache is truncated back to s − 1 after every step. Successive iterations take
-/// successive tokens of a pool of distinct N(0, 1) inputs. Time, FLOPs and bytes are for the whole stack; the
-/// report divides by `layers`. The KV caches hold N(0, 1) keys and values (their values do not change the work).
+/// Decode: one token through a stack of plan_decode_stack() layers, each attending to a KV cache of s − 1 tokens
+/// plus the new one; the cache is truncated back to s − 1 after every step, and the next token uses the next KV
+/// set (see StackPlan). Successive iterations take successive tokens of a pool of distinct N(0, 1) inputs. Time,
+/// FLOPs and bytes are for the whole stack; the report divides by `layers`. The KV caches hold N(0, 1) keys and
+/// values (their values do not change the work).
 template <class Block>
 inline void bm_block_decode(benchmark::State& st, BlockShape s, BlockGrid g) {
   using Traits = BlockTraits<Block>;
@@ -848,7 +874,7 @@ inline void bm_block_decode(benchmark::State& st, BlockShape s, BlockGrid g) {
   const StackPlan plan = plan_decode_stack(g, s, Traits::memoryformer);
   const std::string key = std::string(Traits::name) + "/decode/" + std::to_string(s.d) + "/" +
                           std::to_string(plan.layers) + "/" + std::to_string(g.token_pool);
-  auto& stack = cached_block_object<DecodeStack<Block>>(Traits::slot, key, [&] {
+  auto& stack = cached_block_object<DecodeStack<Block>>(Traits::slot, key, plan.resident_bytes, [&] {
     auto p = std::make_shared<DecodeStack<Block>>();
     for (Index l = 0; l < plan.layers; ++l)
       p->layers.push_back(std::make_unique<Block>(Traits::config(s), /*seed=*/100 + std::uint64_t(l)));
@@ -861,10 +887,13 @@ inline void bm_block_decode(benchmark::State& st, BlockShape s, BlockGrid g) {
     MatrixF keys(s.s - 1, s.d), values(s.s - 1, s.d);
     fill_normal(keys, 9, 0);
     fill_normal(values, 9, 1);
-    for (const auto& layer : stack.layers) {
-      stack.kv.push_back(layer->make_kv_cache(1, s.s));
-      if (s.s > 1) stack.kv.back().append(keys, values);
-    }
+    stack.kv.resize(size_t(plan.kv_sets));
+    for (auto& set : stack.kv)
+      for (const auto& layer : stack.layers) {
+        set.push_back(layer->make_kv_cache(1, s.s));
+        if (s.s > 1) set.back().append(keys, values);
+      }
+    stack.set = 0;
     stack.context = s.s;
   }
   MatrixF a(1, s.d), b(1, s.d);
@@ -872,9 +901,11 @@ inline void bm_block_decode(benchmark::State& st, BlockShape s, BlockGrid g) {
   for (auto _ : st) {
     a = stack.pool.row(stack.next);
     stack.next = (stack.next + 1) % stack.pool.rows();
+    auto& kv = stack.kv[size_t(stack.set)];
+    stack.set = (stack.set + 1) % Index(stack.kv.size());
     for (size_t l = 0; l < stack.layers.size(); ++l) {
-      stack.layers[l]->forward_decode(b, a, stack.kv[l]);
-      stack.kv[l].truncate(past);
+      stack.layers[l]->forward_decode(b, a, kv[l]);
+      kv[l].truncate(past);
       a.swap(b);
     }
     benchmark::DoNotOptimize(a.data());
@@ -885,14 +916,7 @@ inline void bm_block_decode(benchmark::State& st, BlockShape s, BlockGrid g) {
                      layers * (Traits::bytes_per_token(s) + kv_bytes_per_token(s)), layers, kv_bytes_per_token(s),
                      block_slot(Traits::slot).build_seconds);
   st.counters["stack_exceeds_cache_target"] = plan.exceeds_target ? 1.0 : 0.0;
-}
-
-/// Layers of the attention-only decode benchmark: the fewest whose KV caches exceed the cache target (at least
-/// min_layers, within max_stack_bytes).
-inline Index attention_decode_layers(const BlockGrid& g, const BlockShape& s) {
-  const double kv = kv_bytes_per_token(s);
-  Index layers = std::max<Index>(g.min_layers, Index(std::floor(block_cache_target(g) / kv)) + 1);
-  return std::min(layers, std::max<Index>(1, Index(std::floor(g.max_stack_bytes / kv))));
+  st.counters["kv_sets"] = double(plan.kv_sets);
 }
 
 /// KV caches of the attention-only decode benchmark and a pool of new (q, k, v) rows.
@@ -903,14 +927,14 @@ struct AttentionDecodeStack {
 };
 
 /// What decoding one token costs in the attention both blocks share: attention_decode (append the new key/value,
-/// attend to s positions, truncate back) over as many KV caches as it takes to exceed the cache target, so the
-/// keys and values come from DRAM as in a deep model. Time and FLOPs (2sd per layer) are for all layers.
+/// attend to s positions, truncate back) over kv_caches_for_target() KV caches, so the keys and values come from
+/// DRAM as in a deep model (and as in the block stacks). Time and FLOPs (2sd per layer) are for all layers.
 inline void bm_attention_decode(benchmark::State& st, BlockShape s, BlockGrid g) {
   init_single_thread();
-  const Index layers = attention_decode_layers(g, s);
+  const Index layers = kv_caches_for_target(g, s);
   const std::string key = "attention/decode/" + std::to_string(s.d) + "/" + std::to_string(s.s) + "/" +
                           std::to_string(layers) + "/" + std::to_string(g.token_pool);
-  auto& stack = cached_block_object<AttentionDecodeStack>(1, key, [&] {
+  auto& stack = cached_block_object<AttentionDecodeStack>(1, key, double(layers) * kv_bytes_per_token(s), [&] {
     auto p = std::make_shared<AttentionDecodeStack>();
     MatrixF keys(s.s - 1, s.d), values(s.s - 1, s.d);
     fill_normal(keys, 9, 0);
@@ -972,16 +996,21 @@ inline std::vector<std::string> register_block_suite(const BlockGrid& g) {
     names.push_back(block_name("attention", "prefill", s));
     common(benchmark::RegisterBenchmark(names.back().c_str(), [s](benchmark::State& st) { bm_attention_prefill(st, s); }));
   }
+  // A Transformer decode step through a deep stack takes ~60 ms; 3x the min time gives it a few iterations.
+  auto decode_common = [&](benchmark::internal::Benchmark* b) {
+    common(b);
+    b->MinTime(3 * g.min_time);
+  };
   for (const auto& s : by_d(g.decode)) {
     names.push_back(block_name("memoryformer", "decode", s));
-    common(benchmark::RegisterBenchmark(names.back().c_str(),
-                                        [s, g](benchmark::State& st) { bm_block_decode<MF>(st, s, g); }));
+    decode_common(benchmark::RegisterBenchmark(names.back().c_str(),
+                                               [s, g](benchmark::State& st) { bm_block_decode<MF>(st, s, g); }));
     names.push_back(block_name("transformer", "decode", s));
-    common(benchmark::RegisterBenchmark(names.back().c_str(),
-                                        [s, g](benchmark::State& st) { bm_block_decode<TF>(st, s, g); }));
+    decode_common(benchmark::RegisterBenchmark(names.back().c_str(),
+                                               [s, g](benchmark::State& st) { bm_block_decode<TF>(st, s, g); }));
     names.push_back(block_name("attention", "decode", s));
-    common(benchmark::RegisterBenchmark(names.back().c_str(),
-                                        [s, g](benchmark::State& st) { bm_attention_decode(st, s, g); }));
+    decode_common(benchmark::RegisterBenchmark(names.back().c_str(),
+                                               [s, g](benchmark::State& st) { bm_attention_decode(st, s, g); }));
   }
   return names;
 }

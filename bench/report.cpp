@@ -499,7 +499,9 @@ JsonObject block_analytic_json(const mfbench::BlockShape& s, bool memoryformer, 
                                                   : mfbench::transformer_block_bytes_per_token(s));
   if (decode) {
     o.num("layers", double(plan.layers))
+        .num("kv_caches_per_layer", double(plan.kv_sets))
         .num("stack_weight_bytes", plan.weight_bytes)
+        .num("stack_resident_bytes", plan.resident_bytes)
         .num("cache_target_bytes", plan.target_bytes)
         .boolean("stack_exceeds_cache_target", plan.exceeds_target)
         .num("kv_bytes_per_token", mfbench::kv_bytes_per_token(s));
@@ -606,8 +608,11 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
         << fmt("%.0f", 100 * aus / mus) << "% of the MemoryFormer block and " << fmt("%.0f", 100 * aus / tus)
         << "% of the Transformer block";
       if (std::isfinite(rest_ratio)) {
+        const double gathered = double(s.s) * mfbench::memoryformer_block_bytes_per_token(s);
         w << "; the rest (MemoryFormer: 3 hashes + 5 Memory Layers gathering s*K = " << s.s * s.k()
-          << " rows each; Transformer: 12sd^2 GEMMs at " << fmt("%.0f", ft_na / (rest_t * 1e3))
+          << " rows each, " << human_bytes(gathered) << " of table rows per call = "
+          << fmt("%.1f", gathered / (rest_m * 1e3)) << " GB/s; Transformer: 12sd^2 GEMMs at "
+          << fmt("%.0f", ft_na / (rest_t * 1e3))
           << " GFLOP/s) takes " << fmt("%.1f", rest_m / 1e3) << " vs " << fmt("%.1f", rest_t / 1e3) << " ms, ratio "
           << fmt("%.2f", rest_ratio) << " against a FLOP ratio of " << fmt("%.4f", fm_na / ft_na);
         if (rest_ratio > 1.0)
@@ -639,9 +644,11 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
                       : " (1.25 x the L3 of " + human_bytes(l3) +
                             " that sysfs reports; this VM's real share of it is likely smaller)") +
                  ", at least " + std::to_string(grid.min_layers) + ", within " + human_bytes(grid.max_stack_bytes) +
-                 " resident. Times in us per token PER LAYER (stack time / layers).",
+                 " resident. Each layer cycles through several KV caches (kv sets), one per token, so that the "
+                 "stack's keys and values also exceed that size and come from DRAM in both stacks, as in a deep "
+                 "model. Times in us per token PER LAYER (stack time / layers).",
              "   ", "   ");
-  os << pad("d", 7) << pad("heads", 6) << pad("s", 6) << pad("layers", 8) << pad("stack MF", 10)
+  os << pad("d", 7) << pad("heads", 6) << pad("s", 6) << pad("layers", 8) << pad("kv sets", 8) << pad("stack MF", 10)
      << pad("stack TF", 10) << pad("FLOPr", 7) << pad("MF us", 9) << pad("TF us", 9) << pad("ratio", 7)
      << pad("attn us", 9) << pad("attn%MF", 8) << pad("attn%TF", 8) << pad("MF B/tok", 10) << pad("TF B/tok", 10)
      << pad("KV B/tok", 10) << pad("MF GB/s", 9) << pad("TF GB/s", 9) << pad("MF tok/s", 10) << pad("TF tok/s", 10)
@@ -654,12 +661,13 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
     const double mus = m ? m->cpu_us / double(pm.layers) : kNaN, tus = t ? t->cpu_us / double(pt.layers) : kNaN;
     const double ratio = mus / tus;
     const auto* a = find(mfbench::block_name("attention", "decode", s));
-    const double aus = a ? a->cpu_us / double(mfbench::attention_decode_layers(grid, s)) : kNaN;
+    const double aus = a ? a->cpu_us / double(mfbench::kv_caches_for_target(grid, s)) : kNaN;
     const double bm = mfbench::memoryformer_block_bytes_per_token(s), bt = mfbench::transformer_block_bytes_per_token(s);
     const double kv = mfbench::kv_bytes_per_token(s);
     const double gbm = (bm + kv) / (mus * 1e3), gbt = (bt + kv) / (tus * 1e3);
     os << pad(std::to_string(s.d), 7) << pad(std::to_string(s.heads()), 6) << pad(std::to_string(s.s), 6)
-       << pad(std::to_string(pm.layers) + "/" + std::to_string(pt.layers), 8) << pad(human_bytes(pm.weight_bytes), 10)
+       << pad(std::to_string(pm.layers) + "/" + std::to_string(pt.layers), 8)
+       << pad(std::to_string(pm.kv_sets) + "/" + std::to_string(pt.kv_sets), 8) << pad(human_bytes(pm.weight_bytes), 10)
        << pad(human_bytes(pt.weight_bytes), 10) << pad(fmt("%.3f", fm / ft), 7) << pad(num("%.1f", mus), 9)
        << pad(num("%.1f", tus), 9) << pad(num("%.2f", ratio), 7) << pad(num("%.1f", aus), 9)
        << pad(num("%.0f%%", 100 * aus / mus), 8) << pad(num("%.0f%%", 100 * aus / tus), 8) << pad(human_bytes(bm), 10)
@@ -717,8 +725,8 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
         << human_bytes(target) << " (memory cap), so they may be served from L3";
     why.push_back(w.str());
   }
-  os << "   attn: attention_decode alone, per layer, over as many KV caches as exceed the cache target; attn%: its\n"
-        "   share of each block's per-layer time.\n"
+  os << "   kv sets: KV caches per layer, MF / TF. attn: attention_decode alone, per layer, over as many KV caches as\n"
+        "   exceed the same size; attn%: its share of each block's per-layer time.\n"
         "   stack: fp32 weights of the whole stack (MF / TF). B/tok: bytes read per token per layer - MF: the K rows\n"
         "   each Memory Layer gathers (Q, K, V, ML1, ML2); TF: all 12d^2 + 13d weights; KV: keys + values of s tokens.\n"
         "   GB/s: (B/tok + KV) / time. tok/s: tokens per second through the whole stack.\n";
