@@ -227,6 +227,7 @@ int main(int argc, char** argv) {
       for (const char* layer : {"qkv", "ml1", "ml2"}) {
         const auto& u = usage[std::size_t(3 * block + (layer[0] == 'q' ? 0 : layer[2] == '1' ? 1 : 2))];
         const Index table = which[0] == 'f' ? 0 : u.hits.num_tables() - 1;
+        gp << "set xrange [-0.5:" << (Index(1) << u.hits.tau()) << "-0.5]\n";
         gp << "set title '" << (layer[0] == 'q' ? "Q/K/V (shared hash)" : layer[2] == '1' ? "ML1" : "ML2") << ", "
            << which << " table (" << table << "), " << (Index(1) << u.hits.tau()) << " buckets'\n"
            << "plot '" << csv_path << "' every ::1 using ($1==" << block << " && strcol(2) eq '" << layer

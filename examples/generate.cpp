@@ -35,6 +35,7 @@ struct Args {
   double temperature = 0.8;
   Index top_k = 0;  // 0: no top-k filter
   std::uint64_t seed = 1;
+  Index context = 0;  // 0: the training seq recorded in the checkpoint ("train.seq"), else unlimited
   bool smoke = false;
 };
 
@@ -46,6 +47,9 @@ const char* usage =
     "  --temperature T    softmax temperature; 0 = always the most likely byte (default 0.8)\n"
     "  --top-k K          sample only among the K most likely bytes, 0 = all (default 0)\n"
     "  --seed N           sampling seed (default 1)\n"
+    "  --context N        tokens the model sees at once (default: the training seq stored in the checkpoint); when\n"
+    "                     the KV cache is full, it restarts from the last N/2 tokens (rotary positions past the\n"
+    "                     training length were never trained)\n"
     "  --smoke            train a tiny model for a few seconds, save it, reload it and sample (what ctest runs)\n";
 
 [[noreturn]] void fail(const std::string& msg) {
@@ -81,6 +85,7 @@ Args parse(int argc, char** argv) {
     else if (f == "--temperature") a.temperature = number(i);
     else if (f == "--top-k") a.top_k = Index(number(i));
     else if (f == "--seed") a.seed = std::uint64_t(number(i));
+    else if (f == "--context") a.context = Index(number(i));
     else if (f == "--smoke") a.smoke = true;
     else fail("unknown option '" + f + "'");
   }
@@ -116,23 +121,41 @@ int generate(const Args& a, const mf::Checkpoint& ckpt, const std::string& origi
   mf::load_model(ckpt, model, nullptr, origin);
   std::cerr << "generate: " << model.kind() << " model, d=" << model.d() << ", " << model.layers() << " layers, "
             << model.num_parameters() << " parameters, from " << origin << "\n";
-  const auto prompt = mf::encode_bytes(a.prompt);
-  const Index total = Index(prompt.size()) + a.tokens;
-  auto state = model.make_decode_state(1, total);
-  mf::Matrix<float> logits(Index(prompt.size()), model.vocab());
-  mf::Rng rng(a.seed);
-  const auto t0 = std::chrono::steady_clock::now();
-  model.forward_decode(logits, prompt, state);  // the whole prompt in one call
-  std::string out = a.prompt;
-  mf::Matrix<float> next(1, model.vocab());
-  int token = sample(logits.row(logits.rows() - 1).data(), model.vocab(), a.temperature, a.top_k, rng);
-  for (Index i = 0; i < a.tokens; ++i) {
-    out += char(static_cast<unsigned char>(token));
-    if (i + 1 == a.tokens) break;
-    const std::int32_t id = token;
-    model.forward_decode(next, std::span<const std::int32_t>(&id, 1), state);
-    token = sample(next.data(), model.vocab(), a.temperature, a.top_k, rng);
+  Index context = a.context;
+  if (context == 0) {
+    const std::string* seq = ckpt.find_config("train.seq");
+    context = seq != nullptr ? Index(std::stoll(*seq)) : Index(a.prompt.size()) + a.tokens;
   }
+  context = std::max<Index>(context, 2);
+  std::vector<std::int32_t> tokens = mf::encode_bytes(a.prompt);
+  auto state = model.make_decode_state(1, context);
+  mf::Rng rng(a.seed);
+  mf::Matrix<float> logits;
+  // Feeds the last min(n, context) tokens of `tokens` into a fresh cache; returns the logits of the last one.
+  auto restart = [&](Index n) {
+    n = std::min<Index>({n, Index(tokens.size()), context});
+    state.clear();
+    logits.resize(n, model.vocab());
+    model.forward_decode(logits, std::span<const std::int32_t>(tokens).last(std::size_t(n)), state);
+    return logits.row(n - 1).data();
+  };
+  const auto t0 = std::chrono::steady_clock::now();
+  int token = sample(restart(context), model.vocab(), a.temperature, a.top_k, rng);
+  mf::Matrix<float> next(1, model.vocab());
+  for (Index i = 0; i < a.tokens; ++i) {
+    tokens.push_back(token);
+    if (i + 1 == a.tokens) break;
+    const float* row = nullptr;
+    if (state.length() == context) {
+      row = restart(context / 2);  // cache full: continue from the last half
+    } else {
+      const std::int32_t id = token;
+      model.forward_decode(next, std::span<const std::int32_t>(&id, 1), state);
+      row = next.data();
+    }
+    token = sample(row, model.vocab(), a.temperature, a.top_k, rng);
+  }
+  const std::string out = mf::decode_bytes(tokens);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << out << std::endl;
   char buf[128];
