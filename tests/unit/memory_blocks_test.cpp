@@ -10,16 +10,12 @@
 #include <memoryformer/memoryformer_block.hpp>
 #include <memoryformer/testing/gradcheck.hpp>
 
+#include "../support/test_helpers.hpp"
+
 namespace mf = memoryformer;
+using namespace memoryformer::testing_support;
 
 namespace {
-
-mf::Matrix<double> random_matrix(mf::Index rows, mf::Index cols, std::uint64_t seed, double stddev = 1.0) {
-  mf::Rng rng(seed);
-  mf::Matrix<double> m(rows, cols);
-  for (mf::Index i = 0; i < m.size(); ++i) m.data()[i] = rng.normal(0.0, stddev);
-  return m;
-}
 
 /// Checks dx and every parameter of a layer by central differences of L = Σ dy ⊙ y.
 /// `run` does a forward on the current x/parameters and returns the loss; `codes` returns every hash's codes.
@@ -171,16 +167,6 @@ TEST(MemoryFormerBlock, DecodingWithKVCacheEqualsFullForward) {
     one.setZero();
     EXPECT_THROW(block.forward_decode(out, one, kv), std::length_error);
   }
-}
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
 }
 
 TEST(MemoryFormerBlock, RejectsBadConfigurationsAndShapes) {

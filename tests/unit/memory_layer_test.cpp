@@ -10,24 +10,16 @@
 #include <memoryformer/memory_layer.hpp>
 #include <memoryformer/testing/gradcheck.hpp>
 
+#include "../support/test_helpers.hpp"
+
 #if defined(MEMORYFORMER_USE_OPENMP)
 #include <omp.h>
 #endif
 
 namespace mf = memoryformer;
+using namespace memoryformer::testing_support;
 
 namespace {
-
-template <class Scalar>
-mf::Matrix<Scalar> random_matrix(mf::Index rows, mf::Index cols, std::uint64_t seed, double stddev = 1.0) {
-  mf::Rng rng(seed);
-  mf::Matrix<Scalar> m(rows, cols);
-  for (mf::Index i = 0; i < m.size(); ++i) m.data()[i] = Scalar(rng.normal(0.0, stddev));
-  return m;
-}
-
-std::span<double> span_of(mf::Matrix<double>& m) { return {m.data(), size_t(m.size())}; }
-std::span<const double> span_of(const mf::Matrix<double>& m) { return {m.data(), size_t(m.size())}; }
 
 struct GradCase {
   mf::Index rows, d_in, d_out;
@@ -60,7 +52,7 @@ TEST_P(MemoryLayerGradient, MatchesFiniteDifferences) {
     return (out.array() * dy.array()).sum();
   };
   auto codes = [&] { return probe.codes; };
-  const auto rx = mf::check_gradient(span_of(x), span_of(dx), loss, codes);
+  const auto rx = mf::check_gradient(span_of(x), cspan_of(dx), loss, codes);
   EXPECT_LE(rx.relative_error, 1e-6) << "dx: worst index " << rx.worst_index << ", abs " << rx.max_abs_error;
   EXPECT_GT(rx.checked, rx.skipped) << "most coordinates must be checkable";
 
@@ -102,7 +94,7 @@ TEST_P(MemoryLayerGradient, MatchesFiniteDifferences) {
       layer.bias() = bias.transpose();
       return loss();
     };
-    const auto rb = mf::check_gradient(span_of(bias), span_of(dbias), bias_loss);
+    const auto rb = mf::check_gradient(span_of(bias), cspan_of(dbias), bias_loss);
     EXPECT_LE(rb.relative_error, 1e-6) << "dbias";
   }
 }
@@ -253,16 +245,6 @@ TEST(MemoryLayer, ResultsAreBitwiseIdenticalForAnyThreadCount) {
   EXPECT_EQ(std::get<2>(one), std::get<2>(two));
 }
 #endif
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
 
 TEST(MemoryLayer, RejectsBadConfigurations) {
   EXPECT_THROW(mf::MemoryLayer<float>({.d_in = 30, .d_out = 4, .tau = 8}, 0), mf::ConfigError);

@@ -14,28 +14,15 @@
 #include <string>
 #include <vector>
 
+#include "../support/test_helpers.hpp"
+
 namespace mf = memoryformer;
+using namespace memoryformer::testing_support;
 
 namespace {
 
-mf::Matrix<double> random_matrix(mf::Index rows, mf::Index cols, std::uint64_t seed, double sd = 1.0) {
-  mf::Rng rng(seed);
-  mf::Matrix<double> m(rows, cols);
-  rng.fill_normal(std::span<double>(m.data(), size_t(m.size())), 0.0, sd);
-  return m;
-}
 
-std::span<double> span_of(auto& m) { return std::span<double>(m.data(), size_t(m.size())); }
-std::span<const double> cspan_of(const auto& m) { return std::span<const double>(m.data(), size_t(m.size())); }
 
-void expect_throw_with(auto&& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception; expected one mentioning '" << needle << "'";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message: " << e.what();
-  }
-}
 
 // Explicit loops: for every sequence, head and query, scores over keys j ≤ i, softmax, weighted sum of values.
 mf::Matrix<double> naive_attention(const mf::Matrix<double>& q, const mf::Matrix<double>& k, const mf::Matrix<double>& v,

@@ -10,21 +10,10 @@
 #include <span>
 #include <string>
 
+#include "../support/test_helpers.hpp"
+
 namespace mf = memoryformer;
-
-namespace {
-
-mf::Matrix<double> random_matrix(mf::Index rows, mf::Index cols, std::uint64_t seed, double sd = 1.0) {
-  mf::Rng rng(seed);
-  mf::Matrix<double> m(rows, cols);
-  rng.fill_normal(std::span<double>(m.data(), size_t(m.size())), 0.0, sd);
-  return m;
-}
-
-std::span<double> span_of(auto& m) { return std::span<double>(m.data(), size_t(m.size())); }
-std::span<const double> cspan_of(const auto& m) { return std::span<const double>(m.data(), size_t(m.size())); }
-
-}  // namespace
+using namespace memoryformer::testing_support;
 
 TEST(NnGelu, KnownValues) {
   mf::Matrix<double> x(1, 6), y(1, 6);

@@ -7,18 +7,13 @@
 #include <stdexcept>
 #include <string>
 
+#include "../support/test_helpers.hpp"
+
 namespace mf = memoryformer;
+using namespace memoryformer::testing_support;
 
 namespace {
 
-void expect_throw_with(auto&& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception; expected one mentioning '" << needle << "'";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message: " << e.what();
-  }
-}
 
 // Row value encodes (sequence, position, column) so the layout can be read back.
 mf::Matrix<double> tokens(mf::Index batch, mf::Index t, mf::Index d, mf::Index first_pos, double tag) {

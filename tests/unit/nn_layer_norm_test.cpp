@@ -10,7 +10,10 @@
 #include <span>
 #include <string>
 
+#include "../support/test_helpers.hpp"
+
 namespace mf = memoryformer;
+using namespace memoryformer::testing_support;
 
 namespace {
 
@@ -21,17 +24,7 @@ mf::Matrix<double> random_matrix(mf::Index rows, mf::Index cols, std::uint64_t s
   return m;
 }
 
-std::span<double> span_of(auto& m) { return std::span<double>(m.data(), size_t(m.size())); }
-std::span<const double> cspan_of(const auto& m) { return std::span<const double>(m.data(), size_t(m.size())); }
 
-void expect_throw_with(auto&& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception; expected one mentioning '" << needle << "'";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message: " << e.what();
-  }
-}
 
 }  // namespace
 

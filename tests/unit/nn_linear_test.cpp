@@ -9,30 +9,10 @@
 #include <span>
 #include <string>
 
+#include "../support/test_helpers.hpp"
+
 namespace mf = memoryformer;
-
-namespace {
-
-mf::Matrix<double> random_matrix(mf::Index rows, mf::Index cols, std::uint64_t seed) {
-  mf::Rng rng(seed);
-  mf::Matrix<double> m(rows, cols);
-  rng.fill_normal(std::span<double>(m.data(), size_t(m.size())), 0.0, 1.0);
-  return m;
-}
-
-std::span<double> span_of(auto& m) { return std::span<double>(m.data(), size_t(m.size())); }
-std::span<const double> cspan_of(const auto& m) { return std::span<const double>(m.data(), size_t(m.size())); }
-
-void expect_throw_with(auto&& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception; expected one mentioning '" << needle << "'";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message: " << e.what();
-  }
-}
-
-}  // namespace
+using namespace memoryformer::testing_support;
 
 TEST(NnLinear, ForwardMatchesExplicitLoops) {
   mf::Linear<double> layer(5, 3, true, 7u, 0.5);

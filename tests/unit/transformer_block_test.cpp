@@ -17,7 +17,10 @@
 #include <string>
 #include <vector>
 
+#include "../support/test_helpers.hpp"
+
 namespace mf = memoryformer;
+using namespace memoryformer::testing_support;
 
 namespace {
 
@@ -31,14 +34,6 @@ Mat random_matrix(mf::Index rows, mf::Index cols, std::uint64_t seed, double sd 
   return m;
 }
 
-void expect_throw_with(auto&& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception; expected one mentioning '" << needle << "'";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message: " << e.what();
-  }
-}
 
 mf::TransformerBlockConfig small_config(mf::Index d, mf::Index heads, mf::Index rotary, bool parallel, bool bias = true) {
   mf::TransformerBlockConfig c;
