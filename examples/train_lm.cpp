@@ -354,8 +354,8 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
     trainer.on_step(mf::ProgressBar(log, 24, a.smoke ? 10 : 1));
     trainer.on_eval(mf::EvalPrinter(log));
     if (!a.save.empty())
-      trainer.on_checkpoint([&log](const std::filesystem::path& p, Index step) {
-        log << "\nsaved '" << p.string() << "' at step " << step << "\n";
+      trainer.on_checkpoint([](const std::filesystem::path& p, Index step) {
+        std::cerr << "\nsaved '" << p.string() << "' at step " << step << "\n";
       });
   }
   if (a.max_seconds > 0) trainer.on_step(mf::TimeBudget<mf::Trainer<Model>>(trainer, a.max_seconds));

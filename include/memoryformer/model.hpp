@@ -253,7 +253,7 @@ class SerialEigenProducts {
   SerialEigenProducts& operator=(const SerialEigenProducts&) = delete;
 
  private:
-  int saved_ = 0;
+  [[maybe_unused]] int saved_ = 0;  // Eigen's thread count to restore (OpenMP builds only)
 };
 
 }  // namespace detail::model
