@@ -98,7 +98,7 @@ class MemoryLayer {
     check_input("MemoryLayer::forward", x);
     check_output("MemoryLayer::forward", y, x.rows());
     hasher_.hash(cache, x, isa);
-    forward_hashed(y, cache);
+    forward_hashed(y, cache, isa);
   }
 
   /// Allocating convenience form of forward.
@@ -125,14 +125,23 @@ class MemoryLayer {
    * @param y [N, d_out] output
    * @param h the hash of the input: N rows of K codes with this layer's τ
    */
-  void forward_hashed(MatrixRef<Scalar> y, const HashResult<Scalar>& h) const {
+  void forward_hashed(MatrixRef<Scalar> y, const HashResult<Scalar>& h) const { forward_hashed(y, h, best_isa()); }
+
+  /**
+   * @brief forward_hashed on a chosen kernel path: Isa::Scalar runs the reference kernel; a SIMD path (float only)
+   * runs the fast kernels — token-major for few tokens, column-blocked with per-thread packed panels for many.
+   * Every fast path computes each output as the same fused multiply-add chain bias + s_0·T_0 + … + s_{K−1}·T_{K−1},
+   * so results are bitwise identical across SIMD paths, token counts and thread counts, and differ from the
+   * reference only by FMA rounding (≤ 2(K+1)·2^-24·(|b| + Σ|s_k·T_k|) per element).
+   * @throws ConfigError if `isa` is not compiled in; ShapeError, StateError as forward_hashed
+   */
+  void forward_hashed(MatrixRef<Scalar> y, const HashResult<Scalar>& h, Isa isa) const {
     check_hash("MemoryLayer::forward_hashed", h);
     check_output("MemoryLayer::forward_hashed", y, h.rows);
+    check_isa("MemoryLayer::forward_hashed", isa);
     const Scalar* bias = config_.bias ? bias_.data() : nullptr;
-    detail::parallel_rows(h.rows, 16, [&](Index begin, Index end) {
-      detail::gather_sum(y.data(), y.outerStride(), tables_.data(), config_.tau, config_.d_out, h.codes.data(),
-                         h.scores.data(), h.tables, bias, begin, end);
-    });
+    detail::lookup_forward(isa, y.data(), y.outerStride(), tables_.data(), config_.tau, config_.d_out, h.tables,
+                           h.codes.data(), h.scores.data(), bias, h.rows);
   }
 
   /**
@@ -147,7 +156,7 @@ class MemoryLayer {
                 const HashResult<Scalar>& cache, Isa isa = best_isa()) {
     hasher_.check_hash_matches("MemoryLayer::backward", x, cache);
     dscores_.setZero(cache.rows, cache.tables);
-    backward_hashed(dscores_, dy, cache);
+    backward_hashed(dscores_, dy, cache, isa);
     hasher_.backward(dx, x, cache, dscores_, isa);
   }
 
@@ -158,19 +167,29 @@ class MemoryLayer {
    * @param dy      [N, d_out]
    */
   void backward_hashed(MatrixRef<Scalar> dscores, ConstMatrixRef<Scalar> dy, const HashResult<Scalar>& h) {
+    backward_hashed(dscores, dy, h, best_isa());
+  }
+
+  /**
+   * @brief backward_hashed on a chosen kernel path: Isa::Scalar runs the reference kernels; a SIMD path (float
+   * only) counting-sorts the (token, table) pairs by row, accumulates each row's gradient once and takes
+   * ⟨dy, T_k[code]⟩ from the same row load (no atomics; bits independent of the thread count; sums in a different
+   * order than the reference, so equal to it within float rounding).
+   * @throws ConfigError if `isa` is not compiled in; as backward_hashed otherwise
+   */
+  void backward_hashed(MatrixRef<Scalar> dscores, ConstMatrixRef<Scalar> dy, const HashResult<Scalar>& h, Isa isa) {
     check_hash("MemoryLayer::backward_hashed", h);
     detail::check_shape("MemoryLayer::backward", "dy", dy.rows(), dy.cols(), h.rows, config_.d_out);
     detail::check_shape("MemoryLayer::backward", "dscores", dscores.rows(), dscores.cols(), h.rows, h.tables);
-    detail::check_finite("MemoryLayer::backward", "dy", dy.data(), dy.rows(), dy.cols());
-    if (config_.bias) dbias_ += dy.colwise().sum().transpose();
-    detail::parallel_rows(h.rows, 16, [&](Index begin, Index end) {
-      detail::score_gradient(dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(), tables_.data(),
-                             config_.tau, config_.d_out, h.codes.data(), h.tables, begin, end);
-    });
-    detail::parallel_rows(h.tables, 1, [&](Index k_begin, Index k_end) {
-      detail::scatter_table_gradient(dtables_.data(), touched_.data(), dy.data(), dy.outerStride(), config_.tau,
-                                     config_.d_out, h.codes.data(), h.scores.data(), h.tables, h.rows, k_begin, k_end);
-    });
+    check_isa("MemoryLayer::backward_hashed", isa);
+    // A NaN or ±Inf in dy makes its column sum non-finite, so the element-wise scan (which names the culprit) runs
+    // only when a sum is; a finite dy whose sum overflows passes that scan.
+    const Vector<Scalar> column_sums = dy.colwise().sum().transpose();
+    if (!column_sums.allFinite()) detail::check_finite("MemoryLayer::backward", "dy", dy.data(), dy.rows(), dy.cols());
+    if (config_.bias) dbias_ += column_sums;
+    detail::lookup_backward(isa, dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(), tables_.data(),
+                            dtables_.data(), touched_.data(), config_.tau, config_.d_out, h.tables, h.codes.data(),
+                            h.scores.data(), h.rows);
   }
 
   /// Clears dtables, dbias and the touched-row flags.
@@ -212,6 +231,11 @@ class MemoryLayer {
   }
   void check_input(const char* where, ConstMatrixRef<Scalar> x) const {
     if (x.cols() != config_.d_in) detail::throw_shape(where, "x", x.rows(), x.cols(), expected_input());
+  }
+  static void check_isa(const char* where, Isa isa) {
+    if (!isa_available(isa))
+      throw ConfigError(std::string(where) + ": the " + std::string(isa_name(isa)) +
+                        " kernels are not compiled into this build (compile with the matching -m flags)");
   }
   void check_output(const char* where, const MatrixRef<Scalar>& y, Index rows) const {
     detail::check_shape(where, "y", y.rows(), y.cols(), rows, config_.d_out);

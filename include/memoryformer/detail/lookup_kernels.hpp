@@ -1,13 +1,25 @@
 // SPDX-License-Identifier: MIT
 // The table side of a Memory Layer (spec §1.5 and §1 Backward): the weighted gather-sum forward and its backward
-// (scores' gradient and the scatter-add into the table gradient). Reference kernels: clear and exact; the
-// hashing-independent part of the layer's cost.
+// (scores' gradient and the scatter-add into the table gradient).
+//
+// Two kinds of kernels live behind the same entry points:
+//  - reference kernels (Isa::Scalar, and every MEMORYFORMER_DISABLE_SIMD build): clear, exact, Eigen row
+//    operations in the order of the formulas;
+//  - fast kernels (float, Isa::Avx2 / Isa::Avx512): gather_kernels.hpp (forward) and
+//    table_gradient_kernels.hpp (backward). They compute the same sums with fused multiply-adds and, in the
+//    backward and the scores' gradient, a different summation order, so they agree with the reference to float
+//    rounding (bounds in tests/isa/lookup_isa_test.cpp), and give the same bits for any thread count.
 #pragma once
 
+#include <bit>
 #include <cstdint>
+#include <type_traits>
 
+#include "../hash.hpp"
 #include "../types.hpp"
+#include "gather_kernels.hpp"
 #include "simd.hpp"
+#include "table_gradient_kernels.hpp"
 
 namespace memoryformer::detail {
 
@@ -18,8 +30,8 @@ using RowMap = Eigen::Map<Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>;
 template <class Scalar>
 using ConstRowMap = Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>>;
 
-/// y[n] = bias + Σ_k scores[n,k] · T[k, codes[n,k]] for n in [begin, end). Token-major: a token's output row stays
-/// in L1 while its K table rows stream past it.
+/// Reference: y[n] = bias + Σ_k scores[n,k] · T[k, codes[n,k]] for n in [begin, end). Token-major: a token's output
+/// row stays in L1 while its K table rows stream past it.
 template <class Scalar>
 void gather_sum(Scalar* y, Index y_stride, const Scalar* tables, int tau, Index width, const std::int32_t* codes,
                 const Scalar* scores, Index tables_per_row, const Scalar* bias, Index begin, Index end) {
@@ -39,7 +51,26 @@ void gather_sum(Scalar* y, Index y_stride, const Scalar* tables, int tau, Index 
   }
 }
 
-/// dscores[n,k] += ⟨dy[n], T[k, codes[n,k]]⟩ for n in [begin, end).
+/// Reference over packed storage: the same sums, each stored value decoded to float first.
+inline void gather_sum_packed(float* y, Index y_stride, const PanelLayout& l, const std::byte* data,
+                              const std::int32_t* codes, const float* scores, const float* bias, Index begin,
+                              Index end) {
+  const Index K = l.tables;
+  for (Index n = begin; n < end; ++n) {
+    float* out = y + n * y_stride;
+    for (Index c = 0; c < l.width; ++c) out[c] = bias != nullptr ? bias[c] : 0.0f;
+    for (Index k = 0; k < K; ++k) {
+      const float s = scores[n * K + k];
+      for (Index cb = 0; cb < l.column_blocks; ++cb) {
+        const std::byte* chunk = data + l.chunk_offset(cb, k, codes[n * K + k]);
+        const Index cols = l.block_columns(cb);
+        for (Index i = 0; i < cols; ++i) out[cb * l.cv + i] += s * decode_value(chunk, i, l.storage);
+      }
+    }
+  }
+}
+
+/// Reference: dscores[n,k] += ⟨dy[n], T[k, codes[n,k]]⟩ for n in [begin, end).
 template <class Scalar>
 void score_gradient(Scalar* dscores, Index dscores_stride, const Scalar* dy, Index dy_stride, const Scalar* tables,
                     int tau, Index width, const std::int32_t* codes, Index tables_per_row, Index begin, Index end) {
@@ -53,9 +84,9 @@ void score_gradient(Scalar* dscores, Index dscores_stride, const Scalar* dy, Ind
   }
 }
 
-/// dT[k, codes[n,k]] += scores[n,k] · dy[n] for tables k in [k_begin, k_end) and every token n, in token order.
-/// Splitting by table (not by token) lets threads write disjoint rows: no atomics, and the same sum order — hence
-/// the same bits — for any thread count. touched[k·2^τ + code] is set for every row written.
+/// Reference: dT[k, codes[n,k]] += scores[n,k] · dy[n] for tables k in [k_begin, k_end) and every token n, in token
+/// order. Splitting by table (not by token) lets threads write disjoint rows: no atomics, and the same sum order —
+/// hence the same bits — for any thread count. touched[k·2^τ + code] is set for every row written.
 template <class Scalar>
 void scatter_table_gradient(Scalar* dtables, std::uint8_t* touched, const Scalar* dy, Index dy_stride, int tau,
                             Index width, const std::int32_t* codes, const Scalar* scores, Index tables_per_row,
@@ -72,5 +103,126 @@ void scatter_table_gradient(Scalar* dtables, std::uint8_t* touched, const Scalar
 }
 
 MEMORYFORMER_SIMD_WARNINGS_END
+
+/// True when `isa` selects a fast kernel for Scalar (float and a compiled SIMD path).
+template <class Scalar>
+constexpr bool use_fast_kernels(Isa isa) {
+  if constexpr (!std::is_same_v<Scalar, float>) {
+    (void)isa;
+    return false;
+  } else {
+    return isa != Isa::Scalar && isa_available(isa);
+  }
+}
+
+/// Calls f.template operator()<I>() for the SIMD path `isa` (which use_fast_kernels has accepted).
+template <class F>
+void dispatch_simd(Isa isa, F&& f) {
+#if defined(MEMORYFORMER_HAVE_AVX512)
+  if (isa == Isa::Avx512) return f.template operator()<Isa::Avx512>();
+#endif
+#if defined(MEMORYFORMER_HAVE_AVX2)
+  if (isa == Isa::Avx2) return f.template operator()<Isa::Avx2>();
+#endif
+  (void)isa;
+  (void)f;
+}
+
+/// Calls f(StorageTypeConstant) for a runtime storage type.
+template <StorageType S>
+using StorageConstant = std::integral_constant<StorageType, S>;
+template <class F>
+void dispatch_storage(StorageType s, F&& f) {
+  switch (s) {
+    case StorageType::BF16: return f(StorageConstant<StorageType::BF16>{});
+    case StorageType::F16: return f(StorageConstant<StorageType::F16>{});
+    default: return f(StorageConstant<StorageType::F32>{});
+  }
+}
+
+/**
+ * y [rows, width] (row stride y_stride) = bias + Σ_k s · T_k[code_k] over row-major tables [K, 2^τ, width]:
+ * the reference kernel on Isa::Scalar or for double, else the fast decode or prefill loop.
+ */
+template <class Scalar>
+void lookup_forward(Isa isa, Scalar* y, Index y_stride, const Scalar* tables, int tau, Index width, Index num_tables,
+                    const std::int32_t* codes, const Scalar* scores, const Scalar* bias, Index rows,
+                    Index min_rows_per_thread = 16) {
+  if (rows == 0) return;
+  if constexpr (std::is_same_v<Scalar, float>) {
+#if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
+    if (use_fast_kernels<Scalar>(isa)) {
+      dispatch_simd(isa, [&]<Isa I>() {
+        if (rows >= prefill_min_tokens(tau)) {
+          rowmajor_prefill<I>(y, y_stride, tables, tau, width, num_tables, codes, scores, bias, rows);
+        } else {
+          rowmajor_decode<I>(y, y_stride, tables, tau, width, num_tables, codes, scores, bias, rows);
+        }
+      });
+      return;
+    }
+#endif
+  }
+  (void)isa;
+  parallel_rows(rows, min_rows_per_thread, [&](Index begin, Index end) {
+    gather_sum(y, y_stride, tables, tau, width, codes, scores, num_tables, bias, begin, end);
+  });
+}
+
+/// The same over packed storage (PanelLayout), float activations.
+inline void lookup_forward_packed(Isa isa, float* y, Index y_stride, const PanelLayout& l, const std::byte* data,
+                                  const std::int32_t* codes, const float* scores, const float* bias, Index rows) {
+  if (rows == 0) return;
+#if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
+  if (use_fast_kernels<float>(isa)) {
+    dispatch_simd(isa, [&]<Isa I>() {
+      dispatch_storage(l.storage, [&](auto storage) {
+        constexpr StorageType S = decltype(storage)::value;
+        if (rows >= prefill_min_tokens(int(std::countr_zero(std::uint64_t(l.rows))))) {
+          packed_prefill<I, S>(y, y_stride, l, data, codes, scores, bias, rows);
+        } else {
+          packed_decode<I, S>(y, y_stride, l, data, codes, scores, bias, rows);
+        }
+      });
+    });
+    return;
+  }
+#endif
+  (void)isa;
+  parallel_rows(rows, 16, [&](Index begin, Index end) {
+    gather_sum_packed(y, y_stride, l, data, codes, scores, bias, begin, end);
+  });
+}
+
+/**
+ * Backward of the lookup over row-major tables: dtables[row] += Σ s·dy (touched rows flagged) and
+ * dscores[n,k] += ⟨dy[n], T_k[code_k]⟩ — the reference kernels on Isa::Scalar or for double, else the sorted fast
+ * kernel. dbias is the caller's.
+ */
+template <class Scalar>
+void lookup_backward(Isa isa, Scalar* dscores, Index ds_stride, const Scalar* dy, Index dy_stride, const Scalar* tables,
+                     Scalar* dtables, std::uint8_t* touched, int tau, Index width, Index num_tables,
+                     const std::int32_t* codes, const Scalar* scores, Index rows) {
+  if (rows == 0) return;
+  if constexpr (std::is_same_v<Scalar, float>) {
+#if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
+    if (use_fast_kernels<Scalar>(isa)) {
+      dispatch_simd(isa, [&]<Isa I>() {
+        lookup_backward_fast<I>(dscores, ds_stride, dy, dy_stride, tables, dtables, touched, tau, width, num_tables,
+                                codes, scores, rows);
+      });
+      return;
+    }
+#endif
+  }
+  (void)isa;
+  parallel_rows(rows, 16, [&](Index begin, Index end) {
+    score_gradient(dscores, ds_stride, dy, dy_stride, tables, tau, width, codes, num_tables, begin, end);
+  });
+  parallel_rows(num_tables, 1, [&](Index k_begin, Index k_end) {
+    scatter_table_gradient(dtables, touched, dy, dy_stride, tau, width, codes, scores, num_tables, rows, k_begin,
+                           k_end);
+  });
+}
 
 }  // namespace memoryformer::detail

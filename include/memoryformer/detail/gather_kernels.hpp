@@ -1,0 +1,603 @@
+// SPDX-License-Identifier: MIT
+// Fast forward kernels of the Memory Layer (spec §1.5: y = b + Σ_k s_k · T_k[code_k]) for float32 activations over
+// float32, bfloat16 or float16 table storage, AVX-512 and AVX2.
+//
+// Two loop orders, both computing every output as the same fused-multiply-add chain — acc = b; acc = fma(s_k,
+// T_k[code_k], acc) for k = 0, 1, …, K−1 — so they give identical bits for any thread count, token count, ISA
+// (AVX-512 or AVX2) and loop order:
+//  - decode (few tokens): token-major, a token's output columns stay in vector registers while its K rows stream
+//    past, with software prefetch several tables ahead (the rows come from DRAM).
+//  - prefill (many tokens): column-blocked. Tables are cut into panels of 64 output columns × a group of tables
+//    that fits L2 (≈ 512 KB); all tokens stream through one panel, 4 tokens at a time (16 independent FMA chains),
+//    before the next panel is touched. Rows are read with plain vector loads, never hardware gathers.
+// The panel layout (PanelLayout) is the storage of PackedTables; row-major float tables (MemoryLayer's training
+// storage) are packed into a per-thread panel buffer on the fly.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "../flops.hpp"
+#include "../types.hpp"
+#include "half.hpp"
+#include "scratch.hpp"
+#include "simd.hpp"
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+#include <omp.h>
+#endif
+
+namespace memoryformer::detail {
+
+/// Largest number of output columns per panel chunk (4 zmm / 8 ymm of float accumulators per token).
+inline constexpr Index max_chunk_values = 64;
+/// Bytes of one table group of a panel: the L2-resident working set of the prefill loop (L2 ≥ 1 MB assumed;
+/// the panel shares L2 with the partial sums [N, 64] and the codes/scores of the group).
+inline constexpr Index panel_budget_bytes = Index(512) << 10;
+
+/// Columns per chunk used unless told otherwise (chosen by measurement, perf.md): 64 B chunks keep all K tables
+/// of a column block in one L2-sized panel for τ = 8, so no partial sums travel between table groups.
+constexpr Index default_chunk_values(StorageType storage) { return storage == StorageType::F32 ? 32 : 32; }
+
+/// Geometry of the panel layout. Chunk (cb, k, r) — columns [cv·cb, cv·cb + cv) of row r of table k — lives at
+/// byte cb · cb_stride + k · table_stride + r · chunk_bytes.
+/// A table is 2^τ chunks plus one spare cache line, so that row r of consecutive tables falls in different cache
+/// sets; the last column block is zero-padded to cv columns.
+struct PanelLayout {
+  Index tables = 0;
+  Index rows = 0;
+  Index width = 0;
+  StorageType storage = StorageType::F32;
+  Index cv = 16;  // columns per chunk: 16, 32 or 64 (bf16: 32 or 64)
+  Index value_bytes = 4;
+  Index chunk_bytes = 0;
+  Index table_stride = 0;
+  Index cb_stride = 0;
+  Index column_blocks = 0;
+  Index budget = panel_budget_bytes;  // bytes of one table group (the prefill loop's L2 working set)
+
+  static PanelLayout make(Index tables, int tau, Index width, StorageType storage, Index chunk_values = 0) {
+    PanelLayout l;
+    l.tables = tables;
+    l.rows = Index(1) << tau;
+    l.width = width;
+    l.storage = storage;
+    l.cv = chunk_values > 0 ? chunk_values : default_chunk_values(storage);
+    l.value_bytes = storage == StorageType::F32 ? 4 : 2;
+    l.chunk_bytes = l.cv * l.value_bytes;
+    l.table_stride = l.rows * l.chunk_bytes + 64;
+    l.cb_stride = tables * l.table_stride;
+    l.column_blocks = (width + l.cv - 1) / l.cv;
+    return l;
+  }
+  Index total_bytes() const { return column_blocks * cb_stride; }
+  Index chunk_offset(Index cb, Index k, Index code) const {
+    return cb * cb_stride + k * table_stride + code * chunk_bytes;
+  }
+  /// Valid columns of column block cb (cv except possibly the last).
+  Index block_columns(Index cb) const { return std::min(cv, width - cb * cv); }
+  /// Tables per L2 group: as many as fit the budget, then evened out over the groups (64 tables of 2^8 rows in
+  /// fp32: 8 groups of 8, not 9 of 7 and one of 1).
+  Index group_tables() const {
+    const Index fit = std::clamp<Index>(budget / (rows * chunk_bytes), 1, tables);
+    const Index groups = (tables + fit - 1) / fit;
+    return (tables + groups - 1) / groups;
+  }
+};
+
+/// Token count from which the column-blocked prefill loop beats the token-major one: each token reads 1/2^τ of
+/// the tables, so below ~2^τ/4 tokens streaming whole panels costs more than gathering the tokens' rows.
+inline Index prefill_min_tokens(int tau) { return std::max<Index>(32, (Index(1) << tau) / 4); }
+
+/// Runs f(begin, end) over contiguous ranges of [0, count) on the available threads (one range per thread).
+/// Each item is computed entirely by one thread, so results do not depend on the thread count.
+template <class F>
+void parallel_ranges(Index count, F&& f) {
+#if defined(MEMORYFORMER_USE_OPENMP)
+  const int threads = int(std::min<Index>(omp_get_max_threads(), count));
+  if (threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(threads)
+    {
+      const Index t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const Index begin = count * t / nt, end = count * (t + 1) / nt;
+      if (begin < end) f(begin, end);
+    }
+    return;
+  }
+#endif
+  if (count > 0) f(Index(0), count);
+}
+
+/// The thread count parallel_ranges would use (1 without OpenMP or inside a parallel region).
+inline Index available_threads() {
+#if defined(MEMORYFORMER_USE_OPENMP)
+  if (!omp_in_parallel()) return std::max(1, omp_get_max_threads());
+#endif
+  return 1;
+}
+
+// ------------------------------------------------------------------------------------------------ packing
+
+/// Stores `count` floats as a chunk of `cv` `storage` values at dst (count ≤ cv; zero-padded to cv values).
+inline void encode_chunk(std::byte* dst, const float* src, Index count, Index cv, StorageType storage) {
+  float v[max_chunk_values] = {};
+  std::memcpy(v, src, size_t(count) * sizeof(float));
+  if (storage == StorageType::F32) {
+    std::memcpy(dst, v, size_t(cv) * sizeof(float));
+  } else if (storage == StorageType::F16) {
+    std::uint16_t h[max_chunk_values];
+    for (Index i = 0; i < cv; ++i) h[i] = float_to_f16(v[i]);
+    std::memcpy(dst, h, size_t(cv) * 2);
+  } else {
+    // bf16 pairs: 32-bit word j of each 64-byte group of 32 values holds value j (low half) and value j + 16
+    // (high half), so one shift and one mask turn a 64-byte load into two vectors of 16 consecutive columns.
+    std::uint32_t w[max_chunk_values / 2];
+    for (Index group = 0; group < cv / 32; ++group)
+      for (Index j = 0; j < 16; ++j)
+        w[group * 16 + j] = std::uint32_t(float_to_bf16(v[group * 32 + j])) |
+                            (std::uint32_t(float_to_bf16(v[group * 32 + 16 + j])) << 16);
+    std::memcpy(dst, w, size_t(cv) * 2);
+  }
+}
+
+/// Value i (< chunk size) of a stored chunk, decoded to float (exact).
+inline float decode_value(const std::byte* chunk, Index i, StorageType storage) {
+  if (storage == StorageType::F32) {
+    float v;
+    std::memcpy(&v, chunk + i * 4, 4);
+    return v;
+  }
+  if (storage == StorageType::F16) {
+    std::uint16_t h;
+    std::memcpy(&h, chunk + i * 2, 2);
+    return f16_to_float(h);
+  }
+  const Index group = i / 32, j = i % 32;
+  std::uint32_t w;
+  std::memcpy(&w, chunk + (group * 16 + j % 16) * 4, 4);
+  return bf16_to_float(std::uint16_t(j < 16 ? (w & 0xffffu) : (w >> 16)));
+}
+
+/// Packs float32 row-major tables [K, 2^τ, width] (row stride `row_stride` floats) into the F32 panel of column
+/// block cb, tables [k0, k0 + kg), at dst (laid out as PanelLayout with k relative to k0).
+inline void pack_panel_f32(std::byte* dst, const PanelLayout& l, const float* tables, Index row_stride, Index cb,
+                           Index k0, Index kg) {
+  const Index cols = l.block_columns(cb);
+  for (Index k = 0; k < kg; ++k) {
+    std::byte* table = dst + k * l.table_stride;
+    const float* src = tables + ((k0 + k) * l.rows) * row_stride + cb * l.cv;
+    if (cols == l.cv) {
+      for (Index r = 0; r < l.rows; ++r)
+        std::memcpy(table + r * l.chunk_bytes, src + r * row_stride, size_t(l.cv) * sizeof(float));
+    } else {
+      for (Index r = 0; r < l.rows; ++r) {
+        std::memset(table + r * l.chunk_bytes, 0, size_t(l.chunk_bytes));
+        std::memcpy(table + r * l.chunk_bytes, src + r * row_stride, size_t(cols) * sizeof(float));
+      }
+    }
+  }
+}
+
+/// Hint that [p, p + 64) will be read soon (into L1).
+inline void prefetch_line(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+
+/// Reads [p, p + bytes) once, in order, so that the hardware streams it into L2 at full bandwidth before the
+/// random accesses of the token loop (measured faster than software prefetch interleaved with the gathers).
+inline void touch_sequential(const std::byte* p, Index bytes) {
+  std::uint64_t sink = 0;
+  for (Index i = 0; i < bytes; i += 64) {
+    std::uint64_t v;
+    std::memcpy(&v, p + i, sizeof(v));
+    sink ^= v;
+  }
+  volatile std::uint64_t keep = sink;  // one volatile store keeps every load
+  (void)keep;
+}
+
+/// Byte offsets of every (token, table) chunk relative to its table group: ((k mod kg)·table_stride +
+/// code·chunk_bytes), the plan shared by every column block.
+inline void build_plan(std::int32_t* off, const std::int32_t* codes, Index count_rows, Index tables,
+                       const PanelLayout& l, Index kg) {
+  for (Index n = 0; n < count_rows; ++n)
+    for (Index k = 0; k < tables; ++k)
+      off[n * tables + k] = std::int32_t((k % kg) * l.table_stride + codes[n * tables + k] * l.chunk_bytes);
+}
+
+// ------------------------------------------------------------------------------------------------ SIMD lanes
+
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+#define MEMORYFORMER_HAVE_SIMD_KERNELS 1
+
+MEMORYFORMER_SIMD_WARNINGS_BEGIN
+
+template <Isa I>
+struct Lanes;
+
+#if defined(MEMORYFORMER_HAVE_AVX512)
+template <>
+struct Lanes<Isa::Avx512> {
+  using V = __m512;
+  static constexpr Index n = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float s) { return _mm512_set1_ps(s); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V load_partial(const float* p, Index count) {
+    if (count >= n) return load(p);
+    if (count <= 0) return zero();
+    return _mm512_maskz_loadu_ps(__mmask16((1u << count) - 1u), p);
+  }
+  static void store_partial(float* p, V v, Index count) {
+    if (count >= n) return store(p, v);
+    if (count > 0) _mm512_mask_storeu_ps(p, __mmask16((1u << count) - 1u), v);
+  }
+  template <StorageType S, Index CV>
+  static void fma_chunk(V* acc, V s, const std::byte* p) {
+    if constexpr (S == StorageType::F32) {
+      const float* f = reinterpret_cast<const float*>(p);
+      for (Index j = 0; j < CV / 16; ++j) acc[j] = _mm512_fmadd_ps(s, _mm512_loadu_ps(f + 16 * j), acc[j]);
+    } else if constexpr (S == StorageType::BF16) {
+      const __m512i high = _mm512_set1_epi32(int(0xffff0000u));
+      for (Index m = 0; m < CV / 32; ++m) {
+        const __m512i w = _mm512_loadu_si512(p + 64 * m);
+        acc[2 * m] = _mm512_fmadd_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), acc[2 * m]);
+        acc[2 * m + 1] = _mm512_fmadd_ps(s, _mm512_castsi512_ps(_mm512_and_si512(w, high)), acc[2 * m + 1]);
+      }
+    } else {
+      for (Index j = 0; j < CV / 16; ++j) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * j));
+        acc[j] = _mm512_fmadd_ps(s, _mm512_cvtph_ps(h), acc[j]);
+      }
+    }
+  }
+};
+#endif
+
+#if defined(MEMORYFORMER_HAVE_AVX2)
+template <>
+struct Lanes<Isa::Avx2> {
+  using V = __m256;
+  static constexpr Index n = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float s) { return _mm256_set1_ps(s); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static __m256i mask(Index count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V load_partial(const float* p, Index count) {
+    if (count >= n) return load(p);
+    if (count <= 0) return zero();
+    return _mm256_maskload_ps(p, mask(count));
+  }
+  static void store_partial(float* p, V v, Index count) {
+    if (count >= n) return store(p, v);
+    if (count > 0) _mm256_maskstore_ps(p, mask(count), v);
+  }
+  /// binary16 → float for 8 values without F16C: move exponent and mantissa into float position and rescale by
+  /// 2^112 (exact for every finite half, subnormals included); the packer rejects values beyond the half range.
+  static V half_to_float(__m128i h) {
+#if defined(__F16C__)
+    return _mm256_cvtph_ps(h);
+#else
+    const __m256i w = _mm256_cvtepu16_epi32(h);
+    const __m256i magnitude = _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x7fff)), 13);
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x8000)), 16);
+    const __m256 scaled = _mm256_mul_ps(_mm256_castsi256_ps(magnitude), _mm256_set1_ps(0x1p112f));
+    return _mm256_or_ps(scaled, _mm256_castsi256_ps(sign));
+#endif
+  }
+  template <StorageType S, Index CV>
+  static void fma_chunk(V* acc, V s, const std::byte* p) {
+    if constexpr (S == StorageType::F32) {
+      const float* f = reinterpret_cast<const float*>(p);
+      for (Index j = 0; j < CV / 8; ++j) acc[j] = _mm256_fmadd_ps(s, _mm256_loadu_ps(f + 8 * j), acc[j]);
+    } else if constexpr (S == StorageType::BF16) {
+      // 32-byte load m covers words 8·(m%2) … +7 of 64-byte group m/2: columns 32·(m/2) + 8·(m%2) + i (low
+      // halves) and the same + 16 (high halves).
+      const __m256i high = _mm256_set1_epi32(int(0xffff0000u));
+      for (Index m = 0; m < CV / 16; ++m) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * m));
+        const Index lo = 4 * (m / 2) + (m % 2), hi = lo + 2;
+        acc[lo] = _mm256_fmadd_ps(s, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), acc[lo]);
+        acc[hi] = _mm256_fmadd_ps(s, _mm256_castsi256_ps(_mm256_and_si256(w, high)), acc[hi]);
+      }
+    } else {
+      for (Index j = 0; j < CV / 8; ++j) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j));
+        acc[j] = _mm256_fmadd_ps(s, half_to_float(h), acc[j]);
+      }
+    }
+  }
+};
+#endif
+
+/// Tokens per tile of the prefill loop: enough independent FMA chains to cover the FMA latency (≥ 8) without
+/// running out of registers (32 zmm, 16 ymm).
+template <Isa I, Index CV>
+inline constexpr int tile_tokens = I == Isa::Avx512 ? (CV == 64 ? 4 : (CV == 32 ? 4 : 8)) : (CV == 64 ? 1 : (CV == 32 ? 2 : 4));
+
+/// Loads the CV starting values of a token's chunk: previous partial sums, the bias, or zero.
+template <Isa I, Index CV>
+inline void init_chunk(typename Lanes<I>::V* acc, const float* init, const float* bias_chunk) {
+  using L = Lanes<I>;
+  constexpr Index nv = CV / L::n;
+  for (Index j = 0; j < nv; ++j)
+    acc[j] = init != nullptr ? L::load(init + j * L::n)
+                             : (bias_chunk != nullptr ? L::load(bias_chunk + j * L::n) : L::zero());
+}
+
+/// Writes the first `cols` of CV values.
+template <Isa I, Index CV>
+inline void store_chunk(float* out, const typename Lanes<I>::V* acc, Index cols) {
+  using L = Lanes<I>;
+  constexpr Index nv = CV / L::n;
+  if (cols == CV) {
+    for (Index j = 0; j < nv; ++j) L::store(out + j * L::n, acc[j]);
+  } else {
+    for (Index j = 0; j < nv; ++j) L::store_partial(out + j * L::n, acc[j], cols - j * L::n);
+  }
+}
+
+/**
+ * Prefill inner loop over one panel group: for tokens n in [n0, n1) and tables k in [k0, k0 + kg),
+ *   out[n] = (init ? init[n] : bias_chunk) + Σ_k s[n,k] · chunk(n,k),
+ * chunk(n,k) at group_base + off[n·plan_stride + k] (byte offsets relative to the group), s = scores[…].
+ * out/init rows hold CV values; out keeps the first `cols`. init may alias out (each tile reads before it writes).
+ */
+template <Isa I, StorageType S, Index CV>
+void panel_gather(float* out, Index out_stride, Index cols, const float* init, Index init_stride,
+                  const float* bias_chunk, const std::byte* group_base, const std::int32_t* off, const float* scores,
+                  Index plan_stride, Index k0, Index kg, Index n0, Index n1) {
+  using L = Lanes<I>;
+  using V = typename L::V;
+  constexpr Index nv = CV / L::n;
+  constexpr int B = tile_tokens<I, CV>;
+  const Index k1 = k0 + kg;
+  Index n = n0;
+  for (; n + B <= n1; n += B) {
+    V acc[B][nv];
+    for (int b = 0; b < B; ++b) init_chunk<I, CV>(acc[b], init ? init + (n + b) * init_stride : nullptr, bias_chunk);
+    const std::int32_t* o = off + n * plan_stride;
+    const float* s = scores + n * plan_stride;
+    for (Index k = k0; k < k1; ++k) {
+      for (int b = 0; b < B; ++b)
+        L::template fma_chunk<S, CV>(acc[b], L::set1(s[b * plan_stride + k]), group_base + o[b * plan_stride + k]);
+    }
+    for (int b = 0; b < B; ++b) store_chunk<I, CV>(out + (n + b) * out_stride, acc[b], cols);
+  }
+  for (; n < n1; ++n) {
+    V acc[nv];
+    init_chunk<I, CV>(acc, init ? init + n * init_stride : nullptr, bias_chunk);
+    const std::int32_t* o = off + n * plan_stride;
+    const float* s = scores + n * plan_stride;
+    for (Index k = k0; k < k1; ++k) L::template fma_chunk<S, CV>(acc, L::set1(s[k]), group_base + o[k]);
+    store_chunk<I, CV>(out + n * out_stride, acc, cols);
+  }
+}
+
+/// Whether the prefill loop writes y with non-temporal stores (see prefill_forward).
+inline constexpr bool prefill_streaming_stores = true;
+
+/// y[n][0, CV) = src[n][0, CV) for n < rows with non-temporal stores (dst 64-byte aligned).
+template <Isa I, Index CV>
+void stream_rows(float* dst, Index dst_stride, const float* src, Index rows) {
+  for (Index n = 0; n < rows; ++n) {
+    float* d = dst + n * dst_stride;
+    const float* s = src + n * CV;
+    if constexpr (I == Isa::Avx512) {
+      for (Index j = 0; j < CV; j += 16) _mm512_stream_ps(d + j, _mm512_loadu_ps(s + j));
+    } else {
+      for (Index j = 0; j < CV; j += 8) _mm256_stream_ps(d + j, _mm256_loadu_ps(s + j));
+    }
+  }
+}
+
+/// Orders the streaming stores before any later load or store (they are weakly ordered).
+inline void store_fence() { _mm_sfence(); }
+
+/**
+ * Column-blocked forward over all N tokens. `panel_of(cb, g, kg_g)` returns the bytes of panel (cb, group g) —
+ * pre-packed storage, or a per-thread buffer it has just packed. Threads split the column blocks (no reduction).
+ */
+template <Isa I, StorageType S, Index CV, class PanelOf>
+void prefill_forward(float* y, Index y_stride, const PanelLayout& l, const std::int32_t* codes, const float* scores,
+                     const float* bias, Index rows, PanelOf&& panel_of) {
+  const Index kg = l.group_tables();
+  const Index groups = (l.tables + kg - 1) / kg;
+  std::int32_t* plan = thread_scratch<0, std::int32_t>(size_t(rows * l.tables));
+  build_plan(plan, codes, rows, l.tables, l, kg);
+  // Full, 64-byte-aligned output chunks are written with streaming stores from a contiguous per-thread buffer:
+  // writing y's strided rows directly would read every line of y from memory first.
+  const bool stream_out = prefill_streaming_stores && (reinterpret_cast<std::uintptr_t>(y) % 64 == 0) &&
+                          (y_stride * Index(sizeof(float))) % 64 == 0;
+  parallel_ranges(l.column_blocks, [&](Index cb_begin, Index cb_end) {
+    float* partial = (groups > 1 || stream_out) ? thread_scratch<1, float>(size_t(rows * CV)) : nullptr;
+    alignas(64) float bias_chunk[max_chunk_values];
+    for (Index cb = cb_begin; cb < cb_end; ++cb) {
+      const Index cols = l.block_columns(cb);
+      const bool via_buffer = stream_out && cols == CV;
+      std::fill(bias_chunk, bias_chunk + CV, 0.0f);
+      if (bias != nullptr) std::copy(bias + cb * CV, bias + cb * CV + cols, bias_chunk);
+      for (Index g = 0; g < groups; ++g) {
+        const Index k0 = g * kg, kg_g = std::min(kg, l.tables - k0);
+        const std::byte* panel = panel_of(cb, g, k0, kg_g);
+        const bool last = g + 1 == groups && !via_buffer;
+        float* out = last ? y + cb * CV : partial;
+        const Index out_stride = last ? y_stride : CV;
+        panel_gather<I, S, CV>(out, out_stride, last ? cols : CV, g == 0 ? nullptr : partial, CV,
+                               bias != nullptr ? bias_chunk : nullptr, panel, plan, scores, l.tables, k0, kg_g, 0,
+                               rows);
+      }
+      if (via_buffer) stream_rows<I, CV>(y + cb * CV, y_stride, partial, rows);
+    }
+  });
+  if (stream_out) store_fence();
+}
+
+/// Calls f(std::integral_constant<Index, cv>) for the layout's chunk width.
+template <class F>
+void dispatch_chunk(Index cv, F&& f) {
+  if (cv == 64) return f(std::integral_constant<Index, 64>{});
+  if (cv == 32) return f(std::integral_constant<Index, 32>{});
+  return f(std::integral_constant<Index, 16>{});
+}
+
+/// Forward over pre-packed panels (PackedTables), prefill loop.
+template <Isa I, StorageType S>
+void packed_prefill(float* y, Index y_stride, const PanelLayout& l, const std::byte* data, const std::int32_t* codes,
+                    const float* scores, const float* bias, Index rows) {
+  dispatch_chunk(l.cv, [&](auto cv) {
+    if constexpr (S == StorageType::BF16 && decltype(cv)::value == 16) return;  // not a bf16 layout
+    else
+    prefill_forward<I, S, decltype(cv)::value>(y, y_stride, l, codes, scores, bias, rows,
+                                               [&](Index cb, Index, Index k0, Index kg_g) -> const std::byte* {
+                                                 const std::byte* p = data + cb * l.cb_stride + k0 * l.table_stride;
+                                                 touch_sequential(p, kg_g * l.table_stride);
+                                                 return p;
+                                               });
+  });
+}
+
+/// Forward over row-major float32 tables [K, 2^τ, width], prefill loop: each panel is packed into a per-thread
+/// L2-resident buffer, then all tokens stream through it.
+template <Isa I>
+void rowmajor_prefill(float* y, Index y_stride, const float* tables, int tau, Index width, Index num_tables,
+                      const std::int32_t* codes, const float* scores, const float* bias, Index rows,
+                      Index chunk_values = 0, Index budget = panel_budget_bytes) {
+  PanelLayout l = PanelLayout::make(num_tables, tau, width, StorageType::F32, chunk_values);
+  l.budget = budget;
+  dispatch_chunk(l.cv, [&](auto cv) {
+    prefill_forward<I, StorageType::F32, decltype(cv)::value>(
+        y, y_stride, l, codes, scores, bias, rows, [&](Index cb, Index, Index k0, Index kg_g) -> const std::byte* {
+          std::byte* buffer = thread_scratch<2, std::byte>(size_t(kg_g * l.table_stride));
+          pack_panel_f32(buffer, l, tables, width, cb, k0, kg_g);
+          return buffer;
+        });
+  });
+}
+
+/// Tables prefetched ahead by the decode loops (rows come from DRAM: ~100 ns each, so several must be in flight).
+inline constexpr Index decode_prefetch_tables = 6;
+
+/// Forward over pre-packed panels, token-major (decode): per token and column block, 64 columns in registers
+/// across all K tables. Threads split tokens, or column blocks when there are fewer tokens than threads.
+template <Isa I, StorageType S, Index CV>
+void packed_decode_cv(float* y, Index y_stride, const PanelLayout& l, const std::byte* data, const std::int32_t* codes,
+                      const float* scores, const float* bias, Index rows) {
+  using L = Lanes<I>;
+  using V = typename L::V;
+  constexpr Index nv = CV / L::n;
+  const Index K = l.tables;
+  auto run = [&](Index n, Index cb) {
+    alignas(64) float bias_chunk[max_chunk_values] = {};
+    const Index cols = l.block_columns(cb);
+    if (bias != nullptr) std::copy(bias + cb * CV, bias + cb * CV + cols, bias_chunk);
+    V acc[nv];
+    init_chunk<I, CV>(acc, nullptr, bias != nullptr ? bias_chunk : nullptr);
+    const std::int32_t* c = codes + n * K;
+    const float* s = scores + n * K;
+    const std::byte* base = data + cb * l.cb_stride;
+    for (Index k = 0; k < std::min(K, decode_prefetch_tables); ++k) {
+      const std::byte* p = base + k * l.table_stride + c[k] * l.chunk_bytes;
+      for (Index b = 0; b < l.chunk_bytes; b += 64) prefetch_line(p + b);
+    }
+    for (Index k = 0; k < K; ++k) {
+      if (k + decode_prefetch_tables < K) {
+        const Index kp = k + decode_prefetch_tables;
+        const std::byte* p = base + kp * l.table_stride + c[kp] * l.chunk_bytes;
+        for (Index b = 0; b < l.chunk_bytes; b += 64) prefetch_line(p + b);
+      }
+      L::template fma_chunk<S, CV>(acc, L::set1(s[k]), base + k * l.table_stride + c[k] * l.chunk_bytes);
+    }
+    store_chunk<I, CV>(y + n * y_stride + cb * CV, acc, cols);
+  };
+  if (rows >= available_threads()) {
+    parallel_ranges(rows, [&](Index n0, Index n1) {
+      for (Index n = n0; n < n1; ++n)
+        for (Index cb = 0; cb < l.column_blocks; ++cb) run(n, cb);
+    });
+  } else {
+    parallel_ranges(l.column_blocks, [&](Index cb0, Index cb1) {
+      for (Index n = 0; n < rows; ++n)
+        for (Index cb = cb0; cb < cb1; ++cb) run(n, cb);
+    });
+  }
+}
+
+template <Isa I, StorageType S>
+void packed_decode(float* y, Index y_stride, const PanelLayout& l, const std::byte* data, const std::int32_t* codes,
+                   const float* scores, const float* bias, Index rows) {
+  dispatch_chunk(l.cv, [&](auto cv) {
+    if constexpr (S == StorageType::BF16 && decltype(cv)::value == 16) return;  // not a bf16 layout
+    else packed_decode_cv<I, S, decltype(cv)::value>(y, y_stride, l, data, codes, scores, bias, rows);
+  });
+}
+
+/// Forward over row-major float32 tables, token-major (decode): column blocks of 16 vectors (256 columns with
+/// AVX-512, 128 with AVX2) accumulate in registers over the K rows, the rows of the next tables prefetched.
+template <Isa I>
+void rowmajor_decode(float* y, Index y_stride, const float* tables, int tau, Index width, Index num_tables,
+                     const std::int32_t* codes, const float* scores, const float* bias, Index rows) {
+  using L = Lanes<I>;
+  using V = typename L::V;
+  constexpr Index nv = I == Isa::Avx512 ? 16 : 12;
+  constexpr Index block = nv * L::n;
+  const Index K = num_tables, R = Index(1) << tau;
+  const Index blocks = (width + block - 1) / block;
+  auto run = [&](Index n, Index blk) {
+    const Index c0 = blk * block, cols = std::min(block, width - c0);
+    const std::int32_t* c = codes + n * K;
+    const float* s = scores + n * K;
+    V acc[nv];
+    for (Index j = 0; j < nv; ++j) acc[j] = bias != nullptr ? L::load_partial(bias + c0 + j * L::n, cols - j * L::n) : L::zero();
+    auto row = [&](Index k) { return tables + (k * R + c[k]) * width + c0; };
+    auto prefetch = [&](Index k) {
+      const float* p = row(k);
+      for (Index b = 0; b < cols; b += 16) prefetch_line(p + b);
+    };
+    for (Index k = 0; k < std::min(K, decode_prefetch_tables); ++k) prefetch(k);
+    for (Index k = 0; k < K; ++k) {
+      if (k + decode_prefetch_tables < K) prefetch(k + decode_prefetch_tables);
+      const V sv = L::set1(s[k]);
+      const float* r = row(k);
+      if (cols == block) {
+        for (Index j = 0; j < nv; ++j) acc[j] = L::fmadd(sv, L::load(r + j * L::n), acc[j]);
+      } else {
+        for (Index j = 0; j < nv; ++j) acc[j] = L::fmadd(sv, L::load_partial(r + j * L::n, cols - j * L::n), acc[j]);
+      }
+    }
+    float* out = y + n * y_stride + c0;
+    for (Index j = 0; j < nv; ++j) L::store_partial(out + j * L::n, acc[j], cols - j * L::n);
+  };
+  if (rows >= available_threads()) {
+    parallel_ranges(rows, [&](Index n0, Index n1) {
+      for (Index n = n0; n < n1; ++n)
+        for (Index b = 0; b < blocks; ++b) run(n, b);
+    });
+  } else {
+    parallel_ranges(blocks, [&](Index b0, Index b1) {
+      for (Index n = 0; n < rows; ++n)
+        for (Index b = b0; b < b1; ++b) run(n, b);
+    });
+  }
+}
+
+MEMORYFORMER_SIMD_WARNINGS_END
+
+#endif  // SIMD kernels
+
+}  // namespace memoryformer::detail

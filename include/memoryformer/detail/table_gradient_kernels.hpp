@@ -1,0 +1,222 @@
+// SPDX-License-Identifier: MIT
+// Fast backward of the Memory Layer's lookup (spec §1 Backward), float32, AVX-512 and AVX2, without atomics:
+//   dT[k, code] += Σ_{n : code_{n,k} = code} s_{n,k} · dy[n]      and      ds_{n,k} += ⟨dy[n], T_k[code_{n,k}]⟩.
+// The (token, table) contributions are counting-sorted by table row (a stable sort on the forward's codes, so a
+// row's tokens stay in ascending order). Each row's gradient is then accumulated once in registers and added to
+// dT once, and ⟨dy[n], T_k[code]⟩ comes from the same row load. Columns are processed in slices of 128 (AVX-512)
+// or 32 (AVX2) so that the slice of dy, packed contiguously per thread, stays in L2 while the rows stream past.
+// Threads split the table rows (disjoint writes); every sum has a fixed order, so the bits do not depend on the
+// thread count.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "../types.hpp"
+#include "gather_kernels.hpp"
+#include "scratch.hpp"
+#include "simd.hpp"
+
+namespace memoryformer::detail {
+
+/// Contributions sorted by table row: entries of row r are [start[r], start[r+1]), each a token and its score.
+struct SortedContributions {
+  std::int32_t* start = nullptr;   // [K·2^τ + 1]
+  std::int32_t* token = nullptr;   // [N·K]
+  float* score = nullptr;          // [N·K]
+  float* dot = nullptr;            // [N·K] ⟨dy[n], T_k[code]⟩ accumulated over column slices
+};
+
+/// Counting sort of the N·K (token, table) pairs by global row k·2^τ + code, stable in the token index.
+inline void sort_contributions(SortedContributions& out, const std::int32_t* codes, const float* scores, Index rows,
+                               Index tables, int tau) {
+  const Index R = Index(1) << tau, total_rows = tables * R;
+  std::int32_t* start = out.start;
+  std::fill(start, start + total_rows + 1, 0);
+  for (Index n = 0; n < rows; ++n)
+    for (Index k = 0; k < tables; ++k) ++start[k * R + codes[n * tables + k] + 1];
+  for (Index r = 0; r < total_rows; ++r) start[r + 1] += start[r];
+  std::int32_t* cursor = thread_scratch<6, std::int32_t>(size_t(total_rows));
+  std::copy(start, start + total_rows, cursor);
+  for (Index n = 0; n < rows; ++n)
+    for (Index k = 0; k < tables; ++k) {
+      const std::int32_t e = cursor[k * R + codes[n * tables + k]]++;
+      out.token[e] = std::int32_t(n);
+      out.score[e] = scores[n * tables + k];
+    }
+  std::fill(out.dot, out.dot + rows * tables, 0.0f);
+}
+
+/// Splits rows [0, total_rows) into `parts` contiguous ranges holding about equal numbers of contributions.
+inline Index balanced_row_split(const std::int32_t* start, Index total_rows, Index part, Index parts) {
+  if (part <= 0) return 0;
+  if (part >= parts) return total_rows;
+  const std::int64_t target = std::int64_t(start[total_rows]) * part / parts;
+  return Index(std::lower_bound(start, start + total_rows + 1, std::int32_t(target)) - start);
+}
+
+#if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
+
+MEMORYFORMER_SIMD_WARNINGS_BEGIN
+
+template <Isa I>
+struct SliceTraits;
+#if defined(MEMORYFORMER_HAVE_AVX512)
+template <>
+struct SliceTraits<Isa::Avx512> {
+  static constexpr Index vectors = 8;  // 128 columns: dy, row and row gradient = 24 zmm
+  static float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+};
+#endif
+#if defined(MEMORYFORMER_HAVE_AVX2)
+template <>
+struct SliceTraits<Isa::Avx2> {
+  static constexpr Index vectors = 4;  // 32 columns: 12 of the 16 ymm registers
+  static float hsum(__m256 v) {
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+  }
+};
+#endif
+
+/// One column slice [c0, c0 + cols) for table rows [r0, r1): dT rows += Σ s·dy, and dot[e] += ⟨dy, T⟩ slice part.
+/// dyp is the slice of dy packed as [N, slice] (slice = vectors · lanes columns, zero-padded).
+#if defined(MEMORYFORMER_HAVE_AVX512)
+/// Lane j of the result = the sum of the 16 lanes of v[j] (a tree of two-source permutes: 45 instructions for 16
+/// horizontal sums instead of ~8 each).
+inline __m512 horizontal_sums16(const __m512* v) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], even, v[2 * i + 1]),
+                         _mm512_permutex2var_ps(v[2 * i], odd, v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_permutex2var_ps(a[2 * i], even, a[2 * i + 1]),
+                         _mm512_permutex2var_ps(a[2 * i], odd, a[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_permutex2var_ps(b[2 * i], even, b[2 * i + 1]),
+                         _mm512_permutex2var_ps(b[2 * i], odd, b[2 * i + 1]));
+  return _mm512_add_ps(_mm512_permutex2var_ps(c[0], even, c[1]), _mm512_permutex2var_ps(c[0], odd, c[1]));
+}
+#endif
+
+/// Contributions ahead whose dy slice is prefetched (the sorted order makes every future access known).
+inline constexpr Index gradient_prefetch_entries = 6;
+
+template <Isa I>
+void gradient_slice(float* dtables, const float* tables, Index width, Index c0, Index cols, const float* dyp,
+                    const SortedContributions& sc, Index r0, Index r1) {
+  using L = Lanes<I>;
+  using V = typename L::V;
+  const Index sc_total = sc.start[r1];
+  V pending[16];
+  int pending_count = 0;
+  constexpr Index nv = SliceTraits<I>::vectors;
+  constexpr Index slice = nv * L::n;
+  const bool full = cols == slice;
+  for (Index r = r0; r < r1; ++r) {
+    const Index e0 = sc.start[r], e1 = sc.start[r + 1];
+    if (e0 == e1) continue;
+    const float* trow = tables + r * width + c0;
+    float* grow = dtables + r * width + c0;
+    if (r + 2 < r1) {  // the rows stream in order: fetch two ahead (the dT row is written at the end)
+      const float* t2 = tables + (r + 2) * width + c0;
+      const float* g2 = dtables + (r + 2) * width + c0;
+      for (Index j = 0; j < cols; j += 16) {
+        prefetch_line(t2 + j);
+        prefetch_line(g2 + j);
+      }
+    }
+    V t[nv], acc[nv];
+    for (Index j = 0; j < nv; ++j) {
+      t[j] = full ? L::load(trow + j * L::n) : L::load_partial(trow + j * L::n, cols - j * L::n);
+      acc[j] = L::zero();
+    }
+    for (Index e = e0; e < e1; ++e) {
+      if (e + gradient_prefetch_entries < sc_total) {
+        const float* next = dyp + Index(sc.token[e + gradient_prefetch_entries]) * slice;
+        for (Index j = 0; j < slice; j += 16) prefetch_line(next + j);
+      }
+      const float* d = dyp + Index(sc.token[e]) * slice;
+      const V s = L::set1(sc.score[e]);
+      V dot0 = L::zero(), dot1 = L::zero();
+      for (Index j = 0; j < nv; j += 2) {
+        const V d0 = L::load(d + j * L::n), d1 = L::load(d + (j + 1) * L::n);
+        acc[j] = L::fmadd(s, d0, acc[j]);
+        acc[j + 1] = L::fmadd(s, d1, acc[j + 1]);
+        dot0 = L::fmadd(d0, t[j], dot0);
+        dot1 = L::fmadd(d1, t[j + 1], dot1);
+      }
+      if constexpr (I == Isa::Avx512) {
+        // Entries are visited in increasing order, so 16 consecutive dot vectors are reduced together.
+        pending[pending_count++] = L::add(dot0, dot1);
+        if (pending_count == 16) {
+          const Index first = e - 15;
+          _mm512_storeu_ps(sc.dot + first, _mm512_add_ps(_mm512_loadu_ps(sc.dot + first), horizontal_sums16(pending)));
+          pending_count = 0;
+        }
+      } else {
+        sc.dot[e] += SliceTraits<I>::hsum(L::add(dot0, dot1));
+      }
+    }
+    for (Index j = 0; j < nv; ++j) {
+      const Index left = cols - j * L::n;
+      if (full) {
+        L::store(grow + j * L::n, L::add(L::load(grow + j * L::n), acc[j]));
+      } else if (left > 0) {
+        L::store_partial(grow + j * L::n, L::add(L::load_partial(grow + j * L::n, left), acc[j]), left);
+      }
+    }
+  }
+  for (int i = 0; i < pending_count; ++i)  // the last < 16 entries of the range (AVX-512 only)
+    sc.dot[sc_total - pending_count + i] += SliceTraits<I>::hsum(pending[i]);
+}
+
+/**
+ * Fast lookup backward over row-major float tables: dtables += row gradients, touched rows flagged,
+ * dscores[n,k] += ⟨dy[n], T_k[code]⟩. dbias is not touched (the caller sums dy's columns).
+ */
+template <Isa I>
+void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Index dy_stride, const float* tables,
+                          float* dtables, std::uint8_t* touched, int tau, Index width, Index num_tables,
+                          const std::int32_t* codes, const float* scores, Index rows) {
+  using L = Lanes<I>;
+  constexpr Index slice = SliceTraits<I>::vectors * L::n;
+  const Index R = Index(1) << tau, total_rows = num_tables * R, entries = rows * num_tables;
+  SortedContributions sc;
+  sc.start = thread_scratch<3, std::int32_t>(size_t(total_rows + 1));
+  sc.token = thread_scratch<4, std::int32_t>(size_t(entries));
+  sc.score = thread_scratch<5, float>(size_t(entries));
+  sc.dot = thread_scratch<7, float>(size_t(entries));
+  sort_contributions(sc, codes, scores, rows, num_tables, tau);
+  const Index parts = std::max<Index>(1, std::min<Index>(available_threads(), total_rows));
+  parallel_ranges(parts, [&](Index p0, Index p1) {
+    const Index r0 = balanced_row_split(sc.start, total_rows, p0, parts);
+    const Index r1 = balanced_row_split(sc.start, total_rows, p1, parts);
+    if (r0 >= r1) return;
+    float* dyp = thread_scratch<8, float>(size_t(rows * slice));
+    for (Index c0 = 0; c0 < width; c0 += slice) {
+      const Index cols = std::min(slice, width - c0);
+      for (Index n = 0; n < rows; ++n) {
+        std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(cols) * sizeof(float));
+        if (cols < slice) std::fill(dyp + n * slice + cols, dyp + (n + 1) * slice, 0.0f);
+      }
+      gradient_slice<I>(dtables, tables, width, c0, cols, dyp, sc, r0, r1);
+    }
+    for (Index r = r0; r < r1; ++r) {
+      if (sc.start[r] == sc.start[r + 1]) continue;
+      touched[r] = 1;
+      const Index k = r / R;
+      for (Index e = sc.start[r]; e < sc.start[r + 1]; ++e) dscores[Index(sc.token[e]) * ds_stride + k] += sc.dot[e];
+    }
+  });
+}
+
+MEMORYFORMER_SIMD_WARNINGS_END
+
+#endif  // MEMORYFORMER_HAVE_SIMD_KERNELS
+
+}  // namespace memoryformer::detail

@@ -1,0 +1,104 @@
+// SPDX-License-Identifier: MIT
+// FrozenMemoryLayer: an inference-only Memory Layer (spec §1, forward only) over PackedTables — float32, bfloat16 or
+// float16 table storage with float32 activations and accumulation.
+#pragma once
+
+#include <sstream>
+#include <string>
+
+#include "detail/lookup_kernels.hpp"
+#include "error.hpp"
+#include "hash.hpp"
+#include "memory_layer.hpp"
+#include "table_storage.hpp"
+#include "types.hpp"
+
+namespace memoryformer {
+
+/**
+ * @brief A read-only copy of a trained MemoryLayer<float> for inference: the same hash and bias, the tables
+ * converted once to a storage type (StorageType::BF16 halves the bytes every lookup reads).
+ *
+ * forward is const and thread-safe (the hash goes to a caller-owned HashResult). Few tokens (decode) run the
+ * token-major kernel; many (prefill) the column-blocked one; both give the same bits. With F32 storage the results
+ * equal MemoryLayer<float>::forward's fast path bit for bit.
+ */
+class FrozenMemoryLayer {
+ public:
+  FrozenMemoryLayer() = default;
+
+  /// Copies `layer`'s hash settings and bias and converts its tables. @throws ConfigError (see PackedTables)
+  FrozenMemoryLayer(const MemoryLayer<float>& layer, StorageType storage, Index chunk_values = 0)
+      : config_(layer.config()),
+        hasher_(layer.hasher()),
+        tables_(layer.tables(), storage, chunk_values),
+        bias_(layer.bias()) {}
+
+  const MemoryLayerConfig& config() const { return config_; }
+  const SignHasher<float>& hasher() const { return hasher_; }
+  const PackedTables& tables() const { return tables_; }
+  const Vector<float>& bias() const { return bias_; }  // [d_out], empty without bias
+  StorageType storage() const { return tables_.storage(); }
+  Index d_in() const { return config_.d_in; }
+  Index d_out() const { return config_.d_out; }
+  Index num_tables() const { return config_.num_tables(); }
+
+  /**
+   * @brief y = Σ_k s_k · T_k[code_k] + b, hashing x first.
+   * @param y     [N, d_out] output (must already have that shape)
+   * @param x     [N, d_in] input
+   * @param cache receives the codes and scores of x
+   * @param isa   kernel path: Isa::Scalar runs the reference loop (decode every stored value)
+   * @throws ShapeError, NonFiniteError, ConfigError (isa not compiled in)
+   */
+  void forward(MatrixRef<float> y, ConstMatrixRef<float> x, HashResult<float>& cache, Isa isa = best_isa()) const {
+    if (x.cols() != config_.d_in) {
+      std::ostringstream os;
+      os << "(N, " << config_.d_in << ") = (N, K·τ) with K = " << num_tables() << ", τ = " << config_.tau;
+      detail::throw_shape("FrozenMemoryLayer::forward", "x", x.rows(), x.cols(), os.str());
+    }
+    detail::check_shape("FrozenMemoryLayer::forward", "y", y.rows(), y.cols(), x.rows(), config_.d_out);
+    hasher_.hash(cache, x, isa);
+    forward_hashed(y, cache, isa);
+  }
+
+  /// Allocating convenience form of forward.
+  Matrix<float> forward(ConstMatrixRef<float> x, HashResult<float>& cache, Isa isa = best_isa()) const {
+    Matrix<float> y(x.rows(), config_.d_out);
+    forward(y, x, cache, isa);
+    return y;
+  }
+
+  /**
+   * @brief The lookup half of forward, from a hash computed elsewhere.
+   * @throws StateError (empty hash), ShapeError, ConfigError (isa not compiled in)
+   */
+  void forward_hashed(MatrixRef<float> y, const HashResult<float>& h, Isa isa = best_isa()) const {
+    const char* where = "FrozenMemoryLayer::forward_hashed";
+    if (h.empty()) throw StateError(std::string(where) + ": the hash cache is empty; call forward (or hash) first");
+    if (h.tau != config_.tau || h.tables != num_tables() || Index(h.codes.size()) != h.rows * h.tables ||
+        h.scores.rows() != h.rows || h.scores.cols() != h.tables) {
+      std::ostringstream os;
+      os << where << ": the hash has K = " << h.tables << ", τ = " << h.tau << "; this layer needs K = "
+         << num_tables() << ", τ = " << config_.tau;
+      throw ShapeError(os.str());
+    }
+    detail::check_shape(where, "y", y.rows(), y.cols(), h.rows, config_.d_out);
+    if (!isa_available(isa))
+      throw ConfigError(std::string(where) + ": the " + std::string(isa_name(isa)) +
+                        " kernels are not compiled into this build (compile with the matching -m flags)");
+    detail::lookup_forward_packed(isa, y.data(), y.outerStride(), tables_.layout(), tables_.data(), h.codes.data(),
+                                  h.scores.data(), config_.bias ? bias_.data() : nullptr, h.rows);
+  }
+
+  /// Bytes of table storage (what a lookup reads from).
+  std::size_t table_bytes() const { return tables_.bytes(); }
+
+ private:
+  MemoryLayerConfig config_;
+  SignHasher<float> hasher_{HashConfig{}};
+  PackedTables tables_;
+  Vector<float> bias_;  // [d_out]
+};
+
+}  // namespace memoryformer
