@@ -1,0 +1,372 @@
+// SPDX-License-Identifier: MIT
+// The Memory Layer's lookup kernels (spec §1.5 forward, §1 Backward) on every compiled ISA path. This file is built
+// three times (AVX-512, AVX2, scalar-only flags; MEMORYFORMER_TEST_ISA says which). Every fast path (token-major
+// decode, column-blocked prefill, packed float32/bfloat16/float16 storage, the sorted backward) is checked against
+// the scalar reference of the same build and against sums written out here in double.
+//
+// Tolerances (u = 2^-24, the float unit roundoff):
+//  - forward: the fast paths compute b + Σ_k s_k·T_k as a chain of K fused multiply-adds, the reference as K
+//    rounded products and sums in the same order; each is within (K+1)·u·(|b| + Σ|s_k·T_k|) of the exact sum, so
+//    they differ by at most 2(K+1)·u·(|b| + Σ|s_k·T_k|).
+//  - backward dT row: the fast path sums a row's m contributions first, then adds once; the reference adds them
+//    one by one: bound 2(m+2)·u·(|dT_before| + Σ|s·dy|).
+//  - dscores: the fast path splits ⟨dy, T⟩ into column slices summed in another order: bound 2·d_out·u·Σ|dy_j·T_j|.
+//  - bf16 / f16 storage against float32 tables: round to nearest keeps a stored value within 2^-8 (bf16, 8
+//    significant bits) / 2^-11 (f16, 11 bits; subnormals: 2^-25 absolute) of the float, so y moves by at most that
+//    times Σ|s_k·T_k| (plus the float bound above).
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include <memoryformer/frozen_memory_layer.hpp>
+#include <memoryformer/memory_layer.hpp>
+#include <memoryformer/random.hpp>
+#include <memoryformer/table_storage.hpp>
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+#include <omp.h>
+#endif
+
+namespace mf = memoryformer;
+
+namespace {
+
+#ifndef MEMORYFORMER_TEST_ISA
+#define MEMORYFORMER_TEST_ISA "unspecified"
+#endif
+
+constexpr double u = 0x1.0p-24;
+
+mf::Matrix<float> random_matrix(mf::Index rows, mf::Index cols, std::uint64_t seed, double stddev = 1.0) {
+  mf::Rng rng(seed);
+  mf::Matrix<float> m(rows, cols);
+  for (mf::Index i = 0; i < m.size(); ++i) m.data()[i] = float(rng.normal(0.0, stddev));
+  return m;
+}
+
+std::vector<mf::Isa> simd_paths() {
+  std::vector<mf::Isa> out;
+  for (mf::Isa isa : {mf::Isa::Avx2, mf::Isa::Avx512})
+    if (mf::isa_available(isa)) out.push_back(isa);
+  return out;
+}
+
+struct Shape {
+  mf::Index d_in, d_out;
+  int tau;
+  mf::Index n;
+  bool bias;
+};
+
+std::string name(const Shape& s) {
+  return "d_in " + std::to_string(s.d_in) + " d_out " + std::to_string(s.d_out) + " tau " + std::to_string(s.tau) +
+         " N " + std::to_string(s.n) + (s.bias ? " bias" : " no-bias");
+}
+
+// Token counts on both sides of the decode/prefill switch (prefill from max(32, 2^τ/4) tokens); widths that are
+// and are not multiples of the 16/32/64-column chunks and of the vector widths.
+const Shape shapes[] = {
+    {8, 1, 4, 3, true},      {12, 19, 4, 1, true},   {12, 19, 4, 70, false}, {48, 100, 6, 5, true},
+    {48, 100, 6, 129, true}, {64, 64, 8, 2, false},  {64, 64, 8, 300, true}, {40, 37, 10, 9, true},
+    {40, 37, 10, 300, true}, {32, 520, 8, 80, true}, {16, 33, 1, 40, true},  {48, 20, 16, 3, true},
+};
+
+mf::MemoryLayer<float> make_layer(const Shape& s, std::uint64_t seed) {
+  mf::MemoryLayerConfig c;
+  c.d_in = s.d_in;
+  c.d_out = s.d_out;
+  c.tau = s.tau;
+  c.bias = s.bias;
+  c.table_init_std = 0.5;
+  c.bias_init_std = 0.5;
+  return mf::MemoryLayer<float>(c, seed);
+}
+
+/// Σ_k |s_k·T_k[code_k][o]| + |b_o| in double, the scale of every forward bound.
+double magnitude(const mf::MemoryLayer<float>& layer, const mf::HashResult<float>& h, mf::Index n, mf::Index o) {
+  double m = layer.config().bias ? std::abs(double(layer.bias()(o))) : 0.0;
+  for (mf::Index k = 0; k < h.tables; ++k) m += std::abs(double(h.scores(n, k)) * layer.tables().row(k, h.code(n, k))[o]);
+  return m;
+}
+
+TEST(LookupIsa, BuildReportsItsPath) {
+  const std::string expected = MEMORYFORMER_TEST_ISA;
+  if (expected == "unspecified") GTEST_SKIP() << "built outside the ISA matrix";
+  EXPECT_EQ(std::string(mf::isa_name(mf::best_isa())), expected);
+}
+
+TEST(LookupIsa, ForwardEveryPathMatchesReferenceAndDoubleSums) {
+  for (const Shape& s : shapes) {
+    const auto layer = make_layer(s, 11);
+    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 5);
+    mf::HashResult<float> h;
+    mf::Matrix<float> ref(s.n, s.d_out);
+    layer.forward(ref, x, h, mf::Isa::Scalar);
+    const double K = double(h.tables);
+    // The reference itself against the formula in double.
+    for (mf::Index n = 0; n < s.n; ++n)
+      for (mf::Index o = 0; o < s.d_out; ++o) {
+        double exact = s.bias ? double(layer.bias()(o)) : 0.0;
+        for (mf::Index k = 0; k < h.tables; ++k) exact += double(h.scores(n, k)) * layer.tables().row(k, h.code(n, k))[o];
+        ASSERT_NEAR(ref(n, o), exact, (K + 1) * u * magnitude(layer, h, n, o) + 1e-30) << name(s);
+      }
+    for (mf::Isa isa : simd_paths()) {
+      mf::Matrix<float> y(s.n, s.d_out);
+      layer.forward_hashed(y, h, isa);
+      for (mf::Index n = 0; n < s.n; ++n)
+        for (mf::Index o = 0; o < s.d_out; ++o)
+          ASSERT_NEAR(y(n, o), ref(n, o), 2 * (K + 1) * u * magnitude(layer, h, n, o) + 1e-30)
+              << mf::isa_name(isa) << " " << name(s) << " at (" << n << ", " << o << ")";
+    }
+  }
+}
+
+TEST(LookupIsa, ForwardFastPathsGiveIdenticalBitsWhateverTheLoopOrder) {
+  // Decode (one token per call) and prefill (all tokens at once) compute the same FMA chain: the same bits. So do
+  // AVX2 and AVX-512, and row-major and packed float32 storage.
+  const std::vector<mf::Isa> paths = simd_paths();
+  if (paths.empty()) GTEST_SKIP() << "no SIMD path in this build";
+  for (const Shape& s : shapes) {
+    if (s.n < 32) continue;
+    const auto layer = make_layer(s, 21);
+    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 6);
+    const auto h = layer.hasher().hash(x);
+    mf::Matrix<float> all(s.n, s.d_out);
+    layer.forward_hashed(all, h, paths.front());
+    for (mf::Isa isa : paths) {
+      mf::Matrix<float> other(s.n, s.d_out);
+      layer.forward_hashed(other, h, isa);
+      ASSERT_TRUE(other == all) << mf::isa_name(isa) << " " << name(s);
+      const mf::FrozenMemoryLayer frozen(layer, mf::StorageType::F32);
+      frozen.forward_hashed(other, h, isa);
+      ASSERT_TRUE(other == all) << "packed f32 " << mf::isa_name(isa) << " " << name(s);
+      for (mf::Index n = 0; n < s.n; n += 7) {
+        const mf::Matrix<float> xn = x.row(n);
+        const auto hn = layer.hasher().hash(xn);
+        mf::Matrix<float> yn(1, s.d_out), pn(1, s.d_out);
+        layer.forward_hashed(yn, hn, isa);
+        frozen.forward_hashed(pn, hn, isa);
+        ASSERT_TRUE(yn.row(0) == all.row(n)) << "decode row " << n << " " << mf::isa_name(isa) << " " << name(s);
+        ASSERT_TRUE(pn.row(0) == all.row(n)) << "packed decode row " << n << " " << mf::isa_name(isa) << " " << name(s);
+      }
+    }
+  }
+}
+
+TEST(LookupIsa, ForwardIntoStridedOutput) {
+  // y may be a block of a wider matrix (outer stride ≠ d_out), and misaligned for streaming stores.
+  const Shape s{64, 64, 8, 300, true};
+  const auto layer = make_layer(s, 3);
+  const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 8);
+  const auto h = layer.hasher().hash(x);
+  mf::Matrix<float> ref(s.n, s.d_out);
+  layer.forward_hashed(ref, h, mf::Isa::Scalar);
+  for (mf::Isa isa : simd_paths()) {
+    for (mf::Index offset : {0, 1, 16}) {
+      mf::Matrix<float> wide = mf::Matrix<float>::Constant(s.n, s.d_out + 40, 7.0f);
+      layer.forward_hashed(wide.block(0, offset, s.n, s.d_out), h, isa);
+      for (mf::Index n = 0; n < s.n; ++n)
+        for (mf::Index o = 0; o < s.d_out + 40; ++o) {
+          if (o < offset || o >= offset + s.d_out) {
+            ASSERT_EQ(wide(n, o), 7.0f) << "wrote outside y at " << n << ", " << o;
+          } else {
+            ASSERT_NEAR(wide(n, o), ref(n, o - offset), 2 * 65 * u * magnitude(layer, h, n, o - offset))
+                << mf::isa_name(isa) << " offset " << offset;
+          }
+        }
+    }
+  }
+}
+
+TEST(LookupIsa, PackedStorageEveryPathMatchesItsReference) {
+  for (const Shape& s : shapes) {
+    const auto layer = make_layer(s, 31);
+    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 9);
+    const auto h = layer.hasher().hash(x);
+    mf::Matrix<float> f32(s.n, s.d_out);
+    layer.forward_hashed(f32, h, mf::Isa::Scalar);
+    const double K = double(h.tables);
+    for (mf::StorageType st : {mf::StorageType::F32, mf::StorageType::BF16, mf::StorageType::F16}) {
+      for (mf::Index cv : {mf::Index(0), mf::Index(32), mf::Index(64)}) {
+        const mf::FrozenMemoryLayer frozen(layer, st, cv);
+        mf::Matrix<float> ref(s.n, s.d_out);
+        frozen.forward_hashed(ref, h, mf::Isa::Scalar);
+        const double q = st == mf::StorageType::F32 ? 0.0 : (st == mf::StorageType::BF16 ? 0x1.0p-8 : 0x1.0p-11);
+        for (mf::Index n = 0; n < s.n; ++n)
+          for (mf::Index o = 0; o < s.d_out; ++o) {
+            const double m = magnitude(layer, h, n, o);
+            ASSERT_NEAR(ref(n, o), f32(n, o), (q + 4 * (K + 1) * u) * m + 1e-30)
+                << mf::storage_type_name(st) << " reference vs float32 tables, " << name(s);
+          }
+        for (mf::Isa isa : simd_paths()) {
+          mf::Matrix<float> y(s.n, s.d_out);
+          frozen.forward_hashed(y, h, isa);
+          for (mf::Index n = 0; n < s.n; ++n)
+            for (mf::Index o = 0; o < s.d_out; ++o)
+              ASSERT_NEAR(y(n, o), ref(n, o), 2 * (K + 1) * u * (1 + q) * magnitude(layer, h, n, o) + 1e-30)
+                  << mf::storage_type_name(st) << " cv " << cv << " " << mf::isa_name(isa) << " " << name(s)
+                  << " at (" << n << ", " << o << ")";
+        }
+      }
+    }
+  }
+}
+
+TEST(LookupIsa, PackedValuesDecodeToTheRoundedFloats) {
+  const Shape s{40, 37, 10, 1, true};
+  const auto layer = make_layer(s, 41);
+  for (mf::StorageType st : {mf::StorageType::F32, mf::StorageType::BF16, mf::StorageType::F16}) {
+    const mf::PackedTables packed(layer.tables(), st);
+    for (mf::Index k = 0; k < 4; ++k)
+      for (mf::Index r = 0; r < packed.rows_per_table(); r += 37)
+        for (mf::Index c = 0; c < s.d_out; ++c) {
+          const double v = layer.tables().row(k, r)[c];
+          const double rel = st == mf::StorageType::F32 ? 0.0 : (st == mf::StorageType::BF16 ? 0x1.0p-8 : 0x1.0p-11);
+          ASSERT_NEAR(packed.value(k, r, c), v, rel * std::abs(v) + (st == mf::StorageType::F16 ? 0x1.0p-25 : 0.0))
+              << mf::storage_type_name(st);
+        }
+    const auto back = packed.unpack();
+    EXPECT_EQ(back.row(3, 5)[36], packed.value(3, 5, 36));
+  }
+}
+
+TEST(LookupIsa, BackwardEveryPathMatchesReference) {
+  for (const Shape& s : shapes) {
+    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 12);
+    const mf::Matrix<float> dy = random_matrix(s.n, s.d_out, 13);
+    auto ref_layer = make_layer(s, 51);
+    mf::HashResult<float> h;
+    mf::Matrix<float> y(s.n, s.d_out), dx_ref(s.n, s.d_in);
+    ref_layer.forward(y, x, h, mf::Isa::Scalar);
+    // Two backward calls: the second accumulates into the first's gradients.
+    mf::Matrix<float> ds_ref = mf::Matrix<float>::Constant(s.n, h.tables, 0.25f);
+    ref_layer.backward_hashed(ds_ref, dy, h, mf::Isa::Scalar);
+    ref_layer.backward_hashed(ds_ref, dy, h, mf::Isa::Scalar);
+    for (mf::Isa isa : simd_paths()) {
+      auto layer = make_layer(s, 51);
+      mf::Matrix<float> ds = mf::Matrix<float>::Constant(s.n, h.tables, 0.25f);
+      layer.backward_hashed(ds, dy, h, isa);
+      layer.backward_hashed(ds, dy, h, isa);
+      const std::string where = std::string(mf::isa_name(isa)) + " " + name(s);
+      ASSERT_EQ(layer.touched_rows(), ref_layer.touched_rows()) << where;
+      if (s.bias) {
+        ASSERT_TRUE(layer.dbias() == ref_layer.dbias()) << where;  // same Eigen column sums
+      }
+      // dT: per touched row, m contributions summed twice; untouched rows stay exactly zero in both.
+      const mf::Index R = mf::Index(1) << s.tau;
+      std::map<mf::Index, std::pair<int, std::vector<double>>> rows;  // row → (count, Σ|s·dy| per column)
+      for (mf::Index n = 0; n < s.n; ++n)
+        for (mf::Index k = 0; k < h.tables; ++k) {
+          auto& [count, mag] = rows[k * R + h.code(n, k)];
+          mag.resize(size_t(s.d_out), 0.0);
+          ++count;
+          for (mf::Index o = 0; o < s.d_out; ++o) mag[size_t(o)] += 2 * std::abs(double(h.scores(n, k)) * dy(n, o));
+        }
+      const auto fast_dt = layer.dtables().as_matrix();
+      const auto ref_dt = ref_layer.dtables().as_matrix();
+      for (mf::Index row = 0; row < h.tables * R; ++row) {
+        const auto it = rows.find(row);
+        if (it == rows.end()) {
+          ASSERT_TRUE(fast_dt.row(row).isZero(0) && ref_dt.row(row).isZero(0)) << where << " untouched row " << row;
+          continue;
+        }
+        const int m = 2 * it->second.first;
+        for (mf::Index o = 0; o < s.d_out; ++o)
+          ASSERT_NEAR(fast_dt(row, o), ref_dt(row, o), 2 * (m + 2) * u * it->second.second[size_t(o)] + 1e-30)
+              << where << " dT(row " << row << ", " << o << ")";
+      }
+      for (mf::Index n = 0; n < s.n; ++n)
+        for (mf::Index k = 0; k < h.tables; ++k) {
+          double mag = 0.25;
+          for (mf::Index o = 0; o < s.d_out; ++o)
+            mag += 2 * std::abs(double(dy(n, o)) * layer.tables().row(k, h.code(n, k))[o]);
+          ASSERT_NEAR(ds(n, k), ds_ref(n, k), 2 * double(s.d_out + 2) * u * mag) << where << " dscores(" << n << ", " << k << ")";
+        }
+      // The whole backward: dx from the same dscores path.
+      mf::Matrix<float> dx(s.n, s.d_in);
+      auto layer2 = make_layer(s, 51);
+      auto ref2 = make_layer(s, 51);
+      layer2.backward(dx, x, dy, h, isa);
+      ref2.backward(dx_ref, x, dy, h, mf::Isa::Scalar);
+      for (mf::Index i = 0; i < dx.size(); ++i)
+        ASSERT_NEAR(dx.data()[i], dx_ref.data()[i], 1e-4 * std::max(1.0f, std::abs(dx_ref.data()[i]))) << where << " dx " << i;
+    }
+  }
+}
+
+TEST(LookupIsa, BackwardRejectsNonFiniteGradient) {
+  const Shape s{64, 64, 8, 40, true};
+  for (mf::Isa isa : simd_paths()) {
+    auto layer = make_layer(s, 61);
+    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 14);
+    mf::Matrix<float> dy = random_matrix(s.n, s.d_out, 15);
+    mf::HashResult<float> h;
+    mf::Matrix<float> y(s.n, s.d_out), dx(s.n, s.d_in);
+    layer.forward(y, x, h, isa);
+    dy(3, 5) = std::numeric_limits<float>::infinity();
+    EXPECT_THROW(layer.backward(dx, x, dy, h, isa), mf::NonFiniteError);
+    dy(3, 5) = std::numeric_limits<float>::quiet_NaN();
+    EXPECT_THROW(layer.backward(dx, x, dy, h, isa), mf::NonFiniteError);
+    // Finite values whose column sum overflows are not an error.
+    dy.setZero();
+    dy(0, 1) = 3e38f;
+    dy(1, 1) = 3e38f;
+    EXPECT_NO_THROW(layer.backward(dx, x, dy, h, isa));
+  }
+}
+
+TEST(LookupIsa, FrozenLayerChecksItsInputs) {
+  const Shape s{64, 64, 8, 4, true};
+  const auto layer = make_layer(s, 71);
+  const mf::FrozenMemoryLayer frozen(layer, mf::StorageType::BF16);
+  mf::HashResult<float> cache;
+  mf::Matrix<float> y(4, 64);
+  EXPECT_THROW(frozen.forward(y, random_matrix(4, 63, 1), cache), mf::ShapeError);
+  EXPECT_THROW(frozen.forward_hashed(y, mf::HashResult<float>{}), mf::StateError);
+  mf::Matrix<float> wrong(3, 64);
+  EXPECT_THROW(frozen.forward(wrong, random_matrix(4, 64, 1), cache), mf::ShapeError);
+  if (!mf::isa_available(mf::Isa::Avx512)) {
+    EXPECT_THROW(frozen.forward(y, random_matrix(4, 64, 1), cache, mf::Isa::Avx512), mf::ConfigError);
+  }
+  // float16 storage refuses values it cannot hold.
+  auto big = make_layer(s, 72);
+  big.tables().row(0, 0)[0] = 1e5f;
+  EXPECT_THROW(mf::FrozenMemoryLayer(big, mf::StorageType::F16), mf::ConfigError);
+  EXPECT_NO_THROW(mf::FrozenMemoryLayer(big, mf::StorageType::BF16));
+  EXPECT_THROW(mf::PackedTables(layer.tables(), mf::StorageType::BF16, 16), mf::ConfigError);
+}
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+TEST(LookupIsa, ThreadCountDoesNotChangeBits) {
+  const Shape s{64, 520, 8, 300, true};
+  const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 16);
+  const mf::Matrix<float> dy = random_matrix(s.n, s.d_out, 17);
+  std::vector<mf::Matrix<float>> ys, dts, dss;
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 2, 3}) {
+    omp_set_num_threads(threads);
+    auto layer = make_layer(s, 81);
+    mf::HashResult<float> h;
+    mf::Matrix<float> y(s.n, s.d_out), dx(s.n, s.d_in);
+    layer.forward(y, x, h);
+    mf::Matrix<float> ds = mf::Matrix<float>::Zero(s.n, h.tables);
+    layer.backward_hashed(ds, dy, h);
+    ys.push_back(y);
+    dss.push_back(ds);
+    dts.push_back(layer.dtables().as_matrix());
+  }
+  omp_set_num_threads(saved);
+  for (size_t i = 1; i < ys.size(); ++i) {
+    EXPECT_TRUE(ys[i] == ys[0]) << "forward, thread setting " << i;
+    EXPECT_TRUE(dss[i] == dss[0]) << "dscores, thread setting " << i;
+    EXPECT_TRUE(dts[i] == dts[0]) << "dtables, thread setting " << i;
+  }
+}
+#endif
+
+}  // namespace
