@@ -1,0 +1,565 @@
+// SPDX-License-Identifier: MIT
+// Memory Layer kernel benchmarks against the dense Eigen layer in the same run (spec §1 Cost; practices P18): prefill
+// forward (float32, bfloat16, float16 tables), a 48-layer decode stack whose tables exceed the caches, backward,
+// hashing, two threads, and the measured memory rooflines every result is compared with.
+//
+// Shape of every kernel benchmark: d_in = d_out = 512, τ = 8, K = 64 (32 MB of float32 tables), N = 2048 for
+// prefill and backward, N = 1 per layer for decode. Counters (besides Google Benchmark's time):
+//   ns_per_token      time / (iterations · tokens)                       (kIsIterationInvariantRate | kInvert)
+//   FLOPS             paper-convention FLOP/s (multiply-add = 1), items_per_second = tokens/s
+//   gather_GBps       bytes of table rows gathered per second (N·K rows of d_out values; repeats counted)
+//   roofline_GBps     measured streaming read of the same footprint (this binary, this machine)
+//   roofline_frac     gather_GBps / roofline_GBps (> 1 when rows are reused from L2 faster than the footprint
+//                     streams; the prefill footprint is the tables, the decode footprint the whole stack)
+//   l2_frac           gather_GBps / the measured L2-resident (1 MB) streaming read
+//   x_dense           dense time / this time, for the dense twin measured earlier in the same run
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <time.h>
+
+#include "bench_common.hpp"
+
+#include <memoryformer/detail/scratch.hpp>
+#include <memoryformer/frozen_memory_layer.hpp>
+#include <memoryformer/table_storage.hpp>
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+#include <omp.h>
+#endif
+
+namespace mfbench {
+namespace {
+
+namespace mf = memoryformer;
+using Clock = std::chrono::steady_clock;
+
+constexpr Index kD = 512;
+constexpr int kTau = 8;
+constexpr Index kK = kD / kTau;
+constexpr Index kPrefillN = 2048;
+constexpr Index kStackLayers = 48;
+
+// ------------------------------------------------------------------------------------------------ rooflines
+
+/// This thread's CPU seconds (one-thread runs: what Google Benchmark's CPU time reports, insensitive to other
+/// processes' time slices on a shared machine) or wall seconds (multi-threaded runs).
+inline double now_seconds(bool cpu) {
+  if (cpu) {
+    timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+  }
+  return std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
+}
+
+/// Best of several timed sequential reads of a `bytes` buffer (64-byte loads summed so nothing is elided), GB/s.
+double stream_read_gbps(std::size_t bytes) {
+  static std::map<std::size_t, double> cache;
+  if (auto it = cache.find(bytes); it != cache.end()) return it->second;
+  mf::detail::TableBlock block(bytes);
+  auto* p = reinterpret_cast<const std::uint64_t*>(block.data());
+  const std::size_t words = bytes / sizeof(std::uint64_t);
+  const int passes = int(std::max<std::size_t>(1, (std::size_t(256) << 20) / bytes));
+  double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    std::uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    const double t0 = now_seconds(true);
+    for (int pass = 0; pass < passes; ++pass)
+      for (std::size_t i = 0; i + 32 <= words; i += 32) {  // one 8-byte word per 64-byte line, 4 lines per step
+        s0 += p[i];
+        s1 += p[i + 8];
+        s2 += p[i + 16];
+        s3 += p[i + 24];
+      }
+    const double dt = now_seconds(true) - t0;
+    benchmark::DoNotOptimize(s0 + s1 + s2 + s3);
+    best = std::min(best, dt / passes);
+  }
+  return cache[bytes] = double(bytes) / best / 1e9;
+}
+
+constexpr std::size_t kL2Bytes = std::size_t(1) << 20;
+
+void set_roofline(benchmark::State& st, double gathered_bytes_per_iter, std::size_t footprint) {
+  st.counters["gather_GBps"] = benchmark::Counter(gathered_bytes_per_iter / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  const double roof = stream_read_gbps(footprint), l2 = stream_read_gbps(kL2Bytes);
+  st.counters["roofline_GBps"] = roof;
+  st.counters["footprint_MB"] = double(footprint) / 1e6;
+  // Rate counters use the benchmark's own time, so these fractions are gather_GBps / roof and / l2.
+  st.counters["roofline_frac"] = benchmark::Counter(gathered_bytes_per_iter / 1e9 / roof, benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["l2_frac"] = benchmark::Counter(gathered_bytes_per_iter / 1e9 / l2, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void set_tokens(benchmark::State& st, double tokens, double flops_per_iter) {
+  st.SetItemsProcessed(st.iterations() * static_cast<std::int64_t>(tokens));
+  st.counters["FLOPS"] = benchmark::Counter(flops_per_iter, benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["ns_per_token"] = benchmark::Counter(tokens * 1e-9, benchmark::Counter::kIsIterationInvariantRate |
+                                                                      benchmark::Counter::kInvert);
+}
+
+/// Seconds per iteration of the dense twins, by group, to report x_dense in the same run.
+std::map<std::string, double>& dense_seconds() {
+  static std::map<std::string, double> m;
+  return m;
+}
+
+/// Seconds per iteration of the benchmark loop, measured alongside Google Benchmark's own timer (which it does not
+/// expose to the benchmark body) so that x_dense can be computed in the same run.
+struct LoopTimer {
+  explicit LoopTimer(int threads = 1) : cpu(threads == 1), start(now_seconds(cpu)) {}
+  bool cpu;
+  double start;
+  double seconds_per_iter(const benchmark::State& st) const {
+    return (now_seconds(cpu) - start) / double(std::max<benchmark::IterationCount>(1, st.iterations()));
+  }
+};
+
+void record_dense(benchmark::State& st, const std::string& group, const LoopTimer& t) {
+  dense_seconds()[group] = t.seconds_per_iter(st);
+}
+void report_vs_dense(benchmark::State& st, const std::string& group, const LoopTimer& t) {
+  const auto it = dense_seconds().find(group);
+  if (it != dense_seconds().end()) st.counters["x_dense"] = it->second / t.seconds_per_iter(st);
+}
+
+// ------------------------------------------------------------------------------------------------ fixtures
+
+mf::MemoryLayerConfig layer_config() {
+  mf::MemoryLayerConfig c;
+  c.d_in = kD;
+  c.d_out = kD;
+  c.tau = kTau;
+  return c;
+}
+
+mf::MemoryLayer<float>& prefill_layer() {
+  static mf::MemoryLayer<float> layer(layer_config(), 1);
+  return layer;
+}
+
+const mf::FrozenMemoryLayer& frozen_layer(mf::StorageType storage) {
+  static std::map<int, std::unique_ptr<mf::FrozenMemoryLayer>> cache;
+  auto& p = cache[int(storage)];
+  if (!p) p = std::make_unique<mf::FrozenMemoryLayer>(prefill_layer(), storage);
+  return *p;
+}
+
+struct Batch {
+  MatrixF x, dy, y, dx;
+};
+Batch& batch(Index n) {
+  static std::map<Index, Batch> cache;
+  auto it = cache.find(n);
+  if (it == cache.end()) {
+    Batch b;
+    b.x.resize(n, kD);
+    b.dy.resize(n, kD);
+    fill_normal(b.x, 7, 0);
+    fill_normal(b.dy, 7, 1);
+    b.y.resize(n, kD);
+    b.dx.resize(n, kD);
+    it = cache.emplace(n, std::move(b)).first;
+  }
+  return it->second;
+}
+
+struct Dense {
+  MatrixF w, dw;
+  Eigen::Matrix<float, 1, Eigen::Dynamic> b, db;
+};
+Dense& dense() {
+  static Dense d = [] {
+    Dense r;
+    r.w.resize(kD, kD);
+    fill_normal(r.w, 3, 0);
+    r.w *= 0.02f;
+    r.dw = MatrixF::Zero(kD, kD);
+    r.b = Eigen::Matrix<float, 1, Eigen::Dynamic>::Constant(kD, 0.001f);
+    r.db = Eigen::Matrix<float, 1, Eigen::Dynamic>::Zero(kD);
+    return r;
+  }();
+  return d;
+}
+
+void set_threads(int threads) {
+  Eigen::setNbThreads(threads);
+#if defined(MEMORYFORMER_USE_OPENMP)
+  omp_set_num_threads(threads);
+#endif
+}
+
+const double kRowBytesF32 = double(kPrefillN) * kK * kD * 4.0;  // rows gathered per prefill call, float32
+const double kTableBytesF32 = double(kK) * 256 * kD * 4.0;
+
+// ------------------------------------------------------------------------------------------------ prefill
+
+void bm_prefill_dense(benchmark::State& st, int threads) {
+  set_threads(threads);
+  auto& d = dense();
+  auto& b = batch(kPrefillN);
+  LoopTimer t(threads);
+  for (auto _ : st) {
+    b.y.noalias() = b.x * d.w;
+    b.y.rowwise() += d.b;
+    benchmark::DoNotOptimize(b.y.data());
+    benchmark::ClobberMemory();
+  }
+  record_dense(st, "prefill/t" + std::to_string(threads), t);
+  set_tokens(st, double(kPrefillN), double(kPrefillN) * kD * kD);
+  st.counters["weight_MB"] = double(kD) * kD * 4 / 1e6;
+  set_threads(1);
+}
+
+/// MemoryLayer<float>::forward (float32 row-major training tables, hashing included) on `isa`.
+void bm_prefill_memory_layer(benchmark::State& st, mf::Isa isa, int threads) {
+  set_threads(threads);
+  auto& layer = prefill_layer();
+  auto& b = batch(kPrefillN);
+  mf::HashResult<float> cache;
+  LoopTimer t(threads);
+  for (auto _ : st) {
+    layer.forward(b.y, b.x, cache, isa);
+    benchmark::DoNotOptimize(b.y.data());
+    benchmark::ClobberMemory();
+  }
+  report_vs_dense(st, "prefill/t" + std::to_string(threads), t);
+  set_tokens(st, double(kPrefillN), mf::memory_layer_flops_paper(double(kPrefillN), double(kD), double(kD), kTau));
+  set_roofline(st, kRowBytesF32, std::size_t(kTableBytesF32));
+  set_threads(1);
+}
+
+/// FrozenMemoryLayer::forward (packed tables of `storage`, hashing included).
+void bm_prefill_frozen(benchmark::State& st, mf::StorageType storage, int threads) {
+  set_threads(threads);
+  const auto& layer = frozen_layer(storage);
+  auto& b = batch(kPrefillN);
+  mf::HashResult<float> cache;
+  LoopTimer t(threads);
+  for (auto _ : st) {
+    layer.forward(b.y, b.x, cache);
+    benchmark::DoNotOptimize(b.y.data());
+    benchmark::ClobberMemory();
+  }
+  report_vs_dense(st, "prefill/t" + std::to_string(threads), t);
+  set_tokens(st, double(kPrefillN), mf::memory_layer_flops_paper(double(kPrefillN), double(kD), double(kD), kTau));
+  const double value_bytes = mf::bytes_per_value(storage);
+  set_roofline(st, kRowBytesF32 / 4.0 * value_bytes, layer.table_bytes());
+  st.counters["table_MB"] = double(layer.table_bytes()) / 1e6;
+  set_threads(1);
+}
+
+/// The lookup half alone (hash precomputed), to separate hashing from gathering.
+void bm_prefill_lookup_only(benchmark::State& st, mf::StorageType storage) {
+  set_threads(1);
+  auto& b = batch(kPrefillN);
+  mf::HashResult<float> cache;
+  prefill_layer().hasher().hash(cache, b.x);
+  const bool rowmajor = storage == mf::StorageType::F32 && st.range(0) == 0;
+  const auto& frozen = frozen_layer(storage);
+  LoopTimer t;
+  for (auto _ : st) {
+    if (rowmajor) {
+      prefill_layer().forward_hashed(b.y, cache);
+    } else {
+      frozen.forward_hashed(b.y, cache);
+    }
+    benchmark::DoNotOptimize(b.y.data());
+    benchmark::ClobberMemory();
+  }
+  report_vs_dense(st, "prefill/t1", t);
+  set_tokens(st, double(kPrefillN), double(kPrefillN) * kK * kD);
+  set_roofline(st, kRowBytesF32 / 4.0 * mf::bytes_per_value(storage), std::size_t(kTableBytesF32 / 4.0 * mf::bytes_per_value(storage)));
+}
+
+// ------------------------------------------------------------------------------------------------ backward
+
+void bm_backward_dense(benchmark::State& st, int threads) {
+  set_threads(threads);
+  auto& d = dense();
+  auto& b = batch(kPrefillN);
+  LoopTimer t(threads);
+  for (auto _ : st) {
+    b.dx.noalias() = b.dy * d.w.transpose();
+    d.dw.noalias() += b.x.transpose() * b.dy;
+    d.db.noalias() += b.dy.colwise().sum();
+    benchmark::DoNotOptimize(b.dx.data());
+    benchmark::DoNotOptimize(d.dw.data());
+    benchmark::ClobberMemory();
+  }
+  record_dense(st, "backward/t" + std::to_string(threads), t);
+  set_tokens(st, double(kPrefillN), 2.0 * double(kPrefillN) * kD * kD);
+  d.dw.setZero();
+  d.db.setZero();
+  set_threads(1);
+}
+
+/// MemoryLayer::backward: dx (through the hash), dtables and dbias accumulated (zero_grad after the loop only).
+void bm_backward_memory_layer(benchmark::State& st, mf::Isa isa, int threads) {
+  set_threads(threads);
+  auto& layer = prefill_layer();
+  auto& b = batch(kPrefillN);
+  mf::HashResult<float> cache;
+  layer.forward(b.y, b.x, cache, isa);
+  LoopTimer t(threads);
+  for (auto _ : st) {
+    layer.backward(b.dx, b.x, b.dy, cache, isa);
+    benchmark::DoNotOptimize(b.dx.data());
+    benchmark::ClobberMemory();
+  }
+  report_vs_dense(st, "backward/t" + std::to_string(threads), t);
+  set_tokens(st, double(kPrefillN), 2.0 * double(kPrefillN) * kK * kD);
+  // Rows read (T) and read-modified-written (dT), as gathered contributions.
+  set_roofline(st, 3.0 * kRowBytesF32, std::size_t(2 * kTableBytesF32));
+  layer.zero_grad();
+  set_threads(1);
+}
+
+// ------------------------------------------------------------------------------------------------ hashing
+
+void bm_hash(benchmark::State& st, mf::ScoreKind score) {
+  set_threads(1);
+  const mf::SignHasher<float> hasher(mf::HashConfig{kTau, score, 1.0});
+  auto& b = batch(kPrefillN);
+  mf::HashResult<float> cache;
+  for (auto _ : st) {
+    hasher.hash(cache, b.x);
+    benchmark::DoNotOptimize(cache.scores.data());
+    benchmark::ClobberMemory();
+  }
+  st.SetBytesProcessed(st.iterations() * std::int64_t(kPrefillN * kD * 4));
+  set_tokens(st, double(kPrefillN), 0.0);
+  st.counters["input_GBps"] = benchmark::Counter(double(kPrefillN) * kD * 4 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["roofline_GBps"] = stream_read_gbps(std::size_t(kPrefillN * kD * 4));
+}
+
+// ------------------------------------------------------------------------------------------------ decode stack
+
+/// 48 layers of one token each. The Memory Layers' tables (48 × 33.6 MB = 1.6 GB float32; 0.8 GB bfloat16) exceed
+/// the 480 MB L3, and each step hashes one of 4096 different inputs so the rows it reads were not read recently.
+/// The dense twin is measured twice: the literal 48 layers (48 MB of weights: they DO fit the L3) and a pool of
+/// 1024 weight matrices (1.07 GB) walked 48 at a time, so that its weights also come from DRAM.
+struct DecodeStack {
+  std::vector<std::unique_ptr<mf::MemoryLayer<float>>> layers;
+  std::vector<std::unique_ptr<mf::FrozenMemoryLayer>> frozen_bf16;
+  std::vector<MatrixF> dense_pool;  // [d, d] each
+  MatrixF inputs;                   // [4096, d]
+};
+constexpr Index kInputs = 4096;
+constexpr Index kDensePool = 1024;
+
+DecodeStack& stack(bool need_frozen, bool need_dense_pool) {
+  static DecodeStack s;
+  if (s.layers.empty()) {
+    for (Index l = 0; l < kStackLayers; ++l) {
+      auto layer = std::make_unique<mf::MemoryLayer<float>>(layer_config(), 100 + std::uint64_t(l));
+      s.layers.push_back(std::move(layer));
+    }
+    s.inputs.resize(kInputs, kD);
+    fill_normal(s.inputs, 9, 0);
+  }
+  if (need_frozen && s.frozen_bf16.empty())
+    for (const auto& l : s.layers) s.frozen_bf16.push_back(std::make_unique<mf::FrozenMemoryLayer>(*l, mf::StorageType::BF16));
+  if (need_dense_pool && s.dense_pool.empty()) {
+    for (Index i = 0; i < kDensePool; ++i) {
+      MatrixF w(kD, kD);
+      fill_normal(w, 200 + std::uint64_t(i), 0);
+      w *= 0.02f;
+      s.dense_pool.push_back(std::move(w));
+    }
+  }
+  return s;
+}
+
+/// One decode step through the stack: each layer's output is the next layer's input (scaled to keep the hash
+/// inputs well-conditioned); the first layer's input cycles through the input pool.
+template <class Layer>
+void run_memory_stack(const std::vector<std::unique_ptr<Layer>>& layers, const MatrixF& inputs, Index step, MatrixF& a,
+                      MatrixF& b, mf::HashResult<float>& cache) {
+  a = inputs.row(step % kInputs);
+  for (const auto& layer : layers) {
+    layer->forward(b, a, cache);
+    a.swap(b);
+    a += inputs.row((step * 7 + 3) % kInputs);  // fresh codes per layer and step
+  }
+}
+
+void bm_decode_memory(benchmark::State& st, bool bf16) {
+  set_threads(1);
+  auto& s = stack(bf16, false);
+  MatrixF a(1, kD), b(1, kD);
+  mf::HashResult<float> cache;
+  Index step = 0;
+  LoopTimer t;
+  for (auto _ : st) {
+    if (bf16) {
+      run_memory_stack(s.frozen_bf16, s.inputs, step++, a, b, cache);
+    } else {
+      run_memory_stack(s.layers, s.inputs, step++, a, b, cache);
+    }
+    benchmark::DoNotOptimize(a.data());
+    benchmark::ClobberMemory();
+  }
+  report_vs_dense(st, "decode/pool", t);
+  if (auto it = dense_seconds().find("decode/l3"); it != dense_seconds().end())
+    st.counters["x_dense_l3"] = it->second / t.seconds_per_iter(st);
+  const double value_bytes = bf16 ? 2.0 : 4.0;
+  set_tokens(st, 1.0, double(kStackLayers) * mf::memory_layer_flops_paper(1.0, double(kD), double(kD), kTau));
+  set_roofline(st, double(kStackLayers) * kK * kD * value_bytes,
+               std::size_t(double(kStackLayers) * kTableBytesF32 / 4.0 * value_bytes));
+}
+
+void bm_decode_dense(benchmark::State& st, bool pool) {
+  set_threads(1);
+  auto& s = stack(false, pool);
+  auto& d = dense();
+  static std::vector<MatrixF> literal;
+  if (!pool && literal.empty()) {
+    for (Index l = 0; l < kStackLayers; ++l) {
+      MatrixF w(kD, kD);
+      fill_normal(w, 300 + std::uint64_t(l), 0);
+      literal.push_back(w * 0.02f);
+    }
+  }
+  MatrixF a(1, kD), b(1, kD);
+  Index step = 0;
+  LoopTimer t;
+  for (auto _ : st) {
+    a = s.inputs.row(step % kInputs);
+    for (Index l = 0; l < kStackLayers; ++l) {
+      const MatrixF& w = pool ? s.dense_pool[size_t((step * kStackLayers + l) % kDensePool)] : literal[size_t(l)];
+      b.noalias() = a * w;
+      b += d.b;
+      a.swap(b);
+    }
+    ++step;
+    benchmark::DoNotOptimize(a.data());
+    benchmark::ClobberMemory();
+  }
+  record_dense(st, pool ? "decode/pool" : "decode/l3", t);
+  set_tokens(st, 1.0, double(kStackLayers) * kD * kD);
+  set_roofline(st, double(kStackLayers) * kD * kD * 4.0,
+               pool ? std::size_t(kDensePool * kD * kD * 4) : std::size_t(kStackLayers * kD * kD * 4));
+}
+
+// ------------------------------------------------------------------------------------------------ rooflines
+
+void bm_stream_read(benchmark::State& st) {
+  const auto bytes = std::size_t(st.range(0));
+  double gbps = 0;
+  for (auto _ : st) gbps = stream_read_gbps(bytes);
+  st.counters["read_GBps"] = gbps;
+  st.counters["footprint_MB"] = double(bytes) / 1e6;
+}
+
+/// Random `chunk`-byte reads inside a 1 MB L2-resident block: the ceiling of the prefill gathers.
+void bm_l2_random_gather(benchmark::State& st) {
+  const Index chunk = st.range(0);
+  mf::detail::TableBlock block(kL2Bytes);
+  const auto* p = reinterpret_cast<const float*>(block.data());
+  const Index chunks = Index(kL2Bytes) / chunk;
+  std::vector<std::uint32_t> offsets(1 << 16);
+  mf::Rng rng(5);
+  for (auto& o : offsets) o = std::uint32_t(Index(rng.uniform() * double(chunks)) % chunks * (chunk / 4));
+  using Lanes16 = Eigen::Array<float, 16, 1>;
+  Lanes16 acc[4] = {Lanes16::Zero(), Lanes16::Zero(), Lanes16::Zero(), Lanes16::Zero()};
+  for (auto _ : st) {
+    for (size_t i = 0; i < offsets.size(); ++i)
+      for (Index j = 0; j < chunk / 4; j += 16)
+        acc[(i + size_t(j / 16)) & 3] += Eigen::Map<const Lanes16, Eigen::Aligned64>(p + offsets[i] + j);
+    benchmark::DoNotOptimize(acc);
+  }
+  st.counters["read_GBps"] = benchmark::Counter(double(offsets.size()) * double(chunk) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// ------------------------------------------------------------------------------------------------ registration
+
+int register_kernel_benchmarks() {
+  using mf::Isa;
+  using mf::StorageType;
+  auto ms = [](benchmark::internal::Benchmark* b) { b->Unit(benchmark::kMillisecond)->MinTime(0.5); };
+  auto us = [](benchmark::internal::Benchmark* b) { b->Unit(benchmark::kMicrosecond)->MinTime(0.5); };
+  const Isa best = mf::best_isa();
+
+  // Rooflines first: every later "roofline_frac" divides by these.
+  for (std::int64_t bytes : {std::int64_t(kL2Bytes), std::int64_t(16) << 20, std::int64_t(32) << 20,
+                             std::int64_t(2) << 30})
+    benchmark::RegisterBenchmark("kernels/roofline/stream_read", bm_stream_read)->Arg(bytes)->Iterations(1);
+  for (std::int64_t chunk : {64, 128, 256})
+    us(benchmark::RegisterBenchmark("kernels/roofline/l2_random_gather/chunk_bytes", bm_l2_random_gather)->Arg(chunk));
+
+  // Prefill, one thread: the dense twin first (x_dense of the others refers to it).
+  ms(benchmark::RegisterBenchmark("kernels/prefill/dense/N:2048/threads:1", [](benchmark::State& st) { bm_prefill_dense(st, 1); }));
+  ms(benchmark::RegisterBenchmark("kernels/prefill/memory_layer_f32_rowmajor/N:2048/threads:1",
+                                  [best](benchmark::State& st) { bm_prefill_memory_layer(st, best, 1); }));
+  for (StorageType s : {StorageType::F32, StorageType::BF16, StorageType::F16})
+    ms(benchmark::RegisterBenchmark(("kernels/prefill/frozen_" + std::string(mf::storage_type_name(s)) + "/N:2048/threads:1").c_str(),
+                                    [s](benchmark::State& st) { bm_prefill_frozen(st, s, 1); }));
+  ms(benchmark::RegisterBenchmark("kernels/prefill/lookup_only_f32_rowmajor/N:2048", [](benchmark::State& st) {
+       bm_prefill_lookup_only(st, mf::StorageType::F32);
+     })->Arg(0));
+  for (StorageType s : {StorageType::F32, StorageType::BF16})
+    ms(benchmark::RegisterBenchmark(("kernels/prefill/lookup_only_frozen_" + std::string(mf::storage_type_name(s)) + "/N:2048").c_str(),
+                                    [s](benchmark::State& st) { bm_prefill_lookup_only(st, s); })->Arg(1));
+  ms(benchmark::RegisterBenchmark("kernels/prefill/memory_layer_reference_scalar/N:2048/threads:1",
+                                  [](benchmark::State& st) { bm_prefill_memory_layer(st, mf::Isa::Scalar, 1); }));
+
+  // Backward, one thread.
+  ms(benchmark::RegisterBenchmark("kernels/backward/dense/N:2048/threads:1", [](benchmark::State& st) { bm_backward_dense(st, 1); }));
+  ms(benchmark::RegisterBenchmark("kernels/backward/memory_layer/N:2048/threads:1",
+                                  [best](benchmark::State& st) { bm_backward_memory_layer(st, best, 1); }));
+  ms(benchmark::RegisterBenchmark("kernels/backward/memory_layer_reference_scalar/N:2048/threads:1",
+                                  [](benchmark::State& st) { bm_backward_memory_layer(st, mf::Isa::Scalar, 1); }));
+
+  // Hashing.
+  us(benchmark::RegisterBenchmark("kernels/hash/l1/N:2048/d_in:512/tau:8", [](benchmark::State& st) { bm_hash(st, mf::ScoreKind::L1); }));
+  us(benchmark::RegisterBenchmark("kernels/hash/paper/N:2048/d_in:512/tau:8", [](benchmark::State& st) { bm_hash(st, mf::ScoreKind::Paper); }));
+
+  // Decode stack of 48 layers (dense twins first).
+  us(benchmark::RegisterBenchmark("kernels/decode48/dense_l3_resident_48MB", [](benchmark::State& st) { bm_decode_dense(st, false); }));
+  us(benchmark::RegisterBenchmark("kernels/decode48/dense_pool_1GB", [](benchmark::State& st) { bm_decode_dense(st, true); }));
+  us(benchmark::RegisterBenchmark("kernels/decode48/memory_layer_f32_1.6GB", [](benchmark::State& st) { bm_decode_memory(st, false); }));
+  us(benchmark::RegisterBenchmark("kernels/decode48/frozen_bf16_0.8GB", [](benchmark::State& st) { bm_decode_memory(st, true); }));
+
+  // Two threads (OpenMP builds only: the kernels split columns / rows; Eigen gets 2 threads for the dense twin).
+#if defined(MEMORYFORMER_USE_OPENMP)
+  auto real = [](benchmark::internal::Benchmark* b) { b->Unit(benchmark::kMillisecond)->MinTime(0.5)->UseRealTime(); };
+  real(benchmark::RegisterBenchmark("kernels/prefill/dense/N:2048/threads:2", [](benchmark::State& st) { bm_prefill_dense(st, 2); }));
+  real(benchmark::RegisterBenchmark("kernels/prefill/memory_layer_f32_rowmajor/N:2048/threads:2",
+                                    [best](benchmark::State& st) { bm_prefill_memory_layer(st, best, 2); }));
+  real(benchmark::RegisterBenchmark("kernels/prefill/frozen_bf16/N:2048/threads:2",
+                                    [](benchmark::State& st) { bm_prefill_frozen(st, mf::StorageType::BF16, 2); }));
+  real(benchmark::RegisterBenchmark("kernels/prefill/frozen_fp32/N:2048/threads:2",
+                                    [](benchmark::State& st) { bm_prefill_frozen(st, mf::StorageType::F32, 2); }));
+  real(benchmark::RegisterBenchmark("kernels/backward/dense/N:2048/threads:2", [](benchmark::State& st) { bm_backward_dense(st, 2); }));
+  real(benchmark::RegisterBenchmark("kernels/backward/memory_layer/N:2048/threads:2",
+                                    [best](benchmark::State& st) { bm_backward_memory_layer(st, best, 2); }));
+  // One-thread twins in real time too, for the 2-thread speed-up.
+  real(benchmark::RegisterBenchmark("kernels/prefill/frozen_bf16/N:2048/threads:1/real_time",
+                                    [](benchmark::State& st) { bm_prefill_frozen(st, mf::StorageType::BF16, 1); }));
+  real(benchmark::RegisterBenchmark("kernels/prefill/frozen_fp32/N:2048/threads:1/real_time",
+                                    [](benchmark::State& st) { bm_prefill_frozen(st, mf::StorageType::F32, 1); }));
+  real(benchmark::RegisterBenchmark("kernels/prefill/memory_layer_f32_rowmajor/N:2048/threads:1/real_time",
+                                    [best](benchmark::State& st) { bm_prefill_memory_layer(st, best, 1); }));
+  real(benchmark::RegisterBenchmark("kernels/backward/memory_layer/N:2048/threads:1/real_time",
+                                    [best](benchmark::State& st) { bm_backward_memory_layer(st, best, 1); }));
+#endif
+  benchmark::AddCustomContext("kernels_shape", "d_in = d_out = 512, tau = 8, K = 64, prefill/backward N = 2048, decode 48 layers x N = 1");
+#if defined(MEMORYFORMER_USE_OPENMP)
+  benchmark::AddCustomContext("kernels_openmp", "yes (2-thread benchmarks registered)");
+#else
+  benchmark::AddCustomContext("kernels_openmp", "no (build with -fopenmp -DMEMORYFORMER_USE_OPENMP for the 2-thread benchmarks)");
+#endif
+  return 0;
+}
+
+const int registered = register_kernel_benchmarks();
+
+}  // namespace
+}  // namespace mfbench
