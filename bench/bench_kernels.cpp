@@ -341,7 +341,8 @@ void bm_hash(benchmark::State& st, mf::ScoreKind score) {
 
 // ------------------------------------------------------------------------------------------------ decode stack
 
-/// 48 layers of one token each. The Memory Layers' tables (48 × 33.6 MB = 1.6 GB float32; 0.8 GB bfloat16) exceed
+/// 48 layers of one token each. The Memory Layers' tables (48 × 33.6 MB = 1.6 GB float32; 0.8 GB bfloat16 in the
+/// row layout, FrozenLayout::Rows) exceed
 /// the 480 MB L3, and each step hashes one of 4096 different inputs so the rows it reads were not read recently.
 /// The dense twin is measured twice: the literal 48 layers (48 MB of weights: they DO fit the L3) and a pool of
 /// 1024 weight matrices (1.07 GB) walked 48 at a time, so that its weights also come from DRAM.
@@ -365,7 +366,8 @@ DecodeStack& stack(bool need_frozen, bool need_dense_pool) {
     fill_normal(s.inputs, 9, 0);
   }
   if (need_frozen && s.frozen_bf16.empty())
-    for (const auto& l : s.layers) s.frozen_bf16.push_back(std::make_unique<mf::FrozenMemoryLayer>(*l, mf::StorageType::BF16));
+    for (const auto& l : s.layers)
+      s.frozen_bf16.push_back(std::make_unique<mf::FrozenMemoryLayer>(*l, mf::StorageType::BF16, mf::FrozenLayout::Rows));
   if (need_dense_pool && s.dense_pool.empty()) {
     for (Index i = 0; i < kDensePool; ++i) {
       MatrixF w(kD, kD);

@@ -15,30 +15,46 @@
 
 namespace memoryformer {
 
+/// Which table copies a FrozenMemoryLayer keeps.
+enum class FrozenLayout {
+  Panels,  ///< prefill layout only (decode still works, from scattered 64-byte chunks)
+  Rows,    ///< decode layout only (prefill still works, token by token)
+  Both,    ///< both copies (2× the table memory): each call uses the better one
+};
+
 /**
  * @brief A read-only copy of a trained MemoryLayer<float> for inference: the same hash and bias, the tables
  * converted once to a storage type (StorageType::BF16 halves the bytes every lookup reads).
  *
- * forward is const and thread-safe (the hash goes to a caller-owned HashResult). Few tokens (decode) run the
- * token-major kernel; many (prefill) the column-blocked one; both give the same bits. With F32 storage the results
- * equal MemoryLayer<float>::forward's fast path bit for bit.
+ * forward is const and thread-safe (the hash goes to a caller-owned HashResult). Few tokens (decode) run a
+ * token-major kernel; many (prefill, from detail::prefill_min_tokens(τ) tokens) the column-blocked one over panels.
+ * Every path gives the same bits, and with F32 storage they equal MemoryLayer<float>::forward's fast path.
  */
 class FrozenMemoryLayer {
  public:
   FrozenMemoryLayer() = default;
 
-  /// Copies `layer`'s hash settings and bias and converts its tables. @throws ConfigError (see PackedTables)
-  FrozenMemoryLayer(const MemoryLayer<float>& layer, StorageType storage, Index chunk_values = 0)
-      : config_(layer.config()),
-        hasher_(layer.hasher()),
-        tables_(layer.tables(), storage, chunk_values),
-        bias_(layer.bias()) {}
+  /**
+   * @brief Copies `layer`'s hash settings and bias and converts its tables.
+   * @param layout       which copies to keep (Panels for prefill, Rows for decode, Both)
+   * @param chunk_values panel chunk width (0: default; see PackedTables)
+   * @throws ConfigError (see PackedTables)
+   */
+  FrozenMemoryLayer(const MemoryLayer<float>& layer, StorageType storage, FrozenLayout layout = FrozenLayout::Panels,
+                    Index chunk_values = 0)
+      : config_(layer.config()), hasher_(layer.hasher()), bias_(layer.bias()) {
+    if (layout != FrozenLayout::Rows) panels_ = PackedTables(layer.tables(), storage, TableLayout::Panels, chunk_values);
+    if (layout != FrozenLayout::Panels) rows_ = PackedTables(layer.tables(), storage, TableLayout::Rows);
+  }
 
   const MemoryLayerConfig& config() const { return config_; }
   const SignHasher<float>& hasher() const { return hasher_; }
-  const PackedTables& tables() const { return tables_; }
+  /// The panel copy if kept, else the row copy.
+  const PackedTables& tables() const { return panels_.empty() ? rows_ : panels_; }
+  const PackedTables& panel_tables() const { return panels_; }  ///< empty unless Panels or Both
+  const PackedTables& row_tables() const { return rows_; }      ///< empty unless Rows or Both
   const Vector<float>& bias() const { return bias_; }  // [d_out], empty without bias
-  StorageType storage() const { return tables_.storage(); }
+  StorageType storage() const { return tables().storage(); }
   Index d_in() const { return config_.d_in; }
   Index d_out() const { return config_.d_out; }
   Index num_tables() const { return config_.num_tables(); }
@@ -87,18 +103,21 @@ class FrozenMemoryLayer {
     if (!isa_available(isa))
       throw ConfigError(std::string(where) + ": the " + std::string(isa_name(isa)) +
                         " kernels are not compiled into this build (compile with the matching -m flags)");
-    detail::lookup_forward_packed(isa, y.data(), y.outerStride(), tables_.layout(), tables_.data(), h.codes.data(),
+    const bool prefill = h.rows >= detail::prefill_min_tokens(config_.tau);
+    const PackedTables& t = panels_.empty() ? rows_ : (rows_.empty() || prefill ? panels_ : rows_);
+    detail::lookup_forward_packed(isa, y.data(), y.outerStride(), t.layout(), t.data(), h.codes.data(),
                                   h.scores.data(), config_.bias ? bias_.data() : nullptr, h.rows);
   }
 
-  /// Bytes of table storage (what a lookup reads from).
-  std::size_t table_bytes() const { return tables_.bytes(); }
+  /// Bytes of table storage held (both copies with FrozenLayout::Both).
+  std::size_t table_bytes() const { return panels_.bytes() + rows_.bytes(); }
 
  private:
   MemoryLayerConfig config_;
   SignHasher<float> hasher_{HashConfig{}};
-  PackedTables tables_;
-  Vector<float> bias_;  // [d_out]
+  PackedTables panels_;  // [K, 2^τ, d_out] in the panel layout, or empty
+  PackedTables rows_;    // [K, 2^τ, d_out] in the row layout, or empty
+  Vector<float> bias_;   // [d_out]
 };
 
 }  // namespace memoryformer

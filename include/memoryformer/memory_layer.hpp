@@ -10,6 +10,7 @@
 
 #include "bucket_table.hpp"
 #include "detail/lookup_kernels.hpp"
+#include "detail/scratch.hpp"
 #include "error.hpp"
 #include "hash.hpp"
 #include "parameter.hpp"
@@ -62,6 +63,9 @@ class MemoryLayer {
         tables_(config.num_tables(), config.tau, config.d_out),
         dtables_(config.num_tables(), config.tau, config.d_out),
         touched_(size_t(config.num_tables() * config.rows_per_table()), 0) {
+    // Rows are read at random: huge pages keep the TLB out of the way (see detail::advise_huge_pages).
+    detail::advise_huge_pages(tables_.data(), size_t(tables_.size()) * sizeof(Scalar));
+    detail::advise_huge_pages(dtables_.data(), size_t(dtables_.size()) * sizeof(Scalar));
     Rng table_rng = Rng::stream(seed, 0);
     table_rng.fill_normal(tables_.values(), 0.0, config_.table_init_std);
     if (config_.bias) {

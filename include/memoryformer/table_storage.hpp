@@ -20,6 +20,12 @@
 
 namespace memoryformer {
 
+/// How PackedTables arranges the values (see PackedTables).
+enum class TableLayout {
+  Panels,  ///< column panels that stay in L2 while many tokens stream through them: the prefill layout
+  Rows,    ///< each table row contiguous: the decode layout (a token reads K whole rows from DRAM)
+};
+
 /**
  * @brief K tables of 2^τ rows × width values, converted once to a storage type and laid out for the lookup kernels.
  *
@@ -27,13 +33,16 @@ namespace memoryformer {
  * nearest even: relative error ≤ 2^-11 for normal values; values beyond ±65504 are rejected). Every kernel decodes
  * a stored value exactly to float and accumulates in float32, so the storage type is the only approximation.
  *
- * Layout (detail::PanelLayout): the columns are cut into chunks of cv values (16 for F32, 32 for the 16-bit types:
- * one 64-byte cache line); chunk (cb, k, r) — columns [cv·cb, cv·cb + cv) of row r of table k — sits at
+ * Layout (detail::PanelLayout), TableLayout::Panels: the columns are cut into chunks of cv = 32 values (one or two
+ * cache lines); chunk (cb, k, r) — columns [cv·cb, cv·cb + cv) of row r of table k — sits at
  * cb·cb_stride + k·table_stride + r·chunk_bytes. So all K tables of one column block form one contiguous panel
- * (≈ 1 MB for K = 64, τ = 8), which the prefill loop keeps in L2 while every token streams through it; a table
- * has one spare cache line so that row r of consecutive tables falls in different cache sets; blocks ≥ 256 KB are
- * 2 MB aligned with transparent huge pages advised. bf16 chunks interleave each group of 32 values as 16 words
- * (value j | value j+16 << 16) so a 64-byte load becomes two vectors with one shift and one mask.
+ * (2 MB fp32 / 1 MB bf16 for K = 64, τ = 8, read in L2-sized table groups) which the prefill loop keeps in L2 while
+ * every token streams through it. TableLayout::Rows: one chunk per row (rows contiguous, padded to a multiple of 64
+ * values), which a token-major decode reads as whole rows — a random 64-byte chunk per column block would cost a
+ * DRAM round trip each. Either way a table has one spare cache line so that row r of consecutive tables falls in
+ * different cache sets, and blocks ≥ 256 KB are 2 MB aligned with transparent huge pages advised. bf16 stores each
+ * group of 32 values as 16 words (value j | value j+16 << 16) so a 64-byte load becomes two vectors of 16
+ * consecutive columns with one shift and one mask.
  * Training keeps float32 master tables in MemoryLayer; this is an inference copy (see FrozenMemoryLayer).
  */
 class PackedTables {
@@ -41,15 +50,18 @@ class PackedTables {
   PackedTables() = default;
 
   /// Converts `tables` to `storage`. @throws ConfigError if a value is not finite or does not fit float16.
-  PackedTables(const BucketTable<float>& tables, StorageType storage, Index chunk_values = 0)
-      : PackedTables(tables.data(), tables.num_tables(), tables.tau(), tables.width(), storage, chunk_values) {}
+  PackedTables(const BucketTable<float>& tables, StorageType storage, TableLayout layout = TableLayout::Panels,
+               Index chunk_values = 0)
+      : PackedTables(tables.data(), tables.num_tables(), tables.tau(), tables.width(), storage, layout, chunk_values) {}
 
   /**
    * @brief Converts row-major float tables [tables, 2^τ, width] (contiguous) to `storage`.
-   * @param chunk_values columns per chunk: 0 for the default, else 16, 32 or 64 (bf16: 32 or 64)
+   * @param layout       Panels (prefill) or Rows (decode)
+   * @param chunk_values Panels only: columns per chunk, 0 for the default (32), else 16, 32 or 64 (bf16: 32, 64)
    * @throws ConfigError for a bad shape or chunk size, a non-finite value, or a value beyond the float16 range
    */
-  PackedTables(const float* values, Index tables, int tau, Index width, StorageType storage, Index chunk_values = 0) {
+  PackedTables(const float* values, Index tables, int tau, Index width, StorageType storage,
+               TableLayout layout = TableLayout::Panels, Index chunk_values = 0) {
     const char* where = "PackedTables";
     detail::check_config(tables > 0, where, "tables = " + std::to_string(tables) + " must be > 0");
     detail::check_config(tau >= 1 && tau <= 16, where, "tau = " + std::to_string(tau) + " is outside 1..16");
@@ -59,7 +71,8 @@ class PackedTables {
     detail::check_config(chunk_ok, where,
                          "chunk_values = " + std::to_string(chunk_values) +
                              " must be 0 (default), 16, 32 or 64 (bf16: 32 or 64)");
-    layout_ = detail::PanelLayout::make(tables, tau, width, storage, chunk_values);
+    layout_ = detail::PanelLayout::make(tables, tau, width, storage,
+                                        layout == TableLayout::Rows ? detail::row_chunk : chunk_values);
     block_ = detail::TableBlock(size_t(layout_.total_bytes()));
     const Index rows = layout_.rows;
     for (Index i = 0; i < tables * rows * width; ++i) {
@@ -82,6 +95,8 @@ class PackedTables {
 
   bool empty() const { return layout_.tables == 0; }
   StorageType storage() const { return layout_.storage; }        ///< F32, BF16 or F16
+  /// Panels or Rows.
+  TableLayout table_layout() const { return layout_.row_layout ? TableLayout::Rows : TableLayout::Panels; }
   Index num_tables() const { return layout_.tables; }            ///< K
   Index rows_per_table() const { return layout_.rows; }          ///< 2^τ
   int tau() const { return empty() ? 0 : std::countr_zero(std::uint64_t(layout_.rows)); }

@@ -142,9 +142,12 @@ TEST(LookupIsa, ForwardFastPathsGiveIdenticalBitsWhateverTheLoopOrder) {
       mf::Matrix<float> other(s.n, s.d_out);
       layer.forward_hashed(other, h, isa);
       ASSERT_TRUE(other == all) << mf::isa_name(isa) << " " << name(s);
-      const mf::FrozenMemoryLayer frozen(layer, mf::StorageType::F32);
+      const mf::FrozenMemoryLayer frozen(layer, mf::StorageType::F32, mf::FrozenLayout::Both);
       frozen.forward_hashed(other, h, isa);
       ASSERT_TRUE(other == all) << "packed f32 " << mf::isa_name(isa) << " " << name(s);
+      const mf::FrozenMemoryLayer rows_only(layer, mf::StorageType::F32, mf::FrozenLayout::Rows);
+      rows_only.forward_hashed(other, h, isa);
+      ASSERT_TRUE(other == all) << "row layout f32 " << mf::isa_name(isa) << " " << name(s);
       for (mf::Index n = 0; n < s.n; n += 7) {
         const mf::Matrix<float> xn = x.row(n);
         const auto hn = layer.hasher().hash(xn);
@@ -191,9 +194,17 @@ TEST(LookupIsa, PackedStorageEveryPathMatchesItsReference) {
     mf::Matrix<float> f32(s.n, s.d_out);
     layer.forward_hashed(f32, h, mf::Isa::Scalar);
     const double K = double(h.tables);
+    struct Variant {
+      mf::FrozenLayout layout;
+      mf::Index cv;
+    };
+    const Variant variants[] = {{mf::FrozenLayout::Panels, 0},  {mf::FrozenLayout::Panels, 32},
+                                {mf::FrozenLayout::Panels, 64}, {mf::FrozenLayout::Rows, 0},
+                                {mf::FrozenLayout::Both, 0}};
     for (mf::StorageType st : {mf::StorageType::F32, mf::StorageType::BF16, mf::StorageType::F16}) {
-      for (mf::Index cv : {mf::Index(0), mf::Index(32), mf::Index(64)}) {
-        const mf::FrozenMemoryLayer frozen(layer, st, cv);
+      for (const Variant& v : variants) {
+        const mf::Index cv = v.cv;
+        const mf::FrozenMemoryLayer frozen(layer, st, v.layout, cv);
         mf::Matrix<float> ref(s.n, s.d_out);
         frozen.forward_hashed(ref, h, mf::Isa::Scalar);
         const double q = st == mf::StorageType::F32 ? 0.0 : (st == mf::StorageType::BF16 ? 0x1.0p-8 : 0x1.0p-11);
@@ -209,7 +220,8 @@ TEST(LookupIsa, PackedStorageEveryPathMatchesItsReference) {
           for (mf::Index n = 0; n < s.n; ++n)
             for (mf::Index o = 0; o < s.d_out; ++o)
               ASSERT_NEAR(y(n, o), ref(n, o), 2 * (K + 1) * u * (1 + q) * magnitude(layer, h, n, o) + 1e-30)
-                  << mf::storage_type_name(st) << " cv " << cv << " " << mf::isa_name(isa) << " " << name(s)
+                  << mf::storage_type_name(st) << " layout " << int(v.layout) << " cv " << cv << " "
+                  << mf::isa_name(isa) << " " << name(s)
                   << " at (" << n << ", " << o << ")";
         }
       }
@@ -220,8 +232,10 @@ TEST(LookupIsa, PackedStorageEveryPathMatchesItsReference) {
 TEST(LookupIsa, PackedValuesDecodeToTheRoundedFloats) {
   const Shape s{40, 37, 10, 1, true};
   const auto layer = make_layer(s, 41);
-  for (mf::StorageType st : {mf::StorageType::F32, mf::StorageType::BF16, mf::StorageType::F16}) {
-    const mf::PackedTables packed(layer.tables(), st);
+  for (mf::StorageType st : {mf::StorageType::F32, mf::StorageType::BF16, mf::StorageType::F16})
+    for (mf::TableLayout layout : {mf::TableLayout::Panels, mf::TableLayout::Rows}) {
+    const mf::PackedTables packed(layer.tables(), st, layout);
+    ASSERT_EQ(packed.table_layout(), layout);
     for (mf::Index k = 0; k < 4; ++k)
       for (mf::Index r = 0; r < packed.rows_per_table(); r += 37)
         for (mf::Index c = 0; c < s.d_out; ++c) {
@@ -338,7 +352,7 @@ TEST(LookupIsa, FrozenLayerChecksItsInputs) {
   big.tables().row(0, 0)[0] = 1e5f;
   EXPECT_THROW(mf::FrozenMemoryLayer(big, mf::StorageType::F16), mf::ConfigError);
   EXPECT_NO_THROW(mf::FrozenMemoryLayer(big, mf::StorageType::BF16));
-  EXPECT_THROW(mf::PackedTables(layer.tables(), mf::StorageType::BF16, 16), mf::ConfigError);
+  EXPECT_THROW(mf::PackedTables(layer.tables(), mf::StorageType::BF16, mf::TableLayout::Panels, 16), mf::ConfigError);
 }
 
 #if defined(MEMORYFORMER_USE_OPENMP)

@@ -38,6 +38,9 @@ inline constexpr Index max_chunk_values = 64;
 /// the panel shares L2 with the partial sums [N, 64] and the codes/scores of the group).
 inline constexpr Index panel_budget_bytes = Index(512) << 10;
 
+/// chunk_values argument of PanelLayout::make selecting the row layout.
+inline constexpr Index row_chunk = -1;
+
 /// Columns per chunk used unless told otherwise (chosen by measurement, perf.md): 64 B chunks keep all K tables
 /// of a column block in one L2-sized panel for τ = 8, so no partial sums travel between table groups.
 constexpr Index default_chunk_values(StorageType storage) { return storage == StorageType::F32 ? 32 : 32; }
@@ -58,14 +61,19 @@ struct PanelLayout {
   Index cb_stride = 0;
   Index column_blocks = 0;
   Index budget = panel_budget_bytes;  // bytes of one table group (the prefill loop's L2 working set)
+  bool row_layout = false;            // made with row_chunk (for widths ≤ 64 it coincides with one panel)
 
+  /// chunk_values: 0 = default_chunk_values, 16/32/64 = panels, row_chunk = whole rows (one column block: each
+  /// row contiguous, padded to a multiple of 64 values — the decode layout).
   static PanelLayout make(Index tables, int tau, Index width, StorageType storage, Index chunk_values = 0) {
     PanelLayout l;
     l.tables = tables;
     l.rows = Index(1) << tau;
     l.width = width;
     l.storage = storage;
-    l.cv = chunk_values > 0 ? chunk_values : default_chunk_values(storage);
+    l.row_layout = chunk_values == row_chunk;
+    l.cv = chunk_values == row_chunk ? (width + max_chunk_values - 1) / max_chunk_values * max_chunk_values
+                                     : (chunk_values > 0 ? chunk_values : default_chunk_values(storage));
     l.value_bytes = storage == StorageType::F32 ? 4 : 2;
     l.chunk_bytes = l.cv * l.value_bytes;
     l.table_stride = l.rows * l.chunk_bytes + 64;
@@ -74,6 +82,8 @@ struct PanelLayout {
     return l;
   }
   Index total_bytes() const { return column_blocks * cb_stride; }
+  /// True for the row layout (chunks wider than a panel chunk).
+  bool rows_contiguous() const { return cv > max_chunk_values; }
   Index chunk_offset(Index cb, Index k, Index code) const {
     return cb * cb_stride + k * table_stride + code * chunk_bytes;
   }
@@ -122,7 +132,15 @@ inline Index available_threads() {
 // ------------------------------------------------------------------------------------------------ packing
 
 /// Stores `count` floats as a chunk of `cv` `storage` values at dst (count ≤ cv; zero-padded to cv values).
+/// Chunks wider than 64 values (the row layout) are stored as consecutive 64-value pieces.
 inline void encode_chunk(std::byte* dst, const float* src, Index count, Index cv, StorageType storage) {
+  if (cv > max_chunk_values) {
+    const Index piece_bytes = max_chunk_values * (storage == StorageType::F32 ? 4 : 2);
+    for (Index p = 0; p * max_chunk_values < cv; ++p)
+      encode_chunk(dst + p * piece_bytes, src + p * max_chunk_values,
+                   std::clamp<Index>(count - p * max_chunk_values, 0, max_chunk_values), max_chunk_values, storage);
+    return;
+  }
   float v[max_chunk_values] = {};
   std::memcpy(v, src, size_t(count) * sizeof(float));
   if (storage == StorageType::F32) {
@@ -145,6 +163,10 @@ inline void encode_chunk(std::byte* dst, const float* src, Index count, Index cv
 
 /// Value i (< chunk size) of a stored chunk, decoded to float (exact).
 inline float decode_value(const std::byte* chunk, Index i, StorageType storage) {
+  if (i >= max_chunk_values) {  // row layout: 64-value pieces
+    const Index piece_bytes = max_chunk_values * (storage == StorageType::F32 ? 4 : 2);
+    return decode_value(chunk + (i / max_chunk_values) * piece_bytes, i % max_chunk_values, storage);
+  }
   if (storage == StorageType::F32) {
     float v;
     std::memcpy(&v, chunk + i * 4, 4);
@@ -545,6 +567,57 @@ void packed_decode(float* y, Index y_stride, const PanelLayout& l, const std::by
     if constexpr (S == StorageType::BF16 && decltype(cv)::value == 16) return;  // not a bf16 layout
     else packed_decode_cv<I, S, decltype(cv)::value>(y, y_stride, l, data, codes, scores, bias, rows);
   });
+}
+
+/// Forward over the row layout (each row contiguous, pieces of 64 values), token-major: blocks of 256 columns
+/// (AVX-512: 16 zmm) or 128 (AVX2) accumulate over the K rows, whole rows prefetched a few tables ahead.
+template <Isa I, StorageType S>
+void packed_rows_decode(float* y, Index y_stride, const PanelLayout& l, const std::byte* data,
+                        const std::int32_t* codes, const float* scores, const float* bias, Index rows) {
+  using L = Lanes<I>;
+  using V = typename L::V;
+  constexpr Index pieces = I == Isa::Avx512 ? 4 : 2;  // 64-value pieces per block
+  constexpr Index block = pieces * max_chunk_values;
+  constexpr Index nv = block / L::n;
+  constexpr Index piece_vectors = max_chunk_values / L::n;
+  const Index K = l.tables, blocks = (l.width + block - 1) / block;
+  const Index piece_bytes = max_chunk_values * l.value_bytes;
+  auto run = [&](Index n, Index blk) {
+    const Index c0 = blk * block, cols = std::min(block, l.width - c0);
+    const Index used_pieces = (cols + max_chunk_values - 1) / max_chunk_values;
+    const std::int32_t* c = codes + n * K;
+    const float* s = scores + n * K;
+    V acc[nv];
+    for (Index j = 0; j < nv; ++j)
+      acc[j] = bias != nullptr ? L::load_partial(bias + c0 + j * L::n, cols - j * L::n) : L::zero();
+    auto row = [&](Index k) { return data + k * l.table_stride + c[k] * l.chunk_bytes; };
+    auto prefetch = [&](Index k) {  // the whole row on the first block, so later blocks find it in cache
+      const std::byte* p = row(k) + (blk == 0 ? 0 : c0 / max_chunk_values * piece_bytes);
+      const Index bytes = blk == 0 ? l.chunk_bytes : used_pieces * piece_bytes;
+      for (Index b = 0; b < bytes; b += 64) prefetch_line(p + b);
+    };
+    for (Index k = 0; k < std::min(K, decode_prefetch_tables); ++k) prefetch(k);
+    for (Index k = 0; k < K; ++k) {
+      if (k + decode_prefetch_tables < K) prefetch(k + decode_prefetch_tables);
+      const V sv = L::set1(s[k]);
+      const std::byte* p = row(k) + (c0 / max_chunk_values) * piece_bytes;
+      for (Index q = 0; q < used_pieces; ++q)
+        L::template fma_chunk<S, max_chunk_values>(acc + q * piece_vectors, sv, p + q * piece_bytes);
+    }
+    float* out = y + n * y_stride + c0;
+    for (Index j = 0; j < nv; ++j) L::store_partial(out + j * L::n, acc[j], cols - j * L::n);
+  };
+  if (rows >= available_threads()) {
+    parallel_ranges(rows, [&](Index n0, Index n1) {
+      for (Index n = n0; n < n1; ++n)
+        for (Index b = 0; b < blocks; ++b) run(n, b);
+    });
+  } else {
+    parallel_ranges(blocks, [&](Index b0, Index b1) {
+      for (Index n = 0; n < rows; ++n)
+        for (Index b = b0; b < b1; ++b) run(n, b);
+    });
+  }
 }
 
 /// Forward over row-major float32 tables, token-major (decode): column blocks of 16 vectors (256 columns with

@@ -64,7 +64,7 @@ inline void gather_sum_packed(float* y, Index y_stride, const PanelLayout& l, co
       for (Index cb = 0; cb < l.column_blocks; ++cb) {
         const std::byte* chunk = data + l.chunk_offset(cb, k, codes[n * K + k]);
         const Index cols = l.block_columns(cb);
-        for (Index i = 0; i < cols; ++i) out[cb * l.cv + i] += s * decode_value(chunk, i, l.storage);
+        for (Index i = 0; i < cols; ++i) out[cb * l.cv + i] += s * decode_value(chunk, i, l.storage);  // any layout
       }
     }
   }
@@ -178,7 +178,9 @@ inline void lookup_forward_packed(Isa isa, float* y, Index y_stride, const Panel
     dispatch_simd(isa, [&]<Isa I>() {
       dispatch_storage(l.storage, [&](auto storage) {
         constexpr StorageType S = decltype(storage)::value;
-        if (rows >= prefill_min_tokens(int(std::countr_zero(std::uint64_t(l.rows))))) {
+        if (l.rows_contiguous()) {
+          packed_rows_decode<I, S>(y, y_stride, l, data, codes, scores, bias, rows);
+        } else if (rows >= prefill_min_tokens(int(std::countr_zero(std::uint64_t(l.rows))))) {
           packed_prefill<I, S>(y, y_stride, l, data, codes, scores, bias, rows);
         } else {
           packed_decode<I, S>(y, y_stride, l, data, codes, scores, bias, rows);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -32,6 +33,25 @@ inline void* allocate_tables(std::size_t bytes) {
 #endif
   std::memset(p, 0, rounded);
   return p;
+}
+
+/// Asks the kernel to back the 2 MB-aligned interior of [p, p + bytes) with huge pages, collapsing pages already
+/// touched (MADV_COLLAPSE, Linux ≥ 6.1; an older kernel just declines). The tables are read at random, and with
+/// 4 KB pages almost every row of a 1.6 GB decode stack would also miss the TLB (measured: +35 % time).
+/// Advice only: nothing changes if the kernel refuses.
+inline void advise_huge_pages(void* p, std::size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const auto begin = (reinterpret_cast<std::uintptr_t>(p) + huge_page_bytes - 1) / huge_page_bytes * huge_page_bytes;
+  const auto end = (reinterpret_cast<std::uintptr_t>(p) + bytes) / huge_page_bytes * huge_page_bytes;
+  if (end <= begin) return;
+  void* start = reinterpret_cast<void*>(begin);
+  (void)madvise(start, end - begin, MADV_HUGEPAGE);
+  constexpr int madv_collapse = 25;  // MADV_COLLAPSE, not in every libc's headers yet
+  (void)madvise(start, end - begin, madv_collapse);
+#else
+  (void)p;
+  (void)bytes;
+#endif
 }
 
 /// An owning, aligned, zero-initialised byte block from allocate_tables (move-only).
