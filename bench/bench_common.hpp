@@ -738,18 +738,19 @@ inline StackPlan plan_decode_stack(const BlockGrid& g, const BlockShape& s, bool
 }
 
 /// One object kept between the calls Google Benchmark makes of a benchmark function (iteration sizing,
-/// repetitions): building a block's tables takes seconds. Two slots, MemoryFormer (0) and Transformer (1), so the
-/// twins that alternate in the run order each keep theirs; a slot frees its old object before building a new one,
-/// and the other slot's object too when both together would exceed kMaxSlotBytes.
+/// repetitions): building a block's tables takes seconds. Three slots, MemoryFormer (0), Transformer (1) and
+/// attention alone (2), so the benchmarks that alternate in the run order each keep theirs; a slot frees its old
+/// object before building a new one, and the other slots' objects too when all together would exceed kMaxSlotBytes.
 struct BlockSlot {
   std::string key;
   std::shared_ptr<void> object;
   double bytes = 0;  // resident estimate of the object
   double build_seconds = 0;
 };
+inline constexpr int kBlockSlots = 3;
 inline constexpr double kMaxSlotBytes = 6.5e9;
 inline BlockSlot& block_slot(int which) {
-  static BlockSlot slots[2];
+  static BlockSlot slots[kBlockSlots];
   return slots[which];
 }
 template <class T, class Make>
@@ -758,7 +759,10 @@ T& cached_block_object(int which, const std::string& key, double bytes, Make&& m
   if (!slot.object || slot.key != key) {
     slot = BlockSlot{};
     release_cached_layer();
-    if (auto& other = block_slot(1 - which); other.bytes + bytes > kMaxSlotBytes) other = BlockSlot{};
+    double others = 0;
+    for (int i = 0; i < kBlockSlots; ++i) others += block_slot(i).bytes;
+    if (others + bytes > kMaxSlotBytes)
+      for (int i = 0; i < kBlockSlots; ++i) block_slot(i) = BlockSlot{};
     const auto t0 = std::chrono::steady_clock::now();
     std::shared_ptr<T> made = make();
     slot.build_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -809,27 +813,41 @@ inline void set_block_counters(benchmark::State& st, bool memoryformer, const Bl
   st.counters["K"] = memoryformer ? double(s.k()) : 0.0;
 }
 
+/// A prefill block with its forward cache. The cache is kept across calls and warmed once per shape: a large shape
+/// runs 1 iteration per call, and allocating and first-touching its buffers (attention probabilities alone are
+/// heads·s² floats, 268 MB at d = 1024, s = 2048) would otherwise be timed.
+template <class Block>
+struct PrefillBlock {
+  std::unique_ptr<Block> block;
+  typename Block::Cache cache;
+  std::string warmed;  // block_suffix of the shape the cache was sized for
+};
+
+/// Resident estimate of a prefill object: weights + gradient buffers + the attention probabilities.
+inline double prefill_bytes(double weight_bytes, const BlockShape& s) {
+  return 2.0 * weight_bytes + double(s.heads()) * double(s.s) * double(s.s) * 4.0;
+}
+
 /// Prefill: block.forward(y, x, batch = 1, seq = s, cache) on x ~ N(0, 1). One block, built once per (model, d).
 template <class Block>
 inline void bm_block_prefill(benchmark::State& st, BlockShape s) {
   using Traits = BlockTraits<Block>;
   init_single_thread();
-  auto& block = cached_block_object<Block>(Traits::slot, std::string(Traits::name) + "/prefill/" + std::to_string(s.d),
-                                           2.0 * Traits::weight_bytes(s),  // weights + gradient buffers
-                                           [&] { return std::make_shared<Block>(Traits::config(s), /*seed=*/11); });
+  auto& p = cached_block_object<PrefillBlock<Block>>(
+      Traits::slot, std::string(Traits::name) + "/prefill/" + std::to_string(s.d),
+      prefill_bytes(Traits::weight_bytes(s), s), [&] {
+        auto made = std::make_shared<PrefillBlock<Block>>();
+        made->block = std::make_unique<Block>(Traits::config(s), /*seed=*/11);
+        return made;
+      });
   const auto& in = cached_inputs(s.s, s.d, s.d);
   MatrixF y(s.s, s.d);
-  // Kept across calls and warmed once per shape: a large shape runs 1 iteration per call, and allocating and
-  // first-touching its buffers (attention probabilities alone are heads·s² floats, 268 MB at d = 1024, s = 2048)
-  // would otherwise be timed.
-  static typename Block::Cache cache;
-  static std::string warmed;
-  if (warmed != block_suffix(s)) {
-    block.forward(y, in.x, 1, s.s, cache);
-    warmed = block_suffix(s);
+  if (p.warmed != block_suffix(s)) {
+    p.block->forward(y, in.x, 1, s.s, p.cache);
+    p.warmed = block_suffix(s);
   }
   for (auto _ : st) {
-    block.forward(y, in.x, 1, s.s, cache);
+    p.block->forward(y, in.x, 1, s.s, p.cache);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
@@ -839,20 +857,26 @@ inline void bm_block_prefill(benchmark::State& st, BlockShape s) {
                      1.0, 0.0, block_slot(Traits::slot).build_seconds);
 }
 
+/// The attention cache of bm_attention_prefill, kept and warmed as in PrefillBlock.
+struct AttentionPrefill {
+  memoryformer::AttentionCache<float> cache;
+  std::string warmed;
+};
+
 /// The causal multi-head attention both blocks run (attention_forward on q, k, v ~ N(0, 1)), timed alone to show
 /// how much of a block's prefill time it takes. Paper FLOPs 2s²d.
 inline void bm_attention_prefill(benchmark::State& st, BlockShape s) {
   init_single_thread();
+  auto& p = cached_block_object<AttentionPrefill>(2, "attention/prefill/" + block_suffix(s), prefill_bytes(0.0, s),
+                                                  [] { return std::make_shared<AttentionPrefill>(); });
   const auto& in = cached_inputs(s.s, s.d, s.d);
   MatrixF ctx(s.s, s.d);
-  static memoryformer::AttentionCache<float> cache;  // kept and warmed as in bm_block_prefill
-  static std::string warmed;
-  if (warmed != block_suffix(s)) {
-    memoryformer::attention_forward<float>(ctx, in.x, in.dy, in.x, 1, s.s, s.heads(), cache);
-    warmed = block_suffix(s);
+  if (p.warmed != block_suffix(s)) {
+    memoryformer::attention_forward<float>(ctx, in.x, in.dy, in.x, 1, s.s, s.heads(), p.cache);
+    p.warmed = block_suffix(s);
   }
   for (auto _ : st) {
-    memoryformer::attention_forward<float>(ctx, in.x, in.dy, in.x, 1, s.s, s.heads(), cache);
+    memoryformer::attention_forward<float>(ctx, in.x, in.dy, in.x, 1, s.s, s.heads(), p.cache);
     benchmark::DoNotOptimize(ctx.data());
     benchmark::ClobberMemory();
   }
@@ -947,7 +971,7 @@ inline void bm_attention_decode(benchmark::State& st, BlockShape s, BlockGrid g)
   const Index layers = kv_caches_for_target(g, s);
   const std::string key = "attention/decode/" + std::to_string(s.d) + "/" + std::to_string(s.s) + "/" +
                           std::to_string(layers) + "/" + std::to_string(g.token_pool);
-  auto& stack = cached_block_object<AttentionDecodeStack>(1, key, double(layers) * kv_bytes_per_token(s), [&] {
+  auto& stack = cached_block_object<AttentionDecodeStack>(2, key, double(layers) * kv_bytes_per_token(s), [&] {
     auto p = std::make_shared<AttentionDecodeStack>();
     MatrixF keys(s.s - 1, s.d), values(s.s - 1, s.d);
     fill_normal(keys, 9, 0);
@@ -981,7 +1005,7 @@ inline void bm_attention_decode(benchmark::State& st, BlockShape s, BlockGrid g)
   st.counters["bytes_per_iter"] = double(layers) * kv_bytes_per_token(s);
   st.counters["layers"] = double(layers);
   st.counters["kv_bytes_per_token"] = kv_bytes_per_token(s);
-  st.counters["build_s"] = block_slot(1).build_seconds;
+  st.counters["build_s"] = block_slot(2).build_seconds;
   st.counters["time_per_token"] =
       benchmark::Counter(1.0, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
 }

@@ -529,13 +529,25 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
   std::vector<std::string> why;
   struct Range {
     double lo = kNaN, hi = kNaN;
-    int n = 0, above_one = 0;
+    int n = 0, slower = 0, even = 0, faster = 0;  // ratio >= 1.05, within 5 %, <= 0.95
     void add(double v) {
       if (!std::isfinite(v)) return;
       lo = n ? std::min(lo, v) : v;
       hi = n ? std::max(hi, v) : v;
       ++n;
-      above_one += v >= 1.0 ? 1 : 0;
+      (v >= 1.05 ? slower : v > 0.95 ? even : faster) += 1;
+    }
+    /// "slower in a, about as fast (within 5 %) in b, faster in c of n shapes", leaving out zero counts.
+    std::string verdict() const {
+      std::string v;
+      auto add = [&](int count, const char* what) {
+        if (count == 0) return;
+        v += (v.empty() ? "" : ", ") + std::string(what) + " in " + std::to_string(count);
+      };
+      add(slower, "SLOWER (ratio >= 1.05)");
+      add(even, "about as fast (within 5 %)");
+      add(faster, "faster (ratio <= 0.95)");
+      return "the MemoryFormer block is " + v + " of " + std::to_string(n) + " shapes";
     }
     std::string text(const char* f, double scale = 1) const {
       return lo == hi ? fmt(f, scale * lo) : fmt(f, scale * lo) + " - " + fmt(f, scale * hi);
@@ -615,15 +627,21 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
           << fmt("%.0f", ft_na / (rest_t * 1e3))
           << " GFLOP/s) takes " << fmt("%.1f", rest_m / 1e3) << " vs " << fmt("%.1f", rest_t / 1e3) << " ms, ratio "
           << fmt("%.2f", rest_ratio) << " against a FLOP ratio of " << fmt("%.4f", fm_na / ft_na);
-        if (rest_ratio > 1.0)
+        if (rest_ratio >= 1.05)
           w << " - the lookups are SLOWER than the GEMMs they replace: each gathered row is used once (no reuse, "
                "bound by gather bandwidth), while a GEMM reuses every loaded weight for all s tokens";
+        else if (rest_ratio > 0.95)
+          w << " - the lookups take as long as the GEMMs they replace, for 1/" << fmt("%.0f", ft_na / fm_na)
+            << " of the FLOPs: each gathered row is used once (no reuse, bound by gather bandwidth), while a GEMM "
+               "reuses every loaded weight for all s tokens";
         else if (rest_ratio > 4 * fm_na / ft_na)
           w << " - the lookups save far less time than FLOPs: each gathered row is used once (bandwidth bound), a "
                "GEMM reuses every loaded weight s times";
       }
-      if (ratio >= 1.0)
+      if (ratio >= 1.05)
         w << ". So here the MemoryFormer block is SLOWER";
+      else if (ratio > 0.95)
+        w << ". So here the MemoryFormer block is no faster (within 5 %, less than the run-to-run noise)";
       else if (aus / tus > 0.3)
         w << ". The saving is capped by attention, which neither block avoids (it grows as s^2, the rest as s)";
     }
@@ -712,7 +730,7 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
       w << "; the KV cache is " << fmt("%.0f", 100 * kv / (bm + kv))
         << "% of the bytes the MemoryFormer block reads and grows with s, so the longer the context the closer the "
            "ratio gets to 1";
-    if (ratio >= 1.0)
+    if (ratio >= 1.05)
       w << ". So here the MemoryFormer block is SLOWER: its scattered row gathers (" << fmt("%.1f", gbm)
         << " GB/s) run far below the Transformer's streaming reads (" << fmt("%.1f", gbt) << " GB/s)";
     else if (ratio > 2 * (bm + kv) / (bt + kv))
@@ -736,17 +754,12 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
   }
   os << "\n   Summary (MemoryFormer / Transformer time; paper-FLOPs ratio in brackets):\n";
   if (pre_ratio.n)
-    os << wrap("- prefill: " + pre_ratio.text("%.2f") + " [" + pre_flops.text("%.3f") + "]; the MemoryFormer block is " +
-                   (pre_ratio.above_one ? "SLOWER in " + std::to_string(pre_ratio.above_one)
-                                        : "faster in " + std::to_string(pre_ratio.n)) +
-                   " of " + std::to_string(pre_ratio.n) + " shapes.",
+    os << wrap("- prefill: " + pre_ratio.text("%.2f") + " [" + pre_flops.text("%.3f") + "]; " + pre_ratio.verdict() +
+                   ".",
                "   ", "     ");
   if (dec_ratio.n)
     os << wrap("- decode (per token per layer): " + dec_ratio.text("%.2f") + " [" + dec_flops.text("%.3f") +
-                   "; bytes read " + dec_bytes.text("%.2f") + "]; the MemoryFormer block is " +
-                   (dec_ratio.above_one ? "SLOWER in " + std::to_string(dec_ratio.above_one)
-                                        : "faster in " + std::to_string(dec_ratio.n)) +
-                   " of " + std::to_string(dec_ratio.n) + " shapes.",
+                   "; bytes read " + dec_bytes.text("%.2f") + "]; " + dec_ratio.verdict() + ".",
                "   ", "     ");
   os << "   Why:\n";
   if (pre_ratio.n && std::isfinite(pre_attn_share.lo))
