@@ -26,8 +26,12 @@ void print_usage() {
 
 int main(int argc, char** argv) {
   mfbench::Grid grid = mfbench::default_grid();
+  mfbench::BlockGrid block_grid = mfbench::default_block_grid();
   const char* env_full = std::getenv("MEMORYFORMER_BENCH_FULL");
-  if (env_full != nullptr && std::strcmp(env_full, "0") != 0 && *env_full != '\0') grid = mfbench::full_grid();
+  if (env_full != nullptr && std::strcmp(env_full, "0") != 0 && *env_full != '\0') {
+    grid = mfbench::full_grid();
+    block_grid = mfbench::full_block_grid();
+  }
   double max_table_mb = -1;
   bool help = false;
   // Our own flags are removed before Google Benchmark sees argv (it rejects flags it does not know).
@@ -36,8 +40,10 @@ int main(int argc, char** argv) {
     const std::string a = argv[i];
     if (a == "--full") {
       grid = mfbench::full_grid();
+      block_grid = mfbench::full_block_grid();
     } else if (a == "--smoke") {
       grid = mfbench::smoke_grid();
+      block_grid = mfbench::smoke_block_grid();
     } else if (a.rfind("--max-table-mb=", 0) == 0) {
       max_table_mb = std::atof(a.c_str() + 15);
     } else {
@@ -56,6 +62,7 @@ int main(int argc, char** argv) {
   mfbench::add_benchmark_context();
   mfbench::register_memory_layer_benchmarks(grid);
   mfbench::register_hash_benchmarks(grid);
+  mfbench::register_block_suite(block_grid);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;
