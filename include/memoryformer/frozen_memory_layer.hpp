@@ -27,7 +27,8 @@ enum class FrozenLayout {
  * converted once to a storage type (StorageType::BF16 halves the bytes every lookup reads).
  *
  * forward is const and thread-safe (the hash goes to a caller-owned HashResult). Few tokens (decode) run a
- * token-major kernel; many (prefill, from detail::prefill_min_tokens(τ) tokens) the column-blocked one over panels.
+ * token-major kernel; many (prefill: from 2^τ tokens with panels only, 1.5·2^τ with both copies) the
+ * column-blocked one over panels; the row layout alone always runs token-major.
  * Every path gives the same bits, and with F32 storage they equal MemoryLayer<float>::forward's fast path.
  */
 class FrozenMemoryLayer {
@@ -103,7 +104,7 @@ class FrozenMemoryLayer {
     if (!isa_available(isa))
       throw ConfigError(std::string(where) + ": the " + std::string(isa_name(isa)) +
                         " kernels are not compiled into this build (compile with the matching -m flags)");
-    const bool prefill = h.rows >= detail::prefill_min_tokens(config_.tau);
+    const bool prefill = h.rows >= detail::rows_prefill_min_tokens(config_.tau);
     const PackedTables& t = panels_.empty() ? rows_ : (rows_.empty() || prefill ? panels_ : rows_);
     detail::lookup_forward_packed(isa, y.data(), y.outerStride(), t.layout(), t.data(), h.codes.data(),
                                   h.scores.data(), config_.bias ? bias_.data() : nullptr, h.rows);

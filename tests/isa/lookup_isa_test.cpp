@@ -68,12 +68,14 @@ std::string name(const Shape& s) {
          " N " + std::to_string(s.n) + (s.bias ? " bias" : " no-bias");
 }
 
-// Token counts on both sides of the decode/prefill switch (prefill from max(32, 2^τ/4) tokens); widths that are
-// and are not multiples of the 16/32/64-column chunks and of the vector widths.
+// Token counts on both sides of the decode/prefill switches (packed panels from max(32, 2^τ) tokens, row-major
+// training tables from max(32, 3·2^τ)); widths that are and are not multiples of the 16/32/64-column chunks and of
+// the vector widths.
 const Shape shapes[] = {
     {8, 1, 4, 3, true},      {12, 19, 4, 1, true},   {12, 19, 4, 70, false}, {48, 100, 6, 5, true},
     {48, 100, 6, 129, true}, {64, 64, 8, 2, false},  {64, 64, 8, 300, true}, {40, 37, 10, 9, true},
     {40, 37, 10, 300, true}, {32, 520, 8, 80, true}, {16, 33, 1, 40, true},  {48, 20, 16, 3, true},
+    {32, 520, 4, 100, true}, {64, 64, 8, 800, false},
 };
 
 mf::MemoryLayer<float> make_layer(const Shape& s, std::uint64_t seed) {
@@ -162,8 +164,8 @@ TEST(LookupIsa, ForwardFastPathsGiveIdenticalBitsWhateverTheLoopOrder) {
 }
 
 TEST(LookupIsa, ForwardIntoStridedOutput) {
-  // y may be a block of a wider matrix (outer stride ≠ d_out), and misaligned for streaming stores.
-  const Shape s{64, 64, 8, 300, true};
+  // y may be a block of a wider matrix (outer stride ≠ d_out), and misaligned for streaming stores (prefill path).
+  const Shape s{64, 64, 8, 800, true};
   const auto layer = make_layer(s, 3);
   const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 8);
   const auto h = layer.hasher().hash(x);
@@ -357,7 +359,7 @@ TEST(LookupIsa, FrozenLayerChecksItsInputs) {
 
 #if defined(MEMORYFORMER_USE_OPENMP)
 TEST(LookupIsa, ThreadCountDoesNotChangeBits) {
-  const Shape s{64, 520, 8, 300, true};
+  const Shape s{64, 520, 8, 800, true};  // prefill path for forward (≥ 3·2^τ tokens)
   const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 16);
   const mf::Matrix<float> dy = random_matrix(s.n, s.d_out, 17);
   std::vector<mf::Matrix<float>> ys, dts, dss;

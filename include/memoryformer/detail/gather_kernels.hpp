@@ -98,9 +98,15 @@ struct PanelLayout {
   }
 };
 
-/// Token count from which the column-blocked prefill loop beats the token-major one: each token reads 1/2^τ of
-/// the tables, so below ~2^τ/4 tokens streaming whole panels costs more than gathering the tokens' rows.
-inline Index prefill_min_tokens(int tau) { return std::max<Index>(32, (Index(1) << tau) / 4); }
+/// Token counts from which the column-blocked prefill loop beats the token-major one. Each token reads 1/2^τ of
+/// the tables, and a prefill call streams all of them, so the switch is a multiple of 2^τ (measured for τ = 8,
+/// d_out = 512; the paths give identical bits, so the thresholds only move time):
+///  - pre-packed panels, no row copy (token-major reads scattered 64-byte chunks): from 2^τ tokens;
+///  - panels and a row copy (FrozenLayout::Both; token-major reads whole rows): from 1.5·2^τ;
+///  - row-major training tables (every prefill call repacks the panels, ≈ 2 ms for 32 MB): from 3·2^τ.
+inline Index prefill_min_tokens(int tau) { return std::max<Index>(32, Index(1) << tau); }
+inline Index rows_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau) / 2); }
+inline Index rowmajor_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau)); }
 
 /// Runs f(begin, end) over contiguous ranges of [0, count) on the available threads (one range per thread).
 /// Each item is computed entirely by one thread, so results do not depend on the thread count.

@@ -153,7 +153,7 @@ void lookup_forward(Isa isa, Scalar* y, Index y_stride, const Scalar* tables, in
 #if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
     if (use_fast_kernels<Scalar>(isa)) {
       dispatch_simd(isa, [&]<Isa I>() {
-        if (rows >= prefill_min_tokens(tau)) {
+        if (rows >= rowmajor_prefill_min_tokens(tau)) {
           rowmajor_prefill<I>(y, y_stride, tables, tau, width, num_tables, codes, scores, bias, rows);
         } else {
           rowmajor_decode<I>(y, y_stride, tables, tau, width, num_tables, codes, scores, bias, rows);

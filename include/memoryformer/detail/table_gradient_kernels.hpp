@@ -85,7 +85,7 @@ struct SliceTraits<Isa::Avx2> {
 /// dyp is the slice of dy packed as [N, slice] (slice = vectors · lanes columns, zero-padded).
 #if defined(MEMORYFORMER_HAVE_AVX512)
 /// Lane j of the result = the sum of the 16 lanes of v[j] (a tree of two-source permutes: 45 instructions for 16
-/// horizontal sums instead of ~8 each).
+/// horizontal sums instead of ~8 each). Each lane's sum depends on its own vector only, in a fixed order.
 inline __m512 horizontal_sums16(const __m512* v) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
@@ -105,6 +105,8 @@ inline __m512 horizontal_sums16(const __m512* v) {
 
 /// Contributions ahead whose dy slice is prefetched (the sorted order makes every future access known).
 inline constexpr Index gradient_prefetch_entries = 6;
+/// Table rows ahead whose T and dT slices are prefetched (they come from L3 or DRAM).
+inline constexpr Index gradient_prefetch_rows = 4;
 
 template <Isa I>
 void gradient_slice(float* dtables, const float* tables, Index width, Index c0, Index cols, const float* dyp,
@@ -122,9 +124,9 @@ void gradient_slice(float* dtables, const float* tables, Index width, Index c0, 
     if (e0 == e1) continue;
     const float* trow = tables + r * width + c0;
     float* grow = dtables + r * width + c0;
-    if (r + 2 < r1) {  // the rows stream in order: fetch two ahead (the dT row is written at the end)
-      const float* t2 = tables + (r + 2) * width + c0;
-      const float* g2 = dtables + (r + 2) * width + c0;
+    if (r + gradient_prefetch_rows < r1) {  // the rows stream in order: fetch a few ahead (T read, dT written)
+      const float* t2 = tables + (r + gradient_prefetch_rows) * width + c0;
+      const float* g2 = dtables + (r + gradient_prefetch_rows) * width + c0;
       for (Index j = 0; j < cols; j += 16) {
         prefetch_line(t2 + j);
         prefetch_line(g2 + j);
@@ -171,8 +173,16 @@ void gradient_slice(float* dtables, const float* tables, Index width, Index c0, 
       }
     }
   }
-  for (int i = 0; i < pending_count; ++i)  // the last < 16 entries of the range (AVX-512 only)
-    sc.dot[sc_total - pending_count + i] += SliceTraits<I>::hsum(pending[i]);
+  if constexpr (I == Isa::Avx512) {
+    // The last < 16 entries of the range, through the same reduction tree (lane j of horizontal_sums16 depends on
+    // v[j] alone), so an entry's bits do not depend on where a thread's row range starts.
+    if (pending_count > 0) {
+      for (int i = pending_count; i < 16; ++i) pending[i] = L::zero();
+      alignas(64) float sums[16];
+      _mm512_store_ps(sums, horizontal_sums16(pending));
+      for (int i = 0; i < pending_count; ++i) sc.dot[sc_total - pending_count + i] += sums[i];
+    }
+  }
 }
 
 /**
