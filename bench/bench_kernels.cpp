@@ -13,9 +13,12 @@
 //                     streams; the prefill footprint is the tables, the decode footprint the whole stack)
 //   l2_frac           gather_GBps / the measured L2-resident (1 MB) streaming read
 //   x_dense           dense time / this time, for the dense twin measured earlier in the same run
+// The suite registers itself at static initialisation (main() does not know about it); set
+// MEMORYFORMER_BENCH_KERNELS=0 to leave it out, e.g. --benchmark_filter=kernels/ selects only it.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -483,6 +486,8 @@ void bm_l2_random_gather(benchmark::State& st) {
 // ------------------------------------------------------------------------------------------------ registration
 
 int register_kernel_benchmarks() {
+  // MEMORYFORMER_BENCH_KERNELS=0 leaves this suite out (its decode stacks hold ≈ 5 GB while they run).
+  if (const char* env = std::getenv("MEMORYFORMER_BENCH_KERNELS"); env != nullptr && std::strcmp(env, "0") == 0) return 0;
   using mf::Isa;
   using mf::StorageType;
   auto ms = [](benchmark::internal::Benchmark* b) { b->Unit(benchmark::kMillisecond)->MinTime(0.5); };
