@@ -36,7 +36,6 @@ for p in "${packages[@]}"; do
 done
 
 if ((${#missing[@]})); then
-  echo "install-deps.sh: installing ${missing[*]}"
   if [[ $(id -u) -eq 0 ]]; then
     run=()
   elif command -v sudo >/dev/null 2>&1; then
@@ -48,6 +47,7 @@ if ((${#missing[@]})); then
     echo "  (or re-run this script as root; sudo is not available)" >&2
     exit 1
   fi
+  echo "install-deps.sh: installing ${missing[*]}"
   "${run[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
   "${run[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 fi
