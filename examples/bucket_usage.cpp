@@ -5,6 +5,7 @@
 //
 //   bucket_usage --checkpoint FILE [--text FILE] [--windows N] [--seq N] [--out PREFIX] [--block I]
 
+#include "common/arg_reader.hpp"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -48,28 +49,13 @@ const char* usage =
     "  --out PREFIX       writes PREFIX.csv, and PREFIX.png with gnuplot (default bucket_usage)\n"
     "  --smoke            train a tiny model for a few seconds and analyse it (what ctest runs)\n";
 
-[[noreturn]] void fail(const std::string& msg) {
-  std::cerr << "bucket_usage: " << msg << "\n(bucket_usage --help for the options)\n";
-  std::exit(2);
-}
+[[noreturn]] void fail(const std::string& msg) { memoryformer_examples::ArgReader(0, nullptr, "bucket_usage").fail(msg); }
 
 Args parse(int argc, char** argv) {
   Args a;
-  auto value = [&](int& i) -> std::string {
-    if (i + 1 >= argc) fail(std::string(argv[i]) + " needs a value");
-    return argv[++i];
-  };
-  auto number = [&](int& i) -> double {
-    const std::string flag = argv[i], s = value(i);
-    try {
-      std::size_t used = 0;
-      const double v = std::stod(s, &used);
-      if (used != s.size() || !std::isfinite(v)) throw std::invalid_argument(s);
-      return v;
-    } catch (const std::exception&) {
-      fail(flag + " expects a number, got '" + s + "'");
-    }
-  };
+  const memoryformer_examples::ArgReader args(argc, argv, "bucket_usage");
+  auto value = [&](int& i) { return args.value(i); };
+  auto number = [&](int& i) { return args.number(i, /*allow_negative=*/true); };
   for (int i = 1; i < argc; ++i) {
     const std::string f = argv[i];
     if (f == "--help" || f == "-h") {

@@ -4,6 +4,7 @@
 //
 //   generate --checkpoint FILE [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S]
 
+#include "common/arg_reader.hpp"
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -52,28 +53,13 @@ const char* usage =
     "                     training length were never trained)\n"
     "  --smoke            train a tiny model for a few seconds, save it, reload it and sample (what ctest runs)\n";
 
-[[noreturn]] void fail(const std::string& msg) {
-  std::cerr << "generate: " << msg << "\n(generate --help for the options)\n";
-  std::exit(2);
-}
+[[noreturn]] void fail(const std::string& msg) { memoryformer_examples::ArgReader(0, nullptr, "generate").fail(msg); }
 
 Args parse(int argc, char** argv) {
   Args a;
-  auto value = [&](int& i) -> std::string {
-    if (i + 1 >= argc) fail(std::string(argv[i]) + " needs a value");
-    return argv[++i];
-  };
-  auto number = [&](int& i) -> double {
-    const std::string flag = argv[i], s = value(i);
-    try {
-      std::size_t used = 0;
-      const double v = std::stod(s, &used);
-      if (used != s.size() || !std::isfinite(v) || v < 0) throw std::invalid_argument(s);
-      return v;
-    } catch (const std::exception&) {
-      fail(flag + " expects a non-negative number, got '" + s + "'");
-    }
-  };
+  const memoryformer_examples::ArgReader args(argc, argv, "generate");
+  auto value = [&](int& i) { return args.value(i); };
+  auto number = [&](int& i) { return args.number(i, /*allow_negative=*/false); };
   for (int i = 1; i < argc; ++i) {
     const std::string f = argv[i];
     if (f == "--help" || f == "-h") {

@@ -5,6 +5,7 @@
 //
 //   train_lm [--text FILE] [--model memoryformer|transformer] [--steps N] [--json] ...   (train_lm --help)
 
+#include "common/arg_reader.hpp"
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -91,39 +92,14 @@ const char* usage =
     "  --quiet                no progress output\n"
     "  --smoke                tiny sizes, a few seconds (what ctest runs)\n";
 
-[[noreturn]] void fail(const std::string& msg) {
-  std::cerr << "train_lm: " << msg << "\n(train_lm --help for the options)\n";
-  std::exit(2);
-}
+[[noreturn]] void fail(const std::string& msg) { memoryformer_examples::ArgReader(0, nullptr, "train_lm").fail(msg); }
 
 Args parse(int argc, char** argv) {
   Args a;
-  auto value = [&](int& i) -> std::string {
-    if (i + 1 >= argc) fail(std::string(argv[i]) + " needs a value");
-    return argv[++i];
-  };
-  auto integer = [&](int& i) -> Index {
-    const std::string flag = argv[i], s = value(i);
-    try {
-      std::size_t used = 0;
-      const long long v = std::stoll(s, &used);
-      if (used != s.size() || v < 0) throw std::invalid_argument(s);
-      return Index(v);
-    } catch (const std::exception&) {
-      fail(flag + " expects a non-negative integer, got '" + s + "'");
-    }
-  };
-  auto real = [&](int& i) -> double {
-    const std::string flag = argv[i], s = value(i);
-    try {
-      std::size_t used = 0;
-      const double v = std::stod(s, &used);
-      if (used != s.size() || !std::isfinite(v)) throw std::invalid_argument(s);
-      return v;
-    } catch (const std::exception&) {
-      fail(flag + " expects a number, got '" + s + "'");
-    }
-  };
+  const memoryformer_examples::ArgReader args(argc, argv, "train_lm");
+  auto value = [&](int& i) { return args.value(i); };
+  auto integer = [&](int& i) { return Index(args.integer(i)); };
+  auto real = [&](int& i) { return args.number(i, /*allow_negative=*/true); };
   for (int i = 1; i < argc; ++i) {
     const std::string f = argv[i];
     if (f == "--help" || f == "-h") {

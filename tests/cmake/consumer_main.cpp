@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Consumer test (all of tests/cmake/*): a program using memoryformer the way a user would, with its own checks.
+// Consumer test (every project under tests/cmake/ builds this one file): a program using memoryformer the way a user would, with its own checks.
 #include <cmath>
 #include <cstdio>
 #include <span>
