@@ -68,8 +68,9 @@ inline __m512 fast_exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p4));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p5));
   p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  // p·2^n by vscalefps: the same correctly rounded product as building 2^n in the exponent bits and multiplying
+  // (so bit-identical to the scalar and AVX2 versions), in three fewer instructions.
+  return _mm512_scalef_ps(p, n);
 }
 MEMORYFORMER_SIMD_WARNINGS_END
 #endif

@@ -137,23 +137,6 @@ inline void interleave16(const __m512* in, __m512* out) {
   }
 }
 
-/// fast_exp_nonpositive (fast_exp.hpp) with the final 2^n built by vscalefps instead of integer exponent arithmetic:
-/// p·2^n is exact either way (n ≥ −126 after the clamp), so the result is bit-identical, in 3 fewer instructions.
-inline __m512 exp_nonpositive_scalef(__m512 x) {
-  using namespace exp_constants;
-  x = _mm512_max_ps(x, _mm512_set1_ps(lower));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-ln2_hi), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-ln2_lo), r);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(p0), r, _mm512_set1_ps(p1));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p4));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p5));
-  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 /// Per-chunk quantities of 16 transposed chunks: exponentials e_j, Σ|z|, 1/Π(1 + e_j) — in the scalar order.
 template <int Tau>
 struct ChunkStats16 {
@@ -171,7 +154,7 @@ struct ChunkStats16 {
       code = _mm512_mask_or_epi32(code, nonnegative, code, _mm512_set1_epi32(1 << (Tau - 1 - j)));
       const __m512 a = _mm512_abs_ps(zt[j]);
       abs_sum = _mm512_add_ps(abs_sum, a);
-      e[j] = exp_nonpositive_scalef(_mm512_mul_ps(a, neg_scale));
+      e[j] = fast_exp_nonpositive(_mm512_mul_ps(a, neg_scale));
       denominator = _mm512_mul_ps(denominator, _mm512_add_ps(one, e[j]));
     }
     product = _mm512_div_ps(one, denominator);
