@@ -135,6 +135,24 @@ inline Index available_threads() {
   return 1;
 }
 
+/// Calls run(n, b) for every token n < rows and column block b < blocks. Threads split the tokens when there are
+/// enough of them, else the column blocks; each (n, b) is computed by one thread in the same way, so the bits do not
+/// depend on the split.
+template <class Run>
+void for_each_token_and_block(Index rows, Index blocks, Run& run) {
+  if (rows >= available_threads()) {
+    parallel_ranges(rows, [&](Index n0, Index n1) {
+      for (Index n = n0; n < n1; ++n)
+        for (Index b = 0; b < blocks; ++b) run(n, b);
+    });
+  } else {
+    parallel_ranges(blocks, [&](Index b0, Index b1) {
+      for (Index n = 0; n < rows; ++n)
+        for (Index b = b0; b < b1; ++b) run(n, b);
+    });
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ packing
 
 /// Stores `count` floats as a chunk of `cv` `storage` values at dst (count ≤ cv; zero-padded to cv values).
@@ -553,17 +571,7 @@ void packed_decode_cv(float* y, Index y_stride, const PanelLayout& l, const std:
     }
     store_chunk<I, CV>(y + n * y_stride + cb * CV, acc, cols);
   };
-  if (rows >= available_threads()) {
-    parallel_ranges(rows, [&](Index n0, Index n1) {
-      for (Index n = n0; n < n1; ++n)
-        for (Index cb = 0; cb < l.column_blocks; ++cb) run(n, cb);
-    });
-  } else {
-    parallel_ranges(l.column_blocks, [&](Index cb0, Index cb1) {
-      for (Index n = 0; n < rows; ++n)
-        for (Index cb = cb0; cb < cb1; ++cb) run(n, cb);
-    });
-  }
+  for_each_token_and_block(rows, l.column_blocks, run);
 }
 
 template <Isa I, StorageType S>
@@ -613,17 +621,7 @@ void packed_rows_decode(float* y, Index y_stride, const PanelLayout& l, const st
     float* out = y + n * y_stride + c0;
     for (Index j = 0; j < nv; ++j) L::store_partial(out + j * L::n, acc[j], cols - j * L::n);
   };
-  if (rows >= available_threads()) {
-    parallel_ranges(rows, [&](Index n0, Index n1) {
-      for (Index n = n0; n < n1; ++n)
-        for (Index b = 0; b < blocks; ++b) run(n, b);
-    });
-  } else {
-    parallel_ranges(blocks, [&](Index b0, Index b1) {
-      for (Index n = 0; n < rows; ++n)
-        for (Index b = b0; b < b1; ++b) run(n, b);
-    });
-  }
+  for_each_token_and_block(rows, blocks, run);
 }
 
 /// Forward over row-major float32 tables, token-major (decode): column blocks of 16 vectors (256 columns with
@@ -662,17 +660,7 @@ void rowmajor_decode(float* y, Index y_stride, const float* tables, int tau, Ind
     float* out = y + n * y_stride + c0;
     for (Index j = 0; j < nv; ++j) L::store_partial(out + j * L::n, acc[j], cols - j * L::n);
   };
-  if (rows >= available_threads()) {
-    parallel_ranges(rows, [&](Index n0, Index n1) {
-      for (Index n = n0; n < n1; ++n)
-        for (Index b = 0; b < blocks; ++b) run(n, b);
-    });
-  } else {
-    parallel_ranges(blocks, [&](Index b0, Index b1) {
-      for (Index n = 0; n < rows; ++n)
-        for (Index b = b0; b < b1; ++b) run(n, b);
-    });
-  }
+  for_each_token_and_block(rows, blocks, run);
 }
 
 MEMORYFORMER_SIMD_WARNINGS_END
