@@ -491,7 +491,7 @@ inline void bm_dense_backward(benchmark::State& st, LayerShape s) {
   for (auto _ : st) {
     dx.noalias() = in.dy * p.w.transpose();
     p.dw.noalias() += in.x.transpose() * in.dy;
-    p.db.noalias() += in.dy.colwise().sum();
+    p.db.noalias() += memoryformer::detail::column_sums<float>(in.dy).transpose();  // the same column-sum loop as MemoryLayer
     benchmark::DoNotOptimize(dx.data());
     benchmark::DoNotOptimize(p.dw.data());
     benchmark::ClobberMemory();

@@ -291,7 +291,7 @@ void bm_backward_dense(benchmark::State& st, int threads) {
   for (auto _ : st) {
     b.dx.noalias() = b.dy * d.w.transpose();
     d.dw.noalias() += b.x.transpose() * b.dy;
-    d.db.noalias() += b.dy.colwise().sum();
+    d.db.noalias() += mf::detail::column_sums<float>(b.dy).transpose();  // the same column-sum loop as MemoryLayer
     benchmark::DoNotOptimize(b.dx.data());
     benchmark::DoNotOptimize(d.dw.data());
     benchmark::ClobberMemory();

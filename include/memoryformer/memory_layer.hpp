@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bucket_table.hpp"
+#include "detail/column_sums.hpp"
 #include "detail/lookup_kernels.hpp"
 #include "detail/scratch.hpp"
 #include "error.hpp"
@@ -188,7 +189,7 @@ class MemoryLayer {
     check_isa("MemoryLayer::backward_hashed", isa);
     // A NaN or ±Inf in dy makes its column sum non-finite, so the element-wise scan (which names the culprit) runs
     // only when a sum is; a finite dy whose sum overflows passes that scan.
-    const Vector<Scalar> column_sums = dy.colwise().sum().transpose();
+    const Vector<Scalar> column_sums = detail::column_sums<Scalar>(dy);
     if (!column_sums.allFinite()) detail::check_finite("MemoryLayer::backward", "dy", dy.data(), dy.rows(), dy.cols());
     if (config_.bias) dbias_ += column_sums;
     detail::lookup_backward(isa, dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(), tables_.data(),

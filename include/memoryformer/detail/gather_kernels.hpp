@@ -236,6 +236,15 @@ inline void prefetch_line(const void* p) {
 #endif
 }
 
+/// Hint that [p, p + 64) will be read later (into L2 only, for streams fetched far ahead of their use).
+inline void prefetch_line_l2(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 2);
+#else
+  (void)p;
+#endif
+}
+
 /// Reads [p, p + bytes) once, in order, so that the hardware streams it into L2 at full bandwidth before the
 /// random accesses of the token loop (measured faster than software prefetch interleaved with the gathers).
 inline void touch_sequential(const std::byte* p, Index bytes) {

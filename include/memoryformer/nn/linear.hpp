@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../detail/column_sums.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
 #include "../random.hpp"
@@ -104,7 +105,7 @@ class Linear {
     if (detail::linear_views_overlap(dx, dy)) throw std::invalid_argument(std::string(where) + ": dx overlaps dy");
     // Parameter gradients first: they read x, and dx is allowed to overwrite x.
     dweight_.noalias() += x.transpose() * dy;
-    if (has_bias_) dbias_.noalias() += dy.colwise().sum().transpose();
+    if (has_bias_) dbias_.noalias() += detail::column_sums<Scalar>(dy);
     dx.noalias() = dy * weight_.transpose();
   }
 
