@@ -359,28 +359,31 @@ TEST(LookupIsa, FrozenLayerChecksItsInputs) {
 
 #if defined(MEMORYFORMER_USE_OPENMP)
 TEST(LookupIsa, ThreadCountDoesNotChangeBits) {
-  const Shape s{64, 520, 8, 800, true};  // prefill path for forward (≥ 3·2^τ tokens)
-  const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 16);
-  const mf::Matrix<float> dy = random_matrix(s.n, s.d_out, 17);
-  std::vector<mf::Matrix<float>> ys, dts, dss;
-  const int saved = omp_get_max_threads();
-  for (int threads : {1, 2, 3}) {
-    omp_set_num_threads(threads);
-    auto layer = make_layer(s, 81);
-    mf::HashResult<float> h;
-    mf::Matrix<float> y(s.n, s.d_out), dx(s.n, s.d_in);
-    layer.forward(y, x, h);
-    mf::Matrix<float> ds = mf::Matrix<float>::Zero(s.n, h.tables);
-    layer.backward_hashed(ds, dy, h);
-    ys.push_back(y);
-    dss.push_back(ds);
-    dts.push_back(layer.dtables().as_matrix());
-  }
-  omp_set_num_threads(saved);
-  for (size_t i = 1; i < ys.size(); ++i) {
-    EXPECT_TRUE(ys[i] == ys[0]) << "forward, thread setting " << i;
-    EXPECT_TRUE(dss[i] == dss[0]) << "dscores, thread setting " << i;
-    EXPECT_TRUE(dts[i] == dts[0]) << "dtables, thread setting " << i;
+  // 800 tokens: prefill path for forward (≥ 3·2^τ tokens), almost every table row used by the backward;
+  // 5 tokens: decode path, at most 40 of the 2048 rows used, split between the threads.
+  for (const Shape s : {Shape{64, 520, 8, 800, true}, Shape{64, 520, 8, 5, true}}) {
+    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 16);
+    const mf::Matrix<float> dy = random_matrix(s.n, s.d_out, 17);
+    std::vector<mf::Matrix<float>> ys, dts, dss;
+    const int saved = omp_get_max_threads();
+    for (int threads : {1, 2, 3}) {
+      omp_set_num_threads(threads);
+      auto layer = make_layer(s, 81);
+      mf::HashResult<float> h;
+      mf::Matrix<float> y(s.n, s.d_out), dx(s.n, s.d_in);
+      layer.forward(y, x, h);
+      mf::Matrix<float> ds = mf::Matrix<float>::Zero(s.n, h.tables);
+      layer.backward_hashed(ds, dy, h);
+      ys.push_back(y);
+      dss.push_back(ds);
+      dts.push_back(layer.dtables().as_matrix());
+    }
+    omp_set_num_threads(saved);
+    for (size_t i = 1; i < ys.size(); ++i) {
+      EXPECT_TRUE(ys[i] == ys[0]) << "forward, thread setting " << i;
+      EXPECT_TRUE(dss[i] == dss[0]) << "dscores, thread setting " << i;
+      EXPECT_TRUE(dts[i] == dts[0]) << "dtables, thread setting " << i;
+    }
   }
 }
 #endif

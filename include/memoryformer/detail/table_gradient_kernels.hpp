@@ -21,11 +21,15 @@
 namespace memoryformer::detail {
 
 /// Contributions sorted by table row: entries of row r are [start[r], start[r+1]), each a token and its score.
+/// `used` lists the rows with at least one entry, in increasing order: the loops visit only those (for small N most
+/// of the K·2^τ rows are empty) and prefetch the rows they will visit next.
 struct SortedContributions {
   std::int32_t* start = nullptr;   // [K·2^τ + 1]
   std::int32_t* token = nullptr;   // [N·K]
   float* score = nullptr;          // [N·K]
   float* dot = nullptr;            // [N·K] ⟨dy[n], T_k[code]⟩ accumulated over column slices
+  std::int32_t* used = nullptr;    // [≤ min(N·K, K·2^τ)] rows with entries
+  Index used_count = 0;
 };
 
 /// Counting sort of the N·K (token, table) pairs by global row k·2^τ + code, stable in the token index.
@@ -36,7 +40,11 @@ inline void sort_contributions(SortedContributions& out, const std::int32_t* cod
   std::fill(start, start + total_rows + 1, 0);
   for (Index n = 0; n < rows; ++n)
     for (Index k = 0; k < tables; ++k) ++start[k * R + codes[n * tables + k] + 1];
-  for (Index r = 0; r < total_rows; ++r) start[r + 1] += start[r];
+  out.used_count = 0;
+  for (Index r = 0; r < total_rows; ++r) {
+    if (start[r + 1] != 0) out.used[out.used_count++] = std::int32_t(r);
+    start[r + 1] += start[r];
+  }
   std::int32_t* cursor = thread_scratch<6, std::int32_t>(size_t(total_rows));
   std::copy(start, start + total_rows, cursor);
   for (Index n = 0; n < rows; ++n)
@@ -48,12 +56,16 @@ inline void sort_contributions(SortedContributions& out, const std::int32_t* cod
   std::fill(out.dot, out.dot + rows * tables, 0.0f);
 }
 
-/// Splits rows [0, total_rows) into `parts` contiguous ranges holding about equal numbers of contributions.
-inline Index balanced_row_split(const std::int32_t* start, Index total_rows, Index part, Index parts) {
+/// Splits the used rows [0, used_count) into `parts` contiguous ranges holding about equal numbers of
+/// contributions; returns where range `part` begins.
+inline Index balanced_row_split(const SortedContributions& sc, Index part, Index parts) {
   if (part <= 0) return 0;
-  if (part >= parts) return total_rows;
-  const std::int64_t target = std::int64_t(start[total_rows]) * part / parts;
-  return Index(std::lower_bound(start, start + total_rows + 1, std::int32_t(target)) - start);
+  if (part >= parts) return sc.used_count;
+  const std::int64_t total = sc.used_count > 0 ? sc.start[sc.used[sc.used_count - 1] + 1] : 0;
+  const std::int64_t target = total * part / parts;
+  return Index(std::partition_point(sc.used, sc.used + sc.used_count,
+                                    [&](std::int32_t r) { return sc.start[r] < target; }) -
+               sc.used);
 }
 
 #if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
@@ -105,31 +117,33 @@ inline __m512 horizontal_sums16(const __m512* v) {
 
 /// Contributions ahead whose dy slice is prefetched (the sorted order makes every future access known).
 inline constexpr Index gradient_prefetch_entries = 6;
-/// Table rows ahead whose T and dT slices are prefetched into L2 (they come from L3 or DRAM): far enough that the
+/// Used table rows ahead whose T and dT slices are prefetched into L2 (they come from L3 or DRAM): far enough that the
 /// row stream overlaps the dy gathers instead of adding to them, and into L2 only so the line-fill buffers stay
 /// free for the dy gathers (measured, N = 2048, d = 512, τ = 8: 4 rows into L1 11.9 ms, 16 rows into L2 9.7–11.0 ms,
 /// 64 rows slower again).
 inline constexpr Index gradient_prefetch_rows = 16;
 
+/// One column slice over the used rows sc.used[u0, u1).
 template <Isa I>
 void gradient_slice(float* dtables, const float* tables, Index width, Index c0, Index cols, const float* dyp,
-                    const SortedContributions& sc, Index r0, Index r1) {
+                    const SortedContributions& sc, Index u0, Index u1) {
   using L = Lanes<I>;
   using V = typename L::V;
-  const Index sc_total = sc.start[r1];
+  const Index sc_total = sc.start[sc.used[u1 - 1] + 1];
   V pending[16];
   int pending_count = 0;
   constexpr Index nv = SliceTraits<I>::vectors;
   constexpr Index slice = nv * L::n;
   const bool full = cols == slice;
-  for (Index r = r0; r < r1; ++r) {
+  for (Index u = u0; u < u1; ++u) {
+    const Index r = sc.used[u];
     const Index e0 = sc.start[r], e1 = sc.start[r + 1];
-    if (e0 == e1) continue;
     const float* trow = tables + r * width + c0;
     float* grow = dtables + r * width + c0;
-    if (r + gradient_prefetch_rows < r1) {  // the rows stream in order: fetch ahead (T read, dT written)
-      const float* t2 = tables + (r + gradient_prefetch_rows) * width + c0;
-      const float* g2 = dtables + (r + gradient_prefetch_rows) * width + c0;
+    if (u + gradient_prefetch_rows < u1) {  // the rows stream in order: fetch ahead (T read, dT written)
+      const Index r2 = sc.used[u + gradient_prefetch_rows];
+      const float* t2 = tables + r2 * width + c0;
+      const float* g2 = dtables + r2 * width + c0;
       for (Index j = 0; j < cols; j += 16) {
         prefetch_line_l2(t2 + j);
         prefetch_line_l2(g2 + j);
@@ -204,12 +218,13 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   sc.token = thread_scratch<4, std::int32_t>(size_t(entries));
   sc.score = thread_scratch<5, float>(size_t(entries));
   sc.dot = thread_scratch<7, float>(size_t(entries));
+  sc.used = thread_scratch<9, std::int32_t>(size_t(std::min(entries, total_rows)));
   sort_contributions(sc, codes, scores, rows, num_tables, tau);
-  const Index parts = std::max<Index>(1, std::min<Index>(available_threads(), total_rows));
+  const Index parts = std::max<Index>(1, std::min<Index>(available_threads(), sc.used_count));
   parallel_ranges(parts, [&](Index p0, Index p1) {
-    const Index r0 = balanced_row_split(sc.start, total_rows, p0, parts);
-    const Index r1 = balanced_row_split(sc.start, total_rows, p1, parts);
-    if (r0 >= r1) return;
+    const Index u0 = balanced_row_split(sc, p0, parts);
+    const Index u1 = balanced_row_split(sc, p1, parts);
+    if (u0 >= u1) return;
     float* dyp = thread_scratch<8, float>(size_t(rows * slice));
     for (Index c0 = 0; c0 < width; c0 += slice) {
       const Index cols = std::min(slice, width - c0);
@@ -217,10 +232,10 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
         std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(cols) * sizeof(float));
         if (cols < slice) std::fill(dyp + n * slice + cols, dyp + (n + 1) * slice, 0.0f);
       }
-      gradient_slice<I>(dtables, tables, width, c0, cols, dyp, sc, r0, r1);
+      gradient_slice<I>(dtables, tables, width, c0, cols, dyp, sc, u0, u1);
     }
-    for (Index r = r0; r < r1; ++r) {
-      if (sc.start[r] == sc.start[r + 1]) continue;
+    for (Index u = u0; u < u1; ++u) {
+      const Index r = sc.used[u];
       touched[r] = 1;
       const Index k = r / R;
       for (Index e = sc.start[r]; e < sc.start[r + 1]; ++e) dscores[Index(sc.token[e]) * ds_stride + k] += sc.dot[e];
