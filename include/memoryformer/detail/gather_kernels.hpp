@@ -258,13 +258,23 @@ inline void touch_sequential(const std::byte* p, Index bytes) {
   (void)keep;
 }
 
-/// Byte offsets of every (token, table) chunk relative to its table group: ((k mod kg)·table_stride +
-/// code·chunk_bytes), the plan shared by every column block.
-inline void build_plan(std::int32_t* off, const std::int32_t* codes, Index count_rows, Index tables,
-                       const PanelLayout& l, Index kg) {
-  for (Index n = 0; n < count_rows; ++n)
-    for (Index k = 0; k < tables; ++k)
-      off[n * tables + k] = std::int32_t((k % kg) * l.table_stride + codes[n * tables + k] * l.chunk_bytes);
+/// The prefill plan, group-major: for table group g (tables [k0, k0 + kg_g), k0 = g·kg), entry (n, j) sits at
+/// k0·N + n·kg_g + j and holds the byte offset of chunk (n, k0 + j) relative to the group's panel,
+/// j·table_stride + code·chunk_bytes, and its score. Each group's pass over the tokens then reads its plan as one
+/// contiguous stream (N·kg_g entries) instead of kg_g values out of every token's row of K: measured 87 → 124 GB/s
+/// of gathers in a one-group microbenchmark (the strided plan and scores also took 1 MB of L2 beside the panel).
+inline void build_plan(std::int32_t* off, float* plan_scores, const std::int32_t* codes, const float* scores,
+                       Index count_rows, Index tables, const PanelLayout& l, Index kg) {
+  for (Index k0 = 0; k0 < tables; k0 += kg) {
+    const Index kg_g = std::min(kg, tables - k0);
+    std::int32_t* o = off + k0 * count_rows;
+    float* ps = plan_scores + k0 * count_rows;
+    for (Index n = 0; n < count_rows; ++n)
+      for (Index j = 0; j < kg_g; ++j) {
+        o[n * kg_g + j] = std::int32_t(j * l.table_stride + codes[n * tables + k0 + j] * l.chunk_bytes);
+        ps[n * kg_g + j] = scores[n * tables + k0 + j];
+      }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ SIMD lanes
@@ -474,7 +484,8 @@ void prefill_forward(float* y, Index y_stride, const PanelLayout& l, const std::
   const Index kg = l.group_tables();
   const Index groups = (l.tables + kg - 1) / kg;
   std::int32_t* plan = thread_scratch<0, std::int32_t>(size_t(rows * l.tables));
-  build_plan(plan, codes, rows, l.tables, l, kg);
+  float* plan_scores = thread_scratch<10, float>(size_t(rows * l.tables));
+  build_plan(plan, plan_scores, codes, scores, rows, l.tables, l, kg);
   // Full, 64-byte-aligned output chunks are written with streaming stores from a contiguous per-thread buffer:
   // writing y's strided rows directly would read every line of y from memory first.
   const bool stream_out = prefill_streaming_stores && (reinterpret_cast<std::uintptr_t>(y) % 64 == 0) &&
@@ -494,7 +505,8 @@ void prefill_forward(float* y, Index y_stride, const PanelLayout& l, const std::
         float* out = last ? y + cb * CV : partial;
         const Index out_stride = last ? y_stride : CV;
         panel_gather<I, S, CV>(out, out_stride, last ? cols : CV, g == 0 ? nullptr : partial, CV,
-                               bias != nullptr ? bias_chunk : nullptr, panel, plan, scores, l.tables, k0, kg_g, 0,
+                               bias != nullptr ? bias_chunk : nullptr, panel, plan + k0 * rows, plan_scores + k0 * rows, kg_g,
+                               0, kg_g, 0,
                                rows);
       }
       if (via_buffer) stream_rows<I, CV>(y + cb * CV, y_stride, partial, rows);
