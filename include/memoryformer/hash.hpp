@@ -10,14 +10,11 @@
 
 #include "detail/dispatch.hpp"
 #include "detail/hash_kernels.hpp"
+#include "detail/parallel.hpp"
 #include "detail/simd.hpp"
 #include "error.hpp"
 #include "score.hpp"
 #include "types.hpp"
-
-#if defined(MEMORYFORMER_USE_OPENMP)
-#include <omp.h>
-#endif
 
 namespace memoryformer {
 
@@ -49,27 +46,6 @@ bool all_finite(const Scalar* v, Index count) {
   Scalar total = 0;
   for (Index j = 0; j < lanes; ++j) total += acc[j];
   return total == Scalar(0);
-}
-
-/// Splits [0, rows) into contiguous ranges, one per thread; each row is processed by exactly one thread, in
-/// the same way whatever the thread count, so results are bitwise identical for any count.
-template <class F>
-void parallel_rows(Index rows, Index min_rows_per_thread, F&& f) {
-#if defined(MEMORYFORMER_USE_OPENMP)
-  const int threads = int(std::min<Index>(omp_get_max_threads(), std::max<Index>(1, rows / min_rows_per_thread)));
-  if (threads > 1 && !omp_in_parallel()) {
-#pragma omp parallel num_threads(threads)
-    {
-      const Index t = omp_get_thread_num(), nt = omp_get_num_threads();
-      const Index begin = rows * t / nt, end = rows * (t + 1) / nt;
-      if (begin < end) f(begin, end);
-    }
-    return;
-  }
-#else
-  (void)min_rows_per_thread;
-#endif
-  if (rows > 0) f(Index(0), rows);
 }
 
 }  // namespace detail

@@ -24,12 +24,9 @@
 #include "../flops.hpp"
 #include "../types.hpp"
 #include "half.hpp"
+#include "parallel.hpp"
 #include "scratch.hpp"
 #include "simd.hpp"
-
-#if defined(MEMORYFORMER_USE_OPENMP)
-#include <omp.h>
-#endif
 
 namespace memoryformer::detail {
 
@@ -109,45 +106,18 @@ inline Index prefill_min_tokens(int tau) { return std::max<Index>(32, Index(1) <
 inline Index rows_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau) / 2); }
 inline Index rowmajor_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau)); }
 
-/// Runs f(begin, end) over contiguous ranges of [0, count) on the available threads (one range per thread).
-/// Each item is computed entirely by one thread, so results do not depend on the thread count.
-template <class F>
-void parallel_ranges(Index count, F&& f) {
-#if defined(MEMORYFORMER_USE_OPENMP)
-  const int threads = int(std::min<Index>(omp_get_max_threads(), count));
-  if (threads > 1 && !omp_in_parallel()) {
-#pragma omp parallel num_threads(threads)
-    {
-      const Index t = omp_get_thread_num(), nt = omp_get_num_threads();
-      const Index begin = count * t / nt, end = count * (t + 1) / nt;
-      if (begin < end) f(begin, end);
-    }
-    return;
-  }
-#endif
-  if (count > 0) f(Index(0), count);
-}
-
-/// The thread count parallel_ranges would use (1 without OpenMP or inside a parallel region).
-inline Index available_threads() {
-#if defined(MEMORYFORMER_USE_OPENMP)
-  if (!omp_in_parallel()) return std::max(1, omp_get_max_threads());
-#endif
-  return 1;
-}
-
 /// Calls run(n, b) for every token n < rows and column block b < blocks. Threads split the tokens when there are
 /// enough of them, else the column blocks; each (n, b) is computed by one thread in the same way, so the bits do not
 /// depend on the split.
 template <class Run>
 void for_each_token_and_block(Index rows, Index blocks, Run& run) {
   if (rows >= available_threads()) {
-    parallel_ranges(rows, [&](Index n0, Index n1) {
+    parallel_rows(rows, 1, [&](Index n0, Index n1) {
       for (Index n = n0; n < n1; ++n)
         for (Index b = 0; b < blocks; ++b) run(n, b);
     });
   } else {
-    parallel_ranges(blocks, [&](Index b0, Index b1) {
+    parallel_rows(blocks, 1, [&](Index b0, Index b1) {
       for (Index n = 0; n < rows; ++n)
         for (Index b = b0; b < b1; ++b) run(n, b);
     });
@@ -505,7 +475,7 @@ void prefill_forward(float* y, Index y_stride, const PanelLayout& l, const std::
   // writing y's strided rows directly would read every line of y from memory first.
   const bool stream_out = prefill_streaming_stores && (reinterpret_cast<std::uintptr_t>(y) % 64 == 0) &&
                           (y_stride * Index(sizeof(float))) % 64 == 0;
-  parallel_ranges(l.column_blocks, [&](Index cb_begin, Index cb_end) {
+  parallel_rows(l.column_blocks, 1, [&](Index cb_begin, Index cb_end) {
     float* partial = (groups > 1 || stream_out) ? thread_scratch<1, float>(size_t(rows * CV)) : nullptr;
     alignas(64) float bias_chunk[max_chunk_values];
     for (Index cb = cb_begin; cb < cb_end; ++cb) {

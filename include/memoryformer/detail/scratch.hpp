@@ -54,7 +54,7 @@ inline void advise_huge_pages(void* p, std::size_t bytes) {
 #endif
 }
 
-/// An owning, aligned, zero-initialised byte block from allocate_tables (move-only).
+/// An owning, aligned, zero-initialised byte block from allocate_tables (copyable and movable).
 class TableBlock {
  public:
   TableBlock() = default;

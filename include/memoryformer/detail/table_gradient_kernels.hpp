@@ -221,7 +221,7 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   sc.used = thread_scratch<9, std::int32_t>(size_t(std::min(entries, total_rows)));
   sort_contributions(sc, codes, scores, rows, num_tables, tau);
   const Index parts = std::max<Index>(1, std::min<Index>(available_threads(), sc.used_count));
-  parallel_ranges(parts, [&](Index p0, Index p1) {
+  parallel_rows(parts, 1, [&](Index p0, Index p1) {
     const Index u0 = balanced_row_split(sc, p0, parts);
     const Index u1 = balanced_row_split(sc, p1, parts);
     if (u0 >= u1) return;
