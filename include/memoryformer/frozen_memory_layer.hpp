@@ -3,7 +3,6 @@
 // float16 table storage with float32 activations and accumulation.
 #pragma once
 
-#include <sstream>
 #include <string>
 
 #include "detail/lookup_kernels.hpp"
@@ -69,11 +68,7 @@ class FrozenMemoryLayer {
    * @throws ShapeError, NonFiniteError, ConfigError (isa not compiled in)
    */
   void forward(MatrixRef<float> y, ConstMatrixRef<float> x, HashResult<float>& cache, Isa isa = best_isa()) const {
-    if (x.cols() != config_.d_in) {
-      std::ostringstream os;
-      os << "(N, " << config_.d_in << ") = (N, K·τ) with K = " << num_tables() << ", τ = " << config_.tau;
-      detail::throw_shape("FrozenMemoryLayer::forward", "x", x.rows(), x.cols(), os.str());
-    }
+    detail::check_layer_input<float>("FrozenMemoryLayer::forward", config_, x);
     detail::check_shape("FrozenMemoryLayer::forward", "y", y.rows(), y.cols(), x.rows(), config_.d_out);
     hasher_.hash(cache, x, isa);
     forward_hashed(y, cache, isa);
@@ -92,18 +87,9 @@ class FrozenMemoryLayer {
    */
   void forward_hashed(MatrixRef<float> y, const HashResult<float>& h, Isa isa = best_isa()) const {
     const char* where = "FrozenMemoryLayer::forward_hashed";
-    if (h.empty()) throw StateError(std::string(where) + ": the hash cache is empty; call forward (or hash) first");
-    if (h.tau != config_.tau || h.tables != num_tables() || Index(h.codes.size()) != h.rows * h.tables ||
-        h.scores.rows() != h.rows || h.scores.cols() != h.tables) {
-      std::ostringstream os;
-      os << where << ": the hash has K = " << h.tables << ", τ = " << h.tau << "; this layer needs K = "
-         << num_tables() << ", τ = " << config_.tau;
-      throw ShapeError(os.str());
-    }
+    detail::check_layer_hash(where, config_, h);
     detail::check_shape(where, "y", y.rows(), y.cols(), h.rows, config_.d_out);
-    if (!isa_available(isa))
-      throw ConfigError(std::string(where) + ": the " + std::string(isa_name(isa)) +
-                        " kernels are not compiled into this build (compile with the matching -m flags)");
+    detail::check_isa_compiled(where, isa);
     const bool prefill = h.rows >= detail::rows_prefill_min_tokens(config_.tau);
     const PackedTables& t = panels_.empty() ? rows_ : (rows_.empty() || prefill ? panels_ : rows_);
     detail::lookup_forward_packed(isa, y.data(), y.outerStride(), t.layout(), t.data(), h.codes.data(),

@@ -48,6 +48,13 @@ bool all_finite(const Scalar* v, Index count) {
   return total == Scalar(0);
 }
 
+/// @throws ConfigError naming `where` when the `isa` kernels are not compiled into this build.
+inline void check_isa_compiled(const std::string& where, Isa isa) {
+  if (!isa_available(isa))
+    throw ConfigError(where + ": the " + std::string(isa_name(isa)) +
+                      " kernels are not compiled into this build (compile with the matching -m flags)");
+}
+
 }  // namespace detail
 
 /**
@@ -167,11 +174,7 @@ class SignHasher {
     }
   }
 
-  static void check_isa(Isa isa) {
-    if (!isa_available(isa))
-      throw ConfigError("SignHasher: the " + std::string(isa_name(isa)) +
-                        " kernels are not compiled into this build (compile with the matching -m flags)");
-  }
+  static void check_isa(Isa isa) { detail::check_isa_compiled("SignHasher", isa); }
 
   [[noreturn]] static void report_non_finite(ConstMatrixRef<Scalar> x, const HashResult<Scalar>& h) {
     for (Index r = 0; r < x.rows(); ++r)

@@ -54,6 +54,36 @@ struct MemoryLayerConfig {
  * forward on one layer at once. backward overwrites dx and accumulates dtables/dbias until zero_grad().
  * @tparam Scalar float or double.
  */
+namespace detail {
+
+/// The input shape a layer with `config` expects, for error messages.
+inline std::string expected_layer_input(const MemoryLayerConfig& config) {
+  std::ostringstream os;
+  os << "(N, " << config.d_in << ") = (N, K·τ) with K = " << config.num_tables() << ", τ = " << config.tau;
+  return os.str();
+}
+
+/// @throws ShapeError naming `where` if x does not have d_in columns.
+template <class Scalar>
+void check_layer_input(const char* where, const MemoryLayerConfig& config, ConstMatrixRef<Scalar> x) {
+  if (x.cols() != config.d_in) throw_shape(where, "x", x.rows(), x.cols(), expected_layer_input(config));
+}
+
+/// @throws StateError for an empty hash, ShapeError for one that does not fit a layer with `config`.
+template <class Scalar>
+void check_layer_hash(const char* where, const MemoryLayerConfig& config, const HashResult<Scalar>& h) {
+  if (h.empty()) throw StateError(std::string(where) + ": the hash cache is empty; call forward (or hash) first");
+  if (h.tau != config.tau || h.tables != config.num_tables() || Index(h.codes.size()) != h.rows * h.tables ||
+      h.scores.rows() != h.rows || h.scores.cols() != h.tables) {
+    std::ostringstream os;
+    os << where << ": the hash has K = " << h.tables << ", τ = " << h.tau << "; this layer needs K = "
+       << config.num_tables() << ", τ = " << config.tau;
+    throw ShapeError(os.str());
+  }
+}
+
+}  // namespace detail
+
 template <std::floating_point Scalar>
 class MemoryLayer {
  public:
@@ -229,31 +259,15 @@ class MemoryLayer {
   Index num_parameters() const { return tables_.size() + (config_.bias ? config_.d_out : 0); }
 
  private:
-  std::string expected_input() const {
-    std::ostringstream os;
-    os << "(N, " << config_.d_in << ") = (N, K·τ) with K = " << num_tables() << ", τ = " << config_.tau;
-    return os.str();
-  }
   void check_input(const char* where, ConstMatrixRef<Scalar> x) const {
-    if (x.cols() != config_.d_in) detail::throw_shape(where, "x", x.rows(), x.cols(), expected_input());
+    detail::check_layer_input<Scalar>(where, config_, x);
   }
-  static void check_isa(const char* where, Isa isa) {
-    if (!isa_available(isa))
-      throw ConfigError(std::string(where) + ": the " + std::string(isa_name(isa)) +
-                        " kernels are not compiled into this build (compile with the matching -m flags)");
-  }
+  static void check_isa(const char* where, Isa isa) { detail::check_isa_compiled(where, isa); }
   void check_output(const char* where, const MatrixRef<Scalar>& y, Index rows) const {
     detail::check_shape(where, "y", y.rows(), y.cols(), rows, config_.d_out);
   }
   void check_hash(const char* where, const HashResult<Scalar>& h) const {
-    if (h.empty()) throw StateError(std::string(where) + ": the hash cache is empty; call forward (or hash) first");
-    if (h.tau != config_.tau || h.tables != num_tables() || Index(h.codes.size()) != h.rows * h.tables ||
-        h.scores.rows() != h.rows || h.scores.cols() != h.tables) {
-      std::ostringstream os;
-      os << where << ": the hash has K = " << h.tables << ", τ = " << h.tau << "; this layer needs K = " << num_tables()
-         << ", τ = " << config_.tau;
-      throw ShapeError(os.str());
-    }
+    detail::check_layer_hash(where, config_, h);
   }
 
   MemoryLayerConfig config_;
