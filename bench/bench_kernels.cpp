@@ -173,23 +173,8 @@ Batch& batch(Index n) {
   return it->second;
 }
 
-struct Dense {
-  MatrixF w, dw;
-  Eigen::Matrix<float, 1, Eigen::Dynamic> b, db;
-};
-Dense& dense() {
-  static Dense d = [] {
-    Dense r;
-    r.w.resize(kD, kD);
-    fill_normal(r.w, 3, 0);
-    r.w *= 0.02f;
-    r.dw = MatrixF::Zero(kD, kD);
-    r.b = Eigen::Matrix<float, 1, Eigen::Dynamic>::Constant(kD, 0.001f);
-    r.db = Eigen::Matrix<float, 1, Eigen::Dynamic>::Zero(kD);
-    return r;
-  }();
-  return d;
-}
+/// The dense twin's parameters at the kernel shape (the same cache as the layer-grid benchmarks).
+DenseParams& dense() { return cached_dense(kD, kD); }
 
 void set_threads(int threads) {
   Eigen::setNbThreads(threads);
