@@ -453,7 +453,7 @@ void bm_stream_read(benchmark::State& st) {
 /// indexed accumulator array went through memory and measured store forwarding instead: 63 GB/s).
 void bm_l2_random_gather(benchmark::State& st) {
   const Index chunk = st.range(0);
-  const auto bytes = std::size_t(mf::detail::panel_budget_bytes);
+  const auto bytes = std::size_t(mf::detail::panel_budget_bytes());
   mf::detail::TableBlock block(bytes);
   std::memset(block.data(), 0, bytes);
   const auto* p = reinterpret_cast<const float*>(block.data());

@@ -163,6 +163,35 @@ TEST(LookupIsa, ForwardFastPathsGiveIdenticalBitsWhateverTheLoopOrder) {
   }
 }
 
+TEST(LookupIsa, PrefillGivesIdenticalBitsForAnyTableGroupSize) {
+#if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
+  // The prefill loop's table groups are sized from this machine's L2 (detail::panel_budget_bytes); partial sums
+  // travel between groups as floats, so the FMA chain, and the bits, must not depend on that size. Budgets of one
+  // table per group (8 groups), three (evened out to 3 groups of ≤ 3) and all tables (one group).
+  const Shape s{64, 100, 8, 300, true};  // K = 8 tables of 256 rows; fp32 32-column chunks: 32 KB + 64 B per table
+  const auto layer = make_layer(s, 31);
+  const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 7);
+  const auto h = layer.hasher().hash(x);
+  for (mf::Isa isa : simd_paths()) {
+    mf::Matrix<float> one_group(s.n, s.d_out);
+    mf::detail::dispatch_simd(isa, [&]<mf::Isa I>() {
+      for (const mf::Index budget : {mf::Index(1) << 20, mf::Index(33) << 10, mf::Index(99) << 10}) {
+        mf::Matrix<float> y(s.n, s.d_out);
+        mf::detail::rowmajor_prefill<I>(y.data(), s.d_out, layer.tables().data(), s.tau, s.d_out, h.tables,
+                                        h.codes.data(), h.scores.data(), layer.bias().data(), s.n, 32, budget);
+        if (budget == (mf::Index(1) << 20)) one_group = y;
+        ASSERT_TRUE(y == one_group) << mf::isa_name(isa) << " budget " << budget;
+      }
+    });
+    mf::Matrix<float> fast(s.n, s.d_out);
+    layer.forward_hashed(fast, h, isa);
+    ASSERT_TRUE(fast == one_group) << mf::isa_name(isa);
+  }
+#else
+  GTEST_SKIP() << "no SIMD kernels in this build";
+#endif
+}
+
 TEST(LookupIsa, ForwardIntoStridedOutput) {
   // y may be a block of a wider matrix (outer stride ≠ d_out), and misaligned for streaming stores (prefill path).
   const Shape s{64, 64, 8, 800, true};

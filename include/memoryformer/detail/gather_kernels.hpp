@@ -8,7 +8,7 @@
 //  - decode (few tokens): token-major, a token's output columns stay in vector registers while its K rows stream
 //    past, with software prefetch several tables ahead (the rows come from DRAM).
 //  - prefill (many tokens): column-blocked. Tables are cut into panels of 32 output columns × a group of tables
-//    that fits L2 (≈ 512 KB); all tokens stream through one panel, 4 tokens at a time, before the next panel is
+//    that fits a quarter of L2; all tokens stream through one panel, 4 tokens at a time, before the next panel is
 //    read, reading each group's plan (chunk offsets and scores) as one contiguous stream and streaming the next
 //    packed panel into L2 meanwhile. Rows are read with plain vector loads, never hardware gathers.
 // The panel layout (PanelLayout) is the storage of PackedTables; row-major float tables (MemoryLayer's training
@@ -23,6 +23,7 @@
 
 #include "../flops.hpp"
 #include "../types.hpp"
+#include "cache_size.hpp"
 #include "half.hpp"
 #include "parallel.hpp"
 #include "scratch.hpp"
@@ -32,9 +33,14 @@ namespace memoryformer::detail {
 
 /// Largest number of output columns per panel chunk (4 zmm / 8 ymm of float accumulators per token).
 inline constexpr Index max_chunk_values = 64;
-/// Bytes of one table group of a panel: the L2-resident working set of the prefill loop (L2 ≥ 1 MB assumed;
-/// the panel shares L2 with the partial sums [N, 64] and the codes/scores of the group).
-inline constexpr Index panel_budget_bytes = Index(512) << 10;
+/// Bytes of one table group of a panel: the L2-resident working set of the prefill loop. A quarter of L2, because
+/// L2 also holds the next panel streaming in, the partial sums [N, cv] and the group's plan. Measured (bf16
+/// lookup, N = 2048, d = 512, τ = 8): on Zen 4's 1 MB L2, 256 KB groups 2.5 ms (±4%) against 3–8 ms for 512 KB
+/// (L2 overflows into an L3 shared with other tenants); on the 2 MB L2 of the Intel Xeon of our earlier runs, 512 KB was best.
+inline Index panel_budget_bytes() {
+  static const Index bytes = std::clamp<Index>(l2_cache_bytes() / 4, Index(128) << 10, Index(1) << 20);
+  return bytes;
+}
 
 /// chunk_values argument of PanelLayout::make selecting the row layout.
 inline constexpr Index row_chunk = -1;
@@ -58,7 +64,7 @@ struct PanelLayout {
   Index table_stride = 0;
   Index cb_stride = 0;
   Index column_blocks = 0;
-  Index budget = panel_budget_bytes;  // bytes of one table group (the prefill loop's L2 working set)
+  Index budget = panel_budget_bytes();  // bytes of one table group (the prefill loop's L2 working set)
   bool row_layout = false;            // made with row_chunk (for widths ≤ 64 it coincides with one panel)
 
   /// chunk_values: 0 = default_chunk_values, 16/32/64 = panels, row_chunk = whole rows (one column block: each
@@ -536,7 +542,7 @@ void packed_prefill(float* y, Index y_stride, const PanelLayout& l, const std::b
 template <Isa I>
 void rowmajor_prefill(float* y, Index y_stride, const float* tables, int tau, Index width, Index num_tables,
                       const std::int32_t* codes, const float* scores, const float* bias, Index rows,
-                      Index chunk_values = 0, Index budget = panel_budget_bytes) {
+                      Index chunk_values = 0, Index budget = panel_budget_bytes()) {
   PanelLayout l = PanelLayout::make(num_tables, tau, width, StorageType::F32, chunk_values);
   l.budget = budget;
   dispatch_chunk(l.cv, [&](auto cv) {
