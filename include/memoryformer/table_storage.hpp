@@ -29,7 +29,7 @@ enum class TableLayout {
 /**
  * @brief K tables of 2^τ rows × width values, converted once to a storage type and laid out for the lookup kernels.
  *
- * Storage: StorageType::F32 (exact copy), BF16 (round to nearest even: relative error ≤ 2^-8) or F16 (round to
+ * Storage: StorageType::F32 (exact copy), BF16 (nearest value of a bfloat16 grid: relative error ≤ 2^-8) or F16 (round to
  * nearest even: relative error ≤ 2^-11 for normal values; values beyond ±65504 are rejected). Every kernel decodes
  * a stored value exactly to float and accumulates in float32, so the storage type is the only approximation.
  *
@@ -41,8 +41,9 @@ enum class TableLayout {
  * values), which a token-major decode reads as whole rows — a random 64-byte chunk per column block would cost a
  * DRAM round trip each. Either way a table has one spare cache line so that row r of consecutive tables falls in
  * different cache sets, and blocks ≥ 256 KB are 2 MB aligned with transparent huge pages advised. bf16 stores each
- * group of 32 values as 16 words (value j | value j+16 << 16) so a 64-byte load becomes two vectors of 16
- * consecutive columns with one shift and one mask.
+ * group of 32 values as 16 words: word j holds value j's bfloat16 (round to nearest even) in its low half, and the
+ * whole word, read as a float, is value j+16 (its high half chosen so that this float is nearest to the value,
+ * detail::bf16_high_half), so a 64-byte load becomes two vectors of 16 consecutive columns with one shift.
  * Training keeps float32 master tables in MemoryLayer; this is an inference copy (see FrozenMemoryLayer).
  */
 class PackedTables {

@@ -14,6 +14,7 @@
 //  - bf16 / f16 storage against float32 tables: round to nearest keeps a stored value within 2^-8 (bf16, 8
 //    significant bits) / 2^-11 (f16, 11 bits; subnormals: 2^-25 absolute) of the float, so y moves by at most that
 //    times Σ|s_k·T_k| (plus the float bound above).
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -277,6 +278,31 @@ TEST(LookupIsa, PackedValuesDecodeToTheRoundedFloats) {
         }
     const auto back = packed.unpack();
     EXPECT_EQ(back.row(3, 5)[36], packed.value(3, 5, 36));
+  }
+}
+
+TEST(LookupIsa, Bf16HighHalfIsTheNearestFloatWithThoseLowBits) {
+  // The kernels read a bf16 pair word whole as the float of its high column; the packer picks the high half whose
+  // float (with the low column's bits below it) is nearest to the value: within half a bfloat16 step, 2^-8·|v|.
+  mf::Rng rng(77);
+  for (int i = 0; i < 200000; ++i) {
+    const float magnitude = float(std::ldexp(1.0 + rng.uniform(), int(rng.uniform() * 200.0) - 100));
+    const float v = rng.uniform() < 0.5 ? -magnitude : magnitude;
+    const auto low = std::uint16_t(rng.uniform() * 65536.0);
+    const std::uint16_t high = mf::detail::bf16_high_half(v, low);
+    const auto word = [&](std::uint32_t h) { return std::bit_cast<float>((h << 16) | low); };
+    const double error = std::abs(double(word(high)) - double(v));
+    ASSERT_LE(error, 0x1.0p-8 * std::abs(double(v))) << v << " low " << low;
+    for (const std::uint32_t other : {std::uint32_t(high) - 1u, std::uint32_t(high) + 1u}) {  // same-sign neighbours
+      if ((other >> 15) == (std::uint32_t(high) >> 15) && (other & 0x7fffu) <= 0x7f7fu) {
+        ASSERT_GE(std::abs(double(word(other)) - double(v)), error) << v << " low " << low;
+      }
+    }
+  }
+  for (const float v : {0.0f, -0.0f, 3.3895314e38f, -3.3895314e38f, 1e-40f}) {
+    const float decoded = std::bit_cast<float>((std::uint32_t(mf::detail::bf16_high_half(v, 0xffff)) << 16) | 0xffffu);
+    EXPECT_TRUE(std::isfinite(decoded)) << v;
+    EXPECT_LE(std::abs(double(decoded) - double(v)), 0x1.0p-8 * std::abs(double(v)) + 0x1.0p-133) << v;
   }
 }
 

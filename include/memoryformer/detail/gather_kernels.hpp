@@ -16,6 +16,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -151,13 +152,15 @@ inline void encode_chunk(std::byte* dst, const float* src, Index count, Index cv
     for (Index i = 0; i < cv; ++i) h[i] = float_to_f16(v[i]);
     std::memcpy(dst, h, size_t(cv) * 2);
   } else {
-    // bf16 pairs: 32-bit word j of each 64-byte group of 32 values holds value j (low half) and value j + 16
-    // (high half), so one shift and one mask turn a 64-byte load into two vectors of 16 consecutive columns.
+    // bf16 pairs: 32-bit word j of each 64-byte group of 32 values holds value j (low half, its bfloat16) and
+    // value j + 16 (the whole word, read as a float: see bf16_high_half), so one shift turns a 64-byte load into
+    // two vectors of 16 consecutive columns.
     std::uint32_t w[max_chunk_values / 2];
     for (Index group = 0; group < cv / 32; ++group)
-      for (Index j = 0; j < 16; ++j)
-        w[group * 16 + j] = std::uint32_t(float_to_bf16(v[group * 32 + j])) |
-                            (std::uint32_t(float_to_bf16(v[group * 32 + 16 + j])) << 16);
+      for (Index j = 0; j < 16; ++j) {
+        const std::uint16_t low = float_to_bf16(v[group * 32 + j]);
+        w[group * 16 + j] = std::uint32_t(low) | (std::uint32_t(bf16_high_half(v[group * 32 + 16 + j], low)) << 16);
+      }
     std::memcpy(dst, w, size_t(cv) * 2);
   }
 }
@@ -181,7 +184,7 @@ inline float decode_value(const std::byte* chunk, Index i, StorageType storage) 
   const Index group = i / 32, j = i % 32;
   std::uint32_t w;
   std::memcpy(&w, chunk + (group * 16 + j % 16) * 4, 4);
-  return bf16_to_float(std::uint16_t(j < 16 ? (w & 0xffffu) : (w >> 16)));
+  return j < 16 ? bf16_to_float(std::uint16_t(w & 0xffffu)) : std::bit_cast<float>(w);
 }
 
 /// Packs float32 row-major tables [K, 2^τ, width] (row stride `row_stride` floats) into the F32 panel of column
@@ -290,11 +293,10 @@ struct Lanes<Isa::Avx512> {
       const float* f = reinterpret_cast<const float*>(p);
       for (Index j = 0; j < CV / 16; ++j) acc[j] = _mm512_fmadd_ps(s, _mm512_loadu_ps(f + 16 * j), acc[j]);
     } else if constexpr (S == StorageType::BF16) {
-      const __m512i high = _mm512_set1_epi32(int(0xffff0000u));
       for (Index m = 0; m < CV / 32; ++m) {
         const __m512i w = _mm512_loadu_si512(p + 64 * m);
         acc[2 * m] = _mm512_fmadd_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), acc[2 * m]);
-        acc[2 * m + 1] = _mm512_fmadd_ps(s, _mm512_castsi512_ps(_mm512_and_si512(w, high)), acc[2 * m + 1]);
+        acc[2 * m + 1] = _mm512_fmadd_ps(s, _mm512_castsi512_ps(w), acc[2 * m + 1]);
       }
     } else {
       for (Index j = 0; j < CV / 16; ++j) {
@@ -350,12 +352,11 @@ struct Lanes<Isa::Avx2> {
     } else if constexpr (S == StorageType::BF16) {
       // 32-byte load m covers words 8·(m%2) … +7 of 64-byte group m/2: columns 32·(m/2) + 8·(m%2) + i (low
       // halves) and the same + 16 (high halves).
-      const __m256i high = _mm256_set1_epi32(int(0xffff0000u));
       for (Index m = 0; m < CV / 16; ++m) {
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * m));
         const Index lo = 4 * (m / 2) + (m % 2), hi = lo + 2;
         acc[lo] = _mm256_fmadd_ps(s, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), acc[lo]);
-        acc[hi] = _mm256_fmadd_ps(s, _mm256_castsi256_ps(_mm256_and_si256(w, high)), acc[hi]);
+        acc[hi] = _mm256_fmadd_ps(s, _mm256_castsi256_ps(w), acc[hi]);
       }
     } else {
       for (Index j = 0; j < CV / 8; ++j) {
