@@ -46,9 +46,10 @@ inline Index panel_budget_bytes() {
 /// chunk_values argument of PanelLayout::make selecting the row layout.
 inline constexpr Index row_chunk = -1;
 
-/// Columns per chunk used unless told otherwise (chosen by measurement, perf.md): 64 B chunks keep all K tables
-/// of a column block in one L2-sized panel for τ = 8, so no partial sums travel between table groups.
-constexpr Index default_chunk_values(StorageType storage) { return storage == StorageType::F32 ? 32 : 32; }
+/// Columns per chunk used unless told otherwise, for every storage type (chosen by measurement, README "Kernel
+/// speed"): 32 columns are 128 B of fp32 or 64 B of bf16 per chunk; 64-column bf16 chunks halve the table groups
+/// per panel and measured slower on Zen 4 (bf16 lookup 3.5–4.4 against 2.7–3.4 ms).
+constexpr Index default_chunk_values(StorageType) { return 32; }
 
 /// Geometry of the panel layout. Chunk (cb, k, r) — columns [cv·cb, cv·cb + cv) of row r of table k — lives at
 /// byte cb · cb_stride + k · table_stride + r · chunk_bytes.
