@@ -37,7 +37,8 @@ inline constexpr Index max_chunk_values = 64;
 /// Bytes of one table group of a panel: the L2-resident working set of the prefill loop. A quarter of L2, because
 /// L2 also holds the next panel streaming in, the partial sums [N, cv] and the group's plan. Measured (bf16
 /// lookup, N = 2048, d = 512, τ = 8): on Zen 4's 1 MB L2, 256 KB groups 2.5 ms (±4%) against 3–8 ms for 512 KB
-/// (L2 overflows into an L3 shared with other tenants); on the 2 MB L2 of the Intel Xeon of our earlier runs, 512 KB was best.
+/// (L2 overflows into an L3 shared with other tenants); on the 2 MB L2 of the Intel Xeon of our earlier runs,
+/// 512 KB was best.
 inline Index panel_budget_bytes() {
   static const Index bytes = std::clamp<Index>(l2_cache_bytes() / 4, Index(128) << 10, Index(1) << 20);
   return bytes;
