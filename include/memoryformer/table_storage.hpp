@@ -29,9 +29,10 @@ enum class TableLayout {
 /**
  * @brief K tables of 2^τ rows × width values, converted once to a storage type and laid out for the lookup kernels.
  *
- * Storage: StorageType::F32 (exact copy), BF16 (nearest value of a bfloat16 grid: relative error ≤ 2^-8) or F16 (round to
- * nearest even: relative error ≤ 2^-11 for normal values; values beyond ±65504 are rejected). Every kernel decodes
- * a stored value exactly to float and accumulates in float32, so the storage type is the only approximation.
+ * Storage: StorageType::F32 (exact copy), BF16 (nearest value of a bfloat16 grid: relative error ≤ 2^-8) or F16
+ * (round to nearest even: relative error ≤ 2^-11 for normal values; values beyond ±65504 are rejected). Every
+ * kernel decodes a stored value exactly to float and accumulates in float32, so the storage type is the only
+ * approximation.
  *
  * Layout (detail::PanelLayout), TableLayout::Panels: the columns are cut into chunks of cv = 32 values (one or two
  * cache lines); chunk (cb, k, r) — columns [cv·cb, cv·cb + cv) of row r of table k — sits at

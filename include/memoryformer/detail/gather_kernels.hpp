@@ -68,7 +68,7 @@ struct PanelLayout {
   Index cb_stride = 0;
   Index column_blocks = 0;
   Index budget = panel_budget_bytes();  // bytes of one table group (the prefill loop's L2 working set)
-  bool row_layout = false;            // made with row_chunk (for widths ≤ 64 it coincides with one panel)
+  bool row_layout = false;              // made with row_chunk (for widths ≤ 64 it coincides with one panel)
 
   /// chunk_values: 0 = default_chunk_values, 16/32/64 = panels, row_chunk = whole rows (one column block: each
   /// row contiguous, padded to a multiple of 64 values — the decode layout).
