@@ -3,6 +3,7 @@
 // executable's MEMORYFORMER_TEST_ISA says which), so the default path of each build is checked against
 // independent double-precision formulas, and every path compiled into a build against the scalar path:
 // identical codes, scores within a few ulp.
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -129,31 +130,82 @@ TEST_P(HashIsaByTau, EveryCompiledPathMatchesScalar) {
 
 INSTANTIATE_TEST_SUITE_P(Tau, HashIsaByTau, ::testing::Range(1, 17));
 
-TEST(HashIsa, FastExpErrorBound) {
-  // Dense sweep of the domain the scores use: exp(−v) for v in [0, 87]. Bound: 2^-22 relative (≈ 2 ulp).
+TEST(HashIsa, FastExp2ErrorBound) {
+  // Dense sweep of the domain the scores use: 2^t for t in [-126, 0], every table slot and both ends of each
+  // slot's ±1/32 interval. Bound: 2^-22 relative (≈ 2 ulp).
   double worst = 0;
-  for (int i = 0; i <= 870000; ++i) {
-    const float x = -float(i) * 1e-4f;
-    const double exact = std::exp(double(x));
-    const double rel = std::abs(double(mf::detail::fast_exp_nonpositive(x)) - exact) / exact;
+  for (int i = 0; i <= 1260000; ++i) {
+    const float t = -float(i) * 1e-4f;
+    const double exact = std::exp2(double(t));
+    const double rel = std::abs(double(mf::detail::fast_exp2_of_product(t, 1.0f)) - exact) / exact;
     worst = std::max(worst, rel);
   }
   EXPECT_LE(worst, 0x1.0p-22) << "worst relative error " << worst;
-  for (mf::Isa isa : {mf::Isa::Avx2, mf::Isa::Avx512}) {
-    if (!mf::isa_available(isa)) continue;
-    std::vector<float> z(1000), e_simd(1000), e_scalar(1000);
-    for (size_t i = 0; i < z.size(); ++i) z[i] = float(i) * 0.087f * (i % 2 ? 1.0f : -1.0f);
-    if (isa == mf::Isa::Avx512) {
-#if defined(MEMORYFORMER_HAVE_AVX512)
-      mf::detail::exp_of_abs<mf::Isa::Avx512>(e_simd.data(), z.data(), mf::Index(z.size()), -1.0f);
-#endif
-    } else {
-#if defined(MEMORYFORMER_HAVE_AVX2)
-      mf::detail::exp_of_abs<mf::Isa::Avx2>(e_simd.data(), z.data(), mf::Index(z.size()), -1.0f);
-#endif
+  // Exact powers of two come out exact, down to the smallest normal float.
+  for (int k = 0; k <= 126; ++k) ASSERT_EQ(mf::detail::fast_exp2_of_product(-float(k), 1.0f), std::ldexp(1.0f, -k)) << k;
+}
+
+TEST(HashIsa, FastExpIsBitIdenticalOnEveryPath) {
+  // exp(neg_scale·|z|) through exp_of_abs: the SIMD paths against the scalar one, bit for bit, over the whole
+  // domain and past the clamp of |z|, with ±inf and NaN, and a vector tail (1003 is not a multiple of 8 or 16).
+  std::vector<float> z(1003), e_simd(z.size()), e_scalar(z.size());
+  for (size_t i = 0; i < z.size(); ++i) z[i] = float(i) * 0.0917f * (i % 2 ? 1.0f : -1.0f);
+  z[5] = std::numeric_limits<float>::infinity();
+  z[6] = -std::numeric_limits<float>::infinity();
+  z[7] = std::numeric_limits<float>::quiet_NaN();
+  z[8] = -0.0f;
+  auto same = [](float a, float b) {
+    return std::isnan(a) ? std::isnan(b) : std::bit_cast<std::uint32_t>(a) == std::bit_cast<std::uint32_t>(b);
+  };
+  for (const float neg_scale : {-1.0f, -2.0f, -2.0f / 0.7f}) {
+    const mf::detail::ExpArgument<float> arg(neg_scale);
+    mf::detail::exp_of_abs<mf::Isa::Scalar>(e_scalar.data(), z.data(), mf::Index(z.size()), arg);
+    EXPECT_TRUE(std::isnan(e_scalar[7]));
+    EXPECT_EQ(e_scalar[8], 1.0f);
+    for (size_t i = 0; i < z.size(); ++i) {  // against exp in double (the argument's rounding dominates)
+      if (std::isnan(z[i])) continue;
+      // Past the clamp, exp(neg_scale·max_abs) ≈ 2^-125: still a normal float.
+      const double abs_z = std::min(std::abs(double(z[i])), double(arg.max_abs));
+      const double exact = std::exp(double(neg_scale) * abs_z);
+      ASSERT_GE(e_scalar[i], std::numeric_limits<float>::min()) << i;
+      ASSERT_NEAR(e_scalar[i], exact, exact * (0x1.0p-22 + 0x1.0p-23 * std::abs(std::log(exact)))) << i;
     }
-    mf::detail::exp_of_abs<mf::Isa::Scalar>(e_scalar.data(), z.data(), mf::Index(z.size()), -1.0f);
-    for (size_t i = 0; i < z.size(); ++i) ASSERT_LE(ulp_distance(e_simd[i], e_scalar[i]), 2) << i;
+    for (mf::Isa isa : {mf::Isa::Avx2, mf::Isa::Avx512}) {
+      if (!mf::isa_available(isa)) continue;
+      if (isa == mf::Isa::Avx512) {
+#if defined(MEMORYFORMER_HAVE_AVX512)
+        mf::detail::exp_of_abs<mf::Isa::Avx512>(e_simd.data(), z.data(), mf::Index(z.size()), arg);
+#endif
+      } else {
+#if defined(MEMORYFORMER_HAVE_AVX2)
+        mf::detail::exp_of_abs<mf::Isa::Avx2>(e_simd.data(), z.data(), mf::Index(z.size()), arg);
+#endif
+      }
+      for (size_t i = 0; i < z.size(); ++i)
+        ASSERT_TRUE(same(e_simd[i], e_scalar[i]))
+            << mf::isa_name(isa) << " element " << i << " z " << z[i] << ": " << e_simd[i] << " vs " << e_scalar[i];
+    }
+  }
+}
+
+TEST(HashIsa, NonFiniteInputIsRejectedByEveryScoreOnEveryPath) {
+  // The exponentials clamp |z|, so neither score may rely on them to see an infinity; the transposed AVX-512 path
+  // (τ = 8, 16 chunks), the masked tails and the scalar stage 2 each get one.
+  for (mf::Isa isa : {mf::Isa::Scalar, mf::Isa::Avx2, mf::Isa::Avx512}) {
+    if (!mf::isa_available(isa)) continue;
+    for (const auto score : {mf::ScoreKind::L1, mf::ScoreKind::Paper}) {
+      const mf::SignHasher<float> hasher({8, score, 1.0});
+      for (const float bad : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                              std::numeric_limits<float>::quiet_NaN()}) {
+        for (const mf::Index col : {mf::Index(3), mf::Index(16 * 8 + 5)}) {  // a transposed chunk, a tail chunk
+          mf::Matrix<float> x = random_input(3, 18 * 8, 9);
+          ASSERT_NO_THROW(hasher.hash(x, isa));
+          x(1, col) = bad;
+          EXPECT_THROW(hasher.hash(x, isa), mf::NonFiniteError)
+              << mf::isa_name(isa) << " " << mf::score_kind_name(score) << " " << bad << " at column " << col;
+        }
+      }
+    }
   }
 }
 

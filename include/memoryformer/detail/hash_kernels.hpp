@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Sign-bit LSH kernels (spec §1.2 and §1.4): bucket codes, scores, and the score gradient, for one τ each.
-// Two stages per block of chunks: (1) e_i = exp(−c·|z_i|) for every element, vectorised per ISA (the only costly
-// part); (2) per chunk, with τ a compile-time constant so the loop unrolls: code bits, Σ|z| and Π(1 + e_i).
+// Two stages per block of chunks: (1) e_i = exp(−c·|z_i|) = 2^(−c·log2(e)·|z_i|) for every element, vectorised
+// per ISA (the only costly part); (2) per chunk, with τ a compile-time constant so the loop unrolls: code bits, Σ|z| and Π(1 + e_i).
 // Stage 2 is the same code for every ISA, so codes are identical across paths and scores differ only by the
 // few ulp of stage 1.
 #pragma once
@@ -19,51 +19,96 @@ namespace memoryformer::detail {
 
 MEMORYFORMER_SIMD_WARNINGS_BEGIN
 
-/// e[i] = exp(neg_scale · |z[i]|) for i < count, on the chosen ISA (neg_scale ≤ 0).
+/// The exponentials' arguments: exp(neg_scale·|z|) = 2^(factor·min(|z|, max_abs)). Clamping |z| keeps factor·|z|
+/// ≥ −126, the domain of fast_exp2_of_product; the exponential is then below 2^-125 and only ever appears as 1 + e,
+/// where it is lost anyway. A NaN stays NaN; an infinite z gives 2^-125 (the scores see it elsewhere: see
+/// chunk_codes_and_scores). double (the reference and gradient-check type) uses std::exp unclamped.
+template <class Scalar>
+struct ExpArgument {
+  Scalar neg_scale;  // −2 (l1) or −2/t (paper)
+  Scalar factor;     // neg_scale·log2(e), rounded once: the same value on every ISA path
+  Scalar max_abs;    // factor·max_abs ≥ −125·(1 + 2^-23)
+  explicit ExpArgument(Scalar neg_scale_)
+      : neg_scale(neg_scale_), factor(exp2_factor(neg_scale_)), max_abs(Scalar(125.0 / -double(factor))) {}
+  Scalar exp_of_abs(Scalar z) const {
+    if constexpr (std::is_same_v<Scalar, float>) {
+      return fast_exp2_of_product(std::min(std::abs(z), max_abs), factor);  // std::min keeps a NaN (first argument)
+    } else {
+      return std::exp(neg_scale * std::abs(z));
+    }
+  }
+};
+
+/// d·(1 + e) as d + d·e, one rounding in float (the AVX-512 path's vfmadd; two instructions fewer per element
+/// than an add and a multiply, and a shorter dependency chain).
+template <class Scalar>
+inline Scalar fused_grow(Scalar d, Scalar e) {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    return madd(d, e, d);
+  } else {
+    return d * (Scalar(1) + e);
+  }
+}
+
+MEMORYFORMER_SIMD_WARNINGS_BEGIN
+#if defined(MEMORYFORMER_HAVE_AVX512)
+/// min(|z|, max_abs), keeping a NaN (minps returns its second operand when either is NaN, so |z| goes second).
+/// vrangeps would do it in one instruction, but it drops the NaN.
+inline __m512 clamped_abs(__m512 z, __m512 max_abs) { return _mm512_min_ps(max_abs, _mm512_abs_ps(z)); }
+#endif
+#if defined(MEMORYFORMER_HAVE_AVX2)
+inline __m256 clamped_abs(__m256 z, __m256 max_abs) {
+  return _mm256_min_ps(max_abs, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z));
+}
+#endif
+
+/// e[i] = exp(neg_scale · |z[i]|) for i < count, on the chosen ISA.
 template <Isa isa, class Scalar>
-inline void exp_of_abs(Scalar* e, const Scalar* z, Index count, Scalar neg_scale) {
+inline void exp_of_abs(Scalar* e, const Scalar* z, Index count, const ExpArgument<Scalar>& arg) {
   Index i = 0;
   if constexpr (std::is_same_v<Scalar, float>) {
 #if defined(MEMORYFORMER_HAVE_AVX512)
     if constexpr (isa == Isa::Avx512) {
-      const __m512 scale = _mm512_set1_ps(neg_scale);
+      const __m512 factor = _mm512_set1_ps(arg.factor), max_abs = _mm512_set1_ps(arg.max_abs);
       for (; i + 16 <= count; i += 16) {
-        const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(z + i));
-        _mm512_storeu_ps(e + i, fast_exp_nonpositive(_mm512_mul_ps(v, scale)));
+        const __m512 a = clamped_abs(_mm512_loadu_ps(z + i), max_abs);
+        _mm512_storeu_ps(e + i, fast_exp2_of_product(a, factor));
       }
       if (i < count) {  // masked tail: the same arithmetic as the full vectors
         const __mmask16 m = __mmask16((1u << (count - i)) - 1u);
-        const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, z + i));
-        _mm512_mask_storeu_ps(e + i, m, fast_exp_nonpositive(_mm512_mul_ps(v, scale)));
+        const __m512 a = clamped_abs(_mm512_maskz_loadu_ps(m, z + i), max_abs);
+        _mm512_mask_storeu_ps(e + i, m, fast_exp2_of_product(a, factor));
       }
       return;
     }
 #endif
 #if defined(MEMORYFORMER_HAVE_AVX2)
     if constexpr (isa == Isa::Avx2) {
-      const __m256 scale = _mm256_set1_ps(neg_scale);
-      const __m256 sign = _mm256_set1_ps(-0.0f);
+      const __m256 factor = _mm256_set1_ps(arg.factor), max_abs = _mm256_set1_ps(arg.max_abs);
       for (; i + 8 <= count; i += 8) {
-        const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(z + i));
-        _mm256_storeu_ps(e + i, fast_exp_nonpositive(_mm256_mul_ps(v, scale)));
+        const __m256 a = clamped_abs(_mm256_loadu_ps(z + i), max_abs);
+        _mm256_storeu_ps(e + i, fast_exp2_of_product(a, factor));
       }
       if (i < count) {
         alignas(32) static constexpr std::int32_t lane[8] = {0, 1, 2, 3, 4, 5, 6, 7};
         const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(std::int32_t(count - i)),
                                              _mm256_load_si256(reinterpret_cast<const __m256i*>(lane)));
-        const __m256 v = _mm256_andnot_ps(sign, _mm256_maskload_ps(z + i, m));
-        _mm256_maskstore_ps(e + i, m, fast_exp_nonpositive(_mm256_mul_ps(v, scale)));
+        const __m256 a = clamped_abs(_mm256_maskload_ps(z + i, m), max_abs);
+        _mm256_maskstore_ps(e + i, m, fast_exp2_of_product(a, factor));
       }
       return;
     }
 #endif
   }
-  for (; i < count; ++i) e[i] = exp_nonpositive<Scalar>(neg_scale * std::abs(z[i]));
+  for (; i < count; ++i) e[i] = arg.exp_of_abs(z[i]);
 }
 MEMORYFORMER_SIMD_WARNINGS_END
 
 /// Stage 2 for `chunks` chunks of Tau elements: codes (first element = most significant bit, z ≥ 0 → 1, so −0.0 → 1),
 /// and scores: l1 → Σ|z|·Π σ(2|z|) ; paper → Π σ(2|z|/t), with σ(v) = 1/(1 + e^−v) = 1/(1 + e_i).
+/// A non-finite z must give a non-finite score (SignHasher::hash rejects the input by scanning the scores): NaN
+/// travels through e; an infinite z does through Σ|z| for l1, and for paper through max|z|·0 + Π, which is Π
+/// exactly when every |z| is finite.
 template <int Tau, class Scalar>
 inline void chunk_codes_and_scores(std::int32_t* codes, Scalar* scores, const Scalar* z, const Scalar* e, Index chunks,
                                    bool l1) {
@@ -71,16 +116,17 @@ inline void chunk_codes_and_scores(std::int32_t* codes, Scalar* scores, const Sc
     const Scalar* zc = z + c * Tau;
     const Scalar* ec = e + c * Tau;
     std::int32_t code = 0;
-    Scalar abs_sum = 0;
+    Scalar abs_sum = 0, abs_max = 0;
     Scalar denominator = 1;  // Π (1 + e_i) ≤ 2^τ: no overflow
     for (int j = 0; j < Tau; ++j) {
       code = (code << 1) | std::int32_t(zc[j] >= Scalar(0));
       abs_sum += std::abs(zc[j]);
-      denominator *= Scalar(1) + ec[j];
+      abs_max = std::max(abs_max, std::abs(zc[j]));
+      denominator = fused_grow(denominator, ec[j]);
     }
     codes[c] = code;
     const Scalar product = Scalar(1) / denominator;
-    scores[c] = l1 ? abs_sum * product : product;
+    scores[c] = l1 ? abs_sum * product : abs_max * Scalar(0) + product;
   }
 }
 
@@ -88,8 +134,9 @@ inline void chunk_codes_and_scores(std::int32_t* codes, Scalar* scores, const Sc
 MEMORYFORMER_SIMD_WARNINGS_BEGIN
 /// AVX-512 path for τ ∈ {1, 2, 4, 8, 16}: 16 chunks at a time, transposed so that vector j holds element j of 16
 /// chunks. Stage 2 then runs lane-parallel in exactly the scalar order (abs_sum = 0 + |z_0| + |z_1| + …,
-/// denominator = 1·(1 + e_0)·(1 + e_1)·…, one IEEE division), so codes and scores are bit-identical to the scalar
-/// stage 2 given the same exponentials; the transposes are τ·log2(τ) two-source permutes per 16 chunks.
+/// denominator grown by fused_grow from 1, one IEEE division), so codes and scores are bit-identical to the scalar
+/// stage 2 given the same exponentials; the transposes are τ·log2(τ) two-source permutes per 16 chunks, except for
+/// τ = 8 (below).
 template <int Tau>
 inline constexpr bool transposed_hash = Tau == 1 || Tau == 2 || Tau == 4 || Tau == 8 || Tau == 16;
 
@@ -137,14 +184,73 @@ inline void interleave16(const __m512* in, __m512* out) {
   }
 }
 
-/// Per-chunk quantities of 16 transposed chunks: exponentials e_j, Σ|z|, 1/Π(1 + e_j) — in the scalar order.
+// τ = 8, the paper's setting, transposes differently: two-source permutes (vpermt2ps) cost about 1.2 cycles each on
+// Zen 4, and the 24 of deinterleave16<8> were a quarter of the hashing time. A 4×4 transpose inside each 128-bit
+// lane (unpack instructions, cheap on every AVX-512 core) followed by one 128-bit-lane shuffle per vector does the
+// same work with 8 cross-lane operations instead of 24. It leaves the 16 chunks in the lane order below, which the
+// codes and scores undo with one permute each as they are stored.
+
+/// Lane l of the τ = 8 transposed vectors holds chunk chunk_of_lane8[l].
+inline __m512i chunk_of_lane8() { return _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15); }
+/// Its inverse: chunk c is in lane lane_of_chunk8[c].
+inline __m512i lane_of_chunk8() { return _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15); }
+
+/// Transposes the 4×4 matrix held in each 128-bit lane of rows a, b, c, d (an involution).
+inline void transpose4_in_lanes(__m512& a, __m512& b, __m512& c, __m512& d) {
+  const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(a, b)), t1 = _mm512_castps_pd(_mm512_unpacklo_ps(c, d));
+  const __m512d t2 = _mm512_castps_pd(_mm512_unpackhi_ps(a, b)), t3 = _mm512_castps_pd(_mm512_unpackhi_ps(c, d));
+  a = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t1));
+  b = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t1));
+  c = _mm512_castpd_ps(_mm512_unpacklo_pd(t2, t3));
+  d = _mm512_castpd_ps(_mm512_unpackhi_pd(t2, t3));
+}
+
+/// in[0..8): 16 chunks of 8 consecutive elements (in[i] holds chunks 2i and 2i + 1, one 128-bit lane per half
+/// chunk); out[j] = element j of the 16 chunks, in the lane order chunk_of_lane8.
+inline void deinterleave8(const __m512* in, __m512* out) {
+  __m512 w[8];
+  for (int i = 0; i < 8; ++i) w[i] = in[i];
+  transpose4_in_lanes(w[0], w[1], w[2], w[3]);  // w[k] lanes: chunks {0,2,4,6} elements k | 4+k, {1,3,5,7} k | 4+k
+  transpose4_in_lanes(w[4], w[5], w[6], w[7]);  // the same for chunks 8–15
+  for (int k = 0; k < 4; ++k) {
+    out[k] = _mm512_shuffle_f32x4(w[k], w[4 + k], 0x88);      // 128-bit lanes 0, 2 of each: element k
+    out[4 + k] = _mm512_shuffle_f32x4(w[k], w[4 + k], 0xDD);  // lanes 1, 3 of each: element 4 + k
+  }
+}
+
+/// Inverse of deinterleave8.
+inline void interleave8(const __m512* in, __m512* out) {
+  // w[k] = 128-bit lanes (in[k].0, in[4+k].0, in[k].1, in[4+k].1); w[4+k] the same with lanes 2 and 3.
+  const __m512i low = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i high = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int k = 0; k < 4; ++k) {
+    out[k] = _mm512_permutex2var_ps(in[k], low, in[4 + k]);
+    out[4 + k] = _mm512_permutex2var_ps(in[k], high, in[4 + k]);
+  }
+  transpose4_in_lanes(out[0], out[1], out[2], out[3]);
+  transpose4_in_lanes(out[4], out[5], out[6], out[7]);
+}
+
+/// Loads 16 chunks of Tau elements and transposes them; lanes in natural chunk order except for τ = 8.
 template <int Tau>
+inline void load_transposed(const float* z, __m512* zt) {
+  __m512 v[Tau];
+  for (int i = 0; i < Tau; ++i) v[i] = _mm512_loadu_ps(z + 16 * i);
+  if constexpr (Tau == 8)
+    deinterleave8(v, zt);
+  else
+    deinterleave16<Tau>(v, zt);
+}
+
+/// Per-chunk quantities of 16 transposed chunks: exponentials e_j, Σ|z| (l1) or max|z| (paper: only to make an
+/// infinite z show, see chunk_codes_and_scores), 1/Π(1 + e_j) — in the scalar order.
+template <int Tau, bool L1>
 struct ChunkStats16 {
   __m512 e[Tau];
-  __m512 abs_sum;
+  __m512 abs_sum;  // Σ|z| for l1, max|z| for paper
   __m512 product;
   __m512i code;
-  ChunkStats16(const __m512* zt, __m512 neg_scale) {
+  ChunkStats16(const __m512* zt, __m512 factor, __m512 max_abs) {
     const __m512 one = _mm512_set1_ps(1.0f);
     abs_sum = _mm512_setzero_ps();
     __m512 denominator = one;
@@ -153,53 +259,65 @@ struct ChunkStats16 {
       const __mmask16 nonnegative = _mm512_cmp_ps_mask(zt[j], _mm512_setzero_ps(), _CMP_GE_OQ);
       code = _mm512_mask_or_epi32(code, nonnegative, code, _mm512_set1_epi32(1 << (Tau - 1 - j)));
       const __m512 a = _mm512_abs_ps(zt[j]);
-      abs_sum = _mm512_add_ps(abs_sum, a);
-      e[j] = fast_exp_nonpositive(_mm512_mul_ps(a, neg_scale));
-      denominator = _mm512_mul_ps(denominator, _mm512_add_ps(one, e[j]));
+      abs_sum = L1 ? _mm512_add_ps(abs_sum, a) : _mm512_max_ps(abs_sum, a);
+      e[j] = fast_exp2_of_product(_mm512_min_ps(max_abs, a), factor);  // clamped_abs
+      denominator = _mm512_fmadd_ps(denominator, e[j], denominator);  // fused_grow
     }
     product = _mm512_div_ps(one, denominator);
+  }
+  /// The chunk scores, as chunk_codes_and_scores computes them.
+  __m512 scores() const {
+    return L1 ? _mm512_mul_ps(abs_sum, product) : _mm512_fmadd_ps(abs_sum, _mm512_setzero_ps(), product);
   }
 };
 
 /// Codes and scores of one row's chunks [0, chunks16) (a multiple of 16).
-template <int Tau>
-inline void hash_row_transposed(std::int32_t* codes, float* scores, const float* z, Index chunks16, bool l1,
-                                float neg_scale) {
-  const __m512 scale = _mm512_set1_ps(neg_scale);
+template <int Tau, bool L1>
+inline void hash_row_transposed(std::int32_t* codes, float* scores, const float* z, Index chunks16,
+                                const ExpArgument<float>& arg) {
+  const __m512 factor = _mm512_set1_ps(arg.factor), max_abs = _mm512_set1_ps(arg.max_abs);
   for (Index c = 0; c < chunks16; c += 16) {
-    __m512 v[Tau], zt[Tau];
-    for (int i = 0; i < Tau; ++i) v[i] = _mm512_loadu_ps(z + c * Tau + 16 * i);
-    deinterleave16<Tau>(v, zt);
-    const ChunkStats16<Tau> st(zt, scale);
-    _mm512_storeu_si512(codes + c, st.code);
-    _mm512_storeu_ps(scores + c, l1 ? _mm512_mul_ps(st.abs_sum, st.product) : st.product);
+    __m512 zt[Tau];
+    load_transposed<Tau>(z + c * Tau, zt);
+    const ChunkStats16<Tau, L1> st(zt, factor, max_abs);
+    __m512i code = st.code;
+    __m512 score = st.scores();
+    if constexpr (Tau == 8) {
+      code = _mm512_permutexvar_epi32(lane_of_chunk8(), code);
+      score = _mm512_permutexvar_ps(lane_of_chunk8(), score);
+    }
+    _mm512_storeu_si512(codes + c, code);
+    _mm512_storeu_ps(scores + c, score);
   }
 }
 
 /// dx of one row's chunks [0, chunks16), the scalar formulas of hash_backward_rows in the same operation order.
-template <int Tau>
-inline void hash_backward_row_transposed(float* dz, const float* z, const float* ds, Index chunks16, bool l1,
-                                         float neg_scale) {
-  const __m512 scale = _mm512_set1_ps(neg_scale);
+template <int Tau, bool L1>
+inline void hash_backward_row_transposed(float* dz, const float* z, const float* ds, Index chunks16,
+                                         const ExpArgument<float>& arg) {
+  const __m512 factor = _mm512_set1_ps(arg.factor), max_abs = _mm512_set1_ps(arg.max_abs);
   const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), zero = _mm512_setzero_ps();
-  const __m512 two_over_t = _mm512_set1_ps(-neg_scale);
+  const __m512 two_over_t = _mm512_set1_ps(-arg.neg_scale);
   for (Index c = 0; c < chunks16; c += 16) {
-    __m512 v[Tau], zt[Tau], out[Tau], dzt[Tau];
-    for (int i = 0; i < Tau; ++i) v[i] = _mm512_loadu_ps(z + c * Tau + 16 * i);
-    deinterleave16<Tau>(v, zt);
-    const ChunkStats16<Tau> st(zt, scale);
-    const __m512 dsv = _mm512_loadu_ps(ds + c);
+    __m512 zt[Tau], dzt[Tau], out[Tau];
+    load_transposed<Tau>(z + c * Tau, zt);
+    const ChunkStats16<Tau, L1> st(zt, factor, max_abs);
+    __m512 dsv = _mm512_loadu_ps(ds + c);
+    if constexpr (Tau == 8) dsv = _mm512_permutexvar_ps(chunk_of_lane8(), dsv);
     for (int j = 0; j < Tau; ++j) {
       const __m512 sign = _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(zt[j], zero, _CMP_GT_OQ), one),
                                         _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(zt[j], zero, _CMP_LT_OQ), one));
       const __m512 sigma_neg = _mm512_div_ps(st.e[j], _mm512_add_ps(one, st.e[j]));
       const __m512 ds_dz =
-          l1 ? _mm512_mul_ps(_mm512_mul_ps(sign, st.product),
+          L1 ? _mm512_mul_ps(_mm512_mul_ps(sign, st.product),
                              _mm512_add_ps(one, _mm512_mul_ps(_mm512_mul_ps(two, st.abs_sum), sigma_neg)))
              : _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(st.product, two_over_t), sign), sigma_neg);
       dzt[j] = _mm512_mul_ps(dsv, ds_dz);
     }
-    interleave16<Tau>(dzt, out);
+    if constexpr (Tau == 8)
+      interleave8(dzt, out);
+    else
+      interleave16<Tau>(dzt, out);
     for (int i = 0; i < Tau; ++i) _mm512_storeu_ps(dz + c * Tau + 16 * i, out[i]);
   }
 }
@@ -214,18 +332,22 @@ void hash_rows(std::int32_t* codes, Scalar* scores, const Scalar* x, Index x_str
   // Blocks of ≤ 256 elements keep e[] on the stack and in L1; a block always ends on a chunk boundary.
   constexpr Index block_chunks = std::max<Index>(1, 256 / Tau);
   alignas(64) Scalar e[block_chunks * Tau];
+  const ExpArgument<Scalar> arg(neg_scale);
   for (Index n = 0; n < rows; ++n) {
     const Scalar* z = x + n * x_stride;
     Index first = 0;
 #if defined(MEMORYFORMER_HAVE_AVX512)
     if constexpr (isa == Isa::Avx512 && std::is_same_v<Scalar, float> && transposed_hash<Tau>) {
       first = tables / 16 * 16;
-      hash_row_transposed<Tau>(codes + n * tables, scores + n * tables, z, first, l1, neg_scale);
+      if (l1)
+        hash_row_transposed<Tau, true>(codes + n * tables, scores + n * tables, z, first, arg);
+      else
+        hash_row_transposed<Tau, false>(codes + n * tables, scores + n * tables, z, first, arg);
     }
 #endif
     for (Index c0 = first; c0 < tables; c0 += block_chunks) {
       const Index chunks = std::min(block_chunks, tables - c0);
-      exp_of_abs<isa>(e, z + c0 * Tau, chunks * Tau, neg_scale);
+      exp_of_abs<isa>(e, z + c0 * Tau, chunks * Tau, arg);
       chunk_codes_and_scores<Tau>(codes + n * tables + c0, scores + n * tables + c0, z + c0 * Tau, e, chunks, l1);
     }
   }
@@ -240,6 +362,7 @@ void hash_backward_rows(Scalar* dx, Index dx_stride, const Scalar* x, Index x_st
                         Index dscores_stride, Index rows, Index tables, bool l1, Scalar neg_scale) {
   constexpr Index block_chunks = std::max<Index>(1, 256 / Tau);
   alignas(64) Scalar e[block_chunks * Tau];
+  const ExpArgument<Scalar> arg(neg_scale);
   const Scalar two_over_t = -neg_scale;  // neg_scale = −2/t
   for (Index n = 0; n < rows; ++n) {
     const Scalar* z = x + n * x_stride;
@@ -248,19 +371,22 @@ void hash_backward_rows(Scalar* dx, Index dx_stride, const Scalar* x, Index x_st
 #if defined(MEMORYFORMER_HAVE_AVX512)
     if constexpr (isa == Isa::Avx512 && std::is_same_v<Scalar, float> && transposed_hash<Tau>) {
       first = tables / 16 * 16;
-      hash_backward_row_transposed<Tau>(dz, z, dscores + n * dscores_stride, first, l1, neg_scale);
+      if (l1)
+        hash_backward_row_transposed<Tau, true>(dz, z, dscores + n * dscores_stride, first, arg);
+      else
+        hash_backward_row_transposed<Tau, false>(dz, z, dscores + n * dscores_stride, first, arg);
     }
 #endif
     for (Index c0 = first; c0 < tables; c0 += block_chunks) {
       const Index chunks = std::min(block_chunks, tables - c0);
-      exp_of_abs<isa>(e, z + c0 * Tau, chunks * Tau, neg_scale);
+      exp_of_abs<isa>(e, z + c0 * Tau, chunks * Tau, arg);
       for (Index c = 0; c < chunks; ++c) {
         const Index base = (c0 + c) * Tau;
         const Scalar* ec = e + c * Tau;
         Scalar abs_sum = 0, denominator = 1;
         for (int j = 0; j < Tau; ++j) {
           abs_sum += std::abs(z[base + j]);
-          denominator *= Scalar(1) + ec[j];
+          denominator = fused_grow(denominator, ec[j]);
         }
         const Scalar product = Scalar(1) / denominator;
         const Scalar ds = dscores[n * dscores_stride + c0 + c];
