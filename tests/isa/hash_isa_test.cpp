@@ -142,7 +142,8 @@ TEST(HashIsa, FastExp2ErrorBound) {
   }
   EXPECT_LE(worst, 0x1.0p-22) << "worst relative error " << worst;
   // Exact powers of two come out exact, down to the smallest normal float.
-  for (int k = 0; k <= 126; ++k) ASSERT_EQ(mf::detail::fast_exp2_of_product(-float(k), 1.0f), std::ldexp(1.0f, -k)) << k;
+  for (int k = 0; k <= 126; ++k)
+    ASSERT_EQ(mf::detail::fast_exp2_of_product(-float(k), 1.0f), std::ldexp(1.0f, -k)) << k;
 }
 
 TEST(HashIsa, FastExpIsBitIdenticalOnEveryPath) {

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Sign-bit LSH kernels (spec §1.2 and §1.4): bucket codes, scores, and the score gradient, for one τ each.
 // Two stages per block of chunks: (1) e_i = exp(−c·|z_i|) = 2^(−c·log2(e)·|z_i|) for every element, vectorised
-// per ISA (the only costly part); (2) per chunk, with τ a compile-time constant so the loop unrolls: code bits, Σ|z| and Π(1 + e_i).
+// per ISA (the only costly part); (2) per chunk, with τ a compile-time constant so the loop unrolls: code bits,
+// Σ|z| and Π(1 + e_i).
 // Stage 2 is the same code for every ISA, so codes are identical across paths and scores differ only by the
 // few ulp of stage 1.
 #pragma once
@@ -16,8 +17,6 @@
 #include "simd.hpp"
 
 namespace memoryformer::detail {
-
-MEMORYFORMER_SIMD_WARNINGS_BEGIN
 
 /// The exponentials' arguments: exp(neg_scale·|z|) = 2^(factor·min(|z|, max_abs)). Clamping |z| keeps factor·|z|
 /// ≥ −126, the domain of fast_exp2_of_product; the exponential is then below 2^-125 and only ever appears as 1 + e,
@@ -39,8 +38,8 @@ struct ExpArgument {
   }
 };
 
-/// d·(1 + e) as d + d·e, one rounding in float (the AVX-512 path's vfmadd; two instructions fewer per element
-/// than an add and a multiply, and a shorter dependency chain).
+/// d·(1 + e) as d + d·e, one rounding in float (the AVX-512 path's vfmadd: one instruction per element instead of
+/// an add and a multiply, and a shorter dependency chain).
 template <class Scalar>
 inline Scalar fused_grow(Scalar d, Scalar e) {
   if constexpr (std::is_same_v<Scalar, float>) {
@@ -104,8 +103,8 @@ inline void exp_of_abs(Scalar* e, const Scalar* z, Index count, const ExpArgumen
 }
 MEMORYFORMER_SIMD_WARNINGS_END
 
-/// Stage 2 for `chunks` chunks of Tau elements: codes (first element = most significant bit, z ≥ 0 → 1, so −0.0 → 1),
-/// and scores: l1 → Σ|z|·Π σ(2|z|) ; paper → Π σ(2|z|/t), with σ(v) = 1/(1 + e^−v) = 1/(1 + e_i).
+/// Stage 2 for `chunks` chunks of Tau elements: codes (first element = most significant bit, z ≥ 0 → 1, so
+/// −0.0 → 1), and scores: l1 → Σ|z|·Π σ(2|z|) ; paper → Π σ(2|z|/t), with σ(v) = 1/(1 + e^−v) = 1/(1 + e_i).
 /// A non-finite z must give a non-finite score (SignHasher::hash rejects the input by scanning the scores): NaN
 /// travels through e; an infinite z does through Σ|z| for l1, and for paper through max|z|·0 + Π, which is Π
 /// exactly when every |z| is finite.
