@@ -2,8 +2,8 @@
 // 2^t for t ≤ 0 in float, without a libm call: the scores of spec §1.4 need exp(−2|z|/t) = 2^(−2·log2(e)·|z|/t)
 // per input element, which is the hot path of hashing. Table-driven, because on the CPUs we target the multiply
 // pipes are what limits hashing, and this form needs six multiply-pipe instructions per value where the
-// Cody-Waite exp it replaced needed eleven (with the transpose below it, hashing went 9.6–10.6 → 17.3–17.5 GB/s
-// on Zen 4):
+// Cody-Waite exp it replaced needed eleven (with the τ = 8 transpose of hash_kernels.hpp, hashing went 9.6–10.6 →
+// 16.5–17.6 GB/s on Zen 4):
 //   t = n + f with n a multiple of 1/32 (rounded by the 1.5·2^18 trick, which also leaves round(32t) in the
 //   low mantissa bits) and |f| ≤ 1/64;  2^t = 2^floor(n) · T[32n mod 32] · 2^f,  T[i] = 2^(i/32),
 //   2^f = 1 + q with q = f·(c1 + c2·f), minimax on |f| ≤ 1/64 (truncation ≤ 0.45·2^-23 relative).
