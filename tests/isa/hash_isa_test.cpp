@@ -108,7 +108,10 @@ TEST_P(HashIsaByTau, EveryCompiledPathMatchesScalar) {
   for (mf::Isa isa : {mf::Isa::Avx2, mf::Isa::Avx512}) {
     if (!mf::isa_available(isa)) continue;
     for (bool l1 : {true, false}) {
-      const mf::Matrix<float> x = random_input(23, 13 * tau, 100 + tau, l1 ? 1.0 : 3.0);
+      // 37 chunks per row: two blocks of 16 for the transposed AVX-512 path (powers of two τ), then a tail of 5
+      // through the per-ISA exponentials and the scalar stage.
+      constexpr mf::Index chunks = 37;
+      const mf::Matrix<float> x = random_input(23, chunks * tau, 100 + tau, l1 ? 1.0 : 3.0);
       const mf::SignHasher<float> hasher({tau, l1 ? mf::ScoreKind::L1 : mf::ScoreKind::Paper, 0.5});
       const auto scalar = hasher.hash(x, mf::Isa::Scalar);
       const auto simd = hasher.hash(x, isa);
@@ -118,7 +121,7 @@ TEST_P(HashIsaByTau, EveryCompiledPathMatchesScalar) {
             << mf::isa_name(isa) << " tau " << tau << " element " << i << ": " << scalar.scores.data()[i] << " vs "
             << simd.scores.data()[i];
       // The backward of every path against scalar too.
-      mf::Matrix<float> ds = random_input(23, 13, 5), dx_scalar(23, 13 * tau), dx_simd(23, 13 * tau);
+      mf::Matrix<float> ds = random_input(23, chunks, 5), dx_scalar(23, chunks * tau), dx_simd(23, chunks * tau);
       hasher.backward(dx_scalar, x, scalar, ds, mf::Isa::Scalar);
       hasher.backward(dx_simd, x, simd, ds, isa);
       for (mf::Index i = 0; i < dx_scalar.size(); ++i)
