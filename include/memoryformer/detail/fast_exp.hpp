@@ -8,8 +8,8 @@
 //   low mantissa bits) and |f| ≤ 1/64;  2^t = 2^floor(n) · T[32n mod 32] · 2^f,  T[i] = 2^(i/32),
 //   2^f = 1 + q with q = f·(c1 + c2·f), minimax on |f| ≤ 1/64 (truncation ≤ 0.45·2^-23 relative).
 // 32 entries and degree 2 rather than 16 and degree 3: one multiply fewer for a two-register table lookup
-// (vpermt2ps): AVX-512 hashing 5 % faster on Zen 4; the AVX2 path, which needs four permutes and three blends for
-// the lookup, 4 % slower (its scalar stage 2 dominates it anyway).
+// (vpermt2ps): AVX-512 hashing 5 % faster on Zen 4; the AVX2 exponential, which needs four permutes and three
+// blends for the lookup, 4 % slower.
 // Max relative error ≤ 2^-22 (≈ 2 ulp; measured 1.38·2^-23) for t in [-126, 0], tested in hash_isa_test. The
 // scalar, AVX2 and AVX-512 versions are the same arithmetic in the same order, so they agree bit for bit.
 #pragma once
