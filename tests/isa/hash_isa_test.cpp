@@ -108,8 +108,8 @@ TEST_P(HashIsaByTau, EveryCompiledPathMatchesScalar) {
   for (mf::Isa isa : {mf::Isa::Avx2, mf::Isa::Avx512}) {
     if (!mf::isa_available(isa)) continue;
     for (bool l1 : {true, false}) {
-      // 37 chunks per row: two blocks of 16 for the transposed AVX-512 path (powers of two τ), then a tail of 5
-      // through the per-ISA exponentials and the scalar stage.
+      // 37 chunks per row: two blocks of 16 for the transposed AVX-512 path (powers of two τ; on AVX2, τ = 8: four
+      // blocks of 8), then a tail of 5 through the per-ISA exponentials and the scalar stage.
       constexpr mf::Index chunks = 37;
       const mf::Matrix<float> x = random_input(23, chunks * tau, 100 + tau, l1 ? 1.0 : 3.0);
       const mf::SignHasher<float> hasher({tau, l1 ? mf::ScoreKind::L1 : mf::ScoreKind::Paper, 0.5});
@@ -134,8 +134,8 @@ TEST_P(HashIsaByTau, EveryCompiledPathMatchesScalar) {
 INSTANTIATE_TEST_SUITE_P(Tau, HashIsaByTau, ::testing::Range(1, 17));
 
 TEST(HashIsa, FastExp2ErrorBound) {
-  // Dense sweep of the domain the scores use: 2^t for t in [-126, 0], every table slot and both ends of each
-  // slot's ±1/32 interval. Bound: 2^-22 relative (≈ 2 ulp).
+  // Dense sweep of the domain the scores use: 2^t for t in [-126, 0] in steps of 1e-4, so every table slot and
+  // both ends of each slot's interval. Bound: 2^-22 relative (≈ 2 ulp).
   double worst = 0;
   for (int i = 0; i <= 1260000; ++i) {
     const float t = -float(i) * 1e-4f;
@@ -193,8 +193,8 @@ TEST(HashIsa, FastExpIsBitIdenticalOnEveryPath) {
 }
 
 TEST(HashIsa, NonFiniteInputIsRejectedByEveryScoreOnEveryPath) {
-  // The exponentials clamp |z|, so neither score may rely on them to see an infinity; the transposed AVX-512 path
-  // (τ = 8, 16 chunks), the masked tails and the scalar stage 2 each get one.
+  // The exponentials clamp |z|, so neither score may rely on them to see an infinity; the transposed paths (τ = 8:
+  // blocks of 16 chunks on AVX-512, 8 on AVX2), the tails and the scalar stage 2 each get one.
   for (mf::Isa isa : {mf::Isa::Scalar, mf::Isa::Avx2, mf::Isa::Avx512}) {
     if (!mf::isa_available(isa)) continue;
     for (const auto score : {mf::ScoreKind::L1, mf::ScoreKind::Paper}) {
