@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "simd.hpp"
+#include "vector_ops.hpp"
 
 namespace memoryformer::detail {
 
@@ -73,40 +74,63 @@ inline float fast_exp2_of_product(float a, float factor) {
   return madd(tf, q, tf) * std::bit_cast<float>(scale_bits);
 }
 
-#if defined(MEMORYFORMER_HAVE_AVX512)
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
 MEMORYFORMER_SIMD_WARNINGS_BEGIN
-inline __m512 fast_exp2_of_product(__m512 a, __m512 factor) {
-  using namespace exp2_constants;
-  const __m512 y = _mm512_fmadd_ps(a, factor, _mm512_set1_ps(round_magic));
-  const __m512 n = _mm512_sub_ps(y, _mm512_set1_ps(round_magic));
-  const __m512 f = _mm512_fmsub_ps(a, factor, n);
-  const __m512 q = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_set1_ps(c2), f, _mm512_set1_ps(c1)), f);
+/// The two steps of the vector exp2 that differ by instruction set: the table lookup by the low 5 bits of y, and
+/// the final exact multiplication by 2^floor(n).
+template <Isa I>
+struct Exp2Steps;
+
+#if defined(MEMORYFORMER_HAVE_AVX512)
+template <>
+struct Exp2Steps<Isa::Avx512> {
   // vpermt2ps reads the low 5 bits of each index lane: exactly round(32t) mod 32, straight from y's bits.
-  const __m512 tf = _mm512_permutex2var_ps(_mm512_loadu_ps(table.data()), _mm512_castps_si512(y),
-                                           _mm512_loadu_ps(table.data() + 16));
+  static __m512 table_entry(__m512 y) {
+    return _mm512_permutex2var_ps(_mm512_loadu_ps(exp2_constants::table.data()), _mm512_castps_si512(y),
+                                  _mm512_loadu_ps(exp2_constants::table.data() + 16));
+  }
   // vscalefps multiplies by 2^floor(n): the same exact product as the scalar version's exponent bits.
-  return _mm512_scalef_ps(_mm512_fmadd_ps(tf, q, tf), n);
-}
-MEMORYFORMER_SIMD_WARNINGS_END
+  static __m512 times_two_to_floor(__m512 x, __m512 n, __m512) { return _mm512_scalef_ps(x, n); }
+};
 #endif
 
 #if defined(MEMORYFORMER_HAVE_AVX2)
-inline __m256 fast_exp2_of_product(__m256 a, __m256 factor) {
-  using namespace exp2_constants;
-  const __m256 y = _mm256_fmadd_ps(a, factor, _mm256_set1_ps(round_magic));
-  const __m256 n = _mm256_sub_ps(y, _mm256_set1_ps(round_magic));
-  const __m256 f = _mm256_fmsub_ps(a, factor, n);
-  const __m256 q = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_set1_ps(c2), f, _mm256_set1_ps(c1)), f);
-  const __m256i m = _mm256_sub_epi32(_mm256_castps_si256(y), _mm256_castps_si256(_mm256_set1_ps(round_magic)));
+template <>
+struct Exp2Steps<Isa::Avx2> {
+  static __m256i round_32t(__m256 y) {
+    return _mm256_sub_epi32(_mm256_castps_si256(y), _mm256_castps_si256(_mm256_set1_ps(exp2_constants::round_magic)));
+  }
   // 32-entry lookup from four 8-entry permutes (each reads the low 3 bits), chosen by bits 3 and 4 moved to the
   // sign (blendv reads only the sign bit).
-  auto part = [&](int i) { return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table.data() + 8 * i), m); };
-  const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(m, 28));
-  const __m256 low16 = _mm256_blendv_ps(part(0), part(1), bit3), high16 = _mm256_blendv_ps(part(2), part(3), bit3);
-  const __m256 tf = _mm256_blendv_ps(low16, high16, _mm256_castsi256_ps(_mm256_slli_epi32(m, 27)));
-  const __m256i scale_bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_srai_epi32(m, 5), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(_mm256_fmadd_ps(tf, q, tf), _mm256_castsi256_ps(scale_bits));
+  static __m256 table_entry(__m256 y) {
+    const __m256i m = round_32t(y);
+    const float* table = exp2_constants::table.data();
+    auto part = [&](int i) { return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8 * i), m); };
+    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(m, 28));
+    const __m256 low16 = _mm256_blendv_ps(part(0), part(1), bit3), high16 = _mm256_blendv_ps(part(2), part(3), bit3);
+    return _mm256_blendv_ps(low16, high16, _mm256_castsi256_ps(_mm256_slli_epi32(m, 27)));
+  }
+  // 2^floor(n) built in the exponent bits, as the scalar version does.
+  static __m256 times_two_to_floor(__m256 x, __m256, __m256 y) {
+    const __m256i k = _mm256_srai_epi32(round_32t(y), 5);
+    return _mm256_mul_ps(x, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23)));
+  }
+};
+#endif
+
+/// The vector version of fast_exp2_of_product(float, float): the same operations in the same order.
+template <Isa I>
+inline typename VectorOps<I>::V fast_exp2_of_product(typename VectorOps<I>::V a, typename VectorOps<I>::V factor) {
+  using O = VectorOps<I>;
+  using namespace exp2_constants;
+  const auto y = O::fmadd(a, factor, O::set1(round_magic));
+  const auto n = O::sub(y, O::set1(round_magic));
+  const auto f = O::fmsub(a, factor, n);
+  const auto q = O::mul(O::fmadd(O::set1(c2), f, O::set1(c1)), f);
+  const auto tf = Exp2Steps<I>::table_entry(y);
+  return Exp2Steps<I>::times_two_to_floor(O::fmadd(tf, q, tf), n, y);
 }
+MEMORYFORMER_SIMD_WARNINGS_END
 #endif
 
 /// The factor that turns exp(neg_scale·a) into 2^(factor·a), rounded once to Scalar: every ISA path uses this

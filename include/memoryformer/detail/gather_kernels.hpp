@@ -29,6 +29,7 @@
 #include "parallel.hpp"
 #include "scratch.hpp"
 #include "simd.hpp"
+#include "vector_ops.hpp"
 
 namespace memoryformer::detail {
 
@@ -269,20 +270,13 @@ inline void build_plan(std::int32_t* off, float* plan_scores, const std::int32_t
 
 MEMORYFORMER_SIMD_WARNINGS_BEGIN
 
+/// VectorOps<I> and the lookup's own operations on it: partial loads and stores, and one table chunk's FMAs.
 template <Isa I>
 struct Lanes;
 
 #if defined(MEMORYFORMER_HAVE_AVX512)
 template <>
-struct Lanes<Isa::Avx512> {
-  using V = __m512;
-  static constexpr Index n = 16;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V set1(float s) { return _mm512_set1_ps(s); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+struct Lanes<Isa::Avx512> : VectorOps<Isa::Avx512> {
   static V load_partial(const float* p, Index count) {
     if (count >= n) return load(p);
     if (count <= 0) return zero();
@@ -315,15 +309,7 @@ struct Lanes<Isa::Avx512> {
 
 #if defined(MEMORYFORMER_HAVE_AVX2)
 template <>
-struct Lanes<Isa::Avx2> {
-  using V = __m256;
-  static constexpr Index n = 8;
-  static V zero() { return _mm256_setzero_ps(); }
-  static V set1(float s) { return _mm256_set1_ps(s); }
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+struct Lanes<Isa::Avx2> : VectorOps<Isa::Avx2> {
   static __m256i mask(Index count) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }

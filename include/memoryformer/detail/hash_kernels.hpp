@@ -3,8 +3,9 @@
 // Two stages per block of chunks: (1) e_i = exp(−c·|z_i|) = 2^(−c·log2(e)·|z_i|) for every element, vectorised
 // per ISA (the only costly part); (2) per chunk, with τ a compile-time constant so the loop unrolls: code bits,
 // Σ|z| and Π(1 + e_i).
-// Stage 2 is the same code for every ISA, so codes are identical across paths and scores differ only by the
-// few ulp of stage 1.
+// Stage 2 is chunk_codes_and_scores, or its lane-parallel copy over VectorOps<I> in the same operation order
+// (TransposedBlock: AVX-512 for powers of two τ, AVX2 for τ = 8), and stage 1 is bit-identical across paths, so
+// codes and scores are identical on every path.
 #pragma once
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include "../types.hpp"
 #include "fast_exp.hpp"
 #include "simd.hpp"
+#include "vector_ops.hpp"
 
 namespace memoryformer::detail {
 
@@ -49,59 +51,38 @@ inline Scalar fused_grow(Scalar d, Scalar e) {
   }
 }
 
-MEMORYFORMER_SIMD_WARNINGS_BEGIN
-#if defined(MEMORYFORMER_HAVE_AVX512)
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
 /// min(|z|, max_abs), keeping a NaN (minps returns its second operand when either is NaN, so |z| goes second).
 /// vrangeps would do it in one instruction, but it drops the NaN.
-inline __m512 clamped_abs(__m512 z, __m512 max_abs) { return _mm512_min_ps(max_abs, _mm512_abs_ps(z)); }
-#endif
-#if defined(MEMORYFORMER_HAVE_AVX2)
-inline __m256 clamped_abs(__m256 z, __m256 max_abs) {
-  return _mm256_min_ps(max_abs, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z));
+template <Isa I>
+inline typename VectorOps<I>::V clamped_abs(typename VectorOps<I>::V abs_z, typename VectorOps<I>::V max_abs) {
+  return VectorOps<I>::min(max_abs, abs_z);
 }
 #endif
 
 /// e[i] = exp(neg_scale · |z[i]|) for i < count, on the chosen ISA.
 template <Isa isa, class Scalar>
 inline void exp_of_abs(Scalar* e, const Scalar* z, Index count, const ExpArgument<Scalar>& arg) {
-  Index i = 0;
-  if constexpr (std::is_same_v<Scalar, float>) {
-#if defined(MEMORYFORMER_HAVE_AVX512)
-    if constexpr (isa == Isa::Avx512) {
-      const __m512 factor = _mm512_set1_ps(arg.factor), max_abs = _mm512_set1_ps(arg.max_abs);
-      for (; i + 16 <= count; i += 16) {
-        const __m512 a = clamped_abs(_mm512_loadu_ps(z + i), max_abs);
-        _mm512_storeu_ps(e + i, fast_exp2_of_product(a, factor));
-      }
-      if (i < count) {  // masked tail: the same arithmetic as the full vectors
-        const __mmask16 m = __mmask16((1u << (count - i)) - 1u);
-        const __m512 a = clamped_abs(_mm512_maskz_loadu_ps(m, z + i), max_abs);
-        _mm512_mask_storeu_ps(e + i, m, fast_exp2_of_product(a, factor));
-      }
-      return;
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+  if constexpr (isa != Isa::Scalar && std::is_same_v<Scalar, float>) {
+    using O = VectorOps<isa>;
+    const auto factor = O::set1(arg.factor), max_abs = O::set1(arg.max_abs);
+    auto run = [&](float* out, const float* in) {
+      O::store(out, fast_exp2_of_product<isa>(clamped_abs<isa>(O::abs(O::load(in)), max_abs), factor));
+    };
+    Index i = 0;
+    for (; i + O::n <= count; i += O::n) run(e + i, z + i);
+    if (i < count) {  // the tail through a zero-padded vector: the same arithmetic as the full vectors
+      alignas(64) float in[O::n] = {}, out[O::n];
+      std::copy(z + i, z + count, in);
+      run(out, in);
+      std::copy(out, out + (count - i), e + i);
     }
-#endif
-#if defined(MEMORYFORMER_HAVE_AVX2)
-    if constexpr (isa == Isa::Avx2) {
-      const __m256 factor = _mm256_set1_ps(arg.factor), max_abs = _mm256_set1_ps(arg.max_abs);
-      for (; i + 8 <= count; i += 8) {
-        const __m256 a = clamped_abs(_mm256_loadu_ps(z + i), max_abs);
-        _mm256_storeu_ps(e + i, fast_exp2_of_product(a, factor));
-      }
-      if (i < count) {
-        alignas(32) static constexpr std::int32_t lane[8] = {0, 1, 2, 3, 4, 5, 6, 7};
-        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(std::int32_t(count - i)),
-                                             _mm256_load_si256(reinterpret_cast<const __m256i*>(lane)));
-        const __m256 a = clamped_abs(_mm256_maskload_ps(z + i, m), max_abs);
-        _mm256_maskstore_ps(e + i, m, fast_exp2_of_product(a, factor));
-      }
-      return;
-    }
-#endif
+    return;
   }
-  for (; i < count; ++i) e[i] = arg.exp_of_abs(z[i]);
+#endif
+  for (Index i = 0; i < count; ++i) e[i] = arg.exp_of_abs(z[i]);
 }
-MEMORYFORMER_SIMD_WARNINGS_END
 
 /// Stage 2 for `chunks` chunks of Tau elements: codes (first element = most significant bit, z ≥ 0 → 1, so
 /// −0.0 → 1), and scores: l1 → Σ|z|·Π σ(2|z|) ; paper → Π σ(2|z|/t), with σ(v) = 1/(1 + e^−v) = 1/(1 + e_i).
@@ -129,16 +110,27 @@ inline void chunk_codes_and_scores(std::int32_t* codes, Scalar* scores, const Sc
   }
 }
 
-#if defined(MEMORYFORMER_HAVE_AVX512)
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
 MEMORYFORMER_SIMD_WARNINGS_BEGIN
-/// AVX-512 path for τ ∈ {1, 2, 4, 8, 16}: 16 chunks at a time, transposed so that vector j holds element j of 16
-/// chunks. Stage 2 then runs lane-parallel in exactly the scalar order (abs_sum = 0 + |z_0| + |z_1| + …,
-/// denominator grown by fused_grow from 1, one IEEE division), so codes and scores are bit-identical to the scalar
-/// stage 2 given the same exponentials; the transposes are τ·log2(τ) two-source permutes per 16 chunks, except for
-/// τ = 8 (below).
-template <int Tau>
-inline constexpr bool transposed_hash = Tau == 1 || Tau == 2 || Tau == 4 || Tau == 8 || Tau == 16;
+#endif
 
+/// The lane-parallel stage 2: blocks of VectorOps<I>::n chunks, transposed so that vector j holds element j of
+/// every chunk of the block. Stage 2 then runs lane-parallel in exactly the scalar order (abs_sum = 0 + |z_0| +
+/// |z_1| + …, denominator grown by fused_grow from 1, one IEEE division), so codes and scores are bit-identical to
+/// the scalar stage given the same exponentials, and the backward uses the scalar formulas in the scalar order.
+/// TransposedBlock<I, Tau> says whether (I, τ) has it and how its blocks are transposed: AVX-512 for τ ∈ {1, 2, 4,
+/// 8, 16} (16 chunks per block), AVX2 for τ = 8 (8 chunks; other τ run the scalar stage there).
+template <Isa I, int Tau>
+struct TransposedBlock {
+  static constexpr bool available = false;
+};
+
+/// Whether hashing Scalar values with τ on I has the lane-parallel stage.
+template <Isa I, int Tau, class Scalar>
+inline constexpr bool has_transposed_stage =
+    I != Isa::Scalar && std::is_same_v<Scalar, float> && TransposedBlock<I, Tau>::available;
+
+#if defined(MEMORYFORMER_HAVE_AVX512)
 /// in[0..T): 16·T consecutive elements; out[j] = the 16 elements ≡ j (mod T), in order.
 template <int T>
 inline void deinterleave16(const __m512* in, __m512* out) {
@@ -230,97 +222,32 @@ inline void interleave8(const __m512* in, __m512* out) {
   transpose4_in_lanes(out[4], out[5], out[6], out[7]);
 }
 
-/// Loads 16 chunks of Tau elements and transposes them; lanes in natural chunk order except for τ = 8.
+/// AVX-512: the transposes are τ·log2(τ) two-source permutes per 16 chunks, except for τ = 8 (deinterleave8).
 template <int Tau>
-inline void load_transposed(const float* z, __m512* zt) {
-  __m512 v[Tau];
-  for (int i = 0; i < Tau; ++i) v[i] = _mm512_loadu_ps(z + 16 * i);
-  if constexpr (Tau == 8)
-    deinterleave8(v, zt);
-  else
-    deinterleave16<Tau>(v, zt);
-}
-
-/// Per-chunk quantities of 16 transposed chunks: exponentials e_j, Σ|z| (l1) or max|z| (paper: only to make an
-/// infinite z show, see chunk_codes_and_scores), 1/Π(1 + e_j) — in the scalar order.
-template <int Tau, bool L1>
-struct ChunkStats16 {
-  __m512 e[Tau];
-  __m512 abs_sum;  // Σ|z| for l1, max|z| for paper
-  __m512 product;
-  __m512i code;
-  ChunkStats16(const __m512* zt, __m512 factor, __m512 max_abs) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    abs_sum = _mm512_setzero_ps();
-    __m512 denominator = one;
-    code = _mm512_setzero_si512();
-    for (int j = 0; j < Tau; ++j) {
-      const __mmask16 nonnegative = _mm512_cmp_ps_mask(zt[j], _mm512_setzero_ps(), _CMP_GE_OQ);
-      code = _mm512_mask_or_epi32(code, nonnegative, code, _mm512_set1_epi32(1 << (Tau - 1 - j)));
-      const __m512 a = _mm512_abs_ps(zt[j]);
-      abs_sum = L1 ? _mm512_add_ps(abs_sum, a) : _mm512_max_ps(abs_sum, a);
-      e[j] = fast_exp2_of_product(_mm512_min_ps(max_abs, a), factor);  // clamped_abs
-      denominator = _mm512_fmadd_ps(denominator, e[j], denominator);  // fused_grow
-    }
-    product = _mm512_div_ps(one, denominator);
-  }
-  /// The chunk scores, as chunk_codes_and_scores computes them.
-  __m512 scores() const {
-    return L1 ? _mm512_mul_ps(abs_sum, product) : _mm512_fmadd_ps(abs_sum, _mm512_setzero_ps(), product);
-  }
-};
-
-/// Codes and scores of one row's chunks [0, chunks16) (a multiple of 16).
-template <int Tau, bool L1>
-inline void hash_row_transposed(std::int32_t* codes, float* scores, const float* z, Index chunks16,
-                                const ExpArgument<float>& arg) {
-  const __m512 factor = _mm512_set1_ps(arg.factor), max_abs = _mm512_set1_ps(arg.max_abs);
-  for (Index c = 0; c < chunks16; c += 16) {
-    __m512 zt[Tau];
-    load_transposed<Tau>(z + c * Tau, zt);
-    const ChunkStats16<Tau, L1> st(zt, factor, max_abs);
-    __m512i code = st.code;
-    __m512 score = st.scores();
-    if constexpr (Tau == 8) {
-      code = _mm512_permutexvar_epi32(lane_of_chunk8(), code);
-      score = _mm512_permutexvar_ps(lane_of_chunk8(), score);
-    }
-    _mm512_storeu_si512(codes + c, code);
-    _mm512_storeu_ps(scores + c, score);
-  }
-}
-
-/// dx of one row's chunks [0, chunks16), the scalar formulas of hash_backward_rows in the same operation order.
-template <int Tau, bool L1>
-inline void hash_backward_row_transposed(float* dz, const float* z, const float* ds, Index chunks16,
-                                         const ExpArgument<float>& arg) {
-  const __m512 factor = _mm512_set1_ps(arg.factor), max_abs = _mm512_set1_ps(arg.max_abs);
-  const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), zero = _mm512_setzero_ps();
-  const __m512 two_over_t = _mm512_set1_ps(-arg.neg_scale);
-  for (Index c = 0; c < chunks16; c += 16) {
-    __m512 zt[Tau], dzt[Tau], out[Tau];
-    load_transposed<Tau>(z + c * Tau, zt);
-    const ChunkStats16<Tau, L1> st(zt, factor, max_abs);
-    __m512 dsv = _mm512_loadu_ps(ds + c);
-    if constexpr (Tau == 8) dsv = _mm512_permutexvar_ps(chunk_of_lane8(), dsv);
-    for (int j = 0; j < Tau; ++j) {
-      const __m512 sign = _mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(zt[j], zero, _CMP_GT_OQ), one),
-                                        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(zt[j], zero, _CMP_LT_OQ), one));
-      const __m512 sigma_neg = _mm512_div_ps(st.e[j], _mm512_add_ps(one, st.e[j]));
-      const __m512 ds_dz =
-          L1 ? _mm512_mul_ps(_mm512_mul_ps(sign, st.product),
-                             _mm512_add_ps(one, _mm512_mul_ps(_mm512_mul_ps(two, st.abs_sum), sigma_neg)))
-             : _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(st.product, two_over_t), sign), sigma_neg);
-      dzt[j] = _mm512_mul_ps(dsv, ds_dz);
-    }
+  requires(Tau == 1 || Tau == 2 || Tau == 4 || Tau == 8 || Tau == 16)
+struct TransposedBlock<Isa::Avx512, Tau> {
+  static constexpr bool available = true;
+  static void load(const float* z, __m512* zt) {
+    __m512 v[Tau];
+    for (int i = 0; i < Tau; ++i) v[i] = _mm512_loadu_ps(z + 16 * i);
     if constexpr (Tau == 8)
-      interleave8(dzt, out);
+      deinterleave8(v, zt);
     else
-      interleave16<Tau>(dzt, out);
-    for (int i = 0; i < Tau; ++i) _mm512_storeu_ps(dz + c * Tau + 16 * i, out[i]);
+      deinterleave16<Tau>(v, zt);
   }
-}
-MEMORYFORMER_SIMD_WARNINGS_END
+  static void store(float* z, const __m512* zt) {
+    __m512 v[Tau];
+    if constexpr (Tau == 8)
+      interleave8(zt, v);
+    else
+      interleave16<Tau>(zt, v);
+    for (int i = 0; i < Tau; ++i) _mm512_storeu_ps(z + 16 * i, v[i]);
+  }
+  /// Per-chunk vectors from lane order to chunk order and back (a permute only for τ = 8).
+  static __m512i to_chunk_order(__m512i v) { return Tau == 8 ? _mm512_permutexvar_epi32(lane_of_chunk8(), v) : v; }
+  static __m512 to_chunk_order(__m512 v) { return Tau == 8 ? _mm512_permutexvar_ps(lane_of_chunk8(), v) : v; }
+  static __m512 to_lane_order(__m512 v) { return Tau == 8 ? _mm512_permutexvar_ps(chunk_of_lane8(), v) : v; }
+};
 #endif
 
 #if defined(MEMORYFORMER_HAVE_AVX2)
@@ -344,83 +271,97 @@ inline void transpose8x8(__m256* r) {
   r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-/// AVX2 path for τ = 8 (the paper's): 8 chunks at a time, transposed so that vector j holds element j of 8 chunks,
-/// then chunk_codes_and_scores (and the backward's per-chunk formulas) lane-parallel in their exact order, so codes
-/// and scores are bit-identical to the scalar stage given the same exponentials, which exp_of_abs computes with the
-/// same AVX2 arithmetic. Without it the per-chunk stage is scalar and dominates AVX2 hashing (895 → 400 µs for
-/// 2048 × 512 inputs on Zen 4).
-template <bool L1>
-struct ChunkStats8 {
-  __m256 e[8];
-  __m256 abs_acc;  // Σ|z| for l1, max|z| for paper (see chunk_codes_and_scores)
-  __m256 product;
-  __m256i code;
-  ChunkStats8(const __m256* zt, __m256 factor, __m256 max_abs) {
-    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), sign_bit = _mm256_set1_ps(-0.0f);
-    code = _mm256_setzero_si256();
-    abs_acc = zero;
-    __m256 denominator = one;
-    for (int j = 0; j < 8; ++j) {
-      const __m256i nonnegative = _mm256_castps_si256(_mm256_cmp_ps(zt[j], zero, _CMP_GE_OQ));
-      code = _mm256_or_si256(code, _mm256_and_si256(nonnegative, _mm256_set1_epi32(1 << (7 - j))));
-      const __m256 a = _mm256_andnot_ps(sign_bit, zt[j]);
-      abs_acc = L1 ? _mm256_add_ps(abs_acc, a) : _mm256_max_ps(abs_acc, a);
-      e[j] = fast_exp2_of_product(_mm256_min_ps(max_abs, a), factor);  // clamped_abs
-      denominator = _mm256_fmadd_ps(denominator, e[j], denominator);  // fused_grow
+/// AVX2, τ = 8: one chunk per row of an 8×8 transpose; the lanes are in chunk order.
+template <>
+struct TransposedBlock<Isa::Avx2, 8> {
+  static constexpr bool available = true;
+  static void load(const float* z, __m256* zt) {
+    for (int i = 0; i < 8; ++i) zt[i] = _mm256_loadu_ps(z + 8 * i);
+    transpose8x8(zt);
+  }
+  static void store(float* z, const __m256* zt) {
+    __m256 v[8];
+    for (int i = 0; i < 8; ++i) v[i] = zt[i];
+    transpose8x8(v);
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(z + 8 * i, v[i]);
+  }
+  static __m256i to_chunk_order(__m256i v) { return v; }
+  static __m256 to_chunk_order(__m256 v) { return v; }
+  static __m256 to_lane_order(__m256 v) { return v; }
+};
+#endif
+
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+/// Per-chunk quantities of one transposed block: exponentials e_j, Σ|z| (l1) or max|z| (paper: only to make an
+/// infinite z show, see chunk_codes_and_scores), 1/Π(1 + e_j), codes — in the scalar order.
+template <Isa I, int Tau, bool L1>
+struct ChunkStats {
+  using O = VectorOps<I>;
+  using V = typename O::V;
+  V e[Tau];
+  V abs_sum;  // Σ|z| for l1, max|z| for paper
+  V product;
+  typename O::VI code;
+  ChunkStats(const V* zt, V factor, V max_abs) {
+    const V one = O::set1(1.0f);
+    abs_sum = O::zero();
+    V denominator = one;
+    code = O::zero_int();
+    for (int j = 0; j < Tau; ++j) {
+      code = O::or_if_nonnegative(code, zt[j], 1 << (Tau - 1 - j));
+      const V a = O::abs(zt[j]);
+      abs_sum = L1 ? O::add(abs_sum, a) : O::max(abs_sum, a);
+      e[j] = fast_exp2_of_product<I>(clamped_abs<I>(a, max_abs), factor);
+      denominator = O::fmadd(denominator, e[j], denominator);  // fused_grow
     }
-    product = _mm256_div_ps(one, denominator);
+    product = O::div(one, denominator);
   }
-  __m256 scores() const {
-    return L1 ? _mm256_mul_ps(abs_acc, product) : _mm256_fmadd_ps(abs_acc, _mm256_setzero_ps(), product);
-  }
+  /// The chunk scores, as chunk_codes_and_scores computes them.
+  V scores() const { return L1 ? O::mul(abs_sum, product) : O::fmadd(abs_sum, O::zero(), product); }
 };
 
-/// Loads 8 chunks of 8 elements and transposes them: zt[j] = element j of the 8 chunks.
-inline void load_transposed8(const float* z, __m256* zt) {
-  for (int i = 0; i < 8; ++i) zt[i] = _mm256_loadu_ps(z + 8 * i);
-  transpose8x8(zt);
-}
-
-/// Codes and scores of one row's chunks [0, chunks8) (a multiple of 8), τ = 8.
-template <bool L1>
-inline void hash_row_tau8_avx2(std::int32_t* codes, float* scores, const float* z, Index chunks8,
-                               const ExpArgument<float>& arg) {
-  const __m256 factor = _mm256_set1_ps(arg.factor), max_abs = _mm256_set1_ps(arg.max_abs);
-  for (Index c = 0; c < chunks8; c += 8) {
-    __m256 zt[8];
-    load_transposed8(z + c * 8, zt);
-    const ChunkStats8<L1> st(zt, factor, max_abs);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + c), st.code);
-    _mm256_storeu_ps(scores + c, st.scores());
+/// Codes and scores of one row's chunks [0, block_chunks) (a multiple of VectorOps<I>::n).
+template <Isa I, int Tau, bool L1>
+inline void hash_row_transposed(std::int32_t* codes, float* scores, const float* z, Index block_chunks,
+                                const ExpArgument<float>& arg) {
+  using O = VectorOps<I>;
+  using B = TransposedBlock<I, Tau>;
+  const auto factor = O::set1(arg.factor), max_abs = O::set1(arg.max_abs);
+  for (Index c = 0; c < block_chunks; c += O::n) {
+    typename O::V zt[Tau];
+    B::load(z + c * Tau, zt);
+    const ChunkStats<I, Tau, L1> st(zt, factor, max_abs);
+    O::store_int(codes + c, B::to_chunk_order(st.code));
+    O::store(scores + c, B::to_chunk_order(st.scores()));
   }
 }
 
-/// dx of one row's chunks [0, chunks8), τ = 8: the scalar formulas of hash_backward_rows in the same order.
-template <bool L1>
-inline void hash_backward_row_tau8_avx2(float* dz, const float* z, const float* ds, Index chunks8,
-                                        const ExpArgument<float>& arg) {
-  const __m256 factor = _mm256_set1_ps(arg.factor), max_abs = _mm256_set1_ps(arg.max_abs);
-  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), zero = _mm256_setzero_ps();
-  const __m256 two_over_t = _mm256_set1_ps(-arg.neg_scale);
-  for (Index c = 0; c < chunks8; c += 8) {
-    __m256 zt[8], dzt[8];
-    load_transposed8(z + c * 8, zt);
-    const ChunkStats8<L1> st(zt, factor, max_abs);
-    const __m256 dsv = _mm256_loadu_ps(ds + c);
-    for (int j = 0; j < 8; ++j) {
-      const __m256 sign = _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(zt[j], zero, _CMP_GT_OQ), one),
-                                        _mm256_and_ps(_mm256_cmp_ps(zt[j], zero, _CMP_LT_OQ), one));
-      const __m256 sigma_neg = _mm256_div_ps(st.e[j], _mm256_add_ps(one, st.e[j]));
-      const __m256 ds_dz =
-          L1 ? _mm256_mul_ps(_mm256_mul_ps(sign, st.product),
-                             _mm256_add_ps(one, _mm256_mul_ps(_mm256_mul_ps(two, st.abs_acc), sigma_neg)))
-             : _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(st.product, two_over_t), sign), sigma_neg);
-      dzt[j] = _mm256_mul_ps(dsv, ds_dz);
+/// dx of one row's chunks [0, block_chunks), the scalar formulas of hash_backward_rows in the same operation order.
+template <Isa I, int Tau, bool L1>
+inline void hash_backward_row_transposed(float* dz, const float* z, const float* ds, Index block_chunks,
+                                         const ExpArgument<float>& arg) {
+  using O = VectorOps<I>;
+  using B = TransposedBlock<I, Tau>;
+  using V = typename O::V;
+  const V factor = O::set1(arg.factor), max_abs = O::set1(arg.max_abs);
+  const V one = O::set1(1.0f), two = O::set1(2.0f), two_over_t = O::set1(-arg.neg_scale);
+  for (Index c = 0; c < block_chunks; c += O::n) {
+    V zt[Tau], dzt[Tau];
+    B::load(z + c * Tau, zt);
+    const ChunkStats<I, Tau, L1> st(zt, factor, max_abs);
+    const V dsv = B::to_lane_order(O::load(ds + c));
+    for (int j = 0; j < Tau; ++j) {
+      const V sign = O::sign(zt[j]);
+      const V sigma_neg = O::div(st.e[j], O::add(one, st.e[j]));
+      const V ds_dz = L1 ? O::mul(O::mul(sign, st.product), O::add(one, O::mul(O::mul(two, st.abs_sum), sigma_neg)))
+                         : O::mul(O::mul(O::mul(st.product, two_over_t), sign), sigma_neg);
+      dzt[j] = O::mul(dsv, ds_dz);
     }
-    transpose8x8(dzt);  // back to one chunk per vector
-    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dz + (c + i) * 8, dzt[i]);
+    B::store(dz + c * Tau, dzt);
   }
 }
+
+MEMORYFORMER_SIMD_WARNINGS_END
 #endif
 
 /// Codes and scores of `rows` rows of K chunks each. x is [rows, K·Tau] row-major with row stride `x_stride`;
@@ -435,24 +376,13 @@ void hash_rows(std::int32_t* codes, Scalar* scores, const Scalar* x, Index x_str
   for (Index n = 0; n < rows; ++n) {
     const Scalar* z = x + n * x_stride;
     Index first = 0;
-#if defined(MEMORYFORMER_HAVE_AVX512)
-    if constexpr (isa == Isa::Avx512 && std::is_same_v<Scalar, float> && transposed_hash<Tau>) {
-      first = tables / 16 * 16;
+    if constexpr (has_transposed_stage<isa, Tau, Scalar>) {
+      first = tables / VectorOps<isa>::n * VectorOps<isa>::n;
       if (l1)
-        hash_row_transposed<Tau, true>(codes + n * tables, scores + n * tables, z, first, arg);
+        hash_row_transposed<isa, Tau, true>(codes + n * tables, scores + n * tables, z, first, arg);
       else
-        hash_row_transposed<Tau, false>(codes + n * tables, scores + n * tables, z, first, arg);
+        hash_row_transposed<isa, Tau, false>(codes + n * tables, scores + n * tables, z, first, arg);
     }
-#endif
-#if defined(MEMORYFORMER_HAVE_AVX2)
-    if constexpr (isa == Isa::Avx2 && std::is_same_v<Scalar, float> && Tau == 8) {
-      first = tables / 8 * 8;
-      if (l1)
-        hash_row_tau8_avx2<true>(codes + n * tables, scores + n * tables, z, first, arg);
-      else
-        hash_row_tau8_avx2<false>(codes + n * tables, scores + n * tables, z, first, arg);
-    }
-#endif
     for (Index c0 = first; c0 < tables; c0 += block_chunks) {
       const Index chunks = std::min(block_chunks, tables - c0);
       exp_of_abs<isa>(e, z + c0 * Tau, chunks * Tau, arg);
@@ -476,24 +406,13 @@ void hash_backward_rows(Scalar* dx, Index dx_stride, const Scalar* x, Index x_st
     const Scalar* z = x + n * x_stride;
     Scalar* dz = dx + n * dx_stride;
     Index first = 0;
-#if defined(MEMORYFORMER_HAVE_AVX512)
-    if constexpr (isa == Isa::Avx512 && std::is_same_v<Scalar, float> && transposed_hash<Tau>) {
-      first = tables / 16 * 16;
+    if constexpr (has_transposed_stage<isa, Tau, Scalar>) {
+      first = tables / VectorOps<isa>::n * VectorOps<isa>::n;
       if (l1)
-        hash_backward_row_transposed<Tau, true>(dz, z, dscores + n * dscores_stride, first, arg);
+        hash_backward_row_transposed<isa, Tau, true>(dz, z, dscores + n * dscores_stride, first, arg);
       else
-        hash_backward_row_transposed<Tau, false>(dz, z, dscores + n * dscores_stride, first, arg);
+        hash_backward_row_transposed<isa, Tau, false>(dz, z, dscores + n * dscores_stride, first, arg);
     }
-#endif
-#if defined(MEMORYFORMER_HAVE_AVX2)
-    if constexpr (isa == Isa::Avx2 && std::is_same_v<Scalar, float> && Tau == 8) {
-      first = tables / 8 * 8;
-      if (l1)
-        hash_backward_row_tau8_avx2<true>(dz, z, dscores + n * dscores_stride, first, arg);
-      else
-        hash_backward_row_tau8_avx2<false>(dz, z, dscores + n * dscores_stride, first, arg);
-    }
-#endif
     for (Index c0 = first; c0 < tables; c0 += block_chunks) {
       const Index chunks = std::min(block_chunks, tables - c0);
       exp_of_abs<isa>(e, z + c0 * Tau, chunks * Tau, arg);
