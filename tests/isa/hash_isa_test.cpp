@@ -109,17 +109,25 @@ TEST_P(HashIsaByTau, EveryCompiledPathMatchesScalar) {
     if (!mf::isa_available(isa)) continue;
     for (bool l1 : {true, false}) {
       // 37 chunks per row: two blocks of 16 for the transposed AVX-512 path (powers of two τ; on AVX2, τ = 8: four
-      // blocks of 8), then a tail of 5 through the per-ISA exponentials and the scalar stage.
+      // blocks of 8), then a tail of 5 through the per-ISA exponentials and the scalar stage; 23 rows hashed as one
+      // long row: 53 blocks (AVX-512: 26 two-block steps and one single block) and a tail of 3.
       constexpr mf::Index chunks = 37;
       const mf::Matrix<float> x = random_input(23, chunks * tau, 100 + tau, l1 ? 1.0 : 3.0);
       const mf::SignHasher<float> hasher({tau, l1 ? mf::ScoreKind::L1 : mf::ScoreKind::Paper, 0.5});
       const auto scalar = hasher.hash(x, mf::Isa::Scalar);
+      // Contiguous rows are hashed as one long row (blocks then straddle rows); the same rows inside a wider
+      // matrix are hashed row by row, each with its own tail: both against scalar.
+      mf::Matrix<float> wide = mf::Matrix<float>::Zero(x.rows(), x.cols() + 3);
+      wide.leftCols(x.cols()) = x;
       const auto simd = hasher.hash(x, isa);
-      ASSERT_EQ(scalar.codes, simd.codes) << mf::isa_name(isa);
-      for (mf::Index i = 0; i < scalar.scores.size(); ++i)
-        ASSERT_LE(ulp_distance(scalar.scores.data()[i], simd.scores.data()[i]), 4)
-            << mf::isa_name(isa) << " tau " << tau << " element " << i << ": " << scalar.scores.data()[i] << " vs "
-            << simd.scores.data()[i];
+      const auto strided = hasher.hash(wide.leftCols(x.cols()), isa);
+      for (const auto* h : {&simd, &strided}) {
+        ASSERT_EQ(scalar.codes, h->codes) << mf::isa_name(isa);
+        for (mf::Index i = 0; i < scalar.scores.size(); ++i)
+          ASSERT_LE(ulp_distance(scalar.scores.data()[i], h->scores.data()[i]), 4)
+              << mf::isa_name(isa) << " tau " << tau << " element " << i << ": " << scalar.scores.data()[i] << " vs "
+              << h->scores.data()[i] << (h == &strided ? " (strided rows)" : "");
+      }
       // The backward of every path against scalar too.
       mf::Matrix<float> ds = random_input(23, chunks, 5), dx_scalar(23, chunks * tau), dx_simd(23, chunks * tau);
       hasher.backward(dx_scalar, x, scalar, ds, mf::Isa::Scalar);

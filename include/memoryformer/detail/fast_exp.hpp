@@ -1,12 +1,14 @@
 // SPDX-License-Identifier: MIT
 // 2^t for t ≤ 0 in float, without a libm call: the scores of spec §1.4 need exp(−2|z|/t) = 2^(−2·log2(e)·|z|/t)
 // per input element, which is the hot path of hashing. Table-driven, because on the CPUs we target the multiply
-// pipes are what limits hashing, and this form needs six multiply-pipe instructions per value where the
+// pipes are what limits hashing, and this form needs five multiply-pipe instructions per value where the
 // Cody-Waite exp it replaced needed eleven (with the τ = 8 transpose of hash_kernels.hpp, hashing went 9.6–10.6 →
-// 16.5–17.6 GB/s on Zen 4):
+// 16.5–17.6 GB/s on Zen 4, and with the power of two folded into the table entry below, to ≈ 20):
 //   t = n + f with n a multiple of 1/32 (rounded by the 1.5·2^18 trick, which also leaves round(32t) in the
 //   low mantissa bits) and |f| ≤ 1/64;  2^t = 2^floor(n) · T[32n mod 32] · 2^f,  T[i] = 2^(i/32),
 //   2^f = 1 + q with q = f·(c1 + c2·f), minimax on |f| ≤ 1/64 (truncation ≤ 0.45·2^-23 relative).
+// 2^floor(n) · T[i] is built exactly with one integer shift and add instead of a multiplication by a power of two
+// (vscalefps, a multiply-pipe instruction on Zen 4): see scaled_table_bits.
 // 32 entries and degree 2 rather than 16 and degree 3: one multiply fewer for a two-register table lookup
 // (vpermt2ps): AVX-512 hashing 5 % faster on Zen 4; the AVX2 exponential, which needs four permutes and three
 // blends for the lookup, 4 % slower.
@@ -43,6 +45,17 @@ inline constexpr std::array<float, 32> table = {
     float(0x1.ae89f995ad3adp+0), float(0x1.b7f76f2fb5e47p+0), float(0x1.c199bdd85529cp+0),
     float(0x1.cb720dcef9069p+0), float(0x1.d5818dcfba487p+0), float(0x1.dfc97337b9b5fp+0),
     float(0x1.ea4afa2a490dap+0), float(0x1.f50765b6e4540p+0)};
+
+/// The bits of T[i] minus i·2^18, so that adding y's bits shifted left by 18 gives the bits of T[i]·2^floor(n):
+/// y's bits are those of round_magic (whose set bits all shift out: 0x48C00000 << 18 ≡ 0 mod 2^32) plus
+/// m = round(32t) ≤ 0, and m·2^18 = floor(m/32)·2^23 + (m mod 32)·2^18, which is floor(n) added to the exponent
+/// field plus the i·2^18 the entry has subtracted. Exact for floor(n) ≥ −126 (a normal result), which ExpArgument's
+/// clamp guarantees.
+inline constexpr std::array<std::uint32_t, 32> scaled_table_bits = [] {
+  std::array<std::uint32_t, 32> bits{};
+  for (std::uint32_t i = 0; i < 32; ++i) bits[i] = std::bit_cast<std::uint32_t>(table[i]) - (i << 18);
+  return bits;
+}();
 }  // namespace exp2_constants
 
 /// a·b + c, fused where the target has FMA; without it std::fma would be a slow libm emulation.
@@ -65,70 +78,64 @@ inline float fast_exp2_of_product(float a, float factor) {
   const float y = madd(a, factor, round_magic);
   const float n = y - round_magic;  // exact: a multiple of 1/32
   const float f = madd(a, factor, -n);  // |f| ≤ 1/64 (plus half an ulp of 1/64)
-  // y and round_magic share their exponent, so the difference of their bit patterns is round(32·a·factor)
-  // (subtracted unsigned: a NaN's bits must not make it a signed overflow).
-  const auto m = std::int32_t(std::bit_cast<std::uint32_t>(y) - std::bit_cast<std::uint32_t>(round_magic));
   const float q = madd(c2, f, c1) * f;
-  const float tf = table[std::size_t(m & 31)];
-  const std::uint32_t scale_bits = std::uint32_t((m >> 5) + 127) << 23;  // 2^floor(n): m >> 5 floors (C++20)
-  return madd(tf, q, tf) * std::bit_cast<float>(scale_bits);
+  // T[i]·2^floor(n) with i = round(32t) mod 32, the low 5 bits of y (round_magic's are zero); unsigned arithmetic,
+  // so a NaN's bits cannot make it a signed overflow.
+  const auto y_bits = std::bit_cast<std::uint32_t>(y);
+  const float scaled_entry = std::bit_cast<float>(scaled_table_bits[y_bits & 31] + (y_bits << 18));
+  return madd(scaled_entry, q, scaled_entry);
 }
 
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
 MEMORYFORMER_SIMD_WARNINGS_BEGIN
-/// The two steps of the vector exp2 that differ by instruction set: the table lookup by the low 5 bits of y, and
-/// the final exact multiplication by 2^floor(n).
+/// The step of the vector exp2 that differs by instruction set: the table entry by the low 5 bits of y (as bits).
 template <Isa I>
-struct Exp2Steps;
+struct Exp2Table;
 
 #if defined(MEMORYFORMER_HAVE_AVX512)
 template <>
-struct Exp2Steps<Isa::Avx512> {
-  // vpermt2ps reads the low 5 bits of each index lane: exactly round(32t) mod 32, straight from y's bits.
-  static __m512 table_entry(__m512 y) {
-    return _mm512_permutex2var_ps(_mm512_loadu_ps(exp2_constants::table.data()), _mm512_castps_si512(y),
-                                  _mm512_loadu_ps(exp2_constants::table.data() + 16));
+struct Exp2Table<Isa::Avx512> {
+  // vpermt2d reads the low 5 bits of each index lane: exactly round(32t) mod 32, straight from y's bits.
+  MEMORYFORMER_ALWAYS_INLINE static __m512i entry(__m512i y_bits) {
+    const auto* table = reinterpret_cast<const __m512i*>(exp2_constants::scaled_table_bits.data());
+    return _mm512_permutex2var_epi32(_mm512_loadu_si512(table), y_bits, _mm512_loadu_si512(table + 1));
   }
-  // vscalefps multiplies by 2^floor(n): the same exact product as the scalar version's exponent bits.
-  static __m512 times_two_to_floor(__m512 x, __m512 n, __m512) { return _mm512_scalef_ps(x, n); }
+  MEMORYFORMER_ALWAYS_INLINE static __m512i add_shifted(__m512i entry, __m512i y_bits) {
+    return _mm512_add_epi32(entry, _mm512_slli_epi32(y_bits, 18));
+  }
 };
 #endif
 
 #if defined(MEMORYFORMER_HAVE_AVX2)
 template <>
-struct Exp2Steps<Isa::Avx2> {
-  static __m256i round_32t(__m256 y) {
-    return _mm256_sub_epi32(_mm256_castps_si256(y), _mm256_castps_si256(_mm256_set1_ps(exp2_constants::round_magic)));
-  }
+struct Exp2Table<Isa::Avx2> {
   // 32-entry lookup from four 8-entry permutes (each reads the low 3 bits), chosen by bits 3 and 4 moved to the
   // sign (blendv reads only the sign bit).
-  static __m256 table_entry(__m256 y) {
-    const __m256i m = round_32t(y);
-    const float* table = exp2_constants::table.data();
-    auto part = [&](int i) { return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8 * i), m); };
-    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(m, 28));
+  MEMORYFORMER_ALWAYS_INLINE static __m256i entry(__m256i y_bits) {
+    const float* table = reinterpret_cast<const float*>(exp2_constants::scaled_table_bits.data());
+    auto part = [&](int i) { return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8 * i), y_bits); };
+    const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(y_bits, 28));
     const __m256 low16 = _mm256_blendv_ps(part(0), part(1), bit3), high16 = _mm256_blendv_ps(part(2), part(3), bit3);
-    return _mm256_blendv_ps(low16, high16, _mm256_castsi256_ps(_mm256_slli_epi32(m, 27)));
+    return _mm256_castps_si256(_mm256_blendv_ps(low16, high16, _mm256_castsi256_ps(_mm256_slli_epi32(y_bits, 27))));
   }
-  // 2^floor(n) built in the exponent bits, as the scalar version does.
-  static __m256 times_two_to_floor(__m256 x, __m256, __m256 y) {
-    const __m256i k = _mm256_srai_epi32(round_32t(y), 5);
-    return _mm256_mul_ps(x, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23)));
+  MEMORYFORMER_ALWAYS_INLINE static __m256i add_shifted(__m256i entry, __m256i y_bits) {
+    return _mm256_add_epi32(entry, _mm256_slli_epi32(y_bits, 18));
   }
 };
 #endif
 
 /// The vector version of fast_exp2_of_product(float, float): the same operations in the same order.
 template <Isa I>
-inline typename VectorOps<I>::V fast_exp2_of_product(typename VectorOps<I>::V a, typename VectorOps<I>::V factor) {
+MEMORYFORMER_ALWAYS_INLINE typename VectorOps<I>::V fast_exp2_of_product(typename VectorOps<I>::V a, typename VectorOps<I>::V factor) {
   using O = VectorOps<I>;
   using namespace exp2_constants;
   const auto y = O::fmadd(a, factor, O::set1(round_magic));
   const auto n = O::sub(y, O::set1(round_magic));
   const auto f = O::fmsub(a, factor, n);
   const auto q = O::mul(O::fmadd(O::set1(c2), f, O::set1(c1)), f);
-  const auto tf = Exp2Steps<I>::table_entry(y);
-  return Exp2Steps<I>::times_two_to_floor(O::fmadd(tf, q, tf), n, y);
+  const auto y_bits = O::as_int(y);
+  const auto scaled_entry = O::as_float(Exp2Table<I>::add_shifted(Exp2Table<I>::entry(y_bits), y_bits));
+  return O::fmadd(scaled_entry, q, scaled_entry);
 }
 MEMORYFORMER_SIMD_WARNINGS_END
 #endif

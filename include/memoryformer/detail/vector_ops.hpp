@@ -51,6 +51,8 @@ struct VectorOps<Isa::Avx512> {
     return _mm512_mask_or_epi32(code, _mm512_cmp_ps_mask(z, zero(), _CMP_GE_OQ), code, _mm512_set1_epi32(bit));
   }
   static void store_int(std::int32_t* p, VI v) { _mm512_storeu_si512(p, v); }
+  static VI as_int(V v) { return _mm512_castps_si512(v); }
+  static V as_float(VI v) { return _mm512_castsi512_ps(v); }
 };
 #endif
 
@@ -84,6 +86,8 @@ struct VectorOps<Isa::Avx2> {
     return _mm256_or_si256(code, _mm256_and_si256(nonnegative, _mm256_set1_epi32(bit)));
   }
   static void store_int(std::int32_t* p, VI v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  static VI as_int(V v) { return _mm256_castps_si256(v); }
+  static V as_float(VI v) { return _mm256_castsi256_ps(v); }
 };
 #endif
 
