@@ -55,7 +55,8 @@ inline Scalar fused_grow(Scalar d, Scalar e) {
 /// min(|z|, max_abs), keeping a NaN (minps returns its second operand when either is NaN, so |z| goes second).
 /// vrangeps would do it in one instruction, but it drops the NaN.
 template <Isa I>
-MEMORYFORMER_ALWAYS_INLINE typename VectorOps<I>::V clamped_abs(typename VectorOps<I>::V abs_z, typename VectorOps<I>::V max_abs) {
+MEMORYFORMER_ALWAYS_INLINE typename VectorOps<I>::V clamped_abs(typename VectorOps<I>::V abs_z,
+                                                            typename VectorOps<I>::V max_abs) {
   return VectorOps<I>::min(max_abs, abs_z);
 }
 #endif
@@ -317,10 +318,13 @@ struct ChunkStats {
     product = O::div(one, denominator);
   }
   /// The chunk scores, as chunk_codes_and_scores computes them.
-  MEMORYFORMER_ALWAYS_INLINE V scores() const { return L1 ? O::mul(abs_sum, product) : O::fmadd(abs_sum, O::zero(), product); }
+  MEMORYFORMER_ALWAYS_INLINE V scores() const {
+    return L1 ? O::mul(abs_sum, product) : O::fmadd(abs_sum, O::zero(), product);
+  }
 };
 
-/// Codes and scores of one row's chunks [0, block_chunks) (a multiple of VectorOps<I>::n).
+/// Codes and scores of one row's chunks [0, block_chunks) (a multiple of VectorOps<I>::n); contiguous rows come
+/// here as one row.
 template <Isa I, int Tau, bool L1>
 inline void hash_row_transposed(std::int32_t* codes, float* scores, const float* z, Index block_chunks,
                                 const ExpArgument<float>& arg) {
