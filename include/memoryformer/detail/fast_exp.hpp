@@ -88,7 +88,7 @@ inline float fast_exp2_of_product(float a, float factor) {
 
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
 MEMORYFORMER_SIMD_WARNINGS_BEGIN
-/// The step of the vector exp2 that differs by instruction set: the table entry by the low 5 bits of y (as bits).
+/// The step of the vector exp2 that differs by instruction set: scaled_table_bits[low 5 bits of y] (as bits).
 template <Isa I>
 struct Exp2Table;
 
@@ -99,9 +99,6 @@ struct Exp2Table<Isa::Avx512> {
   MEMORYFORMER_ALWAYS_INLINE static __m512i entry(__m512i y_bits) {
     const auto* table = reinterpret_cast<const __m512i*>(exp2_constants::scaled_table_bits.data());
     return _mm512_permutex2var_epi32(_mm512_loadu_si512(table), y_bits, _mm512_loadu_si512(table + 1));
-  }
-  MEMORYFORMER_ALWAYS_INLINE static __m512i add_shifted(__m512i entry, __m512i y_bits) {
-    return _mm512_add_epi32(entry, _mm512_slli_epi32(y_bits, 18));
   }
 };
 #endif
@@ -118,9 +115,6 @@ struct Exp2Table<Isa::Avx2> {
     const __m256 low16 = _mm256_blendv_ps(part(0), part(1), bit3), high16 = _mm256_blendv_ps(part(2), part(3), bit3);
     return _mm256_castps_si256(_mm256_blendv_ps(low16, high16, _mm256_castsi256_ps(_mm256_slli_epi32(y_bits, 27))));
   }
-  MEMORYFORMER_ALWAYS_INLINE static __m256i add_shifted(__m256i entry, __m256i y_bits) {
-    return _mm256_add_epi32(entry, _mm256_slli_epi32(y_bits, 18));
-  }
 };
 #endif
 
@@ -135,7 +129,7 @@ MEMORYFORMER_ALWAYS_INLINE typename VectorOps<I>::V fast_exp2_of_product(typenam
   const auto f = O::fmsub(a, factor, n);
   const auto q = O::mul(O::fmadd(O::set1(c2), f, O::set1(c1)), f);
   const auto y_bits = O::as_int(y);
-  const auto scaled_entry = O::as_float(Exp2Table<I>::add_shifted(Exp2Table<I>::entry(y_bits), y_bits));
+  const auto scaled_entry = O::as_float(O::add_int(Exp2Table<I>::entry(y_bits), O::template shift_left<18>(y_bits)));
   return O::fmadd(scaled_entry, q, scaled_entry);
 }
 MEMORYFORMER_SIMD_WARNINGS_END

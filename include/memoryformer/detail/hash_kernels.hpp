@@ -52,12 +52,14 @@ inline Scalar fused_grow(Scalar d, Scalar e) {
 }
 
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
-/// min(|z|, max_abs), keeping a NaN (minps returns its second operand when either is NaN, so |z| goes second).
-/// vrangeps would do it in one instruction, but it drops the NaN.
+/// ExpArgument::exp_of_abs on a vector, given |z| and the broadcast factor and max_abs: the clamp min(|z|,
+/// max_abs) keeps a NaN (minps returns its second operand when either is NaN, so |z| goes second; vrangeps would
+/// clamp in one instruction, but it drops the NaN).
 template <Isa I>
-MEMORYFORMER_ALWAYS_INLINE typename VectorOps<I>::V clamped_abs(typename VectorOps<I>::V abs_z,
-                                                            typename VectorOps<I>::V max_abs) {
-  return VectorOps<I>::min(max_abs, abs_z);
+MEMORYFORMER_ALWAYS_INLINE typename VectorOps<I>::V exp_of_abs_vector(typename VectorOps<I>::V abs_z,
+                                                                  typename VectorOps<I>::V factor,
+                                                                  typename VectorOps<I>::V max_abs) {
+  return fast_exp2_of_product<I>(VectorOps<I>::min(max_abs, abs_z), factor);
 }
 #endif
 
@@ -69,7 +71,7 @@ inline void exp_of_abs(Scalar* e, const Scalar* z, Index count, const ExpArgumen
     using O = VectorOps<isa>;
     const auto factor = O::set1(arg.factor), max_abs = O::set1(arg.max_abs);
     auto run = [&](float* out, const float* in) {
-      O::store(out, fast_exp2_of_product<isa>(clamped_abs<isa>(O::abs(O::load(in)), max_abs), factor));
+      O::store(out, exp_of_abs_vector<isa>(O::abs(O::load(in)), factor, max_abs));
     };
     Index i = 0;
     for (; i + O::n <= count; i += O::n) run(e + i, z + i);
@@ -312,7 +314,7 @@ struct ChunkStats {
       code = O::or_if_nonnegative(code, zt[j], 1 << (Tau - 1 - j));
       const V a = O::abs(zt[j]);
       abs_sum = L1 ? O::add(abs_sum, a) : O::max(abs_sum, a);
-      e[j] = fast_exp2_of_product<I>(clamped_abs<I>(a, max_abs), factor);
+      e[j] = exp_of_abs_vector<I>(a, factor, max_abs);
       denominator = O::fmadd(denominator, e[j], denominator);  // fused_grow
     }
     product = O::div(one, denominator);

@@ -52,6 +52,11 @@ struct VectorOps<Isa::Avx512> {
   }
   static void store_int(std::int32_t* p, VI v) { _mm512_storeu_si512(p, v); }
   static VI as_int(V v) { return _mm512_castps_si512(v); }
+  static VI add_int(VI a, VI b) { return _mm512_add_epi32(a, b); }
+  template <int Bits>
+  static VI shift_left(VI a) {
+    return _mm512_slli_epi32(a, Bits);
+  }
   static V as_float(VI v) { return _mm512_castsi512_ps(v); }
 };
 #endif
@@ -87,6 +92,11 @@ struct VectorOps<Isa::Avx2> {
   }
   static void store_int(std::int32_t* p, VI v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
   static VI as_int(V v) { return _mm256_castps_si256(v); }
+  static VI add_int(VI a, VI b) { return _mm256_add_epi32(a, b); }
+  template <int Bits>
+  static VI shift_left(VI a) {
+    return _mm256_slli_epi32(a, Bits);
+  }
   static V as_float(VI v) { return _mm256_castsi256_ps(v); }
 };
 #endif
