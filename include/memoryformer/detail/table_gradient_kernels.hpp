@@ -15,6 +15,7 @@
 
 #include "../types.hpp"
 #include "gather_kernels.hpp"
+#include "parallel.hpp"
 #include "scratch.hpp"
 #include "simd.hpp"
 
@@ -33,27 +34,55 @@ struct SortedContributions {
 };
 
 /// Counting sort of the N·K (token, table) pairs by global row k·2^τ + code, stable in the token index.
+/// Every table holds exactly N entries, so table k's rows occupy [k·N, (k+1)·N) and each table is sorted on its
+/// own: threads split the tables, with the same result for any thread count (N = 2048, K = 64, τ = 8: 325 µs on
+/// one thread, 225 µs on two, where the whole sort was serial).
 inline void sort_contributions(SortedContributions& out, const std::int32_t* codes, const float* scores, Index rows,
                                Index tables, int tau) {
   const Index R = Index(1) << tau, total_rows = tables * R;
   std::int32_t* start = out.start;
-  std::fill(start, start + total_rows + 1, 0);
-  for (Index n = 0; n < rows; ++n)
-    for (Index k = 0; k < tables; ++k) ++start[k * R + codes[n * tables + k] + 1];
-  out.used_count = 0;
-  for (Index r = 0; r < total_rows; ++r) {
-    if (start[r + 1] != 0) out.used[out.used_count++] = std::int32_t(r);
-    start[r + 1] += start[r];
-  }
-  std::int32_t* cursor = thread_scratch<6, std::int32_t>(size_t(total_rows));
-  std::copy(start, start + total_rows, cursor);
-  for (Index n = 0; n < rows; ++n)
-    for (Index k = 0; k < tables; ++k) {
-      const std::int32_t e = cursor[k * R + codes[n * tables + k]]++;
-      out.token[e] = std::int32_t(n);
-      out.score[e] = scores[n * tables + k];
+  start[0] = 0;
+  parallel_rows(tables, 4, [&](Index k0, Index k1) {
+    std::int32_t* cursor = thread_scratch<6, std::int32_t>(size_t(R));
+    // Codes and scores of up to 16 tables, copied table-major: the [N, K] arrays are read once, a line at a time,
+    // instead of once per table and pass with a stride of K.
+    // The copies' stride is padded by a line: a power-of-two stride put all 16 in the same L1 sets (3× slower).
+    constexpr Index group = 16;
+    const Index stride = (rows + 15) / 16 * 16 + 16;
+    std::int32_t* group_codes = thread_scratch<11, std::int32_t>(size_t(group * stride));
+    float* group_scores = thread_scratch<12, float>(size_t(group * stride));
+    for (Index g0 = k0; g0 < k1; g0 += group) {
+      const Index g1 = std::min(k1, g0 + group);
+      for (Index n = 0; n < rows; ++n)
+        for (Index k = g0; k < g1; ++k) {
+          group_codes[(k - g0) * stride + n] = codes[n * tables + k];
+          group_scores[(k - g0) * stride + n] = scores[n * tables + k];
+        }
+      for (Index k = g0; k < g1; ++k) {
+        const std::int32_t* table_codes = group_codes + (k - g0) * stride;
+        const float* table_scores = group_scores + (k - g0) * stride;
+        // Table k writes start[kR + 1 .. (k+1)R] (the ends of its rows); its first row starts at k·N.
+        std::int32_t* ends = start + k * R + 1;
+        std::fill(ends, ends + R, 0);
+        for (Index n = 0; n < rows; ++n) ++ends[table_codes[n]];
+        std::int32_t begin = std::int32_t(k * rows);
+        for (Index r = 0; r < R; ++r) {
+          cursor[r] = begin;
+          begin += ends[r];
+          ends[r] = begin;
+        }
+        for (Index n = 0; n < rows; ++n) {
+          const std::int32_t e = cursor[table_codes[n]]++;
+          out.token[e] = std::int32_t(n);
+          out.score[e] = table_scores[n];
+        }
+        std::fill(out.dot + k * rows, out.dot + (k + 1) * rows, 0.0f);
+      }
     }
-  std::fill(out.dot, out.dot + rows * tables, 0.0f);
+  });
+  out.used_count = 0;
+  for (Index r = 0; r < total_rows; ++r)
+    if (start[r + 1] != start[r]) out.used[out.used_count++] = std::int32_t(r);
 }
 
 /// Splits the used rows [0, used_count) into `parts` contiguous ranges holding about equal numbers of
