@@ -35,8 +35,8 @@ struct SortedContributions {
 
 /// Counting sort of the N·K (token, table) pairs by global row k·2^τ + code, stable in the token index.
 /// Every table holds exactly N entries, so table k's rows occupy [k·N, (k+1)·N) and each table is sorted on its
-/// own: threads split the tables, with the same result for any thread count (N = 2048, K = 64, τ = 8: 325 µs on
-/// one thread, 225 µs on two, where the whole sort was serial).
+/// own: threads split the tables, with the same result for any thread count (N = 2048, K = 64, τ = 8: 304 µs on
+/// one thread, 171 µs on two; the token-major serial sort took 325 µs).
 inline void sort_contributions(SortedContributions& out, const std::int32_t* codes, const float* scores, Index rows,
                                Index tables, int tau) {
   const Index R = Index(1) << tau, total_rows = tables * R;
