@@ -112,7 +112,13 @@ TEST_P(HashIsaByTau, EveryCompiledPathMatchesScalar) {
       // blocks of 8), then a tail of 5 through the per-ISA exponentials and the scalar stage; 23 rows hashed as one
       // long row: 53 blocks (AVX-512: 26 two-block steps and one single block) and a tail of 3.
       constexpr mf::Index chunks = 37;
-      const mf::Matrix<float> x = random_input(23, chunks * tau, 100 + tau, l1 ? 1.0 : 3.0);
+      mf::Matrix<float> x = random_input(23, chunks * tau, 100 + tau, l1 ? 1.0 : 3.0);
+      // Rows past the exponentials' clamp (|z| > max_abs: 43 for l1, 22 for paper at t = 0.5), and rows whose
+      // chunks sum past it with every |z| below it: the blocks holding them take the clamped path, the others the
+      // unclamped one.
+      x.row(4) *= 40.0f;
+      x.row(9).setConstant(l1 ? 10.0f : 20.0f);
+      x(15, 2) = -1e4f;
       const mf::SignHasher<float> hasher({tau, l1 ? mf::ScoreKind::L1 : mf::ScoreKind::Paper, 0.5});
       const auto scalar = hasher.hash(x, mf::Isa::Scalar);
       // Contiguous rows are hashed as one long row (blocks then straddle rows); the same rows inside a wider

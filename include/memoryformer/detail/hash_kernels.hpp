@@ -308,14 +308,27 @@ struct ChunkStats {
   MEMORYFORMER_ALWAYS_INLINE ChunkStats(const V* zt, V factor, V max_abs) {
     const V one = O::set1(1.0f);
     abs_sum = O::zero();
-    V denominator = one;
     code = O::zero_int();
+    V a[Tau];
     for (int j = 0; j < Tau; ++j) {
       code = O::or_if_nonnegative(code, zt[j], 1 << (Tau - 1 - j));
-      const V a = O::abs(zt[j]);
-      abs_sum = L1 ? O::add(abs_sum, a) : O::max(abs_sum, a);
-      e[j] = exp_of_abs_vector<I>(a, factor, max_abs);
-      denominator = O::fmadd(denominator, e[j], denominator);  // fused_grow
+      a[j] = O::abs(zt[j]);
+      abs_sum = L1 ? O::add(abs_sum, a[j]) : O::max(abs_sum, a[j]);
+    }
+    // Every |z| of a chunk is ≤ abs_sum (a sum or the maximum of non-negative values), so where abs_sum ≤ max_abs in
+    // every lane the clamp min(|z|, max_abs) would return |z| itself and is skipped: the same bits, Tau minimums
+    // fewer per block. A NaN fails the test and takes the clamped path, which keeps it.
+    V denominator = one;
+    if (O::all_less_equal(abs_sum, max_abs)) {
+      for (int j = 0; j < Tau; ++j) {
+        e[j] = fast_exp2_of_product<I>(a[j], factor);
+        denominator = O::fmadd(denominator, e[j], denominator);  // fused_grow
+      }
+    } else {
+      for (int j = 0; j < Tau; ++j) {
+        e[j] = exp_of_abs_vector<I>(a[j], factor, max_abs);
+        denominator = O::fmadd(denominator, e[j], denominator);
+      }
     }
     product = O::div(one, denominator);
   }
