@@ -113,9 +113,9 @@ TEST_P(HashIsaByTau, EveryCompiledPathMatchesScalar) {
       // long row: 53 blocks (AVX-512: 26 two-block steps and one single block) and a tail of 3.
       constexpr mf::Index chunks = 37;
       mf::Matrix<float> x = random_input(23, chunks * tau, 100 + tau, l1 ? 1.0 : 3.0);
-      // Rows past the exponentials' clamp (|z| > max_abs: 43 for l1, 22 for paper at t = 0.5), and rows whose
-      // chunks sum past it with every |z| below it: the blocks holding them take the clamped path, the others the
-      // unclamped one.
+      // A row past the exponentials' clamp (|z| > max_abs: 43 for l1, 22 for paper at t = 0.5) and a row just
+      // below it, whose chunks sum past it for l1 (8 × 10 > 43): the blocks holding them take the clamped path
+      // (for paper, row 9 stays on the unclamped one), the others the unclamped one.
       x.row(4) *= 40.0f;
       x.row(9).setConstant(l1 ? 10.0f : 20.0f);
       x(15, 2) = -1e4f;
