@@ -318,18 +318,13 @@ struct ChunkStats {
     // Every |z| of a chunk is ≤ abs_sum (a sum or the maximum of non-negative values), so where abs_sum ≤ max_abs in
     // every lane the clamp min(|z|, max_abs) would return |z| itself and is skipped: the same bits, Tau minimums
     // fewer per block. A NaN fails the test and takes the clamped path, which keeps it.
-    V denominator = one;
     if (O::all_less_equal(abs_sum, max_abs)) {
-      for (int j = 0; j < Tau; ++j) {
-        e[j] = fast_exp2_of_product<I>(a[j], factor);
-        denominator = O::fmadd(denominator, e[j], denominator);  // fused_grow
-      }
+      for (int j = 0; j < Tau; ++j) e[j] = fast_exp2_of_product<I>(a[j], factor);
     } else {
-      for (int j = 0; j < Tau; ++j) {
-        e[j] = exp_of_abs_vector<I>(a[j], factor, max_abs);
-        denominator = O::fmadd(denominator, e[j], denominator);
-      }
+      for (int j = 0; j < Tau; ++j) e[j] = exp_of_abs_vector<I>(a[j], factor, max_abs);
     }
+    V denominator = one;
+    for (int j = 0; j < Tau; ++j) denominator = O::fmadd(denominator, e[j], denominator);  // fused_grow
     product = O::div(one, denominator);
   }
   /// The chunk scores, as chunk_codes_and_scores computes them.

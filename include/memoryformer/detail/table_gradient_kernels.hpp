@@ -45,8 +45,8 @@ inline void sort_contributions(SortedContributions& out, const std::int32_t* cod
   parallel_rows(tables, 4, [&](Index k0, Index k1) {
     std::int32_t* cursor = thread_scratch<6, std::int32_t>(size_t(R));
     // Codes and scores of up to 16 tables, copied table-major: the [N, K] arrays are read once, a line at a time,
-    // instead of once per table and pass with a stride of K.
-    // The copies' stride is padded by a line: a power-of-two stride put all 16 in the same L1 sets (3× slower).
+    // instead of once per table and pass with a stride of K. The copies' stride is padded by a line: a power-of-two
+    // stride put all 16 in the same L1 sets (3× slower).
     constexpr Index group = 16;
     const Index stride = (rows + 15) / 16 * 16 + 16;
     std::int32_t* group_codes = thread_scratch<11, std::int32_t>(size_t(group * stride));
