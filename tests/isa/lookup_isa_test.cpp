@@ -419,7 +419,7 @@ TEST(LookupIsa, ThreadCountDoesNotChangeBits) {
   for (const Shape s : {Shape{64, 520, 8, 800, true}, Shape{64, 520, 8, 5, true}}) {
     const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 16);
     const mf::Matrix<float> dy = random_matrix(s.n, s.d_out, 17);
-    std::vector<mf::Matrix<float>> ys, dts, dss;
+    std::vector<mf::Matrix<float>> ys, dts, dss, packed_ys;
     const int saved = omp_get_max_threads();
     for (int threads : {1, 2, 3}) {
       omp_set_num_threads(threads);
@@ -432,12 +432,19 @@ TEST(LookupIsa, ThreadCountDoesNotChangeBits) {
       ys.push_back(y);
       dss.push_back(ds);
       dts.push_back(layer.dtables().as_matrix());
+      // Packed panels (the threads claim their 17 column blocks one at a time), float32 then bfloat16.
+      for (const auto storage : {mf::StorageType::F32, mf::StorageType::BF16}) {
+        mf::FrozenMemoryLayer(layer, storage).forward_hashed(y, h);
+        packed_ys.push_back(y);
+      }
     }
     omp_set_num_threads(saved);
     for (size_t i = 1; i < ys.size(); ++i) {
       EXPECT_TRUE(ys[i] == ys[0]) << "forward, thread setting " << i;
       EXPECT_TRUE(dss[i] == dss[0]) << "dscores, thread setting " << i;
       EXPECT_TRUE(dts[i] == dts[0]) << "dtables, thread setting " << i;
+      EXPECT_TRUE(packed_ys[2 * i] == packed_ys[0]) << "float32 panels, thread setting " << i;
+      EXPECT_TRUE(packed_ys[2 * i + 1] == packed_ys[1]) << "bfloat16 panels, thread setting " << i;
     }
   }
 }

@@ -459,7 +459,8 @@ inline void store_fence() { _mm_sfence(); }
 
 /**
  * Column-blocked forward over all N tokens. `panel_of(cb, g, kg_g)` returns the bytes of panel (cb, group g) —
- * pre-packed storage, or a per-thread buffer it has just packed. Threads split the column blocks (no reduction).
+ * pre-packed storage, or a per-thread buffer it has just packed. Threads claim column blocks one at a time (no
+ * reduction).
  */
 template <Isa I, StorageType S, Index CV, class PanelOf, class NextOf>
 void prefill_forward(float* y, Index y_stride, const PanelLayout& l, const std::int32_t* codes, const float* scores,
@@ -473,29 +474,36 @@ void prefill_forward(float* y, Index y_stride, const PanelLayout& l, const std::
   // writing y's strided rows directly would read every line of y from memory first.
   const bool stream_out = prefill_streaming_stores && (reinterpret_cast<std::uintptr_t>(y) % 64 == 0) &&
                           (y_stride * Index(sizeof(float))) % 64 == 0;
-  parallel_rows(l.column_blocks, 1, [&](Index cb_begin, Index cb_end) {
+  // Column blocks are claimed one at a time (parallel_claims); the next block is claimed as the last group of the
+  // current one starts, so that its first panel can be streamed in meanwhile.
+  parallel_claims(l.column_blocks, [&](WorkQueue& queue) {
     float* partial = (groups > 1 || stream_out) ? thread_scratch<1, float>(size_t(rows * CV)) : nullptr;
     alignas(64) float bias_chunk[max_chunk_values];
-    for (Index cb = cb_begin; cb < cb_end; ++cb) {
+    bool first_block = true;
+    for (Index cb = queue.claim(); cb >= 0;) {
       const Index cols = l.block_columns(cb);
       const bool via_buffer = stream_out && cols == CV;
       std::fill(bias_chunk, bias_chunk + CV, 0.0f);
       if (bias != nullptr) std::copy(bias + cb * CV, bias + cb * CV + cols, bias_chunk);
+      Index next_cb = -1;
       for (Index g = 0; g < groups; ++g) {
         const Index k0 = g * kg, kg_g = std::min(kg, l.tables - k0);
-        const std::byte* panel = panel_of(cb, k0, kg_g, cb == cb_begin && g == 0);
+        const std::byte* panel = panel_of(cb, k0, kg_g, first_block && g == 0);
         const bool last = g + 1 == groups && !via_buffer;
         float* out = last ? y + cb * CV : partial;
         const Index out_stride = last ? y_stride : CV;
         // The panel read after this one: the next group of this column block, or the next block's first group.
-        const Index next_cb = g + 1 < groups ? cb : cb + 1, next_k0 = g + 1 < groups ? k0 + kg : 0;
-        const PanelStream next =
-            next_cb < cb_end ? next_of(next_cb, next_k0, std::min(kg, l.tables - next_k0)) : PanelStream{};
+        if (g + 1 == groups) next_cb = queue.claim();
+        const PanelStream next = g + 1 < groups ? next_of(cb, k0 + kg, std::min(kg, l.tables - k0 - kg))
+                                 : next_cb >= 0  ? next_of(next_cb, Index(0), std::min(kg, l.tables))
+                                                 : PanelStream{};
         panel_gather<I, S, CV>(out, out_stride, last ? cols : CV, g == 0 ? nullptr : partial, CV,
                                bias != nullptr ? bias_chunk : nullptr, panel, plan + k0 * rows,
                                plan_scores + k0 * rows, kg_g, 0, kg_g, 0, rows, next);
       }
       if (via_buffer) stream_rows<I, CV>(y + cb * CV, y_stride, partial, rows);
+      cb = next_cb;
+      first_block = false;
     }
   });
   if (stream_out) store_fence();

@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: MIT
-// The one way the kernels split work between threads: contiguous ranges, one per thread, so that each item is
-// computed entirely by one thread and the bits do not depend on the thread count (no float atomics).
+// The two ways the kernels split work between threads — contiguous ranges, one per thread, or items handed out one at
+// a time to whichever thread is free — both such that each item is computed entirely by one thread, in the same
+// way, so the bits do not depend on the thread count or on which thread took what (no float atomics).
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 
 #include "../types.hpp"
 
@@ -32,6 +34,38 @@ void parallel_rows(Index rows, Index min_rows_per_thread, F&& f) {
   (void)min_rows_per_thread;
 #endif
   if (rows > 0) f(Index(0), rows);
+}
+
+/// Items [0, count) handed out one at a time in increasing order, to whichever thread asks first.
+class WorkQueue {
+ public:
+  explicit WorkQueue(Index count) : count_(count) {}
+  /// The next unclaimed item, or −1 once every item is claimed.
+  Index claim() {
+    const Index item = next_.fetch_add(1, std::memory_order_relaxed);
+    return item < count_ ? item : Index(-1);
+  }
+
+ private:
+  std::atomic<Index> next_{0};
+  Index count_;
+};
+
+/// Runs work(queue) on every thread (at most `count` of them), where queue hands out the items [0, count): a thread
+/// slowed by a busy neighbour (two vCPUs share a host) takes fewer items instead of holding the others up, which a
+/// fixed split cannot do. Use it where items are few and long (column blocks, tables); parallel_rows elsewhere.
+template <class Work>
+void parallel_claims(Index count, Work&& work) {
+  WorkQueue queue(count);
+#if defined(MEMORYFORMER_USE_OPENMP)
+  const int threads = int(std::min<Index>(omp_get_max_threads(), count));
+  if (threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(threads)
+    work(queue);
+    return;
+  }
+#endif
+  if (count > 0) work(queue);
 }
 
 /// The thread count parallel_rows would use at most (1 without OpenMP or inside a parallel region).
