@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <utility>
 
 #include "../types.hpp"
 
@@ -51,21 +52,50 @@ class WorkQueue {
   Index count_;
 };
 
+/// One thread's view of a parallel_team region: its number, the team's size, and a barrier every thread of the team
+/// must reach the same number of times.
+struct Team {
+  Index thread = 0;
+  Index threads = 1;
+  void barrier() const {
+#if defined(MEMORYFORMER_USE_OPENMP)
+    if (threads > 1) {
+#pragma omp barrier
+    }
+#endif
+  }
+  /// This thread's contiguous share [first, second) of [0, count).
+  std::pair<Index, Index> share(Index count) const {
+    return {count * thread / threads, count * (thread + 1) / threads};
+  }
+};
+
+/// Runs body(team) on every thread of one parallel region of at most `max_threads` threads (one thread, team of
+/// one, without OpenMP or inside a parallel region): for kernels whose phases need barriers but should not pay
+/// for a parallel region per phase.
+template <class Body>
+void parallel_team(Index max_threads, Body&& body) {
+#if defined(MEMORYFORMER_USE_OPENMP)
+  const int threads = int(std::min<Index>(omp_get_max_threads(), max_threads));
+  if (threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(threads)
+    {
+      const Team team{Index(omp_get_thread_num()), Index(omp_get_num_threads())};
+      body(team);
+    }
+    return;
+  }
+#endif
+  if (max_threads > 0) body(Team{});
+}
+
 /// Runs work(queue) on every thread (at most `count` of them), where queue hands out the items [0, count): a thread
 /// slowed by a busy neighbour (two vCPUs share a host) takes fewer items instead of holding the others up, which a
 /// fixed split cannot do. Use it where items are few and long (column blocks, tables); parallel_rows elsewhere.
 template <class Work>
 void parallel_claims(Index count, Work&& work) {
   WorkQueue queue(count);
-#if defined(MEMORYFORMER_USE_OPENMP)
-  const int threads = int(std::min<Index>(omp_get_max_threads(), count));
-  if (threads > 1 && !omp_in_parallel()) {
-#pragma omp parallel num_threads(threads)
-    work(queue);
-    return;
-  }
-#endif
-  if (count > 0) work(queue);
+  parallel_team(count, [&](const Team&) { work(queue); });
 }
 
 /// The thread count parallel_rows would use at most (1 without OpenMP or inside a parallel region).
