@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// Tests of the two work splits in detail/parallel.hpp: parallel_rows (contiguous ranges) and parallel_claims (items
-// handed out one at a time). Both must cover every item exactly once for any thread count; the kernels' bitwise
+// Tests of the work splits in detail/parallel.hpp: parallel_rows (contiguous ranges), parallel_claims (items handed
+// out one at a time) and parallel_team (one region, shares and barriers). Both must cover every item exactly once for any thread count; the kernels' bitwise
 // thread-count tests (LookupIsa.ThreadCountDoesNotChangeBits) rest on that.
 #include <algorithm>
 #include <atomic>
@@ -100,6 +100,37 @@ TEST(ParallelRows, RangesCoverEveryRowOnceWithTheMinimumPerThread) {
       for (mf::Index r = 0; r < rows; ++r)
         EXPECT_EQ(hits[static_cast<size_t>(r)].load(), 1) << "row " << r << " of " << rows;
     }
+  }
+#if defined(MEMORYFORMER_USE_OPENMP)
+  omp_set_num_threads(saved);
+#endif
+}
+
+TEST(ParallelTeam, SharesCoverEveryRowOnceAndTheBarrierWaitsForEveryThread) {
+#if defined(MEMORYFORMER_USE_OPENMP)
+  const int saved = omp_get_max_threads();
+#endif
+  for (int threads : thread_settings()) {
+    set_threads(threads);
+    constexpr mf::Index rows = 1001;
+    std::vector<std::atomic<int>> hits(rows);
+    std::atomic<int> arrived{0}, team_size{0};
+    std::atomic<bool> early{false};
+    detail::parallel_team(threads, [&](const detail::Team& team) {
+      if (team.thread == 0) team_size = int(team.threads);
+      const auto [begin, end] = team.share(rows);
+      for (mf::Index r = begin; r < end; ++r) ++hits[static_cast<size_t>(r)];
+      // Every thread is slowed differently before arriving; none may pass the barrier before all have arrived.
+      volatile double spin = 0;
+      for (mf::Index i = 0; i < 200000 * (team.threads - team.thread); ++i) spin = spin + 1.0;
+      ++arrived;
+      team.barrier();
+      if (arrived.load() != int(team.threads)) early = true;
+    });
+    EXPECT_EQ(team_size.load(), threads);
+    EXPECT_EQ(arrived.load(), threads);
+    EXPECT_FALSE(early.load()) << threads << " threads: a thread passed the barrier before all had arrived";
+    for (mf::Index r = 0; r < rows; ++r) EXPECT_EQ(hits[static_cast<size_t>(r)].load(), 1) << "row " << r;
   }
 #if defined(MEMORYFORMER_USE_OPENMP)
   omp_set_num_threads(saved);
