@@ -98,6 +98,19 @@ void parallel_claims(Index count, Work&& work) {
   parallel_team(count, [&](const Team&) { work(queue); });
 }
 
+/// Like parallel_rows, but [0, rows) is cut into pieces of about `piece_rows` rows (at least one piece) that the
+/// threads claim one at a time (parallel_claims): f(begin, end) per piece.
+template <class F>
+void parallel_row_pieces(Index rows, Index piece_rows, F&& f) {
+  const Index pieces = std::max<Index>(1, rows / piece_rows);
+  parallel_claims(pieces, [&](WorkQueue& queue) {
+    for (Index p = queue.claim(); p >= 0; p = queue.claim()) {
+      const Index begin = rows * p / pieces, end = rows * (p + 1) / pieces;
+      if (begin < end) f(begin, end);
+    }
+  });
+}
+
 /// The thread count parallel_rows would use at most (1 without OpenMP or inside a parallel region).
 inline Index available_threads() {
 #if defined(MEMORYFORMER_USE_OPENMP)
