@@ -415,8 +415,9 @@ TEST(LookupIsa, FrozenLayerChecksItsInputs) {
 #if defined(MEMORYFORMER_USE_OPENMP)
 TEST(LookupIsa, ThreadCountDoesNotChangeBits) {
   // 800 tokens: prefill path for forward (≥ 3·2^τ tokens), almost every table row used by the backward;
-  // 5 tokens: decode path, at most 40 of the 2048 rows used, split between the threads.
-  for (const Shape s : {Shape{64, 520, 8, 800, true}, Shape{64, 520, 8, 5, true}}) {
+  // 5 tokens: decode path, at most 40 of the 2048 rows used, split between the threads;
+  // d_in = 520: 65 tables, whose backward sort the threads take in 5 groups of 16 tables.
+  for (const Shape s : {Shape{64, 520, 8, 800, true}, Shape{64, 520, 8, 5, true}, Shape{520, 64, 8, 800, true}}) {
     const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 16);
     const mf::Matrix<float> dy = random_matrix(s.n, s.d_out, 17);
     std::vector<mf::Matrix<float>> ys, dts, dss, packed_ys;
