@@ -28,7 +28,8 @@ struct SortedContributions {
   std::int32_t* start = nullptr;   // [K·2^τ + 1]
   std::int32_t* token = nullptr;   // [N·K]
   float* score = nullptr;          // [N·K]
-  float* dot = nullptr;            // [N·K] ⟨dy[n], T_k[code]⟩ accumulated over column slices
+  float* dot = nullptr;            // [dot_planes, N·K] plane s: column slice s's part of ⟨dy[n], T_k[code]⟩
+  Index dot_planes = 1;
   std::int32_t* used = nullptr;    // [≤ min(N·K, K·2^τ)] rows with entries
   Index used_count = 0;
 };
@@ -76,7 +77,10 @@ inline void sort_contributions(SortedContributions& out, const std::int32_t* cod
           out.token[e] = std::int32_t(n);
           out.score[e] = table_scores[n];
         }
-        std::fill(out.dot + k * rows, out.dot + (k + 1) * rows, 0.0f);
+        for (Index plane = 0; plane < out.dot_planes; ++plane) {
+          float* dot = out.dot + plane * rows * tables;
+          std::fill(dot + k * rows, dot + (k + 1) * rows, 0.0f);
+        }
       }
     }
   });
@@ -155,10 +159,10 @@ inline constexpr Index gradient_prefetch_rows = 16;
 /// Row ranges the backward's used rows are cut into (items handed to threads one at a time, per column slice).
 inline constexpr Index gradient_parts = 16;
 
-/// One column slice over the used rows sc.used[u0, u1).
+/// One column slice over the used rows sc.used[u0, u1); the slice's parts of the dot products go to dot[e].
 template <Isa I>
 void gradient_slice(float* dtables, const float* tables, Index width, Index c0, Index cols, const float* dyp,
-                    const SortedContributions& sc, Index u0, Index u1) {
+                    const SortedContributions& sc, float* dot, Index u0, Index u1) {
   using L = Lanes<I>;
   using V = typename L::V;
   const Index sc_total = sc.start[sc.used[u1 - 1] + 1];
@@ -208,11 +212,11 @@ void gradient_slice(float* dtables, const float* tables, Index width, Index c0, 
         pending[pending_count++] = L::add(dot0, dot1);
         if (pending_count == 16) {
           const Index first = e - 15;
-          _mm512_storeu_ps(sc.dot + first, _mm512_add_ps(_mm512_loadu_ps(sc.dot + first), horizontal_sums16(pending)));
+          _mm512_storeu_ps(dot + first, _mm512_add_ps(_mm512_loadu_ps(dot + first), horizontal_sums16(pending)));
           pending_count = 0;
         }
       } else {
-        sc.dot[e] += SliceTraits<I>::hsum(L::add(dot0, dot1));
+        dot[e] += SliceTraits<I>::hsum(L::add(dot0, dot1));
       }
     }
     for (Index j = 0; j < nv; ++j) {
@@ -231,7 +235,7 @@ void gradient_slice(float* dtables, const float* tables, Index width, Index c0, 
       for (int i = pending_count; i < 16; ++i) pending[i] = L::zero();
       alignas(64) float sums[16];
       _mm512_store_ps(sums, horizontal_sums16(pending));
-      for (int i = 0; i < pending_count; ++i) sc.dot[sc_total - pending_count + i] += sums[i];
+      for (int i = 0; i < pending_count; ++i) dot[sc_total - pending_count + i] += sums[i];
     }
   }
 }
@@ -247,52 +251,52 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   using L = Lanes<I>;
   constexpr Index slice = SliceTraits<I>::vectors * L::n;
   const Index R = Index(1) << tau, total_rows = num_tables * R, entries = rows * num_tables;
+  const Index slices = (width + slice - 1) / slice;
   SortedContributions sc;
   sc.start = thread_scratch<3, std::int32_t>(size_t(total_rows + 1));
   sc.token = thread_scratch<4, std::int32_t>(size_t(entries));
   sc.score = thread_scratch<5, float>(size_t(entries));
-  sc.dot = thread_scratch<7, float>(size_t(entries));
+  sc.dot_planes = slices;
+  sc.dot = thread_scratch<7, float>(size_t(slices * entries));
   sc.used = thread_scratch<9, std::int32_t>(size_t(std::min(entries, total_rows)));
   sort_contributions(sc, codes, scores, rows, num_tables, tau);
-  // The used rows are cut into `parts` ranges of about equal contributions, handed out to the threads one at a time
-  // per column slice (a slowed thread takes fewer). Each (slice, range) item is one call of gradient_slice, whose
-  // bits do not depend on where its range starts, and the slices are ordered by a barrier: the same bits for any
-  // thread count or claim order.
+  // The used rows are cut into `parts` ranges of about equal contributions; the threads claim (slice, range) items
+  // one at a time in slice order (a slowed thread takes fewer), each packing dy's column slice for itself when it
+  // reaches a new slice. Items of different slices may run at once, so each slice writes its own plane of dot
+  // products, summed in slice order at the end: each item is one call of gradient_slice, whose bits do not depend on
+  // where its range starts, so the result has the same bits for any thread count or claim order.
   const Index parts = std::min<Index>(gradient_parts, sc.used_count);
   Index bounds[gradient_parts + 1];
   for (Index p = 0; p <= parts; ++p) bounds[p] = balanced_row_split(sc, p, parts);
-  const Index slices = (width + slice - 1) / slice;
-  // dy's column slice packed as [N, slice], shared by the team: two buffers, so one slice is copied while the
-  // previous one is still being read (slice s + 1 is copied into the buffer of slice s − 1, which every thread has
-  // finished with: each passed the barrier after slice s's copy, i.e. after its last item of slice s − 1). One
-  // thread reuses one buffer (measured: the second one's misses cost it ≈ 4 %).
-  float* packed_dy = thread_scratch<8, float>(size_t(2 * rows * slice));
   WorkQueue queue(slices * parts + parts);  // items: (slice, range) in slice order, then the dscores ranges
   parallel_team(parts, [&](const Team& team) {
-    Index item = queue.claim();
-    for (Index s = 0; s < slices; ++s) {
+    float* dyp = thread_scratch<8, float>(size_t(rows * slice));  // dy's slice packed as [N, slice]
+    Index item = queue.claim(), packed = -1;
+    for (; item >= 0 && item < slices * parts; item = queue.claim()) {
+      const Index s = item / parts, p = item % parts;
       const Index c0 = s * slice, cols = std::min(slice, width - c0);
-      float* dyp = packed_dy + (team.threads > 1 ? s % 2 : 0) * rows * slice;
-      const auto [n0, n1] = team.share(rows);
-      for (Index n = n0; n < n1; ++n) {
-        std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(cols) * sizeof(float));
-        if (cols < slice) std::fill(dyp + n * slice + cols, dyp + (n + 1) * slice, 0.0f);
+      if (packed != s) {
+        for (Index n = 0; n < rows; ++n) {
+          std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(cols) * sizeof(float));
+          if (cols < slice) std::fill(dyp + n * slice + cols, dyp + (n + 1) * slice, 0.0f);
+        }
+        packed = s;
       }
-      team.barrier();
-      for (; item >= 0 && item / parts == s; item = queue.claim()) {
-        const Index p = item % parts;
-        if (bounds[p] < bounds[p + 1])
-          gradient_slice<I>(dtables, tables, width, c0, cols, dyp, sc, bounds[p], bounds[p + 1]);
-      }
+      if (bounds[p] < bounds[p + 1])
+        gradient_slice<I>(dtables, tables, width, c0, cols, dyp, sc, sc.dot + s * entries, bounds[p], bounds[p + 1]);
     }
-    team.barrier();  // every dot complete
+    team.barrier();  // every plane complete
     for (; item >= 0; item = queue.claim()) {
       const Index p = item - slices * parts;
       for (Index u = bounds[p]; u < bounds[p + 1]; ++u) {
         const Index r = sc.used[u];
         touched[r] = 1;
         const Index k = r / R;
-        for (Index e = sc.start[r]; e < sc.start[r + 1]; ++e) dscores[Index(sc.token[e]) * ds_stride + k] += sc.dot[e];
+        for (Index e = sc.start[r]; e < sc.start[r + 1]; ++e) {
+          float dot = sc.dot[e];
+          for (Index s = 1; s < slices; ++s) dot += sc.dot[s * entries + e];
+          dscores[Index(sc.token[e]) * ds_stride + k] += dot;
+        }
       }
     }
   });
