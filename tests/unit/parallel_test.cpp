@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Tests of the work splits in detail/parallel.hpp: parallel_rows (contiguous ranges), parallel_claims (items handed
-// out one at a time) and parallel_team (one region, shares and barriers). Both must cover every item exactly once for any thread count; the kernels' bitwise
+// out one at a time) and parallel_team (one region with barriers). Both must cover every item exactly once for any thread count; the kernels' bitwise
 // thread-count tests (LookupIsa.ThreadCountDoesNotChangeBits) rest on that.
 #include <algorithm>
 #include <atomic>
@@ -106,7 +106,7 @@ TEST(ParallelRows, RangesCoverEveryRowOnceWithTheMinimumPerThread) {
 #endif
 }
 
-TEST(ParallelTeam, SharesCoverEveryRowOnceAndTheBarrierWaitsForEveryThread) {
+TEST(ParallelTeam, ThreadNumbersSplitTheRowsAndTheBarrierWaitsForEveryThread) {
 #if defined(MEMORYFORMER_USE_OPENMP)
   const int saved = omp_get_max_threads();
 #endif
@@ -118,7 +118,7 @@ TEST(ParallelTeam, SharesCoverEveryRowOnceAndTheBarrierWaitsForEveryThread) {
     std::atomic<bool> early{false};
     detail::parallel_team(threads, [&](const detail::Team& team) {
       if (team.thread == 0) team_size = int(team.threads);
-      const auto [begin, end] = team.share(rows);
+      const mf::Index begin = rows * team.thread / team.threads, end = rows * (team.thread + 1) / team.threads;
       for (mf::Index r = begin; r < end; ++r) ++hits[static_cast<size_t>(r)];
       // Every thread is slowed differently before arriving; none may pass the barrier before all have arrived.
       volatile double spin = 0;

@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <utility>
 
 #include "../types.hpp"
 
@@ -63,10 +62,6 @@ struct Team {
 #pragma omp barrier
     }
 #endif
-  }
-  /// This thread's contiguous share [first, second) of [0, count).
-  std::pair<Index, Index> share(Index count) const {
-    return {count * thread / threads, count * (thread + 1) / threads};
   }
 };
 

@@ -5,8 +5,9 @@
 // row's tokens stay in ascending order). Each row's gradient is then accumulated once in registers and added to
 // dT once, and ⟨dy[n], T_k[code]⟩ comes from the same row load. Columns are processed in slices of 128 (AVX-512)
 // or 32 (AVX2) so that the slice of dy, packed contiguously per thread, stays in L2 while the rows stream past.
-// Threads split the table rows (disjoint writes); every sum has a fixed order, so the bits do not depend on the
-// thread count.
+// Threads claim (column slice, range of table rows) items one at a time (disjoint writes; each slice keeps its own
+// plane of dot products); every sum has a fixed order, so the bits depend on neither the thread count nor on which
+// thread took what.
 #pragma once
 
 #include <algorithm>
