@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: MIT
 // Tests of the work splits in detail/parallel.hpp: parallel_rows (contiguous ranges), parallel_claims (items handed
-// out one at a time) and parallel_team (one region with barriers). Both must cover every item exactly once for any thread count; the kernels' bitwise
-// thread-count tests (LookupIsa.ThreadCountDoesNotChangeBits) rest on that.
+// out one at a time) and parallel_row_pieces (pieces of rows handed out one at a time). Each must cover every item
+// exactly once for any thread count; the kernels' bitwise thread-count tests (LookupIsa.ThreadCountDoesNotChangeBits)
+// rest on that.
 #include <algorithm>
 #include <atomic>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -106,31 +108,33 @@ TEST(ParallelRows, RangesCoverEveryRowOnceWithTheMinimumPerThread) {
 #endif
 }
 
-TEST(ParallelTeam, ThreadNumbersSplitTheRowsAndTheBarrierWaitsForEveryThread) {
+TEST(ParallelRowPieces, PiecesCoverEveryRowOnceAndDoNotDependOnTheThreadCount) {
 #if defined(MEMORYFORMER_USE_OPENMP)
   const int saved = omp_get_max_threads();
 #endif
-  for (int threads : thread_settings()) {
-    set_threads(threads);
-    constexpr mf::Index rows = 1001;
-    std::vector<std::atomic<int>> hits(rows);
-    std::atomic<int> arrived{0}, team_size{0};
-    std::atomic<bool> early{false};
-    detail::parallel_team(threads, [&](const detail::Team& team) {
-      if (team.thread == 0) team_size = int(team.threads);
-      const mf::Index begin = rows * team.thread / team.threads, end = rows * (team.thread + 1) / team.threads;
-      for (mf::Index r = begin; r < end; ++r) ++hits[static_cast<size_t>(r)];
-      // Every thread is slowed differently before arriving; none may pass the barrier before all have arrived.
-      volatile double spin = 0;
-      for (mf::Index i = 0; i < 200000 * (team.threads - team.thread); ++i) spin = spin + 1.0;
-      ++arrived;
-      team.barrier();
-      if (arrived.load() != int(team.threads)) early = true;
-    });
-    EXPECT_EQ(team_size.load(), threads);
-    EXPECT_EQ(arrived.load(), threads);
-    EXPECT_FALSE(early.load()) << threads << " threads: a thread passed the barrier before all had arrived";
-    for (mf::Index r = 0; r < rows; ++r) EXPECT_EQ(hits[static_cast<size_t>(r)].load(), 1) << "row " << r;
+  for (mf::Index rows : {0, 1, 127, 128, 300, 2048}) {
+    std::vector<std::vector<std::pair<mf::Index, mf::Index>>> pieces_per_setting;
+    for (int threads : thread_settings()) {
+      set_threads(threads);
+      std::vector<std::atomic<int>> hits(static_cast<size_t>(rows));
+      std::vector<std::pair<mf::Index, mf::Index>> pieces;
+      std::atomic_flag lock = ATOMIC_FLAG_INIT;
+      detail::parallel_row_pieces(rows, 128, [&](mf::Index begin, mf::Index end) {
+        EXPECT_LT(begin, end);
+        for (mf::Index r = begin; r < end; ++r) ++hits[static_cast<size_t>(r)];
+        while (lock.test_and_set()) {
+        }
+        pieces.emplace_back(begin, end);
+        lock.clear();
+      });
+      for (mf::Index r = 0; r < rows; ++r) EXPECT_EQ(hits[static_cast<size_t>(r)].load(), 1) << "row " << r;
+      std::sort(pieces.begin(), pieces.end());
+      // At least one piece, and pieces of at least 128 rows when there are that many.
+      EXPECT_EQ(pieces.size(), size_t(std::max<mf::Index>(1, rows / 128)) - (rows == 0 ? 1 : 0));
+      pieces_per_setting.push_back(pieces);
+    }
+    for (size_t i = 1; i < pieces_per_setting.size(); ++i)
+      EXPECT_EQ(pieces_per_setting[i], pieces_per_setting[0]) << rows << " rows, thread setting " << i;
   }
 #if defined(MEMORYFORMER_USE_OPENMP)
   omp_set_num_threads(saved);

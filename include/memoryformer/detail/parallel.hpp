@@ -51,46 +51,21 @@ class WorkQueue {
   Index count_;
 };
 
-/// One thread's view of a parallel_team region: its number, the team's size, and a barrier every thread of the team
-/// must reach the same number of times.
-struct Team {
-  Index thread = 0;
-  Index threads = 1;
-  void barrier() const {
-#if defined(MEMORYFORMER_USE_OPENMP)
-    if (threads > 1) {
-#pragma omp barrier
-    }
-#endif
-  }
-};
-
-/// Runs body(team) on every thread of one parallel region of at most `max_threads` threads (one thread, team of
-/// one, without OpenMP or inside a parallel region): for kernels whose phases need barriers but should not pay
-/// for a parallel region per phase.
-template <class Body>
-void parallel_team(Index max_threads, Body&& body) {
-#if defined(MEMORYFORMER_USE_OPENMP)
-  const int threads = int(std::min<Index>(omp_get_max_threads(), max_threads));
-  if (threads > 1 && !omp_in_parallel()) {
-#pragma omp parallel num_threads(threads)
-    {
-      const Team team{Index(omp_get_thread_num()), Index(omp_get_num_threads())};
-      body(team);
-    }
-    return;
-  }
-#endif
-  if (max_threads > 0) body(Team{});
-}
-
 /// Runs work(queue) on every thread (at most `count` of them), where queue hands out the items [0, count): a thread
 /// slowed by a busy neighbour (two vCPUs share a host) takes fewer items instead of holding the others up, which a
 /// fixed split cannot do. Use it where items are few and long (column blocks, tables); parallel_rows elsewhere.
 template <class Work>
 void parallel_claims(Index count, Work&& work) {
   WorkQueue queue(count);
-  parallel_team(count, [&](const Team&) { work(queue); });
+#if defined(MEMORYFORMER_USE_OPENMP)
+  const int threads = int(std::min<Index>(omp_get_max_threads(), count));
+  if (threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(threads)
+    work(queue);
+    return;
+  }
+#endif
+  if (count > 0) work(queue);
 }
 
 /// Like parallel_rows, but [0, rows) is cut into pieces of about `piece_rows` rows (at least one piece) that the

@@ -5,9 +5,8 @@
 // row's tokens stay in ascending order). Each row's gradient is then accumulated once in registers and added to
 // dT once, and ⟨dy[n], T_k[code]⟩ comes from the same row load. Columns are processed in slices of 128 (AVX-512)
 // or 32 (AVX2) so that the slice of dy, packed contiguously per thread, stays in L2 while the rows stream past.
-// Threads claim (column slice, range of table rows) items one at a time (disjoint writes; each slice keeps its own
-// plane of dot products); every sum has a fixed order, so the bits depend on neither the thread count nor on which
-// thread took what.
+// Threads split the table rows (disjoint writes); every sum has a fixed order, so the bits do not depend on the
+// thread count.
 #pragma once
 
 #include <algorithm>
@@ -29,8 +28,7 @@ struct SortedContributions {
   std::int32_t* start = nullptr;   // [K·2^τ + 1]
   std::int32_t* token = nullptr;   // [N·K]
   float* score = nullptr;          // [N·K]
-  float* dot = nullptr;            // [dot_planes, N·K] plane s: column slice s's part of ⟨dy[n], T_k[code]⟩
-  Index dot_planes = 1;
+  float* dot = nullptr;            // [N·K] ⟨dy[n], T_k[code]⟩ accumulated over column slices
   std::int32_t* used = nullptr;    // [≤ min(N·K, K·2^τ)] rows with entries
   Index used_count = 0;
 };
@@ -78,10 +76,7 @@ inline void sort_contributions(SortedContributions& out, const std::int32_t* cod
           out.token[e] = std::int32_t(n);
           out.score[e] = table_scores[n];
         }
-        for (Index plane = 0; plane < out.dot_planes; ++plane) {
-          float* dot = out.dot + plane * rows * tables;
-          std::fill(dot + k * rows, dot + (k + 1) * rows, 0.0f);
-        }
+        std::fill(out.dot + k * rows, out.dot + (k + 1) * rows, 0.0f);
       }
     }
   });
@@ -157,13 +152,10 @@ inline constexpr Index gradient_prefetch_entries = 6;
 /// 64 rows slower again).
 inline constexpr Index gradient_prefetch_rows = 16;
 
-/// Row ranges the backward's used rows are cut into (items handed to threads one at a time, per column slice).
-inline constexpr Index gradient_parts = 16;
-
-/// One column slice over the used rows sc.used[u0, u1); the slice's parts of the dot products go to dot[e].
+/// One column slice over the used rows sc.used[u0, u1).
 template <Isa I>
 void gradient_slice(float* dtables, const float* tables, Index width, Index c0, Index cols, const float* dyp,
-                    const SortedContributions& sc, float* dot, Index u0, Index u1) {
+                    const SortedContributions& sc, Index u0, Index u1) {
   using L = Lanes<I>;
   using V = typename L::V;
   const Index sc_total = sc.start[sc.used[u1 - 1] + 1];
@@ -177,9 +169,7 @@ void gradient_slice(float* dtables, const float* tables, Index width, Index c0, 
     const Index e0 = sc.start[r], e1 = sc.start[r + 1];
     const float* trow = tables + r * width + c0;
     float* grow = dtables + r * width + c0;
-    // The rows stream in order: fetch ahead (T read, dT written), past u1 too (the next range's rows, read next by
-    // this thread or another: the ranges are handed out in order).
-    if (u + gradient_prefetch_rows < sc.used_count) {
+    if (u + gradient_prefetch_rows < u1) {  // the rows stream in order: fetch ahead (T read, dT written)
       const Index r2 = sc.used[u + gradient_prefetch_rows];
       const float* t2 = tables + r2 * width + c0;
       const float* g2 = dtables + r2 * width + c0;
@@ -213,11 +203,11 @@ void gradient_slice(float* dtables, const float* tables, Index width, Index c0, 
         pending[pending_count++] = L::add(dot0, dot1);
         if (pending_count == 16) {
           const Index first = e - 15;
-          _mm512_storeu_ps(dot + first, _mm512_add_ps(_mm512_loadu_ps(dot + first), horizontal_sums16(pending)));
+          _mm512_storeu_ps(sc.dot + first, _mm512_add_ps(_mm512_loadu_ps(sc.dot + first), horizontal_sums16(pending)));
           pending_count = 0;
         }
       } else {
-        dot[e] += SliceTraits<I>::hsum(L::add(dot0, dot1));
+        sc.dot[e] += SliceTraits<I>::hsum(L::add(dot0, dot1));
       }
     }
     for (Index j = 0; j < nv; ++j) {
@@ -236,7 +226,7 @@ void gradient_slice(float* dtables, const float* tables, Index width, Index c0, 
       for (int i = pending_count; i < 16; ++i) pending[i] = L::zero();
       alignas(64) float sums[16];
       _mm512_store_ps(sums, horizontal_sums16(pending));
-      for (int i = 0; i < pending_count; ++i) dot[sc_total - pending_count + i] += sums[i];
+      for (int i = 0; i < pending_count; ++i) sc.dot[sc_total - pending_count + i] += sums[i];
     }
   }
 }
@@ -252,53 +242,32 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   using L = Lanes<I>;
   constexpr Index slice = SliceTraits<I>::vectors * L::n;
   const Index R = Index(1) << tau, total_rows = num_tables * R, entries = rows * num_tables;
-  const Index slices = (width + slice - 1) / slice;
   SortedContributions sc;
   sc.start = thread_scratch<3, std::int32_t>(size_t(total_rows + 1));
   sc.token = thread_scratch<4, std::int32_t>(size_t(entries));
   sc.score = thread_scratch<5, float>(size_t(entries));
-  sc.dot_planes = slices;
-  sc.dot = thread_scratch<7, float>(size_t(slices * entries));
+  sc.dot = thread_scratch<7, float>(size_t(entries));
   sc.used = thread_scratch<9, std::int32_t>(size_t(std::min(entries, total_rows)));
   sort_contributions(sc, codes, scores, rows, num_tables, tau);
-  // The used rows are cut into `parts` ranges of about equal contributions; the threads claim (slice, range) items
-  // one at a time in slice order (a slowed thread takes fewer), each packing dy's column slice for itself when it
-  // reaches a new slice. Items of different slices may run at once, so each slice writes its own plane of dot
-  // products, summed in slice order at the end: each item is one call of gradient_slice, whose bits do not depend on
-  // where its range starts, so the result has the same bits for any thread count or claim order.
-  const Index parts = std::min<Index>(gradient_parts, sc.used_count);
-  Index bounds[gradient_parts + 1];
-  for (Index p = 0; p <= parts; ++p) bounds[p] = balanced_row_split(sc, p, parts);
-  WorkQueue queue(slices * parts + parts);  // items: (slice, range) in slice order, then the dscores ranges
-  parallel_team(parts, [&](const Team& team) {
-    float* dyp = thread_scratch<8, float>(size_t(rows * slice));  // dy's slice packed as [N, slice]
-    Index item = queue.claim(), packed = -1;
-    for (; item >= 0 && item < slices * parts; item = queue.claim()) {
-      const Index s = item / parts, p = item % parts;
-      const Index c0 = s * slice, cols = std::min(slice, width - c0);
-      if (packed != s) {
-        for (Index n = 0; n < rows; ++n) {
-          std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(cols) * sizeof(float));
-          if (cols < slice) std::fill(dyp + n * slice + cols, dyp + (n + 1) * slice, 0.0f);
-        }
-        packed = s;
+  const Index parts = std::max<Index>(1, std::min<Index>(available_threads(), sc.used_count));
+  parallel_rows(parts, 1, [&](Index p0, Index p1) {
+    const Index u0 = balanced_row_split(sc, p0, parts);
+    const Index u1 = balanced_row_split(sc, p1, parts);
+    if (u0 >= u1) return;
+    float* dyp = thread_scratch<8, float>(size_t(rows * slice));
+    for (Index c0 = 0; c0 < width; c0 += slice) {
+      const Index cols = std::min(slice, width - c0);
+      for (Index n = 0; n < rows; ++n) {
+        std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(cols) * sizeof(float));
+        if (cols < slice) std::fill(dyp + n * slice + cols, dyp + (n + 1) * slice, 0.0f);
       }
-      if (bounds[p] < bounds[p + 1])
-        gradient_slice<I>(dtables, tables, width, c0, cols, dyp, sc, sc.dot + s * entries, bounds[p], bounds[p + 1]);
+      gradient_slice<I>(dtables, tables, width, c0, cols, dyp, sc, u0, u1);
     }
-    team.barrier();  // every plane complete
-    for (; item >= 0; item = queue.claim()) {
-      const Index p = item - slices * parts;
-      for (Index u = bounds[p]; u < bounds[p + 1]; ++u) {
-        const Index r = sc.used[u];
-        touched[r] = 1;
-        const Index k = r / R;
-        for (Index e = sc.start[r]; e < sc.start[r + 1]; ++e) {
-          float dot = sc.dot[e];
-          for (Index s = 1; s < slices; ++s) dot += sc.dot[s * entries + e];
-          dscores[Index(sc.token[e]) * ds_stride + k] += dot;
-        }
-      }
+    for (Index u = u0; u < u1; ++u) {
+      const Index r = sc.used[u];
+      touched[r] = 1;
+      const Index k = r / R;
+      for (Index e = sc.start[r]; e < sc.start[r + 1]; ++e) dscores[Index(sc.token[e]) * ds_stride + k] += sc.dot[e];
     }
   });
 }
