@@ -433,7 +433,7 @@ TEST(LookupIsa, ThreadCountDoesNotChangeBits) {
       ys.push_back(y);
       dss.push_back(ds);
       dts.push_back(layer.dtables().as_matrix());
-      // Packed panels (the threads claim their 17 column blocks one at a time), float32 then bfloat16.
+      // Packed panels, float32 then bfloat16 (the threads claim the column blocks one at a time: 17 at d_out = 520).
       for (const auto storage : {mf::StorageType::F32, mf::StorageType::BF16}) {
         mf::FrozenMemoryLayer(layer, storage).forward_hashed(y, h);
         packed_ys.push_back(y);
