@@ -31,13 +31,22 @@ std::vector<int> thread_settings() {
 #endif
 }
 
-void set_threads(int threads) {
+/// Sets OpenMP's thread count for a test and restores the one before when the test ends.
+class ThreadSetting {
+ public:
 #if defined(MEMORYFORMER_USE_OPENMP)
-  omp_set_num_threads(threads);
+  ThreadSetting() : saved_(omp_get_max_threads()) {}
+  ~ThreadSetting() { omp_set_num_threads(saved_); }
+  ThreadSetting(const ThreadSetting&) = delete;
+  ThreadSetting& operator=(const ThreadSetting&) = delete;
+  void set(int threads) { omp_set_num_threads(threads); }
+
+ private:
+  int saved_;
 #else
-  (void)threads;
+  void set(int) {}
 #endif
-}
+};
 
 }  // namespace
 
@@ -53,11 +62,9 @@ TEST(WorkQueue, HandsOutEveryItemOnceInIncreasingOrderThenMinusOne) {
 }
 
 TEST(ParallelClaims, EveryItemIsClaimedExactlyOnceForAnyThreadCount) {
-#if defined(MEMORYFORMER_USE_OPENMP)
-  const int saved = omp_get_max_threads();
-#endif
+  ThreadSetting setting;
   for (int threads : thread_settings()) {
-    set_threads(threads);
+    setting.set(threads);
     for (mf::Index count : {0, 1, 2, 17, 1000}) {
       std::vector<std::atomic<int>> claims(static_cast<size_t>(count));
       std::atomic<int> workers{0};
@@ -80,17 +87,12 @@ TEST(ParallelClaims, EveryItemIsClaimedExactlyOnceForAnyThreadCount) {
       }
     }
   }
-#if defined(MEMORYFORMER_USE_OPENMP)
-  omp_set_num_threads(saved);
-#endif
 }
 
 TEST(ParallelRows, RangesCoverEveryRowOnceWithTheMinimumPerThread) {
-#if defined(MEMORYFORMER_USE_OPENMP)
-  const int saved = omp_get_max_threads();
-#endif
+  ThreadSetting setting;
   for (int threads : thread_settings()) {
-    set_threads(threads);
+    setting.set(threads);
     for (mf::Index rows : {0, 1, 5, 64, 1001}) {
       std::vector<std::atomic<int>> hits(static_cast<size_t>(rows));
       detail::parallel_rows(rows, 4, [&](mf::Index begin, mf::Index end) {
@@ -103,19 +105,14 @@ TEST(ParallelRows, RangesCoverEveryRowOnceWithTheMinimumPerThread) {
         EXPECT_EQ(hits[static_cast<size_t>(r)].load(), 1) << "row " << r << " of " << rows;
     }
   }
-#if defined(MEMORYFORMER_USE_OPENMP)
-  omp_set_num_threads(saved);
-#endif
 }
 
 TEST(ParallelRowPieces, PiecesCoverEveryRowOnceAndDoNotDependOnTheThreadCount) {
-#if defined(MEMORYFORMER_USE_OPENMP)
-  const int saved = omp_get_max_threads();
-#endif
+  ThreadSetting setting;
   for (mf::Index rows : {0, 1, 127, 128, 300, 2048}) {
     std::vector<std::vector<std::pair<mf::Index, mf::Index>>> pieces_per_setting;
     for (int threads : thread_settings()) {
-      set_threads(threads);
+      setting.set(threads);
       std::vector<std::atomic<int>> hits(static_cast<size_t>(rows));
       std::vector<std::pair<mf::Index, mf::Index>> pieces;
       std::atomic_flag lock = ATOMIC_FLAG_INIT;
@@ -136,7 +133,4 @@ TEST(ParallelRowPieces, PiecesCoverEveryRowOnceAndDoNotDependOnTheThreadCount) {
     for (size_t i = 1; i < pieces_per_setting.size(); ++i)
       EXPECT_EQ(pieces_per_setting[i], pieces_per_setting[0]) << rows << " rows, thread setting " << i;
   }
-#if defined(MEMORYFORMER_USE_OPENMP)
-  omp_set_num_threads(saved);
-#endif
 }

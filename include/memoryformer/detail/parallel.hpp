@@ -15,14 +15,22 @@
 
 namespace memoryformer::detail {
 
+/// The thread count the splits below use at most (1 without OpenMP or inside a parallel region).
+inline Index available_threads() {
+#if defined(MEMORYFORMER_USE_OPENMP)
+  if (!omp_in_parallel()) return std::max(1, omp_get_max_threads());
+#endif
+  return 1;
+}
+
 /// Runs f(begin, end) over contiguous ranges of [0, rows), one per thread, with at least `min_rows_per_thread`
 /// rows per thread (1 without OpenMP or inside a parallel region).
 template <class F>
 void parallel_rows(Index rows, Index min_rows_per_thread, F&& f) {
 #if defined(MEMORYFORMER_USE_OPENMP)
-  const int threads = int(std::min<Index>(omp_get_max_threads(), std::max<Index>(1, rows / min_rows_per_thread)));
-  if (threads > 1 && !omp_in_parallel()) {
-#pragma omp parallel num_threads(threads)
+  const Index threads = std::min(available_threads(), std::max<Index>(1, rows / min_rows_per_thread));
+  if (threads > 1) {
+#pragma omp parallel num_threads(int(threads))
     {
       const Index t = omp_get_thread_num(), nt = omp_get_num_threads();
       const Index begin = rows * t / nt, end = rows * (t + 1) / nt;
@@ -58,9 +66,9 @@ template <class Work>
 void parallel_claims(Index count, Work&& work) {
   WorkQueue queue(count);
 #if defined(MEMORYFORMER_USE_OPENMP)
-  const int threads = int(std::min<Index>(omp_get_max_threads(), count));
-  if (threads > 1 && !omp_in_parallel()) {
-#pragma omp parallel num_threads(threads)
+  const Index threads = std::min(available_threads(), count);
+  if (threads > 1) {
+#pragma omp parallel num_threads(int(threads))
     work(queue);
     return;
   }
@@ -79,14 +87,6 @@ void parallel_row_pieces(Index rows, Index piece_rows, F&& f) {
       if (begin < end) f(begin, end);
     }
   });
-}
-
-/// The thread count parallel_rows would use at most (1 without OpenMP or inside a parallel region).
-inline Index available_threads() {
-#if defined(MEMORYFORMER_USE_OPENMP)
-  if (!omp_in_parallel()) return std::max(1, omp_get_max_threads());
-#endif
-  return 1;
 }
 
 }  // namespace memoryformer::detail
