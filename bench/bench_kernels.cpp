@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -188,17 +189,20 @@ const double kTableBytesF32 = double(kK) * 256 * kD * 4.0;
 
 // ------------------------------------------------------------------------------------------------ prefill
 
+/// The dense layer's forward, y = x·W + b.
+void dense_forward(Batch& b, DenseParams& d) {
+  b.y.noalias() = b.x * d.w;
+  b.y.rowwise() += d.b;
+  benchmark::DoNotOptimize(b.y.data());
+  benchmark::ClobberMemory();
+}
+
 void bm_prefill_dense(benchmark::State& st, int threads) {
   set_threads(threads);
   auto& d = dense();
   auto& b = batch(kPrefillN);
   LoopTimer t(threads);
-  for (auto _ : st) {
-    b.y.noalias() = b.x * d.w;
-    b.y.rowwise() += d.b;
-    benchmark::DoNotOptimize(b.y.data());
-    benchmark::ClobberMemory();
-  }
+  for (auto _ : st) dense_forward(b, d);
   record_dense(st, "prefill/t" + std::to_string(threads), t);
   set_tokens(st, double(kPrefillN), double(kPrefillN) * kD * kD);
   st.counters["weight_MB"] = double(kD) * kD * 4 / 1e6;
@@ -268,19 +272,22 @@ void bm_prefill_lookup_only(benchmark::State& st, mf::StorageType storage) {
 
 // ------------------------------------------------------------------------------------------------ backward
 
+/// The dense layer's backward: dx = dy·Wᵀ, dW += xᵀ·dy, db += column sums of dy.
+void dense_backward(Batch& b, DenseParams& d) {
+  b.dx.noalias() = b.dy * d.w.transpose();
+  d.dw.noalias() += b.x.transpose() * b.dy;
+  d.db.noalias() += mf::detail::column_sums<float>(b.dy).transpose();  // the same column-sum loop as MemoryLayer
+  benchmark::DoNotOptimize(b.dx.data());
+  benchmark::DoNotOptimize(d.dw.data());
+  benchmark::ClobberMemory();
+}
+
 void bm_backward_dense(benchmark::State& st, int threads) {
   set_threads(threads);
   auto& d = dense();
   auto& b = batch(kPrefillN);
   LoopTimer t(threads);
-  for (auto _ : st) {
-    b.dx.noalias() = b.dy * d.w.transpose();
-    d.dw.noalias() += b.x.transpose() * b.dy;
-    d.db.noalias() += mf::detail::column_sums<float>(b.dy).transpose();  // the same column-sum loop as MemoryLayer
-    benchmark::DoNotOptimize(b.dx.data());
-    benchmark::DoNotOptimize(d.dw.data());
-    benchmark::ClobberMemory();
-  }
+  for (auto _ : st) dense_backward(b, d);
   record_dense(st, "backward/t" + std::to_string(threads), t);
   set_tokens(st, double(kPrefillN), 2.0 * double(kPrefillN) * kD * kD);
   d.dw.setZero();
@@ -380,6 +387,18 @@ void run_memory_stack(const std::vector<std::unique_ptr<Layer>>& layers, const M
   }
 }
 
+/// One decode step through the 48 Memory Layers (float32 training tables, or bfloat16 rows).
+void memory_decode_step(const DecodeStack& s, bool bf16, Index step, MatrixF& a, MatrixF& b,
+                        mf::HashResult<float>& cache) {
+  if (bf16) {
+    run_memory_stack(s.frozen_bf16, s.inputs, step, a, b, cache);
+  } else {
+    run_memory_stack(s.layers, s.inputs, step, a, b, cache);
+  }
+  benchmark::DoNotOptimize(a.data());
+  benchmark::ClobberMemory();
+}
+
 void bm_decode_memory(benchmark::State& st, bool bf16) {
   set_threads(1);
   auto& s = stack(bf16, false);
@@ -387,15 +406,7 @@ void bm_decode_memory(benchmark::State& st, bool bf16) {
   mf::HashResult<float> cache;
   Index step = 0;
   LoopTimer t;
-  for (auto _ : st) {
-    if (bf16) {
-      run_memory_stack(s.frozen_bf16, s.inputs, step++, a, b, cache);
-    } else {
-      run_memory_stack(s.layers, s.inputs, step++, a, b, cache);
-    }
-    benchmark::DoNotOptimize(a.data());
-    benchmark::ClobberMemory();
-  }
+  for (auto _ : st) memory_decode_step(s, bf16, step++, a, b, cache);
   report_vs_dense(st, "decode/pool", t);
   if (auto it = dense_seconds().find("decode/l3"); it != dense_seconds().end())
     st.counters["x_dense_l3"] = it->second / t.seconds_per_iter(st);
@@ -403,6 +414,22 @@ void bm_decode_memory(benchmark::State& st, bool bf16) {
   set_tokens(st, 1.0, double(kStackLayers) * mf::memory_layer_flops_paper(1.0, double(kD), double(kD), kTau));
   set_roofline(st, double(kStackLayers) * kK * kD * value_bytes,
                std::size_t(double(kStackLayers) * kTableBytesF32 / 4.0 * value_bytes));
+}
+
+/// One decode step through 48 dense layers: the literal 48 matrices, or (literal == nullptr) 48 of the pool's,
+/// a different 48 every step so that they come from DRAM.
+void dense_decode_step(const DecodeStack& s, const DenseParams& d, const std::vector<MatrixF>* literal, Index step,
+                       MatrixF& a, MatrixF& b) {
+  a = s.inputs.row(step % kInputs);
+  for (Index l = 0; l < kStackLayers; ++l) {
+    const MatrixF& w = literal == nullptr ? s.dense_pool[size_t((step * kStackLayers + l) % kDensePool)]
+                                          : (*literal)[size_t(l)];
+    b.noalias() = a * w;
+    b += d.b;
+    a.swap(b);
+  }
+  benchmark::DoNotOptimize(a.data());
+  benchmark::ClobberMemory();
 }
 
 void bm_decode_dense(benchmark::State& st, bool pool) {
@@ -420,23 +447,120 @@ void bm_decode_dense(benchmark::State& st, bool pool) {
   MatrixF a(1, kD), b(1, kD);
   Index step = 0;
   LoopTimer t;
-  for (auto _ : st) {
-    a = s.inputs.row(step % kInputs);
-    for (Index l = 0; l < kStackLayers; ++l) {
-      const MatrixF& w = pool ? s.dense_pool[size_t((step * kStackLayers + l) % kDensePool)] : literal[size_t(l)];
-      b.noalias() = a * w;
-      b += d.b;
-      a.swap(b);
-    }
-    ++step;
-    benchmark::DoNotOptimize(a.data());
-    benchmark::ClobberMemory();
-  }
+  for (auto _ : st) dense_decode_step(s, d, pool ? nullptr : &literal, step++, a, b);
   record_dense(st, pool ? "decode/pool" : "decode/l3", t);
   set_tokens(st, 1.0, double(kStackLayers) * kD * kD);
   set_roofline(st, double(kStackLayers) * kD * kD * 4.0,
                pool ? std::size_t(kDensePool * kD * kD * 4) : std::size_t(kStackLayers * kD * kD * 4));
 }
+
+// ------------------------------------------------------------------------------------------------ paired ratios
+
+/**
+ * Calls `baseline` and `candidate` alternately, one call each per benchmark iteration (which goes first swaps every
+ * iteration), timing each call, and reports baseline_ms, candidate_ms and `ratio` = Σ baseline time / Σ candidate
+ * time. The separately registered benchmarks above compare medians of repetitions that ran seconds apart; in a
+ * shared VM the speed drifts on that scale (one vCPU at times 30–45 % slower than the other), so such a ratio can
+ * set a fast spell against a slow one. Here both sides of every pair see the same state, and each side also runs
+ * right after the other, as layers do in a model, rather than after itself. The benchmark's own time is the pair's.
+ * cpu_time: this thread's CPU time (one-thread pairs), else wall time.
+ */
+template <class Baseline, class Candidate>
+void run_paired(benchmark::State& st, bool cpu_time, const char* ratio, Baseline&& baseline, Candidate&& candidate) {
+  double baseline_seconds = 0, candidate_seconds = 0;
+  bool baseline_first = true;
+  for (auto _ : st) {
+    const double t0 = now_seconds(cpu_time);
+    if (baseline_first) baseline(); else candidate();
+    const double t1 = now_seconds(cpu_time);
+    if (baseline_first) candidate(); else baseline();
+    const double t2 = now_seconds(cpu_time);
+    baseline_seconds += baseline_first ? t1 - t0 : t2 - t1;
+    candidate_seconds += baseline_first ? t2 - t1 : t1 - t0;
+    baseline_first = !baseline_first;
+  }
+  const double calls = double(std::max<benchmark::IterationCount>(1, st.iterations()));
+  st.counters["baseline_ms"] = baseline_seconds / calls * 1e3;
+  st.counters["candidate_ms"] = candidate_seconds / calls * 1e3;
+  st.counters[ratio] = candidate_seconds > 0 ? baseline_seconds / candidate_seconds : 0.0;
+}
+
+/// The prefill targets: dense forward (baseline) against a Memory Layer forward, hashing included, one thread.
+/// storage: a FrozenMemoryLayer's packed tables; nullopt: MemoryLayer<float> itself (row-major training tables).
+void bm_paired_prefill(benchmark::State& st, std::optional<mf::StorageType> storage) {
+  set_threads(1);
+  auto& d = dense();
+  auto& b = batch(kPrefillN);
+  mf::HashResult<float> cache;
+  run_paired(st, true, "x_dense", [&] { dense_forward(b, d); },
+             [&] {
+               if (storage) {
+                 frozen_layer(*storage).forward(b.y, b.x, cache);
+               } else {
+                 prefill_layer().forward(b.y, b.x, cache);
+               }
+               benchmark::DoNotOptimize(b.y.data());
+               benchmark::ClobberMemory();
+             });
+}
+
+/// The backward target: dense backward (baseline) against MemoryLayer::backward, one thread.
+void bm_paired_backward(benchmark::State& st) {
+  set_threads(1);
+  auto& d = dense();
+  auto& b = batch(kPrefillN);
+  auto& layer = prefill_layer();
+  mf::HashResult<float> cache;
+  layer.forward(b.y, b.x, cache);
+  run_paired(st, true, "x_dense", [&] { dense_backward(b, d); },
+             [&] {
+               layer.backward(b.dx, b.x, b.dy, cache);
+               benchmark::DoNotOptimize(b.dx.data());
+               benchmark::ClobberMemory();
+             });
+  layer.zero_grad();
+  d.dw.setZero();
+  d.db.setZero();
+}
+
+/// The decode target: one token through 48 dense layers from the 1 GB pool (baseline) against 48 Memory Layers.
+void bm_paired_decode(benchmark::State& st, bool bf16) {
+  set_threads(1);
+  auto& s = stack(bf16, true);
+  auto& d = dense();
+  MatrixF a(1, kD), b(1, kD);
+  mf::HashResult<float> cache;
+  Index dense_step = 0, memory_step = 0;
+  run_paired(st, true, "x_dense", [&] { dense_decode_step(s, d, nullptr, dense_step++, a, b); },
+             [&] { memory_decode_step(s, bf16, memory_step++, a, b, cache); });
+}
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+/// The two-thread target: the same Memory Layer call on one thread (baseline) and on two, wall time; the ratio is
+/// the speed-up. what: 0 frozen fp32, 1 frozen bf16, 2 MemoryLayer forward (training tables), 3 its backward.
+void bm_paired_threads(benchmark::State& st, int what) {
+  auto& b = batch(kPrefillN);
+  auto& layer = prefill_layer();
+  mf::HashResult<float> cache;
+  if (what == 3) layer.forward(b.y, b.x, cache);
+  auto call = [&](int threads) {
+    set_threads(threads);
+    if (what == 0 || what == 1) {
+      frozen_layer(what == 0 ? mf::StorageType::F32 : mf::StorageType::BF16).forward(b.y, b.x, cache);
+    } else if (what == 2) {
+      layer.forward(b.y, b.x, cache);
+    } else {
+      layer.backward(b.dx, b.x, b.dy, cache);
+    }
+    benchmark::DoNotOptimize(b.y.data());
+    benchmark::DoNotOptimize(b.dx.data());
+    benchmark::ClobberMemory();
+  };
+  run_paired(st, false, "speedup", [&] { call(1); }, [&] { call(2); });
+  if (what == 3) layer.zero_grad();
+  set_threads(1);
+}
+#endif
 
 // ------------------------------------------------------------------------------------------------ rooflines
 
@@ -532,6 +656,17 @@ int register_kernel_benchmarks() {
   us(benchmark::RegisterBenchmark("kernels/decode48/memory_layer_f32_1.6GB", [](benchmark::State& st) { bm_decode_memory(st, false); }));
   us(benchmark::RegisterBenchmark("kernels/decode48/frozen_bf16_0.8GB", [](benchmark::State& st) { bm_decode_memory(st, true); }));
 
+  // The same targets as pairs: the dense twin and the Memory Layer call alternately in one benchmark (run_paired).
+  ms(benchmark::RegisterBenchmark("kernels/paired/prefill_frozen_fp32/N:2048",
+                                  [](benchmark::State& st) { bm_paired_prefill(st, StorageType::F32); }));
+  ms(benchmark::RegisterBenchmark("kernels/paired/prefill_frozen_bf16/N:2048",
+                                  [](benchmark::State& st) { bm_paired_prefill(st, StorageType::BF16); }));
+  ms(benchmark::RegisterBenchmark("kernels/paired/prefill_memory_layer_f32_rowmajor/N:2048",
+                                  [](benchmark::State& st) { bm_paired_prefill(st, std::nullopt); }));
+  ms(benchmark::RegisterBenchmark("kernels/paired/backward_memory_layer/N:2048", bm_paired_backward));
+  ms(benchmark::RegisterBenchmark("kernels/paired/decode48_memory_layer_f32", [](benchmark::State& st) { bm_paired_decode(st, false); }));
+  ms(benchmark::RegisterBenchmark("kernels/paired/decode48_frozen_bf16", [](benchmark::State& st) { bm_paired_decode(st, true); }));
+
   // Two threads (OpenMP builds only: the kernels split columns / rows; Eigen gets 2 threads for the dense twin).
 #if defined(MEMORYFORMER_USE_OPENMP)
   auto real = [](benchmark::internal::Benchmark* b) { b->Unit(benchmark::kMillisecond)->MinTime(0.5)->UseRealTime(); };
@@ -545,6 +680,12 @@ int register_kernel_benchmarks() {
   real(benchmark::RegisterBenchmark("kernels/backward/dense/N:2048/threads:2", [](benchmark::State& st) { bm_backward_dense(st, 2); }));
   real(benchmark::RegisterBenchmark("kernels/backward/memory_layer/N:2048/threads:2",
                                     [best](benchmark::State& st) { bm_backward_memory_layer(st, best, 2); }));
+  for (int what = 0; what < 4; ++what) {
+    static const char* const names[] = {"prefill_frozen_fp32", "prefill_frozen_bf16", "prefill_memory_layer_f32_rowmajor",
+                                        "backward_memory_layer"};
+    real(benchmark::RegisterBenchmark(("kernels/paired/threads_2_vs_1/" + std::string(names[what]) + "/N:2048").c_str(),
+                                      [what](benchmark::State& st) { bm_paired_threads(st, what); }));
+  }
   // One-thread twins in real time too, for the 2-thread speed-up.
   real(benchmark::RegisterBenchmark("kernels/prefill/frozen_bf16/N:2048/threads:1/real_time",
                                     [](benchmark::State& st) { bm_prefill_frozen(st, mf::StorageType::BF16, 1); }));
