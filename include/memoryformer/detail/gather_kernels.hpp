@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "../flops.hpp"
 #include "../types.hpp"
@@ -210,9 +211,16 @@ inline void pack_panel_f32(std::byte* dst, const PanelLayout& l, const float* ta
   }
 }
 
+// The prefetch hints are inline assembly on x86 rather than __builtin_prefetch: GCC 12 (-O2 and above) deleted the
+// __builtin_prefetch calls of both row decode kernels (packed_rows_decode, rowmajor_decode) as dead code — their
+// assembly had no prefetch instruction at all (-fno-tree-dce brought them back) — while a volatile asm statement is
+// always kept. Its "m" operand only names the address: nothing is loaded.
+
 /// Hint that [p, p + 64) will be read soon (into L1).
 inline void prefetch_line(const void* p) {
-#if defined(__GNUC__)
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__ __volatile__("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#elif defined(__GNUC__)
   __builtin_prefetch(p, 0, 3);
 #else
   (void)p;
@@ -221,7 +229,9 @@ inline void prefetch_line(const void* p) {
 
 /// Hint that [p, p + 64) will be read later (into L2 only, for streams fetched far ahead of their use).
 inline void prefetch_line_l2(const void* p) {
-#if defined(__GNUC__)
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__ __volatile__("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#elif defined(__GNUC__)
   __builtin_prefetch(p, 0, 2);
 #else
   (void)p;
@@ -630,8 +640,15 @@ void packed_rows_decode(float* y, Index y_stride, const PanelLayout& l, const st
       if (k + decode_prefetch_tables < K) prefetch(k + decode_prefetch_tables);
       const V sv = L::set1(s[k]);
       const std::byte* p = row(k) + (c0 / max_chunk_values) * piece_bytes;
-      for (Index q = 0; q < used_pieces; ++q)
-        L::template fma_chunk<S, max_chunk_values>(acc + q * piece_vectors, sv, p + q * piece_bytes);
+      // The pieces are unrolled at compile time so that acc stays in registers: with the trip count used_pieces in
+      // a loop, GCC kept acc on the stack and every FMA went through a store and a reload (hot calls, N = 1,
+      // d = 512, τ = 8, bf16 rows: 1.73–2.04 µs per call, against 0.49 µs unrolled).
+      [&]<std::size_t... q>(std::index_sequence<q...>) {
+        ((Index(q) < used_pieces
+              ? L::template fma_chunk<S, max_chunk_values>(acc + q * piece_vectors, sv, p + Index(q) * piece_bytes)
+              : void()),
+         ...);
+      }(std::make_index_sequence<size_t(pieces)>{});
     }
     float* out = y + n * y_stride + c0;
     for (Index j = 0; j < nv; ++j) L::store_partial(out + j * L::n, acc[j], cols - j * L::n);
