@@ -683,13 +683,21 @@ void rowmajor_decode(float* y, Index y_stride, const float* tables, int tau, Ind
       for (Index b = 0; b < cols; b += 16) prefetch_line(p + b);
     };
     for (Index k = 0; k < std::min(K, rowmajor_decode_prefetch_tables); ++k) prefetch(k);
-    for (Index k = 0; k < K; ++k) {
-      if (k + rowmajor_decode_prefetch_tables < K) prefetch(k + rowmajor_decode_prefetch_tables);
-      const V sv = L::set1(s[k]);
-      const float* r = row(k);
-      if (cols == block) {
+    // Full and partial blocks run separate loops: with the choice (and load_partial's branches) inside one loop, GCC
+    // kept acc on the stack and every FMA went through a store and a reload (48-layer float32 decode stack: 865–936
+    // µs per token without prefetch, against 622 for the same loop compiled in another translation unit).
+    if (cols == block) {
+      for (Index k = 0; k < K; ++k) {
+        if (k + rowmajor_decode_prefetch_tables < K) prefetch(k + rowmajor_decode_prefetch_tables);
+        const V sv = L::set1(s[k]);
+        const float* r = row(k);
         for (Index j = 0; j < nv; ++j) acc[j] = L::fmadd(sv, L::load(r + j * L::n), acc[j]);
-      } else {
+      }
+    } else {
+      for (Index k = 0; k < K; ++k) {
+        if (k + rowmajor_decode_prefetch_tables < K) prefetch(k + rowmajor_decode_prefetch_tables);
+        const V sv = L::set1(s[k]);
+        const float* r = row(k);
         for (Index j = 0; j < nv; ++j) acc[j] = L::fmadd(sv, L::load_partial(r + j * L::n, cols - j * L::n), acc[j]);
       }
     }
