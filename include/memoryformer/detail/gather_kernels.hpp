@@ -646,7 +646,7 @@ void packed_rows_decode(float* y, Index y_stride, const PanelLayout& l, const st
       const std::byte* p = row(k) + (c0 / max_chunk_values) * piece_bytes;
       // The pieces are unrolled at compile time so that acc stays in registers: with the trip count used_pieces in
       // a loop, GCC kept acc on the stack and every FMA went through a store and a reload (hot calls, N = 1,
-      // d = 512, τ = 8, bf16 rows: 1.73–2.04 µs per call, against 0.49 µs unrolled).
+      // d = 512, τ = 8, bf16 rows, before the prefetches were restored: 1.73–2.04 µs per call, 1.10 unrolled).
       [&]<std::size_t... q>(std::index_sequence<q...>) {
         ((Index(q) < used_pieces
               ? L::template fma_chunk<S, max_chunk_values>(acc + q * piece_vectors, sv, p + Index(q) * piece_bytes)
@@ -684,8 +684,9 @@ void rowmajor_decode(float* y, Index y_stride, const float* tables, int tau, Ind
     };
     for (Index k = 0; k < std::min(K, rowmajor_decode_prefetch_tables); ++k) prefetch(k);
     // Full and partial blocks run separate loops: with the choice (and load_partial's branches) inside one loop, GCC
-    // kept acc on the stack and every FMA went through a store and a reload (48-layer float32 decode stack: 865–936
-    // µs per token without prefetch, against 622 for the same loop compiled in another translation unit).
+    // kept acc on the stack and every FMA read and wrote it through memory (48-layer float32 decode stack, no
+    // prefetch: 865–936 µs per token, against 622 for the same source in another build that laid the loop out
+    // differently; split: 625–670 with prefetch).
     if (cols == block) {
       for (Index k = 0; k < K; ++k) {
         if (k + rowmajor_decode_prefetch_tables < K) prefetch(k + rowmajor_decode_prefetch_tables);
