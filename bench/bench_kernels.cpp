@@ -21,8 +21,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
-#include <optional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -209,18 +209,26 @@ void bm_prefill_dense(benchmark::State& st, int threads) {
   set_threads(1);
 }
 
+/// One Memory Layer forward, hashing included: a FrozenMemoryLayer over `storage`'s packed tables, or (nullopt)
+/// MemoryLayer<float> itself (row-major training tables) on `isa`.
+void memory_forward(Batch& b, std::optional<mf::StorageType> storage, mf::HashResult<float>& cache,
+                    mf::Isa isa = mf::best_isa()) {
+  if (storage) {
+    frozen_layer(*storage).forward(b.y, b.x, cache, isa);
+  } else {
+    prefill_layer().forward(b.y, b.x, cache, isa);
+  }
+  benchmark::DoNotOptimize(b.y.data());
+  benchmark::ClobberMemory();
+}
+
 /// MemoryLayer<float>::forward (float32 row-major training tables, hashing included) on `isa`.
 void bm_prefill_memory_layer(benchmark::State& st, mf::Isa isa, int threads) {
   set_threads(threads);
-  auto& layer = prefill_layer();
   auto& b = batch(kPrefillN);
   mf::HashResult<float> cache;
   LoopTimer t(threads);
-  for (auto _ : st) {
-    layer.forward(b.y, b.x, cache, isa);
-    benchmark::DoNotOptimize(b.y.data());
-    benchmark::ClobberMemory();
-  }
+  for (auto _ : st) memory_forward(b, std::nullopt, cache, isa);
   report_vs_dense(st, "prefill/t" + std::to_string(threads), t);
   set_tokens(st, double(kPrefillN), mf::memory_layer_flops_paper(double(kPrefillN), double(kD), double(kD), kTau));
   set_roofline(st, kRowBytesF32, std::size_t(kTableBytesF32));
@@ -234,11 +242,7 @@ void bm_prefill_frozen(benchmark::State& st, mf::StorageType storage, int thread
   auto& b = batch(kPrefillN);
   mf::HashResult<float> cache;
   LoopTimer t(threads);
-  for (auto _ : st) {
-    layer.forward(b.y, b.x, cache);
-    benchmark::DoNotOptimize(b.y.data());
-    benchmark::ClobberMemory();
-  }
+  for (auto _ : st) memory_forward(b, storage, cache);
   report_vs_dense(st, "prefill/t" + std::to_string(threads), t);
   set_tokens(st, double(kPrefillN), mf::memory_layer_flops_paper(double(kPrefillN), double(kD), double(kD), kTau));
   const double value_bytes = mf::bytes_per_value(storage);
@@ -296,6 +300,13 @@ void bm_backward_dense(benchmark::State& st, int threads) {
 }
 
 /// MemoryLayer::backward: dx (through the hash), dtables and dbias accumulated (zero_grad after the loop only).
+/// MemoryLayer<float>::backward on `isa` from `cache` (its forward's hash of b.x).
+void memory_backward(Batch& b, const mf::HashResult<float>& cache, mf::Isa isa = mf::best_isa()) {
+  prefill_layer().backward(b.dx, b.x, b.dy, cache, isa);
+  benchmark::DoNotOptimize(b.dx.data());
+  benchmark::ClobberMemory();
+}
+
 void bm_backward_memory_layer(benchmark::State& st, mf::Isa isa, int threads) {
   set_threads(threads);
   auto& layer = prefill_layer();
@@ -303,11 +314,7 @@ void bm_backward_memory_layer(benchmark::State& st, mf::Isa isa, int threads) {
   mf::HashResult<float> cache;
   layer.forward(b.y, b.x, cache, isa);
   LoopTimer t(threads);
-  for (auto _ : st) {
-    layer.backward(b.dx, b.x, b.dy, cache, isa);
-    benchmark::DoNotOptimize(b.dx.data());
-    benchmark::ClobberMemory();
-  }
+  for (auto _ : st) memory_backward(b, cache, isa);
   report_vs_dense(st, "backward/t" + std::to_string(threads), t);
   set_tokens(st, double(kPrefillN), 2.0 * double(kPrefillN) * kK * kD);
   // Rows read (T) and read-modified-written (dT), as gathered contributions.
@@ -492,16 +499,7 @@ void bm_paired_prefill(benchmark::State& st, std::optional<mf::StorageType> stor
   auto& d = dense();
   auto& b = batch(kPrefillN);
   mf::HashResult<float> cache;
-  run_paired(st, true, "x_dense", [&] { dense_forward(b, d); },
-             [&] {
-               if (storage) {
-                 frozen_layer(*storage).forward(b.y, b.x, cache);
-               } else {
-                 prefill_layer().forward(b.y, b.x, cache);
-               }
-               benchmark::DoNotOptimize(b.y.data());
-               benchmark::ClobberMemory();
-             });
+  run_paired(st, true, "x_dense", [&] { dense_forward(b, d); }, [&] { memory_forward(b, storage, cache); });
 }
 
 /// The backward target: dense backward (baseline) against MemoryLayer::backward, one thread.
@@ -509,16 +507,10 @@ void bm_paired_backward(benchmark::State& st) {
   set_threads(1);
   auto& d = dense();
   auto& b = batch(kPrefillN);
-  auto& layer = prefill_layer();
   mf::HashResult<float> cache;
-  layer.forward(b.y, b.x, cache);
-  run_paired(st, true, "x_dense", [&] { dense_backward(b, d); },
-             [&] {
-               layer.backward(b.dx, b.x, b.dy, cache);
-               benchmark::DoNotOptimize(b.dx.data());
-               benchmark::ClobberMemory();
-             });
-  layer.zero_grad();
+  memory_forward(b, std::nullopt, cache);
+  run_paired(st, true, "x_dense", [&] { dense_backward(b, d); }, [&] { memory_backward(b, cache); });
+  prefill_layer().zero_grad();
   d.dw.setZero();
   d.db.setZero();
 }
@@ -537,27 +529,21 @@ void bm_paired_decode(benchmark::State& st, bool bf16) {
 
 #if defined(MEMORYFORMER_USE_OPENMP)
 /// The two-thread target: the same Memory Layer call on one thread (baseline) and on two, wall time; the ratio is
-/// the speed-up. what: 0 frozen fp32, 1 frozen bf16, 2 MemoryLayer forward (training tables), 3 its backward.
-void bm_paired_threads(benchmark::State& st, int what) {
+/// the speed-up. The call is memory_forward(storage), or with `backward` MemoryLayer<float>'s backward.
+void bm_paired_threads(benchmark::State& st, std::optional<mf::StorageType> storage, bool backward) {
   auto& b = batch(kPrefillN);
-  auto& layer = prefill_layer();
   mf::HashResult<float> cache;
-  if (what == 3) layer.forward(b.y, b.x, cache);
+  if (backward) memory_forward(b, std::nullopt, cache);
   auto call = [&](int threads) {
     set_threads(threads);
-    if (what == 0 || what == 1) {
-      frozen_layer(what == 0 ? mf::StorageType::F32 : mf::StorageType::BF16).forward(b.y, b.x, cache);
-    } else if (what == 2) {
-      layer.forward(b.y, b.x, cache);
+    if (backward) {
+      memory_backward(b, cache);
     } else {
-      layer.backward(b.dx, b.x, b.dy, cache);
+      memory_forward(b, storage, cache);
     }
-    benchmark::DoNotOptimize(b.y.data());
-    benchmark::DoNotOptimize(b.dx.data());
-    benchmark::ClobberMemory();
   };
   run_paired(st, false, "speedup", [&] { call(1); }, [&] { call(2); });
-  if (what == 3) layer.zero_grad();
+  if (backward) prefill_layer().zero_grad();
   set_threads(1);
 }
 #endif
@@ -680,12 +666,17 @@ int register_kernel_benchmarks() {
   real(benchmark::RegisterBenchmark("kernels/backward/dense/N:2048/threads:2", [](benchmark::State& st) { bm_backward_dense(st, 2); }));
   real(benchmark::RegisterBenchmark("kernels/backward/memory_layer/N:2048/threads:2",
                                     [best](benchmark::State& st) { bm_backward_memory_layer(st, best, 2); }));
-  for (int what = 0; what < 4; ++what) {
-    static const char* const names[] = {"prefill_frozen_fp32", "prefill_frozen_bf16", "prefill_memory_layer_f32_rowmajor",
-                                        "backward_memory_layer"};
-    real(benchmark::RegisterBenchmark(("kernels/paired/threads_2_vs_1/" + std::string(names[what]) + "/N:2048").c_str(),
-                                      [what](benchmark::State& st) { bm_paired_threads(st, what); }));
-  }
+  const struct {
+    const char* name;
+    std::optional<StorageType> storage;
+    bool backward;
+  } thread_pairs[] = {{"prefill_frozen_fp32", StorageType::F32, false},
+                      {"prefill_frozen_bf16", StorageType::BF16, false},
+                      {"prefill_memory_layer_f32_rowmajor", std::nullopt, false},
+                      {"backward_memory_layer", std::nullopt, true}};
+  for (const auto& pair : thread_pairs)
+    real(benchmark::RegisterBenchmark(("kernels/paired/threads_2_vs_1/" + std::string(pair.name) + "/N:2048").c_str(),
+                                      [pair](benchmark::State& st) { bm_paired_threads(st, pair.storage, pair.backward); }));
   // One-thread twins in real time too, for the 2-thread speed-up.
   real(benchmark::RegisterBenchmark("kernels/prefill/frozen_bf16/N:2048/threads:1/real_time",
                                     [](benchmark::State& st) { bm_prefill_frozen(st, mf::StorageType::BF16, 1); }));
