@@ -117,20 +117,23 @@ inline Index prefill_min_tokens(int tau) { return std::max<Index>(32, Index(1) <
 inline Index rows_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau) / 2); }
 inline Index rowmajor_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau)); }
 
-/// Calls run(n, b) for every token n < rows and column block b < blocks. Threads split the tokens when there are
-/// enough of them, else the column blocks; each (n, b) is computed by one thread in the same way, so the bits do not
-/// depend on the split.
+/// Calls run(n, b, span_end) for every token n < rows and column block b < blocks. Threads split the tokens when
+/// there are enough of them, else the column blocks; each (n, b) is computed by one thread in the same way, so the
+/// bits do not depend on the split. span_end > b on the first block a thread runs for token n: blocks
+/// [b, span_end) of that token follow in the same thread, so the call can request all their table rows at once
+/// (span_end is 0 on the others).
 template <class Run>
 void for_each_token_and_block(Index rows, Index blocks, Run& run) {
+  auto run_span = [&](Index n, Index b0, Index b1) {
+    for (Index b = b0; b < b1; ++b) run(n, b, b == b0 ? b1 : Index(0));
+  };
   if (rows >= available_threads()) {
     parallel_rows(rows, 1, [&](Index n0, Index n1) {
-      for (Index n = n0; n < n1; ++n)
-        for (Index b = 0; b < blocks; ++b) run(n, b);
+      for (Index n = n0; n < n1; ++n) run_span(n, 0, blocks);
     });
   } else {
     parallel_rows(blocks, 1, [&](Index b0, Index b1) {
-      for (Index n = 0; n < rows; ++n)
-        for (Index b = b0; b < b1; ++b) run(n, b);
+      for (Index n = 0; n < rows; ++n) run_span(n, b0, b1);
     });
   }
 }
@@ -236,6 +239,22 @@ inline void prefetch_line_l2(const void* p) {
 #else
   (void)p;
 #endif
+}
+
+/// Requests every cache line of [p, p + bytes) into L2.
+inline void prefetch_range_l2(const void* p, Index bytes) {
+  const auto end = reinterpret_cast<std::uintptr_t>(p) + std::uintptr_t(bytes);
+  for (auto a = reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t(63); a < end; a += 64)
+    prefetch_line_l2(reinterpret_cast<const void*>(a));
+}
+
+/// How many tables ahead a decode loop (one token, rows read at random from DRAM) requests its rows into L2: as
+/// many as a quarter of L2 holds, so that all of a layer's rows are in flight at once where they fit (d_out = 512,
+/// K = 64: 128 KB of float32 rows). One core keeps many more L2 misses in flight than L1 misses, so requests into
+/// L2 far ahead beat requests into L1 a few tables ahead: 48-layer float32 decode stack, 418–434 against 590–620 µs
+/// per token; both kinds together, 445–469.
+inline Index decode_tables_ahead(Index tables, Index bytes_per_table) {
+  return std::clamp<Index>(panel_budget_bytes() / std::max<Index>(bytes_per_table, 1), 1, std::max<Index>(tables, 1));
 }
 
 /// Reads [p, p + bytes) once, in order, so that the hardware streams it into L2 at full bandwidth before the
@@ -561,13 +580,6 @@ void rowmajor_prefill(float* y, Index y_stride, const float* tables, int tau, In
   });
 }
 
-/// Tables prefetched ahead by the decode loops (rows come from DRAM: ~100 ns each, so several must be in flight).
-inline constexpr Index decode_prefetch_tables = 6;
-/// The same for rowmajor_decode, whose 2 KB float32 rows the hardware prefetcher also streams once their first lines
-/// are read: fewer tables ahead measured faster (48-layer decode stack, medians of 5, three alternations: 3 tables
-/// 604–611 µs per token, 2: 619–653, 4: 593–758, 6: 661–831, none: 631–656).
-inline constexpr Index rowmajor_decode_prefetch_tables = 3;
-
 /// Forward over pre-packed panels, token-major (decode): per token and column block, 64 columns in registers
 /// across all K tables. Threads split tokens, or column blocks when there are fewer tokens than threads.
 template <Isa I, StorageType S, Index CV>
@@ -577,7 +589,7 @@ void packed_decode_cv(float* y, Index y_stride, const PanelLayout& l, const std:
   using V = typename L::V;
   constexpr Index nv = CV / L::n;
   const Index K = l.tables;
-  auto run = [&](Index n, Index cb) {
+  auto run = [&](Index n, Index cb, Index span_end) {
     alignas(64) float bias_chunk[max_chunk_values] = {};
     const Index cols = l.block_columns(cb);
     if (bias != nullptr) std::copy(bias + cb * CV, bias + cb * CV + cols, bias_chunk);
@@ -586,16 +598,15 @@ void packed_decode_cv(float* y, Index y_stride, const PanelLayout& l, const std:
     const std::int32_t* c = codes + n * K;
     const float* s = scores + n * K;
     const std::byte* base = data + cb * l.cb_stride;
-    for (Index k = 0; k < std::min(K, decode_prefetch_tables); ++k) {
-      const std::byte* p = base + k * l.table_stride + c[k] * l.chunk_bytes;
-      for (Index b = 0; b < l.chunk_bytes; b += 64) prefetch_line(p + b);
-    }
+    // The first block of the span requests table k's chunks of every block of the span.
+    auto prefetch = [&](Index k) {
+      for (Index b = cb; b < span_end; ++b)
+        prefetch_range_l2(data + b * l.cb_stride + k * l.table_stride + c[k] * l.chunk_bytes, l.chunk_bytes);
+    };
+    const Index ahead = span_end > cb ? decode_tables_ahead(K, (span_end - cb) * l.chunk_bytes) : 0;
+    for (Index k = 0; k < ahead; ++k) prefetch(k);
     for (Index k = 0; k < K; ++k) {
-      if (k + decode_prefetch_tables < K) {
-        const Index kp = k + decode_prefetch_tables;
-        const std::byte* p = base + kp * l.table_stride + c[kp] * l.chunk_bytes;
-        for (Index b = 0; b < l.chunk_bytes; b += 64) prefetch_line(p + b);
-      }
+      if (ahead > 0 && k + ahead < K) prefetch(k + ahead);
       L::template fma_chunk<S, CV>(acc, L::set1(s[k]), base + k * l.table_stride + c[k] * l.chunk_bytes);
     }
     store_chunk<I, CV>(y + n * y_stride + cb * CV, acc, cols);
@@ -613,7 +624,7 @@ void packed_decode(float* y, Index y_stride, const PanelLayout& l, const std::by
 }
 
 /// Forward over the row layout (each row contiguous, pieces of 64 values), token-major: blocks of 256 columns
-/// (AVX-512: 16 zmm) or 128 (AVX2) accumulate over the K rows, whole rows prefetched a few tables ahead.
+/// (AVX-512: 16 zmm) or 128 (AVX2) accumulate over the K rows, requested into L2 ahead (decode_tables_ahead).
 template <Isa I, StorageType S>
 void packed_rows_decode(float* y, Index y_stride, const PanelLayout& l, const std::byte* data,
                         const std::int32_t* codes, const float* scores, const float* bias, Index rows) {
@@ -625,7 +636,7 @@ void packed_rows_decode(float* y, Index y_stride, const PanelLayout& l, const st
   constexpr Index piece_vectors = max_chunk_values / L::n;
   const Index K = l.tables, blocks = (l.width + block - 1) / block;
   const Index piece_bytes = max_chunk_values * l.value_bytes;
-  auto run = [&](Index n, Index blk) {
+  auto run = [&](Index n, Index blk, Index span_end) {
     const Index c0 = blk * block, cols = std::min(block, l.width - c0);
     const Index used_pieces = (cols + max_chunk_values - 1) / max_chunk_values;
     const std::int32_t* c = codes + n * K;
@@ -634,16 +645,15 @@ void packed_rows_decode(float* y, Index y_stride, const PanelLayout& l, const st
     for (Index j = 0; j < nv; ++j)
       acc[j] = bias != nullptr ? L::load_partial(bias + c0 + j * L::n, cols - j * L::n) : L::zero();
     auto row = [&](Index k) { return data + k * l.table_stride + c[k] * l.chunk_bytes; };
-    // The first block prefetches whole rows; the later blocks prefetch their part again, which is not redundant:
-    // without it the bf16 decode stack measured 597–874 against 473–540 µs per token.
-    auto prefetch = [&](Index k) {
-      const std::byte* p = row(k) + (blk == 0 ? 0 : c0 / max_chunk_values * piece_bytes);
-      const Index bytes = blk == 0 ? l.chunk_bytes : used_pieces * piece_bytes;
-      for (Index b = 0; b < bytes; b += 64) prefetch_line(p + b);
-    };
-    for (Index k = 0; k < std::min(K, decode_prefetch_tables); ++k) prefetch(k);
+    // The first block of the span requests the span's part of every row (the whole row for one thread).
+    const Index span_bytes =
+        span_end > blk ? (std::min(span_end * block, l.width) - c0 + max_chunk_values - 1) / max_chunk_values * piece_bytes
+                       : 0;
+    auto prefetch = [&](Index k) { prefetch_range_l2(row(k) + c0 / max_chunk_values * piece_bytes, span_bytes); };
+    const Index ahead = span_end > blk ? decode_tables_ahead(K, span_bytes) : 0;
+    for (Index k = 0; k < ahead; ++k) prefetch(k);
     for (Index k = 0; k < K; ++k) {
-      if (k + decode_prefetch_tables < K) prefetch(k + decode_prefetch_tables);
+      if (ahead > 0 && k + ahead < K) prefetch(k + ahead);
       const V sv = L::set1(s[k]);
       const std::byte* p = row(k) + (c0 / max_chunk_values) * piece_bytes;
       // The pieces are unrolled at compile time so that acc stays in registers: with the trip count used_pieces in
@@ -663,7 +673,7 @@ void packed_rows_decode(float* y, Index y_stride, const PanelLayout& l, const st
 }
 
 /// Forward over row-major float32 tables, token-major (decode): column blocks of 16 vectors (256 columns with
-/// AVX-512, 128 with AVX2) accumulate in registers over the K rows, the rows of the next tables prefetched.
+/// AVX-512, 128 with AVX2) accumulate in registers over the K rows, requested into L2 ahead (decode_tables_ahead).
 template <Isa I>
 void rowmajor_decode(float* y, Index y_stride, const float* tables, int tau, Index width, Index num_tables,
                      const std::int32_t* codes, const float* scores, const float* bias, Index rows) {
@@ -673,25 +683,25 @@ void rowmajor_decode(float* y, Index y_stride, const float* tables, int tau, Ind
   constexpr Index block = nv * L::n;
   const Index K = num_tables, R = Index(1) << tau;
   const Index blocks = (width + block - 1) / block;
-  auto run = [&](Index n, Index blk) {
+  auto run = [&](Index n, Index blk, Index span_end) {
     const Index c0 = blk * block, cols = std::min(block, width - c0);
     const std::int32_t* c = codes + n * K;
     const float* s = scores + n * K;
     V acc[nv];
     for (Index j = 0; j < nv; ++j) acc[j] = bias != nullptr ? L::load_partial(bias + c0 + j * L::n, cols - j * L::n) : L::zero();
     auto row = [&](Index k) { return tables + (k * R + c[k]) * width + c0; };
-    auto prefetch = [&](Index k) {
-      const float* p = row(k);
-      for (Index b = 0; b < cols; b += 16) prefetch_line(p + b);
-    };
-    for (Index k = 0; k < std::min(K, rowmajor_decode_prefetch_tables); ++k) prefetch(k);
+    // The first block of the span requests the span's part of every row (the whole row for one thread).
+    const Index span_bytes = span_end > blk ? (std::min(span_end * block, width) - c0) * Index(sizeof(float)) : 0;
+    auto prefetch = [&](Index k) { prefetch_range_l2(row(k), span_bytes); };
+    const Index ahead = span_end > blk ? decode_tables_ahead(K, span_bytes) : 0;
+    for (Index k = 0; k < ahead; ++k) prefetch(k);
     // The table loop is instantiated once per loader (full block, partial block): with the choice (and
     // load_partial's branches) inside one loop, GCC kept acc on the stack and every FMA read and wrote it through
     // memory (48-layer float32 decode stack, no prefetch: 865–936 µs per token, against 622 for the same source in
     // another build that laid the loop out differently; separate loops: 625–670 with prefetch).
     auto accumulate = [&](auto load_vector) {
       for (Index k = 0; k < K; ++k) {
-        if (k + rowmajor_decode_prefetch_tables < K) prefetch(k + rowmajor_decode_prefetch_tables);
+        if (ahead > 0 && k + ahead < K) prefetch(k + ahead);
         const V sv = L::set1(s[k]);
         const float* r = row(k);
         for (Index j = 0; j < nv; ++j) acc[j] = L::fmadd(sv, load_vector(r, j), acc[j]);
