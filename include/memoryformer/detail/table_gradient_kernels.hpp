@@ -3,7 +3,7 @@
 //   dT[k, code] += Σ_{n : code_{n,k} = code} s_{n,k} · dy[n]      and      ds_{n,k} += ⟨dy[n], T_k[code_{n,k}]⟩.
 // The (token, table) contributions are counting-sorted by table row (a stable sort on the forward's codes, so a
 // row's tokens stay in ascending order). Each row's gradient is then accumulated once in registers and added to
-// dT once, and ⟨dy[n], T_k[code]⟩ comes from the same row load. Columns are processed in slices of 128 (AVX-512)
+// dT once, and ⟨dy[n], T_k[code]⟩ comes from the same row load. Columns are processed in slices of 64 (AVX-512)
 // or 32 (AVX2) so that the slice of dy, packed contiguously per thread, stays in L2 while the rows stream past.
 // Threads split the table rows (disjoint writes); every sum has a fixed order, so the bits do not depend on the
 // thread count.
@@ -106,7 +106,9 @@ struct SliceTraits;
 #if defined(MEMORYFORMER_HAVE_AVX512)
 template <>
 struct SliceTraits<Isa::Avx512> {
-  static constexpr Index vectors = 8;  // 128 columns: dy, row and row gradient = 24 zmm
+  // 64 columns: the packed dy slice [N, 64] is 512 KB at N = 2048, half of Zen 4's 1 MB L2, so the rows streaming
+  // past do not evict it (128 columns, 1 MB: backward at N = 2048, d = 512, τ = 8, 10.6–12.1 ms against 9.1–11.0).
+  static constexpr Index vectors = 4;
   static float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 };
 #endif
@@ -148,9 +150,10 @@ inline __m512 horizontal_sums16(const __m512* v) {
 inline constexpr Index gradient_prefetch_entries = 6;
 /// Used table rows ahead whose T and dT slices are prefetched into L2 (they come from L3 or DRAM): far enough that the
 /// row stream overlaps the dy gathers instead of adding to them, and into L2 only so the line-fill buffers stay
-/// free for the dy gathers (measured, N = 2048, d = 512, τ = 8: 4 rows into L1 11.9 ms, 16 rows into L2 9.7–11.0 ms,
-/// 64 rows slower again).
-inline constexpr Index gradient_prefetch_rows = 16;
+/// free for the dy gathers. Measured, N = 2048, d = 512, τ = 8, with 128-column slices: 4 rows into L1 11.9 ms,
+/// 16 rows into L2 9.7–11.0 ms, 64 rows slower again; with 64-column slices (256 B per row): 32 rows 9.9–11.0 ms,
+/// 48 rows 10.4–10.9, 64 rows 10.6–11.8, 16 rows 10.5–11.7.
+inline constexpr Index gradient_prefetch_rows = 32;
 
 /// One column slice over the used rows sc.used[u0, u1).
 template <Isa I>
