@@ -6,7 +6,8 @@
 // T_k[code_k], acc) for k = 0, 1, …, K−1 — so they give identical bits for any thread count, token count, ISA
 // (AVX-512 or AVX2) and loop order:
 //  - decode (few tokens): token-major, a token's output columns stay in vector registers while its K rows stream
-//    past, with software prefetch several tables ahead (the rows come from DRAM).
+//    past; the rows come from DRAM, so the call requests them into L2 as far ahead as a quarter of L2 holds (all of
+//    them at d_out = 512, K = 64).
 //  - prefill (many tokens): column-blocked. Tables are cut into panels of 32 output columns × a group of tables
 //    that fits a quarter of L2; all tokens stream through one panel, 4 tokens at a time, before the next panel is
 //    read, reading each group's plan (chunk offsets and scores) as one contiguous stream and streaming the next
