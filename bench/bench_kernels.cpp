@@ -299,7 +299,6 @@ void bm_backward_dense(benchmark::State& st, int threads) {
   set_threads(1);
 }
 
-/// MemoryLayer::backward: dx (through the hash), dtables and dbias accumulated (zero_grad after the loop only).
 /// MemoryLayer<float>::backward on `isa` from `cache` (its forward's hash of b.x).
 void memory_backward(Batch& b, const mf::HashResult<float>& cache, mf::Isa isa = mf::best_isa()) {
   prefill_layer().backward(b.dx, b.x, b.dy, cache, isa);
@@ -307,6 +306,7 @@ void memory_backward(Batch& b, const mf::HashResult<float>& cache, mf::Isa isa =
   benchmark::ClobberMemory();
 }
 
+/// MemoryLayer::backward: dx (through the hash), dtables and dbias accumulated (zero_grad after the loop only).
 void bm_backward_memory_layer(benchmark::State& st, mf::Isa isa, int threads) {
   set_threads(threads);
   auto& layer = prefill_layer();

@@ -216,14 +216,36 @@ inline void pack_panel_f32(std::byte* dst, const PanelLayout& l, const float* ta
   }
 }
 
-/// How many tables ahead a decode loop (one token, rows read at random from DRAM) requests its rows into L2: as
-/// many as a quarter of L2 holds, so that all of a layer's rows are in flight at once where they fit (d_out = 512,
-/// K = 64: 128 KB of float32 rows). One core keeps many more L2 misses in flight than L1 misses, so requests into
-/// L2 far ahead beat requests into L1 a few tables ahead: 48-layer float32 decode stack, 418–434 against 590–620 µs
-/// per token; both kinds together, 445–469.
-inline Index decode_tables_ahead(Index tables, Index bytes_per_table) {
-  return std::clamp<Index>(panel_budget_bytes() / std::max<Index>(bytes_per_table, 1), 1, std::max<Index>(tables, 1));
-}
+/**
+ * The row requests of a decode loop (one token, rows read at random from DRAM): `request(k)` asks L2 for table k's
+ * part of the row. The first block a thread runs for a token (`lead`) requests the first `ahead` tables before its
+ * loop and table k + ahead at step k, with `ahead` as many tables as a quarter of L2 holds, so that all of a layer's
+ * rows are in flight at once where they fit (d_out = 512, K = 64: 128 KB of float32 rows); the other blocks find
+ * their part in L2. One core keeps many more L2 misses in flight than L1 misses, so requests into L2 far ahead beat
+ * requests into L1 a few tables ahead: 48-layer float32 decode stack, 418–434 against 590–620 µs per token; both
+ * kinds together, 445–469.
+ */
+template <class Request>
+class DecodeRowRequests {
+ public:
+  DecodeRowRequests(Index tables, Index bytes_per_table, bool lead, Request request)
+      : tables_(tables),
+        ahead_(lead ? std::clamp<Index>(panel_budget_bytes() / std::max<Index>(bytes_per_table, 1), 1,
+                                        std::max<Index>(tables, 1))
+                    : 0),
+        request_(request) {
+    for (Index k = 0; k < ahead_; ++k) request_(k);
+  }
+  /// Called at step k of the table loop.
+  void step(Index k) const {
+    if (ahead_ > 0 && k + ahead_ < tables_) request_(k + ahead_);
+  }
+
+ private:
+  Index tables_, ahead_;
+  Request request_;
+};
+
 
 /// Reads [p, p + bytes) once, in order, so that the hardware streams it into L2 at full bandwidth before the
 /// random accesses of the token loop: for a thread's first panel, which no earlier gather loop streamed in.
@@ -421,7 +443,7 @@ void panel_gather(float* out, Index out_stride, Index cols, const float* init, I
   Index n = n0;
   for (; n + B <= n1; n += B) {
     for (Index q = 0; q < lines_per_tile && next_line < next_lines; ++q, ++next_line)
-      prefetch_line_l2(next.data + next_line * 64);
+      prefetch_line<PrefetchTo::L2>(next.data + next_line * 64);
     V acc[B][nv];
     for (int b = 0; b < B; ++b) init_chunk<I, CV>(acc[b], init ? init + (n + b) * init_stride : nullptr, bias_chunk);
     const std::int32_t* o = off + n * plan_stride;
@@ -566,15 +588,14 @@ void packed_decode_cv(float* y, Index y_stride, const PanelLayout& l, const std:
     const std::int32_t* c = codes + n * K;
     const float* s = scores + n * K;
     const std::byte* base = data + cb * l.cb_stride;
-    // The first block of the span requests table k's chunks of every block of the span.
-    auto prefetch = [&](Index k) {
+    // Table k's chunks of every block of the span.
+    const DecodeRowRequests requests(K, (span_end - cb) * l.chunk_bytes, span_end > cb, [&](Index k) {
       for (Index b = cb; b < span_end; ++b)
-        prefetch_range_l2(data + b * l.cb_stride + k * l.table_stride + c[k] * l.chunk_bytes, l.chunk_bytes);
-    };
-    const Index ahead = span_end > cb ? decode_tables_ahead(K, (span_end - cb) * l.chunk_bytes) : 0;
-    for (Index k = 0; k < ahead; ++k) prefetch(k);
+        prefetch_range<PrefetchTo::L2>(data + b * l.cb_stride + k * l.table_stride + c[k] * l.chunk_bytes,
+                                       l.chunk_bytes);
+    });
     for (Index k = 0; k < K; ++k) {
-      if (ahead > 0 && k + ahead < K) prefetch(k + ahead);
+      requests.step(k);
       L::template fma_chunk<S, CV>(acc, L::set1(s[k]), base + k * l.table_stride + c[k] * l.chunk_bytes);
     }
     store_chunk<I, CV>(y + n * y_stride + cb * CV, acc, cols);
@@ -592,7 +613,7 @@ void packed_decode(float* y, Index y_stride, const PanelLayout& l, const std::by
 }
 
 /// Forward over the row layout (each row contiguous, pieces of 64 values), token-major: blocks of 256 columns
-/// (AVX-512: 16 zmm) or 128 (AVX2) accumulate over the K rows, requested into L2 ahead (decode_tables_ahead).
+/// (AVX-512: 16 zmm) or 128 (AVX2) accumulate over the K rows, requested into L2 ahead (DecodeRowRequests).
 template <Isa I, StorageType S>
 void packed_rows_decode(float* y, Index y_stride, const PanelLayout& l, const std::byte* data,
                         const std::int32_t* codes, const float* scores, const float* bias, Index rows) {
@@ -613,15 +634,14 @@ void packed_rows_decode(float* y, Index y_stride, const PanelLayout& l, const st
     for (Index j = 0; j < nv; ++j)
       acc[j] = bias != nullptr ? L::load_partial(bias + c0 + j * L::n, cols - j * L::n) : L::zero();
     auto row = [&](Index k) { return data + k * l.table_stride + c[k] * l.chunk_bytes; };
-    // The first block of the span requests the span's part of every row (the whole row for one thread).
+    // The span's part of row k (the whole row for one thread).
     const Index span_bytes =
-        span_end > blk ? (std::min(span_end * block, l.width) - c0 + max_chunk_values - 1) / max_chunk_values * piece_bytes
-                       : 0;
-    auto prefetch = [&](Index k) { prefetch_range_l2(row(k) + c0 / max_chunk_values * piece_bytes, span_bytes); };
-    const Index ahead = span_end > blk ? decode_tables_ahead(K, span_bytes) : 0;
-    for (Index k = 0; k < ahead; ++k) prefetch(k);
+        (std::min(span_end * block, l.width) - c0 + max_chunk_values - 1) / max_chunk_values * piece_bytes;
+    const DecodeRowRequests requests(K, span_bytes, span_end > blk, [&](Index k) {
+      prefetch_range<PrefetchTo::L2>(row(k) + c0 / max_chunk_values * piece_bytes, span_bytes);
+    });
     for (Index k = 0; k < K; ++k) {
-      if (ahead > 0 && k + ahead < K) prefetch(k + ahead);
+      requests.step(k);
       const V sv = L::set1(s[k]);
       const std::byte* p = row(k) + (c0 / max_chunk_values) * piece_bytes;
       // The pieces are unrolled at compile time so that acc stays in registers: with the trip count used_pieces in
@@ -641,7 +661,7 @@ void packed_rows_decode(float* y, Index y_stride, const PanelLayout& l, const st
 }
 
 /// Forward over row-major float32 tables, token-major (decode): column blocks of 16 vectors (256 columns with
-/// AVX-512, 128 with AVX2) accumulate in registers over the K rows, requested into L2 ahead (decode_tables_ahead).
+/// AVX-512, 128 with AVX2) accumulate in registers over the K rows, requested into L2 ahead (DecodeRowRequests).
 template <Isa I>
 void rowmajor_decode(float* y, Index y_stride, const float* tables, int tau, Index width, Index num_tables,
                      const std::int32_t* codes, const float* scores, const float* bias, Index rows) {
@@ -658,18 +678,17 @@ void rowmajor_decode(float* y, Index y_stride, const float* tables, int tau, Ind
     V acc[nv];
     for (Index j = 0; j < nv; ++j) acc[j] = bias != nullptr ? L::load_partial(bias + c0 + j * L::n, cols - j * L::n) : L::zero();
     auto row = [&](Index k) { return tables + (k * R + c[k]) * width + c0; };
-    // The first block of the span requests the span's part of every row (the whole row for one thread).
-    const Index span_bytes = span_end > blk ? (std::min(span_end * block, width) - c0) * Index(sizeof(float)) : 0;
-    auto prefetch = [&](Index k) { prefetch_range_l2(row(k), span_bytes); };
-    const Index ahead = span_end > blk ? decode_tables_ahead(K, span_bytes) : 0;
-    for (Index k = 0; k < ahead; ++k) prefetch(k);
+    // The span's part of row k (the whole row for one thread).
+    const Index span_bytes = (std::min(span_end * block, width) - c0) * Index(sizeof(float));
+    const DecodeRowRequests requests(K, span_bytes, span_end > blk,
+                                     [&](Index k) { prefetch_range<PrefetchTo::L2>(row(k), span_bytes); });
     // The table loop is instantiated once per loader (full block, partial block): with the choice (and
     // load_partial's branches) inside one loop, GCC kept acc on the stack and every FMA read and wrote it through
     // memory (48-layer float32 decode stack, no prefetch: 865–936 µs per token, against 622 for the same source in
     // another build that laid the loop out differently; separate loops: 625–670 with prefetch).
     auto accumulate = [&](auto load_vector) {
       for (Index k = 0; k < K; ++k) {
-        if (ahead > 0 && k + ahead < K) prefetch(k + ahead);
+        requests.step(k);
         const V sv = L::set1(s[k]);
         const float* r = row(k);
         for (Index j = 0; j < nv; ++j) acc[j] = L::fmadd(sv, load_vector(r, j), acc[j]);

@@ -176,10 +176,8 @@ void gradient_slice(float* dtables, const float* tables, Index width, Index c0, 
       const Index r2 = sc.used[u + gradient_prefetch_rows];
       const float* t2 = tables + r2 * width + c0;
       const float* g2 = dtables + r2 * width + c0;
-      for (Index j = 0; j < cols; j += 16) {
-        prefetch_line_l2(t2 + j);
-        prefetch_line_l2(g2 + j);
-      }
+      prefetch_range<PrefetchTo::L2>(t2, cols * Index(sizeof(float)));
+      prefetch_range<PrefetchTo::L2>(g2, cols * Index(sizeof(float)));
     }
     V t[nv], acc[nv];
     for (Index j = 0; j < nv; ++j) {
