@@ -51,9 +51,9 @@ inline Index panel_budget_bytes() {
 /// chunk_values argument of PanelLayout::make selecting the row layout.
 inline constexpr Index row_chunk = -1;
 
-/// Columns per chunk used unless told otherwise, for every storage type (chosen by measurement, README "Kernel
-/// speed"): 32 columns are 128 B of fp32 or 64 B of bf16 per chunk; 64-column bf16 chunks halve the table groups
-/// per panel and measured slower on Zen 4 (bf16 lookup 3.5–4.4 against 2.7–3.4 ms).
+/// Columns per chunk used unless told otherwise, for every storage type (chosen by measurement, see
+/// bench/KERNEL_HISTORY.md): 32 columns are 128 B of fp32 or 64 B of bf16 per chunk; 64-column bf16 chunks halve the
+/// table groups per panel and measured slower on Zen 4 (bf16 lookup 3.5–4.4 against 2.7–3.4 ms).
 constexpr Index default_chunk_values(StorageType) { return 32; }
 
 /// Geometry of the panel layout. Chunk (cb, k, r) — columns [cv·cb, cv·cb + cv) of row r of table k — lives at
@@ -223,7 +223,9 @@ inline void pack_panel_f32(std::byte* dst, const PanelLayout& l, const float* ta
  * rows are in flight at once where they fit (d_out = 512, K = 64: 128 KB of float32 rows); the other blocks find
  * their part in L2. One core keeps many more L2 misses in flight than L1 misses, so requests into L2 far ahead beat
  * requests into L1 a few tables ahead: 48-layer float32 decode stack, 418–434 against 590–620 µs per token; both
- * kinds together, 445–469.
+ * kinds together, 445–469. Every line of a row is requested: rows already in L2 then cost two L2 lookups per line
+ * (the request, and the demand load that misses L1), about 0.6 µs more per d = 512, N = 1 call on cached rows, but
+ * requesting every second line left the DRAM-bound stack 20–85 % slower (the hardware does not fetch the pair).
  */
 template <class Request>
 class DecodeRowRequests {
