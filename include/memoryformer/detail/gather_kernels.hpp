@@ -225,7 +225,7 @@ inline void pack_panel_f32(std::byte* dst, const PanelLayout& l, const float* ta
  * requests into L1 a few tables ahead: 48-layer float32 decode stack, 418–434 against 590–620 µs per token; both
  * kinds together, 445–469. Every line of a row is requested: rows already in L2 then cost two L2 lookups per line
  * (the request, and the demand load that misses L1), about 0.6 µs more per d = 512, N = 1 call on cached rows, but
- * requesting every second line left the DRAM-bound stack 20–85 % slower (the hardware does not fetch the pair).
+ * requesting every second line left the DRAM-bound stack 20–84 % slower (the hardware does not fetch the pair).
  */
 template <class Request>
 class DecodeRowRequests {
