@@ -361,6 +361,7 @@ inline void hash_row_transposed(std::int32_t* codes, float* scores, const float*
     constexpr Index ahead = hash_prefetch_bytes / Index(sizeof(float));
     if ((c + chunks) * Tau + ahead > block_chunks * Tau) return;  // the row ends within reach
     const float* p = z + c * Tau + ahead;
+    // A fixed count of lines from p, unrolled (not prefetch_range, whose aligned runtime loop measured 1–2 % slower).
     for (Index i = 0; i < chunks * Tau; i += 16) prefetch_line(p + i);
   };
   // AVX-512: two blocks per step. One block is a long dependency chain (transpose, exponentials, the product, a

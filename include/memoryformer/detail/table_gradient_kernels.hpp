@@ -187,6 +187,8 @@ void gradient_slice(float* dtables, const float* tables, Index width, Index c0, 
     for (Index e = e0; e < e1; ++e) {
       if (e + gradient_prefetch_entries < sc_total) {
         const float* next = dyp + Index(sc.token[e + gradient_prefetch_entries]) * slice;
+        // One hint per 16 floats from `next`, not prefetch_range: that measured 5–20 % slower here (backward at
+        // N = 2048, d = 512, τ = 8, five alternations: 10.5–11.9 against 9.6–10.2 ms).
         for (Index j = 0; j < slice; j += 16) prefetch_line(next + j);
       }
       const float* d = dyp + Index(sc.token[e]) * slice;
