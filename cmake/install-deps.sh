@@ -4,17 +4,19 @@
 # package is already installed it does nothing (no apt-get update, no network).
 #   bash cmake/install-deps.sh          build + tests + benchmarks
 #   bash cmake/install-deps.sh --plot   also gnuplot-nox, which the benchmark report uses to draw its PNG
+#   bash cmake/install-deps.sh --docs   also doxygen, which builds the API reference (cmake --workflow --preset docs)
 set -euo pipefail
 
 packages=(cmake ninja-build g++ make pkg-config libeigen3-dev libxxhash-dev libgtest-dev libbenchmark-dev)
 for arg in "$@"; do
   case "$arg" in
     --plot) packages+=(gnuplot-nox) ;;
+    --docs) packages+=(doxygen) ;;
     -h|--help)
-      sed -n '3,6p' "$0" | sed 's/^# \{0,1\}//'
+      sed -n '3,7p' "$0" | sed 's/^# \{0,1\}//'
       exit 0 ;;
     *)
-      echo "install-deps.sh: unknown argument '$arg' (use --plot or --help)" >&2
+      echo "install-deps.sh: unknown argument '$arg' (use --plot, --docs or --help)" >&2
       exit 2 ;;
   esac
 done
@@ -22,7 +24,8 @@ done
 if ! command -v dpkg >/dev/null 2>&1; then
   echo "install-deps.sh: no dpkg here (not Debian/Ubuntu). Install the equivalents of:" >&2
   echo "  ${packages[*]}" >&2
-  echo "  (CMake >= 3.25, Ninja, a C++20 compiler, pkg-config, Eigen >= 3.4, xxHash, GoogleTest, Google Benchmark)" >&2
+  echo "  (CMake >= 3.25, Ninja, a C++20 compiler, pkg-config, Eigen >= 3.4, xxHash, GoogleTest, Google Benchmark;" >&2
+  echo "  gnuplot with --plot, Doxygen with --docs)" >&2
   exit 0
 fi
 
