@@ -162,8 +162,8 @@ class SignHasher {
   }
 
  private:
-  /// Rows per piece the threads claim one at a time (≈ 12 µs of hashing at d_in = 512 on Zen 4): few enough
-  /// pieces that claiming costs nothing, enough that a slowed thread takes fewer.
+  /// Rows per piece the threads claim one at a time: few enough pieces that claiming costs little next to the
+  /// hashing of a piece, enough that a slowed thread takes fewer.
   static constexpr Index hash_piece_rows = 128;
 
   template <class Run>

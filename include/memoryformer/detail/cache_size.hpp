@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: MIT
 // The size of this core's L2 cache, which sets the working set of the prefill loop (gather_kernels.hpp): the
-// best panel size differs by 2x between the CPUs we measured (2 MB of L2 on the Intel Xeon of our earlier runs,
-// 1 MB on Zen 4).
+// best panel size follows the L2 size, which differs between CPUs (2 MB on some Intel Xeons, 1 MB on Zen 4).
 #pragma once
 
 #include "../types.hpp"

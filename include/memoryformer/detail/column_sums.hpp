@@ -7,8 +7,7 @@
 namespace memoryformer::detail {
 
 /// Σ_n m[n, :] as a column vector [cols]. Adds whole rows in order: contiguous and vectorised, where Eigen's
-/// colwise().sum() walks each column of a row-major matrix with a stride (measured 0.43 ms vs 0.14 ms for
-/// [2048, 512] float).
+/// colwise().sum() walks each column of a row-major matrix with a stride.
 template <class Scalar>
 Vector<Scalar> column_sums(ConstMatrixRef<Scalar> m) {
   Vector<Scalar> sums = Vector<Scalar>::Zero(m.cols());

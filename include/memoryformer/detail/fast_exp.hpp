@@ -2,18 +2,16 @@
 // 2^t for t ≤ 0 in float, without a libm call: the scores of spec §1.4 need exp(−2|z|/t) = 2^(−2·log2(e)·|z|/t)
 // per input element, which is the hot path of hashing. Table-driven, because on the CPUs we target the multiply
 // pipes are what limits hashing, and this form needs five multiply-pipe instructions per value where the
-// Cody-Waite exp it replaced needed eleven (with the τ = 8 transpose of hash_kernels.hpp, hashing went 9.6–10.6 →
-// 16.5–17.6 GB/s on Zen 4; with the power of two folded into the table entry below, 18.6–19.3 at best, and with the
-// clamp of |z| skipped where no chunk needs it (ChunkStats), 20.6–21.0 at best):
+// Cody-Waite exp it replaced needed eleven (the measurements are in docs/performance-log.md):
 //   t = n + f with n a multiple of 1/32 (rounded by the 1.5·2^18 trick, which also leaves round(32t) in the
 //   low mantissa bits) and |f| ≤ 1/64;  2^t = 2^floor(n) · T[32n mod 32] · 2^f,  T[i] = 2^(i/32),
 //   2^f = 1 + q with q = f·(c1 + c2·f), minimax on |f| ≤ 1/64 (truncation ≤ 0.45·2^-23 relative).
 // 2^floor(n) · T[i] is built exactly with one integer shift and add instead of a multiplication by a power of two
 // (vscalefps, a multiply-pipe instruction on Zen 4): see scaled_table_bits.
 // 32 entries and degree 2 rather than 16 and degree 3: one multiply fewer for a two-register table lookup
-// (vpermt2ps): AVX-512 hashing 5 % faster on Zen 4; the AVX2 exponential, which needs four permutes and three
-// blends for the lookup, 4 % slower.
-// Max relative error ≤ 2^-22 (≈ 2 ulp; measured 1.38·2^-23) for t in [-126, 0], tested in hash_isa_test. The
+// (vpermt2ps), which pays on AVX-512; the AVX2 exponential needs four permutes and three blends for the lookup, so
+// there the trade is a small loss, accepted to keep one arithmetic for every ISA.
+// Max relative error ≤ 2^-22 (≈ 2 ulp) for t in [-126, 0], tested in hash_isa_test. The
 // scalar, AVX2 and AVX-512 versions are the same arithmetic in the same order, so they agree bit for bit.
 #pragma once
 

@@ -39,10 +39,8 @@ namespace memoryformer::detail {
 /// Largest number of output columns per panel chunk (4 zmm / 8 ymm of float accumulators per token).
 inline constexpr Index max_chunk_values = 64;
 /// Bytes of one table group of a panel: the L2-resident working set of the prefill loop. A quarter of L2, because
-/// L2 also holds the next panel streaming in, the partial sums [N, cv] and the group's plan. Measured (bf16
-/// lookup, N = 2048, d = 512, τ = 8): on Zen 4's 1 MB L2, 256 KB groups 2.5 ms (±4%) against 3–8 ms for 512 KB
-/// (L2 overflows into an L3 shared with other tenants); on the 2 MB L2 of the Intel Xeon of our earlier runs,
-/// 512 KB was best.
+/// L2 also holds the next panel streaming in, the partial sums [N, cv] and the group's plan; larger groups overflow
+/// L2 into L3 (see docs/performance.md, "What bounds each kernel").
 inline Index panel_budget_bytes() {
   static const Index bytes = std::clamp<Index>(l2_cache_bytes() / 4, Index(128) << 10, Index(1) << 20);
   return bytes;
@@ -52,8 +50,8 @@ inline Index panel_budget_bytes() {
 inline constexpr Index row_chunk = -1;
 
 /// Columns per chunk used unless told otherwise, for every storage type (chosen by measurement, see
-/// bench/KERNEL_HISTORY.md): 32 columns are 128 B of fp32 or 64 B of bf16 per chunk; 64-column bf16 chunks halve the
-/// table groups per panel and measured slower on Zen 4 (bf16 lookup 3.5–4.4 against 2.7–3.4 ms).
+/// docs/performance-log.md): 32 columns are 128 B of fp32 or 64 B of bf16 per chunk; 64-column bf16 chunks halve the
+/// table groups per panel, which costs more than the wider chunks save.
 constexpr Index default_chunk_values(StorageType) { return 32; }
 
 /// Geometry of the panel layout. Chunk (cb, k, r) — columns [cv·cb, cv·cb + cv) of row r of table k — lives at
@@ -110,11 +108,11 @@ struct PanelLayout {
 };
 
 /// Token counts from which the column-blocked prefill loop beats the token-major one. Each token reads 1/2^τ of
-/// the tables, and a prefill call streams all of them, so the switch is a multiple of 2^τ (measured for τ = 8,
-/// d_out = 512; the paths give identical bits, so the thresholds only move time):
+/// the tables, and a prefill call streams all of them, so the switch is a multiple of 2^τ (set by benchmarks at
+/// τ = 8, d_out = 512; the paths give identical bits, so the thresholds only move time):
 ///  - pre-packed panels, no row copy (token-major reads scattered 64-byte chunks): from 2^τ tokens;
 ///  - panels and a row copy (FrozenLayout::Both; token-major reads whole rows): from 1.5·2^τ;
-///  - row-major training tables (every prefill call repacks the panels, ≈ 2 ms for 32 MB): from 3·2^τ.
+///  - row-major training tables (every prefill call repacks the panels first): from 3·2^τ.
 inline Index prefill_min_tokens(int tau) { return std::max<Index>(32, Index(1) << tau); }
 inline Index rows_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau) / 2); }
 inline Index rowmajor_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau)); }
@@ -222,10 +220,10 @@ inline void pack_panel_f32(std::byte* dst, const PanelLayout& l, const float* ta
  * loop and table k + ahead at step k, with `ahead` as many tables as a quarter of L2 holds, so that all of a layer's
  * rows are in flight at once where they fit (d_out = 512, K = 64: 128 KB of float32 rows); the other blocks find
  * their part in L2. One core keeps many more L2 misses in flight than L1 misses, so requests into L2 far ahead beat
- * requests into L1 a few tables ahead: 48-layer float32 decode stack, 418–434 against 590–620 µs per token; both
- * kinds together, 445–469. Every line of a row is requested: rows already in L2 then cost two L2 lookups per line
- * (the request, and the demand load that misses L1), about 0.6 µs more per d = 512, N = 1 call on cached rows, but
- * requesting every second line left the DRAM-bound stack 20–84 % slower (the hardware does not fetch the pair).
+ * requests into L1 a few tables ahead, alone or together. Every line of a row is requested: rows already in L2 then
+ * cost two L2 lookups per line (the request, and the demand load that misses L1), but requesting every second line
+ * only leaves rows from DRAM half fetched, because the hardware does not fetch the other line of the pair (see
+ * docs/performance.md, "Known costs").
  */
 template <class Request>
 class DecodeRowRequests {
@@ -265,9 +263,8 @@ inline void touch_sequential(const std::byte* p, Index bytes) {
 /// The prefill plan, group-major: for table group g (tables [k0, k0 + kg_g), k0 = g·kg), entry (n, j) sits at
 /// k0·N + n·kg_g + j and holds the byte offset of chunk (n, k0 + j) relative to the group's panel,
 /// j·table_stride + code·chunk_bytes, and its score. Each group's pass over the tokens then reads its plan as one
-/// contiguous stream (N·kg_g entries) instead of kg_g values out of every token's row of K: measured 87 → 124 GB/s
-/// of gathers in a one-group microbenchmark (the strided plan and scores also took 1 MB of L2 beside the panel).
-/// Threads split the tokens (the plan is ≈ 0.2 ms of serial work per 2048 tokens × 64 tables otherwise).
+/// contiguous stream (N·kg_g entries) instead of kg_g values out of every token's row of K, and the strided plan
+/// and scores would take L2 space beside the panel. Threads split the tokens, so the plan is not serial work.
 inline void build_plan(std::int32_t* off, float* plan_scores, const std::int32_t* codes, const float* scores,
                        Index count_rows, Index tables, const PanelLayout& l, Index kg) {
   parallel_rows(count_rows, 256, [&](Index n0, Index n1) {
@@ -437,7 +434,7 @@ void panel_gather(float* out, Index out_stride, Index cols, const float* init, I
   constexpr int B = tile_tokens<I, CV>;
   const Index k1 = k0 + kg;
   // The next panel is fetched into L2 a few lines per tile, spread over the whole token loop, so that its stream
-  // from L3 overlaps these gathers (measured: fp32 lookup 3.9 → 3.3 ms at N = 2048, d = 512, τ = 8).
+  // from L3 overlaps these gathers instead of stalling the first tiles of the next group.
   const Index tiles = std::max<Index>(1, (n1 - n0) / B);
   const Index next_lines = next.bytes / 64;
   const Index lines_per_tile = (next_lines + tiles - 1) / tiles;
@@ -484,8 +481,7 @@ void prefill_forward(float* y, Index y_stride, const PanelLayout& l, const std::
   build_plan(plan, plan_scores, codes, scores, rows, l.tables, l, kg);
   // Full, 64-byte-aligned output chunks are written straight from the registers with non-temporal stores: plain
   // stores to y's strided rows would read every line of y from memory first, and the contiguous buffer copied out
-  // after each column block that did this before was slower (bf16 lookup, N = 2048, min of 100 calls, alternated
-  // four times: 2188–2309 µs against 2274–2361; writing no y at all: 2.02–2.23 ms).
+  // after each column block that did this before was slower.
   const bool stream_out =
       (reinterpret_cast<std::uintptr_t>(y) % 64 == 0) && (y_stride * Index(sizeof(float))) % 64 == 0;
   // Column blocks are claimed one at a time (parallel_claims); the next block is claimed as the last group of the
@@ -566,8 +562,8 @@ void rowmajor_prefill(float* y, Index y_stride, const float* tables, int tau, In
           pack_panel_f32(buffer, l, tables, width, cb, k0, kg_g);
           return buffer;
         },
-        // No stream-ahead here: prefetching the next panel's 128-byte pieces of 2 KB rows made this path slower
-        // (6.6 → 8.3 ms): pieces a row apart fall into few L2 sets and evict the panel being read.
+        // No stream-ahead here: prefetching the next panel's 128-byte pieces of 2 KB rows costs more than it saves:
+        // pieces a row apart fall into few L2 sets and evict the panel being read.
         [](Index, Index, Index) { return PanelStream{}; });
   });
 }
@@ -647,8 +643,7 @@ void packed_rows_decode(float* y, Index y_stride, const PanelLayout& l, const st
       const V sv = L::set1(s[k]);
       const std::byte* p = row(k) + (c0 / max_chunk_values) * piece_bytes;
       // The pieces are unrolled at compile time so that acc stays in registers: with the trip count used_pieces in
-      // a loop, GCC kept acc on the stack and every FMA went through a store and a reload (hot calls, N = 1,
-      // d = 512, τ = 8, bf16 rows, before the prefetches were restored: 1.73–2.04 µs per call, 1.10 unrolled).
+      // a loop, GCC kept acc on the stack and every FMA went through a store and a reload.
       [&]<std::size_t... q>(std::index_sequence<q...>) {
         ((Index(q) < used_pieces
               ? L::template fma_chunk<S, max_chunk_values>(acc + q * piece_vectors, sv, p + Index(q) * piece_bytes)
@@ -686,8 +681,7 @@ void rowmajor_decode(float* y, Index y_stride, const float* tables, int tau, Ind
                                      [&](Index k) { prefetch_range<PrefetchTo::L2>(row(k), span_bytes); });
     // The table loop is instantiated once per loader (full block, partial block): with the choice (and
     // load_partial's branches) inside one loop, GCC kept acc on the stack and every FMA read and wrote it through
-    // memory (48-layer float32 decode stack, no prefetch: 865–936 µs per token, against 622 for the same source in
-    // another build that laid the loop out differently; separate loops: 625–670 with prefetch).
+    // memory, depending on how the build happened to lay the loop out; separate loops keep it in registers.
     auto accumulate = [&](auto load_vector) {
       for (Index k = 0; k < K; ++k) {
         requests.step(k);

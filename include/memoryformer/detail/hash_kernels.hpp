@@ -179,8 +179,8 @@ MEMORYFORMER_ALWAYS_INLINE void interleave16(const __m512* in, __m512* out) {
   }
 }
 
-// τ = 8, the paper's setting, transposes differently: two-source permutes (vpermt2ps) cost about 1.2 cycles each on
-// Zen 4, and the 24 of deinterleave16<8> were a quarter of the hashing time. A 4×4 transpose inside each 128-bit
+// τ = 8, the paper's setting, transposes differently: two-source permutes (vpermt2ps) are slow cross-lane operations
+// on Zen 4, and the 24 of deinterleave16<8> were a large share of the hashing time. A 4×4 transpose inside each 128-bit
 // lane (unpack instructions, cheap on every AVX-512 core) followed by one 128-bit-lane shuffle per vector does the
 // same work with 8 cross-lane operations instead of 24. It leaves the 16 chunks in the lane order below, which the
 // codes and scores undo with one permute each as they are stored.
@@ -335,12 +335,10 @@ struct ChunkStats {
 };
 
 /// How far ahead of its reads the hash requests its input (into L1). The input of a prefill-sized call often comes
-/// from DRAM (the lookup after the previous hash streamed the tables through the caches): hashing 2048 × 512 inputs,
-/// τ = 8, after a 64 MB read, min of 60 calls: 226–250 µs with 6 KB against 295–340 without, and 220–249 against
-/// 235–287 in a quieter spell; 2 KB and 4 KB ahead were in between, 8 and 16 KB into L2 no better than none, every
-/// second line worse than none (370–440). Steps whose window passes the row's end skip the prefetch instead of
-/// checking each line: with the input in cache 198.6–200.1 µs against 197.7–199.9 without prefetch (201–204 with
-/// the per-line check), and in the benchmark binary 202–205 against 199–205.
+/// from DRAM (the lookup after the previous hash streamed the tables through the caches). 6 KB was the best distance
+/// tried: 2 and 4 KB help less, 8 and 16 KB into L2 do not help, and every second line only is worse than none
+/// (see docs/performance-log.md). Steps whose window passes the row's end skip the prefetch instead of checking
+/// each line, so that input already in cache costs nothing extra.
 inline constexpr Index hash_prefetch_bytes = 6144;
 
 /// Codes and scores of one row's chunks [0, block_chunks) (a multiple of VectorOps<I>::n); contiguous rows come
@@ -361,13 +359,12 @@ inline void hash_row_transposed(std::int32_t* codes, float* scores, const float*
     constexpr Index ahead = hash_prefetch_bytes / Index(sizeof(float));
     if ((c + chunks) * Tau + ahead > block_chunks * Tau) return;  // the row ends within reach
     const float* p = z + c * Tau + ahead;
-    // A fixed count of lines from p, unrolled (not prefetch_range, whose aligned runtime loop measured 1–2 % slower).
+    // A fixed count of lines from p, unrolled (not prefetch_range, whose aligned runtime loop costs more here).
     for (Index i = 0; i < chunks * Tau; i += 16) prefetch_line(p + i);
   };
   // AVX-512: two blocks per step. One block is a long dependency chain (transpose, exponentials, the product, a
-  // division); written side by side, two chains hide each other's latency: 1–2 % in the benchmark binary (hashing
-  // 2048 × 512 inputs, τ = 8, Zen 4), 10 % in a small program where the compiler knew K. Three or four blocks run
-  // out of vector registers (four: 20 % slower), and so do two on AVX2's 16 registers (3 % slower), which keep one.
+  // division); written side by side, two chains hide each other's latency. Three or four blocks run out of vector
+  // registers, and so do two on AVX2's 16 registers, which keep one.
   Index c = 0;
   if constexpr (I == Isa::Avx512) {
     for (; c + 2 * O::n <= block_chunks; c += 2 * O::n) {
@@ -426,7 +423,7 @@ void hash_rows(std::int32_t* codes, Scalar* scores, const Scalar* x, Index x_str
   alignas(64) Scalar e[block_chunks * Tau];
   const ExpArgument<Scalar> arg(neg_scale);
   // Contiguous rows are hashed as one long row: the lane-parallel stage then runs without a break (and a tail) per
-  // row: AVX-512 hashing of 2048 × 512 inputs, τ = 8, 225 → 217 µs in the benchmark binary on Zen 4.
+  // row.
   if (x_stride == tables * Tau) {
     tables *= rows;
     rows = 1;

@@ -33,7 +33,7 @@
 // The small helpers of the SIMD kernels (transposes, the vector exponential, per-chunk statistics) pass arrays of
 // vectors by pointer. If the compiler declines to inline one (GCC does once a translation unit has instantiated
 // enough kernels: the benchmark's did, for TransposedBlock::load), those arrays go through memory in the hot loop
-// (the hashing benchmark 10–20 % slower than the same code in a small program), so they are always inlined.
+// (see docs/performance-log.md, e8fa8d3), so they are always inlined.
 #define MEMORYFORMER_ALWAYS_INLINE [[gnu::always_inline]] inline
 
 namespace memoryformer {

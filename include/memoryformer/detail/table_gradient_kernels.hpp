@@ -35,8 +35,8 @@ struct SortedContributions {
 
 /// Counting sort of the N·K (token, table) pairs by global row k·2^τ + code, stable in the token index.
 /// Every table holds exactly N entries, so table k's rows occupy [k·N, (k+1)·N) and each table is sorted on its
-/// own: threads take groups of tables, with the same result for any thread count (N = 2048, K = 64, τ = 8: 304 µs on
-/// one thread, 171 µs on two; the token-major serial sort took 325 µs).
+/// own: threads take groups of tables, with the same result for any thread count (a token-major sort would be
+/// serial).
 inline void sort_contributions(SortedContributions& out, const std::int32_t* codes, const float* scores, Index rows,
                                Index tables, int tau) {
   const Index R = Index(1) << tau, total_rows = tables * R;
@@ -44,7 +44,7 @@ inline void sort_contributions(SortedContributions& out, const std::int32_t* cod
   start[0] = 0;
   // Threads claim groups of 16 tables one at a time. Each group's codes and scores are copied table-major: the
   // [N, K] arrays are read once, a line at a time, instead of once per table and pass with a stride of K. The
-  // copies' stride is padded by a line: a power-of-two stride put all 16 in the same L1 sets (3× slower).
+  // copies' stride is padded by a line: a power-of-two stride would put all 16 in the same L1 sets.
   constexpr Index group = 16;
   parallel_claims((tables + group - 1) / group, [&](WorkQueue& queue) {
     std::int32_t* cursor = thread_scratch<6, std::int32_t>(size_t(R));
@@ -107,7 +107,7 @@ struct SliceTraits;
 template <>
 struct SliceTraits<Isa::Avx512> {
   // 64 columns: the packed dy slice [N, 64] is 512 KB at N = 2048, half of Zen 4's 1 MB L2, so the rows streaming
-  // past do not evict it (128 columns, 1 MB: backward at N = 2048, d = 512, τ = 8, 10.6–12.1 ms against 9.1–11.0).
+  // past do not evict it (128 columns would fill the whole L2).
   static constexpr Index vectors = 4;
   static float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 };
@@ -150,9 +150,8 @@ inline __m512 horizontal_sums16(const __m512* v) {
 inline constexpr Index gradient_prefetch_entries = 6;
 /// Used table rows ahead whose T and dT slices are prefetched into L2 (they come from L3 or DRAM): far enough that the
 /// row stream overlaps the dy gathers instead of adding to them, and into L2 only so the line-fill buffers stay
-/// free for the dy gathers. Measured, N = 2048, d = 512, τ = 8, with 128-column slices: 4 rows into L1 11.9 ms,
-/// 16 rows into L2 9.7–11.0 ms, 64 rows slower again; with 64-column slices (256 B per row): 32 rows 9.9–11.0 ms,
-/// 48 rows 10.4–10.9, 64 rows 10.6–11.8, 16 rows 10.5–11.7.
+/// free for the dy gathers. 32 rows was the best of 16, 32, 48 and 64 with 64-column slices (see
+/// docs/performance-log.md).
 inline constexpr Index gradient_prefetch_rows = 32;
 
 /// One column slice over the used rows sc.used[u0, u1).
@@ -187,8 +186,8 @@ void gradient_slice(float* dtables, const float* tables, Index width, Index c0, 
     for (Index e = e0; e < e1; ++e) {
       if (e + gradient_prefetch_entries < sc_total) {
         const float* next = dyp + Index(sc.token[e + gradient_prefetch_entries]) * slice;
-        // One hint per 16 floats from `next`, not prefetch_range: that measured 5–20 % slower here (backward at
-        // N = 2048, d = 512, τ = 8, five alternations: 10.5–11.9 against 9.6–10.2 ms).
+        // One hint per 16 floats from `next`, not prefetch_range: its aligned runtime loop costs more in this hot
+        // loop than the fixed-stride hints.
         for (Index j = 0; j < slice; j += 16) prefetch_line(next + j);
       }
       const float* d = dyp + Index(sc.token[e]) * slice;
