@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: MIT
-# API reference: the `docs` target runs Doxygen over the public headers (include/memoryformer, without detail/)
-# and writes HTML to <build dir>/docs/html. Optional: enabled by -DMEMORYFORMER_BUILD_DOCS=ON (the `docs` preset).
+# API reference: the `docs` target runs Doxygen over the public headers (include/memoryformer, without detail/),
+# with README.md as the main page and docs/*.md as related pages, and writes HTML to <build dir>/docs/html. Optional: enabled by -DMEMORYFORMER_BUILD_DOCS=ON (the `docs` preset).
 #
 # Warnings fail the build (WARN_AS_ERROR = FAIL_ON_WARNINGS): a malformed doc comment (a @param naming no
 # parameter, an unknown command, a broken reference) is an error. Undocumented entities are not: the reference
@@ -21,9 +21,9 @@ set(DOXYGEN_GENERATE_LATEX NO)
 set(DOXYGEN_GENERATE_XML NO)
 set(DOXYGEN_QUIET YES)
 set(DOXYGEN_RECURSIVE YES)
-set(DOXYGEN_FILE_PATTERNS "*.hpp")
+set(DOXYGEN_FILE_PATTERNS "*.hpp" "*.md")
 set(DOXYGEN_EXTENSION_MAPPING "hpp=C++")
-set(DOXYGEN_STRIP_FROM_PATH "${PROJECT_SOURCE_DIR}/include")
+set(DOXYGEN_STRIP_FROM_PATH "${PROJECT_SOURCE_DIR}/include" "${PROJECT_SOURCE_DIR}")
 set(DOXYGEN_STRIP_FROM_INC_PATH "${PROJECT_SOURCE_DIR}/include")
 # Public headers only: the internals in detail/ (namespace memoryformer::detail) are not part of the API.
 set(DOXYGEN_EXCLUDE "${PROJECT_SOURCE_DIR}/include/memoryformer/detail")
@@ -36,6 +36,7 @@ set(DOXYGEN_JAVADOC_AUTOBRIEF NO)
 # Comments write the carriage return as '\r' (as in the code); without this alias Doxygen reads \r as a command.
 set(DOXYGEN_ALIASES [[r=\\r]])
 set(DOXYGEN_MARKDOWN_SUPPORT YES)
+set(DOXYGEN_USE_MDFILE_AS_MAINPAGE "${PROJECT_SOURCE_DIR}/README.md")
 set(DOXYGEN_BUILTIN_STL_SUPPORT YES)
 set(DOXYGEN_ENABLE_PREPROCESSING YES)
 set(DOXYGEN_MACRO_EXPANSION NO)
@@ -51,6 +52,8 @@ set(DOXYGEN_WARN_NO_PARAMDOC NO)
 set(DOXYGEN_WARN_AS_ERROR FAIL_ON_WARNINGS)
 
 doxygen_add_docs(docs
+  "${PROJECT_SOURCE_DIR}/README.md"
   "${PROJECT_SOURCE_DIR}/include/memoryformer"
+  "${PROJECT_SOURCE_DIR}/docs"
   WORKING_DIRECTORY "${PROJECT_SOURCE_DIR}"
   COMMENT "Doxygen: API reference of the public headers -> ${PROJECT_BINARY_DIR}/docs/html/index.html")
