@@ -17,19 +17,9 @@
 #include <string_view>
 
 #include "error.hpp"
+#include "storage_type.hpp"
 
 namespace memoryformer {
-
-/// Storage precision of table values or dense weights.
-enum class StorageType { F32, F16, BF16 };
-
-/// Bytes of one stored value: 4 for F32, 2 for F16 and BF16.
-constexpr double bytes_per_value(StorageType type) noexcept { return type == StorageType::F32 ? 4.0 : 2.0; }
-
-/// Short name ("fp32", "fp16", "bf16") for printing.
-constexpr std::string_view storage_type_name(StorageType type) noexcept {
-  return type == StorageType::F32 ? "fp32" : (type == StorageType::F16 ? "fp16" : "bf16");
-}
 
 /// Bytes → decimal megabytes (1 MB = 1e6 bytes), the unit of the paper's memory columns.
 constexpr double megabytes(double bytes) noexcept { return bytes / 1e6; }

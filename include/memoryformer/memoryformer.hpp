@@ -31,6 +31,7 @@
 #include "parameter.hpp"
 #include "random.hpp"
 #include "score.hpp"
+#include "storage_type.hpp"
 #include "table_storage.hpp"
 #include "testing/gradcheck.hpp"
 #include "train/callbacks.hpp"

@@ -15,7 +15,7 @@
 #include "detail/gather_kernels.hpp"
 #include "detail/scratch.hpp"
 #include "error.hpp"
-#include "flops.hpp"
+#include "storage_type.hpp"
 #include "types.hpp"
 
 namespace memoryformer {

@@ -24,7 +24,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "../flops.hpp"
+#include "../storage_type.hpp"
 #include "../types.hpp"
 #include "cache_size.hpp"
 #include "half.hpp"
