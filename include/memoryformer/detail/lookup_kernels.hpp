@@ -15,9 +15,10 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../hash.hpp"
+#include "../storage_type.hpp"
 #include "../types.hpp"
 #include "gather_kernels.hpp"
+#include "parallel.hpp"
 #include "simd.hpp"
 #include "table_gradient_kernels.hpp"
 
