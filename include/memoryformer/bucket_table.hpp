@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "detail/aligned_buffer.hpp"
+#include "detail/checks.hpp"
 #include "error.hpp"
 #include "types.hpp"
 

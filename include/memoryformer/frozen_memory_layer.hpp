@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "detail/checks.hpp"
 #include "detail/lookup_kernels.hpp"
 #include "error.hpp"
 #include "hash.hpp"

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "detail/checks.hpp"
 #include "detail/dispatch.hpp"
 #include "detail/hash_kernels.hpp"
 #include "detail/parallel.hpp"

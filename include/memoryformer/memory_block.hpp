@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "detail/checks.hpp"
 #include "error.hpp"
 #include "memory_layer.hpp"
 #include "nn/gelu.hpp"

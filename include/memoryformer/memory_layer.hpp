@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bucket_table.hpp"
+#include "detail/checks.hpp"
 #include "detail/column_sums.hpp"
 #include "detail/lookup_kernels.hpp"
 #include "detail/scratch.hpp"

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "detail/checks.hpp"
 #include "error.hpp"
 #include "memory_block.hpp"
 #include "memory_layer.hpp"

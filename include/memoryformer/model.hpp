@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "detail/checks.hpp"
 #include "error.hpp"
 #include "io/checkpoint.hpp"
 #include "memoryformer_block.hpp"

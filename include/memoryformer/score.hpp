@@ -7,6 +7,7 @@
 #include <string>
 #include <string_view>
 
+#include "detail/checks.hpp"
 #include "error.hpp"
 
 namespace memoryformer {

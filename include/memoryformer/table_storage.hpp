@@ -12,6 +12,7 @@
 #include <string>
 
 #include "bucket_table.hpp"
+#include "detail/checks.hpp"
 #include "detail/gather_kernels.hpp"
 #include "detail/scratch.hpp"
 #include "error.hpp"

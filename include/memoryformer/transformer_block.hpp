@@ -11,6 +11,7 @@
 #include <string_view>
 #include <vector>
 
+#include "detail/checks.hpp"
 #include "error.hpp"
 #include "nn/attention.hpp"
 #include "nn/gelu.hpp"

@@ -12,6 +12,7 @@
 #include "../error.hpp"
 #include "../nn/kv_cache.hpp"
 #include "../types.hpp"
+#include "checks.hpp"
 
 namespace memoryformer::detail {
 

@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 #include "kv_cache.hpp"

@@ -10,6 +10,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 

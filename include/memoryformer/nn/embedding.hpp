@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
 #include "../random.hpp"

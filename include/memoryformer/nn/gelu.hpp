@@ -6,6 +6,7 @@
 #include <concepts>
 #include <numbers>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
 #include "../types.hpp"

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../detail/checks.hpp"
 #include "../detail/column_sums.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <concepts>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
 #include "../types.hpp"

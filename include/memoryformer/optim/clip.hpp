@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
 

@@ -7,6 +7,7 @@
 #include <numbers>
 #include <string>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 
 namespace memoryformer {

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
 #include "../types.hpp"

@@ -18,6 +18,7 @@
 #include <string_view>
 #include <vector>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../random.hpp"
 #include "../types.hpp"

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../model.hpp"
 #include "../optim/adamw.hpp"

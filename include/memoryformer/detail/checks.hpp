@@ -1,0 +1,80 @@
+// SPDX-License-Identifier: MIT
+// The argument checks every public entry point uses: each throws one of error.hpp's exception types with a message
+// naming the function, the argument, what it is and what was expected.
+#pragma once
+
+#include <cmath>
+#include <initializer_list>
+#include <sstream>
+#include <string>
+#include <string_view>
+
+#include <Eigen/Core>
+
+#include "../error.hpp"
+
+namespace memoryformer::detail {
+
+/// Formats "(a, b, c)".
+inline std::string shape_string(std::initializer_list<Eigen::Index> dims) {
+  std::ostringstream os;
+  os << '(';
+  bool first = true;
+  for (auto d : dims) {
+    if (!first) os << ", ";
+    os << d;
+    first = false;
+  }
+  os << ')';
+  return os.str();
+}
+
+/// Throws ShapeError "<where>: <what> is (r, c), expected <expected_text>".
+[[noreturn]] inline void throw_shape(std::string_view where, std::string_view what, Eigen::Index rows, Eigen::Index cols,
+                                     std::string_view expected_text) {
+  std::ostringstream os;
+  os << where << ": " << what << " is " << shape_string({rows, cols}) << ", expected " << expected_text;
+  throw ShapeError(os.str());
+}
+
+/// Throws ShapeError "<where>: <what> is (r, c), expected <expected>" unless rows/cols match.
+/// A negative expected value means "any".
+inline void check_shape(std::string_view where, std::string_view what, Eigen::Index rows, Eigen::Index cols,
+                        Eigen::Index expected_rows, Eigen::Index expected_cols, std::string_view expected_text = {}) {
+  if ((expected_rows < 0 || rows == expected_rows) && (expected_cols < 0 || cols == expected_cols)) return;
+  std::ostringstream os;
+  os << where << ": " << what << " is " << shape_string({rows, cols}) << ", expected ";
+  if (!expected_text.empty()) {
+    os << expected_text;
+  } else {
+    os << '(' << (expected_rows < 0 ? std::string("N") : std::to_string(expected_rows)) << ", "
+       << (expected_cols < 0 ? std::string("any") : std::to_string(expected_cols)) << ')';
+  }
+  throw ShapeError(os.str());
+}
+
+/// Throws ConfigError("<where>: <message>") when cond is false.
+inline void check_config(bool cond, std::string_view where, const std::string& message) {
+  if (!cond) throw ConfigError(std::string(where) + ": " + message);
+}
+
+/// Throws NonFiniteError naming the first NaN/Inf element of a row-major buffer.
+template <class Scalar>
+void check_finite(std::string_view where, std::string_view what, const Scalar* data, Eigen::Index rows,
+                  Eigen::Index cols) {
+  // Summing first and scanning only on a non-finite sum keeps the common path to one pass of adds.
+  Scalar sum = 0;
+  const Eigen::Index n = rows * cols;
+  for (Eigen::Index i = 0; i < n; ++i) sum += data[i] * Scalar(0);
+  if (std::isfinite(sum)) return;
+  for (Eigen::Index i = 0; i < n; ++i) {
+    if (!std::isfinite(data[i])) {
+      std::ostringstream os;
+      os << where << ": " << what << " has a non-finite value " << data[i] << " at (" << i / cols << ", "
+         << i % cols << ")";
+      throw NonFiniteError(os.str());
+    }
+  }
+}
+
+}  // namespace memoryformer::detail
