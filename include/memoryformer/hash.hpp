@@ -32,33 +32,6 @@ struct HashResult {
   std::int32_t code(Index n, Index k) const { return codes[size_t(n * tables + k)]; }
 };
 
-namespace detail {
-
-/// True when every value is finite: s − s is 0 for finite s and NaN otherwise; 64 independent lanes let the
-/// compiler vectorise the scan without reassociating anything, as four independent sums on AVX-512 (one sum is
-/// bound by the add latency).
-template <class Scalar>
-bool all_finite(const Scalar* v, Index count) {
-  constexpr Index lanes = 64;
-  Scalar acc[lanes] = {};
-  Index i = 0;
-  for (; i + lanes <= count; i += lanes)
-    for (Index j = 0; j < lanes; ++j) acc[j] += v[i + j] - v[i + j];
-  for (; i < count; ++i) acc[0] += v[i] - v[i];
-  Scalar total = 0;
-  for (Index j = 0; j < lanes; ++j) total += acc[j];
-  return total == Scalar(0);
-}
-
-/// @throws ConfigError naming `where` when the `isa` kernels are not compiled into this build.
-inline void check_isa_compiled(const std::string& where, Isa isa) {
-  if (!isa_available(isa))
-    throw ConfigError(where + ": the " + std::string(isa_name(isa)) +
-                      " kernels are not compiled into this build (compile with the matching -m flags)");
-}
-
-}  // namespace detail
-
 /**
  * @brief Sign-bit locality-sensitive hasher with differentiable scores (spec §1.2, §1.4).
  *

@@ -1,12 +1,16 @@
 // SPDX-License-Identifier: MIT
-// Runtime τ → compile-time kernel: τ is a user setting (1..16), but kernels unroll their per-chunk loops only when
-// τ is a constant, so every kernel is instantiated for each supported τ and picked by one switch here.
+// Runtime setting → compile-time kernel. τ is a user setting (1..16), but kernels unroll their per-chunk loops only
+// when τ is a constant, so every kernel is instantiated for each supported τ and picked by one switch here. The
+// instruction-set path is a user setting too (Isa), checked here against what this build compiled in.
 #pragma once
 
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <utility>
+
+#include "../error.hpp"
+#include "simd.hpp"
 
 namespace memoryformer::detail {
 
@@ -38,6 +42,13 @@ decltype(auto) dispatch_tau(int tau, F&& f) {
     case 16: return f(TauConstant<16>{});
     default: throw std::invalid_argument("dispatch_tau: tau = " + std::to_string(tau) + " is outside 1..16");
   }
+}
+
+/// @throws ConfigError naming `where` when the `isa` kernels are not compiled into this build.
+inline void check_isa_compiled(const std::string& where, Isa isa) {
+  if (!isa_available(isa))
+    throw ConfigError(where + ": the " + std::string(isa_name(isa)) +
+                      " kernels are not compiled into this build (compile with the matching -m flags)");
 }
 
 }  // namespace memoryformer::detail
