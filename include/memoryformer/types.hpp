@@ -4,10 +4,12 @@
 
 #include <concepts>
 #include <cstdint>
+#include <type_traits>
 
 #include <Eigen/Core>
 #include <unsupported/Eigen/CXX11/Tensor>
 
+#include "detail/row_major_tensor.hpp"
 #include "error.hpp"
 
 namespace memoryformer {
@@ -41,17 +43,6 @@ using Tensor = Eigen::Tensor<Scalar, Rank, Eigen::RowMajor, Index>;
 
 template <class Scalar, int Rank>
 using TensorMap = Eigen::TensorMap<Eigen::Tensor<Scalar, Rank, Eigen::RowMajor, Index>>;
-
-namespace detail {
-template <class T>
-struct is_row_major_tensor : std::false_type {};
-template <class S, int R>
-struct is_row_major_tensor<Eigen::Tensor<S, R, Eigen::RowMajor, Index>> : std::true_type {};
-template <class S, int R>
-struct is_row_major_tensor<Eigen::TensorMap<Eigen::Tensor<S, R, Eigen::RowMajor, Index>>> : std::true_type {};
-template <class S, int R>
-struct is_row_major_tensor<Eigen::TensorMap<Eigen::Tensor<const S, R, Eigen::RowMajor, Index>>> : std::true_type {};
-}  // namespace detail
 
 /// A row-major Tensor or TensorMap of rank 2 or 3 ([N, d] or [batch, seq, d]).
 template <class T>
