@@ -12,6 +12,7 @@
 #include "detail/checks.hpp"
 #include "detail/column_sums.hpp"
 #include "detail/lookup_kernels.hpp"
+#include "detail/memory_layer_checks.hpp"
 #include "detail/scratch.hpp"
 #include "error.hpp"
 #include "hash.hpp"
@@ -55,36 +56,6 @@ struct MemoryLayerConfig {
  * forward on one layer at once. backward overwrites dx and accumulates dtables/dbias until zero_grad().
  * @tparam Scalar float or double.
  */
-namespace detail {
-
-/// The input shape a layer with `config` expects, for error messages.
-inline std::string expected_layer_input(const MemoryLayerConfig& config) {
-  std::ostringstream os;
-  os << "(N, " << config.d_in << ") = (N, K·τ) with K = " << config.num_tables() << ", τ = " << config.tau;
-  return os.str();
-}
-
-/// @throws ShapeError naming `where` if x does not have d_in columns.
-template <class Scalar>
-void check_layer_input(const char* where, const MemoryLayerConfig& config, ConstMatrixRef<Scalar> x) {
-  if (x.cols() != config.d_in) throw_shape(where, "x", x.rows(), x.cols(), expected_layer_input(config));
-}
-
-/// @throws StateError for an empty hash, ShapeError for one that does not fit a layer with `config`.
-template <class Scalar>
-void check_layer_hash(const char* where, const MemoryLayerConfig& config, const HashResult<Scalar>& h) {
-  if (h.empty()) throw StateError(std::string(where) + ": the hash cache is empty; call forward (or hash) first");
-  if (h.tau != config.tau || h.tables != config.num_tables() || Index(h.codes.size()) != h.rows * h.tables ||
-      h.scores.rows() != h.rows || h.scores.cols() != h.tables) {
-    std::ostringstream os;
-    os << where << ": the hash has K = " << h.tables << ", τ = " << h.tau << "; this layer needs K = "
-       << config.num_tables() << ", τ = " << config.tau;
-    throw ShapeError(os.str());
-  }
-}
-
-}  // namespace detail
-
 template <std::floating_point Scalar>
 class MemoryLayer {
  public:
