@@ -79,7 +79,7 @@ class SignHasher {
                                     neg_scale);
         });
       };
-      dispatch_isa(isa, run);
+      if (!detail::dispatch_simd(isa, run)) run.template operator()<Isa::Scalar>();
     });
     // Any NaN/Inf in x reaches a score (through Σ|z| or the product); scanning the scores is K·N, not K·τ·N.
     if (!detail::all_finite(out.scores.data(), out.scores.size())) report_non_finite(x, out);
@@ -118,7 +118,7 @@ class SignHasher {
                                              end - begin, tables, l1, neg_scale);
         });
       };
-      dispatch_isa(isa, run);
+      if (!detail::dispatch_simd(isa, run)) run.template operator()<Isa::Scalar>();
     });
   }
 
@@ -139,19 +139,6 @@ class SignHasher {
   /// Rows per piece the threads claim one at a time: few enough pieces that claiming costs little next to the
   /// hashing of a piece, enough that a slowed thread takes fewer.
   static constexpr Index hash_piece_rows = 128;
-
-  template <class Run>
-  static void dispatch_isa(Isa isa, Run& run) {
-    switch (isa) {
-#if defined(MEMORYFORMER_HAVE_AVX512)
-      case Isa::Avx512: run.template operator()<Isa::Avx512>(); return;
-#endif
-#if defined(MEMORYFORMER_HAVE_AVX2)
-      case Isa::Avx2: run.template operator()<Isa::Avx2>(); return;
-#endif
-      default: run.template operator()<Isa::Scalar>(); return;
-    }
-  }
 
   static void check_isa(Isa isa) { detail::check_isa_compiled("SignHasher", isa); }
 

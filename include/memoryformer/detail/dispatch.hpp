@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Runtime setting → compile-time kernel. τ is a user setting (1..16), but kernels unroll their per-chunk loops only
 // when τ is a constant, so every kernel is instantiated for each supported τ and picked by one switch here. The
-// instruction-set path is a user setting too (Isa), checked here against what this build compiled in.
+// instruction-set path (Isa) is a user setting too: checked here against what this build compiled in, and turned
+// into the kernels' template argument by one dispatcher.
 #pragma once
 
 #include <stdexcept>
@@ -49,6 +50,30 @@ inline void check_isa_compiled(const std::string& where, Isa isa) {
   if (!isa_available(isa))
     throw ConfigError(where + ": the " + std::string(isa_name(isa)) +
                       " kernels are not compiled into this build (compile with the matching -m flags)");
+}
+
+/**
+ * Calls f.template operator()<I>() with I = isa when isa is a SIMD path compiled into this translation unit and
+ * returns true; returns false, calling nothing, for Isa::Scalar or a path not compiled in, so that the portable path
+ * is the caller's and f is never instantiated for Isa::Scalar (fast kernels do not exist for it).
+ */
+template <class F>
+bool dispatch_simd(Isa isa, F&& f) {
+#if defined(MEMORYFORMER_HAVE_AVX512)
+  if (isa == Isa::Avx512) {
+    f.template operator()<Isa::Avx512>();
+    return true;
+  }
+#endif
+#if defined(MEMORYFORMER_HAVE_AVX2)
+  if (isa == Isa::Avx2) {
+    f.template operator()<Isa::Avx2>();
+    return true;
+  }
+#endif
+  (void)isa;
+  (void)f;
+  return false;
 }
 
 }  // namespace memoryformer::detail

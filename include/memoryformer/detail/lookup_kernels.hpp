@@ -17,6 +17,7 @@
 
 #include "../storage_type.hpp"
 #include "../types.hpp"
+#include "dispatch.hpp"
 #include "gather_kernels.hpp"
 #include "parallel.hpp"
 #include "simd.hpp"
@@ -114,19 +115,6 @@ constexpr bool use_fast_kernels(Isa isa) {
   } else {
     return isa != Isa::Scalar && isa_available(isa);
   }
-}
-
-/// Calls f.template operator()<I>() for the SIMD path `isa` (which use_fast_kernels has accepted).
-template <class F>
-void dispatch_simd(Isa isa, F&& f) {
-#if defined(MEMORYFORMER_HAVE_AVX512)
-  if (isa == Isa::Avx512) return f.template operator()<Isa::Avx512>();
-#endif
-#if defined(MEMORYFORMER_HAVE_AVX2)
-  if (isa == Isa::Avx2) return f.template operator()<Isa::Avx2>();
-#endif
-  (void)isa;
-  (void)f;
 }
 
 /// Calls f(StorageTypeConstant) for a runtime storage type.
