@@ -12,8 +12,9 @@
 //    that fits a quarter of L2; all tokens stream through one panel, 4 tokens at a time, before the next panel is
 //    read, reading each group's plan (chunk offsets and scores) as one contiguous stream and streaming the next
 //    packed panel into L2 meanwhile. Rows are read with plain vector loads, never hardware gathers.
-// The panel layout (PanelLayout) is the storage of PackedTables; row-major float tables (MemoryLayer's training
-// storage) are packed into a per-thread panel buffer on the fly.
+// The panel layout (PanelLayout) is the storage of PackedTables and of MemoryLayer<float>'s packed copy of its
+// training tables; while that copy is out of date, the row-major tables are packed into a per-thread panel buffer on
+// the fly.
 #pragma once
 
 #include <algorithm>
@@ -213,6 +214,34 @@ inline void pack_panel_f32(std::byte* dst, const PanelLayout& l, const float* ta
         std::memcpy(table + r * l.chunk_bytes, src + r * row_stride, size_t(cols) * sizeof(float));
       }
     }
+  }
+}
+
+/// Packs float32 row-major tables [K, 2^τ, width] (contiguous) into a whole F32 panel layout at dst: every row of
+/// every table whose flag in `row_flags` (K·2^τ flags, nullptr: all rows) is set. Threads split the tables, so they
+/// write disjoint chunks. Padding columns and spare lines are left as they are (the caller zeroes them once).
+inline void pack_tables_f32(std::byte* dst, const PanelLayout& l, const float* tables,
+                            const std::uint8_t* row_flags = nullptr) {
+  parallel_rows(l.tables, 1, [&](Index k0, Index k1) {
+    for (Index k = k0; k < k1; ++k)
+      for (Index r = 0; r < l.rows; ++r) {
+        if (row_flags != nullptr && row_flags[k * l.rows + r] == 0) continue;
+        const float* src = tables + (k * l.rows + r) * l.width;
+        for (Index cb = 0; cb < l.column_blocks; ++cb)
+          std::memcpy(dst + l.chunk_offset(cb, k, r), src + cb * l.cv, size_t(l.block_columns(cb)) * sizeof(float));
+      }
+  });
+}
+
+/// Packs the listed rows (flat indices k·2^τ + r, each < K·2^τ, repeats allowed) of float32 row-major tables into
+/// an F32 panel layout at dst, in order on one thread (a list may name a row twice).
+inline void pack_listed_rows_f32(std::byte* dst, const PanelLayout& l, const float* tables, const Index* rows,
+                                 Index count) {
+  for (Index i = 0; i < count; ++i) {
+    const Index k = rows[i] / l.rows, r = rows[i] % l.rows;
+    const float* src = tables + rows[i] * l.width;
+    for (Index cb = 0; cb < l.column_blocks; ++cb)
+      std::memcpy(dst + l.chunk_offset(cb, k, r), src + cb * l.cv, size_t(l.block_columns(cb)) * sizeof(float));
   }
 }
 
