@@ -4,7 +4,7 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
+#include <new>
 #include <span>
 #include <sstream>
 #include <string>
@@ -354,15 +354,18 @@ class MemoryLayer {
   }
   bool packed_current() const { return packed_.size() != 0; }
 
-  /// Packs the rows flagged in row_flags (nullptr: all rows, allocating the copy first if it was released).
+  /// Packs the rows flagged in row_flags (nullptr: all rows, allocating the copy first if it was released). The
+  /// copy only saves time, so when its memory cannot be had the layer goes on without it (forward packs per call).
   void pack_tables(const std::uint8_t* row_flags) {
     if constexpr (keeps_packed_copy()) {
       if (!packed_current()) {
         row_flags = nullptr;
         packed_layout_ = detail::PanelLayout::make(num_tables(), config_.tau, config_.d_out, StorageType::F32);
-        detail::TableBlock block(size_t(packed_layout_.total_bytes()));
-        std::memset(block.data(), 0, block.size());  // padding columns and spare lines: zero, never written again
-        packed_ = std::move(block);
+        try {
+          packed_ = detail::TableBlock(size_t(packed_layout_.total_bytes()));  // zeroed: padding stays zero
+        } catch (const std::bad_alloc&) {
+          return;
+        }
       }
       detail::pack_tables_f32(packed_.data(), packed_layout_, tables_.data(), row_flags);
     } else {
