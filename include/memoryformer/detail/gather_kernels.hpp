@@ -115,7 +115,9 @@ struct PanelLayout {
 /// d_out = 512; the paths give identical bits, so the thresholds only move time):
 ///  - pre-packed panels, no row copy (token-major reads scattered 64-byte chunks): from 2^τ tokens;
 ///  - panels and a row copy (FrozenLayout::Both; token-major reads whole rows): from 1.5·2^τ;
-///  - row-major training tables (every prefill call repacks the panels, ≈ 2 ms for 32 MB): from 3·2^τ.
+///  - row-major training tables without MemoryLayer's packed copy (every prefill call repacks all the panels):
+///    from 3·2^τ. With a current copy MemoryLayer switches like FrozenLayout::Both (its row-major tables are the row
+///    copy).
 inline Index prefill_min_tokens(int tau) { return std::max<Index>(32, Index(1) << tau); }
 inline Index rows_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau) / 2); }
 inline Index rowmajor_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau)); }
