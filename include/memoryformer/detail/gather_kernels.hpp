@@ -219,9 +219,42 @@ inline void pack_panel_f32(std::byte* dst, const PanelLayout& l, const float* ta
   }
 }
 
-/// Packs float32 row-major tables [K, 2^τ, width] (contiguous) into a whole F32 panel layout at dst: every row of
-/// every table whose flag in `row_flags` (K·2^τ flags, nullptr: all rows) is set. Threads split the tables, so they
-/// write disjoint chunks. Padding columns and spare lines are left as they are (the caller zeroes them once).
+MEMORYFORMER_SIMD_WARNINGS_BEGIN
+
+/// Copies `count` floats to dst (64-byte aligned) with non-temporal stores where whole 64-byte lines are written, so
+/// that a copy of many megabytes neither reads every destination line first nor evicts the caches' contents; the
+/// caller orders the stores (store_fence_if_streamed) before the data is read.
+inline void copy_floats_streaming(std::byte* dst, const float* src, Index count) {
+#if defined(MEMORYFORMER_HAVE_AVX512)
+  if (count % 16 == 0) {
+    for (Index i = 0; i < count; i += 16)
+      _mm512_stream_ps(reinterpret_cast<float*>(dst) + i, _mm512_loadu_ps(src + i));
+    return;
+  }
+#elif defined(MEMORYFORMER_HAVE_AVX2)
+  if (count % 16 == 0) {
+    for (Index i = 0; i < count; i += 8)
+      _mm256_stream_ps(reinterpret_cast<float*>(dst) + i, _mm256_loadu_ps(src + i));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, size_t(count) * sizeof(float));
+}
+
+/// Orders the non-temporal stores of copy_floats_streaming before any later load or store.
+inline void store_fence_if_streamed() {
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+  _mm_sfence();
+#endif
+}
+
+MEMORYFORMER_SIMD_WARNINGS_END
+
+/// Packs float32 row-major tables [K, 2^τ, width] (contiguous) into a whole F32 panel layout at dst (64-byte
+/// aligned): every row of every table whose flag in `row_flags` (K·2^τ flags, nullptr: all rows) is set. Threads
+/// split the tables, so they write disjoint chunks; the stores bypass the caches (copy_floats_streaming), since the
+/// whole copy is far larger than they are. Padding columns and spare lines are left as they are (the caller zeroes
+/// them once).
 inline void pack_tables_f32(std::byte* dst, const PanelLayout& l, const float* tables,
                             const std::uint8_t* row_flags = nullptr) {
   parallel_rows(l.tables, 1, [&](Index k0, Index k1) {
@@ -230,8 +263,9 @@ inline void pack_tables_f32(std::byte* dst, const PanelLayout& l, const float* t
         if (row_flags != nullptr && row_flags[k * l.rows + r] == 0) continue;
         const float* src = tables + (k * l.rows + r) * l.width;
         for (Index cb = 0; cb < l.column_blocks; ++cb)
-          std::memcpy(dst + l.chunk_offset(cb, k, r), src + cb * l.cv, size_t(l.block_columns(cb)) * sizeof(float));
+          copy_floats_streaming(dst + l.chunk_offset(cb, k, r), src + cb * l.cv, l.block_columns(cb));
       }
+    store_fence_if_streamed();  // each thread orders its own stores before the region ends
   });
 }
 
