@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -15,6 +16,10 @@
 #include <memoryformer/memory_layer.hpp>
 
 #include "../support/test_helpers.hpp"
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+#include <omp.h>
+#endif
 
 namespace mf = memoryformer;
 using namespace memoryformer::testing_support;
@@ -259,5 +264,50 @@ TEST(MemoryLayerPacked, CopiesOfALayerStayIndependent) {
   EXPECT_TRUE(same_bits(b.forward(x, h), without_copy(b).forward(x, h)));
   EXPECT_FALSE(same_bits(b.forward(x, h), ya));
 }
+
+TEST(MemoryLayerPacked, ConstForwardOverTheCopyIsSafeFromSeveralThreads) {
+  const mf::MemoryLayer<float> layer(small_config(), 37);
+  const mf::Matrix<float> x1 = random_matrix<float>(64, 32, 1), x2 = random_matrix<float>(100, 32, 2);
+  mf::HashResult<float> c1, c2;
+  const mf::Matrix<float> serial1 = layer.forward(x1, c1), serial2 = layer.forward(x2, c2);
+  mf::Matrix<float> par1, par2;
+  std::thread t1([&] {
+    mf::HashResult<float> c;
+    for (int i = 0; i < 20; ++i) par1 = layer.forward(x1, c);
+  });
+  std::thread t2([&] {
+    mf::HashResult<float> c;
+    for (int i = 0; i < 20; ++i) par2 = layer.forward(x2, c);
+  });
+  t1.join();
+  t2.join();
+  EXPECT_TRUE(same_bits(par1, serial1));
+  EXPECT_TRUE(same_bits(par2, serial2));
+}
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+// Packing splits the tables over threads and the prefill loop splits column blocks: neither may change a bit.
+TEST(MemoryLayerPacked, ResultsAreBitwiseIdenticalForAnyThreadCount) {
+  const mf::Matrix<float> x = random_matrix<float>(200, 32, 3), dy = random_matrix<float>(200, 40, 4);
+  const int threads_before = omp_get_max_threads();
+  auto run = [&](int threads) {
+    omp_set_num_threads(threads);
+    mf::MemoryLayer<float> layer(small_config(), 41);
+    auto views = layer.parameters();
+    layer.tables_changed();
+    mf::HashResult<float> cache;
+    mf::Matrix<float> y(200, 40), dx(200, 32);
+    layer.forward(y, x, cache);
+    layer.backward(dx, x, dy, cache);
+    for (size_t i = 0; i < views[0].value.size(); ++i) views[0].value[i] -= 0.5f * views[0].grad[i];
+    layer.touched_table_rows_changed();
+    layer.forward(y, x, cache);
+    return y;
+  };
+  const mf::Matrix<float> one = run(1), two = run(2);
+  omp_set_num_threads(threads_before);
+  EXPECT_TRUE(same_bits(one, two));
+}
+#endif
 
 }  // namespace
