@@ -58,15 +58,16 @@ struct MemoryLayerConfig {
  *
  * **Packed copy (float, SIMD builds).** The prefill kernel reads the tables in column panels (the layout of
  * PackedTables with StorageType::F32), not row by row. So that a prefill call does not re-pack the row-major tables
- * into per-thread panels every time, MemoryLayer<float> keeps a copy of tables() in that layout, of
+ * into per-thread panels every time, MemoryLayer<float> can keep a copy of tables() in that layout, of
  * ⌈d_out/32⌉ · K · (2^τ·128 + 64) bytes (the tables' own K·2^τ·d_out·4 bytes, plus one cache line per table and
  * column block, plus padding of d_out to a multiple of 32), and prefill calls read it while it is current. Both
  * paths give the same bits, so the copy changes time, never results. The layer cannot see writes made through a
- * reference or view it handed out, so:
- *  - a new layer has a current copy; so has a layer after tables_changed(), table_rows_changed() or
- *    touched_table_rows_changed();
+ * reference or view it handed out, so the copy is kept only on request:
+ *  - a new layer has no copy (its memory is not spent unless asked for): forward packs per call;
+ *  - tables_changed(), table_rows_changed() or touched_table_rows_changed() packs it (all rows when there was no
+ *    copy) and makes it current — e.g. once after loading trained tables for inference;
  *  - writable access — the non-const tables() or parameters() — releases the copy, and forward packs per call
- *    (as if there were no copy) until one of those three calls re-packs it;
+ *    again until one of those three calls re-packs it;
  *  - calling one of them is a promise: any later write to the tables, through a reference or view obtained before
  *    or after, is reported by another of these calls before the next forward. A stale copy would give wrong
  *    outputs silently, so a caller that cannot keep the promise simply never calls them.
@@ -126,7 +127,6 @@ class MemoryLayer {
       Rng bias_rng = Rng::stream(seed, 1);
       bias_rng.fill_normal(std::span<Scalar>(bias_.data(), size_t(bias_.size())), 0.0, config_.bias_init_std);
     }
-    pack_tables(nullptr);
   }
 
   const MemoryLayerConfig& config() const { return config_; }

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
-// MemoryLayer<float>'s packed copy of its tables: forward over the copy gives the bits of the per-call packing path
-// and of FrozenMemoryLayer (F32); incremental re-packing after table updates matches a fresh layer bit for bit;
-// writable access releases the copy so that unreported writes can never be read from a stale copy.
+// MemoryLayer<float>'s packed copy of its tables: kept only on request; forward over the copy gives the bits of the
+// per-call packing path and of FrozenMemoryLayer (F32); incremental re-packing after table updates matches a fresh
+// layer bit for bit; writable access releases the copy so that unreported writes can never be read from a stale
+// copy.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -60,8 +61,19 @@ mf::MemoryLayer<float> without_copy(const mf::MemoryLayer<float>& layer) {
   return copy;
 }
 
-TEST(MemoryLayerPacked, NewLayerKeepsACurrentCopyOfTheStatedSize) {
-  const mf::MemoryLayer<float> layer(small_config(), 3);
+/// A layer whose copy has been requested (tables_changed): current wherever a copy can be kept.
+mf::MemoryLayer<float> packed_layer(std::uint64_t seed) {
+  mf::MemoryLayer<float> layer(small_config(), seed);
+  layer.tables_changed();
+  EXPECT_EQ(layer.packed_tables_current(), fast_kernels());
+  return layer;
+}
+
+TEST(MemoryLayerPacked, NewLayerKeepsNoCopyUntilAskedThenOneOfTheStatedSize) {
+  mf::MemoryLayer<float> layer(small_config(), 3);
+  EXPECT_FALSE(layer.packed_tables_current());
+  EXPECT_EQ(layer.packed_table_bytes(), 0u);
+  layer.tables_changed();
   if (!fast_kernels()) {
     EXPECT_FALSE(layer.packed_tables_current());
     EXPECT_EQ(layer.packed_table_bytes(), 0u);
@@ -70,7 +82,7 @@ TEST(MemoryLayerPacked, NewLayerKeepsACurrentCopyOfTheStatedSize) {
   EXPECT_TRUE(layer.packed_tables_current());
   // ⌈d_out/32⌉ · K · (2^τ·128 + 64) bytes.
   EXPECT_EQ(layer.packed_table_bytes(), size_t(2 * 8 * (16 * 128 + 64)));
-  // Equal to FrozenMemoryLayer's F32 panels, value by value.
+  // The size of PackedTables' F32 panels (FrozenMemoryLayer's); their values are compared through forward below.
   const mf::PackedTables reference(std::as_const(layer).tables(), mf::StorageType::F32);
   EXPECT_EQ(reference.bytes(), layer.packed_table_bytes());
 }
@@ -88,7 +100,7 @@ TEST(MemoryLayerPacked, DoubleLayersKeepNoCopy) {
 
 // The copy only moves time: every token count, both ISAs, equal bits with and without it and with FrozenMemoryLayer.
 TEST(MemoryLayerPacked, ForwardBitsEqualThePerCallPackingPathAndFrozenF32) {
-  const mf::MemoryLayer<float> layer(small_config(), 7);
+  const mf::MemoryLayer<float> layer = packed_layer(7);
   const mf::MemoryLayer<float> plain = without_copy(layer);
   const mf::FrozenMemoryLayer frozen(layer, mf::StorageType::F32);
   ASSERT_FALSE(plain.packed_tables_current());
@@ -110,7 +122,7 @@ TEST(MemoryLayerPacked, ForwardBitsEqualThePerCallPackingPathAndFrozenF32) {
 
 // Writable access without a report: the copy is released, so forward reads the new values.
 TEST(MemoryLayerPacked, WritesThroughTheMutableAccessorAreNeverReadFromAStaleCopy) {
-  mf::MemoryLayer<float> layer(small_config(), 11);
+  mf::MemoryLayer<float> layer = packed_layer(11);
   const mf::Matrix<float> x = random_matrix<float>(64, 32, 5);
   mf::HashResult<float> h;
   const mf::Matrix<float> before = layer.forward(x, h);
@@ -136,7 +148,7 @@ TEST(MemoryLayerPacked, WritesThroughTheMutableAccessorAreNeverReadFromAStaleCop
 }
 
 TEST(MemoryLayerPacked, ParameterViewsReleaseTheCopy) {
-  mf::MemoryLayer<float> layer(small_config(), 13);
+  mf::MemoryLayer<float> layer = packed_layer(13);
   const mf::Matrix<float> x = random_matrix<float>(64, 32, 6);
   mf::HashResult<float> h;
   (void)layer.forward(x, h);
@@ -150,7 +162,7 @@ TEST(MemoryLayerPacked, ParameterViewsReleaseTheCopy) {
 
 // A report on a released copy re-packs every row, whatever rows it names.
 TEST(MemoryLayerPacked, PartialReportOnAReleasedCopyRepacksEverything) {
-  mf::MemoryLayer<float> layer(small_config(), 17);
+  mf::MemoryLayer<float> layer = packed_layer(17);
   const mf::Matrix<float> x = random_matrix<float>(64, 32, 7);
   mf::HashResult<float> h;
   (void)layer.forward(x, h);
@@ -168,7 +180,7 @@ TEST(MemoryLayerPacked, PartialReportOnAReleasedCopyRepacksEverything) {
 }
 
 TEST(MemoryLayerPacked, RowIndicesOutsideTheTablesThrowBeforeAnythingChanges) {
-  mf::MemoryLayer<float> layer(small_config(), 19);
+  mf::MemoryLayer<float> layer = packed_layer(19);
   const bool current = layer.packed_tables_current();
   for (mf::Index bad : {mf::Index(-1), mf::Index(8 * 16), std::numeric_limits<mf::Index>::max()}) {
     const std::vector<mf::Index> rows = {0, bad};
@@ -253,8 +265,9 @@ TEST(MemoryLayerPacked, NonFiniteTableValuesArePackedAsTheyAre) {
 
 // Copies carry their own copy: a change reported to one does not leak into the other.
 TEST(MemoryLayerPacked, CopiesOfALayerStayIndependent) {
-  mf::MemoryLayer<float> a(small_config(), 31);
+  mf::MemoryLayer<float> a = packed_layer(31);
   mf::MemoryLayer<float> b = a;
+  EXPECT_EQ(b.packed_tables_current(), fast_kernels());
   const mf::Matrix<float> x = random_matrix<float>(64, 32, 9);
   mf::HashResult<float> h;
   const mf::Matrix<float> ya = a.forward(x, h);
@@ -266,7 +279,7 @@ TEST(MemoryLayerPacked, CopiesOfALayerStayIndependent) {
 }
 
 TEST(MemoryLayerPacked, ConstForwardOverTheCopyIsSafeFromSeveralThreads) {
-  const mf::MemoryLayer<float> layer(small_config(), 37);
+  const mf::MemoryLayer<float> layer = packed_layer(37);
   const mf::Matrix<float> x1 = random_matrix<float>(64, 32, 1), x2 = random_matrix<float>(100, 32, 2);
   mf::HashResult<float> c1, c2;
   const mf::Matrix<float> serial1 = layer.forward(x1, c1), serial2 = layer.forward(x2, c2);
