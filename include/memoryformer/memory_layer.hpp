@@ -4,8 +4,11 @@
 #pragma once
 
 #include <cstdint>
+#include <new>
+#include <span>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bucket_table.hpp"
@@ -54,6 +57,25 @@ struct MemoryLayerConfig {
  *
  * forward is const and writes the hash (codes, scores) into a caller-owned HashResult, so several threads may run
  * forward on one layer at once. backward overwrites dx and accumulates dtables/dbias until zero_grad().
+ *
+ * **Packed copy (float, SIMD builds).** The prefill kernel reads the tables in column panels (the layout of
+ * PackedTables with StorageType::F32), not row by row. So that a prefill call does not re-pack the row-major tables
+ * into per-thread panels every time, MemoryLayer<float> can keep a copy of tables() in that layout, of
+ * ⌈d_out/32⌉ · K · (2^τ·128 + 64) bytes (the tables' own K·2^τ·d_out·4 bytes, plus one cache line per table and
+ * column block, plus padding of d_out to a multiple of 32), and prefill calls read it while it is current. Both
+ * paths give the same bits, so the copy changes time, never results. The layer cannot see writes made through a
+ * reference or view it handed out, so the copy is kept only on request:
+ *  - a new layer has no copy (its memory is not spent unless asked for): forward packs per call;
+ *  - tables_changed(), table_rows_changed() or touched_table_rows_changed() packs it (all rows when there was no
+ *    copy) and makes it current — e.g. once after loading trained tables for inference;
+ *  - writable access — the non-const tables() or parameters() — releases the copy, and forward packs per call
+ *    again until one of those three calls re-packs it;
+ *  - calling one of them is a promise: any later write to the tables, through a reference or view obtained before
+ *    or after, is reported by another of these calls before the next forward. A stale copy would give wrong
+ *    outputs silently, so a caller that cannot keep the promise simply never calls them.
+ * A training loop that keeps its optimiser's views calls tables_changed() once, then after every optimiser step
+ * touched_table_rows_changed() (before zero_grad) when the step moved only rows with a gradient (AdamW with
+ * SparseUpdate::RowSparse), else tables_changed() (AdamW's default SparseUpdate::Dense moves every row).
  * @tparam Scalar float or double.
  */
 template <std::floating_point Scalar>
@@ -85,7 +107,12 @@ class MemoryLayer {
   Index d_out() const { return config_.d_out; }
   Index num_tables() const { return config_.num_tables(); }
 
-  BucketTable<Scalar>& tables() { return tables_; }              // [K, 2^τ, d_out]
+  /// Writable tables [K, 2^τ, d_out]: releases the packed copy (see the class comment; std::as_const(layer).tables()
+  /// reads without releasing it).
+  BucketTable<Scalar>& tables() {
+    release_packed_tables();
+    return tables_;
+  }
   const BucketTable<Scalar>& tables() const { return tables_; }
   const BucketTable<Scalar>& dtables() const { return dtables_; }  // [K, 2^τ, d_out]
   Vector<Scalar>& bias() { return bias_; }                        // [d_out], empty without bias
@@ -136,7 +163,9 @@ class MemoryLayer {
 
   /**
    * @brief forward_hashed on a chosen kernel path: Isa::Scalar runs the reference kernel; a SIMD path (float only)
-   * runs the fast kernels — token-major for few tokens, column-blocked with per-thread packed panels for many.
+   * runs the fast kernels — token-major for few tokens, column-blocked for many, over the packed copy when it is
+   * current (from 1.5·2^τ tokens, where FrozenMemoryLayer with both copies switches too), else over panels packed
+   * per thread and call (from 3·2^τ tokens).
    * Every fast path computes each output as the same fused multiply-add chain bias + s_0·T_0 + … + s_{K−1}·T_{K−1},
    * so results are bitwise identical across SIMD paths, token counts and thread counts, and differ from the
    * reference only by FMA rounding (≤ 2(K+1)·2^-24·(|b| + Σ|s_k·T_k|) per element).
@@ -147,6 +176,14 @@ class MemoryLayer {
     check_output("MemoryLayer::forward_hashed", y, h.rows);
     check_isa("MemoryLayer::forward_hashed", isa);
     const Scalar* bias = config_.bias ? bias_.data() : nullptr;
+    if constexpr (std::is_same_v<Scalar, float>) {
+      if (packed_current() && detail::use_fast_kernels<float>(isa) &&
+          h.rows >= detail::rows_prefill_min_tokens(config_.tau)) {
+        detail::lookup_forward_packed(isa, y.data(), y.outerStride(), packed_layout_, packed_.data(), h.codes.data(),
+                                      h.scores.data(), bias, h.rows);
+        return;
+      }
+    }
     detail::lookup_forward(isa, y.data(), y.outerStride(), tables_.data(), config_.tau, config_.d_out, h.tables,
                            h.codes.data(), h.scores.data(), bias, h.rows);
   }
@@ -207,8 +244,10 @@ class MemoryLayer {
   }
 
   /// Parameter views: "<prefix>.tables" [K, 2^τ, d_out] (kind Table, sparse rows) and "<prefix>.bias" [d_out]
-  /// (an empty prefix gives "tables" and "bias").
+  /// (an empty prefix gives "tables" and "bias"). The views can write the tables, so this releases the packed copy
+  /// (see the class comment).
   std::vector<ParameterView<Scalar>> parameters(const std::string& prefix = {}) {
+    release_packed_tables();
     const std::string dot = prefix.empty() ? std::string() : prefix + ".";
     std::vector<ParameterView<Scalar>> views;
     views.push_back({dot + "tables",
@@ -230,6 +269,41 @@ class MemoryLayer {
   /// K·2^τ·d_out (+ d_out with bias).
   Index num_parameters() const { return tables_.size() + (config_.bias ? config_.d_out : 0); }
 
+  /// Reports that any table row may have changed: re-packs the whole copy (allocating it if released) and makes it
+  /// current. Promises that later writes are reported too (see the class comment). No effect for double or
+  /// without SIMD kernels.
+  void tables_changed() { pack_tables(nullptr); }
+
+  /**
+   * @brief Reports that only `rows` changed since the copy was last current: re-packs those rows (flat indices
+   * k·2^τ + r), or every row if the copy was released. Promises that later writes are reported too.
+   * @throws ShapeError naming the first index outside [0, K·2^τ), before anything changes
+   */
+  void table_rows_changed(std::span<const Index> rows) {
+    const Index count = tables_.num_rows();
+    for (const Index r : rows)
+      if (r < 0 || r >= count)
+        throw ShapeError("MemoryLayer::table_rows_changed: row " + std::to_string(r) + " is outside [0, " +
+                         std::to_string(count) + ") (K·2^τ rows)");
+    if (!packed_current()) return pack_tables(nullptr);
+    if constexpr (keeps_packed_copy())
+      detail::pack_listed_rows_f32(packed_.data(), packed_layout_, tables_.data(), rows.data(), Index(rows.size()));
+  }
+
+  /// table_rows_changed for the rows flagged in touched_rows(): the rows a row-sparse optimiser step moves. Call it
+  /// after that step and before zero_grad(), which clears the flags.
+  void touched_table_rows_changed() {
+    if (!packed_current()) return pack_tables(nullptr);
+    if constexpr (keeps_packed_copy())
+      detail::pack_tables_f32(packed_.data(), packed_layout_, tables_.data(), touched_.data());
+  }
+
+  /// True while a current packed copy is kept (never for double or in builds without SIMD kernels).
+  bool packed_tables_current() const { return packed_current(); }
+
+  /// Bytes of the packed copy held now: ⌈d_out/32⌉ · K · (2^τ·128 + 64) while it is kept, else 0.
+  std::size_t packed_table_bytes() const { return packed_.size(); }
+
  private:
   void check_input(const char* where, ConstMatrixRef<Scalar> x) const {
     detail::check_layer_input<Scalar>(where, config_, x);
@@ -242,6 +316,37 @@ class MemoryLayer {
     detail::check_layer_hash(where, config_, h);
   }
 
+  /// Only float layers in builds with SIMD kernels read a packed copy (the reference kernel reads rows).
+  static constexpr bool keeps_packed_copy() {
+#if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
+    return std::is_same_v<Scalar, float>;
+#else
+    return false;
+#endif
+  }
+  bool packed_current() const { return packed_.size() != 0; }
+
+  /// Packs the rows flagged in row_flags (nullptr: all rows, allocating the copy first if it was released). The
+  /// copy only saves time, so when its memory cannot be had the layer goes on without it (forward packs per call).
+  void pack_tables(const std::uint8_t* row_flags) {
+    if constexpr (keeps_packed_copy()) {
+      if (!packed_current()) {
+        row_flags = nullptr;
+        packed_layout_ = detail::PanelLayout::make(num_tables(), config_.tau, config_.d_out, StorageType::F32);
+        try {
+          packed_ = detail::TableBlock(size_t(packed_layout_.total_bytes()));  // zeroed: padding stays zero
+        } catch (const std::bad_alloc&) {
+          return;
+        }
+      }
+      detail::pack_tables_f32(packed_.data(), packed_layout_, tables_.data(), row_flags);
+    } else {
+      (void)row_flags;
+    }
+  }
+  /// Frees the copy: forward packs per call until pack_tables runs again.
+  void release_packed_tables() { packed_ = detail::TableBlock(); }
+
   MemoryLayerConfig config_;
   SignHasher<Scalar> hasher_;
   BucketTable<Scalar> tables_;        // [K, 2^τ, d_out]
@@ -250,6 +355,10 @@ class MemoryLayer {
   Vector<Scalar> dbias_;              // [d_out]
   std::vector<std::uint8_t> touched_; // [K·2^τ]
   Matrix<Scalar> dscores_;            // [N, K] scratch of backward, reused across calls
+  // The packed copy of tables_ (see the class comment): held iff current, so "current" needs no separate flag that
+  // could disagree with the bytes.
+  detail::PanelLayout packed_layout_;  // F32 panels of [K, 2^τ, d_out]
+  detail::TableBlock packed_;          // packed_layout_.total_bytes() bytes, or empty when released
 };
 
 using MemoryLayerF = MemoryLayer<float>;

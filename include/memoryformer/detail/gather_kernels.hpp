@@ -12,8 +12,9 @@
 //    that fits a quarter of L2; all tokens stream through one panel, 4 tokens at a time, before the next panel is
 //    read, reading each group's plan (chunk offsets and scores) as one contiguous stream and streaming the next
 //    packed panel into L2 meanwhile. Rows are read with plain vector loads, never hardware gathers.
-// The panel layout (PanelLayout) is the storage of PackedTables; row-major float tables (MemoryLayer's training
-// storage) are packed into a per-thread panel buffer on the fly.
+// The panel layout (PanelLayout) is the storage of PackedTables and of MemoryLayer<float>'s packed copy of its
+// training tables; while that copy is out of date, the row-major tables are packed into a per-thread panel buffer on
+// the fly.
 #pragma once
 
 #include <algorithm>
@@ -112,7 +113,9 @@ struct PanelLayout {
 /// τ = 8, d_out = 512; the paths give identical bits, so the thresholds only move time):
 ///  - pre-packed panels, no row copy (token-major reads scattered 64-byte chunks): from 2^τ tokens;
 ///  - panels and a row copy (FrozenLayout::Both; token-major reads whole rows): from 1.5·2^τ;
-///  - row-major training tables (every prefill call repacks the panels first): from 3·2^τ.
+///  - row-major training tables without MemoryLayer's packed copy (every prefill call repacks all the panels):
+///    from 3·2^τ. With a current copy MemoryLayer switches like FrozenLayout::Both (its row-major tables are the row
+///    copy).
 inline Index prefill_min_tokens(int tau) { return std::max<Index>(32, Index(1) << tau); }
 inline Index rows_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau) / 2); }
 inline Index rowmajor_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau)); }
@@ -211,6 +214,68 @@ inline void pack_panel_f32(std::byte* dst, const PanelLayout& l, const float* ta
         std::memcpy(table + r * l.chunk_bytes, src + r * row_stride, size_t(cols) * sizeof(float));
       }
     }
+  }
+}
+
+MEMORYFORMER_SIMD_WARNINGS_BEGIN
+
+/// Copies `count` floats to dst (64-byte aligned) with non-temporal stores where whole 64-byte lines are written, so
+/// that a copy of many megabytes neither reads every destination line first nor evicts the caches' contents; the
+/// caller orders the stores (store_fence_if_streamed) before the data is read.
+inline void copy_floats_streaming(std::byte* dst, const float* src, Index count) {
+#if defined(MEMORYFORMER_HAVE_AVX512)
+  if (count % 16 == 0) {
+    for (Index i = 0; i < count; i += 16)
+      _mm512_stream_ps(reinterpret_cast<float*>(dst) + i, _mm512_loadu_ps(src + i));
+    return;
+  }
+#elif defined(MEMORYFORMER_HAVE_AVX2)
+  if (count % 16 == 0) {
+    for (Index i = 0; i < count; i += 8)
+      _mm256_stream_ps(reinterpret_cast<float*>(dst) + i, _mm256_loadu_ps(src + i));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, size_t(count) * sizeof(float));
+}
+
+/// Orders the non-temporal stores of copy_floats_streaming before any later load or store.
+inline void store_fence_if_streamed() {
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+  _mm_sfence();
+#endif
+}
+
+MEMORYFORMER_SIMD_WARNINGS_END
+
+/// Packs float32 row-major tables [K, 2^τ, width] (contiguous) into a whole F32 panel layout at dst (64-byte
+/// aligned): every row of every table whose flag in `row_flags` (K·2^τ flags, nullptr: all rows) is set. Threads
+/// split the tables, so they write disjoint chunks; the stores bypass the caches (copy_floats_streaming), since the
+/// whole copy is far larger than they are. Padding columns and spare lines are left as they are (the caller zeroes
+/// them once).
+inline void pack_tables_f32(std::byte* dst, const PanelLayout& l, const float* tables,
+                            const std::uint8_t* row_flags = nullptr) {
+  parallel_rows(l.tables, 1, [&](Index k0, Index k1) {
+    for (Index k = k0; k < k1; ++k)
+      for (Index r = 0; r < l.rows; ++r) {
+        if (row_flags != nullptr && row_flags[k * l.rows + r] == 0) continue;
+        const float* src = tables + (k * l.rows + r) * l.width;
+        for (Index cb = 0; cb < l.column_blocks; ++cb)
+          copy_floats_streaming(dst + l.chunk_offset(cb, k, r), src + cb * l.cv, l.block_columns(cb));
+      }
+    store_fence_if_streamed();  // each thread orders its own stores before the region ends
+  });
+}
+
+/// Packs the listed rows (flat indices k·2^τ + r, each < K·2^τ, repeats allowed) of float32 row-major tables into
+/// an F32 panel layout at dst, in order on one thread (a list may name a row twice).
+inline void pack_listed_rows_f32(std::byte* dst, const PanelLayout& l, const float* tables, const Index* rows,
+                                 Index count) {
+  for (Index i = 0; i < count; ++i) {
+    const Index k = rows[i] / l.rows, r = rows[i] % l.rows;
+    const float* src = tables + rows[i] * l.width;
+    for (Index cb = 0; cb < l.column_blocks; ++cb)
+      std::memcpy(dst + l.chunk_offset(cb, k, r), src + cb * l.cv, size_t(l.block_columns(cb)) * sizeof(float));
   }
 }
 
