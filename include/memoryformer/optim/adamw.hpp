@@ -390,7 +390,8 @@ class AdamW {
    * With bfloat16 moments, m and v are handed out expanded (exactly) into Scalar buffers under the same names, so a
    * checkpoint does not depend on the moment storage; load_state() rounds them back (to nearest even) and the next
    * step frees the buffers. Writing into those spans changes the state only through load_state().
-   * The spans stay valid until the next step, reset() or load_state(). To save:
+   * With native moments the spans stay valid for the optimiser's lifetime; with bfloat16 moments until the next
+   * step, reset() or load_state(). To save:
    * `for (auto& s : opt.state_tensors()) ckpt.add_tensor(s.name, s.shape, s.values);`
    */
   std::vector<OptimizerStateTensor<Scalar>> state_tensors(std::string_view prefix = "adamw.") {
