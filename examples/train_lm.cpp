@@ -19,6 +19,7 @@
 #include <memory>
 #include <numbers>
 #include <optional>
+#include <span>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -47,7 +48,7 @@ struct Args {
   std::string text_path;            // empty: the built-in text
   std::size_t text_bytes = 1000000; // size of the built-in text
   std::string write_default_text;
-  Index d = 256, layers = 4, heads = 4, seq = 128, batch = 16, steps = 300;
+  Index d = 256, layers = 4, heads = 4, seq = 128, batch = 16, steps = 300, accumulate = 1;
   int tau = 8, expand_bits = 2;
   std::optional<double> lr;         // default: 3e-3 MemoryFormer, 1e-3 dense (spec §3: 3× the dense rate)
   double table_lr_mult = 1.0;
@@ -60,7 +61,7 @@ struct Args {
   Index save_every = 0;
   int threads = 0;                  // 0: leave OpenMP's default
   double max_seconds = 0;           // 0: no budget
-  bool json = false, quiet = false, profile = false, smoke = false, eigen_threads = false;
+  bool json = false, quiet = false, profile = false, smoke = false, eigen_threads = false, bf16_moments = false;
 };
 
 const char* usage =
@@ -70,13 +71,15 @@ const char* usage =
     "  --text-bytes N         size of the built-in text (default 1000000)\n"
     "  --write-default-text FILE   write the built-in text to FILE and exit\n"
     "  --d N --layers N --heads N --tau N --expand-bits N   model shape (default 256, 4, 4, 8, 2)\n"
-    "  --seq N --batch N --steps N      tokens per sequence, sequences per step, steps (default 128, 16, 300)\n"
+    "  --seq N --batch N --steps N      tokens per sequence, sequences per micro-batch, steps (default 128, 16, 300)\n"
+    "  --accumulate N         micro-batches of --batch sequences per optimiser step, gradients averaged (default 1)\n"
     "  --lr X                 peak learning rate (default 3e-3 memoryformer, 1e-3 transformer)\n"
     "  --table-lr-mult X      learning-rate multiplier of bucket tables (lr group; default 1)\n"
     "  --min-lr-ratio X --warmup-ratio X   cosine decay to lr·X; warm-up share of the steps (default 0.01, 0.01)\n"
     "  --clip X               global gradient-norm clip, 0 = off (default 1)\n"
     "  --weight-decay X       AdamW decoupled weight decay, not on biases and norms (default 0.1)\n"
     "  --sparse-update row|dense   AdamW on tables/embedding: only touched rows (default) or every row\n"
+    "  --bf16-moments         store AdamW's moments as bfloat16 (parameters stay float32; checkpoints unchanged)\n"
     "  --eval-every N --eval-windows N   validate every N steps on N windows (default 50, 64)\n"
     "  --final-eval-windows N windows of the final validation, 0 = the whole split (default 256)\n"
     "  --val-fraction X       share of the text held out at its end for validation (default 0.1)\n"
@@ -87,7 +90,7 @@ const char* usage =
     "  --eigen-threads        also let Eigen thread the dense products (faster dense parts; results then depend\n"
     "                         on the thread count by float rounding)\n"
     "  --max-seconds S        stop once training has taken S seconds (the schedule is not shortened)\n"
-    "  --profile              time the parts of a training step and exit\n"
+    "  --profile              time the parts of a training step (steady state, after warm-up steps) and exit\n"
     "  --json                 print the final metrics as one JSON object on stdout\n"
     "  --quiet                no progress output\n"
     "  --smoke                tiny sizes, a few seconds (what ctest runs)\n";
@@ -117,6 +120,8 @@ Args parse(int argc, char** argv) {
     else if (f == "--seq") a.seq = integer(i);
     else if (f == "--batch") a.batch = integer(i);
     else if (f == "--steps") a.steps = integer(i);
+    else if (f == "--accumulate") a.accumulate = integer(i);
+    else if (f == "--bf16-moments") a.bf16_moments = true;
     else if (f == "--lr") a.lr = real(i);
     else if (f == "--table-lr-mult") a.table_lr_mult = real(i);
     else if (f == "--min-lr-ratio") a.min_lr_ratio = real(i);
@@ -144,6 +149,7 @@ Args parse(int argc, char** argv) {
   }
   if (a.model != "memoryformer" && a.model != "transformer")
     fail("--model must be memoryformer or transformer, got '" + a.model + "'");
+  if (a.accumulate < 1) fail("--accumulate must be ≥ 1, got " + std::to_string(a.accumulate));
   if (a.sparse_update != "row" && a.sparse_update != "dense")
     fail("--sparse-update must be row or dense, got '" + a.sparse_update + "'");
   if (a.smoke) {
@@ -188,12 +194,34 @@ std::string json_number(double v) {
   return buf;
 }
 
+/// Fails (naming the path) unless a file can be created at `path`: its directory exists and is writable, and the
+/// path is not a directory. Checked before training so that a long run does not end with an unsaved model.
+void check_writable(const std::string& path) {
+  namespace fs = std::filesystem;
+  const fs::path p(path);
+  std::error_code ec;
+  if (fs::is_directory(p, ec)) fail("--save '" + path + "' is a directory, not a file path");
+  const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
+  if (!fs::is_directory(dir, ec)) fail("--save '" + path + "': the directory '" + dir.string() + "' does not exist");
+  // Writability: create and remove a probe file beside the target (the checkpoint itself is written atomically
+  // through a temporary file in the same directory).
+  const fs::path probe = dir / (".train_lm_write_probe_" + std::to_string(std::uint64_t(
+                                                               std::chrono::steady_clock::now().time_since_epoch().count())));
+  {
+    std::ofstream f(probe, std::ios::binary);
+    if (!f) fail("--save '" + path + "': the directory '" + dir.string() + "' is not writable");
+  }
+  fs::remove(probe, ec);
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-/// Times the parts of training steps (forward, loss, backward, clipping, AdamW, zero_grad) and, inside forward and
-/// backward, one block, the head and the embedding, to show what dominates at this size.
+/// Times the parts of training steps in the steady state — after `warmup` untimed steps, which fault in the
+/// optimiser state and the scratch buffers — and, inside forward and backward, one block, to show what dominates at
+/// this size. A step is what the Trainer does: zero_grad, forward+loss and backward on each of the `accumulate`
+/// micro-batches, then AdamW::step_fused (norm, clip, update and gradient zeroing).
 template <class Model>
 void profile(Model& model, const mf::TextDataset& data, const mf::TrainerOptions& options, std::ostream& out) {
   using Clock = std::chrono::steady_clock;
@@ -201,35 +229,43 @@ void profile(Model& model, const mf::TextDataset& data, const mf::TrainerOptions
   mf::AdamW<float> opt(params, options.adamw);
   mf::TokenBatch batch;
   typename Model::Cache cache;
-  const int reps = 3;
-  double t_zero = 0, t_fwd = 0, t_bwd = 0, t_clip = 0, t_opt = 0;
-  for (int r = 0; r <= reps; ++r) {
+  const int warmup = 3, reps = 5;
+  const Index micro = options.batch, parts = options.accumulate;
+  double t_zero = 0, t_fwd = 0, t_bwd = 0, t_norm = 0, t_opt = 0;
+  for (int r = 0; r < warmup + reps; ++r) {
     mf::Rng rng = mf::Rng::stream(options.data_seed, std::uint64_t(r));
-    data.sample_train(batch, options.batch, options.seq, rng);
+    data.sample_train(batch, micro * parts, options.seq, rng);
     auto t = Clock::now();
     model.zero_grad();
     const double z = seconds_since(t);
+    double f = 0, b = 0;
+    for (Index part = 0; part < parts; ++part) {
+      const auto first = std::size_t(part * micro * options.seq), count = std::size_t(micro * options.seq);
+      t = Clock::now();
+      model.forward_loss(std::span<const std::int32_t>(batch.inputs).subspan(first, count),
+                         std::span<const std::int32_t>(batch.targets).subspan(first, count), micro, options.seq,
+                         cache);
+      f += seconds_since(t);
+      t = Clock::now();
+      model.backward(cache, 1.0f / float(parts));
+      b += seconds_since(t);
+    }
+    // The norm pass alone (read-only), for the breakdown: step_fused runs it again.
     t = Clock::now();
-    model.forward_loss(batch.inputs, batch.targets, batch.batch, batch.seq, cache);
-    const double f = seconds_since(t);
+    (void)mf::global_grad_norm(params);
+    const double nm = seconds_since(t);
     t = Clock::now();
-    model.backward(cache);
-    const double b = seconds_since(t);
-    t = Clock::now();
-    mf::clip_grad_norm(params, 1.0);
-    const double c = seconds_since(t);
-    t = Clock::now();
-    opt.step(1e-3);
+    opt.step_fused(1e-3, options.clip_norm);
     const double o = seconds_since(t);
-    if (r == 0) continue;  // warm-up: first-touch allocations
+    if (r < warmup) continue;
     t_zero += z / reps;
     t_fwd += f / reps;
     t_bwd += b / reps;
-    t_clip += c / reps;
+    t_norm += nm / reps;
     t_opt += o / reps;
   }
-  // One block alone on the same activations, and the head as a plain product.
-  const Index n = options.batch * options.seq;
+  // One block alone on the same activations (the last micro-batch's).
+  const Index n = micro * options.seq;
   auto& block = model.block(0);
   typename Model::BlockType::Cache bc;
   mf::Matrix<float> y(n, model.d()), dx(n, model.d());
@@ -238,26 +274,29 @@ void profile(Model& model, const mf::TextDataset& data, const mf::TrainerOptions
   double t_block_f = 0, t_block_b = 0;
   for (int r = 0; r < reps; ++r) {
     auto t = Clock::now();
-    block.forward(y, x, options.batch, options.seq, bc);
+    block.forward(y, x, micro, options.seq, bc);
     t_block_f += seconds_since(t) / reps;
     t = Clock::now();
     block.backward(dx, x, dy, bc);
     t_block_b += seconds_since(t) / reps;
   }
-  const double total = t_zero + t_fwd + t_bwd + t_clip + t_opt;
-  char buf[512];
+  model.zero_grad();
+  const double total = t_zero + t_fwd + t_bwd + t_opt;
+  const Index tokens = n * parts;
+  char buf[1024];
   std::snprintf(buf, sizeof(buf),
-                "profile (%ld tokens per step, mean of %d steps):\n"
+                "profile (steady state: %d warm-up steps untimed, then the mean of %d steps; %ld tokens per step = "
+                "%ld micro-batch(es) x %ld sequences x %ld tokens):\n"
                 "  zero_grad      %8.1f ms  (%4.1f%%)\n"
-                "  forward+loss   %8.1f ms  (%4.1f%%)   one block forward  %7.1f ms (x %ld blocks)\n"
-                "  backward       %8.1f ms  (%4.1f%%)   one block backward %7.1f ms (x %ld blocks)\n"
-                "  clip           %8.1f ms  (%4.1f%%)\n"
-                "  adamw step     %8.1f ms  (%4.1f%%)\n"
+                "  forward+loss   %8.1f ms  (%4.1f%%)   one block forward  %7.1f ms (x %ld blocks x %ld)\n"
+                "  backward       %8.1f ms  (%4.1f%%)   one block backward %7.1f ms (x %ld blocks x %ld)\n"
+                "  optimizer      %8.1f ms  (%4.1f%%)   norm + clip + AdamW + gradient zeroing (step_fused); its\n"
+                "                                          norm pass alone: %.1f ms\n"
                 "  total          %8.1f ms  -> %.0f tokens/s\n",
-                long(n), reps, t_zero * 1e3, 100 * t_zero / total, t_fwd * 1e3, 100 * t_fwd / total,
-                t_block_f * 1e3, long(model.layers()), t_bwd * 1e3, 100 * t_bwd / total, t_block_b * 1e3,
-                long(model.layers()), t_clip * 1e3, 100 * t_clip / total, t_opt * 1e3, 100 * t_opt / total,
-                total * 1e3, double(n) / total);
+                warmup, reps, long(tokens), long(parts), long(micro), long(options.seq), t_zero * 1e3,
+                100 * t_zero / total, t_fwd * 1e3, 100 * t_fwd / total, t_block_f * 1e3, long(model.layers()),
+                long(parts), t_bwd * 1e3, 100 * t_bwd / total, t_block_b * 1e3, long(model.layers()), long(parts),
+                t_opt * 1e3, 100 * t_opt / total, t_norm * 1e3, total * 1e3, double(tokens) / total);
   out << buf;
 }
 
@@ -270,6 +309,7 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
   mf::TrainerOptions o;
   o.steps = a.steps;
   o.batch = a.batch;
+  o.accumulate = a.accumulate;
   o.seq = a.seq;
   o.lr = a.lr ? *a.lr : (a.model == "memoryformer" ? 3e-3 : 1e-3);
   o.lr_min_ratio = a.min_lr_ratio;
@@ -278,6 +318,7 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
   o.adamw.weight_decay = a.weight_decay;
   o.adamw.lr_multipliers.table = a.table_lr_mult;
   o.adamw.sparse_update = a.sparse_update == "row" ? mf::SparseUpdate::RowSparse : mf::SparseUpdate::Dense;
+  o.adamw.moments = a.bf16_moments ? mf::MomentStorage::BFloat16 : mf::MomentStorage::Native;
   o.eval_every = a.eval_every;
   o.eval_windows = a.eval_windows;
   o.data_seed = a.data_seed;
@@ -299,12 +340,15 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
     std::snprintf(buf, sizeof(buf),
                   "%s: d=%ld layers=%ld heads=%ld%s, %ld parameters (%.1f MB of tables), %.3g FLOPs/token (paper "
                   "convention)\ntext: %s, %zu bytes (%zu train / %zu validation), unigram entropy %.3f bits/byte\n"
-                  "training: %ld steps x %ld sequences x %ld tokens, lr %.2g, %s table updates",
+                  "training: %ld steps x %ld sequences x %ld tokens, lr %.2g, %s table updates%s",
                   a.model.c_str(), long(a.d), long(a.layers), long(a.heads),
                   a.model == "memoryformer" ? (" tau=" + std::to_string(a.tau)).c_str() : "",
                   long(model.num_parameters()), table_bytes / 1e6, flops_per_token, text_name.c_str(), text.size(),
-                  data.train().size(), data.validation().size(), unigram_bits, long(a.steps), long(a.batch),
-                  long(a.seq), o.lr, a.sparse_update == "row" ? "row-sparse" : "dense");
+                  data.train().size(), data.validation().size(), unigram_bits, long(a.steps),
+                  long(a.batch * a.accumulate), long(a.seq), o.lr, a.sparse_update == "row" ? "row-sparse" : "dense",
+                  a.accumulate > 1 ? (", " + std::to_string(a.accumulate) + " micro-batches of " +
+                                      std::to_string(a.batch) + " per step").c_str()
+                                   : "");
     log << buf;
 #if defined(_OPENMP)
     log << ", " << omp_get_max_threads() << " OpenMP thread(s)";
@@ -375,7 +419,9 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
        << ", \"parameters\": " << model.num_parameters() << ", \"table_bytes\": " << json_number(table_bytes)
        << ", \"d\": " << a.d << ", \"layers\": " << a.layers << ", \"heads\": " << a.heads;
     if (a.model == "memoryformer") js << ", \"tau\": " << a.tau << ", \"expand_bits\": " << a.expand_bits;
-    js << ", \"seq\": " << a.seq << ", \"batch\": " << a.batch << ", \"lr\": " << json_number(o.lr)
+    js << ", \"seq\": " << a.seq << ", \"batch\": " << a.batch << ", \"accumulate\": " << a.accumulate
+       << ", \"sequences_per_step\": " << a.batch * a.accumulate
+       << ", \"bf16_moments\": " << (a.bf16_moments ? "true" : "false") << ", \"lr\": " << json_number(o.lr)
        << ", \"val_tokens\": " << final_eval.tokens << ", \"text\": " << json_string(text_name)
        << ", \"text_bytes\": " << text.size() << ", \"threads\": " << threads
        << ", \"eigen_threads\": " << (a.eigen_threads ? "true" : "false")
@@ -412,6 +458,7 @@ int main(int argc, char** argv) {
       text_name = a.text_path;
     }
     if (a.smoke && a.save.empty()) a.save = "train_lm_smoke.ckpt";
+    if (!a.save.empty()) check_writable(a.save);
     if (a.model == "memoryformer") {
       mf::MemoryFormerLM<float>::Config c;
       c.vocab = mf::byte_vocab;

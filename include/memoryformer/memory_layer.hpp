@@ -120,6 +120,8 @@ class MemoryLayer {
   const Vector<Scalar>& dbias() const { return dbias_; }          // [d_out]
   /// One flag per table row (K·2^τ): set when backward wrote the row's gradient since zero_grad().
   const std::vector<std::uint8_t>& touched_rows() const { return touched_; }
+  /// The flagged rows' ids, each once, in the order backward first flagged them.
+  const std::vector<Index>& touched_list() const { return touched_list_; }
 
   /**
    * @brief y = Σ_k s_k · T_k[code_k] + b, hashing x first.
@@ -231,16 +233,22 @@ class MemoryLayer {
     const Vector<Scalar> column_sums = detail::column_sums<Scalar>(dy);
     if (!column_sums.allFinite()) detail::check_finite("MemoryLayer::backward", "dy", dy.data(), dy.rows(), dy.cols());
     if (config_.bias) dbias_ += column_sums;
+    list_new_rows(h);
     detail::lookup_backward(isa, dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(), tables_.data(),
                             dtables_.data(), touched_.data(), config_.tau, config_.d_out, h.tables, h.codes.data(),
                             h.scores.data(), h.rows);
   }
 
-  /// Clears dtables, dbias and the touched-row flags.
+  /// Clears dtables (only the listed rows: the others are zero already), dbias, the touched-row flags and list.
   void zero_grad() {
-    dtables_.set_zero();
+    const std::span<Scalar> dt = dtables_.values();
+    const std::size_t width = std::size_t(config_.d_out);
+    for (Index r : touched_list_) {
+      std::fill_n(dt.begin() + std::ptrdiff_t(std::size_t(r) * width), width, Scalar(0));
+      touched_[std::size_t(r)] = 0;
+    }
+    touched_list_.clear();
     if (config_.bias) dbias_.setZero();
-    std::fill(touched_.begin(), touched_.end(), std::uint8_t(0));
   }
 
   /// Parameter views: "<prefix>.tables" [K, 2^τ, d_out] (kind Table, sparse rows) and "<prefix>.bias" [d_out]
@@ -256,7 +264,8 @@ class MemoryLayer {
                      dtables_.values(),
                      ParameterKind::Table,
                      config_.d_out,
-                     &touched_});
+                     &touched_,
+                     &touched_list_});
     if (config_.bias)
       views.push_back({dot + "bias",
                        {config_.d_out},
@@ -347,6 +356,20 @@ class MemoryLayer {
   /// Frees the copy: forward packs per call until pack_tables runs again.
   void release_packed_tables() { packed_ = detail::TableBlock(); }
 
+  /// Flags and lists the rows h will write that are not flagged yet (the kernels then flag them again, harmlessly).
+  void list_new_rows(const HashResult<Scalar>& h) {
+    const Index per_table = config_.rows_per_table();
+    const std::int32_t* codes = h.codes.data();
+    for (Index n = 0; n < h.rows; ++n)
+      for (Index k = 0; k < h.tables; ++k) {
+        const Index row = k * per_table + codes[n * h.tables + k];
+        if (touched_[std::size_t(row)] == 0) {
+          touched_[std::size_t(row)] = 1;
+          touched_list_.push_back(row);
+        }
+      }
+  }
+
   MemoryLayerConfig config_;
   SignHasher<Scalar> hasher_;
   BucketTable<Scalar> tables_;        // [K, 2^τ, d_out]
@@ -354,6 +377,7 @@ class MemoryLayer {
   Vector<Scalar> bias_;               // [d_out]
   Vector<Scalar> dbias_;              // [d_out]
   std::vector<std::uint8_t> touched_; // [K·2^τ]
+  std::vector<Index> touched_list_;   // [rows flagged in touched_], first-flagged order
   Matrix<Scalar> dscores_;            // [N, K] scratch of backward, reused across calls
   // The packed copy of tables_ (see the class comment): held iff current, so "current" needs no separate flag that
   // could disagree with the bytes.

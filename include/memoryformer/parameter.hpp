@@ -37,7 +37,13 @@ struct ParameterView {
   /// For sparse kinds (Table, Embedding): length of one row, and a flag per row set by backward when the row
   /// received a gradient since the last zero_grad(). nullptr means "treat every row as touched".
   Index row_size = 0;
-  const std::vector<std::uint8_t>* touched_rows = nullptr;
+  /// Writable so that an optimiser step that consumes and zeroes the gradient (AdamW::step_fused) can clear the
+  /// flags too, leaving the state zero_grad() leaves.
+  std::vector<std::uint8_t>* touched_rows = nullptr;
+  /// With touched_rows: the ids of exactly the flagged rows, each once, in the order backward first flagged them
+  /// (a deterministic order), so that optimisers, clipping and zero_grad() visit the touched rows without scanning
+  /// the flags. nullptr: the flags are scanned instead.
+  std::vector<Index>* touched_list = nullptr;
 };
 
 }  // namespace memoryformer

@@ -171,3 +171,31 @@ TEST(NnRope, BadConfigAndShapesThrow) {
   const std::vector<mf::Index> neg{0, 1, 2, -4, 0, 0};
   expect_throw_with([&] { rope.forward(y, x, neg); }, "positions[3] = -4");
 }
+
+TEST(NnRope, CachedAnglesGiveTheBitsOfAFreshObject) {
+  // One object reused across calls that grow its angle cache (and the positions path, and a position past the
+  // cache's limit) must give exactly what a fresh object gives for each call.
+  mf::Rotary<float> reused(16, 2, 6);
+  mf::Rng rng(3);
+  struct Call {
+    mf::Index batch, seq, offset;
+  };
+  for (const Call c : {Call{2, 4, 0}, Call{1, 8, 60}, Call{3, 5, 2}, Call{1, 3, 200}, Call{1, 2, 70000}}) {
+    mf::Matrix<float> x(c.batch * c.seq, 16);
+    rng.fill_normal(std::span<float>(x.data(), size_t(x.size())), 0.0, 1.0);
+    mf::Matrix<float> a(x.rows(), 16), b(x.rows(), 16), da(x.rows(), 16), db(x.rows(), 16);
+    mf::Rotary<float> fresh(16, 2, 6);
+    reused.forward(a, x, c.batch, c.seq, c.offset);
+    fresh.forward(b, x, c.batch, c.seq, c.offset);
+    EXPECT_EQ(a, b) << "offset " << c.offset;
+    mf::Rotary<float> fresh2(16, 2, 6);
+    reused.backward(da, x, c.batch, c.seq, c.offset);
+    fresh2.backward(db, x, c.batch, c.seq, c.offset);
+    EXPECT_EQ(da, db) << "offset " << c.offset;
+    std::vector<mf::Index> positions;
+    for (mf::Index n = 0; n < x.rows(); ++n) positions.push_back(c.offset + n % c.seq);
+    mf::Matrix<float> p(x.rows(), 16);
+    reused.forward(p, x, positions);
+    EXPECT_EQ(p, a) << "positions path, offset " << c.offset;
+  }
+}

@@ -3,6 +3,7 @@
 // global-norm clipping and the cosine schedule, each against values written out by hand in the test.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -16,6 +17,11 @@
 #include "memoryformer/optim/clip.hpp"
 #include "memoryformer/optim/schedule.hpp"
 #include "memoryformer/optim/sgd.hpp"
+#include "memoryformer/random.hpp"
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+#include <omp.h>
+#endif
 
 namespace mf = memoryformer;
 using mf::ParameterKind;
@@ -468,4 +474,426 @@ TEST(Schedule, ValuesAtStartEndOfWarmupMidpointAndEnd) {
   EXPECT_THROW(mf::cosine_lr(0, 1.0, 2.0, 0, 10), mf::ConfigError);
   EXPECT_THROW(mf::cosine_lr(0, 1.0, 0.0, 11, 10), mf::ConfigError);
   EXPECT_THROW(mf::cosine_lr(0, 1.0, 0.0, 0, 0), mf::ConfigError);
+}
+
+// ------------------------------------------------------------------------------ fused, threaded AdamW and clipping
+
+namespace {
+
+/// The previous AdamW, kept verbatim as the reference of the fused one: sequential, double per element (no explicit
+/// fma), per-row counts in RowSparse mode, touched rows read from the flags.
+template <class Scalar>
+class PreviousAdamW {
+ public:
+  PreviousAdamW(std::vector<mf::ParameterView<Scalar>> params, mf::AdamWOptions options)
+      : params_(std::move(params)), options_(options) {
+    for (const auto& p : params_) {
+      State s;
+      s.m.assign(p.value.size(), Scalar(0));
+      s.v.assign(p.value.size(), Scalar(0));
+      if (row_sparse(p)) s.row_steps.assign(p.value.size() / std::size_t(p.row_size), Scalar(0));
+      state_.push_back(std::move(s));
+    }
+  }
+  void step(double lr) {
+    step_ += Scalar(1);
+    const double t = double(step_);
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      const auto& p = params_[i];
+      auto& s = state_[i];
+      const double eta = lr * options_.lr_multipliers(p.kind);
+      const double lambda = mf::decays(p.kind) ? options_.weight_decay : 0.0;
+      if (!row_sparse(p)) {
+        update_range(p, s, 0, p.value.size(), t, eta, lambda);
+        continue;
+      }
+      const std::size_t row = std::size_t(p.row_size);
+      for (std::size_t r = 0; r < s.row_steps.size(); ++r) {
+        if (p.touched_rows != nullptr && (*p.touched_rows)[r] == 0) continue;
+        s.row_steps[r] += Scalar(1);
+        update_range(p, s, r * row, (r + 1) * row, double(s.row_steps[r]), eta, lambda);
+      }
+    }
+  }
+  /// The previous clip_grad_norm: one sequential sum in memory order over the flagged rows.
+  static double clip(const std::vector<mf::ParameterView<Scalar>>& params, double max_norm) {
+    double sum = 0.0;
+    auto ranges = [](const mf::ParameterView<Scalar>& p, auto&& f) {
+      if (p.touched_rows == nullptr || p.row_size <= 0) return f(std::size_t(0), p.grad.size());
+      const std::size_t row = std::size_t(p.row_size);
+      for (std::size_t r = 0; r < p.grad.size() / row; ++r)
+        if ((*p.touched_rows)[r] != 0) f(r * row, (r + 1) * row);
+    };
+    for (const auto& p : params)
+      ranges(p, [&](std::size_t b, std::size_t e) {
+        for (std::size_t i = b; i < e; ++i) sum += double(p.grad[i]) * double(p.grad[i]);
+      });
+    const double norm = std::sqrt(sum);
+    if (max_norm <= 0.0 || norm <= max_norm) return norm;
+    const double scale = max_norm / norm;
+    for (const auto& p : params)
+      ranges(p, [&](std::size_t b, std::size_t e) {
+        for (std::size_t i = b; i < e; ++i) p.grad[i] = Scalar(double(p.grad[i]) * scale);
+      });
+    return norm;
+  }
+
+ private:
+  struct State {
+    std::vector<Scalar> m, v, row_steps;
+  };
+  bool row_sparse(const mf::ParameterView<Scalar>& p) const {
+    return options_.sparse_update == mf::SparseUpdate::RowSparse &&
+           (p.kind == ParameterKind::Table || p.kind == ParameterKind::Embedding);
+  }
+  void update_range(const mf::ParameterView<Scalar>& p, State& s, std::size_t begin, std::size_t end, double t,
+                    double eta, double lambda) const {
+    const double b1_ = options_.beta1, b2_ = options_.beta2, eps_ = options_.eps;
+    const double bc1 = 1.0 - std::pow(b1_, t);
+    const double bc2 = 1.0 - std::pow(b2_, t);
+    Scalar* theta = p.value.data();
+    const Scalar* grad = p.grad.data();
+    for (std::size_t i = begin; i < end; ++i) {
+      const double g = double(grad[i]);
+      const double m = b1_ * double(s.m[i]) + (1.0 - b1_) * g;
+      const double v = b2_ * double(s.v[i]) + (1.0 - b2_) * g * g;
+      s.m[i] = Scalar(m);
+      s.v[i] = Scalar(v);
+      const double th = double(theta[i]);
+      theta[i] = Scalar(th - eta * (lambda * th + (m / bc1) / (std::sqrt(v / bc2) + eps_)));
+    }
+  }
+  std::vector<mf::ParameterView<Scalar>> params_;
+  mf::AdamWOptions options_;
+  Scalar step_ = Scalar(0);
+  std::vector<State> state_;
+};
+
+/// A float model's worth of parameters of every kind, with touched flags and lists on the sparse ones.
+struct FloatModel {
+  std::vector<Param<float>> ps;
+  std::vector<std::vector<mf::Index>> lists;  // one per parameter (used by the sparse ones)
+
+  explicit FloatModel(std::uint64_t seed) {
+    mf::Rng rng(seed);
+    auto make = [&](std::string name, std::vector<mf::Index> shape, ParameterKind kind, mf::Index row) {
+      std::size_t n = 1;
+      for (auto d : shape) n *= std::size_t(d);
+      Param<float> p = param<float>(std::move(name), std::move(shape), std::vector<float>(n), std::vector<float>(n, 0.0f),
+                                    kind, row);
+      rng.fill_normal(std::span<float>(p.value), 0.0, 0.5);
+      if (row > 0) {
+        p.touched.assign(n / std::size_t(row), 0);
+        p.use_touched = true;
+      }
+      ps.push_back(std::move(p));
+    };
+    make("dense", {37, 45}, ParameterKind::Dense, 0);  // 1665: not a multiple of 8, tails exercised
+    make("bias", {45}, ParameterKind::Bias, 0);
+    make("norm", {45}, ParameterKind::Norm, 0);
+    make("tables", {3, 64, 40}, ParameterKind::Table, 40);
+    make("embedding", {50, 13}, ParameterKind::Embedding, 13);
+    make("big", {200, 200}, ParameterKind::Dense, 0);  // two pieces
+    lists.resize(ps.size());
+  }
+
+  /// Views with (list = true) or without the touched lists.
+  std::vector<mf::ParameterView<float>> views_of(bool list) {
+    std::vector<mf::ParameterView<float>> v;
+    for (std::size_t i = 0; i < ps.size(); ++i) {
+      auto view = ps[i].view();
+      if (list && ps[i].use_touched) view.touched_list = &lists[i];
+      v.push_back(view);
+    }
+    return v;
+  }
+
+  /// Gradients of step `t`: normal values on dense kinds, on a random subset of rows of the sparse ones (flagged
+  /// and listed in a scrambled order), zero elsewhere.
+  void fill_gradients(std::uint64_t t, double scale) {
+    mf::Rng rng = mf::Rng::stream(99, t);
+    for (std::size_t i = 0; i < ps.size(); ++i) {
+      auto& p = ps[i];
+      std::fill(p.grad.begin(), p.grad.end(), 0.0f);
+      if (!p.use_touched) {
+        rng.fill_normal(std::span<float>(p.grad), 0.0, scale);
+        continue;
+      }
+      std::fill(p.touched.begin(), p.touched.end(), std::uint8_t(0));
+      lists[i].clear();
+      const std::size_t rows = p.touched.size(), row = std::size_t(p.row_size);
+      for (std::size_t k = 0; k < rows / 3; ++k) {
+        const std::size_t r = std::size_t(rng.uniform_index(rows));
+        if (!p.touched[r]) {
+          p.touched[r] = 1;
+          lists[i].push_back(mf::Index(r));
+        }
+        rng.fill_normal(std::span<float>(p.grad).subspan(r * row, row), 0.0, scale);
+      }
+    }
+  }
+};
+
+mf::AdamWOptions row_sparse_options() {
+  mf::AdamWOptions o;
+  o.sparse_update = mf::SparseUpdate::RowSparse;
+  return o;
+}
+
+double max_relative_difference(const std::vector<float>& a, const std::vector<float>& b) {
+  double worst = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double d = std::abs(double(a[i]) - double(b[i]));
+    worst = std::max(worst, d / std::max(std::abs(double(b[i])), 1e-30));
+  }
+  return worst;
+}
+
+}  // namespace
+
+TEST(AdamWFused, EqualsThePreviousClipAndStepWithin1e6After100FloatSteps) {
+  for (const auto mode : {mf::SparseUpdate::Dense, mf::SparseUpdate::RowSparse}) {
+    for (const double max_norm : {0.0, 5.0}) {
+      SCOPED_TRACE(std::string(mode == mf::SparseUpdate::Dense ? "Dense" : "RowSparse") + " max_norm " +
+                   std::to_string(max_norm));
+      FloatModel fused(3), previous(3);
+      mf::AdamWOptions o;
+      o.sparse_update = mode;
+      o.lr_multipliers.table = 3.0;
+      mf::AdamW<float> opt(fused.views_of(true), o);
+      PreviousAdamW<float> ref(previous.views_of(false), o);
+      int clipped = 0;
+      for (std::uint64_t t = 0; t < 100; ++t) {
+        const double grad_scale = t % 3 == 0 ? 1.0 : 0.05;  // clipped on some steps only
+        fused.fill_gradients(t, grad_scale);
+        previous.fill_gradients(t, grad_scale);
+        const double lr = 1e-3 * (1.0 + double(t % 7));
+        const double ref_norm = PreviousAdamW<float>::clip(previous.views_of(false), max_norm);
+        ref.step(lr);
+        const double norm = opt.step_fused(lr, max_norm);
+        clipped += max_norm > 0.0 && ref_norm > max_norm;
+        ASSERT_NEAR(norm, ref_norm, 1e-12 * ref_norm);
+        // The fused step leaves the gradients zero and the touched rows cleared.
+        for (std::size_t i = 0; i < fused.ps.size(); ++i) {
+          for (float g : fused.ps[i].grad) {
+            ASSERT_EQ(g, 0.0f) << fused.ps[i].name;
+          }
+          for (auto f : fused.ps[i].touched) {
+            ASSERT_EQ(f, 0) << fused.ps[i].name;
+          }
+          ASSERT_TRUE(fused.lists[i].empty());
+        }
+      }
+      if (max_norm > 0.0) {
+        EXPECT_GT(clipped, 10);
+      }
+      EXPECT_EQ(opt.steps(), 100u);
+      for (std::size_t i = 0; i < fused.ps.size(); ++i)
+        EXPECT_LE(max_relative_difference(fused.ps[i].value, previous.ps[i].value), 1e-6) << fused.ps[i].name;
+    }
+  }
+}
+
+TEST(AdamWFused, StepWithoutClippingMatchesStepFusedBitwiseAndKeepsGradients) {
+  FloatModel a(5), b(5);
+  mf::AdamW<float> oa(a.views_of(true), row_sparse_options());
+  mf::AdamW<float> ob(b.views_of(false), row_sparse_options());
+  for (std::uint64_t t = 0; t < 5; ++t) {
+    a.fill_gradients(t, 1.0);
+    b.fill_gradients(t, 1.0);
+    oa.step_fused(1e-2, 0.0);  // listed rows
+    const auto grads = b.ps[0].grad;
+    ob.step(1e-2);             // flagged rows, gradients kept
+    EXPECT_EQ(b.ps[0].grad, grads);
+  }
+  for (std::size_t i = 0; i < a.ps.size(); ++i) EXPECT_EQ(a.ps[i].value, b.ps[i].value) << a.ps[i].name;
+}
+
+TEST(AdamWFused, SimdKernelEqualsScalarKernelBitwise) {
+  for (const bool scaled : {false, true}) {
+    mf::Rng rng(7);
+    const std::size_t n = 1003;
+    std::vector<float> theta(n), grad(n), m(n), v(n);
+    rng.fill_normal(std::span<float>(theta), 0.0, 1.0);
+    rng.fill_normal(std::span<float>(grad), 0.0, 1.0);
+    rng.fill_normal(std::span<float>(m), 0.0, 0.1);
+    for (auto& x : v) x = float(rng.uniform() * 0.01);
+    std::vector<std::uint16_t> m16(n), v16(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      m16[i] = mf::detail::float_to_bf16(m[i]);
+      v16[i] = mf::detail::float_to_bf16(v[i]);
+    }
+    mf::detail::adamw::Coefficients c;
+    c.b1 = 0.9;
+    c.b2 = 0.95;
+    c.one_minus_b1 = 1 - c.b1;
+    c.one_minus_b2 = 1 - c.b2;
+    c.bc1 = 1 - std::pow(0.9, 3.0);
+    c.bc2 = 1 - std::pow(0.95, 3.0);
+    c.eps = 1e-8;
+    c.eta = 3e-3;
+    c.lambda = 0.1;
+    c.scale = scaled ? 0.3 : 1.0;
+    c.scaled = scaled;
+    auto t1 = theta, g1 = grad, m1 = m, v1 = v, t2 = theta, g2 = grad, m2 = m, v2 = v;
+    mf::detail::adamw::update(t1.data(), g1.data(), m1.data(), v1.data(), n, c, true, true);
+    mf::detail::adamw::update(t2.data(), g2.data(), m2.data(), v2.data(), n, c, true, false);
+    EXPECT_EQ(t1, t2);
+    EXPECT_EQ(m1, m2);
+    EXPECT_EQ(v1, v2);
+    EXPECT_EQ(g1, std::vector<float>(n, 0.0f));
+    EXPECT_EQ(g2, std::vector<float>(n, 0.0f));
+    auto t3 = theta, g3 = grad, t4 = theta, g4 = grad;
+    auto m3 = m16, v3 = v16, m4 = m16, v4 = v16;
+    mf::detail::adamw::update(t3.data(), g3.data(), m3.data(), v3.data(), n, c, false, true);
+    mf::detail::adamw::update(t4.data(), g4.data(), m4.data(), v4.data(), n, c, false, false);
+    EXPECT_EQ(t3, t4);
+    EXPECT_EQ(m3, m4);
+    EXPECT_EQ(v3, v4);
+    EXPECT_EQ(g3, grad);
+    EXPECT_NE(t3, theta);
+  }
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  EXPECT_TRUE(mf::detail::adamw::has_simd_update<float>());  // the comparison above did take both kernels
+#endif
+}
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+namespace {
+class OmpThreads {
+ public:
+  explicit OmpThreads(int n) : saved_(omp_get_max_threads()) { omp_set_num_threads(n); }
+  ~OmpThreads() { omp_set_num_threads(saved_); }
+  OmpThreads(const OmpThreads&) = delete;
+  OmpThreads& operator=(const OmpThreads&) = delete;
+
+ private:
+  int saved_;
+};
+}  // namespace
+
+TEST(AdamWFused, ThreadCountDoesNotChangeBits) {
+  for (const auto moments : {mf::MomentStorage::Native, mf::MomentStorage::BFloat16}) {
+    std::vector<std::vector<float>> results;
+    std::vector<double> norms;
+    for (const int threads : {1, 2, 3}) {
+      OmpThreads setting(threads);
+      FloatModel model(11);
+      mf::AdamWOptions o;
+      o.sparse_update = mf::SparseUpdate::RowSparse;
+      o.moments = moments;
+      mf::AdamW<float> opt(model.views_of(true), o);
+      std::vector<float> out;
+      for (std::uint64_t t = 0; t < 6; ++t) {
+        model.fill_gradients(t, t % 2 ? 2.0 : 0.1);
+        norms.push_back(mf::global_grad_norm(model.views_of(t % 2 == 0)));
+        norms.push_back(opt.step_fused(1e-2, 3.0));
+      }
+      for (auto& p : model.ps) out.insert(out.end(), p.value.begin(), p.value.end());
+      for (auto& s : opt.state_tensors()) out.insert(out.end(), s.values.begin(), s.values.end());
+      results.push_back(std::move(out));
+    }
+    EXPECT_EQ(results[0], results[1]);
+    EXPECT_EQ(results[0], results[2]);
+    const std::size_t per_run = norms.size() / 3;
+    for (std::size_t i = 0; i < per_run; ++i) {
+      EXPECT_EQ(norms[i], norms[per_run + i]) << i;
+      EXPECT_EQ(norms[i], norms[2 * per_run + i]) << i;
+    }
+  }
+}
+#endif
+
+TEST(AdamWFused, UntouchedRowsStayBitIdenticalAndListedRowsMove) {
+  FloatModel model(13);
+  mf::AdamW<float> opt(model.views_of(true), row_sparse_options());
+  const auto before = model.ps[3].value;  // tables [3·64 rows, 40]
+  model.fill_gradients(0, 1.0);
+  const auto touched = model.ps[3].touched;
+  opt.step_fused(1e-2, 0.0);
+  int moved = 0, kept = 0;
+  for (std::size_t r = 0; r < touched.size(); ++r)
+    for (std::size_t j = 0; j < 40; ++j) {
+      const std::size_t i = r * 40 + j;
+      if (touched[r]) {
+        moved += model.ps[3].value[i] != before[i];
+      } else {
+        ASSERT_EQ(std::memcmp(&model.ps[3].value[i], &before[i], sizeof(float)), 0) << "row " << r;
+        ++kept;
+      }
+    }
+  EXPECT_GT(moved, 0);
+  EXPECT_GT(kept, 0);
+}
+
+TEST(AdamWFused, NonFiniteNormChangesNothing) {
+  FloatModel model(17);
+  mf::AdamW<float> opt(model.views_of(true), row_sparse_options());
+  model.fill_gradients(0, 1.0);
+  model.ps[0].grad[5] = std::numeric_limits<float>::infinity();
+  const auto values = model.ps[0].value;
+  const auto grads = model.ps[0].grad;
+  EXPECT_TRUE(std::isinf(opt.step_fused(1e-2, 1.0)));
+  EXPECT_EQ(opt.steps(), 0u);
+  EXPECT_EQ(model.ps[0].value, values);
+  EXPECT_EQ(model.ps[0].grad, grads);
+  EXPECT_FALSE(model.lists[3].empty());
+  EXPECT_THROW(opt.step_fused(1e-2, -1.0), mf::ConfigError);
+  EXPECT_THROW(opt.step_fused(-1.0, 1.0), mf::ConfigError);
+  EXPECT_THROW(opt.step_fused(1e-2, std::numeric_limits<double>::quiet_NaN()), mf::ConfigError);
+}
+
+TEST(AdamWFused, Bf16MomentsTrackFloatMomentsAndRoundTripThroughACheckpoint) {
+  FloatModel a(19), b(19), c(19);
+  mf::AdamWOptions o;
+  o.sparse_update = mf::SparseUpdate::RowSparse;
+  o.moments = mf::MomentStorage::BFloat16;
+  mf::AdamWOptions of = o;
+  of.moments = mf::MomentStorage::Native;
+  mf::AdamW<float> oa(a.views_of(true), o), oc(c.views_of(true), of);
+  for (std::uint64_t t = 0; t < 20; ++t) {
+    a.fill_gradients(t, 1.0);
+    c.fill_gradients(t, 1.0);
+    oa.step_fused(1e-3, 1.0);
+    oc.step_fused(1e-3, 1.0);
+  }
+  // bfloat16 moments (8 significant bits) move the parameters by nearly the same steps as float moments.
+  for (std::size_t i = 0; i < a.ps.size(); ++i) {
+    double worst = 0.0;
+    for (std::size_t j = 0; j < a.ps[i].value.size(); ++j)
+      worst = std::max(worst, std::abs(double(a.ps[i].value[j]) - double(c.ps[i].value[j])));
+    EXPECT_LT(worst, 20 * 1e-3 * 0.02) << a.ps[i].name;  // 20 steps of at most ~lr each, within 2 %
+  }
+  // Saved under the float names and shapes, expanded exactly.
+  mf::Checkpoint ck;
+  const auto st = oa.state_tensors();
+  const auto st_float = oc.state_tensors();
+  ASSERT_EQ(st.size(), st_float.size());
+  for (std::size_t i = 0; i < st.size(); ++i) {
+    EXPECT_EQ(st[i].name, st_float[i].name);
+    EXPECT_EQ(st[i].shape, st_float[i].shape);
+    if (st[i].name.rfind("adamw.m.", 0) == 0 || st[i].name.rfind("adamw.v.", 0) == 0) {
+      for (float x : st[i].values) EXPECT_EQ(mf::detail::bf16_to_float(mf::detail::float_to_bf16(x)), x);
+    }
+    ck.add_tensor(st[i].name, st[i].shape, st[i].values);
+  }
+  const mf::Checkpoint back = mf::parse_checkpoint(mf::serialize_checkpoint(ck));
+  b.ps = a.ps;  // same parameters
+  mf::AdamW<float> ob(b.views_of(true), o);
+  ob.load_state([&](const std::string& name, const std::vector<mf::Index>& shape, std::span<float> out) {
+    back.copy_tensor(name, shape, out);
+  });
+  EXPECT_EQ(ob.steps(), 20u);
+  // Resumed: the next steps are bitwise those of the uninterrupted optimiser.
+  for (std::uint64_t t = 20; t < 23; ++t) {
+    a.fill_gradients(t, 1.0);
+    b.fill_gradients(t, 1.0);
+    oa.step_fused(1e-3, 1.0);
+    ob.step_fused(1e-3, 1.0);
+  }
+  for (std::size_t i = 0; i < a.ps.size(); ++i) EXPECT_EQ(a.ps[i].value, b.ps[i].value) << a.ps[i].name;
+  // A float-moment optimiser loads the bf16 checkpoint too (same names and shapes).
+  mf::AdamW<float> od(c.views_of(true), of);
+  EXPECT_NO_THROW(od.load_state([&](const std::string& name, const std::vector<mf::Index>& shape,
+                                    std::span<float> out) { back.copy_tensor(name, shape, out); }));
 }

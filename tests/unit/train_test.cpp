@@ -7,6 +7,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -243,12 +244,134 @@ TEST(Trainer, ClippingScalesTheGradientToTheThreshold) {
   o.clip_norm = 1e-3;  // far below the natural norm: every step is clipped
   o.eval_every = 0;
   mf::MemoryFormerLM<double> model(tiny_config(), 1);
+  mf::MemoryFormerLM<double> reference(tiny_config(), 1);
   mf::Trainer<mf::MemoryFormerLM<double>> trainer(model, data, o);
-  trainer.step();
-  double norm = 0;
-  for (const auto& p : model.parameters())
-    for (double g : p.grad) norm += g * g;
-  EXPECT_NEAR(std::sqrt(norm), 1e-3, 1e-12);  // the gradients left in the model are the clipped ones
+  // The reference: the gradient of step 0 clipped by clip_grad_norm, then AdamW::step.
+  mf::TokenBatch batch;
+  trainer.batch_of_step(batch, 0);
+  mf::MemoryFormerLM<double>::Cache cache;
+  reference.zero_grad();
+  reference.forward_loss(batch.inputs, batch.targets, batch.batch, batch.seq, cache);
+  reference.backward(cache);
+  const auto ref_params = reference.parameters();
+  const double ref_norm = mf::clip_grad_norm(ref_params, 1e-3);
+  EXPECT_NEAR(mf::global_grad_norm(ref_params), 1e-3, 1e-12);  // clip_grad_norm left the clipped gradient
+  mf::AdamW<double> ref_opt(ref_params, o.adamw);
+  ref_opt.step(trainer.learning_rate(0));
+
+  const auto info = trainer.step();
+  EXPECT_NEAR(info.grad_norm, ref_norm, 1e-12 * ref_norm);
+  const auto params = model.parameters();
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    for (std::size_t j = 0; j < params[i].value.size(); ++j)
+      ASSERT_NEAR(params[i].value[j], ref_params[i].value[j], 1e-12) << params[i].name << "[" << j << "]";
+    // The fused step consumed the gradient: zero everywhere, no touched rows left.
+    for (double g : params[i].grad) ASSERT_EQ(g, 0.0) << params[i].name;
+    if (params[i].touched_rows != nullptr) {
+      for (auto f : *params[i].touched_rows) ASSERT_EQ(f, 0) << params[i].name;
+      ASSERT_TRUE(params[i].touched_list == nullptr || params[i].touched_list->empty()) << params[i].name;
+    }
+  }
+}
+
+TEST(Trainer, AccumulatedMicroBatchesEqualOneLargeBatch) {
+  const mf::TextDataset data(patterned_text(20000), 0.1);
+  mf::TrainerOptions o;
+  o.steps = 20;
+  o.seq = 16;
+  o.eval_every = 0;
+  o.clip_norm = 0.5;
+  mf::TrainerOptions big = o, split = o;
+  big.batch = 8;
+  big.accumulate = 1;
+  split.batch = 2;
+  split.accumulate = 4;
+  mf::MemoryFormerLM<double> a(tiny_config(), 3), b(tiny_config(), 3);
+  mf::Trainer<mf::MemoryFormerLM<double>> ta(a, data, big), tb(b, data, split);
+  mf::TokenBatch ba, bb;
+  ta.batch_of_step(ba, 4);
+  tb.batch_of_step(bb, 4);
+  EXPECT_EQ(ba.inputs, bb.inputs);  // the same sequences per step
+  EXPECT_EQ(bb.batch, 8);
+  double first_loss = 0.0;
+  for (int i = 0; i < 3; ++i) {
+    const auto ia = ta.step(), ib = tb.step();
+    if (i == 0) first_loss = ia.loss;
+    EXPECT_NEAR(ia.loss, ib.loss, 1e-12 * ia.loss);
+    EXPECT_NEAR(ia.grad_norm, ib.grad_norm, 1e-10 * ia.grad_norm);
+    EXPECT_EQ(ia.tokens, ib.tokens);
+  }
+  const auto pa = a.parameters(), pb = b.parameters();
+  double worst = 0.0;
+  for (std::size_t i = 0; i < pa.size(); ++i)
+    for (std::size_t j = 0; j < pa[i].value.size(); ++j)
+      worst = std::max(worst, std::abs(pa[i].value[j] - pb[i].value[j]));
+  EXPECT_LT(worst, 1e-9);
+  // Not trivially: a step on the first micro-batch alone has another loss.
+  mf::TrainerOptions one = o;
+  one.batch = 2;
+  mf::MemoryFormerLM<double> c(tiny_config(), 3);
+  mf::Trainer<mf::MemoryFormerLM<double>> tc(c, data, one);
+  EXPECT_GT(std::abs(tc.step().loss - first_loss), 1e-6);
+}
+
+TEST(Trainer, RejectsBadAccumulate) {
+  const mf::TextDataset data(patterned_text(4000), 0.1);
+  mf::MemoryFormerLM<double> model(tiny_config(), 1);
+  for (const Index bad : {Index(0), Index(-1), Index(-5)}) {
+    mf::TrainerOptions o;
+    o.accumulate = bad;
+    EXPECT_THROW((mf::Trainer<mf::MemoryFormerLM<double>>(model, data, o)), mf::ConfigError) << bad;
+  }
+  mf::TrainerOptions o;
+  o.batch = Index(1) << 40;
+  o.accumulate = Index(1) << 40;
+  EXPECT_THROW(o.validate(), mf::ConfigError);
+}
+
+TEST(GradientBookkeeping, TouchedListsMatchFlagsAndZeroGradClearsEverything) {
+  // Real layers: the embedding and the tables keep lists of exactly their flagged rows; zero_grad, visiting only
+  // those, leaves the whole gradient buffers zero.
+  const mf::TextDataset data(patterned_text(4000), 0.1);
+  mf::MemoryFormerLM<float> model(small_config(), 4);
+  mf::TokenBatch batch;
+  mf::TrainerOptions o;
+  o.batch = 3;
+  o.seq = 12;
+  mf::Trainer<mf::MemoryFormerLM<float>> trainer(model, data, o);
+  mf::MemoryFormerLM<float>::Cache cache;
+  model.zero_grad();
+  for (Index step = 0; step < 2; ++step) {  // two backward passes accumulate into the same lists
+    trainer.batch_of_step(batch, step);
+    model.forward_loss(batch.inputs, batch.targets, batch.batch, batch.seq, cache);
+    model.backward(cache);
+  }
+  int sparse = 0;
+  for (const auto& p : model.parameters()) {
+    if (p.touched_rows == nullptr) continue;
+    ++sparse;
+    ASSERT_NE(p.touched_list, nullptr) << p.name;
+    std::vector<std::uint8_t> listed(p.touched_rows->size(), 0);
+    for (Index r : *p.touched_list) {
+      ASSERT_EQ(listed[std::size_t(r)], 0) << p.name << ": row " << r << " listed twice";
+      listed[std::size_t(r)] = 1;
+    }
+    EXPECT_EQ(listed, *p.touched_rows) << p.name;
+    EXPECT_GT(p.touched_list->size(), 0u) << p.name;
+    const std::size_t row = std::size_t(p.row_size);
+    for (std::size_t r = 0; r < listed.size(); ++r) {
+      if (listed[r]) continue;
+      for (std::size_t j = 0; j < row; ++j) ASSERT_EQ(p.grad[r * row + j], 0.0f) << p.name << " row " << r;
+    }
+  }
+  EXPECT_EQ(sparse, 1 + 2 * 5);  // the embedding and five tables per block
+  model.zero_grad();
+  for (const auto& p : model.parameters()) {
+    for (float g : p.grad) ASSERT_EQ(g, 0.0f) << p.name;
+    if (p.touched_rows == nullptr) continue;
+    for (auto f : *p.touched_rows) ASSERT_EQ(f, 0) << p.name;
+    EXPECT_TRUE(p.touched_list->empty()) << p.name;
+  }
 }
 
 TEST(Trainer, NonFiniteLossStopsBeforeTheUpdate) {

@@ -54,6 +54,8 @@ class Embedding {
   const Matrix<Scalar>& dweight() const { return dweight_; }
   /// One flag per row of W: 1 when the row received gradient since the last zero_grad().
   const std::vector<std::uint8_t>& touched_rows() const { return touched_; }
+  /// The flagged rows' ids, each once, in the order backward first flagged them.
+  const std::vector<Index>& touched_list() const { return touched_list_; }
 
   /**
    * @brief y[n] = W[tokens[n]].
@@ -85,15 +87,20 @@ class Embedding {
     for (Index i = 0; i < n; ++i) {
       const auto t = tokens[size_t(i)];
       dweight_.row(t) += dy.row(i);
-      touched_[size_t(t)] = 1;
+      if (touched_[size_t(t)] == 0) {
+        touched_[size_t(t)] = 1;
+        touched_list_.push_back(Index(t));
+      }
     }
   }
 
-  /// Zeroes dW (only the touched rows: the others are zero already) and clears every touched flag.
+  /// Zeroes dW (only the listed rows: the others are zero already) and clears the touched flags and list.
   void zero_grad() {
-    for (Index r = 0; r < vocab(); ++r)
-      if (touched_[size_t(r)]) dweight_.row(r).setZero();
-    std::fill(touched_.begin(), touched_.end(), std::uint8_t(0));
+    for (Index r : touched_list_) {
+      dweight_.row(r).setZero();
+      touched_[size_t(r)] = 0;
+    }
+    touched_list_.clear();
   }
 
   /**
@@ -103,7 +110,8 @@ class Embedding {
   std::vector<ParameterView<Scalar>> parameters(const std::string& prefix = {}) {
     const std::string dot = prefix.empty() ? std::string() : prefix + ".";
     return {{dot + "weight", {vocab(), d()}, std::span<Scalar>(weight_.data(), size_t(weight_.size())),
-             std::span<Scalar>(dweight_.data(), size_t(dweight_.size())), ParameterKind::Embedding, d(), &touched_}};
+             std::span<Scalar>(dweight_.data(), size_t(dweight_.size())), ParameterKind::Embedding, d(), &touched_,
+             &touched_list_}};
   }
 
  private:
@@ -115,6 +123,7 @@ class Embedding {
     rng.fill_normal(std::span<Scalar>(weight_.data(), size_t(weight_.size())), 0.0, init_std);
     dweight_ = Matrix<Scalar>::Zero(vocab, d);
     touched_.assign(size_t(vocab), 0);
+    touched_list_.clear();
   }
 
   void check_tokens(const char* where, std::span<const std::int32_t> tokens) const {
@@ -128,6 +137,7 @@ class Embedding {
   Matrix<Scalar> weight_;              // [vocab, d]
   Matrix<Scalar> dweight_;             // [vocab, d]
   std::vector<std::uint8_t> touched_;  // [vocab]
+  std::vector<Index> touched_list_;    // [rows flagged in touched_], first-flagged order
 };
 
 }  // namespace memoryformer

@@ -3,6 +3,7 @@
 // incremental decoding (spec §3, "rotary ... on the first rotary_pct·(d/H) dims of each head of Q and K").
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <concepts>
 #include <span>
@@ -25,7 +26,10 @@ namespace memoryformer {
  *   out[i + half] = r[i+half]·cos(angle_i) + r[i]·sin(angle_i)
  * i.e. pairs (i, i+half) are rotated by angle_i (cos/sin repeated over both halves, as GPT-NeoX does). The
  * backward pass is the inverse rotation (by −angle_i). No parameters.
- * Angles are computed in double and rounded to Scalar once.
+ * Angles are computed in double and rounded to Scalar once, and kept: the object caches the cos/sin table of the
+ * positions it has seen (grown geometrically, up to max_cached_positions), so training steps and decoding reuse it
+ * instead of recomputing it per call. The cache makes forward/backward unsafe to call on one object from two
+ * threads at once (the blocks call them from one thread).
  * @tparam Scalar float or double.
  */
 template <std::floating_point Scalar>
@@ -126,6 +130,24 @@ class Rotary {
     }
   }
 
+  /// Positions past this are rotated from angles computed per call rather than grow the cache.
+  static constexpr Index max_cached_positions = Index(1) << 16;
+
+  /// Makes the cache cover positions [0, end), end ≤ max_cached_positions.
+  void cache_positions(Index end) const {
+    if (end <= cached_) return;
+    const Index half = rotary_dims_ / 2;
+    const Index grown = std::min(max_cached_positions, std::max({end, 2 * cached_, Index(64)}));
+    cos_cache_.resize(size_t(grown * half));
+    sin_cache_.resize(size_t(grown * half));
+    neg_sin_cache_.resize(size_t(grown * half));
+    for (Index t = cached_; t < grown; ++t) {
+      fill_angles(t, Scalar(1), cos_cache_.data() + t * half, sin_cache_.data() + t * half);
+      for (Index i = 0; i < half; ++i) neg_sin_cache_[size_t(t * half + i)] = -sin_cache_[size_t(t * half + i)];
+    }
+    cached_ = grown;
+  }
+
   void fill_angles(Index pos, Scalar sign, Scalar* cos_row, Scalar* sin_row) const {
     for (size_t i = 0; i < inv_freq_.size(); ++i) {
       const double angle = double(pos) * inv_freq_[i];
@@ -141,15 +163,28 @@ class Rotary {
     detail::check_config(offset >= 0, where, "position_offset = " + std::to_string(offset) + " must be ≥ 0");
     check_io(where, in_name, out_name, out, in, batch * seq,
              "(batch·seq, d) with batch = " + std::to_string(batch) + ", seq = " + std::to_string(seq));
-    // One table of angles per position, shared by every sequence of the batch and every head.
+    // One table of angles per position, shared by every sequence of the batch and every head: the cached one, or
+    // (positions past the cache's limit) one computed for this call.
     const Index half = rotary_dims_ / 2;
-    std::vector<Scalar> cos_table(size_t(seq * half)), sin_table(size_t(seq * half));
-    for (Index t = 0; t < seq; ++t)
-      fill_angles(offset + t, sign, cos_table.data() + t * half, sin_table.data() + t * half);
+    const Scalar* cos_table = nullptr;
+    const Scalar* sin_table = nullptr;
+    std::vector<Scalar> cos_local, sin_local;
+    if (offset <= max_cached_positions - seq) {
+      cache_positions(offset + seq);
+      cos_table = cos_cache_.data() + offset * half;
+      sin_table = (sign > Scalar(0) ? sin_cache_ : neg_sin_cache_).data() + offset * half;
+    } else {
+      cos_local.resize(size_t(seq * half));
+      sin_local.resize(size_t(seq * half));
+      for (Index t = 0; t < seq; ++t)
+        fill_angles(offset + t, sign, cos_local.data() + t * half, sin_local.data() + t * half);
+      cos_table = cos_local.data();
+      sin_table = sin_local.data();
+    }
     for (Index b = 0; b < batch; ++b)
       for (Index t = 0; t < seq; ++t) {
         const Index n = b * seq + t;
-        rotate_row(out.row(n).data(), in.row(n).data(), cos_table.data() + t * half, sin_table.data() + t * half);
+        rotate_row(out.row(n).data(), in.row(n).data(), cos_table + t * half, sin_table + t * half);
       }
   }
 
@@ -161,6 +196,18 @@ class Rotary {
       detail::check_config(positions[size_t(n)] >= 0, where,
                            "positions[" + std::to_string(n) + "] = " + std::to_string(positions[size_t(n)]) +
                                " must be ≥ 0");
+    Index end = 0;
+    for (Index pos : positions) end = std::max(end, pos + 1);
+    if (end <= max_cached_positions) {
+      cache_positions(end);
+      const Index half = rotary_dims_ / 2;
+      const Scalar* sin_table = (sign > Scalar(0) ? sin_cache_ : neg_sin_cache_).data();
+      for (Index n = 0; n < rows; ++n) {
+        const Index pos = positions[size_t(n)];
+        rotate_row(out.row(n).data(), in.row(n).data(), cos_cache_.data() + pos * half, sin_table + pos * half);
+      }
+      return;
+    }
     std::vector<Scalar> cos_row(inv_freq_.size()), sin_row(inv_freq_.size());
     for (Index n = 0; n < rows; ++n) {
       fill_angles(positions[size_t(n)], sign, cos_row.data(), sin_row.data());
@@ -174,6 +221,9 @@ class Rotary {
   Index rotary_dims_;
   double base_;
   std::vector<double> inv_freq_;  // [rotary_dims/2] base^(−2i/R)
+  // The angle cache of positions [0, cached_): cos, sin and −sin (the backward's sign), [cached_, rotary_dims/2].
+  mutable Index cached_ = 0;
+  mutable std::vector<Scalar> cos_cache_, sin_cache_, neg_sin_cache_;
 };
 
 }  // namespace memoryformer

@@ -35,7 +35,11 @@ inline AdamWOptions row_sparse_adamw() {
 /// Settings of a training run. The defaults are the paper's recipe (spec §3) at this library's small sizes.
 struct TrainerOptions {
   Index steps = 1000;              ///< optimisation steps of the run: the length of the cosine schedule
-  Index batch = 16;                ///< sequences per step
+  Index batch = 16;                ///< sequences per micro-batch (one forward and backward)
+  /// Micro-batches per optimisation step: a step draws accumulate·batch sequences, runs forward and backward on
+  /// `batch` of them at a time with the gradients accumulating, and averages, so accumulate = N with batch = B is
+  /// the step of accumulate = 1 with batch = N·B (up to float summation order) at the activation memory of B.
+  Index accumulate = 1;
   Index seq = 128;                 ///< tokens per sequence
   double lr = 3e-3;                ///< peak learning rate (recipe: 3e-3 for MemoryFormer, 3× the dense model's)
   double lr_min_ratio = 0.01;      ///< cosine decay down to lr · lr_min_ratio (recipe: lr/100)
@@ -54,6 +58,11 @@ struct TrainerOptions {
   void validate(std::string_view where = "TrainerOptions") const {
     detail::check_config(steps >= 1, where, "steps = " + std::to_string(steps) + " must be ≥ 1");
     detail::check_config(batch >= 1, where, "batch = " + std::to_string(batch) + " must be ≥ 1");
+    detail::check_config(accumulate >= 1, where, "accumulate = " + std::to_string(accumulate) + " must be ≥ 1");
+    Index step_batch = 0;
+    detail::check_config(!__builtin_mul_overflow(batch, accumulate, &step_batch), where,
+                         "batch · accumulate = " + std::to_string(batch) + " · " + std::to_string(accumulate) +
+                             " overflows");
     detail::check_config(seq >= 1, where, "seq = " + std::to_string(seq) + " must be ≥ 1");
     detail::check_config(std::isfinite(lr) && lr >= 0.0, where, "lr = " + std::to_string(lr) + " must be ≥ 0");
     detail::check_config(lr_min_ratio >= 0.0 && lr_min_ratio <= 1.0, where,
@@ -77,7 +86,7 @@ struct TrainerOptions {
 struct StepInfo {
   Index step = 0;                  ///< steps completed, including this one (1 after the first step)
   Index total_steps = 0;           ///< TrainerOptions::steps
-  double loss = 0.0;               ///< mean training cross-entropy of this step's batch, nats per token
+  double loss = 0.0;               ///< mean training cross-entropy of this step's batch (all micro-batches), nats per token
   double lr = 0.0;                 ///< base learning rate used (before per-kind multipliers)
   double grad_norm = 0.0;          ///< global gradient norm before clipping
   Index tokens = 0;                ///< tokens processed by this Trainer object so far (resumed steps excluded)
@@ -110,8 +119,9 @@ struct TrainResult {
 /**
  * @brief Trains a LanguageModel on a TextDataset with the spec §3 recipe.
  *
- * One step: zero_grad → forward_loss on the step's batch → backward → global-norm clip → AdamW step with the
- * scheduled rate. The batch of step t depends only on (data_seed, t), so a run resumed from a checkpoint of step t
+ * One step: zero_grad → (forward_loss → backward) on each of the step's `accumulate` micro-batches, the gradients
+ * accumulating → AdamW::step_fused with the scheduled rate: global-norm clip, update and gradient zeroing in two
+ * passes. The batch of step t depends only on (data_seed, t), so a run resumed from a checkpoint of step t
  * (model + optimizer + step count) continues exactly as the uninterrupted run would.
  *
  * The model, the data and the callbacks must outlive the trainer. The library prints nothing: see callbacks.hpp for
@@ -156,10 +166,10 @@ class Trainer {
   /// Makes run() return after the current step (e.g. from a callback, on a time budget).
   void request_stop() { stop_requested_ = true; }
 
-  /// The batch of 0-based step `step` (a pure function of data_seed and step).
+  /// The batch of 0-based step `step`, all accumulate·batch sequences (a pure function of data_seed and step).
   void batch_of_step(TokenBatch& out, Index step) const {
     Rng rng = Rng::stream(options_.data_seed, std::uint64_t(step));
-    data_.sample_train(out, options_.batch, options_.seq, rng);
+    data_.sample_train(out, options_.batch * options_.accumulate, options_.seq, rng);
   }
 
   /**
@@ -169,19 +179,29 @@ class Trainer {
   StepInfo step() {
     const auto t0 = std::chrono::steady_clock::now();
     batch_of_step(batch_, step_);
+    // After a step_fused the gradients are zero already and this clears nothing of them; it is for a first step,
+    // a step after an exception, and gradients the caller accumulated in between.
     model_.zero_grad();
-    const Scalar loss = model_.forward_loss(batch_.inputs, batch_.targets, batch_.batch, batch_.seq, cache_);
-    if (!std::isfinite(double(loss)))
-      throw NonFiniteError("Trainer::step: the training loss is " + std::to_string(double(loss)) + " at step " +
-                           std::to_string(step_) + " (try a lower learning rate)");
-    model_.backward(cache_);
-    const double norm = options_.clip_norm > 0.0 ? clip_grad_norm(params_, options_.clip_norm)
-                                                 : global_grad_norm(params_);
+    const Index micro = options_.batch, parts = options_.accumulate, tokens_per_part = micro * batch_.seq;
+    const Scalar dloss = Scalar(1.0 / double(parts));
+    double loss = 0.0;
+    for (Index part = 0; part < parts; ++part) {
+      const auto first = std::size_t(part * tokens_per_part), count = std::size_t(tokens_per_part);
+      const Scalar part_loss =
+          model_.forward_loss(std::span<const std::int32_t>(batch_.inputs).subspan(first, count),
+                              std::span<const std::int32_t>(batch_.targets).subspan(first, count), micro,
+                              batch_.seq, cache_);
+      if (!std::isfinite(double(part_loss)))
+        throw NonFiniteError("Trainer::step: the training loss is " + std::to_string(double(part_loss)) +
+                             " at step " + std::to_string(step_) + " (try a lower learning rate)");
+      loss += double(part_loss) / double(parts);
+      model_.backward(cache_, dloss);
+    }
+    const double lr = learning_rate(step_);
+    const double norm = optimizer_.step_fused(lr, options_.clip_norm);
     if (!std::isfinite(norm))
       throw NonFiniteError("Trainer::step: the gradient norm is " + std::to_string(norm) + " at step " +
                            std::to_string(step_) + " (try a lower learning rate)");
-    const double lr = learning_rate(step_);
-    optimizer_.step(lr);
     ++step_;
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     tokens_ += batch_.batch * batch_.seq;
@@ -190,7 +210,7 @@ class Trainer {
     StepInfo info;
     info.step = step_;
     info.total_steps = options_.steps;
-    info.loss = double(loss);
+    info.loss = loss;
     info.lr = lr;
     info.grad_norm = norm;
     info.tokens = tokens_;
@@ -284,6 +304,7 @@ class Trainer {
                {{"train.step", std::to_string(step_)},
                 {"train.data_seed", std::to_string(options_.data_seed)},
                 {"train.batch", std::to_string(options_.batch)},
+                {"train.accumulate", std::to_string(options_.accumulate)},
                 {"train.seq", std::to_string(options_.seq)}});
     for (auto& cb : checkpoint_callbacks_) cb(path, step_);
   }
@@ -293,7 +314,7 @@ class Trainer {
    *        step() then does exactly what the saved run's next step did, given the same options.
    * @return the step count restored
    * @throws FormatError for a missing, damaged or mismatching checkpoint (the model and optimiser are unchanged), or
-   *         one whose data seed, batch or seq differ from the options (the batches would differ).
+   *         one whose data seed, batch, accumulate or seq differ from the options (the batches would differ).
    */
   Index resume(const std::filesystem::path& path) {
     const Checkpoint ckpt = load_checkpoint(path);
@@ -311,6 +332,13 @@ class Trainer {
       throw FormatError("Trainer::resume: " + origin + ": the checkpoint has train.data_seed=" +
                         r.text("train.data_seed") + ", this run has " + std::to_string(options_.data_seed));
     expect("train.batch", options_.batch);
+    // Checkpoints written before accumulation existed are accumulate = 1.
+    const std::string* accumulate = ckpt.find_config("train.accumulate");
+    const std::int64_t saved_accumulate = accumulate == nullptr ? 1 : r.integer("train.accumulate");
+    if (saved_accumulate != options_.accumulate)
+      throw FormatError("Trainer::resume: " + origin + ": the checkpoint has train.accumulate=" +
+                        std::to_string(saved_accumulate) + ", this run has " + std::to_string(options_.accumulate) +
+                        " (resuming with other data settings would not continue the same run)");
     expect("train.seq", options_.seq);
     load_model(ckpt, model_, &optimizer_, origin);
     step_ = Index(step);
