@@ -683,8 +683,9 @@ void print_model_section(std::ostream& os, const mfbench::ModelGrid& grid,
   const auto& m = grid.shape;
   os << "== Whole models: MemoryFormerLM vs TransformerLM, paired (median of " << std::max(1, grid.repetitions)
      << ") ==\n"
-     << "   d = " << m.d << ", " << m.layers << " layers, " << m.heads << " heads, vocab " << m.vocab << "; MemoryFormer tau = "
-     << m.tau << ", e = 2 (MemoryFormer-tiny's shape), dense: TransformerBlock (Pythia-70M's shape); fp32.\n"
+     << "   d = " << m.d << ", " << m.layers << " layers, " << m.heads << " heads, vocab " << m.vocab
+     << "; MemoryFormer: tau = " << m.tau << ", e = 2; dense: TransformerBlock; fp32"
+     << (m.d == 512 && m.layers == 6 && m.heads == 8 ? " (MemoryFormer-tiny's and Pythia-70M's shape).\n" : ".\n")
      << "   ratio = MemoryFormer tokens/s / dense tokens/s (> 1: MemoryFormer faster), both models called alternately\n"
      << "   in one benchmark. FLOPr = MemoryFormer / dense paper FLOPs per token (blocks + LM head): FLOPs alone would\n"
      << "   predict ratio = 1/FLOPr. peak: resident bytes of a process that builds the model and runs one call.\n"
