@@ -13,7 +13,7 @@
 //                     streams; the prefill footprint is the tables, the decode footprint the whole stack)
 //   l2_frac           gather_GBps / the measured L2-resident (1 MB) streaming read
 //   x_dense           dense time / this time, for the dense twin measured earlier in the same run
-// memoryformer_bench registers the suite after the others; MEMORYFORMER_BENCH_KERNELS=0 leaves it out, and
+// memoryformer_bench registers this suite before the others; MEMORYFORMER_BENCH_KERNELS=0 leaves it out, and
 // --benchmark_filter=kernels/ selects only it.
 #include <algorithm>
 #include <chrono>

@@ -10,6 +10,8 @@
 //            AdamW::step with the Trainer's AdamW options (row_sparse_adamw), seq 256 × batch 8
 // With two threads both models run the library's OpenMP kernels and Eigen's threaded products on both threads
 // (set_deterministic_threads(false): the default serial Eigen products would leave the dense model one thread).
+// Where the library has a FrozenLanguageModel (memoryformer/frozen_model.hpp), prefill and decode rows also run the
+// MemoryFormer model frozen to bf16 tables ("/tables:bf16"), against the same fp32 dense model.
 // Peak resident memory: each model and mode runs once in a process of its own (this executable re-run with
 // --mfbench-model-peak), which reports its VmHWM, so that neither model's pages, nor the benchmarks', count for the
 // other.
@@ -25,19 +27,29 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <span>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <memoryformer/model.hpp>
 #include <memoryformer/optim/adamw.hpp>
 #include <memoryformer/optim/clip.hpp>
 #include <memoryformer/train/trainer.hpp>
+
+#if __has_include(<memoryformer/frozen_model.hpp>)
+#include <memoryformer/frozen_model.hpp>
+#define MFBENCH_FROZEN_MODEL 1
+#else
+#define MFBENCH_FROZEN_MODEL 0
+#endif
 
 extern char** environ;
 
@@ -145,10 +157,58 @@ struct Runner {
   }
 };
 
+#if MFBENCH_FROZEN_MODEL
+/// The MemoryFormer model frozen to bfloat16 tables (FrozenLanguageModel), for the inference rows.
+struct FrozenRunner {
+  std::unique_ptr<mf::FrozenLanguageModel> model;
+  std::optional<mf::FrozenLanguageModel::DecodeState> state;
+  Index context = -1;
+  MatrixF logits;  // [s, vocab] prefill, [1, vocab] decode
+  std::vector<std::int32_t> tokens;
+  Index next = 0;
+
+  explicit FrozenRunner(const MfLM& trained) : model(std::make_unique<mf::FrozenLanguageModel>(trained, mf::StorageType::BF16)) {}
+
+  void prepare(const ModelRow& row) {
+    const Index vocab = model->vocab();
+    if (row.mode == ModelMode::Prefill) {
+      if (Index(tokens.size()) != row.length) tokens = random_tokens(row.length, vocab, 41);
+      logits.resize(row.length, vocab);
+    } else if (context != row.length) {
+      state.reset();
+      state.emplace(model->make_decode_state(1, row.length));
+      if (row.length > 1) {
+        const auto prompt = random_tokens(row.length - 1, vocab, 43);
+        MatrixF prompt_logits(row.length - 1, vocab);
+        model->forward_decode(prompt_logits, prompt, *state);
+      }
+      context = row.length;
+      tokens = random_tokens(4096, vocab, 47);
+      logits.resize(1, vocab);
+    }
+  }
+
+  void call(const ModelRow& row) {
+    if (row.mode == ModelMode::Prefill) {
+      model->forward(logits, tokens, 1, row.length);
+    } else {
+      model->forward_decode(logits, std::span<const std::int32_t>(&tokens[std::size_t(next)], 1), *state);
+      next = (next + 1) % Index(tokens.size());
+      for (auto& kv : state->kv) kv.truncate(row.length - 1);
+    }
+    benchmark::DoNotOptimize(logits.data());
+    benchmark::ClobberMemory();
+  }
+};
+#endif
+
 struct Models {
   std::string key;
   std::unique_ptr<Runner<MfLM>> mf;
   std::unique_ptr<Runner<DenseLM>> dense;
+#if MFBENCH_FROZEN_MODEL
+  std::unique_ptr<FrozenRunner> frozen_bf16;  // built from mf on first use
+#endif
 };
 
 std::string shape_key(const ModelShape& m) {
@@ -189,7 +249,8 @@ double peak_resident_bytes() {
 }
 
 std::string peak_argument(bool memoryformer, const ModelShape& m, const ModelRow& row) {
-  return std::string(kPeakFlag) + (memoryformer ? "mf," : "dense,") + model_mode_name(row.mode) + "," +
+  return std::string(kPeakFlag) + (memoryformer ? (row.bf16 ? "mf_bf16," : "mf,") : "dense,") +
+         model_mode_name(row.mode) + "," +
          std::to_string(row.length) + "," + std::to_string(row.batch) + "," + shape_key(m);
 }
 
@@ -223,6 +284,24 @@ double measure_peak(bool memoryformer, const ModelShape& m, const ModelRow& row)
 template <class LM>
 int run_peak_child(const ModelShape& m, const ModelRow& row) {
   set_threads(1);
+#if MFBENCH_FROZEN_MODEL
+  if constexpr (std::is_same_v<LM, MfLM>) {
+    if (row.bf16) {
+      // The frozen model is made from a trained one, which it does not need afterwards: free that, then restart
+      // the peak from what is resident now (writing 5 to clear_refs resets VmHWM), so only inference counts.
+      std::unique_ptr<FrozenRunner> frozen;
+      {
+        Runner<MfLM> trained(m);
+        frozen = std::make_unique<FrozenRunner>(*trained.model);
+      }
+      std::ofstream("/proc/self/clear_refs") << "5";
+      frozen->prepare(row);
+      frozen->call(row);
+      std::printf("%.0f\n", peak_resident_bytes());
+      return 0;
+    }
+  }
+#endif
   Runner<LM> r(m);
   r.prepare(row);
   r.call(row);
@@ -237,9 +316,28 @@ void bm_model_paired(benchmark::State& st, ModelShape m, ModelRow row, bool peak
   const double dense_peak = peak ? measure_peak(false, m, row) : 0.0;
   auto& x = models(m);
   set_threads(row.threads);
-  x.mf->prepare(row);
   x.dense->prepare(row);
-  run_paired(st, row.threads == 1, "x_dense", [&] { x.dense->call(row); }, [&] { x.mf->call(row); });
+  // The MemoryFormer side: the fp32 training model, or its bf16 frozen copy.
+  std::function<void()> candidate;
+#if MFBENCH_FROZEN_MODEL
+  if (row.bf16) {
+    if (!x.frozen_bf16) x.frozen_bf16 = std::make_unique<FrozenRunner>(*x.mf->model);
+    x.frozen_bf16->prepare(row);
+    candidate = [&] { x.frozen_bf16->call(row); };
+  }
+#endif
+  if (!candidate) {
+    x.mf->prepare(row);
+    candidate = [&] { x.mf->call(row); };
+  }
+  // One untimed call of each first: a row may run a single pair per repetition, and the first call of a shape
+  // allocates and first-touches the models' forward and gradient buffers.
+  static std::set<std::string> warmed;
+  if (warmed.insert(model_benchmark_name(row)).second) {
+    x.dense->call(row);
+    candidate();
+  }
+  run_paired(st, row.threads == 1, "x_dense", [&] { x.dense->call(row); }, candidate);
   set_threads(1);
   const double tokens = tokens_per_call(row);
   const double dense_ms = st.counters["baseline_ms"], mf_ms = st.counters["candidate_ms"];
@@ -264,6 +362,7 @@ std::string model_benchmark_name(const ModelRow& row) {
   if (row.mode == ModelMode::Prefill) n += "s:" + std::to_string(row.length);
   if (row.mode == ModelMode::Decode) n += "context:" + std::to_string(row.length);
   if (row.mode == ModelMode::Train) n += "seq:" + std::to_string(row.length) + "/batch:" + std::to_string(row.batch);
+  if (row.bf16) n += "/tables:bf16";
   return n + "/threads:" + std::to_string(row.threads);
 }
 
@@ -284,7 +383,6 @@ std::vector<int> thread_counts() {
 }
 }  // namespace
 
-// Rows of models with frozen (bf16) tables belong beside the fp32 decode row once a frozen LanguageModel exists.
 ModelGrid default_model_grid() {
   ModelGrid g;
   for (int t : thread_counts()) {
@@ -292,6 +390,10 @@ ModelGrid default_model_grid() {
     g.rows.push_back({ModelMode::Prefill, 2048, 1, t});
     g.rows.push_back({ModelMode::Decode, 1024, 1, t});
     g.rows.push_back({ModelMode::Train, 256, 8, t});
+    if (MFBENCH_FROZEN_MODEL) {
+      g.rows.push_back({ModelMode::Prefill, 1024, 1, t, true});
+      g.rows.push_back({ModelMode::Decode, 1024, 1, t, true});
+    }
   }
   return g;
 }
@@ -303,6 +405,7 @@ ModelGrid smoke_model_grid() {
     g.rows.push_back({ModelMode::Prefill, 32, 1, t});
     g.rows.push_back({ModelMode::Decode, 32, 1, t});
     g.rows.push_back({ModelMode::Train, 16, 2, t});
+    if (MFBENCH_FROZEN_MODEL) g.rows.push_back({ModelMode::Decode, 32, 1, t, true});
   }
   g.min_time = 0.005;
   return g;
@@ -330,13 +433,14 @@ bool model_peak_child(int argc, char** argv, int& exit_code) {
   exit_code = 2;
   if (f.size() != 9) return true;
   ModelRow row;
+  row.bf16 = f[0] == "mf_bf16";
   row.mode = f[1] == "decode" ? ModelMode::Decode : (f[1] == "train" ? ModelMode::Train : ModelMode::Prefill);
   row.length = std::atoll(f[2].c_str());
   row.batch = std::atoll(f[3].c_str());
   ModelShape m{.d = std::atoll(f[4].c_str()), .layers = std::atoll(f[5].c_str()), .heads = std::atoll(f[6].c_str()),
                .tau = std::atoi(f[7].c_str()), .vocab = std::atoll(f[8].c_str())};
   try {
-    exit_code = f[0] == "mf" ? run_peak_child<MfLM>(m, row) : run_peak_child<DenseLM>(m, row);
+    exit_code = f[0] == "dense" ? run_peak_child<DenseLM>(m, row) : run_peak_child<MfLM>(m, row);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s: %s\n", argv[1], e.what());
     exit_code = 1;

@@ -29,6 +29,9 @@ struct ModelRow {
   Index length = 1024;  // prefill: s; decode: context (s − 1 cached tokens + the new one); train: seq
   Index batch = 1;      // sequences per call (train: the Trainer's batch)
   int threads = 1;
+  /// The MemoryFormer side as a FrozenLanguageModel over bfloat16 tables (inference only: prefill and decode), in
+  /// builds whose library has memoryformer/frozen_model.hpp; false: the fp32 MemoryFormerLM itself.
+  bool bf16 = false;
 };
 
 struct ModelGrid {
@@ -40,14 +43,15 @@ struct ModelGrid {
 };
 
 /// MemoryFormer-tiny against Pythia-70M's shape: prefill s ∈ {1024, 2048}, decode at context 1024, training at
-/// seq 256 × batch 8; one thread, and two in OpenMP builds.
+/// seq 256 × batch 8, and (with a frozen model) prefill at 1024 and decode with bf16 tables; one thread, and two
+/// in OpenMP builds.
 ModelGrid default_model_grid();
 /// d = 64, 2 layers, 1 head, s = 32: the whole section in a few seconds (for tests).
 ModelGrid smoke_model_grid();
 
 const char* model_mode_name(ModelMode mode);
 /// "model/paired/prefill/s:1024/threads:1", "model/paired/decode/context:1024/threads:1",
-/// "model/paired/train/seq:256/batch:8/threads:1".
+/// "model/paired/train/seq:256/batch:8/threads:1"; bf16 rows add "/tables:bf16" before "/threads".
 std::string model_benchmark_name(const ModelRow& row);
 /// Paper-convention FLOPs per token of the whole model (blocks at this length + the LM head d·vocab; training
 /// counts 3× the forward, which leaves the ratio unchanged).

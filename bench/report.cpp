@@ -684,14 +684,14 @@ void print_model_section(std::ostream& os, const mfbench::ModelGrid& grid,
   os << "== Whole models: MemoryFormerLM vs TransformerLM, paired (median of " << std::max(1, grid.repetitions)
      << ") ==\n"
      << "   d = " << m.d << ", " << m.layers << " layers, " << m.heads << " heads, vocab " << m.vocab
-     << "; MemoryFormer: tau = " << m.tau << ", e = 2; dense: TransformerBlock; fp32"
+     << "; MemoryFormer: tau = " << m.tau << ", e = 2; dense: TransformerBlock, fp32"
      << (m.d == 512 && m.layers == 6 && m.heads == 8 ? " (MemoryFormer-tiny's and Pythia-70M's shape).\n" : ".\n")
      << "   ratio = MemoryFormer tokens/s / dense tokens/s (> 1: MemoryFormer faster), both models called alternately\n"
      << "   in one benchmark. FLOPr = MemoryFormer / dense paper FLOPs per token (blocks + LM head): FLOPs alone would\n"
      << "   predict ratio = 1/FLOPr. peak: resident bytes of a process that builds the model and runs one call.\n"
      << "   prefill: forward of s tokens; decode: one token at the given context; train: zero_grad, forward_loss,\n"
      << "   backward, clip, AdamW step (the Trainer's options). One thread: CPU time; two threads: wall time.\n";
-  os << pad("mode", 9) << pad("length", 8) << pad("batch", 6) << pad("thr", 4) << pad("MF tok/s", 11)
+  os << pad("mode", 9) << pad("length", 8) << pad("batch", 6) << pad("thr", 4) << pad("tables", 7) << pad("MF tok/s", 11)
      << pad("dense tok/s", 12) << pad("ratio", 7) << pad("FLOPr", 7) << pad("MF peak", 10) << pad("dense peak", 11)
      << "\n";
   for (const auto& row : grid.rows) {
@@ -705,7 +705,8 @@ void print_model_section(std::ostream& os, const mfbench::ModelGrid& grid,
     auto num = [](const char* f, double v) { return std::isfinite(v) ? fmt(f, v) : std::string("-"); };
     auto bytes = [](double v) { return std::isfinite(v) && v > 0 ? human_bytes(v) : std::string("-"); };
     os << pad(mfbench::model_mode_name(row.mode), 9) << pad(std::to_string(row.length), 8)
-       << pad(std::to_string(row.batch), 6) << pad(std::to_string(row.threads), 4) << pad(num("%.0f", mf_tps), 11)
+       << pad(std::to_string(row.batch), 6) << pad(std::to_string(row.threads), 4) << pad(row.bf16 ? "bf16" : "fp32", 7)
+       << pad(num("%.0f", mf_tps), 11)
        << pad(num("%.0f", dense_tps), 12) << pad(num("%.2f", ratio), 7) << pad(fmt("%.3f", flop_ratio), 7)
        << pad(bytes(mf_peak), 10) << pad(bytes(dense_peak), 11) << "\n";
     JsonObject o;
@@ -720,7 +721,7 @@ void print_model_section(std::ostream& os, const mfbench::ModelGrid& grid,
         .num("vocab", double(m.vocab))
         .num("s", double(row.length))
         .num("batch", double(row.batch))
-        .str("storage", "fp32")
+        .str("storage", row.bf16 ? "bf16" : "fp32")
         .num("mf_flops_per_token", mfbench::model_flops_per_token(m, row, true))
         .num("dense_flops_per_token", mfbench::model_flops_per_token(m, row, false))
         .num("flop_ratio", flop_ratio)
@@ -731,7 +732,8 @@ void print_model_section(std::ostream& os, const mfbench::ModelGrid& grid,
         .measured("dense_peak_bytes", dense_peak > 0 ? dense_peak : kNaN);
     json.push_back(o);
   }
-  os << "   length: s (prefill), context (decode), seq (train).\n\n";
+  os << "   length: s (prefill), context (decode), seq (train). tables: the MemoryFormer's; bf16 rows run it frozen\n"
+        "   (FrozenLanguageModel, inference only; its peak leaves out the training model it was made from).\n\n";
 }
 
 /// The analytic fields of one Memory Layer shape (N tokens is reported as "s").
