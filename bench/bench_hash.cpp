@@ -1,11 +1,39 @@
 // SPDX-License-Identifier: MIT
 // SignHasher throughput (spec §1.2, §1.4): bytes/s of float32 input, tokens/s, for both score kinds and ISA paths.
+// Names: hash/forward/d_in:…/tau:…/N:…/score:{l1,paper}/isa:….
 #include <algorithm>
 #include <string>
 
-#include "bench_common.hpp"
+#include <memoryformer/hash.hpp>
+
+#include "bench_support.hpp"
 
 namespace mfbench {
+namespace {
+
+/// SignHasher::hash alone: codes and scores of x [N, d] (d a multiple of τ). Throughput in bytes/s of float32
+/// input via SetBytesProcessed; tokens/s via SetItemsProcessed.
+inline void bm_hash(benchmark::State& st, Index n, Index d, int tau, memoryformer::ScoreKind score,
+                    memoryformer::Isa isa) {
+  init_single_thread();
+  const Index d_in = (d / tau) * tau;
+  memoryformer::SignHasher<float> hasher(memoryformer::HashConfig{tau, score, 1.0});
+  const auto& in = cached_inputs(n, d_in, d_in);
+  memoryformer::HashResult<float> cache;
+  for (auto _ : st) {
+    hasher.hash(cache, in.x, isa);
+    benchmark::DoNotOptimize(cache.codes.data());
+    benchmark::DoNotOptimize(cache.scores.data());
+    benchmark::ClobberMemory();
+  }
+  st.SetBytesProcessed(st.iterations() * static_cast<std::int64_t>(n * d_in * Index(sizeof(float))));
+  st.SetItemsProcessed(st.iterations() * static_cast<std::int64_t>(n));
+  st.counters["time_per_token"] =
+      benchmark::Counter(double(n), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  st.counters["K"] = double(d_in / tau);
+}
+
+}  // namespace
 
 void register_hash_benchmarks(const Grid& grid) {
   using memoryformer::Isa;

@@ -13,8 +13,8 @@
 //                     streams; the prefill footprint is the tables, the decode footprint the whole stack)
 //   l2_frac           gather_GBps / the measured L2-resident (1 MB) streaming read
 //   x_dense           dense time / this time, for the dense twin measured earlier in the same run
-// The suite registers itself at static initialisation (main() does not know about it); set
-// MEMORYFORMER_BENCH_KERNELS=0 to leave it out, e.g. --benchmark_filter=kernels/ selects only it.
+// memoryformer_bench registers this suite before the others; MEMORYFORMER_BENCH_KERNELS=0 leaves it out, and
+// --benchmark_filter=kernels/ selects only it.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -26,23 +26,21 @@
 #include <string>
 #include <vector>
 
-#include <time.h>
 
-#include "bench_common.hpp"
+#include <memoryformer/detail/column_sums.hpp>
+#include <memoryformer/hash.hpp>
+#include <memoryformer/memory_layer.hpp>
+
+#include "bench_support.hpp"
 
 #include <memoryformer/detail/scratch.hpp>
 #include <memoryformer/frozen_memory_layer.hpp>
 #include <memoryformer/table_storage.hpp>
 
-#if defined(MEMORYFORMER_USE_OPENMP)
-#include <omp.h>
-#endif
-
 namespace mfbench {
 namespace {
 
 namespace mf = memoryformer;
-using Clock = std::chrono::steady_clock;
 
 constexpr Index kD = 512;
 constexpr int kTau = 8;
@@ -51,17 +49,6 @@ constexpr Index kPrefillN = 2048;
 constexpr Index kStackLayers = 48;
 
 // ------------------------------------------------------------------------------------------------ rooflines
-
-/// This thread's CPU seconds (one-thread runs: what Google Benchmark's CPU time reports, insensitive to other
-/// processes' time slices on a shared machine) or wall seconds (multi-threaded runs).
-inline double now_seconds(bool cpu) {
-  if (cpu) {
-    timespec t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-    return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
-  }
-  return std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
-}
 
 /// Best of several timed sequential reads of a `bytes` buffer (64-byte loads summed so nothing is elided), GB/s.
 double stream_read_gbps(std::size_t bytes) {
@@ -176,13 +163,6 @@ Batch& batch(Index n) {
 
 /// The dense twin's parameters at the kernel shape (the same cache as the layer-grid benchmarks).
 DenseParams& dense() { return cached_dense(kD, kD); }
-
-void set_threads(int threads) {
-  Eigen::setNbThreads(threads);
-#if defined(MEMORYFORMER_USE_OPENMP)
-  omp_set_num_threads(threads);
-#endif
-}
 
 const double kRowBytesF32 = double(kPrefillN) * kK * kD * 4.0;  // rows gathered per prefill call, float32
 const double kTableBytesF32 = double(kK) * 256 * kD * 4.0;
@@ -463,35 +443,6 @@ void bm_decode_dense(benchmark::State& st, bool pool) {
 
 // ------------------------------------------------------------------------------------------------ paired ratios
 
-/**
- * Calls `baseline` and `candidate` alternately, one call each per benchmark iteration (which goes first swaps every
- * iteration), timing each call, and reports baseline_ms, candidate_ms and `ratio` = Σ baseline time / Σ candidate
- * time. The separately registered benchmarks above compare medians of repetitions that ran seconds apart; in a
- * shared VM the speed drifts on that scale (one vCPU at times 30–45 % slower than the other), so such a ratio can
- * set a fast spell against a slow one. Here both sides of every pair see the same state, and each side also runs
- * right after the other, as layers do in a model, rather than after itself. The benchmark's own time is the pair's.
- * cpu_time: this thread's CPU time (one-thread pairs), else wall time.
- */
-template <class Baseline, class Candidate>
-void run_paired(benchmark::State& st, bool cpu_time, const char* ratio, Baseline&& baseline, Candidate&& candidate) {
-  double baseline_seconds = 0, candidate_seconds = 0;
-  bool baseline_first = true;
-  for (auto _ : st) {
-    const double t0 = now_seconds(cpu_time);
-    if (baseline_first) baseline(); else candidate();
-    const double t1 = now_seconds(cpu_time);
-    if (baseline_first) candidate(); else baseline();
-    const double t2 = now_seconds(cpu_time);
-    baseline_seconds += baseline_first ? t1 - t0 : t2 - t1;
-    candidate_seconds += baseline_first ? t2 - t1 : t1 - t0;
-    baseline_first = !baseline_first;
-  }
-  const double calls = double(std::max<benchmark::IterationCount>(1, st.iterations()));
-  st.counters["baseline_ms"] = baseline_seconds / calls * 1e3;
-  st.counters["candidate_ms"] = candidate_seconds / calls * 1e3;
-  st.counters[ratio] = candidate_seconds > 0 ? baseline_seconds / candidate_seconds : 0.0;
-}
-
 /// The prefill targets: dense forward (baseline) against a Memory Layer forward, hashing included, one thread.
 /// storage: a FrozenMemoryLayer's packed tables; nullopt: MemoryLayer<float> itself (row-major training tables).
 void bm_paired_prefill(benchmark::State& st, std::optional<mf::StorageType> storage) {
@@ -593,9 +544,11 @@ void bm_l2_random_gather(benchmark::State& st) {
 
 // ------------------------------------------------------------------------------------------------ registration
 
-int register_kernel_benchmarks() {
+}  // namespace
+
+void register_kernel_benchmarks() {
   // MEMORYFORMER_BENCH_KERNELS=0 leaves this suite out (its decode stacks hold ≈ 5 GB while they run).
-  if (const char* env = std::getenv("MEMORYFORMER_BENCH_KERNELS"); env != nullptr && std::strcmp(env, "0") == 0) return 0;
+  if (const char* env = std::getenv("MEMORYFORMER_BENCH_KERNELS"); env != nullptr && std::strcmp(env, "0") == 0) return;
   using mf::Isa;
   using mf::StorageType;
   auto ms = [](benchmark::internal::Benchmark* b) { b->Unit(benchmark::kMillisecond)->MinTime(0.5); };
@@ -693,10 +646,6 @@ int register_kernel_benchmarks() {
 #else
   benchmark::AddCustomContext("kernels_openmp", "no (build with -fopenmp -DMEMORYFORMER_USE_OPENMP for the 2-thread benchmarks)");
 #endif
-  return 0;
 }
 
-const int registered = register_kernel_benchmarks();
-
-}  // namespace
 }  // namespace mfbench

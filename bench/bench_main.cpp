@@ -6,7 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "bench_common.hpp"
+#include "bench_model.hpp"
+#include "bench_support.hpp"
 
 namespace {
 
@@ -19,14 +20,18 @@ void print_usage() {
                "  --smoke   tiny shapes, a few seconds\n"
                "  --max-table-mb=MB  skip Memory Layer shapes whose fp32 tables + gradients exceed MB (1 MB = 1e6 B)\n"
                "  e.g. --benchmark_filter=memory_layer/forward --benchmark_out=bench.json --benchmark_out_format=json\n"
+               "  Subjects: kernels/, memory_layer/ and dense/, hash/, block/, attention/ and roofline/, model/.\n"
                "  For the paper tables and memory/dense ratios run memoryformer_report.\n\n";
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (int rc = 0; mfbench::model_peak_child(argc, argv, rc)) return rc;
   mfbench::Grid grid = mfbench::default_grid();
   mfbench::BlockGrid block_grid = mfbench::default_block_grid();
+  mfbench::ModelGrid model_grid = mfbench::default_model_grid();
+  bool smoke = false;
   const char* env_full = std::getenv("MEMORYFORMER_BENCH_FULL");
   if (env_full != nullptr && std::strcmp(env_full, "0") != 0 && *env_full != '\0') {
     grid = mfbench::full_grid();
@@ -42,8 +47,10 @@ int main(int argc, char** argv) {
       grid = mfbench::full_grid();
       block_grid = mfbench::full_block_grid();
     } else if (a == "--smoke") {
+      smoke = true;
       grid = mfbench::smoke_grid();
       block_grid = mfbench::smoke_block_grid();
+      model_grid = mfbench::smoke_model_grid();
     } else if (a.rfind("--max-table-mb=", 0) == 0) {
       max_table_mb = std::atof(a.c_str() + 15);
     } else {
@@ -60,9 +67,17 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(rest_argc, rest.data())) return 1;
   mfbench::init_single_thread();
   mfbench::add_benchmark_context();
-  mfbench::register_memory_layer_benchmarks(grid);
+  // Registration order is run order: the kernel suite first, then the grids, then the models.
+  mfbench::register_kernel_benchmarks();
+  const auto skipped = mfbench::register_memory_layer_benchmarks(grid);
+  for (const auto& s : skipped)
+    std::cerr << "memoryformer_bench: skipping " << mfbench::shape_suffix(s) << ": tables + dtables = "
+              << 2 * s.table_bytes() / 1e6 << " MB exceed the cap of " << grid.max_table_bytes / 1e6
+              << " MB (--max-table-mb)\n";
   mfbench::register_hash_benchmarks(grid);
   mfbench::register_block_suite(block_grid);
+  mfbench::register_attention_benchmarks(smoke);
+  mfbench::register_model_benchmarks(model_grid);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

@@ -17,7 +17,8 @@
 #include <string>
 #include <vector>
 
-#include "bench_common.hpp"
+#include "bench_model.hpp"
+#include "bench_support.hpp"
 
 namespace fs = std::filesystem;
 namespace mf = memoryformer;
@@ -38,6 +39,11 @@ struct Options {
   double max_table_mb = -1;
   double min_time = -1;
   int repetitions = -1;
+  bool peak_memory = true;
+  std::vector<std::string> only;  // sections to measure (layer, block, model); empty: all
+  bool section(const std::string& name) const {
+    return only.empty() || std::find(only.begin(), only.end(), name) != only.end();
+  }
 };
 
 void print_help() {
@@ -50,11 +56,14 @@ Usage: memoryformer_report [options]
                      d = 256, tau = 4 (tables fit L2) and d = 2048, tau = 8 (N = 1, 2048); 3 repetitions each
                      (median); then MemoryFormerBlock vs TransformerBlock (tau = 8, heads = d/64): prefill at
                      s = 1024, d in {512, 768}, and one-token decode after 1023 cached tokens at d = 512 through
-                     stacks deep enough that their weights exceed the L3 size. About 2-4 minutes on 2 cores.
+                     stacks deep enough that their weights exceed the L3 size; then whole models:
+                     MemoryFormer-tiny's shape against Pythia-70M's (prefill s = 1024 and 2048, decode at
+                     context 1024, training seq 256 x batch 8; 1 thread, and 2 in OpenMP builds), paired.
   --full             the whole grid d in {256, 512, 1024, 2048} x tau in {4, 6, 8, 10} x N in {1, 16, 2048}
                      (tens of minutes; shapes whose fp32 tables + gradients exceed --max-table-mb are skipped);
                      blocks at s in {1024, 2048} x d in {512, 768, 1024}, prefill and decode (up to ~6 GB RAM)
-  --smoke            tiny shapes, a few seconds (for tests of this program)
+  --smoke            tiny shapes, a few seconds (for tests of this program; --smoke --only model is the
+                     whole-model section's test)
   --no-measure       only the analytic tables (no timing)
   --json             print one JSON array on stdout instead of the text report (progress goes to stderr)
   --out DIR          directory for memoryformer_figure1.{csv,gp,png} and memoryformer_measured.csv
@@ -62,6 +71,8 @@ Usage: memoryformer_report [options]
   --max-table-mb MB  cap on fp32 tables + gradients per Memory Layer (1 MB = 1e6 bytes)
   --min-time SEC     minimum time per benchmark (default 0.1)
   --repetitions N    repetitions per benchmark, the median is used (default 3, smoke 1)
+  --only LIST        measure only these sections, comma-separated: layer, block, model (default: all)
+  --no-peak          whole models: skip the peak-memory child processes
   --help             this text
 
 Conventions: FLOPs in the paper's convention count one multiply-add as ONE FLOP and leave out softmax, norms,
@@ -94,6 +105,19 @@ bool parse_args(int argc, char** argv, Options& o) {
       o.smoke = true;
     } else if (a == "--json") {
       o.json = true;
+    } else if (a == "--no-peak") {
+      o.peak_memory = false;
+    } else if (a == "--only" || a.rfind("--only=", 0) == 0) {
+      auto v = value("--only");
+      if (!v) return false;
+      std::stringstream list(*v);
+      for (std::string item; std::getline(list, item, ',');) {
+        if (item != "layer" && item != "block" && item != "model") {
+          std::cerr << "memoryformer_report: --only takes layer, block, model; got '" << item << "'\n";
+          return false;
+        }
+        o.only.push_back(item);
+      }
     } else if (a == "--no-measure") {
       o.measure = false;
     } else if (a == "--out" || a.rfind("--out=", 0) == 0) {
@@ -162,24 +186,6 @@ std::string human_bytes(double b) {
   if (b >= 1e6) return fmt("%.1f MB", b / 1e6);
   if (b >= 1e3) return fmt("%.1f KB", b / 1e3);
   return fmt("%.0f B", b);
-}
-
-/// Word-wraps text to `width` columns: the first line starts with `first`, the others with `rest`.
-std::string wrap(const std::string& text, const std::string& first, const std::string& rest, size_t width = 116) {
-  std::string out, line = first;
-  bool empty = true;
-  std::istringstream words(text);
-  std::string w;
-  while (words >> w) {
-    if (!empty && line.size() + 1 + w.size() > width) {
-      out += line + "\n";
-      line = rest;
-      empty = true;
-    }
-    line += (empty ? "" : " ") + w;
-    empty = false;
-  }
-  return out + line + "\n";
 }
 
 /// JSON number, or null for NaN/Inf (JSON has no NaN).
@@ -394,8 +400,14 @@ struct Measurement {
   double cpu_us = kNaN;  // median CPU time per call, µs
   double real_us = kNaN;
   double cpu_us_min = kNaN, cpu_us_max = kNaN;
-  std::map<std::string, double> counters;
+  std::map<std::string, double> counters;         // of the first repetition (build_s: only it builds)
+  std::map<std::string, double> counter_medians;  // over the repetitions (paired ratios, rates)
   std::string error;
+  /// Median over the repetitions of counter `k` (NaN when absent).
+  double median(const std::string& k) const {
+    auto it = counter_medians.find(k);
+    return it == counter_medians.end() ? kNaN : it->second;
+  }
 };
 
 /// Collects every iteration run; prints one progress line per finished benchmark to stderr.
@@ -438,7 +450,13 @@ class CollectingReporter : public benchmark::BenchmarkReporter {
       m.real_us = median(real);
       m.cpu_us_min = *std::min_element(cpu.begin(), cpu.end());
       m.cpu_us_max = *std::max_element(cpu.begin(), cpu.end());
-      for (const auto& [k, c] : v.front().counters) m.counters[k] = c.value;
+      for (const auto& [k, c] : v.front().counters) {
+        m.counters[k] = c.value;
+        std::vector<double> values;
+        for (const auto& r : v)
+          if (auto it = r.counters.find(k); it != r.counters.end()) values.push_back(it->second.value);
+        m.counter_medians[k] = median(values);
+      }
       out[name] = m;
     }
     return out;
@@ -464,18 +482,21 @@ class CollectingReporter : public benchmark::BenchmarkReporter {
   std::map<std::string, std::string> errors_;
 };
 
-/// Registers the block benchmarks of bench_common.hpp (MemoryFormerBlock vs TransformerBlock, prefill and decode,
-/// plus attention alone) under "block/<model>/<mode>/<shape>"; print_block_section pairs them. Returns how many.
-size_t register_block_benchmarks_for_report(const mfbench::BlockGrid& grid) {
-  return mfbench::register_block_suite(grid).size();
-}
-
 /// The block grid of a report run: --smoke, --full or the default subset, with the run's min time and repetitions.
 mfbench::BlockGrid report_block_grid(const Options& opt, const mfbench::Grid& layer_grid) {
   mfbench::BlockGrid g = opt.smoke ? mfbench::smoke_block_grid()
                                    : (opt.full ? mfbench::full_block_grid() : mfbench::default_block_grid());
   g.repetitions = layer_grid.repetitions;
   if (opt.min_time > 0) g.min_time = opt.min_time;
+  return g;
+}
+
+/// The model grid of a report run: --smoke or the default, with the run's repetitions and --no-peak.
+mfbench::ModelGrid report_model_grid(const Options& opt, const mfbench::Grid& layer_grid) {
+  mfbench::ModelGrid g = opt.smoke ? mfbench::smoke_model_grid() : mfbench::default_model_grid();
+  g.repetitions = layer_grid.repetitions;
+  g.peak_memory = opt.peak_memory;
+  if (opt.min_time > 0 && !opt.smoke) g.min_time = std::max(g.min_time, 5 * opt.min_time);
   return g;
 }
 
@@ -530,34 +551,6 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
   auto num = [](const char* f, double v) { return std::isfinite(v) ? fmt(f, v) : std::string("-"); };
   const auto caches = mfbench::read_caches();
   const double l3 = mfbench::cache_bytes(caches, 3);
-  std::vector<std::string> why;
-  struct Range {
-    double lo = kNaN, hi = kNaN;
-    int n = 0, slower = 0, even = 0, faster = 0;  // ratio >= 1.05, within 5 %, <= 0.95
-    void add(double v) {
-      if (!std::isfinite(v)) return;
-      lo = n ? std::min(lo, v) : v;
-      hi = n ? std::max(hi, v) : v;
-      ++n;
-      (v >= 1.05 ? slower : v > 0.95 ? even : faster) += 1;
-    }
-    /// "slower in a, about as fast (within 5 %) in b, faster in c of n shapes", leaving out zero counts.
-    std::string verdict() const {
-      std::string v;
-      auto add = [&](int count, const char* what) {
-        if (count == 0) return;
-        v += (v.empty() ? "" : ", ") + std::string(what) + " in " + std::to_string(count);
-      };
-      add(slower, "SLOWER (ratio >= 1.05)");
-      add(even, "about as fast (within 5 %)");
-      add(faster, "faster (ratio <= 0.95)");
-      return "the MemoryFormer block is " + v + " of " + std::to_string(n) + " shapes";
-    }
-    std::string text(const char* f, double scale = 1) const {
-      return lo == hi ? fmt(f, scale * lo) : fmt(f, scale * lo) + " - " + fmt(f, scale * hi);
-    }
-  };
-  Range pre_ratio, pre_flops, pre_attn_share, pre_rest, pre_gemm_gflops, dec_ratio, dec_flops, dec_bytes, dec_attn_share;
 
   os << "== MemoryFormer block vs Transformer block, measured (single thread, CPU time, median of "
      << std::max(1, grid.repetitions) << ") ==\n"
@@ -570,28 +563,30 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
   // ---- prefill
   os << "   Prefill: forward(y, x, batch = 1, seq = s); times in ms per call.\n";
   os << pad("d", 7) << pad("heads", 6) << pad("s", 6) << pad("FLOPr", 7) << pad("FLOPr-a", 8) << pad("MF ms", 9)
-     << pad("TF ms", 9) << pad("ratio", 7) << pad("attn ms", 9) << pad("attn%MF", 8) << pad("attn%TF", 8)
-     << pad("rest r", 8) << pad("MF GF/s", 9) << pad("TF GF/s", 9) << pad("MF ns/t", 9) << pad("TF ns/t", 9)
-     << pad("build MF/TF s", 15) << "\n";
+     << pad("TF ms", 9) << pad("ratio", 7) << pad("pair r", 8) << pad("attn ms", 9) << pad("attn%MF", 8)
+     << pad("attn%TF", 8) << pad("rest r", 8) << pad("MF GF/s", 9) << pad("TF GF/s", 9) << pad("MF ns/t", 9)
+     << pad("TF ns/t", 9) << pad("build MF/TF s", 15) << "\n";
   for (const auto& s : grid.prefill) {
     const auto* m = find(mfbench::block_name("memoryformer", "prefill", s));
     const auto* t = find(mfbench::block_name("transformer", "prefill", s));
     const auto* a = find(mfbench::block_name("attention", "prefill", s));
+    const auto* p = find(mfbench::block_name("paired", "prefill", s));
     const double fm = mfbench::block_flops_paper(true, false, s), ft = mfbench::block_flops_paper(false, false, s);
     const double fm_na = mfbench::block_flops_paper(true, false, s, false);
     const double ft_na = mfbench::block_flops_paper(false, false, s, false);
     const double mus = m ? m->cpu_us : kNaN, tus = t ? t->cpu_us : kNaN, aus = a ? a->cpu_us : kNaN;
     const double ratio = mus / tus;
+    const double paired = p ? p->median("time_ratio") : kNaN;
     // Attention is timed alone on the same shape; block minus attention approximates "everything else".
     const double rest_m = mus - aus, rest_t = tus - aus;
     const double rest_ratio = (rest_m > 0 && rest_t > 0) ? rest_m / rest_t : kNaN;
     os << pad(std::to_string(s.d), 7) << pad(std::to_string(s.heads()), 6) << pad(std::to_string(s.s), 6)
        << pad(fmt("%.3f", fm / ft), 7) << pad(fmt("%.3f", fm_na / ft_na), 8) << pad(num("%.2f", mus / 1e3), 9)
-       << pad(num("%.2f", tus / 1e3), 9) << pad(num("%.2f", ratio), 7) << pad(num("%.2f", aus / 1e3), 9)
-       << pad(num("%.0f%%", 100 * aus / mus), 8) << pad(num("%.0f%%", 100 * aus / tus), 8)
-       << pad(num("%.2f", rest_ratio), 8) << pad(num("%.1f", fm / (mus * 1e3)), 9)
-       << pad(num("%.1f", ft / (tus * 1e3)), 9) << pad(num("%.0f", mus * 1e3 / double(s.s)), 9)
-       << pad(num("%.0f", tus * 1e3 / double(s.s)), 9)
+       << pad(num("%.2f", tus / 1e3), 9) << pad(num("%.2f", ratio), 7) << pad(num("%.2f", paired), 8)
+       << pad(num("%.2f", aus / 1e3), 9) << pad(num("%.0f%%", 100 * aus / mus), 8)
+       << pad(num("%.0f%%", 100 * aus / tus), 8) << pad(num("%.2f", rest_ratio), 8)
+       << pad(num("%.1f", fm / (mus * 1e3)), 9) << pad(num("%.1f", ft / (tus * 1e3)), 9)
+       << pad(num("%.0f", mus * 1e3 / double(s.s)), 9) << pad(num("%.0f", tus * 1e3 / double(s.s)), 9)
        << pad(num("%.1f", counter(m, "build_s")) + "/" + num("%.2f", counter(t, "build_s")), 15) << "\n";
     for (int is_mf = 1; is_mf >= 0; --is_mf) {
       const Measurement* x = is_mf ? m : t;
@@ -606,70 +601,26 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
           .measured("attention_us", aus)
           .measured("build_s", counter(x, "build_s"))
           .measured("time_ratio_memoryformer_over_transformer", ratio)
-          .measured("rest_time_ratio_memoryformer_over_transformer", rest_ratio);
+          .measured("rest_time_ratio_memoryformer_over_transformer", rest_ratio)
+          .measured("paired_time_ratio_memoryformer_over_transformer", paired);
       json.push_back(o);
     }
-    if (!std::isfinite(ratio)) continue;
-    pre_ratio.add(ratio);
-    pre_flops.add(fm / ft);
-    pre_attn_share.add(aus / mus);
-    pre_rest.add(rest_ratio);
-    if (rest_t > 0) pre_gemm_gflops.add(ft_na / (rest_t * 1e3));
-    std::ostringstream w;
-    w << "prefill d = " << s.d << ", s = " << s.s << ": MemoryFormer x" << fmt("%.2f", ratio) << " of the Transformer's time"
-      << " for x" << fmt("%.3f", fm / ft) << " of its paper FLOPs";
-    if (std::isfinite(aus)) {
-      w << ". Attention alone (2s^2d = " << fmt("%.2f", mf::attention_flops_paper(double(s.s), double(s.d)) / 1e9)
-        << " GFLOP in both blocks, scalar exp in the softmax) takes " << fmt("%.1f", aus / 1e3) << " ms = "
-        << fmt("%.0f", 100 * aus / mus) << "% of the MemoryFormer block and " << fmt("%.0f", 100 * aus / tus)
-        << "% of the Transformer block";
-      if (std::isfinite(rest_ratio)) {
-        const double gathered = double(s.s) * mfbench::memoryformer_block_bytes_per_token(s);
-        w << "; the rest (MemoryFormer: 3 hashes + 5 Memory Layers gathering s*K = " << s.s * s.k()
-          << " rows each, " << human_bytes(gathered) << " of table rows per call = "
-          << fmt("%.1f", gathered / (rest_m * 1e3)) << " GB/s; Transformer: 12sd^2 GEMMs at "
-          << fmt("%.0f", ft_na / (rest_t * 1e3))
-          << " GFLOP/s) takes " << fmt("%.1f", rest_m / 1e3) << " vs " << fmt("%.1f", rest_t / 1e3) << " ms, ratio "
-          << fmt("%.2f", rest_ratio) << " against a FLOP ratio of " << fmt("%.4f", fm_na / ft_na);
-        if (rest_ratio >= 1.05)
-          w << " - the lookups are SLOWER than the GEMMs they replace: each gathered row is used once (no reuse, "
-               "bound by gather bandwidth), while a GEMM reuses every loaded weight for all s tokens";
-        else if (rest_ratio > 0.95)
-          w << " - the lookups take as long as the GEMMs they replace, for 1/" << fmt("%.0f", ft_na / fm_na)
-            << " of the FLOPs: each gathered row is used once (no reuse, bound by gather bandwidth), while a GEMM "
-               "reuses every loaded weight for all s tokens";
-        else if (rest_ratio > 4 * fm_na / ft_na)
-          w << " - the lookups save far less time than FLOPs: each gathered row is used once (bandwidth bound), a "
-               "GEMM reuses every loaded weight s times";
-      }
-      if (ratio >= 1.05)
-        w << ". So here the MemoryFormer block is SLOWER";
-      else if (ratio > 0.95)
-        w << ". So here the MemoryFormer block is no faster (within 5 %, less than the run-to-run noise)";
-      else if (aus / tus > 0.3)
-        w << ". The saving is capped by attention, which neither block avoids (it grows as s^2, the rest as s)";
-    }
-    why.push_back(w.str());
   }
-  os << "   FLOPr-a: paper FLOP ratio without attention. attn: attention_forward alone on the same shape (part of both\n"
-        "   blocks); attn%: its share of each block's time; rest r: (block - attention) time ratio, approximate.\n"
+  os << "   FLOPr-a: paper FLOP ratio without attention. ratio: of the two blocks' medians, timed one after the other;\n"
+        "   pair r: the same ratio with both blocks called alternately in one benchmark (block/paired/prefill: median\n"
+        "   of the repetitions' time ratios), the figure to quote. attn: attention_forward alone on the same shape\n"
+        "   (part of both blocks); attn%: its share of each block's time; rest r: (block - attention) time ratio.\n"
         "   GF/s: paper GFLOP per second. ns/t: ns per token. build: seconds to construct the block (not timed).\n\n";
 
   // ---- decode
   const double target = mfbench::block_cache_target(grid);
-  os << wrap("Decode: forward_decode of ONE token after s - 1 cached tokens, through a stack of layers, each with its "
-             "own KV cache; successive tokens cycle through " + std::to_string(grid.token_pool) +
-                 " distinct inputs, so table rows are not simply re-read from cache. Layers: the fewest whose weights "
-                 "exceed " + human_bytes(target) +
-                 (grid.cache_target_bytes > 0
-                      ? std::string(" (set by this grid)")
-                      : " (1.25 x the L3 of " + human_bytes(l3) +
-                            " that sysfs reports; this VM's real share of it is likely smaller)") +
-                 ", at least " + std::to_string(grid.min_layers) + ", within " + human_bytes(grid.max_stack_bytes) +
-                 " resident. Each layer cycles through several KV caches (kv sets), one per token, so that the "
-                 "stack's keys and values also exceed that size and come from DRAM in both stacks, as in a deep "
-                 "model. Times in us per token PER LAYER (stack time / layers).",
-             "   ", "   ");
+  os << "   Decode: forward_decode of ONE token after s - 1 cached tokens, through a stack of layers whose weights\n"
+     << "   exceed " << human_bytes(target)
+     << (grid.cache_target_bytes > 0 ? std::string(" (set by this grid)")
+                                     : " (1.25 x the L3 of " + human_bytes(l3) + " that sysfs reports)")
+     << "; each layer cycles through several KV caches (kv sets) so that keys and\n"
+     << "   values also come from DRAM, and successive tokens cycle through " << grid.token_pool
+     << " distinct inputs. Times in us per token PER LAYER.\n";
   os << pad("d", 7) << pad("heads", 6) << pad("s", 6) << pad("layers", 8) << pad("kv sets", 8) << pad("stack MF", 10)
      << pad("stack TF", 10) << pad("FLOPr", 7) << pad("MF us", 9) << pad("TF us", 9) << pad("ratio", 7)
      << pad("attn us", 9) << pad("attn%MF", 8) << pad("attn%TF", 8) << pad("MF B/tok", 10) << pad("TF B/tok", 10)
@@ -715,114 +666,74 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
           .measured("time_ratio_memoryformer_over_transformer", ratio);
       json.push_back(o);
     }
-    if (!std::isfinite(ratio)) continue;
-    dec_ratio.add(ratio);
-    dec_flops.add(fm / ft);
-    dec_bytes.add((bm + kv) / (bt + kv));
-    dec_attn_share.add(aus / mus);
-    std::ostringstream w;
-    w << "decode d = " << s.d << ", context s = " << s.s << ": MemoryFormer x" << fmt("%.2f", ratio)
-      << " of the Transformer's time per token per layer, for x" << fmt("%.3f", fm / ft)
-      << " of its paper FLOPs. Per token and layer it reads " << human_bytes(bm) << " of table rows + "
-      << human_bytes(kv) << " of KV cache, the Transformer " << human_bytes(bt) << " of weights + the same "
-      << human_bytes(kv) << " of KV cache (byte ratio " << fmt("%.2f", (bm + kv) / (bt + kv)) << ")";
-    if (std::isfinite(aus))
-      w << ". Attention over the KV cache alone (both blocks run it) takes " << fmt("%.1f", aus) << " us = "
-        << fmt("%.0f", 100 * aus / mus) << "% of the MemoryFormer block's time and " << fmt("%.0f", 100 * aus / tus)
-        << "% of the Transformer's";
-    if (kv > bm)
-      w << "; the KV cache is " << fmt("%.0f", 100 * kv / (bm + kv))
-        << "% of the bytes the MemoryFormer block reads and grows with s, so the longer the context the closer the "
-           "ratio gets to 1";
-    if (ratio >= 1.05)
-      w << ". So here the MemoryFormer block is SLOWER: its scattered row gathers (" << fmt("%.1f", gbm)
-        << " GB/s) run far below the Transformer's streaming reads (" << fmt("%.1f", gbt) << " GB/s)";
-    else if (ratio > 2 * (bm + kv) / (bt + kv))
-      w << ". It reads its bytes at " << fmt("%.1f", gbm) << " GB/s vs " << fmt("%.1f", gbt)
-        << " GB/s for the Transformer (random row gathers and per-call overheads - hashing, small buffers - vs "
-           "streaming GEMV), so it gains less than the byte ratio";
     if (!pm.exceeds_target || !pt.exceeds_target)
-      w << ". Caveat: the " << (!pt.exceeds_target ? "Transformer" : "MemoryFormer") << " stack's weights ("
-        << human_bytes(!pt.exceeds_target ? pt.weight_bytes : pm.weight_bytes) << ") do NOT exceed "
-        << human_bytes(target) << " (memory cap), so they may be served from L3";
-    why.push_back(w.str());
+      os << "   note: the " << (!pt.exceeds_target ? "Transformer" : "MemoryFormer") << " stack's weights do not exceed "
+         << human_bytes(target) << " (memory cap), so they may be served from L3\n";
   }
   os << "   kv sets: KV caches per layer, MF / TF. attn: attention_decode alone, per layer, over as many KV caches as\n"
         "   exceed the same size; attn%: its share of each block's per-layer time.\n"
         "   stack: fp32 weights of the whole stack (MF / TF). B/tok: bytes read per token per layer - MF: the K rows\n"
         "   each Memory Layer gathers (Q, K, V, ML1, ML2); TF: all 12d^2 + 13d weights; KV: keys + values of s tokens.\n"
-        "   GB/s: (B/tok + KV) / time. tok/s: tokens per second through the whole stack.\n";
-  if (why.empty()) {
-    os << "   (no block measurements)\n\n";
-    return;
-  }
-  os << "\n   Summary (MemoryFormer / Transformer time; paper-FLOPs ratio in brackets):\n";
-  if (pre_ratio.n)
-    os << wrap("- prefill: " + pre_ratio.text("%.2f") + " [" + pre_flops.text("%.3f") + "]; " + pre_ratio.verdict() +
-                   ".",
-               "   ", "     ");
-  if (dec_ratio.n)
-    os << wrap("- decode (per token per layer): " + dec_ratio.text("%.2f") + " [" + dec_flops.text("%.3f") +
-                   "; bytes read " + dec_bytes.text("%.2f") + "]; " + dec_ratio.verdict() + ".",
-               "   ", "     ");
-  os << "   Why:\n";
-  if (pre_ratio.n && std::isfinite(pre_attn_share.lo))
-    os << wrap("1. Attention is the same code in both blocks (2s^2d paper FLOPs: QK^T and PV per head, plus a softmax "
-               "with a scalar exp over s^2/2 entries per head) and takes " + pre_attn_share.text("%.0f%%", 100) +
-                   " of the MemoryFormer block's prefill time. No cheaper projection makes the block faster than its "
-                   "attention, and attention grows as s^2 while the rest grows as s; the paper's FLOP ratio hides "
-                   "this because it prices a multiply-add of a GEMM, of attention and of a table lookup alike.",
-               "   ", "      ");
-  if (pre_rest.n)
-    os << wrap("2. Outside attention the MemoryFormer block has 6Ksd / 12sd^2 = 1/(2 tau) = " +
-                   fmt("%.4f", 0.5 / grid.prefill.front().tau) + " of the Transformer's paper FLOPs, yet took " +
-                   pre_rest.text("%.2f") + " of its time: a table lookup is bandwidth bound (each gathered row is "
-                   "used once, by one token), while the GEMMs reuse every loaded weight for all s tokens and run at " +
-                   pre_gemm_gflops.text("%.0f") + " GFLOP/s. Hashing (sign bits and |z| sums of three inputs per "
-                   "block) and per-layer overheads add to it.",
-               "   ", "      ");
-  if (dec_ratio.n)
-    os << wrap("3. In decode the Transformer has no reuse either: a GEMV reads all 12d^2 weights per token, so the "
-               "MemoryFormer block's far fewer bytes pay off - limited by the KV-cache reads both blocks share (" +
-                   (std::isfinite(dec_attn_share.lo)
-                        ? "attention over the KV cache is " + dec_attn_share.text("%.0f%%", 100) +
-                              " of the MemoryFormer block's decode time"
-                        : std::string("not timed")) +
-                   "), whose share grows with the context s.",
-               "   ", "      ");
-  os << "\n   Per shape:\n";
-  for (const auto& line : why) os << wrap("- " + line + ".", "   ", "     ");
-  os << "\n";
+        "   GB/s: (B/tok + KV) / time. tok/s: tokens per second through the whole stack.\n\n";
 }
 
-/// Short reason, from bytes moved vs cache sizes and from measured FLOP rates, for a memory/dense time ratio.
-std::string explain(const LayerShape& s, double ratio, double mem_gflops, double dense_gflops, double l2, double l3) {
-  std::ostringstream r;
-  const double table = s.table_bytes();
-  const double row_bytes = double(s.d_out()) * 4.0;
-  const std::string where = (l2 > 0 && table <= l2) ? "fit in L2"
-                            : (l3 > 0 && table <= l3) ? "exceed L2, fit in L3"
-                                                       : "exceed L3";
-  const double rows_moved = double(s.n) * double(s.k()) * row_bytes;  // table rows read per call, repeats counted
-  const double dense_moved = s.weight_bytes() + double(s.n) * double(s.d_in() + s.d_out()) * 4.0;
-  if (ratio > 1.0) {
-    r << "slower: each lookup multiply-add needs its own table load (the call gathers N*K = " << s.n * s.k()
-      << " rows of " << human_bytes(row_bytes) << " = " << human_bytes(rows_moved) << ", "
-      << fmt("%.1f", mem_gflops) << " GFLOP/s), while the dense GEMM moves W once plus activations ("
-      << human_bytes(dense_moved) << ")";
-    if (s.n > 1) r << " and reuses each loaded weight for N = " << s.n << " tokens";
-    r << " (" << fmt("%.0f", dense_gflops) << " GFLOP/s): the " << s.tau << "x FLOP saving of tau = " << s.tau
-      << " does not cover a " << fmt("%.1f", dense_gflops / std::max(mem_gflops, 1e-9)) << "x throughput gap; tables "
-      << human_bytes(table) << " " << where;
-    if (l2 > 0 && table > l2) r << ", so the gathered rows come from L3/DRAM";
-    if (s.n <= 16 && s.weight_bytes() < 64e3) r << "; at this size fixed per-call work (argument checks, hashing) matters";
-  } else {
-    r << "faster: per token it reads K rows = " << human_bytes(double(s.k()) * row_bytes) << " instead of all of W = "
-      << human_bytes(s.weight_bytes()) << " (tau = " << s.tau << "x fewer bytes and FLOPs); with N = " << s.n
-      << " the dense layer gets " << (s.n == 1 ? "no" : "little") << " reuse of W (" << fmt("%.0f", dense_gflops)
-      << " GFLOP/s); tables " << human_bytes(table) << " " << where;
+/// The whole-model section: one paired benchmark per row (bench_model.cpp).
+void print_model_section(std::ostream& os, const mfbench::ModelGrid& grid,
+                         const std::map<std::string, Measurement>& results, std::vector<JsonObject>& json) {
+  const auto& m = grid.shape;
+  os << "== Whole models: MemoryFormerLM vs TransformerLM, paired (median of " << std::max(1, grid.repetitions)
+     << ") ==\n"
+     << "   d = " << m.d << ", " << m.layers << " layers, " << m.heads << " heads, vocab " << m.vocab
+     << "; MemoryFormer: tau = " << m.tau << ", e = 2; dense: TransformerBlock, fp32"
+     << (m.d == 512 && m.layers == 6 && m.heads == 8 ? " (MemoryFormer-tiny's and Pythia-70M's shape).\n" : ".\n")
+     << "   ratio = MemoryFormer tokens/s / dense tokens/s (> 1: MemoryFormer faster), both models called alternately\n"
+     << "   in one benchmark. FLOPr = MemoryFormer / dense paper FLOPs per token (blocks + LM head): FLOPs alone would\n"
+     << "   predict ratio = 1/FLOPr. peak: resident bytes of a process that builds the model and runs one call.\n"
+     << "   prefill: forward of s tokens; decode: one token at the given context; train: zero_grad, forward_loss,\n"
+     << "   backward, clip, AdamW step (the Trainer's options). One thread: CPU time; two threads: wall time.\n";
+  os << pad("mode", 9) << pad("length", 8) << pad("batch", 6) << pad("thr", 4) << pad("tables", 7) << pad("MF tok/s", 11)
+     << pad("dense tok/s", 12) << pad("ratio", 7) << pad("FLOPr", 7) << pad("MF peak", 10) << pad("dense peak", 11)
+     << "\n";
+  for (const auto& row : grid.rows) {
+    const auto it = results.find(mfbench::model_benchmark_name(row));
+    const Measurement* x = it == results.end() || !it->second.error.empty() ? nullptr : &it->second;
+    const double mf_tps = x ? x->median("mf_tokens_per_second") : kNaN;
+    const double dense_tps = x ? x->median("dense_tokens_per_second") : kNaN;
+    const double ratio = x ? x->median("ratio") : kNaN;
+    const double flop_ratio = mfbench::model_flops_per_token(m, row, true) / mfbench::model_flops_per_token(m, row, false);
+    const double mf_peak = x ? x->median("mf_peak_bytes") : kNaN, dense_peak = x ? x->median("dense_peak_bytes") : kNaN;
+    auto num = [](const char* f, double v) { return std::isfinite(v) ? fmt(f, v) : std::string("-"); };
+    auto bytes = [](double v) { return std::isfinite(v) && v > 0 ? human_bytes(v) : std::string("-"); };
+    os << pad(mfbench::model_mode_name(row.mode), 9) << pad(std::to_string(row.length), 8)
+       << pad(std::to_string(row.batch), 6) << pad(std::to_string(row.threads), 4) << pad(row.bf16 ? "bf16" : "fp32", 7)
+       << pad(num("%.0f", mf_tps), 11)
+       << pad(num("%.0f", dense_tps), 12) << pad(num("%.2f", ratio), 7) << pad(fmt("%.3f", flop_ratio), 7)
+       << pad(bytes(mf_peak), 10) << pad(bytes(dense_peak), 11) << "\n";
+    JsonObject o;
+    o.str("kind", "model")
+        .str("model", "MemoryFormerLM vs TransformerLM")
+        .str("mode", mfbench::model_mode_name(row.mode))
+        .num("threads", row.threads)
+        .num("d", double(m.d))
+        .num("layers", double(m.layers))
+        .num("heads", double(m.heads))
+        .num("tau", m.tau)
+        .num("vocab", double(m.vocab))
+        .num("s", double(row.length))
+        .num("batch", double(row.batch))
+        .str("storage", row.bf16 ? "bf16" : "fp32")
+        .num("mf_flops_per_token", mfbench::model_flops_per_token(m, row, true))
+        .num("dense_flops_per_token", mfbench::model_flops_per_token(m, row, false))
+        .num("flop_ratio", flop_ratio)
+        .measured("mf_tokens_per_second", mf_tps)
+        .measured("dense_tokens_per_second", dense_tps)
+        .measured("ratio", ratio)
+        .measured("mf_peak_bytes", mf_peak > 0 ? mf_peak : kNaN)
+        .measured("dense_peak_bytes", dense_peak > 0 ? dense_peak : kNaN);
+    json.push_back(o);
   }
-  return r.str();
+  os << "   length: s (prefill), context (decode), seq (train). tables: the MemoryFormer's; bf16 rows run it frozen\n"
+        "   (FrozenLanguageModel, inference only; its peak leaves out the training model it was made from).\n\n";
 }
 
 /// The analytic fields of one Memory Layer shape (N tokens is reported as "s").
@@ -847,6 +758,7 @@ JsonObject layer_analytic_json(const LayerShape& s) {
 struct LayerRow {
   LayerShape s;
   const Measurement *mf = nullptr, *df = nullptr, *mb = nullptr, *db = nullptr, *lookup = nullptr;
+  const Measurement *pf = nullptr, *pb = nullptr;  // memory_layer/paired/{forward,backward}
 };
 
 void measured_section(std::ostream& os, const mfbench::Grid& grid, const std::vector<LayerShape>& skipped,
@@ -862,8 +774,8 @@ void measured_section(std::ostream& os, const mfbench::Grid& grid, const std::ve
      << "   ratio = memory time / dense time (> 1: the Memory Layer is slower). FLOP ratio = paper FLOPs memory/dense.\n\n";
   os << pad("d_in", 5) << pad("d_out", 6) << pad("tau", 4) << pad("K", 5) << pad("N", 6) << pad("tables", 10)
      << pad("FLOPr", 7) << pad("mem fwd", 11) << pad("GB/s", 6) << pad("dense fwd", 11) << pad("ratio", 7)
-     << pad("lookup", 10)
-     << pad("mem bwd", 11) << pad("dense bwd", 11) << pad("ratio", 7) << "   (times in us per call)\n";
+     << pad("pair r", 7) << pad("lookup", 10) << pad("mem bwd", 11) << pad("dense bwd", 11) << pad("ratio", 7)
+     << pad("pair r", 7) << "   (times in us per call)\n";
 
   std::vector<LayerRow> rows;
   auto find = [&](const std::string& n) -> const Measurement* {
@@ -878,45 +790,40 @@ void measured_section(std::ostream& os, const mfbench::Grid& grid, const std::ve
     r.mb = find(mfbench::memory_backward_name(s));
     r.db = find(mfbench::dense_backward_name(s));
     r.lookup = find("memory_layer/forward_hashed/" + mfbench::shape_suffix(s));
+    r.pf = find(mfbench::memory_paired_name(s, false));
+    r.pb = find(mfbench::memory_paired_name(s, true));
     rows.push_back(r);
   }
   auto us = [](const Measurement* m) { return m ? fmt(m->cpu_us < 10 ? "%.3f" : "%.1f", m->cpu_us) : std::string("-"); };
   auto ratio = [](const Measurement* a, const Measurement* b) { return a && b ? a->cpu_us / b->cpu_us : kNaN; };
-  std::vector<std::string> reasons;
-  std::map<Index, std::pair<int, int>> faster_by_n;  // N -> (shapes where memory forward is faster, shapes measured)
   const fs::path csv = out_dir / "memoryformer_measured.csv";
   std::ofstream f(csv);
   f << "d_in,d_out,tau,K,N,table_bytes,weight_bytes,flops_memory_paper,flops_dense_paper,memory_forward_us,"
        "dense_forward_us,forward_ratio,lookup_only_us,memory_backward_us,dense_backward_us,backward_ratio,"
-       "memory_forward_us_min,memory_forward_us_max,dense_forward_us_min,dense_forward_us_max,table_rows_GB_per_s\n";
+       "memory_forward_us_min,memory_forward_us_max,dense_forward_us_min,dense_forward_us_max,table_rows_GB_per_s,"
+       "paired_forward_ratio,paired_backward_ratio\n";
   for (const auto& r : rows) {
     const auto& s = r.s;
     const double fm = mf::memory_layer_flops_paper(double(s.n), double(s.d_in()), double(s.d_out()), s.tau);
     const double fd = mf::dense_layer_flops_paper(double(s.n), double(s.d_in()), double(s.d_out()));
     const double rf = ratio(r.mf, r.df), rb = ratio(r.mb, r.db);
+    const double prf = r.pf ? r.pf->median("time_ratio") : kNaN, prb = r.pb ? r.pb->median("time_ratio") : kNaN;
+    auto r2 = [](double v) { return std::isfinite(v) ? fmt("%.2f", v) : std::string("-"); };
     const double rows_moved = double(s.n) * double(s.k()) * double(s.d_out()) * 4.0;
     os << pad(std::to_string(s.d_in()), 5) << pad(std::to_string(s.d_out()), 6) << pad(std::to_string(s.tau), 4)
        << pad(std::to_string(s.k()), 5) << pad(std::to_string(s.n), 6) << pad(mb(s.table_bytes()) + "MB", 10)
        << pad(fmt("%.3f", fm / fd), 7) << pad(us(r.mf), 11)
        << pad(r.mf ? fmt("%.1f", rows_moved / (r.mf->cpu_us * 1e3)) : "-", 6) << pad(us(r.df), 11)
-       << pad(std::isfinite(rf) ? fmt("%.2f", rf) : "-", 7) << pad(us(r.lookup), 10) << pad(us(r.mb), 11)
-       << pad(us(r.db), 11) << pad(std::isfinite(rb) ? fmt("%.2f", rb) : "-", 7) << "\n";
-    if (std::isfinite(rf)) {
-      const double mem_gflops = fm / (r.mf->cpu_us * 1e3);
-      const double dense_gflops = fd / (r.df->cpu_us * 1e3);
-      auto& fb = faster_by_n[s.n];
-      fb.first += rf < 1.0 ? 1 : 0;
-      fb.second += 1;
-      reasons.push_back(mfbench::shape_suffix(s) + " forward x" + fmt("%.2f", rf) + ": " +
-                        explain(s, rf, mem_gflops, dense_gflops, l2, l3));
-    }
+       << pad(r2(rf), 7) << pad(r2(prf), 7) << pad(us(r.lookup), 10) << pad(us(r.mb), 11) << pad(us(r.db), 11)
+       << pad(r2(rb), 7) << pad(r2(prb), 7) << "\n";
     f << s.d_in() << ',' << s.d_out() << ',' << s.tau << ',' << s.k() << ',' << s.n << ',' << jnum(s.table_bytes())
       << ',' << jnum(s.weight_bytes()) << ',' << jnum(fm) << ',' << jnum(fd) << ','
       << jnum(r.mf ? r.mf->cpu_us : kNaN) << ',' << jnum(r.df ? r.df->cpu_us : kNaN) << ',' << jnum(rf) << ','
       << jnum(r.lookup ? r.lookup->cpu_us : kNaN) << ',' << jnum(r.mb ? r.mb->cpu_us : kNaN) << ','
       << jnum(r.db ? r.db->cpu_us : kNaN) << ',' << jnum(rb) << ',' << jnum(r.mf ? r.mf->cpu_us_min : kNaN) << ','
       << jnum(r.mf ? r.mf->cpu_us_max : kNaN) << ',' << jnum(r.df ? r.df->cpu_us_min : kNaN) << ','
-      << jnum(r.df ? r.df->cpu_us_max : kNaN) << ',' << jnum(r.mf ? rows_moved / (r.mf->cpu_us * 1e3) : kNaN) << '\n';
+      << jnum(r.df ? r.df->cpu_us_max : kNaN) << ',' << jnum(r.mf ? rows_moved / (r.mf->cpu_us * 1e3) : kNaN) << ','
+      << jnum(prf) << ',' << jnum(prb) << '\n';
     JsonObject o = layer_analytic_json(s);
     o.measured("memory_forward_us", r.mf ? r.mf->cpu_us : kNaN)
         .measured("dense_forward_us", r.df ? r.df->cpu_us : kNaN)
@@ -931,48 +838,28 @@ void measured_section(std::ostream& os, const mfbench::Grid& grid, const std::ve
         .measured("memory_forward_us_max", r.mf ? r.mf->cpu_us_max : kNaN)
         .measured("dense_forward_us_min", r.df ? r.df->cpu_us_min : kNaN)
         .measured("dense_forward_us_max", r.df ? r.df->cpu_us_max : kNaN)
-        .measured("table_rows_GB_per_s", r.mf ? rows_moved / (r.mf->cpu_us * 1e3) : kNaN);
+        .measured("table_rows_GB_per_s", r.mf ? rows_moved / (r.mf->cpu_us * 1e3) : kNaN)
+        .measured("paired_forward_ratio", prf)
+        .measured("paired_backward_ratio", prb);
     json.push_back(o);
   }
   os << "\n   tables: fp32 Memory Layer tables (K*2^tau*d_out*4). GB/s: table-row bytes gathered by the forward\n"
         "   (N*K*d_out*4, repeats counted) per second. lookup: forward with the hash precomputed (tau = 8 only).\n"
-        "   mem bwd: dx overwritten, dtables/dbias accumulated (no zero_grad per call); dense bwd: dX, dW +=, db +=.\n";
+        "   mem bwd: dx overwritten, dtables/dbias accumulated (no zero_grad per call); dense bwd: dX, dW +=, db +=.\n"
+        "   ratio: memory time / dense time of the solo benchmarks' medians; pair r: the same ratio with both called\n"
+        "   alternately in one benchmark (memory_layer/paired/*, median of the repetitions), the figure to quote.\n";
   for (const auto& s : skipped)
     os << "   skipped " << mfbench::shape_suffix(s) << ": tables + dtables " << mb(2 * s.table_bytes())
        << " MB > cap " << mb(grid.max_table_bytes) << " MB (--max-table-mb)\n";
   os << "   CSV: " << fs::absolute(csv).string() << "\n\n";
-  if (!faster_by_n.empty()) {
-    os << "   Summary (forward): the Memory Layer is faster than the dense layer in";
-    bool first = true;
-    for (const auto& [n, fb] : faster_by_n) {
-      os << (first ? " " : ", ") << fb.first << "/" << fb.second << " shapes at N = " << n;
-      first = false;
-    }
-    os << ".\n";
-    const auto& small = faster_by_n.begin()->second;
-    const auto& large = faster_by_n.rbegin()->second;
-    if (small.first > 0)
-      os << "   It wins when few tokens share a call (N = " << faster_by_n.begin()->first
-         << ": the dense layer reads all of W per token, the Memory Layer tau times fewer bytes).\n";
-    if (large.first < large.second)
-      os << "   It loses when many tokens share a call (N = " << faster_by_n.rbegin()->first
-         << "): a GEMM reuses every loaded weight N times from\n"
-            "   registers, a table lookup never reuses a load, so the lookups run at the gather bandwidth of wherever\n"
-            "   the tables live (GB/s column; lower once tables exceed L2), and the tau-fold FLOP saving is smaller\n"
-            "   than the GEMM's throughput advantage.\n";
-    if (small.first == 0)
-      os << "   At N = " << faster_by_n.begin()->first
-         << " it does not win here: at these sizes per-call work (argument checks, hashing) dominates.\n";
-    os << "\n";
-  }
-  os << "   Why, per shape (forward):\n";
-  for (const auto& line : reasons) os << "   - " << line << "\n";
-  os << "\n";
+  os << "   Per token the Memory Layer reads K table rows; the dense layer reads all of W once per call and reuses it\n"
+        "   for all N tokens of the call.\n\n";
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (int rc = 0; mfbench::model_peak_child(argc, argv, rc)) return rc;
   Options opt;
   if (!parse_args(argc, argv, opt)) return 2;
   if (opt.help) {
@@ -981,6 +868,7 @@ int main(int argc, char** argv) {
   }
   const auto t0 = std::chrono::steady_clock::now();
   mfbench::init_single_thread();
+  int status = 0;
 
   std::string out_note;
   const fs::path out_dir = choose_out_dir(opt, out_note);
@@ -995,9 +883,7 @@ int main(int argc, char** argv) {
   std::ostringstream text;
   std::vector<JsonObject> json;
   text << "memoryformer_report - MemoryFormer (Ding et al., NeurIPS 2024) FLOPs and measured costs\n"
-       << "CPU: " << mfbench::cpu_model_name() << " | compiler: " << mfbench::compiler_string()
-       << " | ISA: " << mfbench::isa_string() << " | git: " << mfbench::git_sha() << "\n"
-       << "flags: " << mfbench::cxx_flags_string() << "\n";
+       << mfbench::machine_header();
   if (!out_note.empty()) text << "note: " << out_note << "\n";
   text << "\n";
 
@@ -1015,33 +901,52 @@ int main(int argc, char** argv) {
     int bm_argc = 1;
     char* bm_argv[] = {argv[0], nullptr};
     benchmark::Initialize(&bm_argc, bm_argv);
-    const auto skipped = mfbench::register_layer_suite(grid);
+    std::vector<LayerShape> skipped;
     size_t expected = 0;
-    std::vector<std::string> seen;
-    for (const auto& s : mfbench::grid_shapes(grid)) {
-      if (!mfbench::shape_fits(grid, s)) continue;
-      for (const auto& n : {mfbench::memory_forward_name(s), mfbench::dense_forward_name(s),
-                            mfbench::memory_backward_name(s), mfbench::dense_backward_name(s)})
-        if (std::find(seen.begin(), seen.end(), n) == seen.end()) seen.push_back(n), ++expected;
-      if (s.tau == 8) {
-        benchmark::RegisterBenchmark(("memory_layer/forward_hashed/" + mfbench::shape_suffix(s)).c_str(),
-                                     [s](benchmark::State& st) { mfbench::bm_memory_forward_hashed(st, s); })
-            ->Unit(benchmark::kMicrosecond)
-            ->MinTime(grid.min_time)
-            ->Repetitions(std::max(1, grid.repetitions));
-        ++expected;
+    if (opt.section("layer")) {
+      skipped = mfbench::register_memory_layer_benchmarks(grid, {.lookup_only = true, .scalar = false});
+      std::vector<std::string> seen;
+      for (const auto& s : mfbench::grid_shapes(grid)) {
+        if (!mfbench::shape_fits(grid, s)) continue;
+        for (const auto& n : {mfbench::memory_forward_name(s), mfbench::dense_forward_name(s),
+                              mfbench::memory_backward_name(s), mfbench::dense_backward_name(s)})
+          if (std::find(seen.begin(), seen.end(), n) == seen.end()) seen.push_back(n), ++expected;
+        expected += 2;               // memory_layer/paired/{forward,backward}
+        if (s.tau == 8) ++expected;  // memory_layer/forward_hashed
       }
     }
     const mfbench::BlockGrid block_grid = report_block_grid(opt, grid);
-    expected += register_block_benchmarks_for_report(block_grid);
+    if (opt.section("block")) expected += mfbench::register_block_suite(block_grid).size();
+    const mfbench::ModelGrid model_grid = report_model_grid(opt, grid);
+    std::vector<std::string> model_names;
+    if (opt.section("model")) model_names = mfbench::register_model_benchmarks(model_grid);
+    expected += model_names.size();
     std::cerr << "memoryformer_report: running " << expected << " benchmarks (" << grid.repetitions
               << " repetitions, min time " << grid.min_time << " s each)...\n";
     CollectingReporter reporter(expected);
     benchmark::RunSpecifiedBenchmarks(&reporter);
     const auto results = reporter.measurements();
     benchmark::Shutdown();
-    measured_section(text, grid, skipped, results, out_dir, json);
-    print_block_section(text, block_grid, results, json);
+    if (opt.section("layer")) measured_section(text, grid, skipped, results, out_dir, json);
+    if (opt.section("block")) print_block_section(text, block_grid, results, json);
+    if (opt.section("model")) print_model_section(text, model_grid, results, json);
+    // A benchmark that failed, or a model row without its figures, fails the run (the smoke test relies on it).
+    for (const auto& [name, m] : results)
+      if (!m.error.empty()) {
+        std::cerr << "memoryformer_report: " << name << " failed: " << m.error << "\n";
+        status = 1;
+      }
+    for (const auto& name : model_names) {
+      const auto it = results.find(name);
+      const bool ok = it != results.end() && it->second.error.empty() && it->second.median("mf_tokens_per_second") > 0 &&
+                      it->second.median("dense_tokens_per_second") > 0 &&
+                      (!model_grid.peak_memory ||
+                       (it->second.median("mf_peak_bytes") > 0 && it->second.median("dense_peak_bytes") > 0));
+      if (!ok) {
+        std::cerr << "memoryformer_report: " << name << " gave no tokens/s or peak memory\n";
+        status = 1;
+      }
+    }
   } else {
     text << "(--no-measure: no timings)\n\n";
     const mfbench::Grid grid = opt.smoke ? mfbench::smoke_grid() : (opt.full ? mfbench::full_grid() : mfbench::default_grid());
@@ -1052,6 +957,7 @@ int main(int argc, char** argv) {
     for (const auto& s : block_grid.decode)
       for (bool is_mf : {true, false})
         json.push_back(block_analytic_json(s, is_mf, true, mfbench::plan_decode_stack(block_grid, s, is_mf)));
+    print_model_section(text, report_model_grid(opt, grid), {}, json);
   }
 
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -1065,5 +971,5 @@ int main(int argc, char** argv) {
   } else {
     std::cout << text.str();
   }
-  return 0;
+  return status;
 }
