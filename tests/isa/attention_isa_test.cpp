@@ -47,7 +47,7 @@ TEST(AttentionIsa, ExpRowIsBitIdenticalToScalarAndWithinItsBound) {
   // that leave a tail after the last whole vector.
   mf::Rng rng(5);
   for (const mf::Index n : {1, 7, 16, 17, 64, 100}) {
-    std::vector<float> s(size_t(n)), fast(size_t(n)), scalar(size_t(n));
+    std::vector<float> s(static_cast<size_t>(n)), fast(s.size()), scalar(s.size());
     for (auto& x : s) x = float(-100.0 + 100.5 * rng.uniform());
     const float scale = 1.0f, shift = 0.0f;
     md::exp_shifted_row<best>(fast.data(), s.data(), n, scale, shift);

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Tiled causal attention (FlashAttention-2's scheme, §6): the kernels behind nn/attention.hpp.
-// A (sequence, head) is cut into query tiles of tile_rows rows and key tiles of tile_rows keys. Forward keeps, per
+// A (sequence, head) is cut into query tiles and key tiles of attention_tile rows. Forward keeps, per
 // query row, a running maximum m and sum l of the exponentials and an unnormalised output, so no s × s matrix
 // exists; backward recomputes the probabilities of one tile at a time from the log-sum-exp the forward kept.
 // Tiles wholly above the causal diagonal are never visited; the diagonal tile is masked row by row in the loop.
@@ -31,8 +31,8 @@ namespace memoryformer::detail {
 /// V tiles of dh = 64 fit in L2 together, and 64 is a multiple of every vector width.
 inline constexpr Index attention_tile = 64;
 
-/// Query rows per product in backward: per key tile, the query rows below it are taken this many at a time, so the
-/// five products of a step are (rows × 64) by (64 × 64) ones whose packing of the 64 × 64 operand is shared.
+/// Query rows per step in backward: per key tile, the query rows below it are taken this many at a time, so each of
+/// the five products of a step reuses the key tile's operand over 256 rows instead of 64.
 inline constexpr Index attention_backward_rows = 256;
 
 /// Keys per block when decode splits the cache between threads (few new tokens against a long cache); fixed, so
@@ -44,8 +44,9 @@ inline constexpr Index attention_decode_key_block = 256;
 inline constexpr float attention_min_exponent = -87.0f;
 
 /// p[j] = exp(s[j]·scale − shift) for j < n, with s[j]·scale − shift computed by one fused multiply-add. In place
-/// (p == s) is allowed. float: the argument is clamped to [−87, 0] and exponentiated by fast_exp.hpp's exp2
-/// (≤ 2^-22 relative error), the vector paths bit-identical to the scalar one; double: std::exp.
+/// (p == s) is allowed. float: the argument a is clamped to [−87, 0] and exponentiated by fast_exp.hpp's exp2
+/// (relative error ≤ 2^-22 + (2|a| + 1)·2^-24, the second term from rounding a and log2(e) to float; tested in
+/// attention_isa_test), the vector paths bit-identical to the scalar one; double: std::exp.
 template <Isa I, class Scalar>
 inline void exp_shifted_row(Scalar* p, const Scalar* s, Index n, Scalar scale, Scalar shift) {
   if constexpr (std::is_same_v<Scalar, float>) {
@@ -170,11 +171,13 @@ template <class Scalar, class KBlock>
 void pack_transposed_keys(Scalar* out, Index ld, const KBlock& K, Index count) {
   const Index dh = K.cols();
   for (Index c = 0; c < dh; ++c) std::fill(out + c * ld + count, out + (c + 1) * ld, Scalar(0));
+  const Scalar* keys = K.data();  // row j at keys + j·K.outerStride()
+  const Index stride = K.outerStride();
   // 16 keys at a time: 16 rows of K read, then 16 consecutive values written per row of out.
   for (Index j0 = 0; j0 < count; j0 += 16) {
     const Index n = std::min<Index>(16, count - j0);
     for (Index c = 0; c < dh; ++c)
-      for (Index j = 0; j < n; ++j) out[c * ld + j0 + j] = K(j0 + j, c);
+      for (Index j = 0; j < n; ++j) out[c * ld + j0 + j] = keys[(j0 + j) * stride + c];
   }
 }
 
@@ -235,7 +238,7 @@ void attend_key_range(OnlineSoftmax<Scalar>& state, AttentionTileScratch<Scalar>
   const Index rows = Q.rows(), dh = Q.cols();
   const Index last_position = q_position + rows - 1;
   const bool vector_path = kt != nullptr;
-  (void)kt_ld;
+  (void)kt_ld, (void)dh;  // read by the vector path only
   k_end = std::min(k_end, last_position + 1);  // key tiles wholly above the diagonal are skipped
   for (Index k0 = k_begin; k0 < k_end; k0 += attention_tile) {
     const Index cols = std::min(attention_tile, k_end - k0);
