@@ -136,7 +136,7 @@ struct MemoryFormerBlockCache {
   Matrix<Scalar> a;                 // [B·S, d] norm1(x)
   HashResult<Scalar> hash;          // [B·S, K] shared by Q, K, V
   Matrix<Scalar> q, k, v;           // [B·S, d] (q, k after rotary)
-  AttentionCache<Scalar> attention; // probabilities
+  AttentionCache<Scalar> attention; // attention output and log-sum-exp per row
   Matrix<Scalar> ctx;               // [B·S, d] attention output (before W_O)
   Matrix<Scalar> h;                 // [B·S, d] x + attention
   Matrix<Scalar> b;                 // [B·S, d] norm2(h)

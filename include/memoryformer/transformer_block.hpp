@@ -84,7 +84,7 @@ struct TransformerBlockCache {
   Matrix<Scalar> q;              // [N, d] queries after rotary
   Matrix<Scalar> k;              // [N, d] keys after rotary
   Matrix<Scalar> v;              // [N, d] values
-  AttentionCache<Scalar> attn;   // attention probabilities [batch·heads·seq, seq]
+  AttentionCache<Scalar> attn;   // attention output and log-sum-exp per row (O(seq·d), no seq² term)
   Matrix<Scalar> ctx;            // [N, d] concatenated heads, input of O
   Matrix<Scalar> h;              // [N, d] x + O(ctx): the residual stream after attention
   LayerNormCache<Scalar> ln2;    // per-row statistics of LN2(h) (sequential) or LN2(x) (parallel)

@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: MIT
-// Tests of nn/attention.hpp: forward against explicit loops, finite-difference gradients, KV-cache decoding equal to
-// the full forward (with rotary offsets), shape and config errors.
+// Tests of nn/attention.hpp: forward against explicit loops, the tiled kernels against the straightforward reference
+// (detail/attention_reference.hpp) in forward, backward and decode, finite-difference gradients, KV-cache decoding
+// equal to the full forward (with rotary offsets), the same bits for any thread count, the cache's size, shape and
+// config errors.
+#include <memoryformer/detail/attention_reference.hpp>
 #include <memoryformer/nn/attention.hpp>
 #include <memoryformer/nn/rope.hpp>
 #include <memoryformer/random.hpp>
@@ -9,6 +12,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -16,17 +21,109 @@
 
 #include "../support/test_helpers.hpp"
 
+#if defined(MEMORYFORMER_USE_OPENMP)
+#include <omp.h>
+#endif
+
 namespace mf = memoryformer;
 using namespace memoryformer::testing_support;
 
 namespace {
 
+/// max |a − b| / max |b|: the error relative to the size of the reference result.
+template <class Scalar>
+double relative_error(const mf::Matrix<Scalar>& a, const mf::Matrix<Scalar>& b) {
+  const double scale = std::max(double(b.cwiseAbs().maxCoeff()), std::numeric_limits<double>::min());
+  return double((a - b).cwiseAbs().maxCoeff()) / scale;
+}
+
+/// Rows [pos, pos + t) of every sequence of a batch-major [batch·seq, d] matrix, as [batch·t, d].
+template <class Scalar>
+mf::Matrix<Scalar> token_slice(const mf::Matrix<Scalar>& x, mf::Index batch, mf::Index seq, mf::Index pos, mf::Index t) {
+  mf::Matrix<Scalar> out(batch * t, x.cols());
+  for (mf::Index b = 0; b < batch; ++b) out.middleRows(b * t, t) = x.middleRows(b * seq + pos, t);
+  return out;
+}
+
+/// Sets OpenMP's thread count for a test and restores the one before when the test ends.
+class ThreadSetting {
+ public:
+#if defined(MEMORYFORMER_USE_OPENMP)
+  ThreadSetting() : saved_(omp_get_max_threads()) {}
+  ~ThreadSetting() { omp_set_num_threads(saved_); }
+  ThreadSetting(const ThreadSetting&) = delete;
+  ThreadSetting& operator=(const ThreadSetting&) = delete;
+  void set(int threads) { omp_set_num_threads(threads); }
+
+ private:
+  int saved_;
+#else
+  void set(int) {}
+#endif
+};
+
+/// The tiled attention against detail::reference_attention_* on one shape, forward, backward and decode (whole
+/// sequences token by token, and in chunks of 3): all within `tolerance` relative error.
+template <class Scalar>
+void expect_matches_reference(mf::Index batch, mf::Index seq, mf::Index heads, mf::Index dh, bool rotary,
+                              double tolerance, std::uint64_t seed) {
+  const mf::Index d = heads * dh, rows = batch * seq;
+  const std::string label = "batch " + std::to_string(batch) + ", seq " + std::to_string(seq) + ", heads " +
+                            std::to_string(heads) + ", dh " + std::to_string(dh) + (rotary ? ", rotary" : "");
+  mf::Matrix<Scalar> q = random_matrix<Scalar>(rows, d, seed, 1.5), k = random_matrix<Scalar>(rows, d, seed + 1, 1.5);
+  const mf::Matrix<Scalar> v = random_matrix<Scalar>(rows, d, seed + 2), dctx = random_matrix<Scalar>(rows, d, seed + 3);
+  if (rotary) {
+    const mf::Rotary<Scalar> rope(d, heads, dh - dh % 2);
+    rope.forward(q, q, batch, seq);
+    rope.forward(k, k, batch, seq);
+  }
+  mf::Matrix<Scalar> ctx(rows, d), ref_ctx(rows, d);
+  mf::AttentionCache<Scalar> cache;
+  mf::detail::ReferenceAttentionCache<Scalar> ref_cache;
+  mf::attention_forward<Scalar>(ctx, q, k, v, batch, seq, heads, cache);
+  mf::detail::reference_attention_forward<Scalar>(ref_ctx, q, k, v, batch, seq, heads, ref_cache);
+  EXPECT_LE(relative_error(ctx, ref_ctx), tolerance) << "forward, " << label;
+
+  mf::Matrix<Scalar> dq(rows, d), dk(rows, d), dv(rows, d), rdq(rows, d), rdk(rows, d), rdv(rows, d);
+  mf::attention_backward<Scalar>(dq, dk, dv, q, k, v, dctx, cache);
+  mf::detail::reference_attention_backward<Scalar>(rdq, rdk, rdv, q, k, v, dctx, ref_cache);
+  EXPECT_LE(relative_error(dv, rdv), tolerance) << "dv, " << label;
+  if (seq > 1) {
+    EXPECT_LE(relative_error(dq, rdq), tolerance) << "dq, " << label;
+    EXPECT_LE(relative_error(dk, rdk), tolerance) << "dk, " << label;
+  } else {
+    // seq = 1: the softmax over one key is constant, so dq = dk = 0 up to rounding (P = exp(S − lse) ≈ 1 and
+    // D = dctx·ctx ≈ dctx·v): measured against the size of dv.
+    const double size = double(rdv.cwiseAbs().maxCoeff());
+    EXPECT_LE(double(dq.cwiseAbs().maxCoeff()), tolerance * size) << label;
+    EXPECT_LE(double(dk.cwiseAbs().maxCoeff()), tolerance * size) << label;
+  }
+
+  // Decode, the (already rotated) tokens appended one at a time, then three at a time: the rows of the forward.
+  for (const mf::Index chunk : {mf::Index(1), mf::Index(3)}) {
+    mf::KVCache<Scalar> kv(batch, seq, d), ref_kv(batch, seq, d);
+    for (mf::Index pos = 0; pos < seq; pos += chunk) {
+      const mf::Index t = std::min(chunk, seq - pos);
+      const auto qs = token_slice(q, batch, seq, pos, t), ks = token_slice(k, batch, seq, pos, t),
+                 vs = token_slice(v, batch, seq, pos, t);
+      mf::Matrix<Scalar> out(batch * t, d), ref_out(batch * t, d);
+      mf::attention_decode<Scalar>(out, qs, ks, vs, kv, heads);
+      mf::detail::reference_attention_decode<Scalar>(ref_out, qs, ks, vs, ref_kv, heads);
+      EXPECT_LE(relative_error(out, ref_out), tolerance) << "decode by " << chunk << " at " << pos << ", " << label;
+      EXPECT_LE(relative_error(out, token_slice(ref_ctx, batch, seq, pos, t)), tolerance)
+          << "decode by " << chunk << " against the forward at " << pos << ", " << label;
+    }
+    EXPECT_EQ(kv.length(), seq);
+  }
+}
+
 
 
 
 // Explicit loops: for every sequence, head and query, scores over keys j ≤ i, softmax, weighted sum of values.
+// lse, if given, receives log Σ_j exp(score) of every (b, h, i) in that order.
 mf::Matrix<double> naive_attention(const mf::Matrix<double>& q, const mf::Matrix<double>& k, const mf::Matrix<double>& v,
-                                   mf::Index batch, mf::Index seq, mf::Index heads, std::vector<double>* probs = nullptr) {
+                                   mf::Index batch, mf::Index seq, mf::Index heads, std::vector<double>* lse = nullptr) {
   const mf::Index d = q.cols(), dh = d / heads;
   mf::Matrix<double> ctx = mf::Matrix<double>::Zero(batch * seq, d);
   for (mf::Index b = 0; b < batch; ++b)
@@ -44,7 +141,7 @@ mf::Matrix<double> naive_attention(const mf::Matrix<double>& q, const mf::Matrix
           w[size_t(j)] /= z;
           for (mf::Index c = 0; c < dh; ++c) ctx(b * seq + i, h * dh + c) += w[size_t(j)] * v(b * seq + j, h * dh + c);
         }
-        if (probs) probs->insert(probs->end(), w.begin(), w.end());
+        if (lse) lse->push_back(std::log(z));
       }
   return ctx;
 }
@@ -57,13 +154,16 @@ TEST(NnAttention, ForwardMatchesExplicitLoops) {
   mf::Matrix<double> ctx(batch * seq, d);
   mf::AttentionCache<double> cache;
   mf::attention_forward(ctx, q, k, v, batch, seq, heads, cache);
-  std::vector<double> probs;
-  const auto expect = naive_attention(q, k, v, batch, seq, heads, &probs);
+  std::vector<double> lse;
+  const auto expect = naive_attention(q, k, v, batch, seq, heads, &lse);
   EXPECT_LE((ctx - expect).cwiseAbs().maxCoeff(), 1e-13);
-  ASSERT_EQ(cache.probs.rows(), batch * heads * seq);
-  ASSERT_EQ(cache.probs.cols(), seq);
-  for (mf::Index r = 0; r < cache.probs.rows(); ++r)
-    for (mf::Index j = 0; j < seq; ++j) EXPECT_NEAR(cache.probs(r, j), probs[size_t(r * seq + j)], 1e-14);
+  // The cache: the output and one log-sum-exp per (sequence, head, query), nothing of size seq².
+  EXPECT_EQ(cache.out, ctx);
+  ASSERT_EQ(cache.lse.rows(), batch * heads);
+  ASSERT_EQ(cache.lse.cols(), seq);
+  for (mf::Index r = 0; r < cache.lse.rows(); ++r)
+    for (mf::Index i = 0; i < seq; ++i) EXPECT_NEAR(cache.lse(r, i), lse[size_t(r * seq + i)], 1e-13);
+  EXPECT_EQ(cache.bytes(), sizeof(double) * size_t(batch * seq * (d + heads)));
 }
 
 TEST(NnAttention, FirstTokenAttendsOnlyToItself) {
@@ -85,7 +185,9 @@ TEST(NnAttention, GradientsMatchFiniteDifferences) {
   struct Case {
     mf::Index batch, seq, d, heads;
   };
-  for (const Case c : {Case{1, 1, 3, 1}, Case{2, 7, 10, 2}, Case{1, 3, 9, 3}, Case{3, 2, 5, 1}}) {
+  // seq 70 and 130 cross the 64-row tiles (a diagonal tile, a tile below it, a partial last tile).
+  for (const Case c : {Case{1, 1, 3, 1}, Case{2, 7, 10, 2}, Case{1, 3, 9, 3}, Case{3, 2, 5, 1}, Case{1, 70, 4, 2},
+                       Case{1, 130, 2, 1}}) {
     const mf::Index rows = c.batch * c.seq;
     auto q = random_matrix(rows, c.d, 7), k = random_matrix(rows, c.d, 8), v = random_matrix(rows, c.d, 9);
     const auto dctx = random_matrix(rows, c.d, 10);
@@ -236,4 +338,122 @@ TEST(NnAttention, BadShapesAndConfigThrow) {
   expect_throw_with([&] { mf::attention_decode(out2, two, two9, two, kv, 2); }, "k_new is (2, 9)");
   EXPECT_THROW(mf::attention_decode(out2, two, two, two, kv, 4), mf::ConfigError);
   EXPECT_EQ(kv.length(), 0);  // nothing appended by the failed calls
+}
+
+TEST(NnAttention, TiledMatchesReferenceDouble) {
+  std::uint64_t seed = 100;
+  for (const mf::Index seq : {1, 2, 7, 63, 64, 65, 129})
+    for (const mf::Index heads : {1, 3, 8}) {
+      const mf::Index batch = 1 + (seq + heads) % 3;  // 1 … 3, varying with the shape
+      expect_matches_reference<double>(batch, seq, heads, 8, seq % 2 == 1, 1e-12, seed += 10);
+    }
+  // Head widths that are not a multiple of the vector width, and the benchmark's dh = 64.
+  expect_matches_reference<double>(2, 65, 2, 5, true, 1e-12, 500);
+  expect_matches_reference<double>(1, 129, 2, 64, false, 1e-12, 510);
+}
+
+TEST(NnAttention, TiledMatchesReferenceFloat) {
+  std::uint64_t seed = 200;
+  for (const mf::Index seq : {1, 2, 7, 63, 64, 65, 129})
+    for (const mf::Index heads : {1, 3, 8}) {
+      const mf::Index batch = 1 + (seq + heads) % 3;
+      expect_matches_reference<float>(batch, seq, heads, 16, seq % 2 == 0, 2e-5, seed += 10);
+    }
+  expect_matches_reference<float>(2, 65, 2, 5, true, 2e-5, 600);
+  expect_matches_reference<float>(1, 129, 2, 64, true, 2e-5, 610);
+  expect_matches_reference<float>(3, 64, 8, 64, false, 2e-5, 620);
+}
+
+TEST(NnAttention, DecodeSplitOverKeyBlocksMatchesForward) {
+  // A cache longer than one key block (256 keys): a prefill of 600 tokens (query tiles, no split), then single
+  // tokens and a pair, each split over three key blocks and merged.
+  const mf::Index batch = 2, seq = 603, heads = 2, d = 32, rows = batch * seq;
+  for (const bool use_float : {false, true}) {
+    auto run = [&]<class Scalar>(Scalar, double tolerance) {
+      const auto q = random_matrix<Scalar>(rows, d, 71, 2.0), k = random_matrix<Scalar>(rows, d, 72, 2.0),
+                 v = random_matrix<Scalar>(rows, d, 73);
+      mf::Matrix<Scalar> ref(rows, d);
+      mf::detail::ReferenceAttentionCache<Scalar> ref_cache;
+      mf::detail::reference_attention_forward<Scalar>(ref, q, k, v, batch, seq, heads, ref_cache);
+      mf::KVCache<Scalar> kv(batch, seq, d);
+      mf::Index pos = 0;
+      for (const mf::Index t : {600, 1, 2}) {
+        mf::Matrix<Scalar> out(batch * t, d);
+        mf::attention_decode<Scalar>(out, token_slice(q, batch, seq, pos, t), token_slice(k, batch, seq, pos, t),
+                                     token_slice(v, batch, seq, pos, t), kv, heads);
+        EXPECT_LE(relative_error(out, token_slice(ref, batch, seq, pos, t)), tolerance) << "t = " << t;
+        pos += t;
+      }
+    };
+    if (use_float) run(0.0f, 2e-5); else run(0.0, 1e-12);
+  }
+}
+
+TEST(NnAttention, LongSequenceTrainsWithLinearCache) {
+  // seq = 4096: the s × s probabilities of one head would take 64 MiB in float; the cache holds s·(d + heads).
+  const mf::Index seq = 4096, d = 16, heads = 2;
+  const auto q = random_matrix<float>(seq, d, 81), k = random_matrix<float>(seq, d, 82),
+             v = random_matrix<float>(seq, d, 83), dctx = random_matrix<float>(seq, d, 84);
+  mf::Matrix<float> ctx(seq, d), dq(seq, d), dk(seq, d), dv(seq, d);
+  mf::AttentionCache<float> cache;
+  mf::attention_forward<float>(ctx, q, k, v, 1, seq, heads, cache);
+  EXPECT_EQ(cache.bytes(), sizeof(float) * size_t(seq * (d + heads)));
+  mf::attention_backward<float>(dq, dk, dv, q, k, v, dctx, cache);
+  EXPECT_TRUE(ctx.allFinite() && dq.allFinite() && dk.allFinite() && dv.allFinite());
+  // Row 0 attends only to itself; the last row's output is a convex combination of the values.
+  EXPECT_LE((ctx.row(0) - v.row(0)).cwiseAbs().maxCoeff(), 1e-6f);
+  EXPECT_LE(ctx.row(seq - 1).cwiseAbs().maxCoeff(), v.cwiseAbs().maxCoeff());
+  // The gradient of Σ dctx ⊙ ctx with respect to v sums to Σ_i dctx_i (each row of P sums to 1).
+  EXPECT_NEAR(dv.cast<double>().sum(), dctx.cast<double>().sum(), 1e-3 * double(seq));
+}
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+TEST(NnAttention, ThreadCountDoesNotChangeBits) {
+  // 3 sequences × 2 heads × 3 query tiles (forward), 6 (sequence, head) items (backward), a decode of 2 tokens over
+  // 3 key blocks, and one of a full query tile.
+  const mf::Index batch = 3, seq = 150, heads = 2, d = 32, rows = batch * seq;
+  const auto q = random_matrix<float>(rows, d, 91, 2.0), k = random_matrix<float>(rows, d, 92, 2.0),
+             v = random_matrix<float>(rows, d, 93), dctx = random_matrix<float>(rows, d, 94);
+  const mf::Index long_seq = 700;
+  const auto q2 = random_matrix<float>(long_seq, d, 95), k2 = random_matrix<float>(long_seq, d, 96),
+             v2 = random_matrix<float>(long_seq, d, 97);
+  std::vector<mf::Matrix<float>> results[6];
+  ThreadSetting setting;
+  for (const int threads : {1, 2, 3}) {
+    setting.set(threads);
+    mf::Matrix<float> ctx(rows, d), dq(rows, d), dk(rows, d), dv(rows, d);
+    mf::AttentionCache<float> cache;
+    mf::attention_forward<float>(ctx, q, k, v, batch, seq, heads, cache);
+    mf::attention_backward<float>(dq, dk, dv, q, k, v, dctx, cache);
+    mf::KVCache<float> kv(1, long_seq, d);
+    mf::Matrix<float> prefill(long_seq - 2, d), step(2, d);
+    mf::attention_decode<float>(prefill, q2.topRows(long_seq - 2), k2.topRows(long_seq - 2),
+                                v2.topRows(long_seq - 2), kv, heads);
+    mf::attention_decode<float>(step, q2.bottomRows(2), k2.bottomRows(2), v2.bottomRows(2), kv, heads);
+    for (int i = 0; const auto* m : {&ctx, &dq, &dk, &dv, &prefill, &step}) results[i++].push_back(*m);
+  }
+  const char* names[] = {"ctx", "dq", "dk", "dv", "decode prefill", "decode step"};
+  for (int i = 0; i < 6; ++i)
+    for (size_t t = 1; t < results[i].size(); ++t)
+      EXPECT_TRUE(results[i][t] == results[i][0]) << names[i] << ", " << t + 1 << " threads against 1";
+}
+#endif
+
+TEST(NnAttention, CacheFromOtherShapesIsRejected) {
+  const auto q = random_matrix(12, 8, 1), k = random_matrix(12, 8, 2), v = random_matrix(12, 8, 3);
+  mf::Matrix<double> ctx(12, 8), dq(12, 8), dk(12, 8), dv(12, 8);
+  mf::AttentionCache<double> cache;
+  mf::attention_forward(ctx, q, k, v, 2, 6, 2, cache);
+  // The same rows with d = 4 (heads still divide it): the cache holds d = 8.
+  const auto q4 = random_matrix(12, 4, 4);
+  mf::Matrix<double> g4(12, 4), h4(12, 4), i4(12, 4);
+  expect_throw_with([&] { mf::attention_backward(g4, h4, i4, q4, q4, q4, q4, cache); },
+                    "attention_backward: the cache holds d = 8 features, q has 4");
+  EXPECT_THROW(mf::attention_backward(g4, h4, i4, q4, q4, q4, q4, cache), mf::StateError);
+  // A forward rejected by its checks leaves the cache as it was.
+  EXPECT_THROW(mf::attention_forward(ctx, q, k, v, 2, 6, 3, cache), mf::ConfigError);
+  EXPECT_NO_THROW(mf::attention_backward(dq, dk, dv, q, k, v, ctx, cache));
+  const mf::Index huge = std::numeric_limits<mf::Index>::max() / 2;
+  expect_throw_with([&] { mf::attention_forward(ctx, q, k, v, 4, huge, 2, cache); }, "overflows");
+  EXPECT_THROW(mf::attention_forward(ctx, q, k, v, 4, huge, 2, cache), mf::ConfigError);
 }

@@ -1,15 +1,21 @@
 // SPDX-License-Identifier: MIT
 // Causal multi-head softmax attention without parameters, ctx = softmax(QKᵀ/sqrt(d/H))V per sequence and head:
-// forward, backward and incremental decoding against a KVCache (spec §3, attention of the MemoryFormer block).
+// forward, backward and incremental decoding against a KVCache (§6). Tiled with an online softmax
+// (FlashAttention-2, detail/attention_kernels.hpp), so neither direction holds an s × s matrix: training memory
+// and cache traffic grow with s·d, not s².
 #pragma once
 
 #include <cmath>
 #include <concepts>
+#include <cstddef>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
 #include "../detail/checks.hpp"
+#include "../detail/attention_kernels.hpp"
+#include "../detail/simd.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 #include "kv_cache.hpp"
@@ -17,17 +23,25 @@
 namespace memoryformer {
 
 /**
- * @brief What attention_forward keeps for attention_backward: the attention probabilities and the sizes.
+ * @brief What attention_forward keeps for attention_backward: the output and one log-sum-exp per query row and
+ * head, so backward recomputes the probabilities tile by tile instead of storing them (§6).
  *
- * probs is [batch·heads·seq, seq]: row (b·heads + h)·seq + i holds the softmax weights of query i of sequence b,
- * head h over keys j ≤ i, and 0 for j > i. It takes batch·heads·seq² values.
+ * out is the forward's output ctx (backward needs D = rowsum(dctx ⊙ ctx) per head, and ctx may have been
+ * overwritten by the caller, since it may alias q); lse(b·heads + h, i) = log Σ_{j ≤ i} exp(scale·q_i·k_j) for
+ * query i of sequence b, head h. Bytes per layer: sizeof(Scalar)·batch·seq·(d + heads), i.e. linear in seq
+ * (at batch 1, seq 4096, d 512, heads 8, float: 4·4096·520 = 8.5 MB), where the s × s probabilities would take
+ * sizeof(Scalar)·batch·heads·seq² (537 MB). The calls themselves allocate only transient O(seq·d) workspace (a
+ * packed Kᵀ, per-head gradient accumulators) and O(64²) per thread.
  */
 template <std::floating_point Scalar>
 struct AttentionCache {
-  Matrix<Scalar> probs;  // [batch·heads·seq, seq]
+  Matrix<Scalar> out;  // [batch·seq, d] ctx of the forward
+  Matrix<Scalar> lse;  // [batch·heads, seq] log-sum-exp of every query row's scaled scores
   Index batch = 0;
   Index seq = 0;
   Index heads = 0;
+  /// The bytes held: sizeof(Scalar)·batch·seq·(d + heads).
+  std::size_t bytes() const { return sizeof(Scalar) * std::size_t(out.size() + lse.size()); }
 };
 
 namespace detail {
@@ -40,20 +54,12 @@ inline Index attention_head_dim(const char* where, Index d, Index heads) {
   return d / heads;
 }
 
-/// Softmax of entries [0, valid) of a score row, written in place; entries [valid, cols) become 0 (the causal mask).
-template <class Row>
-void causal_softmax_row(Row&& row, Index valid) {
-  using Scalar = typename std::remove_cvref_t<Row>::Scalar;
-  // Scalar std::exp, not Eigen's packet exp: GCC 12 reports a false -Wuninitialized inside the AVX-512 pexp.
-  const Scalar m = row.head(valid).maxCoeff();
-  Scalar sum = 0;
-  for (Index j = 0; j < valid; ++j) {
-    const Scalar e = std::exp(row(j) - m);
-    row(j) = e;
-    sum += e;
-  }
-  row.head(valid) *= Scalar(1) / sum;
-  row.tail(row.size() - valid).setZero();
+/// Throws ConfigError unless batch ≥ 1, seq ≥ 1 and batch·seq fits an Index.
+inline void attention_check_sizes(const char* where, Index batch, Index seq) {
+  check_config(batch >= 1, where, "batch = " + std::to_string(batch) + " must be ≥ 1");
+  check_config(seq >= 1, where, "seq = " + std::to_string(seq) + " must be ≥ 1");
+  check_config(seq <= std::numeric_limits<Index>::max() / batch, where,
+               "batch·seq = " + std::to_string(batch) + "·" + std::to_string(seq) + " overflows");
 }
 
 template <class A, class B>
@@ -74,17 +80,20 @@ inline std::string attention_rows_text(Index batch, Index seq, Index d) {
 }  // namespace detail
 
 /**
- * @brief Causal multi-head attention over `batch` sequences of `seq` tokens.
+ * @brief Causal multi-head attention over `batch` sequences of `seq` tokens (§6).
  *
  * Rows are batch-major (row b·seq + t is token t of sequence b); the d features are split contiguously into
- * `heads` heads of dh = d/heads. For each (b, h): ctx_h = softmax(Q_h K_hᵀ / sqrt(dh) + causal mask) V_h; heads
- * are concatenated back into d columns. Rotary embedding, if any, is applied to q and k by the caller.
+ * `heads` heads of dh = d/heads. For each (b, h), with scale = 1/sqrt(dh):
+ *   S = scale·Q_h K_hᵀ (causal: j ≤ i),  lse_i = log Σ_{j ≤ i} exp(S_ij),  P = exp(S − lse),  ctx_h = P V_h,
+ * computed over 64 × 64 tiles with a running maximum and sum per query row (the online softmax), so P is never
+ * stored; heads are concatenated back into d columns. Rotary embedding, if any, is applied to q and k by the caller.
+ * Work is split over (sequence, head, query tile) items; the bits do not depend on the thread count.
  * @param ctx    [batch·seq, d] output; may share storage with q, k or v
  * @param q,k,v  [batch·seq, d] queries, keys, values
  * @param batch  sequences (≥ 1)
  * @param seq    tokens per sequence (≥ 1)
  * @param heads  number of heads (≥ 1, divides d)
- * @param cache  receives the attention probabilities for attention_backward
+ * @param cache  receives ctx and the log-sum-exp of every row for attention_backward
  * @throws ShapeError when a shape differs from (batch·seq, d); ConfigError for bad batch/seq/heads.
  */
 template <std::floating_point Scalar>
@@ -92,10 +101,9 @@ void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_id
                        std::type_identity_t<ConstMatrixRef<Scalar>> k, std::type_identity_t<ConstMatrixRef<Scalar>> v,
                        Index batch, Index seq, Index heads, AttentionCache<Scalar>& cache) {
   constexpr const char* where = "attention_forward";
-  detail::check_config(batch >= 1, where, "batch = " + std::to_string(batch) + " must be ≥ 1");
-  detail::check_config(seq >= 1, where, "seq = " + std::to_string(seq) + " must be ≥ 1");
+  detail::attention_check_sizes(where, batch, seq);
   const Index d = q.cols();
-  const Index dh = detail::attention_head_dim(where, d, heads);
+  detail::attention_head_dim(where, d, heads);
   const Index rows = batch * seq;
   const std::string expected = detail::attention_rows_text(batch, seq, d);
   detail::check_shape(where, "q", q.rows(), q.cols(), rows, d, expected);
@@ -103,32 +111,26 @@ void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_id
   detail::check_shape(where, "v", v.rows(), v.cols(), rows, d, expected);
   detail::check_shape(where, "ctx", ctx.rows(), ctx.cols(), rows, d, expected);
 
-  const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
-  cache.probs.resize(batch * heads * seq, seq);
+  cache.batch = cache.seq = cache.heads = 0;  // invalid until filled
+  cache.out.resize(rows, d);  // [batch·seq, d]
+  // The kernel writes into the cache, which shares no storage with q, k, v; ctx (which may alias them) is written
+  // once every read is done.
+  detail::flash_attention_forward<best_isa(), Scalar>(cache.out, cache.lse, q, k, v, batch, seq, heads);
+  ctx = cache.out;
   cache.batch = batch;
   cache.seq = seq;
   cache.heads = heads;
-  Matrix<Scalar> head_ctx(seq, dh);  // [seq, dh]
-  for (Index b = 0; b < batch; ++b)
-    for (Index h = 0; h < heads; ++h) {
-      const auto Q = q.block(b * seq, h * dh, seq, dh);
-      const auto K = k.block(b * seq, h * dh, seq, dh);
-      const auto V = v.block(b * seq, h * dh, seq, dh);
-      auto P = cache.probs.middleRows((b * heads + h) * seq, seq);  // [seq, seq]
-      P.noalias() = (Q * K.transpose()) * scale;
-      for (Index i = 0; i < seq; ++i) detail::causal_softmax_row(P.row(i), i + 1);
-      // P is lower triangular: the triangular product skips the masked half.
-      head_ctx.noalias() = P.template triangularView<Eigen::Lower>() * V;
-      // Written only after this (b, h) block of q, k, v was read, so ctx may alias them.
-      ctx.block(b * seq, h * dh, seq, dh) = head_ctx;
-    }
 }
 
 /**
- * @brief Gradients of attention_forward: dq, dk, dv (all overwritten) from dctx.
+ * @brief Gradients of attention_forward: dq, dk, dv (all overwritten) from dctx (§6).
  *
- * With P the probabilities of one (b, h): dV = Pᵀ dC, dP = dC Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP)),
- * dQ = dS K / sqrt(dh), dK = dSᵀ Q / sqrt(dh).
+ * The forward mirrored, per (b, h) and 64 × 64 tile, with P recomputed from the cached log-sum-exp:
+ *   D_i = Σ_c dctx_ic·ctx_ic,  P = exp(S − lse),  dV = Pᵀ dC,  dP = dC Vᵀ,  dS = P ⊙ (dP − D),
+ *   dQ = scale·dS K,  dK = scale·dSᵀ Q
+ * (D_i = rowsum(P ⊙ dP)_i, the softmax's Jacobian term, computed from the output instead of the s × s product).
+ * Work is split over (sequence, head) items, each accumulating its dQ, dK, dV alone in a fixed order, so the bits
+ * do not depend on the thread count.
  * @param dq,dk,dv  [batch·seq, d] outputs; pairwise distinct storage, each may alias the inputs
  * @param q,k,v     the inputs given to attention_forward
  * @param dctx      [batch·seq, d] gradient of ctx
@@ -143,13 +145,17 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
                         std::type_identity_t<ConstMatrixRef<Scalar>> dctx, const AttentionCache<Scalar>& cache) {
   constexpr const char* where = "attention_backward";
   const Index batch = cache.batch, seq = cache.seq, heads = cache.heads;
-  if (batch < 1 || seq < 1 || heads < 1 || cache.probs.rows() != batch * heads * seq || cache.probs.cols() != seq)
+  if (batch < 1 || seq < 1 || heads < 1 || cache.out.rows() != batch * seq || cache.lse.rows() != batch * heads ||
+      cache.lse.cols() != seq)
     throw StateError(std::string(where) + ": the cache was not filled by attention_forward");
   const Index d = q.cols();
-  const Index dh = detail::attention_head_dim(where, d, heads);
+  detail::attention_head_dim(where, d, heads);
   const Index rows = batch * seq;
   const std::string expected = detail::attention_rows_text(batch, seq, d) + " (from the cache)";
   detail::check_shape(where, "q", q.rows(), q.cols(), rows, d, expected);
+  if (cache.out.cols() != d)
+    throw StateError(std::string(where) + ": the cache holds d = " + std::to_string(cache.out.cols()) +
+                     " features, q has " + std::to_string(d));
   detail::check_shape(where, "k", k.rows(), k.cols(), rows, d, expected);
   detail::check_shape(where, "v", v.rows(), v.cols(), rows, d, expected);
   detail::check_shape(where, "dctx", dctx.rows(), dctx.cols(), rows, d, expected);
@@ -160,37 +166,19 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
       detail::attention_views_overlap(dk, dv))
     throw std::invalid_argument(std::string(where) + ": dq, dk and dv must not overlap");
 
-  const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
-  Matrix<Scalar> dP(seq, seq), dS(seq, seq);                  // [seq, seq]
-  Matrix<Scalar> dQh(seq, dh), dKh(seq, dh), dVh(seq, dh);    // [seq, dh]
-  Vector<Scalar> row_dot(seq);                                // [seq]
-  for (Index b = 0; b < batch; ++b)
-    for (Index h = 0; h < heads; ++h) {
-      const auto Q = q.block(b * seq, h * dh, seq, dh);
-      const auto K = k.block(b * seq, h * dh, seq, dh);
-      const auto V = v.block(b * seq, h * dh, seq, dh);
-      const auto dC = dctx.block(b * seq, h * dh, seq, dh);
-      const auto P = cache.probs.middleRows((b * heads + h) * seq, seq);
-      dVh.noalias() = P.template triangularView<Eigen::Lower>().transpose() * dC;
-      dP.noalias() = dC * V.transpose();
-      // The masked entries of P are 0, so they get dS = 0 whatever dP holds there.
-      row_dot = P.cwiseProduct(dP).rowwise().sum();
-      dS = (P.array() * (dP.array().colwise() - row_dot.array())).matrix();
-      dQh.noalias() = dS.template triangularView<Eigen::Lower>() * K;
-      dKh.noalias() = dS.template triangularView<Eigen::Lower>().transpose() * Q;
-      // All three gradients of this (b, h) are computed before any is written: outputs may alias the inputs.
-      dq.block(b * seq, h * dh, seq, dh) = dQh * scale;
-      dk.block(b * seq, h * dh, seq, dh) = dKh * scale;
-      dv.block(b * seq, h * dh, seq, dh) = dVh;
-    }
+  detail::flash_attention_backward<best_isa(), Scalar>(dq, dk, dv, q, k, v, dctx, cache.out, cache.lse, batch, seq,
+                                                       heads);
 }
 
 /**
- * @brief One incremental decoding step: appends t new tokens per sequence to `cache` and attends from them.
+ * @brief One incremental decoding step: appends t new tokens per sequence to `cache` and attends from them (§6).
  *
  * New token i of sequence b sits at position L0 + i (L0 = cache.length() before the call) and attends over the
  * cached positions 0 … L0 + i, per head, exactly as attention_forward does on the whole sequence. Rotate q_new and
- * k_new by the caller's Rotary at position_offset = cache.length() BEFORE this call.
+ * k_new by the caller's Rotary at position_offset = cache.length() BEFORE this call. With one query tile (t ≤ 64)
+ * the cache is split into fixed blocks of 256 keys whose partial softmax states (m, l, acc) the threads compute
+ * and one thread merges in block order: m = max(m_a, m_b), l = l_a·e^(m_a − m) + l_b·e^(m_b − m), acc likewise;
+ * the bits do not depend on the thread count.
  * @param ctx_new  [batch·t, d] output (batch-major: row b·t + i is new token i of sequence b); may alias the inputs
  * @param q_new    [batch·t, d] queries of the new tokens
  * @param k_new    [batch·t, d] keys of the new tokens (appended to the cache)
@@ -207,7 +195,7 @@ void attention_decode(std::type_identity_t<MatrixRef<Scalar>> ctx_new,
                       std::type_identity_t<ConstMatrixRef<Scalar>> v_new, KVCache<Scalar>& cache, Index heads) {
   constexpr const char* where = "attention_decode";
   const Index d = cache.d();
-  const Index dh = detail::attention_head_dim(where, d, heads);
+  detail::attention_head_dim(where, d, heads);
   const Index t = cache.new_tokens(where, "q_new", q_new.rows(), q_new.cols());
   const Index rows = q_new.rows();
   const std::string expected = "(batch·t, d) = (" + std::to_string(rows) + ", " + std::to_string(d) +
@@ -218,21 +206,10 @@ void attention_decode(std::type_identity_t<MatrixRef<Scalar>> ctx_new,
 
   const Index first = cache.length();
   cache.append(k_new, v_new);  // throws std::length_error before changing anything
-  const Index length = cache.length();
-  const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
-  Matrix<Scalar> S(t, length);       // [t, length]
-  Matrix<Scalar> head_ctx(t, dh);    // [t, dh]
-  for (Index b = 0; b < cache.batch(); ++b) {
-    const auto keys = cache.keys(b);
-    const auto values = cache.values(b);
-    for (Index h = 0; h < heads; ++h) {
-      const auto Q = q_new.block(b * t, h * dh, t, dh);
-      S.noalias() = (Q * keys.middleCols(h * dh, dh).transpose()) * scale;
-      for (Index i = 0; i < t; ++i) detail::causal_softmax_row(S.row(i), first + i + 1);
-      head_ctx.noalias() = S * values.middleCols(h * dh, dh);
-      ctx_new.block(b * t, h * dh, t, dh) = head_ctx;
-    }
-  }
+  // All reads of q_new happen before ctx_new is written (the kernel's merge pass writes), so they may alias.
+  detail::flash_attention_decode<best_isa(), Scalar>(
+      ctx_new, q_new, cache.batch(), t, first, cache.length(), heads, [&](Index b) { return cache.keys(b); },
+      [&](Index b) { return cache.values(b); });
 }
 
 }  // namespace memoryformer

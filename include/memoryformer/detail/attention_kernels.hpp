@@ -1,0 +1,515 @@
+// SPDX-License-Identifier: MIT
+// Tiled causal attention (FlashAttention-2's scheme, §6): the kernels behind nn/attention.hpp.
+// A (sequence, head) is cut into query tiles and key tiles of attention_tile rows. Forward keeps, per
+// query row, a running maximum m and sum l of the exponentials and an unnormalised output, so no s × s matrix
+// exists; backward recomputes the probabilities of one tile at a time from the log-sum-exp the forward kept.
+// Tiles wholly above the causal diagonal are never visited; the diagonal tile is masked row by row in the loop.
+// The products inside a tile: in float on a vector ISA with dh a multiple of the vector width, tile_product, a
+// register-blocked kernel (6 rows × 64 columns of accumulators on AVX-512) reading a Kᵀ packed once per head,
+// which beats Eigen's general product at these 64-sized operands because it packs nothing per call; otherwise
+// (double, the scalar path, other dh) Eigen's products of the tile blocks. The exponentials of a tile row go
+// through exp_shifted_row, vectorised per ISA with fast_exp.hpp's exponential (float) and bit-identical to its
+// scalar path. Every work item is computed by one thread in a fixed order: the bits do not depend on the thread
+// count.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../types.hpp"
+#include "fast_exp.hpp"
+#include "parallel.hpp"
+#include "simd.hpp"
+#include "vector_ops.hpp"
+
+namespace memoryformer::detail {
+
+/// Rows of a query tile and keys of a key tile: a 64 × 64 float tile is 16 KiB, so a tile of scores and the Q, K,
+/// V tiles of dh = 64 fit in L2 together, and 64 is a multiple of every vector width.
+inline constexpr Index attention_tile = 64;
+
+/// Query rows per step in backward: per key tile, the query rows below it are taken this many at a time, so each of
+/// the five products of a step reuses the key tile's operand over 256 rows instead of 64.
+inline constexpr Index attention_backward_rows = 256;
+
+/// Keys per block when decode splits the cache between threads (few new tokens against a long cache); fixed, so
+/// the merge order, and therefore the bits, do not depend on the thread count.
+inline constexpr Index attention_decode_key_block = 256;
+
+/// Lower clamp of the float exponent argument: exp(−87) = 2^(−125.5…) keeps fast_exp2_of_product in its domain
+/// [−126, 0]; probabilities smaller than that relative to the row's largest are 0 to float anyway.
+inline constexpr float attention_min_exponent = -87.0f;
+
+/// p[j] = exp(s[j]·scale − shift) for j < n, with s[j]·scale − shift computed by one fused multiply-add. In place
+/// (p == s) is allowed. float: the argument a is clamped to [−87, 0] and exponentiated by fast_exp.hpp's exp2
+/// (relative error ≤ 2^-22 + (2|a| + 1)·2^-24, the second term from rounding a and log2(e) to float; tested in
+/// attention_isa_test), the vector paths bit-identical to the scalar one; double: std::exp.
+template <Isa I, class Scalar>
+inline void exp_shifted_row(Scalar* p, const Scalar* s, Index n, Scalar scale, Scalar shift) {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    const float factor = float(exp2_constants::log2e);
+    Index j = 0;
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+    if constexpr (I != Isa::Scalar) {
+      using O = VectorOps<I>;
+      const auto vscale = O::set1(scale), vshift = O::set1(shift), vfactor = O::set1(factor);
+      const auto lo = O::set1(attention_min_exponent), zero = O::zero();
+      for (; j + O::n <= n; j += O::n) {
+        // max(lo, a) and min(zero, ·) return their second operand for a NaN, so a NaN score stays NaN.
+        const auto a = O::min(zero, O::max(lo, O::fmsub(O::load(s + j), vscale, vshift)));
+        O::store(p + j, fast_exp2_of_product<I>(a, vfactor));
+      }
+    }
+#endif
+    for (; j < n; ++j) {
+      const float a = std::min(std::max(madd(s[j], scale, -shift), attention_min_exponent), 0.0f);
+      p[j] = fast_exp2_of_product(a, factor);
+    }
+  } else {
+    for (Index j = 0; j < n; ++j) p[j] = std::exp(s[j] * scale - shift);
+  }
+}
+
+/// Whether the tile products of a head of width dh go through tile_product<I> (float, a vector ISA, dh a multiple
+/// of the vector width) rather than Eigen's matrix product.
+template <Isa I, class Scalar>
+constexpr bool attention_vector_path_compiled() {
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+  return I != Isa::Scalar && std::is_same_v<Scalar, float>;
+#else
+  return false;
+#endif
+}
+
+template <Isa I, class Scalar>
+bool attention_vector_path(Index dh) {
+  if constexpr (attention_vector_path_compiled<I, Scalar>()) {
+    return dh % VectorOps<I>::n == 0;
+  } else {
+    (void)dh;
+    return false;
+  }
+}
+
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+MEMORYFORMER_SIMD_WARNINGS_BEGIN
+/// R rows × NV vectors of C (+)= A B over k < K: the NV vectors of row k of B are loaded once and used by all R
+/// rows, each row's A(i, k) broadcast, so one inner step is NV loads, R broadcasts and R·NV independent FMAs.
+template <Isa I, int R, int NV>
+inline void tile_product_block(float* C, Index ldc, const float* A, Index a_row, Index a_col, const float* B,
+                               Index ldb, Index K, bool accumulate) {
+  using O = VectorOps<I>;
+  // Fully unrolled, so that c and b live in registers.
+  typename O::V c[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? O::load(C + r * ldc + v * O::n) : O::zero();
+  for (Index k = 0; k < K; ++k) {
+    typename O::V b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = O::load(B + k * ldb + v * O::n);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const auto a = O::set1(A[r * a_row + k * a_col]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[r][v] = O::fmadd(a, b[v], c[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) O::store(C + r * ldc + v * O::n, c[r][v]);
+}
+
+template <Isa I, int NV>
+inline void tile_product_columns(float* C, Index ldc, const float* A, Index a_row, Index a_col, const float* B,
+                                 Index ldb, Index M, Index K, bool accumulate) {
+  // 6 rows × 4 vectors = 24 accumulators of AVX-512's 32 registers; AVX2 has 16, so 2 rows.
+  constexpr int rows = I == Isa::Avx512 ? 6 : 2;
+  Index i = 0;
+  for (; i + rows <= M; i += rows)
+    tile_product_block<I, rows, NV>(C + i * ldc, ldc, A + i * a_row, a_row, a_col, B, ldb, K, accumulate);
+  auto tail = [&]<int R>(std::integral_constant<int, R>) {
+    tile_product_block<I, R, NV>(C + i * ldc, ldc, A + i * a_row, a_row, a_col, B, ldb, K, accumulate);
+  };
+  switch (M - i) {
+    case 0: break;
+    case 1: tail(std::integral_constant<int, 1>{}); break;
+    case 2: tail(std::integral_constant<int, 2>{}); break;
+    case 3: tail(std::integral_constant<int, 3>{}); break;
+    case 4: tail(std::integral_constant<int, 4>{}); break;
+    default: tail(std::integral_constant<int, 5>{}); break;
+  }
+}
+
+/// C [M, N] (+)= A [M, K] · B [K, N] for the tiles of attention: C and B row-major (leading dimensions ldc, ldb),
+/// A(i, k) = A[i·a_row + k·a_col], so a transposed tile is A with the strides swapped. N is a multiple of the
+/// vector width. Each entry of C is one chain of FMAs in increasing k, whatever the thread count.
+template <Isa I>
+inline void tile_product(float* C, Index ldc, const float* A, Index a_row, Index a_col, const float* B, Index ldb,
+                         Index M, Index N, Index K, bool accumulate) {
+  constexpr Index w = VectorOps<I>::n;
+  for (Index n0 = 0; n0 < N; n0 += 4 * w) {
+    switch (std::min<Index>(4, (N - n0) / w)) {
+      case 1: tile_product_columns<I, 1>(C + n0, ldc, A, a_row, a_col, B + n0, ldb, M, K, accumulate); break;
+      case 2: tile_product_columns<I, 2>(C + n0, ldc, A, a_row, a_col, B + n0, ldb, M, K, accumulate); break;
+      case 3: tile_product_columns<I, 3>(C + n0, ldc, A, a_row, a_col, B + n0, ldb, M, K, accumulate); break;
+      default: tile_product_columns<I, 4>(C + n0, ldc, A, a_row, a_col, B + n0, ldb, M, K, accumulate); break;
+    }
+  }
+}
+MEMORYFORMER_SIMD_WARNINGS_END
+#endif
+
+/// Kᵀ of keys [0, count) of one head into out [dh, ld] row-major (column j = key j), zero in columns [count, ld):
+/// the B operand of S = Q Kᵀ, packed once per head so every query tile reads it contiguously.
+template <class Scalar, class KBlock>
+void pack_transposed_keys(Scalar* out, Index ld, const KBlock& K, Index count) {
+  const Index dh = K.cols();
+  for (Index c = 0; c < dh; ++c) std::fill(out + c * ld + count, out + (c + 1) * ld, Scalar(0));
+  const Scalar* keys = K.data();  // row j at keys + j·K.outerStride()
+  const Index stride = K.outerStride();
+  // 16 keys at a time: 16 rows of K read, then 16 consecutive values written per row of out.
+  for (Index j0 = 0; j0 < count; j0 += 16) {
+    const Index n = std::min<Index>(16, count - j0);
+    for (Index c = 0; c < dh; ++c)
+      for (Index j = 0; j < n; ++j) out[c * ld + j0 + j] = keys[(j0 + j) * stride + c];
+  }
+}
+
+/// The leading dimension of a packed Kᵀ of `count` keys: whole tiles, plus one cache line so that the dh rows do
+/// not all fall in the same cache set when a tile is a power of two bytes long.
+inline Index packed_keys_ld(Index count) {
+  return (count + attention_tile - 1) / attention_tile * attention_tile + 16;
+}
+
+/// Kᵀ of a key tile, [dh, attention_tile] row-major: column j is key k0 + j, columns past `cols` are zero (so a
+/// partial tile's products run on whole vectors).
+template <class Scalar, class KBlock>
+void pack_transposed_tile(Scalar* out, const KBlock& K, Index k0, Index cols) {
+  pack_transposed_keys(out, attention_tile, K.middleRows(k0, cols), cols);
+}
+
+/// Columns of a tile's product rounded up to whole vectors of I.
+template <Isa I>
+Index attention_padded_cols(Index cols) {
+  if constexpr (I == Isa::Scalar) {
+    return cols;
+  } else {
+    constexpr Index w = VectorOps<I>::n;
+    return (cols + w - 1) / w * w;
+  }
+}
+
+/// The running state of softmax rows over key tiles (one per query row of a tile): m the largest scaled score
+/// seen, l = Σ exp(score − m), acc = Σ exp(score − m)·v (unnormalised output).
+template <class Scalar>
+struct OnlineSoftmax {
+  Vector<Scalar> m;  // [rows]
+  Vector<Scalar> l;  // [rows]
+  Matrix<Scalar> acc;  // [rows, dh]
+  void reset(Index rows, Index dh) {
+    m.setConstant(rows, -std::numeric_limits<Scalar>::infinity());
+    l.setZero(rows);
+    acc.setZero(rows, dh);
+  }
+};
+
+/// Per-thread scratch of the forward and decode kernels.
+template <class Scalar>
+struct AttentionTileScratch {
+  Matrix<Scalar> scores;  // [tile, tile] S, then P in place
+};
+
+/// Folds keys [k_begin, k_end) of one head into `state` for the query rows Q (query row i at position
+/// q_position + i, which attends keys at positions ≤ q_position + i); K and V hold that head's keys and values at
+/// positions 0 … (row index). Per key tile: S = Q Kᵀ, m' = max(m, scale·max_j S), P = exp(scale·S − m'),
+/// l ← l·exp(m − m') + Σ_j P, acc ← acc·exp(m − m') + P V, m ← m'.
+/// kt: the head's Kᵀ packed by pack_transposed_keys (leading dimension kt_ld ≥ k_end rounded up to a whole tile)
+/// for the vector path's tile_product, or nullptr for Eigen's products.
+template <Isa I, class Scalar, class QBlock, class KBlock, class VBlock>
+void attend_key_range(OnlineSoftmax<Scalar>& state, AttentionTileScratch<Scalar>& scratch, const QBlock& Q,
+                      Index q_position, const KBlock& K, const VBlock& V, Index k_begin, Index k_end, Scalar scale,
+                      const Scalar* kt, Index kt_ld) {
+  const Index rows = Q.rows(), dh = Q.cols();
+  const Index last_position = q_position + rows - 1;
+  const bool vector_path = kt != nullptr;
+  (void)kt_ld, (void)dh;  // read by the vector path only
+  k_end = std::min(k_end, last_position + 1);  // key tiles wholly above the diagonal are skipped
+  for (Index k0 = k_begin; k0 < k_end; k0 += attention_tile) {
+    const Index cols = std::min(attention_tile, k_end - k0);
+    auto S = scratch.scores.topLeftCorner(rows, cols);  // [rows, cols], leading dimension attention_tile
+    if (vector_path) {
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+      if constexpr (attention_vector_path_compiled<I, Scalar>()) {
+        tile_product<I>(S.data(), attention_tile, Q.data(), Q.outerStride(), 1, kt + k0, kt_ld, rows,
+                        attention_padded_cols<I>(cols), dh, false);
+      }
+#endif
+    } else {
+      S.noalias() = Q * K.middleRows(k0, cols).transpose();
+    }
+    for (Index i = 0; i < rows; ++i) {
+      // Keys k0 … k0 + valid − 1 are at or before the query's position: the causal mask of this tile, row by row.
+      const Index valid = std::clamp<Index>(q_position + i - k0 + 1, 0, cols);
+      Scalar* row = S.row(i).data();
+      if (valid == 0) {
+        S.row(i).setZero();
+        continue;
+      }
+      const Scalar m_new = std::max(state.m(i), S.row(i).head(valid).maxCoeff() * scale);
+      exp_shifted_row<I>(row, row, valid, scale, m_new);
+      S.row(i).tail(cols - valid).setZero();
+      if (state.m(i) != -std::numeric_limits<Scalar>::infinity()) {
+        const Scalar alpha = std::exp(state.m(i) - m_new);  // one per row and tile: std::exp on every path
+        state.l(i) *= alpha;
+        state.acc.row(i) *= alpha;
+      }
+      state.l(i) += S.row(i).head(valid).sum();
+      state.m(i) = m_new;
+    }
+    if (vector_path) {
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+      if constexpr (attention_vector_path_compiled<I, Scalar>())
+        tile_product<I>(state.acc.data(), dh, S.data(), attention_tile, 1, V.data() + k0 * V.outerStride(),
+                        V.outerStride(), rows, dh, cols, true);
+#endif
+    } else {
+      state.acc.noalias() += S * V.middleRows(k0, cols);
+    }
+  }
+}
+
+/// Merges `from` into `into` (same rows): the softmax over the union of both key ranges.
+template <class Scalar>
+void merge_online_softmax(OnlineSoftmax<Scalar>& into, const OnlineSoftmax<Scalar>& from) {
+  constexpr Scalar none = -std::numeric_limits<Scalar>::infinity();
+  for (Index i = 0; i < into.m.size(); ++i) {
+    if (from.m(i) == none) continue;
+    if (into.m(i) == none) {
+      into.m(i) = from.m(i);
+      into.l(i) = from.l(i);
+      into.acc.row(i) = from.acc.row(i);
+      continue;
+    }
+    const Scalar m = std::max(into.m(i), from.m(i));
+    const Scalar a = std::exp(into.m(i) - m), b = std::exp(from.m(i) - m);
+    into.l(i) = into.l(i) * a + from.l(i) * b;
+    into.acc.row(i) = into.acc.row(i) * a + from.acc.row(i) * b;
+    into.m(i) = m;
+  }
+}
+
+/// Causal attention forward over `batch` sequences of `seq` tokens, `heads` heads of dh columns:
+/// out [batch·seq, d] = softmax(scale·Q Kᵀ + mask) V per (sequence, head), lse [batch·heads, seq] the log-sum-exp
+/// of row (b·heads + h, i): m + log l. Work items are (sequence, head, query tile), each computed by one thread.
+template <Isa I, class Scalar>
+void flash_attention_forward(MatrixRef<Scalar> out, Matrix<Scalar>& lse, const ConstMatrixRef<Scalar>& q,
+                             const ConstMatrixRef<Scalar>& k, const ConstMatrixRef<Scalar>& v, Index batch, Index seq,
+                             Index heads) {
+  const Index dh = q.cols() / heads;
+  const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
+  const Index tiles = (seq + attention_tile - 1) / attention_tile;
+  lse.resize(batch * heads, seq);
+  // Vector path: Kᵀ of every head packed once ([batch·heads][dh, kt_ld], O(seq·d)), then read by every query
+  // tile of that head.
+  const bool vector_path = attention_vector_path<I, Scalar>(dh);
+  const Index kt_ld = packed_keys_ld(seq);
+  std::vector<Scalar> kt(vector_path ? size_t(batch * heads * dh * kt_ld) : 0);
+  if (vector_path)
+    parallel_claims(batch * heads, [&](WorkQueue& queue) {
+      for (Index bh = queue.claim(); bh >= 0; bh = queue.claim())
+        pack_transposed_keys(kt.data() + bh * dh * kt_ld, kt_ld, k.block((bh / heads) * seq, (bh % heads) * dh, seq, dh),
+                             seq);
+    });
+  parallel_claims(batch * heads * tiles, [&](WorkQueue& queue) {
+    OnlineSoftmax<Scalar> state;
+    AttentionTileScratch<Scalar> scratch;
+    scratch.scores.resize(attention_tile, attention_tile);
+    for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
+      // Largest tiles first would balance better, but claims are in increasing order; the diagonal's cost grows
+      // with the tile index, so the items are taken from the last tile backwards.
+      const Index bh = item / tiles, tile = tiles - 1 - item % tiles;
+      const Index b = bh / heads, h = bh % heads;
+      const Index q0 = tile * attention_tile, rows = std::min(attention_tile, seq - q0);
+      const auto Q = q.block(b * seq + q0, h * dh, rows, dh);   // [rows, dh]
+      const auto K = k.block(b * seq, h * dh, seq, dh);         // [seq, dh]
+      const auto V = v.block(b * seq, h * dh, seq, dh);         // [seq, dh]
+      state.reset(rows, dh);
+      attend_key_range<I>(state, scratch, Q, q0, K, V, 0, q0 + rows, scale,
+                          vector_path ? kt.data() + bh * dh * kt_ld : nullptr, kt_ld);
+      for (Index i = 0; i < rows; ++i) {
+        out.row(b * seq + q0 + i).segment(h * dh, dh) = state.acc.row(i) * (Scalar(1) / state.l(i));
+        lse(bh, q0 + i) = state.m(i) + std::log(state.l(i));
+      }
+    }
+  });
+}
+
+/// Per-thread scratch of the backward kernel.
+template <class Scalar>
+struct AttentionBackwardScratch {
+  Matrix<Scalar> P, dP;           // [tile, tile]
+  Matrix<Scalar> dQ, dK, dV;      // [seq, dh] accumulated over tiles, unscaled dQ and dK
+  Vector<Scalar> D;               // [seq] rowsum(dO ⊙ O)
+  Matrix<Scalar> kt, vt;          // [dh, tile] Kᵀ and Vᵀ of the key tile (vector path)
+};
+
+/// Gradients of flash_attention_forward, FlashAttention-2's backward per (sequence, head): with D = rowsum(dO ⊙ O),
+/// for every key tile j and query tile i at or below the diagonal, P = exp(scale·Q_i K_jᵀ − lse_i) (masked),
+/// dV_j += Pᵀ dO_i, dP = dO_i V_jᵀ, dS = P ⊙ (dP − D_i), dQ_i += scale·dS K_j, dK_j += scale·dSᵀ Q_i.
+/// Work items are (sequence, head): dK, dV and dQ of a head accumulate in one thread, in a fixed order, and are
+/// written only after every read of that head's inputs (outputs may alias inputs).
+template <Isa I, class Scalar>
+void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, MatrixRef<Scalar> dv,
+                              const ConstMatrixRef<Scalar>& q, const ConstMatrixRef<Scalar>& k,
+                              const ConstMatrixRef<Scalar>& v, const ConstMatrixRef<Scalar>& dout,
+                              const Matrix<Scalar>& out, const Matrix<Scalar>& lse, Index batch, Index seq,
+                              Index heads) {
+  const Index dh = q.cols() / heads;
+  const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
+  const bool vector_path = attention_vector_path<I, Scalar>(dh);
+  // The vector path's tile products (tile_product<I>); never called on the other paths.
+  auto product = [](Scalar* C, Index ldc, const Scalar* A, Index a_row, Index a_col, const Scalar* B, Index ldb,
+                    Index M, Index N, Index K, bool accumulate) {
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+    if constexpr (attention_vector_path_compiled<I, Scalar>()) {
+      tile_product<I>(C, ldc, A, a_row, a_col, B, ldb, M, N, K, accumulate);
+      return;
+    }
+#endif
+    (void)C, (void)ldc, (void)A, (void)a_row, (void)a_col, (void)B, (void)ldb, (void)M, (void)N, (void)K,
+        (void)accumulate;
+  };
+  parallel_claims(batch * heads, [&](WorkQueue& queue) {
+    AttentionBackwardScratch<Scalar> w;
+    w.P.resize(attention_backward_rows, attention_tile);
+    w.dP.resize(attention_backward_rows, attention_tile);
+    if (vector_path) {
+      w.kt.resize(dh, attention_tile);
+      w.vt.resize(dh, attention_tile);
+    }
+    for (Index bh = queue.claim(); bh >= 0; bh = queue.claim()) {
+      const Index b = bh / heads, h = bh % heads;
+      const auto Q = q.block(b * seq, h * dh, seq, dh);      // [seq, dh]
+      const auto K = k.block(b * seq, h * dh, seq, dh);      // [seq, dh]
+      const auto V = v.block(b * seq, h * dh, seq, dh);      // [seq, dh]
+      const auto dO = dout.block(b * seq, h * dh, seq, dh);  // [seq, dh]
+      const auto O = out.block(b * seq, h * dh, seq, dh);    // [seq, dh]
+      w.D = dO.cwiseProduct(O).rowwise().sum();
+      w.dQ.setZero(seq, dh);
+      w.dK.setZero(seq, dh);
+      w.dV.setZero(seq, dh);
+      for (Index k0 = 0; k0 < seq; k0 += attention_tile) {
+        const Index cols = std::min(attention_tile, seq - k0);
+        const auto Kj = K.middleRows(k0, cols), Vj = V.middleRows(k0, cols);  // [cols, dh]
+        auto dKj = w.dK.middleRows(k0, cols), dVj = w.dV.middleRows(k0, cols);  // [cols, dh]
+        if (vector_path) {
+          pack_transposed_tile(w.kt.data(), K, k0, cols);
+          pack_transposed_tile(w.vt.data(), V, k0, cols);
+        }
+        // Query rows from k0 on: the rows above the key tile have P = 0.
+        for (Index q0 = k0; q0 < seq; q0 += attention_backward_rows) {
+          const Index rows = std::min(attention_backward_rows, seq - q0);
+          const auto Qi = Q.middleRows(q0, rows), dOi = dO.middleRows(q0, rows);  // [rows, dh]
+          auto P = w.P.topLeftCorner(rows, cols), dP = w.dP.topLeftCorner(rows, cols);  // [rows, cols]
+          if (vector_path) {
+            product(P.data(), attention_tile, Qi.data(), Qi.outerStride(), 1, w.kt.data(), attention_tile, rows,
+                    attention_padded_cols<I>(cols), dh, false);
+          } else {
+            P.noalias() = Qi * Kj.transpose();
+          }
+          for (Index i = 0; i < rows; ++i) {
+            const Index valid = std::clamp<Index>(q0 + i - k0 + 1, 0, cols);
+            Scalar* row = P.row(i).data();
+            exp_shifted_row<I>(row, row, valid, scale, lse(bh, q0 + i));
+            P.row(i).tail(cols - valid).setZero();
+          }
+          if (vector_path) {
+            product(dVj.data(), dh, P.data(), 1, attention_tile, dOi.data(), dOi.outerStride(), cols, dh, rows, true);
+            product(dP.data(), attention_tile, dOi.data(), dOi.outerStride(), 1, w.vt.data(), attention_tile, rows,
+                    attention_padded_cols<I>(cols), dh, false);
+          } else {
+            dVj.noalias() += P.transpose() * dOi;
+            dP.noalias() = dOi * Vj.transpose();
+          }
+          // dS = P ⊙ (dP − D) in place of dP; masked entries have P = 0, so dS = 0 there.
+          dP = (P.array() * (dP.array().colwise() - w.D.segment(q0, rows).array())).matrix();
+          if (vector_path) {
+            product(w.dQ.data() + q0 * dh, dh, dP.data(), attention_tile, 1, Kj.data(), Kj.outerStride(), rows, dh,
+                    cols, true);
+            product(dKj.data(), dh, dP.data(), 1, attention_tile, Qi.data(), Qi.outerStride(), cols, dh, rows, true);
+          } else {
+            w.dQ.middleRows(q0, rows).noalias() += dP * Kj;
+            dKj.noalias() += dP.transpose() * Qi;
+          }
+        }
+      }
+      dq.block(b * seq, h * dh, seq, dh) = w.dQ * scale;
+      dk.block(b * seq, h * dh, seq, dh) = w.dK * scale;
+      dv.block(b * seq, h * dh, seq, dh) = w.dV;
+    }
+  });
+}
+
+/// Decode: t new query rows per sequence (row b·t + i at position first + i) against the cached keys and values
+/// of `batch` sequences, length `length` each (keys(b) / values(b) give [length, d] views). With few new rows the
+/// cache is split into key blocks of attention_decode_key_block keys, each folded by one thread into its own
+/// (m, l, acc), then merged in block order; with more than one query tile, items are query tiles as in forward.
+template <Isa I, class Scalar, class Keys, class Values>
+void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>& q, Index batch, Index t,
+                            Index first, Index length, Index heads, Keys&& keys, Values&& values) {
+  const Index d = q.cols(), dh = d / heads;
+  const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
+  const Index tiles = (t + attention_tile - 1) / attention_tile;
+  const Index blocks = tiles == 1 ? (length + attention_decode_key_block - 1) / attention_decode_key_block : 1;
+  const Index block_keys = tiles == 1 ? attention_decode_key_block : length;
+  const Index groups = batch * heads * tiles;
+  std::vector<OnlineSoftmax<Scalar>> partial(size_t(groups * blocks));
+  // Several query tiles (a prefill through the cache): Kᵀ packed once per head as in forward. A few new tokens
+  // read each key once, so packing would double the traffic: Eigen's products then.
+  const bool vector_path = tiles > 1 && attention_vector_path<I, Scalar>(dh);
+  const Index kt_ld = packed_keys_ld(length);
+  std::vector<Scalar> kt(vector_path ? size_t(batch * heads * dh * kt_ld) : 0);
+  if (vector_path)
+    parallel_claims(batch * heads, [&](WorkQueue& queue) {
+      for (Index bh = queue.claim(); bh >= 0; bh = queue.claim())
+        pack_transposed_keys(kt.data() + bh * dh * kt_ld, kt_ld, keys(bh / heads).middleCols((bh % heads) * dh, dh),
+                             length);
+    });
+  parallel_claims(groups * blocks, [&](WorkQueue& queue) {
+    AttentionTileScratch<Scalar> scratch;
+    scratch.scores.resize(attention_tile, attention_tile);
+    for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
+      const Index group = item / blocks, block = item % blocks;
+      const Index bh = group / tiles, tile = group % tiles;
+      const Index b = bh / heads, h = bh % heads;
+      const Index q0 = tile * attention_tile, rows = std::min(attention_tile, t - q0);
+      const auto Q = q.block(b * t + q0, h * dh, rows, dh);  // [rows, dh]
+      const auto K = keys(b).middleCols(h * dh, dh);         // [length, dh]
+      const auto V = values(b).middleCols(h * dh, dh);       // [length, dh]
+      auto& state = partial[size_t(item)];
+      state.reset(rows, dh);
+      const Index k0 = block * block_keys, k1 = std::min(length, k0 + block_keys);
+      attend_key_range<I>(state, scratch, Q, first + q0, K, V, k0, k1, scale,
+                          vector_path ? kt.data() + bh * dh * kt_ld : nullptr, kt_ld);
+    }
+  });
+  parallel_claims(groups, [&](WorkQueue& queue) {
+    for (Index group = queue.claim(); group >= 0; group = queue.claim()) {
+      auto& state = partial[size_t(group * blocks)];
+      for (Index block = 1; block < blocks; ++block) merge_online_softmax(state, partial[size_t(group * blocks + block)]);
+      const Index bh = group / tiles, tile = group % tiles;
+      const Index b = bh / heads, h = bh % heads;
+      const Index q0 = tile * attention_tile;
+      for (Index i = 0; i < state.m.size(); ++i)
+        out.row(b * t + q0 + i).segment(h * dh, dh) = state.acc.row(i) * (Scalar(1) / state.l(i));
+    }
+  });
+}
+
+}  // namespace memoryformer::detail

@@ -1,0 +1,165 @@
+// SPDX-License-Identifier: MIT
+// The attention kernels (detail/attention_kernels.hpp) on every compiled ISA path. This file is built three times
+// (AVX-512, AVX2, scalar-only flags): the exponential of a tile row is bit-identical to the scalar path and within its
+// error bound of std::exp; the tile products match a double-precision product; forward, backward and decode of the
+// vector path match the scalar path (Eigen's products, scalar exponential) and the reference attention.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include <memoryformer/detail/attention_kernels.hpp>
+#include <memoryformer/detail/attention_reference.hpp>
+#include <memoryformer/nn/attention.hpp>
+#include <memoryformer/random.hpp>
+
+#include "../support/test_helpers.hpp"
+
+namespace mf = memoryformer;
+namespace md = memoryformer::detail;
+using namespace memoryformer::testing_support;
+
+namespace {
+
+#ifndef MEMORYFORMER_TEST_ISA
+#define MEMORYFORMER_TEST_ISA "unspecified"
+#endif
+
+constexpr mf::Isa best = mf::best_isa();
+
+double relative_error(const mf::Matrix<float>& a, const mf::Matrix<float>& b) {
+  const double scale = std::max(double(b.cwiseAbs().maxCoeff()), std::numeric_limits<double>::min());
+  return double((a - b).cwiseAbs().maxCoeff()) / scale;
+}
+
+TEST(AttentionIsa, BuildReportsItsPath) {
+  const std::string expected = MEMORYFORMER_TEST_ISA;
+  if (expected == "unspecified") GTEST_SKIP() << "built outside the ISA matrix";
+  EXPECT_EQ(std::string(mf::isa_name(best)), expected);
+}
+
+TEST(AttentionIsa, ExpRowIsBitIdenticalToScalarAndWithinItsBound) {
+  // Scores spread so that s·scale − shift covers [−100, 0.5]: the clamps at −87 and 0 included, and row lengths
+  // that leave a tail after the last whole vector.
+  mf::Rng rng(5);
+  for (const mf::Index n : {1, 7, 16, 17, 64, 100}) {
+    std::vector<float> s(static_cast<size_t>(n)), fast(s.size()), scalar(s.size());
+    for (auto& x : s) x = float(-100.0 + 100.5 * rng.uniform());
+    const float scale = 1.0f, shift = 0.0f;
+    md::exp_shifted_row<best>(fast.data(), s.data(), n, scale, shift);
+    md::exp_shifted_row<mf::Isa::Scalar>(scalar.data(), s.data(), n, scale, shift);
+    for (mf::Index j = 0; j < n; ++j) {
+      const size_t i = size_t(j);
+      EXPECT_EQ(fast[i], scalar[i]) << "n = " << n << ", s = " << s[i];
+      const double a = std::min(std::max(double(s[i]), -87.0), 0.0);
+      const double exact = std::exp(a);
+      // fast_exp.hpp's 2^-22, plus the float rounding of log2(e) and of the argument (each |a|·2^-24 in the exponent).
+      const double bound = exact * (std::ldexp(1.0, -22) + (2.0 * std::abs(a) + 1.0) * std::ldexp(1.0, -24));
+      EXPECT_LE(std::abs(double(fast[i]) - exact), bound) << "s = " << s[i];
+    }
+  }
+  // In place, with a scale and a shift, and a NaN score stays NaN.
+  std::vector<float> row = {0.5f, -1.0f, std::numeric_limits<float>::quiet_NaN(), 2.0f};
+  md::exp_shifted_row<best>(row.data(), row.data(), 4, 0.5f, 1.0f);
+  EXPECT_NEAR(row[0], std::exp(-0.75f), 1e-6f);
+  EXPECT_NEAR(row[1], std::exp(-1.5f), 1e-6f);
+  EXPECT_TRUE(std::isnan(row[2]));
+  EXPECT_EQ(row[3], 1.0f);
+}
+
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+TEST(AttentionIsa, TileProductMatchesDoubleProduct) {
+  constexpr mf::Index w = md::VectorOps<best>::n;
+  for (const mf::Index M : {1, 2, 5, 6, 7, 13, 64})
+    for (const mf::Index N : {w, 3 * w, 4 * w, 5 * w})
+      for (const mf::Index K : {1, 7, 64})
+        for (const bool transposed : {false, true})
+          for (const bool accumulate : {false, true}) {
+            // A is [M, K]; stored transposed ([K, M]) it is read with the strides swapped.
+            const mf::Matrix<float> a = random_matrix<float>(M, K, 1), b = random_matrix<float>(K, N, 2),
+                                    c0 = random_matrix<float>(M, N, 3);
+            const mf::Matrix<float> at = a.transpose();
+            mf::Matrix<float> c = c0;
+            if (transposed)
+              md::tile_product<best>(c.data(), N, at.data(), 1, M, b.data(), N, M, N, K, accumulate);
+            else
+              md::tile_product<best>(c.data(), N, a.data(), K, 1, b.data(), N, M, N, K, accumulate);
+            mf::Matrix<double> expect = a.cast<double>() * b.cast<double>();
+            if (accumulate) expect += c0.cast<double>();
+            EXPECT_LE((c.cast<double>() - expect).cwiseAbs().maxCoeff(), 1e-5 * (1.0 + double(K)))
+                << "M " << M << " N " << N << " K " << K << (transposed ? " transposed" : "")
+                << (accumulate ? " accumulate" : "");
+          }
+}
+#endif
+
+TEST(AttentionIsa, VectorPathMatchesScalarPathAndReference) {
+  // dh = 64 and 16 take the vector path's tile products on AVX-512 and AVX2; dh = 12 only its exponential.
+  struct Shape {
+    mf::Index batch, seq, heads, dh;
+  };
+  for (const Shape s : {Shape{2, 130, 2, 64}, Shape{1, 65, 3, 16}, Shape{2, 70, 2, 12}, Shape{1, 1, 1, 16}}) {
+    const mf::Index d = s.heads * s.dh, rows = s.batch * s.seq;
+    const auto q = random_matrix<float>(rows, d, 11, 1.5), k = random_matrix<float>(rows, d, 12, 1.5),
+               v = random_matrix<float>(rows, d, 13), dctx = random_matrix<float>(rows, d, 14);
+    const std::string label = "seq " + std::to_string(s.seq) + ", dh " + std::to_string(s.dh);
+    mf::Matrix<float> ctx(rows, d), ctx_scalar(rows, d), lse, lse_scalar;
+    md::flash_attention_forward<best, float>(ctx, lse, q, k, v, s.batch, s.seq, s.heads);
+    md::flash_attention_forward<mf::Isa::Scalar, float>(ctx_scalar, lse_scalar, q, k, v, s.batch, s.seq, s.heads);
+    EXPECT_LE(relative_error(ctx, ctx_scalar), 2e-6) << label;
+    EXPECT_LE(relative_error(lse, lse_scalar), 2e-6) << label;
+
+    mf::Matrix<float> ref(rows, d);
+    md::ReferenceAttentionCache<float> ref_cache;
+    md::reference_attention_forward<float>(ref, q, k, v, s.batch, s.seq, s.heads, ref_cache);
+    EXPECT_LE(relative_error(ctx, ref), 2e-5) << label;
+
+    mf::Matrix<float> g[3], g_scalar[3], g_ref[3];
+    for (int i = 0; i < 3; ++i) g[i] = g_scalar[i] = g_ref[i] = mf::Matrix<float>(rows, d);
+    md::flash_attention_backward<best, float>(g[0], g[1], g[2], q, k, v, dctx, ctx, lse, s.batch, s.seq, s.heads);
+    md::flash_attention_backward<mf::Isa::Scalar, float>(g_scalar[0], g_scalar[1], g_scalar[2], q, k, v, dctx,
+                                                         ctx_scalar, lse_scalar, s.batch, s.seq, s.heads);
+    md::reference_attention_backward<float>(g_ref[0], g_ref[1], g_ref[2], q, k, v, dctx, ref_cache);
+    const char* names[] = {"dq", "dk", "dv"};
+    for (int i = s.seq > 1 ? 0 : 2; i < 3; ++i) {
+      EXPECT_LE(relative_error(g[i], g_scalar[i]), 2e-5) << names[i] << ", " << label;
+      EXPECT_LE(relative_error(g[i], g_ref[i]), 2e-5) << names[i] << " against the reference, " << label;
+    }
+
+    // Decode: a prefill of all but the last 2 tokens (query tiles), then the 2 (key blocks), on both paths.
+    if (s.seq > 2) {
+      for (const auto path : {best, mf::Isa::Scalar}) {
+        mf::KVCache<float> kv(s.batch, s.seq, d);
+        mf::Index pos = 0;
+        for (const mf::Index t : {s.seq - 2, mf::Index(2)}) {
+          mf::Matrix<float> qt(s.batch * t, d), out(s.batch * t, d), expect(s.batch * t, d);
+          mf::Matrix<float> kt(s.batch * t, d), vt(s.batch * t, d);
+          for (mf::Index b = 0; b < s.batch; ++b) {
+            qt.middleRows(b * t, t) = q.middleRows(b * s.seq + pos, t);
+            kt.middleRows(b * t, t) = k.middleRows(b * s.seq + pos, t);
+            vt.middleRows(b * t, t) = v.middleRows(b * s.seq + pos, t);
+            expect.middleRows(b * t, t) = ref.middleRows(b * s.seq + pos, t);
+          }
+          const mf::Index first = kv.length();
+          kv.append(kt, vt);
+          auto keys = [&](mf::Index b) { return kv.keys(b); };
+          auto values = [&](mf::Index b) { return kv.values(b); };
+          if (path == mf::Isa::Scalar)
+            md::flash_attention_decode<mf::Isa::Scalar, float>(out, qt, s.batch, t, first, kv.length(), s.heads, keys,
+                                                               values);
+          else
+            md::flash_attention_decode<best, float>(out, qt, s.batch, t, first, kv.length(), s.heads, keys, values);
+          EXPECT_LE(relative_error(out, expect), 2e-5) << "decode t = " << t << ", " << mf::isa_name(path) << ", "
+                                                       << label;
+          pos += t;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
