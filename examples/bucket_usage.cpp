@@ -18,6 +18,7 @@
 #include <vector>
 
 #include <memoryformer/bucket_table.hpp>
+#include <memoryformer/io/model_checkpoint.hpp>
 #include <memoryformer/model.hpp>
 #include <memoryformer/train/text_data.hpp>
 #include <memoryformer/train/trainer.hpp>

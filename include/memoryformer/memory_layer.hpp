@@ -3,12 +3,15 @@
 // with the hand-written backward of spec §1 "Backward".
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "bucket_table.hpp"
+#include "detail/checked_size.hpp"
 #include "detail/column_sums.hpp"
 #include "detail/lookup_kernels.hpp"
 #include "detail/scratch.hpp"
@@ -43,7 +46,12 @@ struct MemoryLayerConfig {
     detail::check_config(d_out > 0, where, "d_out = " + std::to_string(d_out) + " must be > 0");
     detail::check_config(d_in % tau == 0, where,
                          "d_in = " + std::to_string(d_in) + " is not a multiple of tau = " + std::to_string(tau));
-    detail::check_config(table_init_std >= 0 && bias_init_std >= 0, where, "init standard deviations must be >= 0");
+    detail::check_config(std::isfinite(table_init_std) && std::isfinite(bias_init_std) && table_init_std >= 0 &&
+                             bias_init_std >= 0,
+                         where,
+                         "init standard deviations (table " + std::to_string(table_init_std) + ", bias " +
+                             std::to_string(bias_init_std) + ") must be finite and >= 0");
+    detail::checked_product(where, "tables × 2^tau × d_out", {num_tables(), rows_per_table(), d_out});
   }
 };
 
@@ -79,6 +87,21 @@ void check_layer_hash(const char* where, const MemoryLayerConfig& config, const 
     os << where << ": the hash has K = " << h.tables << ", τ = " << h.tau << "; this layer needs K = "
        << config.num_tables() << ", τ = " << config.tau;
     throw ShapeError(os.str());
+  }
+  // Codes index table rows directly: one outside [0, 2^τ) would read or write another table's rows or past the end.
+  // The unsigned maximum catches negative codes too, in one pass the compiler vectorises.
+  std::uint32_t max_code = 0;
+  for (std::int32_t c : h.codes) max_code = std::max(max_code, std::uint32_t(c));
+  if (max_code >= (std::uint32_t(1) << config.tau)) {
+    for (std::size_t i = 0; i < h.codes.size(); ++i) {
+      const std::int32_t c = h.codes[i];
+      if (c < 0 || c >= (std::int32_t(1) << config.tau)) {
+        std::ostringstream os;
+        os << where << ": the hash has code " << c << " at (row " << Index(i) / h.tables << ", table "
+           << Index(i) % h.tables << "), outside [0, 2^" << config.tau << ")";
+        throw ShapeError(os.str());
+      }
+    }
   }
 }
 

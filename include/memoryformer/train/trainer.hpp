@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../error.hpp"
+#include "../io/model_checkpoint.hpp"
 #include "../model.hpp"
 #include "../optim/adamw.hpp"
 #include "../optim/clip.hpp"
