@@ -27,7 +27,9 @@
  * Strings are raw bytes (UTF-8 by convention, not checked). Names and config keys are unique. A rank-0 tensor
  * holds one value. The loader does not require the exact padding above; it requires every tensor to lie inside
  * [header size, file size − 8), at a 64-aligned offset, without overlapping another, with byte size equal to
- * (product of dims) × (dtype size).
+ * (product of dims) × (dtype size). An empty tensor overlaps a tensor whose range contains its offset strictly
+ * inside (it may sit at the start or end of a range, or share its offset with other empty tensors), so the tensors
+ * together never declare more bytes than the file holds.
  */
 
 #include <algorithm>
