@@ -69,6 +69,24 @@ bool same(const mf::Checkpoint& x, const mf::Checkpoint& y) {
   return ::testing::AssertionSuccess();
 }
 
+/// The oracle for moved ranges, pairwise: no two non-empty ranges intersect and no empty one lies strictly inside
+/// a non-empty one.
+::testing::AssertionResult ranges_disjoint(const ts::CheckpointBytes& b, const std::vector<ts::EntryFields>& dir) {
+  for (std::size_t i = 0; i < dir.size(); ++i)
+    for (std::size_t j = 0; j < dir.size(); ++j) {
+      if (i == j) continue;
+      const auto oi = ts::get_at<std::uint64_t>(b, dir[i].offset_at), si = ts::get_at<std::uint64_t>(b, dir[i].size_at);
+      const auto oj = ts::get_at<std::uint64_t>(b, dir[j].offset_at), sj = ts::get_at<std::uint64_t>(b, dir[j].size_at);
+      const bool both = si > 0 && sj > 0 && oi < oj + sj && oj < oi + si;
+      const bool empty_inside = si == 0 && sj > 0 && oj < oi && oi < oj + sj;
+      if (both || empty_inside)
+        return ::testing::AssertionFailure() << "tensors '" << dir[i].name << "' [" << oi << ", " << oi + si
+                                             << ") and '" << dir[j].name << "' [" << oj << ", " << oj + sj
+                                             << ") overlap but were accepted";
+    }
+  return ::testing::AssertionSuccess();
+}
+
 enum class Outcome { Rejected, Loaded };
 
 Outcome try_parse(const ts::CheckpointBytes& b, mf::Checkpoint& out) {
@@ -100,7 +118,7 @@ TEST(CheckpointFuzz, EveryMutationIsRejectedOrLoadsWellFormed) {
     ts::CheckpointBytes b = original;
     const int kind = int(rng() % 8);
     ++by_kind[kind];
-    bool fix = false, must_reject = false;
+    bool fix = false, must_reject = false, check_disjoint = false;
     auto pick_entry = [&]() -> const ts::EntryFields& { return dir[rng() % dir.size()]; };
     switch (kind) {
       case 0:  // bit flips anywhere, checksums left stale
@@ -146,7 +164,17 @@ TEST(CheckpointFuzz, EveryMutationIsRejectedOrLoadsWellFormed) {
         fix = true;
         break;
       }
-      case 5: {  // overlap: one tensor's range moved onto or into another's
+      case 5: {  // overlap: ranges moved onto or into others'
+        if (rng() % 2) {
+          // 1–3 tensors moved to random aligned offsets of the data region; checked below by a pairwise oracle.
+          const std::uint64_t first = (ts::get_at<std::uint64_t>(b, 24) + 63) / 64 * 64;
+          const std::uint64_t slots = (b.size() - 8 - first) / 64 + 1;
+          for (int m = 1 + int(rng() % 3); m > 0; --m)
+            ts::put_at<std::uint64_t>(b, pick_entry().offset_at, first + 64 * (rng() % slots));
+          fix = true;
+          check_disjoint = true;
+          break;
+        }
         if (dir.size() < 2) break;
         const auto& e = pick_entry();
         const auto& f = pick_entry();
@@ -186,6 +214,9 @@ TEST(CheckpointFuzz, EveryMutationIsRejectedOrLoadsWellFormed) {
       continue;
     }
     ASSERT_FALSE(must_reject) << "iteration " << iter << ": overlapping tensors were accepted";
+    if (check_disjoint) {
+      ASSERT_TRUE(ranges_disjoint(b, dir)) << "iteration " << iter;
+    }
     if (same(c, bases[which])) {
       ++loaded_equal;
       continue;
