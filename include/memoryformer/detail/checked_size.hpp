@@ -42,13 +42,16 @@ Index checked_mul(std::string_view where, std::string_view what, Index a, Index 
 template <class Error = ConfigError>
 Index checked_product(std::string_view where, std::string_view what, std::initializer_list<Index> factors,
                       Index limit = max_elements) {
+  auto text = [&] {
+    std::string t;
+    for (Index f : factors) t += (t.empty() ? "= " : " × ") + std::to_string(f);
+    return t;
+  };
   Index out = 1;
-  std::string text;
-  for (Index f : factors) text += (text.empty() ? "= " : " × ") + std::to_string(f);
   for (Index f : factors) {
-    if (f < 0) throw_size<Error>(where, what, text, "has a negative factor");
+    if (f < 0) throw_size<Error>(where, what, text(), "has a negative factor");
     if (__builtin_mul_overflow(out, f, &out) || out > limit)
-      throw_size<Error>(where, what, text, "exceeds the limit of " + std::to_string(limit));
+      throw_size<Error>(where, what, text(), "exceeds the limit of " + std::to_string(limit));
   }
   return out;
 }

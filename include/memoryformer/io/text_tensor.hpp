@@ -28,7 +28,10 @@ struct TextTensor {
   /// Product of the shape. @throws FormatError when a dim is negative or the product exceeds 2^48 values.
   Index size() const {
     Index n = 1;
-    for (auto d : shape) n = detail::checked_mul<FormatError>("TextTensor::size", "tensor '" + name + "' size", n, d);
+    for (auto d : shape) {
+      if (d < 0 || __builtin_mul_overflow(n, d, &n) || n > detail::max_elements)
+        throw FormatError("tensor '" + name + "' has shape dims whose product is negative or exceeds 2^48 values");
+    }
     return n;
   }
   Index dim(size_t i) const {
