@@ -18,6 +18,7 @@
 #include <vector>
 
 #include <memoryformer/bucket_table.hpp>
+#include <memoryformer/io/model_checkpoint.hpp>
 #include <memoryformer/model.hpp>
 #include <memoryformer/train/text_data.hpp>
 #include <memoryformer/train/trainer.hpp>
@@ -56,6 +57,8 @@ Args parse(int argc, char** argv) {
   const memoryformer_examples::ArgReader args(argc, argv, "bucket_usage");
   auto value = [&](int& i) { return args.value(i); };
   auto number = [&](int& i) { return args.number(i, /*allow_negative=*/true); };
+  // Counts are integers checked against their range: no double-to-integer conversion of an arbitrary value.
+  auto count = [&](int& i) { return Index(args.integer(i, 0, Index(1) << 40)); };
   for (int i = 1; i < argc; ++i) {
     const std::string f = argv[i];
     if (f == "--help" || f == "-h") {
@@ -64,9 +67,9 @@ Args parse(int argc, char** argv) {
     } else if (f == "--checkpoint") a.checkpoint = value(i);
     else if (f == "--text") a.text_path = value(i);
     else if (f == "--val-fraction") a.val_fraction = number(i);
-    else if (f == "--seq") a.seq = Index(number(i));
-    else if (f == "--windows") a.windows = Index(number(i));
-    else if (f == "--block") a.plot_block = Index(number(i));
+    else if (f == "--seq") a.seq = count(i);
+    else if (f == "--windows") a.windows = count(i);
+    else if (f == "--block") a.plot_block = count(i);
     else if (f == "--out") a.out = value(i);
     else if (f == "--smoke") a.smoke = true;
     else fail("unknown option '" + f + "'");

@@ -6,7 +6,9 @@
 
 #include "common/arg_reader.hpp"
 #include <algorithm>
+#include <charconv>
 #include <chrono>
+#include <new>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -18,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include <memoryformer/io/model_checkpoint.hpp>
 #include <memoryformer/model.hpp>
 #include <memoryformer/train/text_data.hpp>
 #include <memoryformer/train/trainer.hpp>
@@ -60,6 +63,8 @@ Args parse(int argc, char** argv) {
   const memoryformer_examples::ArgReader args(argc, argv, "generate");
   auto value = [&](int& i) { return args.value(i); };
   auto number = [&](int& i) { return args.number(i, /*allow_negative=*/false); };
+  // Counts are integers checked against their range: no double-to-integer conversion of an arbitrary value.
+  auto count = [&](int& i) { return Index(args.integer(i, 0, Index(1) << 40)); };
   for (int i = 1; i < argc; ++i) {
     const std::string f = argv[i];
     if (f == "--help" || f == "-h") {
@@ -67,11 +72,11 @@ Args parse(int argc, char** argv) {
       std::exit(0);
     } else if (f == "--checkpoint") a.checkpoint = value(i);
     else if (f == "--prompt") a.prompt = value(i);
-    else if (f == "--tokens") a.tokens = Index(number(i));
+    else if (f == "--tokens") a.tokens = count(i);
     else if (f == "--temperature") a.temperature = number(i);
-    else if (f == "--top-k") a.top_k = Index(number(i));
-    else if (f == "--seed") a.seed = std::uint64_t(number(i));
-    else if (f == "--context") a.context = Index(number(i));
+    else if (f == "--top-k") a.top_k = count(i);
+    else if (f == "--seed") a.seed = std::uint64_t(args.integer(i));
+    else if (f == "--context") a.context = count(i);
     else if (f == "--smoke") a.smoke = true;
     else fail("unknown option '" + f + "'");
   }
@@ -110,7 +115,16 @@ int generate(const Args& a, const mf::Checkpoint& ckpt, const std::string& origi
   Index context = a.context;
   if (context == 0) {
     const std::string* seq = ckpt.find_config("train.seq");
-    context = seq != nullptr ? Index(std::stoll(*seq)) : Index(a.prompt.size()) + a.tokens;
+    if (seq != nullptr) {
+      Index v = 0;
+      const auto r = std::from_chars(seq->data(), seq->data() + seq->size(), v);
+      if (seq->empty() || r.ec != std::errc() || r.ptr != seq->data() + seq->size() || v < 1)
+        throw mf::FormatError(origin + ": config key 'train.seq' is '" + *seq +
+                              "', expected a positive integer (or give --context)");
+      context = v;
+    } else {
+      context = Index(a.prompt.size()) + a.tokens;
+    }
   }
   context = std::max<Index>(context, 2);
   std::vector<std::int32_t> tokens = mf::encode_bytes(a.prompt);
@@ -179,8 +193,11 @@ std::string make_smoke_checkpoint() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::string request = "parsing the arguments";  // what was being built when memory ran out
   try {
     Args a = parse(argc, argv);
+    request = "loading the checkpoint '" + a.checkpoint + "' and building its model (--context " +
+              std::to_string(a.context) + ", --tokens " + std::to_string(a.tokens) + ")";
     if (a.smoke && a.checkpoint.empty()) a.checkpoint = make_smoke_checkpoint();
     const mf::Checkpoint ckpt = mf::load_checkpoint(a.checkpoint);
     const std::string origin = "'" + a.checkpoint + "'";
@@ -188,6 +205,9 @@ int main(int argc, char** argv) {
     if (kind == "memoryformer") return generate<mf::MemoryFormerLM<float>>(a, ckpt, origin);
     if (kind == "transformer") return generate<mf::TransformerLM<float>>(a, ckpt, origin);
     throw std::runtime_error(origin + " holds a '" + kind + "' model, which this example does not know");
+  } catch (const std::bad_alloc&) {
+    std::cerr << "generate: out of memory while " << request << "; ask for less\n";
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "generate: " << e.what() << "\n";
     return 1;

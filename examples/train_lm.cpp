@@ -102,6 +102,8 @@ Args parse(int argc, char** argv) {
   const memoryformer_examples::ArgReader args(argc, argv, "train_lm");
   auto value = [&](int& i) { return args.value(i); };
   auto integer = [&](int& i) { return Index(args.integer(i)); };
+  // Values stored in an int are range-checked as such: 4294967300 must not become 4.
+  auto small = [&](int& i) { return int(args.integer(i, 0, std::numeric_limits<int>::max())); };
   auto real = [&](int& i) { return args.number(i, /*allow_negative=*/true); };
   for (int i = 1; i < argc; ++i) {
     const std::string f = argv[i];
@@ -115,8 +117,8 @@ Args parse(int argc, char** argv) {
     else if (f == "--d") a.d = integer(i);
     else if (f == "--layers") a.layers = integer(i);
     else if (f == "--heads") a.heads = integer(i);
-    else if (f == "--tau") a.tau = int(integer(i));
-    else if (f == "--expand-bits") a.expand_bits = int(integer(i));
+    else if (f == "--tau") a.tau = small(i);
+    else if (f == "--expand-bits") a.expand_bits = small(i);
     else if (f == "--seq") a.seq = integer(i);
     else if (f == "--batch") a.batch = integer(i);
     else if (f == "--steps") a.steps = integer(i);
@@ -138,7 +140,7 @@ Args parse(int argc, char** argv) {
     else if (f == "--save") a.save = value(i);
     else if (f == "--save-every") a.save_every = integer(i);
     else if (f == "--resume") a.resume = value(i);
-    else if (f == "--threads") a.threads = int(integer(i));
+    else if (f == "--threads") a.threads = small(i);
     else if (f == "--max-seconds") a.max_seconds = real(i);
     else if (f == "--profile") a.profile = true;
     else if (f == "--json") a.json = true;
@@ -434,6 +436,7 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::string request = "parsing the arguments";  // what was being built when memory ran out
   try {
     Args a = parse(argc, argv);
     if (!a.write_default_text.empty()) {
@@ -454,11 +457,16 @@ int main(int argc, char** argv) {
       text = memoryformer_examples::default_text(a.text_bytes);
       text_name = "built-in (The Valley Chronicle)";
     } else {
+      request = "reading --text '" + a.text_path + "'";
       text = mf::read_text_file(a.text_path);
       text_name = a.text_path;
     }
     if (a.smoke && a.save.empty()) a.save = "train_lm_smoke.ckpt";
     if (!a.save.empty()) check_writable(a.save);
+    request = "building a " + a.model + " model of d = " + std::to_string(a.d) + ", " + std::to_string(a.layers) +
+              " layers, tau = " + std::to_string(a.tau) + " and its training data (batch = " +
+              std::to_string(a.batch) + " × seq = " + std::to_string(a.seq) + " tokens, " + std::to_string(text.size()) +
+              " bytes of text)";
     if (a.model == "memoryformer") {
       mf::MemoryFormerLM<float>::Config c;
       c.vocab = mf::byte_vocab;
@@ -475,6 +483,9 @@ int main(int argc, char** argv) {
     c.block.d = a.d;
     c.block.heads = a.heads;
     return train<mf::TransformerLM<float>>(a, c, text, text_name);
+  } catch (const std::bad_alloc&) {
+    std::cerr << "\ntrain_lm: out of memory while " << request << "; ask for less\n";
+    return 1;
   } catch (const std::exception& e) {
     std::cerr << "\ntrain_lm: " << e.what() << "\n";
     return 1;

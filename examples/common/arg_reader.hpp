@@ -3,12 +3,15 @@
 // bad input (the examples' own usage texts stay in each example).
 #pragma once
 
+#include <charconv>
 #include <cmath>
 #include <cstdlib>
 #include <exception>
 #include <iostream>
+#include <limits>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 
 namespace memoryformer_examples {
 
@@ -28,30 +31,50 @@ class ArgReader {
     return argv_[++i];
   }
 
-  /// A finite number after flag argv[i] (≥ 0 unless allow_negative); advances i.
+  /// A finite number after flag argv[i] (≥ 0 unless allow_negative); advances i. The whole text must be the number.
   double number(int& i, bool allow_negative) const {
     const std::string flag = argv_[i], s = value(i);
-    try {
-      std::size_t used = 0;
-      const double v = std::stod(s, &used);
-      if (used != s.size() || !std::isfinite(v) || (!allow_negative && v < 0)) throw std::invalid_argument(s);
-      return v;
-    } catch (const std::exception&) {
-      fail(flag + (allow_negative ? " expects a number" : " expects a non-negative number") + ", got '" + s + "'");
-    }
+    double v = 0;
+    const auto r = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (s.empty() || r.ec != std::errc() || r.ptr != s.data() + s.size() || !std::isfinite(v) ||
+        (!allow_negative && v < 0))
+      fail(flag + (allow_negative ? " expects a finite number" : " expects a finite non-negative number") + ", got '" +
+           s + "'");
+    return v;
   }
 
-  /// A non-negative integer after flag argv[i]; advances i.
-  long long integer(int& i) const {
+  /**
+   * An integer in [lo, hi] after flag argv[i]; advances i. Written as digits ("100000000") or, for convenience, in
+   * exponent form when that denotes an integer exactly ("1e8"; at most 2^53 so the double holds it exactly).
+   * Anything else — a fraction, a value outside [lo, hi], trailing text — is rejected naming the range; nothing
+   * is truncated or wrapped.
+   */
+  long long integer(int& i, long long lo = 0, long long hi = std::numeric_limits<long long>::max()) const {
     const std::string flag = argv_[i], s = value(i);
-    try {
-      std::size_t used = 0;
-      const long long v = std::stoll(s, &used);
-      if (used != s.size() || v < 0) throw std::invalid_argument(s);
+    auto reject = [&](const std::string& why) -> void {
+      fail(flag + " expects an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got '" + s +
+           "'" + (why.empty() ? std::string() : " (" + why + ")"));
+    };
+    const char* first = s.data();
+    const char* last = s.data() + s.size();
+    if (!s.empty() && *first == '+') ++first;  // from_chars does not take a leading '+'
+    long long v = 0;
+    const auto r = std::from_chars(first, last, v);
+    if (first != last && r.ec == std::errc() && r.ptr == last) {
+      if (v < lo || v > hi) reject("out of range");
       return v;
-    } catch (const std::exception&) {
-      fail(flag + " expects a non-negative integer, got '" + s + "'");
     }
+    if (r.ec == std::errc::result_out_of_range) reject("out of range");
+    double d = 0;
+    const auto rd = std::from_chars(first, last, d);
+    if (first == last || rd.ec != std::errc() || rd.ptr != last) reject("not a number");
+    constexpr double exact = 9007199254740992.0;  // 2^53
+    if (!std::isfinite(d) || std::fabs(d) > exact) reject("out of range");
+    if (d != std::floor(d)) reject("not an integer");
+    // |d| ≤ 2^53: the conversion is exact and defined.
+    v = static_cast<long long>(d);
+    if (v < lo || v > hi) reject("out of range");
+    return v;
   }
 
  private:

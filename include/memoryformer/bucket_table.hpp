@@ -5,11 +5,13 @@
 
 #include <cstdint>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "detail/aligned_buffer.hpp"
 #include "detail/checks.hpp"
+#include "detail/checked_size.hpp"
 #include "error.hpp"
 #include "types.hpp"
 
@@ -26,7 +28,9 @@ class BucketTable {
     detail::check_config(tables > 0, "BucketTable", "tables = " + std::to_string(tables) + " must be > 0");
     detail::check_config(tau >= 1 && tau <= 16, "BucketTable", "tau = " + std::to_string(tau) + " is outside 1..16");
     detail::check_config(width > 0, "BucketTable", "width = " + std::to_string(width) + " must be > 0");
-    values_.resize(size_t(tables * rows_per_table() * width));
+    // Checked before allocating: a wrapped product would allocate a tiny block that size() then overstates.
+    values_.resize(size_t(detail::checked_product("BucketTable", "tables × 2^tau × width",
+                                                  {tables, rows_per_table(), width})));
   }
 
   Index num_tables() const { return tables_; }             ///< K
@@ -68,9 +72,13 @@ class BucketTable {
 /// Counts how often each bucket of each table is selected (paper Figure 4: bucket usage).
 class BucketHitCounter {
  public:
-  BucketHitCounter(Index tables, int tau) : tables_(tables), tau_(tau), counts_(size_t(tables << tau), 0) {
+  /// @throws ConfigError for τ outside 1..16, tables < 1 or a table count too large to hold.
+  BucketHitCounter(Index tables, int tau) : tables_(tables), tau_(tau) {
+    // Checked before the shift and the allocation: τ = 64 or −1 would be an undefined shift, τ = 40 terabytes.
     detail::check_config(tables > 0 && tau >= 1 && tau <= 16, "BucketHitCounter",
-                         "tables = " + std::to_string(tables) + ", tau = " + std::to_string(tau));
+                         "tables = " + std::to_string(tables) + ", tau = " + std::to_string(tau) +
+                             " (need tables ≥ 1 and tau in 1..16)");
+    counts_.assign(size_t(detail::checked_shift("BucketHitCounter", "tables × 2^tau", tables, tau)), 0);
   }
 
   /// Adds the codes of a [N, K] code array (e.g. HashResult::codes).
@@ -90,7 +98,11 @@ class BucketHitCounter {
   }
 
   /// Hit counts of table k: 2^τ values.
+  /// @throws std::out_of_range unless 0 ≤ k < K.
   std::span<const std::uint64_t> counts(Index k) const {
+    if (k < 0 || k >= tables_)
+      throw std::out_of_range("BucketHitCounter::counts: table " + std::to_string(k) + " is outside [0, " +
+                              std::to_string(tables_) + ")");
     return std::span<const std::uint64_t>(counts_).subspan(size_t(k << tau_), size_t(Index(1) << tau_));
   }
   Index num_tables() const { return tables_; }

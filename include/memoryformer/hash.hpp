@@ -29,6 +29,8 @@ struct HashResult {
   Matrix<Scalar> scores;             ///< [N, K] weight of the retrieved row
 
   bool empty() const { return rows == 0 && tables == 0; }
+  /// Marks the hash empty (the buffers are kept for reuse): a call that throws midway leaves no stale hash behind.
+  void invalidate() { rows = tables = 0; }
   std::int32_t code(Index n, Index k) const { return codes[size_t(n * tables + k)]; }
 };
 
@@ -82,7 +84,15 @@ class SignHasher {
       if (!detail::dispatch_simd(isa, run)) run.template operator()<Isa::Scalar>();
     });
     // Any NaN/Inf in x reaches a score (through Σ|z| or the product); scanning the scores is K·N, not K·τ·N.
-    if (!detail::all_finite(out.scores.data(), out.scores.size())) report_non_finite(x, out);
+    if (!detail::all_finite(out.scores.data(), out.scores.size())) {
+      // Leave no codes of a rejected input behind: a backward on them would run on garbage.
+      try {
+        report_non_finite(x, out);
+      } catch (...) {
+        out.invalidate();
+        throw;
+      }
+    }
   }
 
   /// Convenience: returns a fresh HashResult.

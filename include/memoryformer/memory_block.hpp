@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "detail/checks.hpp"
+#include "detail/checked_size.hpp"
 #include "error.hpp"
 #include "memory_layer.hpp"
 #include "nn/gelu.hpp"
@@ -43,7 +44,12 @@ struct MemoryBlockConfig {
 
   /// @throws ConfigError naming the offending value.
   void validate(std::string_view where = "MemoryBlockConfig") const {
-    detail::check_config(expand_bits >= 0, where, "expand_bits = " + std::to_string(expand_bits) + " must be >= 0");
+    // Range first: tau + expand_bits and the shifts below must not overflow an int.
+    detail::check_config(expand_bits >= 0 && expand_bits <= 16, where,
+                         "expand_bits = " + std::to_string(expand_bits) + " is outside 0..16");
+    detail::check_config(tau >= 1 && tau <= 16, where, "tau = " + std::to_string(tau) + " is outside 1..16");
+    detail::check_config(d >= 1 && d <= detail::max_elements, where,
+                         "d = " + std::to_string(d) + " is outside 1..2^48");
     detail::check_config(tau2() <= 16, where,
                          "tau + expand_bits = " + std::to_string(tau + expand_bits) + " exceeds 16 (ML2's code length)");
     ml1().validate(where);
@@ -98,6 +104,20 @@ class MemoryBlock {
       detail::throw_shape("MemoryBlock::forward", "x", x.rows(), x.cols(), "(N, " + std::to_string(config_.d) + ")");
     detail::check_shape("MemoryBlock::forward", "y", y.rows(), y.cols(), x.rows(), config_.d);
     const Index n = x.rows(), h = config_.hidden();
+    // Invalid until the end: a forward that throws midway leaves a cache that backward refuses.
+    cache.hash1.invalidate();
+    cache.hash2.invalidate();
+    try {
+      forward_layers(y, x, cache, n, h);
+    } catch (...) {
+      cache.hash1.invalidate();
+      cache.hash2.invalidate();
+      throw;
+    }
+  }
+
+ private:
+  void forward_layers(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Cache& cache, Index n, Index h) const {
     cache.hidden.resize(n, h);
     cache.normed.resize(n, h);
     ml1_.forward(cache.hidden, x, cache.hash1);
@@ -112,6 +132,7 @@ class MemoryBlock {
     }
   }
 
+ public:
   /**
    * @param dx [N, d] overwritten
    * @param x  [N, d] the input given to forward
@@ -119,7 +140,7 @@ class MemoryBlock {
    * @throws StateError (backward before forward), ShapeError, NonFiniteError
    */
   void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> dy, const Cache& cache) {
-    if (cache.hash1.empty()) throw StateError("MemoryBlock::backward: the cache is empty; call forward first");
+    if (cache.hash1.empty() || cache.hash2.empty()) throw StateError("MemoryBlock::backward: the cache is empty; call forward first");
     const Index n = x.rows(), h = config_.hidden();
     detail::check_shape("MemoryBlock::backward", "x", x.rows(), x.cols(), cache.hidden.rows(), config_.d);
     dh_.resize(n, h);

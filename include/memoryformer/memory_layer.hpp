@@ -3,6 +3,8 @@
 // with the hand-written backward of spec §1 "Backward".
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <new>
 #include <span>
@@ -13,6 +15,7 @@
 
 #include "bucket_table.hpp"
 #include "detail/checks.hpp"
+#include "detail/checked_size.hpp"
 #include "detail/column_sums.hpp"
 #include "detail/lookup_kernels.hpp"
 #include "detail/memory_layer_checks.hpp"
@@ -48,7 +51,12 @@ struct MemoryLayerConfig {
     detail::check_config(d_out > 0, where, "d_out = " + std::to_string(d_out) + " must be > 0");
     detail::check_config(d_in % tau == 0, where,
                          "d_in = " + std::to_string(d_in) + " is not a multiple of tau = " + std::to_string(tau));
-    detail::check_config(table_init_std >= 0 && bias_init_std >= 0, where, "init standard deviations must be >= 0");
+    detail::check_config(std::isfinite(table_init_std) && std::isfinite(bias_init_std) && table_init_std >= 0 &&
+                             bias_init_std >= 0,
+                         where,
+                         "init standard deviations (table " + std::to_string(table_init_std) + ", bias " +
+                             std::to_string(bias_init_std) + ") must be finite and >= 0");
+    detail::checked_product(where, "tables × 2^tau × d_out", {num_tables(), rows_per_table(), d_out});
   }
 };
 

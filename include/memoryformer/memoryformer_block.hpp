@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "detail/checks.hpp"
+#include "detail/checked_size.hpp"
 #include "error.hpp"
 #include "memory_block.hpp"
 #include "memory_layer.hpp"
@@ -68,6 +69,10 @@ struct MemoryFormerBlockConfig {
   /// @throws ConfigError naming the offending value.
   void validate(std::string_view where = "MemoryFormerBlockConfig") const {
     detail::check_config(d > 0, where, "d = " + std::to_string(d) + " must be > 0");
+    detail::check_config(std::isfinite(table_init_std) && table_init_std >= 0, where,
+                         "table_init_std = " + std::to_string(table_init_std) + " must be finite and >= 0");
+    detail::check_config(std::isfinite(qkv_init_std) && (qkv_init_std >= 0 || qkv_init_std == -1.0), where,
+                         "qkv_init_std = " + std::to_string(qkv_init_std) + " must be finite and >= 0 (or -1)");
     detail::check_config(heads >= 1 && d % heads == 0, where,
                          "d = " + std::to_string(d) + " is not divisible by heads = " + std::to_string(heads));
     const Index r = resolved_rotary_dims();
@@ -185,8 +190,7 @@ class MemoryFormerBlock {
     check_rows("MemoryFormerBlock::forward", x, batch, seq);
     detail::check_shape("MemoryFormerBlock::forward", "y", y.rows(), y.cols(), x.rows(), config_.d);
     const Index n = x.rows(), d = config_.d;
-    c.batch = batch;
-    c.seq = seq;
+    c.batch = c.seq = 0;  // invalid until the end: a forward that throws leaves a cache backward refuses
     for (Matrix<Scalar>* m : {&c.a, &c.q, &c.k, &c.v, &c.ctx, &c.h, &c.b}) m->resize(n, d);
     norm1_.forward(c.a, x, c.norm1);
     q_.hasher().hash(c.hash, c.a);
@@ -205,6 +209,8 @@ class MemoryFormerBlock {
     norm2_.forward(c.b, c.h, c.norm2);
     memory_.forward(y, c.b, c.memory);
     y += c.h;
+    c.batch = batch;
+    c.seq = seq;
   }
 
   /**
@@ -323,6 +329,7 @@ class MemoryFormerBlock {
   void check_rows(const char* where, ConstMatrixRef<Scalar> x, Index batch, Index seq) const {
     detail::check_config(batch >= 1 && seq >= 1, where,
                          "batch = " + std::to_string(batch) + " and seq = " + std::to_string(seq) + " must be >= 1");
+    detail::checked_mul(where, "batch × seq", batch, seq);
     if (x.rows() != batch * seq || x.cols() != config_.d)
       detail::throw_shape(where, "x", x.rows(), x.cols(),
                           "(batch·seq, d) = (" + std::to_string(batch * seq) + ", " + std::to_string(config_.d) + ")");

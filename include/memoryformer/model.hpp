@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // LanguageModel: token embedding → N blocks (MemoryFormer or the dense baseline) → final RMSNorm → dense LM head,
-// causal next-token cross-entropy with the full backward pass, KV-cache decoding, and model-level checkpoints
-// (config + parameters + optional AdamW state); spec §3 "Whole model".
+// causal next-token cross-entropy with the full backward pass, KV-cache decoding, and the config as text entries
+// (saving and loading models: io/model_checkpoint.hpp); spec §3 "Whole model".
 #pragma once
 
 #include <algorithm>
@@ -19,15 +19,16 @@
 #include <vector>
 
 #include "detail/checks.hpp"
+#include "config_entries.hpp"
+#include "detail/checked_size.hpp"
+#include "dtype.hpp"
 #include "error.hpp"
-#include "io/checkpoint.hpp"
 #include "memoryformer_block.hpp"
 #include "nn/cross_entropy.hpp"
 #include "nn/embedding.hpp"
 #include "nn/kv_cache.hpp"
 #include "nn/linear.hpp"
 #include "nn/rms_norm.hpp"
-#include "optim/adamw.hpp"
 #include "parameter.hpp"
 #include "random.hpp"
 #include "transformer_block.hpp"
@@ -35,61 +36,6 @@
 
 namespace memoryformer {
 
-/// Config entries of a model checkpoint: (key, value) text pairs, e.g. ("block.tau", "8").
-using ConfigEntries = std::vector<std::pair<std::string, std::string>>;
-
-namespace detail::model {
-
-/// Shortest text that parses back to exactly `v` (std::to_chars round-trip guarantee).
-inline std::string format_double(double v) {
-  char buf[64];
-  const auto r = std::to_chars(buf, buf + sizeof(buf), v);
-  return std::string(buf, r.ptr);
-}
-
-/// Reads typed values out of config entries; every failure is a FormatError naming the key.
-class ConfigReader {
- public:
-  ConfigReader(const ConfigEntries& entries, std::string origin) : entries_(entries), origin_(std::move(origin)) {}
-
-  const std::string& text(std::string_view key) const {
-    for (const auto& [k, v] : entries_)
-      if (k == key) return v;
-    throw FormatError(origin_ + ": the checkpoint has no config key '" + std::string(key) +
-                      "' (was it written by save_model?)");
-  }
-  std::int64_t integer(std::string_view key) const {
-    const std::string& s = text(key);
-    std::int64_t v = 0;
-    const auto r = std::from_chars(s.data(), s.data() + s.size(), v);
-    if (r.ec != std::errc() || r.ptr != s.data() + s.size()) bad(key, s, "an integer");
-    return v;
-  }
-  double real(std::string_view key) const {
-    const std::string& s = text(key);
-    double v = 0;
-    const auto r = std::from_chars(s.data(), s.data() + s.size(), v);
-    if (r.ec != std::errc() || r.ptr != s.data() + s.size()) bad(key, s, "a number");
-    return v;
-  }
-  bool boolean(std::string_view key) const {
-    const std::string& s = text(key);
-    if (s == "true") return true;
-    if (s == "false") return false;
-    bad(key, s, "true or false");
-  }
-
- private:
-  [[noreturn]] void bad(std::string_view key, const std::string& value, const char* expected) const {
-    throw FormatError(origin_ + ": config key '" + std::string(key) + "' is '" + value + "', expected " + expected);
-  }
-  const ConfigEntries& entries_;
-  std::string origin_;
-};
-
-inline const char* bool_text(bool b) { return b ? "true" : "false"; }
-
-}  // namespace detail::model
 
 /**
  * @brief How a block type is named and (de)serialised in a model checkpoint. Specialised for MemoryFormerBlock and
@@ -131,8 +77,8 @@ struct BlockTraits<MemoryFormerBlock<Scalar>> {
     c.heads = Index(r.integer("block.heads"));
     c.rotary_dims = Index(r.integer("block.rotary_dims"));
     c.rotary_base = r.real("block.rotary_base");
-    c.tau = int(r.integer("block.tau"));
-    c.expand_bits = int(r.integer("block.expand_bits"));
+    c.tau = int(r.integer("block.tau", 1, 16));
+    c.expand_bits = int(r.integer("block.expand_bits", 0, 16));
     c.gelu = r.boolean("block.gelu");
     c.extra_table = r.boolean("block.extra_table");
     try {
@@ -200,8 +146,12 @@ struct LanguageModelConfig {
     detail::check_config(layers >= 1, where, "layers = " + std::to_string(layers) + " must be ≥ 1");
     detail::check_config(std::isfinite(final_norm_eps) && final_norm_eps >= 0.0, where,
                          "final_norm_eps = " + std::to_string(final_norm_eps) + " must be finite and ≥ 0");
-    detail::check_config(embedding_init_std >= 0.0 && head_init_std >= 0.0, where,
-                         "init standard deviations must be ≥ 0");
+    detail::check_config(std::isfinite(embedding_init_std) && std::isfinite(head_init_std) &&
+                             embedding_init_std >= 0.0 && head_init_std >= 0.0,
+                         where,
+                         "init standard deviations (embedding " + std::to_string(embedding_init_std) + ", head " +
+                             std::to_string(head_init_std) + ") must be finite and ≥ 0");
+    detail::checked_mul(where, "vocab × d", vocab, block.d);
     block.validate(where);
   }
 };
@@ -392,17 +342,35 @@ class LanguageModel {
 
   /**
    * @brief Backward of forward_loss: accumulates dL/dθ · dloss into every parameter gradient (L the mean loss).
-   * @throws StateError unless `cache` was filled by forward_loss.
+   * @throws StateError unless `cache` was filled by forward_loss; ConfigError for a non-finite dloss and
+   *         NonFiniteError for non-finite logit gradients, both before any gradient changes. When a block throws
+   *         later, every gradient is cleared (zero_grad) before the exception propagates.
    */
   void backward(const Cache& cache, Scalar dloss = Scalar(1)) {
     constexpr const char* where = "LanguageModel::backward";
-    const Index n = cache.batch * cache.seq, d = config_.block.d;
+    const Index n = cache.batch * cache.seq;
     if (cache.batch < 1 || Index(cache.targets.size()) != n || cache.logits.rows() != n ||
         cache.x.size() != blocks_.size() + 1)
       throw StateError(std::string(where) + ": the cache was not filled by forward_loss; call forward_loss first");
+    detail::check_config(std::isfinite(double(dloss)), where, "dloss = " + std::to_string(double(dloss)) + " is not finite");
     detail::model::SerialEigenProducts serial(deterministic_threads_);
     dlogits_.resize(n, config_.vocab);
     cross_entropy_backward<Scalar>(dlogits_, cache.logits, cache.targets, cache.loss, dloss);
+    // Checked before any gradient is touched, so that a non-finite loss gradient leaves every gradient as it was.
+    detail::check_finite(where, "dlogits", dlogits_.data(), dlogits_.rows(), dlogits_.cols());
+    try {
+      backward_layers(cache);
+    } catch (...) {
+      // A later layer refused its input after the head and final norm had accumulated theirs: clear every
+      // gradient rather than leave a partial (possibly non-finite) sum behind.
+      zero_grad();
+      throw;
+    }
+  }
+
+ private:
+  void backward_layers(const Cache& cache) {
+    const Index n = cache.batch * cache.seq, d = config_.block.d;
     dx_.resize(n, d);
     dy_.resize(n, d);
     head_.backward(dx_, cache.normed, dlogits_);
@@ -414,6 +382,8 @@ class LanguageModel {
     }
     embedding_.backward(cache.tokens, dy_);
   }
+
+ public:
 
   /// Clears every parameter gradient (and the touched-row flags of tables and the embedding).
   void zero_grad() {
@@ -534,7 +504,8 @@ class LanguageModel {
   static void check_sizes(const char* where, const char* what, std::size_t size, Index batch, Index seq) {
     detail::check_config(batch >= 1 && seq >= 1, where,
                          "batch = " + std::to_string(batch) + " and seq = " + std::to_string(seq) + " must be ≥ 1");
-    if (Index(size) != batch * seq)
+    detail::checked_mul(where, "batch × seq", batch, seq);
+    if (size != std::size_t(batch * seq))
       throw ShapeError(std::string(where) + ": " + what + " has " + std::to_string(size) +
                        " ids, expected batch·seq = " + std::to_string(batch) + "·" + std::to_string(seq) + " = " +
                        std::to_string(batch * seq));
@@ -558,120 +529,5 @@ using MemoryFormerLM = LanguageModel<MemoryFormerBlock, Scalar>;
 /// The dense baseline of the same width, depth and heads: LanguageModel of Transformer blocks.
 template <std::floating_point Scalar = float>
 using TransformerLM = LanguageModel<TransformerBlock, Scalar>;
-
-// ---------------------------------------------------------------------------------------------------------------
-// Model checkpoints: config + parameters + optional AdamW state, in the io/checkpoint.hpp format.
-// ---------------------------------------------------------------------------------------------------------------
-
-/// A LanguageModel instantiation (what save_model and load_model accept).
-template <class Model>
-concept LanguageModelLike = requires(Model& m) {
-  typename Model::BlockType;
-  typename Model::ScalarType;
-  { m.config_entries() } -> std::same_as<ConfigEntries>;
-  m.parameters();
-};
-
-/// The "model.kind" of a checkpoint ("memoryformer", "transformer"), to pick the model class before loading.
-/// @throws FormatError if the key is missing.
-inline std::string checkpoint_model_kind(const Checkpoint& ckpt, const std::string& origin = "checkpoint") {
-  return detail::model::ConfigReader(ckpt.config, origin).text("model.kind");
-}
-
-/**
- * @brief Saves the model's config entries and parameters, the optimiser's state when `optimizer` is given
- *        (tensors "adamw.*", see AdamW::state_tensors), and `extra_config` (e.g. "train.step"), atomically
- *        (temporary file + rename; see save_checkpoint). Parameters are written without copying.
- * @throws ConfigError when an extra key collides with a model key; std::runtime_error when writing fails.
- */
-template <LanguageModelLike Model>
-void save_model(const std::filesystem::path& path, Model& model, AdamW<typename Model::ScalarType>* optimizer = nullptr,
-                const ConfigEntries& extra_config = {}) {
-  ConfigEntries config = model.config_entries();
-  for (const auto& [k, v] : extra_config) {
-    for (const auto& [mk, mv] : config)
-      detail::check_config(k != mk, "save_model", "extra config key '" + k + "' is a model key");
-    config.emplace_back(k, v);
-  }
-  config.emplace_back("model.has_optimizer", optimizer ? "true" : "false");
-  std::vector<CheckpointTensor> extra;
-  if (optimizer != nullptr)
-    for (const auto& s : optimizer->state_tensors()) extra.push_back(CheckpointTensor::from_values(s.name, s.shape, s.values));
-  save_parameters(path, config, model.parameters(), extra);
-}
-
-/**
- * @brief Loads a model checkpoint (already read and checksum-validated, e.g. by load_checkpoint) into `model`, and
- *        the optimiser state into `optimizer` when given. All or nothing: every check runs before any value is
- *        written (the optimiser's own validation of loaded counts runs last and resets it on failure).
- *
- * Checks: the config entries equal the model's (kind, scalar type, vocab, layers, every block setting); every
- * parameter has a tensor of the same name, shape and dtype; with an optimiser, the checkpoint holds optimiser state
- * with the right names and shapes.
- * @param origin used in error messages (the path)
- * @return the checkpoint's config entries (e.g. to read "train.step")
- * @throws FormatError listing the mismatches.
- */
-template <LanguageModelLike Model>
-ConfigEntries load_model(const Checkpoint& ckpt, Model& model, AdamW<typename Model::ScalarType>* optimizer = nullptr,
-                         const std::string& origin = "checkpoint") {
-  using Scalar = typename Model::ScalarType;
-  const std::string where = "load_model: " + origin + ": ";
-  std::vector<std::string> problems;
-  for (const auto& [key, value] : model.config_entries()) {
-    const std::string* have = ckpt.find_config(key);
-    if (have == nullptr)
-      problems.push_back("no config key '" + key + "' (the model has " + key + "=" + value + ")");
-    else if (*have != value)
-      problems.push_back("the checkpoint has " + key + "=" + *have + ", the model has " + key + "=" + value);
-  }
-  // A kind mismatch makes every other difference noise: report it alone.
-  if (const std::string* k = ckpt.find_config("model.kind"); k != nullptr && *k != model.kind())
-    throw FormatError(where + "the checkpoint holds a '" + *k + "' model, this model is '" + std::string(model.kind()) +
-                      "'");
-  const auto params = model.parameters();
-  auto check_tensor = [&](const std::string& name, const std::vector<Index>& shape) {
-    const CheckpointTensor* t = ckpt.find_tensor(name);
-    if (t == nullptr) {
-      problems.push_back("no tensor '" + name + "'");
-    } else if (t->shape != shape) {
-      problems.push_back("tensor '" + name + "' is " + detail::ckpt::shape_text(t->shape) + ", the model needs " +
-                         detail::ckpt::shape_text(shape));
-    } else if (t->dtype != dtype_of<Scalar>()) {
-      problems.push_back("tensor '" + name + "' is " + dtype_name(t->dtype) + ", the model is " +
-                         dtype_name(dtype_of<Scalar>()));
-    }
-  };
-  for (const auto& p : params) check_tensor(p.name, p.shape);
-  if (optimizer != nullptr) {
-    const std::string* has = ckpt.find_config("model.has_optimizer");
-    if (has == nullptr || *has != "true") {
-      problems.push_back("the checkpoint holds no optimizer state (saved without one)");
-    } else {
-      for (const auto& s : optimizer->state_tensors()) check_tensor(s.name, s.shape);
-    }
-  }
-  if (!problems.empty()) {
-    std::string msg = where + std::to_string(problems.size()) + " mismatch" + (problems.size() > 1 ? "es" : "") + ": ";
-    const std::size_t shown = std::min<std::size_t>(problems.size(), 8);
-    for (std::size_t i = 0; i < shown; ++i) msg += (i ? "; " : "") + problems[i];
-    if (shown < problems.size()) msg += "; and " + std::to_string(problems.size() - shown) + " more";
-    throw FormatError(msg);
-  }
-  for (const auto& p : params) ckpt.copy_tensor(p.name, p.value);
-  if (optimizer != nullptr)
-    optimizer->load_state([&](const std::string& name, const std::vector<Index>& shape, std::span<Scalar> out) {
-      ckpt.copy_tensor(name, std::span<const Index>(shape), out);
-    });
-  return ckpt.config;
-}
-
-/// load_model from a file: load_checkpoint(path) (which validates every byte and checksum), then load_model.
-/// @throws FormatError as load_checkpoint and load_model.
-template <LanguageModelLike Model>
-ConfigEntries load_model(const std::filesystem::path& path, Model& model,
-                         AdamW<typename Model::ScalarType>* optimizer = nullptr) {
-  return load_model(load_checkpoint(path), model, optimizer, "'" + path.string() + "'");
-}
 
 }  // namespace memoryformer

@@ -13,6 +13,7 @@
 
 #include "bucket_table.hpp"
 #include "detail/checks.hpp"
+#include "detail/checked_size.hpp"
 #include "detail/gather_kernels.hpp"
 #include "detail/scratch.hpp"
 #include "error.hpp"
@@ -69,6 +70,8 @@ class PackedTables {
     detail::check_config(tables > 0, where, "tables = " + std::to_string(tables) + " must be > 0");
     detail::check_config(tau >= 1 && tau <= 16, where, "tau = " + std::to_string(tau) + " is outside 1..16");
     detail::check_config(width > 0, where, "width = " + std::to_string(width) + " must be > 0");
+    // Checked before the layout's byte arithmetic and the allocation, which would otherwise wrap.
+    detail::checked_product(where, "tables × 2^tau × width", {tables, Index(1) << tau, width});
     const bool chunk_ok = chunk_values == 0 || chunk_values == 64 || chunk_values == 32 ||
                           (chunk_values == 16 && storage != StorageType::BF16);
     detail::check_config(chunk_ok, where,

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "detail/checks.hpp"
+#include "detail/checked_size.hpp"
 #include "error.hpp"
 #include "nn/attention.hpp"
 #include "nn/gelu.hpp"
@@ -360,6 +361,7 @@ class TransformerBlock {
                   Index seq) const {
     detail::check_config(batch >= 1, where, "batch = " + std::to_string(batch) + " must be ≥ 1");
     detail::check_config(seq >= 1, where, "seq = " + std::to_string(seq) + " must be ≥ 1");
+    detail::checked_mul(where, "batch × seq", batch, seq);
     const std::string expected = detail::attention_rows_text(batch, seq, config_.d);
     detail::check_shape(where, "x", x.rows(), x.cols(), batch * seq, config_.d, expected);
     detail::check_shape(where, "y", y.rows(), y.cols(), batch * seq, config_.d, expected);

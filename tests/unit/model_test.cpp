@@ -15,6 +15,7 @@
 
 #include <unistd.h>
 
+#include <memoryformer/io/model_checkpoint.hpp>
 #include <memoryformer/model.hpp>
 #include <memoryformer/optim/adamw.hpp>
 #include <memoryformer/testing/gradcheck.hpp>

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include <memoryformer/io/model_checkpoint.hpp>
 #include <memoryformer/model.hpp>
 #include <memoryformer/train/callbacks.hpp>
 #include <memoryformer/train/text_data.hpp>

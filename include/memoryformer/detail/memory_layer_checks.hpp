@@ -3,6 +3,9 @@
 // is a MemoryLayerConfig; it is a template parameter so that this header need not include memory_layer.hpp.
 #pragma once
 
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
 #include <sstream>
 #include <string>
 
@@ -37,6 +40,21 @@ void check_layer_hash(const char* where, const Config& config, const HashResult<
     os << where << ": the hash has K = " << h.tables << ", τ = " << h.tau << "; this layer needs K = "
        << config.num_tables() << ", τ = " << config.tau;
     throw ShapeError(os.str());
+  }
+  // Codes index table rows directly: one outside [0, 2^τ) would read or write another table's rows or past the end.
+  // The unsigned maximum catches negative codes too, in one pass the compiler vectorises.
+  std::uint32_t max_code = 0;
+  for (std::int32_t c : h.codes) max_code = std::max(max_code, std::uint32_t(c));
+  if (max_code >= (std::uint32_t(1) << config.tau)) {
+    for (std::size_t i = 0; i < h.codes.size(); ++i) {
+      const std::int32_t c = h.codes[i];
+      if (c < 0 || c >= (std::int32_t(1) << config.tau)) {
+        std::ostringstream os;
+        os << where << ": the hash has code " << c << " at (row " << Index(i) / h.tables << ", table "
+           << Index(i) % h.tables << "), outside [0, 2^" << config.tau << ")";
+        throw ShapeError(os.str());
+      }
+    }
   }
 }
 

@@ -3,6 +3,7 @@
 // "NAME TYPE RANK DIM0 DIM1 ..." followed by one line of row-major values.
 #pragma once
 
+#include <algorithm>
 #include <charconv>
 #include <cstdint>
 #include <fstream>
@@ -11,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../detail/checked_size.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 
@@ -23,9 +25,13 @@ struct TextTensor {
   std::vector<Index> shape;   ///< empty for none; rank-1 [1] for scalars as the files write them
   std::vector<double> values; ///< row-major
 
+  /// Product of the shape. @throws FormatError when a dim is negative or the product exceeds 2^48 values.
   Index size() const {
     Index n = 1;
-    for (auto d : shape) n *= d;
+    for (auto d : shape) {
+      if (d < 0 || __builtin_mul_overflow(n, d, &n) || n > detail::max_elements)
+        throw FormatError("tensor '" + name + "' has shape dims whose product is negative or exceeds 2^48 values");
+    }
     return n;
   }
   Index dim(size_t i) const {
@@ -107,8 +113,14 @@ inline TextTensorFile read_text_tensors(const std::string& path) {
     }
     if (!std::getline(in, line)) fail("tensor '" + t.name + "' has no value line");
     ++line_no;
-    const Index expected = t.size();
-    t.values.reserve(size_t(expected));
+    Index expected = 0;
+    try {
+      expected = t.size();
+    } catch (const FormatError& e) {
+      fail(e.what());
+    }
+    // Reserve only what the value line can hold (≥ 2 characters per value): the shape alone may be absurd.
+    t.values.reserve(std::min(size_t(expected), line.size() / 2 + 1));
     const char* p = line.data();
     const char* end = line.data() + line.size();
     while (p < end) {

@@ -118,7 +118,8 @@ class Embedding {
   void init(Index vocab, Index d, Rng& rng, double init_std) {
     detail::check_config(vocab > 0, "Embedding", "vocab = " + std::to_string(vocab) + " must be positive");
     detail::check_config(d > 0, "Embedding", "d = " + std::to_string(d) + " must be positive");
-    detail::check_config(init_std >= 0.0, "Embedding", "init_std = " + std::to_string(init_std) + " must be ≥ 0");
+    detail::check_config(std::isfinite(init_std) && init_std >= 0.0, "Embedding",
+                         "init_std = " + std::to_string(init_std) + " must be finite and ≥ 0");
     weight_.resize(vocab, d);
     rng.fill_normal(std::span<Scalar>(weight_.data(), size_t(weight_.size())), 0.0, init_std);
     dweight_ = Matrix<Scalar>::Zero(vocab, d);

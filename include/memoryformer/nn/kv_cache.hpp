@@ -7,6 +7,7 @@
 #include <string>
 
 #include "../detail/checks.hpp"
+#include "../detail/checked_size.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 
@@ -32,8 +33,11 @@ class KVCache {
     detail::check_config(batch >= 1, "KVCache", "batch = " + std::to_string(batch) + " must be ≥ 1");
     detail::check_config(max_seq >= 1, "KVCache", "max_seq = " + std::to_string(max_seq) + " must be ≥ 1");
     detail::check_config(d >= 1, "KVCache", "d = " + std::to_string(d) + " must be ≥ 1");
-    keys_ = Matrix<Scalar>::Zero(batch * max_seq, d);
-    values_ = Matrix<Scalar>::Zero(batch * max_seq, d);
+    // Checked before allocating: a wrapped batch·max_seq would give a cache too small for the positions it accepts.
+    const Index rows = detail::checked_mul("KVCache", "batch × max_seq", batch, max_seq);
+    detail::checked_mul("KVCache", "batch × max_seq × d", rows, d);
+    keys_ = Matrix<Scalar>::Zero(rows, d);
+    values_ = Matrix<Scalar>::Zero(rows, d);
   }
 
   Index batch() const { return batch_; }

@@ -135,7 +135,8 @@ class Linear {
   void init(Index d_in, Index d_out, bool bias, Rng& rng, double init_std) {
     detail::check_config(d_in > 0, "Linear", "d_in = " + std::to_string(d_in) + " must be positive");
     detail::check_config(d_out > 0, "Linear", "d_out = " + std::to_string(d_out) + " must be positive");
-    detail::check_config(init_std >= 0.0, "Linear", "init_std = " + std::to_string(init_std) + " must be ≥ 0");
+    detail::check_config(std::isfinite(init_std) && init_std >= 0.0, "Linear",
+                         "init_std = " + std::to_string(init_std) + " must be finite and ≥ 0");
     has_bias_ = bias;
     weight_.resize(d_in, d_out);
     rng.fill_normal(std::span<Scalar>(weight_.data(), size_t(weight_.size())), 0.0, init_std);

@@ -47,11 +47,22 @@ inline std::string decode_bytes(std::span<const std::int32_t> tokens) {
   return out;
 }
 
-/// Reads a whole file as bytes. @throws std::runtime_error naming the path and the system's reason.
-inline std::string read_text_file(const std::filesystem::path& path) {
+/// Reads a whole file as bytes, at most `max_bytes` (1 GiB by default).
+/// @throws std::runtime_error naming the path and the system's reason; ConfigError for a longer file.
+inline std::string read_text_file(const std::filesystem::path& path, std::size_t max_bytes = std::size_t(1) << 30) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("read_text_file: cannot open '" + path.string() + "': " + std::strerror(errno));
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // Read in chunks against the limit: a device such as /dev/zero never ends and must not exhaust memory.
+  std::string text;
+  std::vector<char> chunk(std::size_t(1) << 20);
+  while (in) {
+    in.read(chunk.data(), std::streamsize(chunk.size()));
+    const std::size_t got = std::size_t(in.gcount());
+    if (got > max_bytes - text.size())
+      throw ConfigError("read_text_file: '" + path.string() + "' is longer than the limit of " +
+                        std::to_string(max_bytes) + " bytes");
+    text.append(chunk.data(), got);
+  }
   if (in.bad()) throw std::runtime_error("read_text_file: reading '" + path.string() + "' failed");
   return text;
 }

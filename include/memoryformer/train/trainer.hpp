@@ -16,6 +16,7 @@
 
 #include "../detail/checks.hpp"
 #include "../error.hpp"
+#include "../io/model_checkpoint.hpp"
 #include "../model.hpp"
 #include "../optim/adamw.hpp"
 #include "../optim/clip.hpp"

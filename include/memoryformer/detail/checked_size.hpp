@@ -1,0 +1,107 @@
+// SPDX-License-Identifier: MIT
+// Overflow-checked size arithmetic for sizes that come from callers or files: a product, shift or sum that does
+// not fit, or exceeds a stated limit, is an exception naming the quantity, never an allocation of a wrapped value.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <string>
+#include <string_view>
+
+#include "../error.hpp"
+#include "../types.hpp"
+
+namespace memoryformer::detail {
+
+/// The largest element count any single buffer of the library may hold: 2^48 values (far beyond any real
+/// memory, small enough that count × 8 bytes and count × alignment padding never overflow 64 bits).
+inline constexpr Index max_elements = Index(1) << 48;
+
+/// Throws Error("<where>: <what> = <text> <why>").
+template <class Error = ConfigError>
+[[noreturn]] void throw_size(std::string_view where, std::string_view what, const std::string& text,
+                             std::string_view why) {
+  throw Error(std::string(where) + ": " + std::string(what) + " " + text + " " + std::string(why));
+}
+
+/// a × b for non-negative a, b; throws Error naming `what` when it overflows or exceeds `limit`.
+template <class Error = ConfigError>
+Index checked_mul(std::string_view where, std::string_view what, Index a, Index b, Index limit = max_elements) {
+  if (a < 0 || b < 0)
+    throw_size<Error>(where, what, "= " + std::to_string(a) + " × " + std::to_string(b), "has a negative factor");
+  Index out = 0;
+  if (__builtin_mul_overflow(a, b, &out) || out > limit)
+    throw_size<Error>(where, what, "= " + std::to_string(a) + " × " + std::to_string(b),
+                      "exceeds the limit of " + std::to_string(limit));
+  return out;
+}
+
+/// The product of non-negative factors; throws Error naming `what` when it overflows or exceeds `limit`.
+template <class Error = ConfigError>
+Index checked_product(std::string_view where, std::string_view what, std::initializer_list<Index> factors,
+                      Index limit = max_elements) {
+  auto text = [&] {
+    std::string t;
+    for (Index f : factors) t += (t.empty() ? "= " : " × ") + std::to_string(f);
+    return t;
+  };
+  Index out = 1;
+  for (Index f : factors) {
+    if (f < 0) throw_size<Error>(where, what, text(), "has a negative factor");
+    if (__builtin_mul_overflow(out, f, &out) || out > limit)
+      throw_size<Error>(where, what, text(), "exceeds the limit of " + std::to_string(limit));
+  }
+  return out;
+}
+
+/// a + b for non-negative a, b; throws Error naming `what` when it overflows or exceeds `limit`.
+template <class Error = ConfigError>
+Index checked_add(std::string_view where, std::string_view what, Index a, Index b, Index limit = max_elements) {
+  Index out = 0;
+  if (a < 0 || b < 0 || __builtin_add_overflow(a, b, &out) || out > limit)
+    throw_size<Error>(where, what, "= " + std::to_string(a) + " + " + std::to_string(b),
+                      "is negative or exceeds the limit of " + std::to_string(limit));
+  return out;
+}
+
+/// value << bits for value ≥ 0 and bits in [0, 62]; throws Error naming `what` when bits is out of range or the
+/// result overflows or exceeds `limit` (a shift by ≥ 64 or by a negative count would be undefined behaviour).
+template <class Error = ConfigError>
+Index checked_shift(std::string_view where, std::string_view what, Index value, Index bits,
+                    Index limit = max_elements) {
+  if (value < 0 || bits < 0 || bits > 62)
+    throw_size<Error>(where, what, "= " + std::to_string(value) + " << " + std::to_string(bits),
+                      "has a shift outside 0..62 or a negative value");
+  if (value > (limit >> bits))
+    throw_size<Error>(where, what, "= " + std::to_string(value) + " << " + std::to_string(bits),
+                      "exceeds the limit of " + std::to_string(limit));
+  return value << bits;
+}
+
+/// A non-negative Index as a size_t.
+template <class Error = ConfigError>
+std::size_t to_size(std::string_view where, std::string_view what, Index value) {
+  if (value < 0) throw_size<Error>(where, what, "= " + std::to_string(value), "is negative");
+  return std::size_t(value);
+}
+
+/// A size_t as an Index; throws Error when it does not fit or exceeds `limit`.
+template <class Error = ConfigError>
+Index to_index(std::string_view where, std::string_view what, std::size_t value, Index limit = max_elements) {
+  if (value > std::size_t(limit))
+    throw_size<Error>(where, what, "= " + std::to_string(value), "exceeds the limit of " + std::to_string(limit));
+  return Index(value);
+}
+
+/// Throws Error unless lo ≤ value ≤ hi.
+template <class Error = ConfigError>
+void check_range(std::string_view where, std::string_view what, std::int64_t value, std::int64_t lo,
+                 std::int64_t hi) {
+  if (value < lo || value > hi)
+    throw_size<Error>(where, what, "= " + std::to_string(value),
+                      "is outside " + std::to_string(lo) + ".." + std::to_string(hi));
+}
+
+}  // namespace memoryformer::detail

@@ -1,0 +1,424 @@
+// SPDX-License-Identifier: MIT
+// One case per class of bad input the library must turn into its own exception types (error.hpp) instead of a
+// crash, undefined behaviour, a wrapped size, a bare std::bad_alloc or silent garbage.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <string>
+#include <typeinfo>
+#include <vector>
+
+#include <memoryformer/bucket_table.hpp>
+#include <memoryformer/detail/checked_size.hpp>
+#include <memoryformer/io/checkpoint.hpp>
+#include <memoryformer/io/model_checkpoint.hpp>
+#include <memoryformer/io/text_tensor.hpp>
+#include <memoryformer/memory_block.hpp>
+#include <memoryformer/memory_layer.hpp>
+#include <memoryformer/model.hpp>
+#include <memoryformer/nn/kv_cache.hpp>
+#include <memoryformer/nn/linear.hpp>
+#include <memoryformer/optim/adamw.hpp>
+
+#include "../support/checkpoint_bytes.hpp"
+
+namespace memoryformer {
+namespace {
+
+namespace mf = memoryformer;
+namespace ts = memoryformer::testing_support;
+constexpr double inf = std::numeric_limits<double>::infinity();
+constexpr double nan = std::numeric_limits<double>::quiet_NaN();
+
+using Call = std::function<void()>;
+using Check = std::function<::testing::AssertionResult(const Call&)>;
+
+/// A check that passes when the call throws E (or a type derived from it).
+template <class E>
+Check throws() {
+  return [](const Call& call) -> ::testing::AssertionResult {
+    try {
+      call();
+    } catch (const E&) {
+      return ::testing::AssertionSuccess();
+    } catch (const std::exception& e) {
+      return ::testing::AssertionFailure() << "threw " << typeid(e).name() << " (" << e.what() << "), expected "
+                                           << typeid(E).name();
+    }
+    return ::testing::AssertionFailure() << "did not throw, expected " << typeid(E).name();
+  };
+}
+
+struct Case {
+  const char* name;
+  Call call;
+  Check check;
+};
+
+std::filesystem::path temp_file(const std::string& name) {
+  return std::filesystem::temp_directory_path() / ("memoryformer_bad_input_" + name);
+}
+
+mf::MemoryFormerLM<float>::Config tiny_lm() {
+  mf::MemoryFormerLM<float>::Config c;
+  c.vocab = 7;
+  c.layers = 1;
+  c.block.d = 8;
+  c.block.heads = 2;
+  c.block.rotary_dims = 2;
+  c.block.tau = 4;
+  c.block.expand_bits = 1;
+  return c;
+}
+
+/// Row-sparse AdamW, so that the optimiser state includes per-row step counts.
+mf::AdamWOptions row_sparse() {
+  mf::AdamWOptions o;
+  o.sparse_update = mf::SparseUpdate::RowSparse;
+  return o;
+}
+
+mf::MemoryLayerConfig small_layer() { return {.d_in = 8, .d_out = 3, .tau = 4}; }
+
+/// A hash for small_layer() with code (row 0, table 1) replaced by `code`.
+mf::HashResult<float> hash_with_code(std::int32_t code) {
+  mf::MemoryLayer<float> layer(small_layer(), 1);
+  mf::Matrix<float> x = mf::Matrix<float>::Ones(2, 8);
+  auto h = layer.hasher().hash(x);
+  h.codes[1] = code;
+  return h;
+}
+
+/// A model checkpoint of tiny_lm() with AdamW state, as bytes; `edit` changes the checkpoint before serializing.
+std::vector<std::byte> model_bytes(const std::function<void(mf::Checkpoint&)>& edit) {
+  mf::MemoryFormerLM<float> m(tiny_lm(), 3);
+  mf::AdamW<float> opt(m.parameters(), row_sparse());
+  mf::Checkpoint c;
+  for (const auto& [k, v] : m.config_entries()) c.set_config(k, v);
+  c.set_config("model.has_optimizer", "true");
+  for (const auto& p : m.parameters()) c.add_tensor(p.name, p.shape, p.value);
+  for (const auto& s : opt.state_tensors()) c.add_tensor(s.name, s.shape, s.values);
+  edit(c);
+  return mf::serialize_checkpoint(c);
+}
+
+void set_first_value(mf::Checkpoint& c, const std::string& prefix, float v) {
+  for (auto& t : c.tensors)
+    if (t.name.starts_with(prefix) && !t.bytes.empty()) {
+      std::memcpy(t.bytes.data(), &v, 4);
+      return;
+    }
+  FAIL() << "no tensor named " << prefix << "*";
+}
+
+/// load_model on `bytes` into a fresh model + optimiser, which must stay bit-identical when the load throws.
+void load_into_fresh(const std::vector<std::byte>& bytes) {
+  mf::MemoryFormerLM<float> m(tiny_lm(), 9);
+  mf::AdamW<float> opt(m.parameters(), row_sparse());
+  std::vector<std::vector<float>> before;
+  for (const auto& p : m.parameters()) before.emplace_back(p.value.begin(), p.value.end());
+  try {
+    mf::load_model(mf::parse_checkpoint(bytes), m, &opt, "bytes");
+  } catch (...) {
+    std::size_t i = 0;
+    for (const auto& p : m.parameters()) EXPECT_EQ(std::vector<float>(p.value.begin(), p.value.end()), before[i++]);
+    for (const auto& s : opt.state_tensors())
+      for (float v : s.values) EXPECT_EQ(v, 0.0f) << s.name;
+    throw;
+  }
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> out;
+  // ---- size arithmetic
+  out.push_back({"BucketTable size overflow", [] { mf::BucketTable<float>(1, 16, Index(1) << 46); },
+                 throws<mf::ConfigError>()});
+  out.push_back({"BucketTable negative width", [] { mf::BucketTable<float>(1, 4, -3); }, throws<mf::ConfigError>()});
+  out.push_back({"KVCache batch × max_seq overflow", [] { mf::KVCache<float>(4, Index(1) << 62, 8); },
+                 throws<mf::ConfigError>()});
+  out.push_back({"make_decode_state overflow",
+                 [] {
+                   mf::MemoryFormerLM<float> m(tiny_lm(), 1);
+                   (void)m.make_decode_state(4, Index(1) << 62);
+                 },
+                 throws<mf::ConfigError>()});
+  out.push_back({"LanguageModel batch × seq overflow",
+                 [] {
+                   mf::MemoryFormerLM<float> m(tiny_lm(), 1);
+                   mf::MemoryFormerLM<float>::Cache cache;
+                   std::vector<std::int32_t> tokens(4, 0);
+                   m.forward(tokens, Index(1) << 32, Index(1) << 32, cache);
+                 },
+                 throws<mf::ConfigError>()});
+  out.push_back({"tau + expand_bits overflow",
+                 [] {
+                   mf::MemoryBlockConfig c{.d = 8, .tau = 4, .expand_bits = INT_MAX};
+                   c.validate();
+                 },
+                 throws<mf::ConfigError>()});
+  out.push_back({"TextTensor size overflow",
+                 [] {
+                   mf::TextTensor t{"t", "f64", {Index(1) << 31, Index(1) << 31, 4}, {}};
+                   (void)t.size();
+                 },
+                 throws<mf::FormatError>()});
+  out.push_back({"text tensor file with an absurd shape",
+                 [] {
+                   const auto p = temp_file("absurd.txt");
+                   std::ofstream(p) << "memoryformer-vectors 1\nx f64 3 2147483648 2147483648 4\n\n";
+                   mf::read_text_tensors(p.string());
+                 },
+                 throws<mf::FormatError>()});
+  out.push_back({"checked_shift past 62 bits", [] { (void)mf::detail::checked_shift("t", "x", 1, 64); },
+                 throws<mf::ConfigError>()});
+  out.push_back({"MemoryLayer table size overflow",
+                 [] { mf::MemoryLayer<float>(mf::MemoryLayerConfig{.d_in = 1 << 20, .d_out = Index(1) << 40, .tau = 16}, 1); },
+                 throws<mf::ConfigError>()});
+  // ---- BucketHitCounter
+  out.push_back({"BucketHitCounter tau 40", [] { mf::BucketHitCounter(1, 40); }, throws<mf::ConfigError>()});
+  out.push_back({"BucketHitCounter tau 64", [] { mf::BucketHitCounter(1, 64); }, throws<mf::ConfigError>()});
+  out.push_back({"BucketHitCounter tau -1", [] { mf::BucketHitCounter(1, -1); }, throws<mf::ConfigError>()});
+  out.push_back({"BucketHitCounter counts(K)", [] { (void)mf::BucketHitCounter(2, 4).counts(2); },
+                 throws<std::out_of_range>()});
+  out.push_back({"BucketHitCounter counts(-1)", [] { (void)mf::BucketHitCounter(2, 4).counts(-1); },
+                 throws<std::out_of_range>()});
+  // ---- codes of a caller-supplied hash
+  out.push_back({"forward_hashed code 2^20",
+                 [] {
+                   mf::MemoryLayer<float> layer(small_layer(), 1);
+                   mf::Matrix<float> y(2, 3);
+                   layer.forward_hashed(y, hash_with_code(1 << 20));
+                 },
+                 throws<mf::ShapeError>()});
+  out.push_back({"forward_hashed code -1",
+                 [] {
+                   mf::MemoryLayer<float> layer(small_layer(), 1);
+                   mf::Matrix<float> y(2, 3);
+                   layer.forward_hashed(y, hash_with_code(-1));
+                 },
+                 throws<mf::ShapeError>()});
+  out.push_back({"backward_hashed code 2^20",
+                 [] {
+                   mf::MemoryLayer<float> layer(small_layer(), 1);
+                   mf::Matrix<float> dscores = mf::Matrix<float>::Zero(2, 2), dy = mf::Matrix<float>::Ones(2, 3);
+                   layer.backward_hashed(dscores, dy, hash_with_code(1 << 20));
+                 },
+                 throws<mf::ShapeError>()});
+  out.push_back({"backward_hashed code 16 (= 2^tau)",
+                 [] {
+                   mf::MemoryLayer<float> layer(small_layer(), 1);
+                   mf::Matrix<float> dscores = mf::Matrix<float>::Zero(2, 2), dy = mf::Matrix<float>::Ones(2, 3);
+                   layer.backward_hashed(dscores, dy, hash_with_code(16));
+                 },
+                 throws<mf::ShapeError>()});
+  // ---- caches after a throwing forward
+  out.push_back({"MemoryLayer backward after a NaN forward",
+                 [] {
+                   mf::MemoryLayer<float> layer(small_layer(), 1);
+                   mf::HashResult<float> cache;
+                   mf::Matrix<float> x = mf::Matrix<float>::Ones(2, 8);
+                   (void)layer.forward(x, cache);
+                   x(1, 3) = float(nan);
+                   EXPECT_THROW((void)layer.forward(x, cache), mf::NonFiniteError);
+                   mf::Matrix<float> dx(2, 8), dy = mf::Matrix<float>::Ones(2, 3);
+                   layer.backward(dx, x, dy, cache);
+                 },
+                 throws<mf::StateError>()});
+  out.push_back({"MemoryBlock backward after a NaN forward",
+                 [] {
+                   mf::MemoryBlock<float> block(mf::MemoryBlockConfig{.d = 8, .tau = 4, .expand_bits = 1}, 1);
+                   mf::MemoryBlock<float>::Cache cache;
+                   mf::Matrix<float> x = mf::Matrix<float>::Ones(2, 8), y(2, 8);
+                   block.forward(y, x, cache);
+                   x(0, 0) = float(nan);
+                   EXPECT_THROW(block.forward(y, x, cache), mf::NonFiniteError);
+                   mf::Matrix<float> dx(2, 8), dy = mf::Matrix<float>::Ones(2, 8);
+                   block.backward(dx, x, dy, cache);
+                 },
+                 throws<mf::StateError>()});
+  out.push_back({"MemoryFormerBlock backward after a NaN forward",
+                 [] {
+                   mf::MemoryFormerBlock<float> block(tiny_lm().block, 1);
+                   mf::MemoryFormerBlock<float>::Cache cache;
+                   mf::Matrix<float> x = mf::Matrix<float>::Ones(4, 8), y(4, 8);
+                   block.forward(y, x, 1, 4, cache);
+                   x(2, 5) = float(nan);
+                   EXPECT_THROW(block.forward(y, x, 1, 4, cache), mf::NonFiniteError);
+                   mf::Matrix<float> dx(4, 8), dy = mf::Matrix<float>::Ones(4, 8);
+                   block.backward(dx, x, dy, cache);
+                 },
+                 throws<mf::StateError>()});
+  out.push_back({"LanguageModel backward with a NaN dloss leaves gradients untouched",
+                 [] {
+                   mf::MemoryFormerLM<float> m(tiny_lm(), 1);
+                   mf::MemoryFormerLM<float>::Cache cache;
+                   std::vector<std::int32_t> tokens{1, 2, 3, 4}, targets{2, 3, 4, 5};
+                   (void)m.forward_loss(tokens, targets, 1, 4, cache);
+                   try {
+                     m.backward(cache, float(nan));
+                   } catch (...) {
+                     for (const auto& p : m.parameters())
+                       for (float g : p.grad) EXPECT_EQ(g, 0.0f) << p.name;
+                     throw;
+                   }
+                 },
+                 throws<mf::ConfigError>()});
+  // ---- non-finite hyper-parameters
+  out.push_back({"LanguageModel embedding init std +Inf",
+                 [] {
+                   auto c = tiny_lm();
+                   c.embedding_init_std = inf;
+                   mf::MemoryFormerLM<float> m(c, 1);
+                 },
+                 throws<mf::ConfigError>()});
+  out.push_back({"LanguageModel head init std NaN",
+                 [] {
+                   auto c = tiny_lm();
+                   c.head_init_std = nan;
+                   mf::MemoryFormerLM<float> m(c, 1);
+                 },
+                 throws<mf::ConfigError>()});
+  out.push_back({"MemoryLayer table init std +Inf",
+                 [] {
+                   auto c = small_layer();
+                   c.table_init_std = inf;
+                   mf::MemoryLayer<float> layer(c, 1);
+                 },
+                 throws<mf::ConfigError>()});
+  out.push_back({"MemoryFormerBlock qkv init std +Inf",
+                 [] {
+                   auto c = tiny_lm().block;
+                   c.qkv_init_std = inf;
+                   mf::MemoryFormerBlock<float> b(c, 1);
+                 },
+                 throws<mf::ConfigError>()});
+  out.push_back({"Linear init std +Inf", [] { mf::Linear<float>(2, 2, true, std::uint64_t(1), inf); },
+                 throws<mf::ConfigError>()});
+  // ---- checkpoints
+  out.push_back({"checkpoint config tau that an int would truncate",
+                 [] {
+                   mf::MemoryFormerLM<float> m(tiny_lm(), 1);
+                   auto entries = m.config_entries();
+                   for (auto& [k, v] : entries)
+                     if (k == "block.tau") v = "4294967300";
+                   (void)mf::MemoryFormerLM<float>::config_from_entries(entries);
+                 },
+                 throws<mf::FormatError>()});
+  out.push_back({"load_model adamw.step = -1",
+                 [] { load_into_fresh(model_bytes([](auto& c) { set_first_value(c, "adamw.step", -1.0f); })); },
+                 throws<mf::FormatError>()});
+  out.push_back({"load_model adamw.step = 0.5",
+                 [] { load_into_fresh(model_bytes([](auto& c) { set_first_value(c, "adamw.step", 0.5f); })); },
+                 throws<mf::FormatError>()});
+  out.push_back({"load_model adamw.step = Inf",
+                 [] { load_into_fresh(model_bytes([](auto& c) { set_first_value(c, "adamw.step", float(inf)); })); },
+                 throws<mf::FormatError>()});
+  out.push_back({"load_model row_step > step",
+                 [] { load_into_fresh(model_bytes([](auto& c) { set_first_value(c, "adamw.row_step.", 5.0f); })); },
+                 throws<mf::FormatError>()});
+  out.push_back({"load_model negative second moment",
+                 [] { load_into_fresh(model_bytes([](auto& c) { set_first_value(c, "adamw.v.", -1.0f); })); },
+                 throws<mf::FormatError>()});
+  out.push_back({"load_model NaN second moment",
+                 [] { load_into_fresh(model_bytes([](auto& c) { set_first_value(c, "adamw.v.", float(nan)); })); },
+                 throws<mf::FormatError>()});
+  out.push_back({"load_model NaN parameter",
+                 [] { load_into_fresh(model_bytes([](auto& c) { set_first_value(c, "head.weight", float(nan)); })); },
+                 throws<mf::FormatError>()});
+  out.push_back({"checkpoint with overlapping tensors hidden by an empty one",
+                 [] {
+                   mf::Checkpoint c;
+                   c.add_tensor("a", {32}, std::vector<float>(32, 1.0f));
+                   c.add_tensor("z", {0}, std::vector<float>{});
+                   c.add_tensor("b", {16}, std::vector<float>(16, 1.0f));
+                   auto b = mf::serialize_checkpoint(c);
+                   const auto dir = ts::directory_of(b);
+                   const auto a_off = ts::get_at<std::uint64_t>(b, dir[0].offset_at);
+                   ts::put_at<std::uint64_t>(b, dir[1].offset_at, a_off + 64);
+                   ts::put_at<std::uint64_t>(b, dir[2].offset_at, a_off + 64);
+                   ts::fix_checksums(b, dir);
+                   (void)mf::parse_checkpoint(b);
+                 },
+                 throws<mf::FormatError>()});
+  return out;
+}
+
+TEST(BadInput, EveryCaseThrowsTheLibrarysExceptionType) {
+  int n = 0;
+  for (const auto& c : cases()) {
+    SCOPED_TRACE(c.name);
+    EXPECT_TRUE(c.check(c.call)) << c.name;
+    ++n;
+  }
+  EXPECT_GE(n, 30);
+}
+
+TEST(BadInput, AFailedLoadLeavesModelAndOptimizerBitIdentical) {
+  using Model = mf::MemoryFormerLM<float>;
+  // A trained-looking state to protect: random parameters and non-zero moments and counts.
+  Model m(tiny_lm(), 5);
+  mf::AdamW<float> opt(m.parameters(), row_sparse());
+  Model::Cache cache;
+  std::vector<std::int32_t> tokens{1, 2, 3, 4}, targets{2, 3, 4, 5};
+  for (int s = 0; s < 3; ++s) {
+    m.zero_grad();
+    (void)m.forward_loss(tokens, targets, 1, 4, cache);
+    m.backward(cache);
+    opt.step(1e-2);
+  }
+  auto bits = [&] {
+    std::vector<std::vector<float>> out;
+    for (const auto& p : m.parameters()) out.emplace_back(p.value.begin(), p.value.end());
+    for (const auto& s : opt.state_tensors()) out.emplace_back(s.values.begin(), s.values.end());
+    return out;
+  };
+  const auto before = bits();
+  const auto steps = opt.steps();
+  for (const auto& edit : std::vector<std::function<void(mf::Checkpoint&)>>{
+           [](auto& c) { set_first_value(c, "adamw.step", -1.0f); },
+           [](auto& c) { set_first_value(c, "adamw.row_step.", 1e6f); },
+           [](auto& c) { set_first_value(c, "adamw.v.", float(nan)); },
+           [](auto& c) { set_first_value(c, "embedding.weight", float(inf)); }}) {
+    const auto bytes = model_bytes(edit);
+    EXPECT_THROW(mf::load_model(mf::parse_checkpoint(bytes), m, &opt, "bytes"), mf::FormatError);
+    EXPECT_EQ(bits(), before);
+    EXPECT_EQ(opt.steps(), steps);
+  }
+  // And a valid file does load, so the checks above are not vacuous.
+  mf::load_model(mf::parse_checkpoint(model_bytes([](auto&) {})), m, &opt, "bytes");
+  EXPECT_NE(bits(), before);
+}
+
+TEST(BadInput, SaveRemovesStaleTemporariesOfTheSameTarget) {
+  namespace fs = std::filesystem;
+  const fs::path dir = temp_file("stale_dir");
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const fs::path target = dir / "model.ckpt";
+  const fs::path stale = dir / "model.ckpt.tmp.0123456789abcdef";
+  const fs::path fresh = dir / "model.ckpt.tmp.fedcba9876543210";
+  const fs::path other = dir / "other.ckpt.tmp.0123456789abcdef";
+  const fs::path unlike = dir / "model.ckpt.tmp.not-ours";
+  for (const auto& p : {stale, fresh, other, unlike}) std::ofstream(p) << "partial";
+  const auto old = fs::file_time_type::clock::now() - std::chrono::hours(1);
+  for (const auto& p : {stale, other, unlike}) fs::last_write_time(p, old);
+  mf::Checkpoint c;
+  c.add_tensor("x", {2}, std::vector<float>{1, 2});
+  mf::save_checkpoint(target, c);
+  EXPECT_FALSE(fs::exists(stale)) << "an old, unlocked temporary of the target stays behind";
+  EXPECT_TRUE(fs::exists(fresh)) << "a recent temporary (perhaps a live writer's) was removed";
+  EXPECT_TRUE(fs::exists(other)) << "another target's temporary was removed";
+  EXPECT_TRUE(fs::exists(unlike)) << "a file not named like a temporary was removed";
+  EXPECT_TRUE(fs::exists(target));
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace memoryformer
