@@ -19,11 +19,13 @@ namespace memoryformer::detail {
 /// reduction over rows must not depend on the thread count).
 inline constexpr Index reduction_chunk_rows = 32;
 
-/// Rows of one block of a row-chunked matrix product (each block is one Eigen product computed by one thread).
-inline constexpr Index product_chunk_rows = 64;
+/// Rows of one block of a row-chunked product of `rows` rows (each block is one Eigen product computed by one
+/// thread): at least 64 (each block repacks the weight) and at most 16 blocks. A function of the shape only.
+inline Index product_chunk_rows(Index rows) { return std::max<Index>(64, (rows + 15) / 16); }
 
-/// Columns of one block of a column-chunked product (weight gradients Xᵀ·dY).
-inline constexpr Index product_chunk_cols = 64;
+/// Columns of one block of a column-chunked product (weight gradients Xᵀ·dY; each block repacks X): at least 64 and
+/// at most 8 blocks. A function of the shape only.
+inline Index product_chunk_cols(Index cols) { return std::max<Index>(64, (cols + 7) / 8); }
 
 /// Rows per thread below which element-wise row work stays on one thread (an OpenMP region costs microseconds).
 inline Index min_rows_per_thread(Index cols) { return std::max<Index>(1, Index(16384) / std::max<Index>(1, cols)); }
@@ -95,11 +97,11 @@ void parallel_sum(MatrixRef<Scalar> out, ConstMatrixRef<Scalar> a, ConstMatrixRe
   });
 }
 
-/// y = x·W (+ b): one Eigen product per fixed block of product_chunk_rows rows, blocks on the threads.
+/// y = x·W (+ b): one Eigen product per fixed block of product_chunk_rows(N) rows, blocks on the threads.
 template <class Scalar>
 void chunked_product(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> w, const Vector<Scalar>* bias) {
   SerialEigenScope serial;
-  parallel_chunks(x.rows(), product_chunk_rows, [&](Index, Index r0, Index r1) {
+  parallel_chunks(x.rows(), product_chunk_rows(x.rows()), [&](Index, Index r0, Index r1) {
     auto yb = y.middleRows(r0, r1 - r0);
     yb.noalias() = x.middleRows(r0, r1 - r0) * w;
     if (bias != nullptr) yb.rowwise() += bias->transpose();
@@ -110,17 +112,17 @@ void chunked_product(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, ConstMatrixR
 template <class Scalar>
 void chunked_product_transposed(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> w) {
   SerialEigenScope serial;
-  parallel_chunks(x.rows(), product_chunk_rows, [&](Index, Index r0, Index r1) {
+  parallel_chunks(x.rows(), product_chunk_rows(x.rows()), [&](Index, Index r0, Index r1) {
     y.middleRows(r0, r1 - r0).noalias() = x.middleRows(r0, r1 - r0) * w.transpose();
   });
 }
 
-/// dW += Xᵀ·dY: one product per fixed block of product_chunk_cols columns of dW (each sums over all rows itself, so
-/// no partial results are combined across threads).
+/// dW += Xᵀ·dY: one product per fixed block of product_chunk_cols(cols) columns of dW (each sums over all rows
+/// itself, so no partial results are combined across threads).
 template <class Scalar>
 void chunked_weight_gradient(MatrixRef<Scalar> dw, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> dy) {
   SerialEigenScope serial;
-  parallel_chunks(dy.cols(), product_chunk_cols, [&](Index, Index c0, Index c1) {
+  parallel_chunks(dy.cols(), product_chunk_cols(dy.cols()), [&](Index, Index c0, Index c1) {
     dw.middleCols(c0, c1 - c0).noalias() += x.transpose() * dy.middleCols(c0, c1 - c0);
   });
 }
