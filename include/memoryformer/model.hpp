@@ -339,8 +339,9 @@ class LanguageModel {
 
   /**
    * @brief With OpenMP: true (default) runs Eigen's products single-threaded during forward/backward, so results do
-   *        not depend on the thread count; false lets Eigen use its threads (faster dense products; results then
-   *        differ between thread counts by float rounding, ~1e-6 relative per product). No effect without OpenMP.
+   *        not depend on the thread count; false lets Eigen use its threads in the products the library does not
+   *        split itself (attention; Linear and the LM head always run on the library's fixed row/column blocks), and
+   *        results then differ between thread counts by float rounding. No effect without OpenMP.
    */
   void set_deterministic_threads(bool on) { deterministic_threads_ = on; }
   bool deterministic_threads() const { return deterministic_threads_; }
