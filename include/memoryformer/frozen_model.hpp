@@ -32,7 +32,9 @@ namespace memoryformer {
  * stored table values only (activations and sums stay float32), but a rounded value can flip the sign of a later
  * hash input and so select another table row: most rows differ by the rounding alone, a few by a visible part of
  * the logits' scale. Tested bounds (random-init two-block model, max |Δlogit| per row / max |logit|): BF16 median row
- * ≤ 0.06, worst row ≤ 0.7; F16 median row ≤ 5e-4, worst row ≤ 0.15.
+ * ≤ 0.06, worst row ≤ 0.7; F16 median row ≤ 5e-4, worst row ≤ 0.15. A trained model hashes far from the sign
+ * boundaries more often: on generate's --smoke model (150 steps, 512 positions of text) BF16 gave median row 3.6e-4,
+ * worst 0.06, mean loss within 7e-4 nats; F16 median 4e-5, worst 0.02, loss within 1e-4 nats.
  *
  * It has no backward, parameters or optimiser state: a frozen model cannot be trained (train the LanguageModel,
  * then freeze it again). Only MemoryFormer models have tables to freeze: a dense TransformerLM is refused.
