@@ -3,6 +3,10 @@
 // the KV cache: the prompt in one decoding call, then one token at a time, with temperature, top-k and a seed.
 //
 //   generate --checkpoint FILE [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S]
+//            [--storage fp32|bf16|fp16|train]
+//
+// A MemoryFormer model decodes through a FrozenLanguageModel whose tables are packed to --storage (bf16 by default);
+// --storage train decodes through the training model's float32 tables instead, for comparison.
 
 #include "common/arg_reader.hpp"
 #include <algorithm>
@@ -18,9 +22,11 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <memoryformer/io/model_checkpoint.hpp>
+#include <memoryformer/frozen_model.hpp>
 #include <memoryformer/model.hpp>
 #include <memoryformer/train/text_data.hpp>
 #include <memoryformer/train/trainer.hpp>
@@ -41,6 +47,8 @@ struct Args {
   std::uint64_t seed = 1;
   Index context = 0;  // 0: the training seq recorded in the checkpoint ("train.seq"), else unlimited
   bool smoke = false;
+  std::string storage = "bf16";  // fp32, bf16, fp16 (frozen tables) or train (the training model)
+  bool storage_given = false;
 };
 
 const char* usage =
@@ -54,6 +62,8 @@ const char* usage =
     "  --context N        tokens the model sees at once (default: the training seq stored in the checkpoint); when\n"
     "                     the KV cache is full, it restarts from the last N/2 tokens (rotary positions past the\n"
     "                     training length were never trained)\n"
+    "  --storage S        tables to decode from: fp32, bf16 (default) or fp16 packed tables of a frozen model, or\n"
+    "                     train (the training model's float32 tables); a dense model always uses its weights\n"
     "  --smoke            train a tiny model for a few seconds, save it, reload it and sample (what ctest runs)\n";
 
 [[noreturn]] void fail(const std::string& msg) { memoryformer_examples::ArgReader(0, nullptr, "generate").fail(msg); }
@@ -77,11 +87,17 @@ Args parse(int argc, char** argv) {
     else if (f == "--top-k") a.top_k = count(i);
     else if (f == "--seed") a.seed = std::uint64_t(args.integer(i));
     else if (f == "--context") a.context = count(i);
+    else if (f == "--storage") {
+      a.storage = value(i);
+      a.storage_given = true;
+    }
     else if (f == "--smoke") a.smoke = true;
     else fail("unknown option '" + f + "'");
   }
   if (a.smoke) a.tokens = std::min<Index>(a.tokens, 120);
   if (a.checkpoint.empty() && !a.smoke) fail("--checkpoint is required");
+  if (a.storage != "fp32" && a.storage != "bf16" && a.storage != "fp16" && a.storage != "train")
+    fail("--storage is '" + a.storage + "', expected fp32, bf16, fp16 or train");
   if (a.prompt.empty()) fail("--prompt must not be empty (the model needs at least one byte to continue)");
   return a;
 }
@@ -106,12 +122,35 @@ int sample(const float* logits, Index vocab, double temperature, Index top_k, mf
   return order[keep - 1];
 }
 
+/// Samples a.tokens bytes after the prompt from `model` (a LanguageModel or a FrozenLanguageModel).
+template <class Decoder>
+int sample_text(const Args& a, const Decoder& model, const mf::Checkpoint& ckpt);
+
 template <class Model>
 int generate(const Args& a, const mf::Checkpoint& ckpt, const std::string& origin) {
   Model model(Model::config_from_entries(ckpt.config, origin), 0);
   mf::load_model(ckpt, model, nullptr, origin);
   std::cerr << "generate: " << model.kind() << " model, d=" << model.d() << ", " << model.layers() << " layers, "
             << model.num_parameters() << " parameters, from " << origin << "\n";
+  if constexpr (std::is_same_v<Model, mf::MemoryFormerLM<float>>) {
+    if (a.storage != "train") {
+      const mf::StorageType storage = a.storage == "fp32"   ? mf::StorageType::F32
+                                      : a.storage == "fp16" ? mf::StorageType::F16
+                                                            : mf::StorageType::BF16;
+      const mf::FrozenLanguageModel frozen(model, storage);
+      std::cerr << "generate: decoding through " << a.storage << " tables (" << frozen.table_bytes() / 1024
+                << " KiB packed)\n";
+      return sample_text(a, frozen, ckpt);
+    }
+  } else if (a.storage_given && a.storage != "train") {
+    throw std::runtime_error("--storage " + a.storage + ": a " + std::string(model.kind()) +
+                             " model has no Memory Layer tables to pack; use --storage train (or leave it out)");
+  }
+  return sample_text(a, model, ckpt);
+}
+
+template <class Decoder>
+int sample_text(const Args& a, const Decoder& model, const mf::Checkpoint& ckpt) {
   Index context = a.context;
   if (context == 0) {
     const std::string* seq = ckpt.find_config("train.seq");

@@ -12,10 +12,13 @@
 
 #include "detail/checks.hpp"
 #include "detail/checked_size.hpp"
+#include "detail/row_parallel.hpp"
 #include "error.hpp"
+#include "hash.hpp"
 #include "memory_block.hpp"
 #include "memory_layer.hpp"
 #include "nn/attention.hpp"
+#include "nn/block_norm.hpp"
 #include "nn/kv_cache.hpp"
 #include "nn/layer_norm.hpp"
 #include "nn/linear.hpp"
@@ -25,12 +28,6 @@
 #include "types.hpp"
 
 namespace memoryformer {
-
-/// Normalisation used before attention and before the Memory Block.
-enum class NormKind {
-  RMS,    ///< authors' code: x / (rms(x) + 1e-8) · g (eps added to the RMS)
-  Layer,  ///< affine LayerNorm, eps 1e-5
-};
 
 /// Settings of a MemoryFormer block.
 struct MemoryFormerBlockConfig {
@@ -84,60 +81,11 @@ struct MemoryFormerBlockConfig {
   }
 };
 
-namespace detail {
-
-/// RMSNorm or LayerNorm behind one interface, chosen by NormKind.
-template <std::floating_point Scalar>
-class SwitchableNorm {
- public:
-  struct Cache {
-    RMSNormCache<Scalar> rms;
-    LayerNormCache<Scalar> layer;
-  };
-  SwitchableNorm(NormKind kind, Index d, double rms_eps, double layer_eps) {
-    if (kind == NormKind::RMS) {
-      rms_.emplace(d, rms_eps);
-    } else {
-      layer_.emplace(d, layer_eps);
-    }
-  }
-  void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Cache& cache) const {
-    if (rms_) {
-      rms_->forward(y, x, cache.rms);
-    } else {
-      layer_->forward(y, x, cache.layer);
-    }
-  }
-  void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> dy, const Cache& cache) {
-    if (rms_) {
-      rms_->backward(dx, x, dy, cache.rms);
-    } else {
-      layer_->backward(dx, x, dy, cache.layer);
-    }
-  }
-  void zero_grad() {
-    if (rms_) rms_->zero_grad();
-    if (layer_) layer_->zero_grad();
-  }
-  std::vector<ParameterView<Scalar>> parameters(const std::string& prefix) {
-    return rms_ ? rms_->parameters(prefix) : layer_->parameters(prefix);
-  }
-  Index num_parameters() const { return rms_ ? rms_->d() : 2 * layer_->d(); }
-  RMSNorm<Scalar>* rms() { return rms_ ? &*rms_ : nullptr; }
-  LayerNorm<Scalar>* layer() { return layer_ ? &*layer_ : nullptr; }
-
- private:
-  std::optional<RMSNorm<Scalar>> rms_;
-  std::optional<LayerNorm<Scalar>> layer_;
-};
-
-}  // namespace detail
-
 /// What MemoryFormerBlock::forward keeps for backward; buffers are reused across calls of the same size.
 template <std::floating_point Scalar>
 struct MemoryFormerBlockCache {
   Index batch = 0, seq = 0;
-  typename detail::SwitchableNorm<Scalar>::Cache norm1, norm2;
+  BlockNormCache<Scalar> norm1, norm2;  // per-row statistics of norm1(x), norm2(h)
   Matrix<Scalar> a;                 // [B·S, d] norm1(x)
   HashResult<Scalar> hash;          // [B·S, K] shared by Q, K, V
   Matrix<Scalar> q, k, v;           // [B·S, d] (q, k after rotary)
@@ -162,6 +110,7 @@ class MemoryFormerBlock {
   MemoryFormerBlock(const Config& config, std::uint64_t seed)
       : config_((config.validate("MemoryFormerBlock"), config)),
         norm1_(config.norm, config.d, config.rms_eps, config.layer_norm_eps),
+        hasher_(config.qkv().hash_config()),
         q_(config.qkv(), Rng::stream(seed, 1).next_u64()),
         k_(config.qkv(), Rng::stream(seed, 2).next_u64()),
         v_(config.qkv(), Rng::stream(seed, 3).next_u64()),
@@ -177,9 +126,19 @@ class MemoryFormerBlock {
   MemoryLayer<Scalar>& k() { return k_; }
   MemoryLayer<Scalar>& v() { return v_; }
   MemoryBlock<Scalar>& memory_block() { return memory_; }
-  detail::SwitchableNorm<Scalar>& norm1() { return norm1_; }
-  detail::SwitchableNorm<Scalar>& norm2() { return norm2_; }
+  const MemoryLayer<Scalar>& q() const { return q_; }
+  const MemoryLayer<Scalar>& k() const { return k_; }
+  const MemoryLayer<Scalar>& v() const { return v_; }
+  const MemoryBlock<Scalar>& memory_block() const { return memory_; }
+  /// The hash of norm1(x) that Q, K and V share (their hash settings are equal: config().qkv()).
+  const SignHasher<Scalar>& hasher() const { return hasher_; }
+  const Rotary<Scalar>& rotary() const { return rotary_; }
+  BlockNorm<Scalar>& norm1() { return norm1_; }
+  const BlockNorm<Scalar>& norm1() const { return norm1_; }
+  BlockNorm<Scalar>& norm2() { return norm2_; }
+  const BlockNorm<Scalar>& norm2() const { return norm2_; }
   Linear<Scalar>* output_projection() { return output_ ? &*output_ : nullptr; }
+  const Linear<Scalar>* output_projection() const { return output_ ? &*output_ : nullptr; }
 
   /**
    * @param y [batch·seq, d] output
@@ -193,7 +152,7 @@ class MemoryFormerBlock {
     c.batch = c.seq = 0;  // invalid until the end: a forward that throws leaves a cache backward refuses
     for (Matrix<Scalar>* m : {&c.a, &c.q, &c.k, &c.v, &c.ctx, &c.h, &c.b}) m->resize(n, d);
     norm1_.forward(c.a, x, c.norm1);
-    q_.hasher().hash(c.hash, c.a);
+    hasher_.hash(c.hash, c.a);
     q_.forward_hashed(c.q, c.hash);
     k_.forward_hashed(c.k, c.hash);
     v_.forward_hashed(c.v, c.hash);
@@ -202,13 +161,13 @@ class MemoryFormerBlock {
     attention_forward<Scalar>(c.ctx, c.q, c.k, c.v, batch, seq, config_.heads, c.attention);
     if (output_) {
       output_->forward(c.h, c.ctx);
-      c.h += x;
+      detail::parallel_add<Scalar>(c.h, x);
     } else {
-      c.h = x + c.ctx;
+      detail::parallel_sum<Scalar>(c.h, x, c.ctx);
     }
     norm2_.forward(c.b, c.h, c.norm2);
     memory_.forward(y, c.b, c.memory);
-    y += c.h;
+    detail::parallel_add<Scalar>(y, c.h);
     c.batch = batch;
     c.seq = seq;
   }
@@ -230,14 +189,11 @@ class MemoryFormerBlock {
     // y = h + MB(norm2(h))
     memory_.backward(tmp_, c.b, dy, c.memory);
     norm2_.backward(dh_, c.h, tmp_, c.norm2);
-    dh_ += dy;
-    // h = x + [W_O] ctx
-    if (output_) {
-      output_->backward(tmp_, c.ctx, dh_);
-    } else {
-      tmp_ = dh_;
-    }
-    attention_backward<Scalar>(dq_, dk_, dv_, c.q, c.k, c.v, tmp_, c.attention);
+    detail::parallel_add<Scalar>(dh_, dy);
+    // h = x + [W_O] ctx: without W_O, dctx is dh itself (no copy).
+    if (output_) output_->backward(tmp_, c.ctx, dh_);
+    const Matrix<Scalar>& dctx = output_ ? tmp_ : dh_;
+    attention_backward<Scalar>(dq_, dk_, dv_, c.q, c.k, c.v, dctx, c.attention);
     rotary_.backward(dq_, dq_, c.batch, c.seq, 0);
     rotary_.backward(dk_, dk_, c.batch, c.seq, 0);
     // One hash feeds Q, K and V: their score gradients add up before one pass through the hasher.
@@ -245,9 +201,9 @@ class MemoryFormerBlock {
     q_.backward_hashed(dscores_, dq_, c.hash);
     k_.backward_hashed(dscores_, dk_, c.hash);
     v_.backward_hashed(dscores_, dv_, c.hash);
-    q_.hasher().backward(da_, c.a, c.hash, dscores_);
+    hasher_.backward(da_, c.a, c.hash, dscores_);
     norm1_.backward(dx, x, da_, c.norm1);
-    dx += dh_;
+    detail::parallel_add<Scalar>(dx, dh_);
   }
 
   /// A KV cache sized for this block.
@@ -273,7 +229,7 @@ class MemoryFormerBlock {
     const Index n = x_new.rows(), d = config_.d;
     for (Matrix<Scalar>* m : {&c.a, &c.q, &c.k, &c.v, &c.ctx, &c.h, &c.b}) m->resize(n, d);
     norm1_.forward(c.a, x_new, c.norm1);
-    q_.hasher().hash(c.hash, c.a);
+    hasher_.hash(c.hash, c.a);
     q_.forward_hashed(c.q, c.hash);
     k_.forward_hashed(c.k, c.hash);
     v_.forward_hashed(c.v, c.hash);
@@ -282,13 +238,13 @@ class MemoryFormerBlock {
     attention_decode<Scalar>(c.ctx, c.q, c.k, c.v, kv, config_.heads);
     if (output_) {
       output_->forward(c.h, c.ctx);
-      c.h += x_new;
+      detail::parallel_add<Scalar>(c.h, x_new);
     } else {
-      c.h = x_new + c.ctx;
+      detail::parallel_sum<Scalar>(c.h, x_new, c.ctx);
     }
     norm2_.forward(c.b, c.h, c.norm2);
     memory_.forward(y_new, c.b, c.memory);
-    y_new += c.h;
+    detail::parallel_add<Scalar>(y_new, c.h);
   }
 
   void zero_grad() {
@@ -336,11 +292,12 @@ class MemoryFormerBlock {
   }
 
   Config config_;
-  detail::SwitchableNorm<Scalar> norm1_;  // [d]
-  MemoryLayer<Scalar> q_, k_, v_;         // d → d each, one shared hash
+  BlockNorm<Scalar> norm1_;               // [d]
+  SignHasher<Scalar> hasher_;             // the hash Q, K and V share
+  MemoryLayer<Scalar> q_, k_, v_;         // d → d each, reading hasher_'s codes
   Rotary<Scalar> rotary_;
   std::optional<Linear<Scalar>> output_;  // W_O [d, d], only with output_projection
-  detail::SwitchableNorm<Scalar> norm2_;  // [d]
+  BlockNorm<Scalar> norm2_;               // [d]
   MemoryBlock<Scalar> memory_;            // the FFN replacement
   // Scratch of backward, [B·S, d] each except dscores_ [B·S, K]: kept to avoid reallocating every step.
   Matrix<Scalar> dh_, tmp_, dq_, dk_, dv_, da_, dscores_;

@@ -221,9 +221,13 @@ class SerialEigenProducts {
  * gradient until zero_grad(). Parameter names: "embedding.weight", "blocks.<i>.<block parameter>",
  * "final_norm.scale", "head.weight" (and "head.bias" with head_bias).
  *
- * **Threads.** With OpenMP (MEMORYFORMER_USE_OPENMP) the Memory Layer kernels run on omp_get_max_threads() threads,
- * partitioning rows so that results are bitwise identical for any thread count. Eigen's own threaded products are
- * not (see set_deterministic_threads), so by default forward/backward run them single-threaded.
+ * **Threads.** With OpenMP (MEMORYFORMER_USE_OPENMP) the Memory Layer kernels, the norms, the residual adds, the LM
+ * head and the cross-entropy run on omp_get_max_threads() threads, partitioning rows (products and reductions over
+ * rows in fixed chunks) so that results are bitwise identical for any thread count. Eigen's own threaded products
+ * are not (see set_deterministic_threads), so by default forward/backward run them single-threaded.
+ *
+ * **Inference.** FrozenLanguageModel (frozen_model.hpp) is a read-only copy of a MemoryFormerLM<float> whose tables
+ * are packed to float32, bfloat16 or float16, with the same forward and forward_decode.
  *
  * @tparam Block  the block class template, instantiated as Block<Scalar>
  * @tparam Scalar float or double
@@ -286,8 +290,9 @@ class LanguageModel {
 
   /**
    * @brief With OpenMP: true (default) runs Eigen's products single-threaded during forward/backward, so results do
-   *        not depend on the thread count; false lets Eigen use its threads (faster dense products; results then
-   *        differ between thread counts by float rounding, ~1e-6 relative per product). No effect without OpenMP.
+   *        not depend on the thread count; false lets Eigen use its threads in the products the library does not
+   *        split itself (attention; Linear and the LM head always run on the library's fixed row/column blocks), and
+   *        results then differ between thread counts by float rounding. No effect without OpenMP.
    */
   void set_deterministic_threads(bool on) { deterministic_threads_ = on; }
   bool deterministic_threads() const { return deterministic_threads_; }

@@ -13,6 +13,7 @@
 
 #include "detail/checks.hpp"
 #include "detail/checked_size.hpp"
+#include "detail/row_parallel.hpp"
 #include "error.hpp"
 #include "nn/attention.hpp"
 #include "nn/gelu.hpp"
@@ -196,12 +197,12 @@ class TransformerBlock {
     o_.forward(cache.h, cache.ctx);
     // Every read of x happens before y is written, so y may be x.
     if (config_.parallel_residual) ln2_.forward(cache.m, x, cache.ln2);
-    cache.h += x;
+    detail::parallel_add<Scalar>(cache.h, x);
     if (!config_.parallel_residual) ln2_.forward(cache.m, cache.h, cache.ln2);
     up_.forward(cache.up, cache.m);
     gelu_forward(cache.act, cache.up);
     down_.forward(y, cache.act);
-    y += cache.h;
+    detail::parallel_add<Scalar>(y, cache.h);
     cache.batch = batch;
     cache.seq = seq;
   }
@@ -235,33 +236,35 @@ class TransformerBlock {
     down_.backward(df_, cache.act, dy);
     gelu_backward(df_, cache.up, df_);
     up_.backward(dm_, cache.m, df_);
-    // dh_ is the gradient of the residual stream after attention: dy plus, in the sequential form, the FFN branch.
+    // dres is the gradient of the residual stream after attention: dy itself in the parallel form (no copy), dy plus
+    // the FFN branch (in dh_) in the sequential form.
     if (config_.parallel_residual) {
       ln2_.backward(dm_, x, dm_, cache.ln2);  // dm_ now holds the FFN branch's dx contribution
-      dh_ = dy;
     } else {
       ln2_.backward(dm_, cache.h, dm_, cache.ln2);
-      dh_ = dy + dm_;
+      detail::parallel_sum<Scalar>(dh_, dy, dm_);
     }
+    const ConstMatrixRef<Scalar> dres = config_.parallel_residual ? dy : ConstMatrixRef<Scalar>(dh_);
 
-    // Attention branch, from dh_ down to dL/da.
-    o_.backward(da_, cache.ctx, dh_);  // da_ temporarily holds dctx
+    // Attention branch, from dres down to dL/da.
+    o_.backward(da_, cache.ctx, dres);  // da_ temporarily holds dctx
     attention_backward<Scalar>(dq_, dk_, dv_, cache.q, cache.k, cache.v, da_, cache.attn);
     rotary_.backward(dq_, dq_, cache.batch, cache.seq, 0);
     rotary_.backward(dk_, dk_, cache.batch, cache.seq, 0);
     // Linear::backward overwrites its dx, so the three input gradients are summed through scratch buffers.
     q_.backward(da_, cache.a, dq_);
     k_.backward(dq_, cache.a, dk_);
-    da_ += dq_;
+    detail::parallel_add<Scalar>(da_, dq_);
     v_.backward(dq_, cache.a, dv_);
-    da_ += dq_;
+    detail::parallel_add<Scalar>(da_, dq_);
     ln1_.backward(da_, x, da_, cache.ln1);
 
-    // dx last: it may share storage with x, which LN1's backward still reads (dy was copied into dh_).
+    // dx last: it may share storage with x, which LN1's backward still reads, or with dy (= dres in the parallel
+    // form), which the element-wise sum reads at the index it writes.
     if (config_.parallel_residual)
-      dx = dh_ + da_ + dm_;
+      detail::parallel_sum<Scalar>(dx, dres, da_, dm_);
     else
-      dx = dh_ + da_;
+      detail::parallel_sum<Scalar>(dx, dh_, da_);
   }
 
   /**
@@ -307,12 +310,12 @@ class TransformerBlock {
     attention_decode<Scalar>(q, q, k, v, kv, config_.heads);  // the context overwrites q
     o_.forward(h, q);
     if (config_.parallel_residual) ln2_.forward(a, x_new, norm_stats);
-    h += x_new;
+    detail::parallel_add<Scalar>(h, x_new);
     if (!config_.parallel_residual) ln2_.forward(a, h, norm_stats);
     up_.forward(hidden, a);
     gelu_forward(hidden, hidden);
     down_.forward(y_new, hidden);
-    y_new += h;
+    detail::parallel_add<Scalar>(y_new, h);
   }
 
   /// Sets every parameter gradient to zero.
@@ -380,7 +383,7 @@ class TransformerBlock {
   // Scratch of backward, resized per call (N = batch·seq).
   Matrix<Scalar> df_;  // [N, F] gradient of act, then of up
   Matrix<Scalar> dm_;  // [N, d] gradient of m, then the FFN branch's share of dx (parallel) or of dh (sequential)
-  Matrix<Scalar> dh_;  // [N, d] gradient of the residual stream after attention
+  Matrix<Scalar> dh_;  // [N, d] gradient of the residual stream after attention (sequential form only)
   Matrix<Scalar> dq_;  // [N, d] gradient of q (then scratch for the K/V input gradients)
   Matrix<Scalar> dk_;  // [N, d] gradient of k
   Matrix<Scalar> dv_;  // [N, d] gradient of v

@@ -191,6 +191,25 @@ TEST(MemoryFormerBlock, RejectsBadConfigurationsAndShapes) {
   EXPECT_THROW(block.forward_decode(out, odd, kv), mf::ShapeError);  // 3 rows for 2 sequences
 }
 
+TEST(MemoryFormerBlock, OwnsItsHashAndExposesPublicNorms) {
+  for (const mf::NormKind kind : {mf::NormKind::RMS, mf::NormKind::Layer}) {
+    mf::MemoryFormerBlock<float> block({.d = 16, .heads = 2, .tau = 4, .norm = kind}, 3);
+    const mf::BlockNorm<float>& norm1 = block.norm1();
+    EXPECT_EQ(norm1.kind(), kind);
+    EXPECT_EQ(block.norm2().kind(), kind);
+    EXPECT_EQ(norm1.rms() != nullptr, kind == mf::NormKind::RMS);
+    EXPECT_EQ(norm1.layer() != nullptr, kind == mf::NormKind::Layer);
+    EXPECT_NE(static_cast<const void*>(&block.hasher()), static_cast<const void*>(&block.q().hasher()));  // its own
+    // The block's hash is the one Q (and K, V) would compute on the same input: the same codes and scores.
+    const mf::Matrix<float> a = mf::Matrix<float>::Random(7, 16);
+    mf::HashResult<float> own, q;
+    block.hasher().hash(own, a);
+    block.q().hasher().hash(q, a);
+    EXPECT_EQ(own.codes, q.codes);
+    EXPECT_TRUE(own.scores == q.scores);
+  }
+}
+
 TEST(MemoryBlock, RejectsBadInput) {
   EXPECT_THROW(mf::MemoryBlock<float>({.d = 30, .tau = 4}, 0), mf::ConfigError);
   mf::MemoryBlock<float> block({.d = 32, .tau = 4}, 0);

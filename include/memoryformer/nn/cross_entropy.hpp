@@ -9,8 +9,10 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "../detail/checks.hpp"
+#include "../detail/row_parallel.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 
@@ -59,16 +61,22 @@ Scalar cross_entropy_forward(std::type_identity_t<ConstMatrixRef<Scalar>> logits
                      ", expected (rows ≥ 1, V ≥ 1)");
   detail::check_targets(where, logits.rows(), logits.cols(), targets);
   cache.logsumexp.resize(logits.rows());
+  // Rows on the threads; their losses are summed afterwards in row order, so the mean has the same bits for any
+  // thread count.
+  std::vector<double> row_loss(size_t(logits.rows()));
+  detail::parallel_rows(logits.rows(), detail::min_rows_per_thread(logits.cols()), [&](Index r0, Index r1) {
+    for (Index n = r0; n < r1; ++n) {
+      // Scalar std::exp, not Eigen's packet exp: GCC 12 reports a false -Wuninitialized inside the AVX-512 pexp.
+      const Scalar m = logits.row(n).maxCoeff();
+      Scalar sum = 0;
+      for (Index v = 0; v < logits.cols(); ++v) sum += std::exp(logits(n, v) - m);
+      const Scalar lse = m + std::log(sum);
+      cache.logsumexp(n) = lse;
+      row_loss[size_t(n)] = double(lse) - double(logits(n, targets[size_t(n)]));
+    }
+  });
   double total = 0.0;
-  for (Index n = 0; n < logits.rows(); ++n) {
-    // Scalar std::exp, not Eigen's packet exp: GCC 12 reports a false -Wuninitialized inside the AVX-512 pexp.
-    const Scalar m = logits.row(n).maxCoeff();
-    Scalar sum = 0;
-    for (Index v = 0; v < logits.cols(); ++v) sum += std::exp(logits(n, v) - m);
-    const Scalar lse = m + std::log(sum);
-    cache.logsumexp(n) = lse;
-    total += double(lse) - double(logits(n, targets[size_t(n)]));
-  }
+  for (const double l : row_loss) total += l;
   return Scalar(total / double(logits.rows()));
 }
 
@@ -92,11 +100,13 @@ void cross_entropy_backward(std::type_identity_t<MatrixRef<Scalar>> dlogits,
     throw StateError(std::string(where) + ": cache holds " + std::to_string(cache.logsumexp.size()) +
                      " rows, logits has " + std::to_string(logits.rows()) + "; call cross_entropy_forward first");
   const Scalar scale = dloss / Scalar(logits.rows());
-  for (Index n = 0; n < logits.rows(); ++n) {
-    const Scalar lse = cache.logsumexp(n);
-    for (Index v = 0; v < logits.cols(); ++v) dlogits(n, v) = std::exp(logits(n, v) - lse) * scale;
-    dlogits(n, targets[size_t(n)]) -= scale;
-  }
+  detail::parallel_rows(logits.rows(), detail::min_rows_per_thread(logits.cols()), [&](Index r0, Index r1) {
+    for (Index n = r0; n < r1; ++n) {
+      const Scalar lse = cache.logsumexp(n);
+      for (Index v = 0; v < logits.cols(); ++v) dlogits(n, v) = std::exp(logits(n, v) - lse) * scale;
+      dlogits(n, targets[size_t(n)]) -= scale;
+    }
+  });
 }
 
 }  // namespace memoryformer

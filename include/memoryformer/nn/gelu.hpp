@@ -7,6 +7,7 @@
 #include <numbers>
 
 #include "../detail/checks.hpp"
+#include "../detail/row_parallel.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 
@@ -14,6 +15,7 @@ namespace memoryformer {
 
 /**
  * @brief y = GeLU(x) = x·Φ(x) = 0.5·x·(1 + erf(x/√2)), element-wise (not the tanh approximation).
+ * Rows run on the threads (element-wise: the same bits for any thread count).
  * @param y  output, same shape as x; may be x itself
  * @param x  input [rows, cols] (any Eigen dense expression; its Scalar selects the instantiation)
  * @throws ShapeError when y and x differ in shape.
@@ -24,11 +26,13 @@ void gelu_forward(MatrixRef<typename XDerived::Scalar> y, const Eigen::MatrixBas
   using Scalar = typename XDerived::Scalar;
   detail::check_shape("gelu_forward", "y", y.rows(), y.cols(), x.rows(), x.cols());
   const Scalar inv_sqrt2 = Scalar(1) / std::numbers::sqrt2_v<Scalar>;
-  for (Index i = 0; i < x.rows(); ++i)
-    for (Index j = 0; j < x.cols(); ++j) {
-      const Scalar v = x(i, j);
-      y(i, j) = Scalar(0.5) * v * (Scalar(1) + std::erf(v * inv_sqrt2));
-    }
+  detail::parallel_rows(x.rows(), detail::min_rows_per_thread(x.cols()) / 4 + 1, [&](Index r0, Index r1) {
+    for (Index i = r0; i < r1; ++i)
+      for (Index j = 0; j < x.cols(); ++j) {
+        const Scalar v = x(i, j);
+        y(i, j) = Scalar(0.5) * v * (Scalar(1) + std::erf(v * inv_sqrt2));
+      }
+  });
 }
 
 /**
@@ -48,13 +52,15 @@ void gelu_backward(MatrixRef<typename XDerived::Scalar> dx, const Eigen::MatrixB
   detail::check_shape("gelu_backward", "dx", dx.rows(), dx.cols(), x.rows(), x.cols());
   const Scalar inv_sqrt2 = Scalar(1) / std::numbers::sqrt2_v<Scalar>;
   const Scalar inv_sqrt_2pi = inv_sqrt2 * std::numbers::inv_sqrtpi_v<Scalar>;
-  for (Index i = 0; i < x.rows(); ++i)
-    for (Index j = 0; j < x.cols(); ++j) {
-      const Scalar v = x(i, j);
-      const Scalar cdf = Scalar(0.5) * (Scalar(1) + std::erf(v * inv_sqrt2));
-      const Scalar pdf = inv_sqrt_2pi * std::exp(Scalar(-0.5) * v * v);
-      dx(i, j) = dy(i, j) * (cdf + v * pdf);
-    }
+  detail::parallel_rows(x.rows(), detail::min_rows_per_thread(x.cols()) / 4 + 1, [&](Index r0, Index r1) {
+    for (Index i = r0; i < r1; ++i)
+      for (Index j = 0; j < x.cols(); ++j) {
+        const Scalar v = x(i, j);
+        const Scalar cdf = Scalar(0.5) * (Scalar(1) + std::erf(v * inv_sqrt2));
+        const Scalar pdf = inv_sqrt_2pi * std::exp(Scalar(-0.5) * v * v);
+        dx(i, j) = dy(i, j) * (cdf + v * pdf);
+      }
+  });
 }
 
 }  // namespace memoryformer

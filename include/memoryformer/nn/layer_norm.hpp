@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
+#include "../detail/row_parallel.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
 #include "../types.hpp"
@@ -73,15 +74,18 @@ class LayerNorm {
     cache.mean.resize(x.rows());
     cache.rstd.resize(x.rows());
     const Scalar inv_d = Scalar(1) / Scalar(d());
-    for (Index n = 0; n < x.rows(); ++n) {
-      // Two passes (mean, then squared deviations) rather than E[x²] − μ²: no cancellation for large means.
-      const Scalar mu = x.row(n).sum() * inv_d;
-      const Scalar var = (x.row(n).array() - mu).square().sum() * inv_d;
-      const Scalar rstd = Scalar(1) / std::sqrt(var + eps_);
-      cache.mean(n) = mu;
-      cache.rstd(n) = rstd;
-      y.row(n) = ((x.row(n).array() - mu) * rstd * gamma_.transpose().array() + beta_.transpose().array()).matrix();
-    }
+    // Rows are independent: contiguous row ranges on the threads.
+    detail::parallel_rows(x.rows(), detail::min_rows_per_thread(d()), [&](Index r0, Index r1) {
+      for (Index n = r0; n < r1; ++n) {
+        // Two passes (mean, then squared deviations) rather than E[x²] − μ²: no cancellation for large means.
+        const Scalar mu = x.row(n).sum() * inv_d;
+        const Scalar var = (x.row(n).array() - mu).square().sum() * inv_d;
+        const Scalar rstd = Scalar(1) / std::sqrt(var + eps_);
+        cache.mean(n) = mu;
+        cache.rstd(n) = rstd;
+        y.row(n) = ((x.row(n).array() - mu) * rstd * gamma_.transpose().array() + beta_.transpose().array()).matrix();
+      }
+    });
   }
 
   /**
@@ -104,18 +108,26 @@ class LayerNorm {
       throw StateError(std::string(where) + ": cache holds " + std::to_string(cache.mean.size()) + " rows, x has " +
                        std::to_string(x.rows()) + "; call forward on this x first");
     const Scalar inv_d = Scalar(1) / Scalar(d());
-    for (Index n = 0; n < x.rows(); ++n) {
+    const Index dd = d();
+    // dγ and dβ sum rows in fixed chunks (chunk sums added in chunk order): the same bits for any thread count. One
+    // accumulator [2d] holds both, dγ first. Each row's dx is written by the thread that summed it, after its terms
+    // read x and dy.
+    dgamma_beta_.resize(2 * dd);
+    dgamma_beta_.setZero();
+    detail::chunked_row_sum(dgamma_beta_, partials_, x.rows(), [&](Index n, auto& acc) {
       const Scalar mu = cache.mean(n);
       const Scalar rstd = cache.rstd(n);
-      const auto xhat = (x.row(n).array() - mu) * rstd;        // lazy expression, re-read per use
+      const auto xhat = (x.row(n).array() - mu) * rstd;  // lazy expression, re-read per use
       const auto g = dy.row(n).array() * gamma_.transpose().array();
       const Scalar mean_g = g.sum() * inv_d;
       const Scalar mean_gx = (g * xhat).sum() * inv_d;
-      dgamma_.transpose().array() += dy.row(n).array() * xhat;
-      dbeta_.transpose() += dy.row(n);
+      acc.head(dd).array() += (dy.row(n).array() * xhat).transpose();
+      acc.tail(dd) += dy.row(n).transpose();
       // Element-wise from x_j and dy_j only, so dx may share storage with either.
       dx.row(n) = (rstd * (g - mean_g - xhat * mean_gx)).matrix();
-    }
+    });
+    dgamma_ += dgamma_beta_.head(dd);
+    dbeta_ += dgamma_beta_.tail(dd);
   }
 
   /// Sets dgamma and dbeta to zero.
@@ -142,6 +154,8 @@ class LayerNorm {
   Vector<Scalar> beta_;    // [d]
   Vector<Scalar> dgamma_;  // [d]
   Vector<Scalar> dbeta_;   // [d]
+  Vector<Scalar> dgamma_beta_;  // [2d] scratch of backward: this call's dγ then dβ
+  Matrix<Scalar> partials_;     // [row chunks, 2d] scratch of backward: per-chunk sums of dγ, dβ
 };
 
 }  // namespace memoryformer

@@ -11,6 +11,7 @@
 
 #include "../detail/checks.hpp"
 #include "../detail/column_sums.hpp"
+#include "../detail/row_parallel.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
 #include "../random.hpp"
@@ -38,7 +39,9 @@ bool linear_views_overlap(const A& a, const B& b) {
  * @brief Fully-connected layer y = x W + b over rows of x (one row per token).
  * @tparam Scalar float or double.
  *
- * W is stored [d_in, d_out] (so a forward is one row-major GEMM x·W); the bias is optional.
+ * W is stored [d_in, d_out] (so a forward is row-major GEMMs x·W); the bias is optional.
+ * Threads (OpenMP): forward and dx run one product per fixed block of rows, dW one per fixed block of columns, so
+ * results have the same bits for any thread count (Eigen's own product threads are not used).
  * Initialisation: W ~ N(0, init_std²) from the given Rng, b = 0.
  */
 template <std::floating_point Scalar>
@@ -87,8 +90,8 @@ class Linear {
     detail::check_shape(where, "x", x.rows(), x.cols(), -1, d_in(), expected_text("(N, d_in)", -1, d_in()));
     detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), d_out(), expected_text("(N, d_out)", x.rows(), d_out()));
     if (detail::linear_views_overlap(y, x)) throw std::invalid_argument(std::string(where) + ": y overlaps x");
-    y.noalias() = x * weight_;
-    if (has_bias_) y.rowwise() += bias_.transpose();
+    // One product per fixed block of rows, blocks on the threads: the same bits for any thread count.
+    detail::chunked_product<Scalar>(y, x, weight_, has_bias_ ? &bias_ : nullptr);
   }
 
   /**
@@ -105,9 +108,11 @@ class Linear {
     detail::check_shape(where, "dx", dx.rows(), dx.cols(), x.rows(), d_in(), expected_text("(N, d_in)", x.rows(), d_in()));
     if (detail::linear_views_overlap(dx, dy)) throw std::invalid_argument(std::string(where) + ": dx overlaps dy");
     // Parameter gradients first: they read x, and dx is allowed to overwrite x.
-    dweight_.noalias() += x.transpose() * dy;
+    // dW by fixed column blocks (each sums over every row itself), dx by fixed row blocks: no partial sums combined
+    // across threads, so the same bits for any thread count.
+    detail::chunked_weight_gradient<Scalar>(dweight_, x, dy);
     if (has_bias_) dbias_.noalias() += detail::column_sums<Scalar>(dy);
-    dx.noalias() = dy * weight_.transpose();
+    detail::chunked_product_transposed<Scalar>(dx, dy, weight_);
   }
 
   /// Sets dweight and dbias to zero.

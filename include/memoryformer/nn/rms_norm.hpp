@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
+#include "../detail/row_parallel.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
 #include "../types.hpp"
@@ -64,12 +65,15 @@ class RMSNorm {
     detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), d());
     cache.rms.resize(x.rows());
     const Scalar inv_d = Scalar(1) / Scalar(d());
-    for (Index n = 0; n < x.rows(); ++n) {
-      const Scalar rms = std::sqrt(x.row(n).squaredNorm() * inv_d);
-      cache.rms(n) = rms;
-      const Scalar s = Scalar(1) / (rms + eps_);
-      y.row(n) = (x.row(n).array() * s * scale_.transpose().array()).matrix();
-    }
+    // Rows are independent: contiguous row ranges on the threads.
+    detail::parallel_rows(x.rows(), detail::min_rows_per_thread(d()), [&](Index r0, Index r1) {
+      for (Index n = r0; n < r1; ++n) {
+        const Scalar rms = std::sqrt(x.row(n).squaredNorm() * inv_d);
+        cache.rms(n) = rms;
+        const Scalar s = Scalar(1) / (rms + eps_);
+        y.row(n) = (x.row(n).array() * s * scale_.transpose().array()).matrix();
+      }
+    });
   }
 
   /**
@@ -93,15 +97,17 @@ class RMSNorm {
       throw StateError(std::string(where) + ": cache holds " + std::to_string(cache.rms.size()) + " rows, x has " +
                        std::to_string(x.rows()) + "; call forward on this x first");
     const Scalar inv_d = Scalar(1) / Scalar(d());
-    for (Index n = 0; n < x.rows(); ++n) {
+    // dg = Σ_rows dy⊙x·s sums rows in fixed chunks (chunk sums added in chunk order): the same bits for any thread
+    // count. Each row's dx is written by the thread that summed it, after its dg term read x and dy.
+    detail::chunked_row_sum(dscale_, partials_, x.rows(), [&](Index n, auto& acc) {
       const Scalar r = cache.rms(n);
       const Scalar s = Scalar(1) / (r + eps_);
       const Scalar dot = (dy.row(n).array() * scale_.transpose().array() * x.row(n).array()).sum();
-      dscale_.transpose().array() += dy.row(n).array() * x.row(n).array() * s;
+      acc.array() += dy.row(n).transpose().array() * x.row(n).transpose().array() * s;
       const Scalar c = r > Scalar(0) ? s * s * dot * inv_d / r : Scalar(0);
       // Element-wise from dy_j and x_j only, so dx may share storage with either.
       dx.row(n) = (s * dy.row(n).array() * scale_.transpose().array() - c * x.row(n).array()).matrix();
-    }
+    });
   }
 
   /// Sets dscale to zero.
@@ -121,6 +127,7 @@ class RMSNorm {
   Scalar eps_;
   Vector<Scalar> scale_;   // [d] g
   Vector<Scalar> dscale_;  // [d]
+  Matrix<Scalar> partials_;  // [row chunks, d] scratch of backward: per-chunk sums of dg
 };
 
 }  // namespace memoryformer

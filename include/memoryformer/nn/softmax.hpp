@@ -6,6 +6,7 @@
 #include <concepts>
 
 #include "../detail/checks.hpp"
+#include "../detail/row_parallel.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 
@@ -28,16 +29,18 @@ void softmax_forward(MatrixRef<typename XDerived::Scalar> y, const Eigen::Matrix
     throw ShapeError("softmax_forward: x is " + detail::shape_string({x.rows(), x.cols()}) +
                      ", expected at least one column");
   detail::check_shape("softmax_forward", "y", y.rows(), y.cols(), x.rows(), x.cols());
-  for (Index i = 0; i < x.rows(); ++i) {
-    const Scalar m = x.row(i).maxCoeff();
-    Scalar sum = 0;
-    for (Index j = 0; j < x.cols(); ++j) {
-      const Scalar e = std::exp(x(i, j) - m);
-      y(i, j) = e;
-      sum += e;
+  detail::parallel_rows(x.rows(), detail::min_rows_per_thread(x.cols()), [&](Index r0, Index r1) {
+    for (Index i = r0; i < r1; ++i) {
+      const Scalar m = x.row(i).maxCoeff();
+      Scalar sum = 0;
+      for (Index j = 0; j < x.cols(); ++j) {
+        const Scalar e = std::exp(x(i, j) - m);
+        y(i, j) = e;
+        sum += e;
+      }
+      y.row(i) *= Scalar(1) / sum;
     }
-    y.row(i) *= Scalar(1) / sum;
-  }
+  });
 }
 
 /**
@@ -55,10 +58,12 @@ void softmax_backward(MatrixRef<typename YDerived::Scalar> dx, const Eigen::Matr
   using Scalar = typename YDerived::Scalar;
   detail::check_shape("softmax_backward", "dy", dy.rows(), dy.cols(), y.rows(), y.cols());
   detail::check_shape("softmax_backward", "dx", dx.rows(), dx.cols(), y.rows(), y.cols());
-  for (Index i = 0; i < y.rows(); ++i) {
-    const Scalar dot = y.row(i).dot(dy.row(i));
-    for (Index j = 0; j < y.cols(); ++j) dx(i, j) = y(i, j) * (dy(i, j) - dot);
-  }
+  detail::parallel_rows(y.rows(), detail::min_rows_per_thread(y.cols()), [&](Index r0, Index r1) {
+    for (Index i = r0; i < r1; ++i) {
+      const Scalar dot = y.row(i).dot(dy.row(i));
+      for (Index j = 0; j < y.cols(); ++j) dx(i, j) = y(i, j) * (dy(i, j) - dot);
+    }
+  });
 }
 
 }  // namespace memoryformer

@@ -1,0 +1,169 @@
+// SPDX-License-Identifier: MIT
+// FrozenMemoryFormerBlock: an inference-only MemoryFormerBlock (spec §3, forward only) whose Q, K, V and Memory Block
+// layers read packed float32, bfloat16 or float16 tables, with prefill and KV-cache decoding.
+#pragma once
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "detail/row_parallel.hpp"
+#include "error.hpp"
+#include "frozen_memory_block.hpp"
+#include "frozen_memory_layer.hpp"
+#include "hash.hpp"
+#include "memoryformer_block.hpp"
+#include "nn/attention.hpp"
+#include "nn/block_norm.hpp"
+#include "nn/kv_cache.hpp"
+#include "nn/linear.hpp"
+#include "nn/rope.hpp"
+#include "table_storage.hpp"
+#include "types.hpp"
+
+namespace memoryformer {
+
+/// Buffers of FrozenMemoryFormerBlock's forward and forward_decode, owned by the caller (forward stays const and
+/// thread-safe); reused without allocation once the row count is stable. N = batch·seq (or batch·t when decoding).
+struct FrozenMemoryFormerBlockScratch {
+  BlockNormCache<float> norm1, norm2;  // per-row statistics
+  Matrix<float> a;                     // [N, d] norm1(x)
+  HashResult<float> hash;              // [N, K] shared by Q, K, V
+  Matrix<float> q, k, v;               // [N, d] (q, k after rotary)
+  AttentionCache<float> attention;     // probabilities (forward only)
+  Matrix<float> ctx;                   // [N, d] attention output (before W_O)
+  Matrix<float> h;                     // [N, d] x + attention
+  Matrix<float> b;                     // [N, d] norm2(h)
+  FrozenMemoryBlockScratch memory;     // the Memory Block's buffers
+};
+
+/**
+ * @brief A read-only copy of a trained MemoryFormerBlock<float> for inference (spec §3): the norms, the shared
+ * hash, rotary and the optional W_O as they are; Q, K, V and the Memory Block's ML1 and ML2 as FrozenMemoryLayer
+ * over tables converted once to `storage`.
+ *
+ * With StorageType::F32 every output has the same bits as MemoryFormerBlock::forward / forward_decode (the packed
+ * kernels sum in the training fast path's order); BF16 and F16 differ by the rounding of the stored table values
+ * only (activations and sums stay float32). There is no backward: a frozen block cannot be trained.
+ */
+class FrozenMemoryFormerBlock {
+ public:
+  using Config = MemoryFormerBlockConfig;
+  using Scratch = FrozenMemoryFormerBlockScratch;
+
+  /// @throws ConfigError (a table value that is not finite or does not fit float16)
+  FrozenMemoryFormerBlock(const MemoryFormerBlock<float>& block, StorageType storage,
+                          FrozenLayout layout = FrozenLayout::Both)
+      : config_(block.config()),
+        norm1_(block.norm1()),
+        hasher_(block.hasher()),
+        q_(block.q(), storage, layout),
+        k_(block.k(), storage, layout),
+        v_(block.v(), storage, layout),
+        rotary_(block.rotary()),
+        norm2_(block.norm2()),
+        memory_(block.memory_block(), storage, layout) {
+    if (block.output_projection() != nullptr) output_.emplace(*block.output_projection());
+  }
+
+  const Config& config() const { return config_; }
+  Index d() const { return config_.d; }
+  StorageType storage() const { return q_.storage(); }
+  const BlockNorm<float>& norm1() const { return norm1_; }
+  const SignHasher<float>& hasher() const { return hasher_; }
+  const FrozenMemoryLayer& q() const { return q_; }
+  const FrozenMemoryLayer& k() const { return k_; }
+  const FrozenMemoryLayer& v() const { return v_; }
+  const BlockNorm<float>& norm2() const { return norm2_; }
+  const FrozenMemoryBlock& memory_block() const { return memory_; }
+  /// Bytes of packed table storage held (Q, K, V, ML1, ML2).
+  std::size_t table_bytes() const {
+    return q_.table_bytes() + k_.table_bytes() + v_.table_bytes() + memory_.table_bytes();
+  }
+
+  /**
+   * @brief y = block(x) for `batch` sequences of `seq` tokens (causal within each sequence, positions 0 … seq−1).
+   * @param y [batch·seq, d] output
+   * @param x [batch·seq, d] input, batch-major
+   * @throws ConfigError (batch or seq < 1), ShapeError, NonFiniteError
+   */
+  void forward(MatrixRef<float> y, ConstMatrixRef<float> x, Index batch, Index seq, Scratch& s) const {
+    constexpr const char* where = "FrozenMemoryFormerBlock::forward";
+    detail::check_config(batch >= 1 && seq >= 1, where,
+                         "batch = " + std::to_string(batch) + " and seq = " + std::to_string(seq) + " must be >= 1");
+    if (x.rows() != batch * seq || x.cols() != config_.d)
+      detail::throw_shape(where, "x", x.rows(), x.cols(),
+                          "(batch·seq, d) = (" + std::to_string(batch * seq) + ", " + std::to_string(config_.d) + ")");
+    detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), config_.d);
+    attention_input(x, s);
+    rotary_.forward(s.q, s.q, batch, seq, 0);
+    rotary_.forward(s.k, s.k, batch, seq, 0);
+    attention_forward<float>(s.ctx, s.q, s.k, s.v, batch, seq, config_.heads, s.attention);
+    finish(y, x, s);
+  }
+
+  /// A KV cache sized for this block.
+  KVCache<float> make_kv_cache(Index batch, Index max_seq) const { return KVCache<float>(batch, max_seq, config_.d); }
+
+  /**
+   * @brief Incremental decoding: x_new [batch·t, d] are the next t tokens of each sequence, at positions
+   * kv.length() …; appends their keys and values to kv and writes their outputs (the rows forward gives at those
+   * positions on the whole sequence, up to the rounding of attention's sums).
+   * @throws ShapeError; std::length_error past the cache's max_seq (kv unchanged)
+   */
+  void forward_decode(MatrixRef<float> y_new, ConstMatrixRef<float> x_new, KVCache<float>& kv, Scratch& s) const {
+    constexpr const char* where = "FrozenMemoryFormerBlock::forward_decode";
+    if (kv.d() != config_.d)
+      throw ShapeError(std::string(where) + ": kv holds " + std::to_string(kv.d()) +
+                       " features per token, expected d = " + std::to_string(config_.d));
+    if (x_new.cols() != config_.d || x_new.rows() == 0 || x_new.rows() % kv.batch() != 0)
+      detail::throw_shape(where, "x_new", x_new.rows(), x_new.cols(),
+                          "(batch·t, " + std::to_string(config_.d) + ") with batch = " + std::to_string(kv.batch()));
+    detail::check_shape(where, "y_new", y_new.rows(), y_new.cols(), x_new.rows(), config_.d);
+    const Index t = x_new.rows() / kv.batch();
+    if (kv.length() + t > kv.max_seq())
+      throw std::length_error(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " +
+                              std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
+    attention_input(x_new, s);
+    rotary_.forward(s.q, s.q, kv.batch(), t, kv.length());
+    rotary_.forward(s.k, s.k, kv.batch(), t, kv.length());
+    attention_decode<float>(s.ctx, s.q, s.k, s.v, kv, config_.heads);
+    finish(y_new, x_new, s);
+  }
+
+ private:
+  // a = norm1(x); one hash of a; q, k, v = its lookups in the Q, K, V tables.
+  void attention_input(ConstMatrixRef<float> x, Scratch& s) const {
+    const Index n = x.rows(), d = config_.d;
+    for (Matrix<float>* m : {&s.a, &s.q, &s.k, &s.v, &s.ctx, &s.h, &s.b}) m->resize(n, d);
+    norm1_.forward(s.a, x, s.norm1);
+    hasher_.hash(s.hash, s.a);
+    q_.forward_hashed(s.q, s.hash);
+    k_.forward_hashed(s.k, s.hash);
+    v_.forward_hashed(s.v, s.hash);
+  }
+
+  // h = x + [W_O] ctx; y = h + MB(norm2(h)).
+  void finish(MatrixRef<float> y, ConstMatrixRef<float> x, Scratch& s) const {
+    if (output_) {
+      output_->forward(s.h, s.ctx);
+      detail::parallel_add<float>(s.h, x);
+    } else {
+      detail::parallel_sum<float>(s.h, x, s.ctx);
+    }
+    norm2_.forward(s.b, s.h, s.norm2);
+    memory_.forward(y, s.b, s.memory);
+    detail::parallel_add<float>(y, s.h);
+  }
+
+  Config config_;
+  BlockNorm<float> norm1_;               // [d]
+  SignHasher<float> hasher_;             // the hash Q, K and V share
+  FrozenMemoryLayer q_, k_, v_;          // d → d each
+  Rotary<float> rotary_;
+  std::optional<Linear<float>> output_;  // W_O [d, d], only with output_projection
+  BlockNorm<float> norm2_;               // [d]
+  FrozenMemoryBlock memory_;             // the FFN replacement
+};
+
+}  // namespace memoryformer

@@ -1,0 +1,196 @@
+// SPDX-License-Identifier: MIT
+// Thread-count independence of the dense layers' threaded loops (RMSNorm, LayerNorm, cross-entropy, Linear, GeLU,
+// softmax) and of a whole model's forward and backward: 1, 2 and 3 OpenMP threads must give the same bits, including
+// the reductions over rows (norm-scale gradients, weight gradients), which sum in fixed chunks.
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <memoryformer/model.hpp>
+#include <memoryformer/nn/cross_entropy.hpp>
+#include <memoryformer/nn/gelu.hpp>
+#include <memoryformer/nn/layer_norm.hpp>
+#include <memoryformer/nn/linear.hpp>
+#include <memoryformer/nn/rms_norm.hpp>
+#include <memoryformer/nn/softmax.hpp>
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+#include <omp.h>
+#endif
+
+namespace mf = memoryformer;
+using mf::Index;
+
+namespace {
+
+/// Sets OpenMP's thread count for a test and restores the one before when the test ends.
+class ThreadSetting {
+ public:
+#if defined(MEMORYFORMER_USE_OPENMP)
+  ThreadSetting() : saved_(omp_get_max_threads()) {}
+  ~ThreadSetting() { omp_set_num_threads(saved_); }
+  ThreadSetting(const ThreadSetting&) = delete;
+  ThreadSetting& operator=(const ThreadSetting&) = delete;
+  void set(int threads) { omp_set_num_threads(threads); }
+
+ private:
+  int saved_;
+#else
+  void set(int) {}
+#endif
+};
+
+mf::Matrix<float> random_matrix(Index rows, Index cols, std::uint64_t seed) {
+  mf::Rng rng(seed);
+  mf::Matrix<float> m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = float(rng.normal());
+  return m;
+}
+
+std::vector<std::int32_t> random_tokens(Index n, Index vocab, std::uint64_t seed) {
+  mf::Rng rng(seed);
+  std::vector<std::int32_t> t(static_cast<std::size_t>(n));
+  for (auto& v : t) v = std::int32_t(rng.uniform_index(std::uint64_t(vocab)));
+  return t;
+}
+
+/// Appends the bytes of an Eigen object.
+template <class M>
+void append(std::vector<float>& out, const M& m) {
+  out.insert(out.end(), m.data(), m.data() + m.size());
+}
+
+/// run(out) for 1, 2 and 3 threads: every run must append the same bits.
+template <class Run>
+void expect_same_bits_for_1_2_3_threads(Run&& run) {
+  ThreadSetting threads;
+  std::vector<float> results[3];
+  for (int n = 1; n <= 3; ++n) {
+    threads.set(n);
+    run(results[n - 1]);
+  }
+  ASSERT_FALSE(results[0].empty());
+  for (int n = 2; n <= 3; ++n) {
+    ASSERT_EQ(results[0].size(), results[n - 1].size());
+    EXPECT_EQ(0, std::memcmp(results[0].data(), results[n - 1].data(), results[0].size() * sizeof(float)))
+        << n << " threads";
+  }
+}
+
+// Enough rows for several threads at every layer's minimum work per thread and several reduction chunks.
+constexpr Index rows = 1100, d = 48, vocab = 200;
+
+}  // namespace
+
+TEST(ThreadCount, RMSNormForwardBackwardSameBits) {
+  const auto x = random_matrix(rows, d, 1), dy = random_matrix(rows, d, 2);
+  expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
+    mf::RMSNorm<float> norm(d);
+    norm.scale() = random_matrix(1, d, 3).row(0).transpose();
+    mf::RMSNormCache<float> cache;
+    mf::Matrix<float> y(rows, d), dx(rows, d);
+    norm.forward(y, x, cache);
+    norm.backward(dx, x, dy, cache);
+    norm.backward(dx, x, dy, cache);  // gradients accumulate
+    append(out, y);
+    append(out, dx);
+    append(out, norm.dscale());
+  });
+}
+
+TEST(ThreadCount, LayerNormForwardBackwardSameBits) {
+  const auto x = random_matrix(rows, d, 4), dy = random_matrix(rows, d, 5);
+  expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
+    mf::LayerNorm<float> norm(d);
+    norm.gamma() = random_matrix(1, d, 6).row(0).transpose();
+    mf::LayerNormCache<float> cache;
+    mf::Matrix<float> y(rows, d), dx(rows, d);
+    norm.forward(y, x, cache);
+    norm.backward(dx, x, dy, cache);
+    append(out, y);
+    append(out, dx);
+    append(out, norm.dgamma());
+    append(out, norm.dbeta());
+  });
+}
+
+TEST(ThreadCount, CrossEntropySameBits) {
+  const auto logits = random_matrix(rows, vocab, 7);
+  const auto targets = random_tokens(rows, vocab, 8);
+  expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
+    mf::CrossEntropyCache<float> cache;
+    const float loss = mf::cross_entropy_forward<float>(logits, targets, cache);
+    mf::Matrix<float> dlogits(rows, vocab);
+    mf::cross_entropy_backward<float>(dlogits, logits, targets, cache, 0.5f);
+    out.push_back(loss);
+    append(out, dlogits);
+  });
+}
+
+TEST(ThreadCount, LinearForwardBackwardSameBits) {
+  const auto x = random_matrix(rows, d, 9), dy = random_matrix(rows, vocab, 10);
+  expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
+    mf::Linear<float> head(d, vocab, true, std::uint64_t(11));
+    mf::Matrix<float> y(rows, vocab), dx(rows, d);
+    head.forward(y, x);
+    head.backward(dx, x, dy);
+    append(out, y);
+    append(out, dx);
+    append(out, head.dweight());
+    append(out, head.dbias());
+  });
+}
+
+TEST(ThreadCount, GeluAndSoftmaxSameBits) {
+  const auto x = random_matrix(rows, vocab, 12), dy = random_matrix(rows, vocab, 13);
+  expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
+    mf::Matrix<float> y(rows, vocab), dx(rows, vocab);
+    mf::gelu_forward(y, x);
+    append(out, y);
+    mf::gelu_backward(dx, x, dy);
+    append(out, dx);
+    mf::softmax_forward(y, x);
+    append(out, y);
+    mf::softmax_backward(dx, y, dy);
+    append(out, dx);
+  });
+}
+
+// A model wide enough that the norms, the residual adds and the cross-entropy split rows between threads too.
+TEST(ThreadCount, ModelForwardBackwardSameBits) {
+  mf::MemoryFormerLM<float>::Config c;
+  c.vocab = 256;
+  c.layers = 2;
+  c.block.d = 64;
+  c.block.heads = 4;
+  c.block.tau = 8;
+  c.block.gelu = true;
+  c.block.norm = mf::NormKind::Layer;
+  const Index batch = 6, seq = 96;
+  const auto tokens = random_tokens(batch * seq, 256, 14), targets = random_tokens(batch * seq, 256, 15);
+  expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
+    mf::MemoryFormerLM<float> model(c, 16);
+    mf::MemoryFormerLM<float>::Cache cache;
+    out.push_back(model.forward_loss(tokens, targets, batch, seq, cache));
+    model.backward(cache);
+    append(out, cache.logits);
+    for (const auto& p : model.parameters()) out.insert(out.end(), p.grad.begin(), p.grad.end());
+  });
+  mf::TransformerLM<float>::Config t;
+  t.vocab = 256;
+  t.layers = 1;
+  t.block.d = 64;
+  t.block.heads = 4;
+  t.block.parallel_residual = true;
+  expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
+    mf::TransformerLM<float> model(t, 17);
+    mf::TransformerLM<float>::Cache cache;
+    out.push_back(model.forward_loss(tokens, targets, batch, seq, cache));
+    model.backward(cache);
+    append(out, cache.logits);
+    for (const auto& p : model.parameters()) out.insert(out.end(), p.grad.begin(), p.grad.end());
+  });
+}
