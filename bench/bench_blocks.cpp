@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// MemoryFormerBlock against TransformerBlock (spec §3, §4): prefill of one sequence, one-token decode through a
+// MemoryFormerBlock against TransformerBlock (design §3, §4): prefill of one sequence, one-token decode through a
 // stack deep enough that its weights exceed the L3, the attention both blocks share timed alone, and the paired
 // prefill ratio. Names: block/{memoryformer,transformer,attention}/{prefill,decode}/d:…/heads:…/s:… and
 // block/paired/prefill/d:…/heads:…/s:… (counters time_ratio = MemoryFormer / Transformer time, x_transformer its

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// SignHasher throughput (spec §1.2, §1.4): bytes/s of float32 input, tokens/s, for both score kinds and ISA paths.
+// SignHasher throughput (design §1.2, §1.4): bytes/s of float32 input, tokens/s, for both score kinds and ISA paths.
 // Names: hash/forward/d_in:…/tau:…/N:…/score:{l1,paper}/isa:….
 #include <algorithm>
 #include <string>

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Memory Layer kernel benchmarks against the dense Eigen layer in the same run (spec §1 Cost; practices P18): prefill
+// Memory Layer kernel benchmarks against the dense Eigen layer in the same run (design §1.7): prefill
 // forward (float32, bfloat16, float16 tables), a 48-layer decode stack whose tables exceed the caches, backward,
 // hashing, two threads, and the measured memory rooflines every result is compared with.
 //

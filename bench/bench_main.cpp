@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// main() of memoryformer_bench: machine context, grid selection (--full / --smoke), then Google Benchmark (P18).
+// main() of memoryformer_bench: machine context, grid selection (--full / --smoke), then Google Benchmark.
 #include <cstdlib>
 #include <cstring>
 #include <iostream>

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// MemoryLayer forward/backward against the dense Eigen layer y = x·W + b at the same shape (spec §1 Cost; P18).
+// MemoryLayer forward/backward against the dense Eigen layer y = x·W + b at the same shape (design §1.7).
 // Names: memory_layer/{forward,backward}/d_in:…/d_out:…/tau:…/N:…, dense/{forward,backward}/d_in:…/d_out:…/N:…,
 // memory_layer/forward_hashed/… (lookup half alone), memory_layer/forward_scalar/… (portable kernels) and
 // memory_layer/paired/{forward,backward}/… (dense and Memory Layer call alternately: the ratios to quote).

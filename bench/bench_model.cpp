@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Whole models (spec §3): MemoryFormerLM shaped like MemoryFormer-tiny (d = 512, 6 layers, 8 heads, τ = 8) against
+// Whole models (design §3): MemoryFormerLM shaped like MemoryFormer-tiny (d = 512, 6 layers, 8 heads, τ = 8) against
 // TransformerLM of the same d, layers and heads (Pythia-70M's shape), byte vocabulary (256), fp32 tables and weights.
 // Every row is one paired benchmark (run_paired: dense baseline and MemoryFormer candidate alternately), so the
 // ratio compares both models in the same machine state:

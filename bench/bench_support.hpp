@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// What the benchmark sources share (practices P18): thread settings and clocks, the paired-timing helper, the
+// What the benchmark sources share: thread settings and clocks, the paired-timing helper, the
 // Memory Layer and block shapes with their names and analytic sizes, N(0, 1) inputs, the common counters, and the
 // registration functions of each subject (bench_<subject>.cpp), called by memoryformer_bench and memoryformer_report.
 #pragma once
@@ -202,7 +202,7 @@ inline std::string memory_paired_name(const LayerShape& s, bool backward) {
 
 // ------------------------------------------------------------------------------------------------ blocks
 
-/// One shape of the block benchmarks (MemoryFormerBlock against TransformerBlock, spec §3, §4). Prefill: one
+/// One shape of the block benchmarks (MemoryFormerBlock against TransformerBlock, design §3, §4). Prefill: one
 /// sequence of s tokens per call. Decode: one new token whose KV cache holds s − 1 tokens, so it attends to s.
 /// Heads follow the paper's head size 64 (heads = d/64, at least 1); the MemoryFormer block uses τ and e = 2.
 struct BlockShape {
@@ -308,7 +308,7 @@ inline double transformer_block_bytes_per_token(const BlockShape& s) { return tr
 /// KV-cache bytes one decoded token reads in one block: keys and values of s positions (identical in both blocks).
 inline double kv_bytes_per_token(const BlockShape& s) { return 2.0 * double(s.s) * double(s.d) * 4.0; }
 
-/// Paper-convention FLOPs of one block call (spec §4): prefill on s tokens 2s²d + 12sd² (Transformer), 2s²d + 6Ksd
+/// Paper-convention FLOPs of one block call (design §4): prefill on s tokens 2s²d + 12sd² (Transformer), 2s²d + 6Ksd
 /// (MemoryFormer); one decoded token at context s is that divided by s: 2sd + 12d² resp. 2sd + 6Kd.
 inline double block_flops_paper(bool memoryformer, bool decode, const BlockShape& s, bool with_attention = true) {
   const double sd = double(s.s), d = double(s.d);

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// The machine description every benchmark result carries (practices P18): CPU model (/proc/cpuinfo), caches
+// The machine description every benchmark result carries: CPU model (/proc/cpuinfo), caches
 // (sysfs), compiler, flags, ISA and commit. memoryformer_bench writes it as Google Benchmark context,
 // memoryformer_report prints it in its header; both call the functions below, nothing else describes the machine.
 #pragma once
@@ -159,7 +159,7 @@ inline std::string git_sha() {
 }
 
 
-/// Context keys every benchmark JSON carries (P18): CPU, compiler, ISA, git SHA, caches, thread count.
+/// Context keys every benchmark JSON carries: CPU, compiler, ISA, git SHA, caches, thread count.
 inline void add_benchmark_context() {
   benchmark::AddCustomContext("cpu_model", cpu_model_name());
   benchmark::AddCustomContext("compiler", compiler_string());

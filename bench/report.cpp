@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// memoryformer_report: the paper's FLOP tables recomputed by the library (spec §2, §4: Table 1, Table 5,
+// memoryformer_report: the paper's FLOP tables recomputed by the library (design §2, §4: Table 1, Table 5,
 // Figure 1) and measured Memory Layer / dense and MemoryFormer block / Transformer block time ratios on this
 // machine, as text or JSON.
 #include <algorithm>
@@ -76,7 +76,7 @@ Usage: memoryformer_report [options]
   --help             this text
 
 Conventions: FLOPs in the paper's convention count one multiply-add as ONE FLOP and leave out softmax, norms,
-rotary and hashing (spec section 4). "literal" counts are the multiply-adds of the block this library builds.
+rotary and hashing (design §4). "literal" counts are the multiply-adds of the block this library builds.
 Memory is in MB = 1e6 bytes (that is what reproduces the paper's Table 5).
 Times are single-thread CPU times (Eigen::setNbThreads(1)).
 )";

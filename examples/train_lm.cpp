@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // train_lm: trains a byte-level MemoryFormer language model (or, with --model transformer, the dense baseline of the
 // same width, depth and heads) on a text file or the built-in text, with a progress bar, periodic validation,
-// checkpoints, resume and a --json summary (spec §3 model and training recipe, §4 FLOPs).
+// checkpoints, resume and a --json summary (design §3 model and training recipe, §4 FLOPs).
 //
 //   train_lm [--text FILE] [--model memoryformer|transformer] [--steps N] [--json] ...   (train_lm --help)
 
@@ -50,7 +50,7 @@ struct Args {
   std::string write_default_text;
   Index d = 256, layers = 4, heads = 4, seq = 128, batch = 16, steps = 300, accumulate = 1;
   int tau = 8, expand_bits = 2;
-  std::optional<double> lr;         // default: 3e-3 MemoryFormer, 1e-3 dense (spec §3: 3× the dense rate)
+  std::optional<double> lr;         // default: 3e-3 MemoryFormer, 1e-3 dense (design §3: 3× the dense rate)
   double table_lr_mult = 1.0;
   double min_lr_ratio = 0.01, warmup_ratio = 0.01, clip = 1.0, weight_decay = 0.1;
   std::string sparse_update = "row";

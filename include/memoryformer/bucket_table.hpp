@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Bucket-table storage of a Memory Layer (spec §1.3): K tables of 2^τ rows × width values in one 64-byte-aligned
+// Bucket-table storage of a Memory Layer (design §1.3): K tables of 2^τ rows × width values in one 64-byte-aligned
 // block, row r of table k at global row k·2^τ + r; and a hit counter for bucket-usage analysis (paper Figure 4).
 #pragma once
 

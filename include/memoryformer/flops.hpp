@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: MIT
-// Analytic FLOP counts and table/parameter storage of Transformer and MemoryFormer blocks (spec §1 Cost, §2, §3, §4).
+// Analytic FLOP counts and table/parameter storage of Transformer and MemoryFormer blocks (design §1.7, §2, §3, §4).
 //
 // Two conventions are provided and always named in the function:
-//  - `_paper`: the paper's own accounting (spec §4). One multiply-add = ONE FLOP; softmax, norms, rotary and
+//  - `_paper`: the paper's own accounting (design §4). One multiply-add = ONE FLOP; softmax, norms, rotary and
 //    hashing are not counted; the MemoryFormer block uses the paper's rounded coefficient 6·K·s·d.
-//  - `_literal`: the multiply-adds of the architecture this library builds (spec §3: three Q/K/V memory layers
+//  - `_literal`: the multiply-adds of the architecture this library builds (design §3: three Q/K/V memory layers
 //    sharing one hash, ML1 → LayerNorm → ML2, no W_O unless asked for), with the hashing work in its own field.
 // Storage sizes are in bytes; `megabytes()` divides by 1e6, which is the convention that reproduces the paper's
 // Table 5 (33.6 / 52.4 / 88.1 / 157.3 MB); in MiB the same tables are 32 / 50 / 84 / 150.
@@ -26,7 +26,7 @@ constexpr double megabytes(double bytes) noexcept { return bytes / 1e6; }
 constexpr double mebibytes(double bytes) noexcept { return bytes / 1048576.0; }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Paper convention (spec §4): one multiply-add = one FLOP; softmax, norms, rotary and hashing are not counted.
+// Paper convention (design §4): one multiply-add = one FLOP; softmax, norms, rotary and hashing are not counted.
 // ---------------------------------------------------------------------------------------------------------------
 
 /// Attention score and mixing FLOPs of one block, 2·s²·d (QKᵀ and AV), paper convention.
@@ -146,10 +146,10 @@ constexpr DenseBlockFlops pythia_block_flops(double s, double d) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Literal count of the MemoryFormer block this library builds (spec §2, §3, §4 last paragraph).
+// Literal count of the MemoryFormer block this library builds (design §2, §3, §4 last paragraph).
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Shape of one MemoryFormer block, as built (spec §3).
+/// Shape of one MemoryFormer block, as built (design §3).
 struct MemoryFormerBlockShape {
   double d = 512;                  ///< model width; must be a multiple of tau
   double heads = 8;                ///< attention heads (does not change the counts; kept for reporting)
@@ -199,7 +199,7 @@ constexpr MemoryFormerBlockFlops memoryformer_block_flops_literal(double s, cons
   f.memory_block = f.ml1 + f.ml2;
   f.attention = 2.0 * s * s * d;
   f.output_projection = shape.output_projection ? s * d * d : 0.0;
-  // Q/K/V share ONE hash of the normed input (spec §3), so it is counted once.
+  // Q/K/V share ONE hash of the normed input (design §3), so it is counted once.
   const double ml2_input = shape.extra_table ? 2.0 * d : k * (shape.tau + shape.expand_bits);
   f.hashing = s * (d + d + ml2_input);
   f.total_no_attention = f.qkv + f.memory_block + f.output_projection;
@@ -235,7 +235,7 @@ constexpr MemoryLayerFlops memory_layer_flops_literal(double s, double d_in, dou
 // Storage.
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Table values of one Memory Layer: K·2^τ·d_out with K = d_in/τ (spec §1: tables [K, 2^τ, d_out]).
+/// Table values of one Memory Layer: K·2^τ·d_out with K = d_in/τ (design §1: tables [K, 2^τ, d_out]).
 /// @throws ConfigError if d_in is not a multiple of τ or τ outside 1..30.
 constexpr double memory_layer_table_values(double d_in, double d_out, int tau) {
   detail::require_positive("memory_layer_table_values", "d_in", d_in);
@@ -251,7 +251,7 @@ constexpr double memory_layer_table_bytes(double d_in, double d_out, int tau, St
   return memory_layer_table_values(d_in, d_out, tau) * bytes_per_value(type);
 }
 
-/// Table bytes of one Memory Block (spec §2): ML1 K·2^τ·K(τ+e) + ML2 K·2^(τ+e)·d values, K = d/τ.
+/// Table bytes of one Memory Block (design §2): ML1 K·2^τ·K(τ+e) + ML2 K·2^(τ+e)·d values, K = d/τ.
 /// With extra_table: ML1 K·2^τ·2d + ML2 2K·2^τ·d. Biases and LayerNorm parameters are not included.
 /// @throws ConfigError if d is not a multiple of τ, τ outside 1..30, e outside 0..30 or τ+e > 30.
 constexpr double memory_block_table_bytes(double d, int tau, int expand_bits, StorageType type,
@@ -304,7 +304,7 @@ constexpr double dense_model_nonembedding_parameters(double layers, double d) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The paper's model sizes (Table 1; spec §3).
+// The paper's model sizes (Table 1; design §3).
 // ---------------------------------------------------------------------------------------------------------------
 
 /// One row of the paper's Table 1: a Pythia baseline or a MemoryFormer model (τ = 8 for the latter).

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// FrozenMemoryBlock: an inference-only MemoryBlock (spec §2, forward only) — ML1 → LayerNorm → [GeLU] → ML2 with both
+// FrozenMemoryBlock: an inference-only MemoryBlock (design §2, forward only) — ML1 → LayerNorm → [GeLU] → ML2 with both
 // Memory Layers frozen to packed float32, bfloat16 or float16 tables (FrozenMemoryLayer).
 #pragma once
 

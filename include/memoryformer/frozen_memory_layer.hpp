@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// FrozenMemoryLayer: an inference-only Memory Layer (spec §1, forward only) over PackedTables — float32, bfloat16 or
+// FrozenMemoryLayer: an inference-only Memory Layer (design §1, forward only) over PackedTables — float32, bfloat16 or
 // float16 table storage with float32 activations and accumulation.
 #pragma once
 

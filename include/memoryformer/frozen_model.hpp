@@ -24,7 +24,7 @@
 namespace memoryformer {
 
 /**
- * @brief A read-only copy of a trained MemoryFormerLM<float> (LanguageModel<MemoryFormerBlock, float>) for inference (spec §3): the embedding, final RMSNorm
+ * @brief A read-only copy of a trained MemoryFormerLM<float> (LanguageModel<MemoryFormerBlock, float>) for inference (design §3): the embedding, final RMSNorm
  * and LM head as they are, every block as a FrozenMemoryFormerBlock whose Q, K, V, ML1 and ML2 tables are converted
  * once to `storage` (StorageType::BF16 halves the bytes every lookup reads, F16 likewise, F32 keeps them exact).
  *

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// SignHasher: the sign-bit LSH of spec §1.2 with the scores of §1.4 — x [N, K·τ] → codes [N, K] and scores [N, K] —
-// and its backward (dscores → dx). One hash can feed several Memory Layers (Q, K and V share one, spec §3).
+// SignHasher: the sign-bit LSH of design §1.2 with the scores of §1.4 — x [N, K·τ] → codes [N, K] and scores [N, K] —
+// and its backward (dscores → dx). One hash can feed several Memory Layers (Q, K and V share one, design §3).
 #pragma once
 
 #include <cstdint>
@@ -35,7 +35,7 @@ struct HashResult {
 };
 
 /**
- * @brief Sign-bit locality-sensitive hasher with differentiable scores (spec §1.2, §1.4).
+ * @brief Sign-bit locality-sensitive hasher with differentiable scores (design §1.2, §1.4).
  *
  * Chunk k of a row is x[kτ : (k+1)τ]; its code has bit (τ−1−j) set when element j is ≥ 0 (so 0.0 and −0.0 give 1):
  * the first element is the most significant bit, as in the authors' code.
@@ -103,7 +103,7 @@ class SignHasher {
   }
 
   /**
-   * @brief dx = dscores · ∂scores/∂x (spec §1 Backward); the codes have no gradient. dx is overwritten.
+   * @brief dx = dscores · ∂scores/∂x (design §1.6); the codes have no gradient. dx is overwritten.
    * @param dx      [N, K·τ] output
    * @param x       [N, K·τ] the input that was hashed
    * @param h       the hash of x

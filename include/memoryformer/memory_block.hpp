@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// MemoryBlock: the FFN replacement of spec §2 — ML1 → LayerNorm → [GeLU] → ML2 — with its backward.
+// MemoryBlock: the FFN replacement of design §2 — ML1 → LayerNorm → [GeLU] → ML2 — with its backward.
 #pragma once
 
 #include <cstdint>
@@ -69,7 +69,7 @@ struct MemoryBlockCache {
 };
 
 /**
- * @brief u → ML1 → LayerNorm → [GeLU] → ML2 (spec §2).
+ * @brief u → ML1 → LayerNorm → [GeLU] → ML2 (design §2).
  *
  * forward is const (state goes to the cache); backward overwrites dx and accumulates parameter gradients.
  */

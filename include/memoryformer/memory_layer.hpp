@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// MemoryLayer: the hashed replacement of y = xW + b (spec §1; paper Eq. 4–12): y = Σ_k s_k · T_k[code_k] + b,
-// with the hand-written backward of spec §1 "Backward".
+// MemoryLayer: the hashed replacement of y = xW + b (design §1; paper Eq. 4–12): y = Σ_k s_k · T_k[code_k] + b,
+// with the hand-written backward of design §1 "Backward".
 #pragma once
 
 #include <algorithm>
@@ -165,7 +165,7 @@ class MemoryLayer {
   }
 
   /**
-   * @brief The lookup half of forward, from a hash computed elsewhere (Q, K and V share one hash, spec §3).
+   * @brief The lookup half of forward, from a hash computed elsewhere (Q, K and V share one hash, design §3).
    * @param y [N, d_out] output
    * @param h the hash of the input: N rows of K codes with this layer's τ
    */

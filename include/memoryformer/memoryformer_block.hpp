@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// MemoryFormerBlock: spec §3 as the authors' code builds it — RMSNorm → one shared hash → Q, K, V Memory Layers →
+// MemoryFormerBlock: design §3 as the authors' code builds it — RMSNorm → one shared hash → Q, K, V Memory Layers →
 // causal multi-head attention with partial rotary → (no output projection) → residual → RMSNorm → MemoryBlock →
 // residual — with its hand-written backward and incremental (KV-cache) decoding.
 #pragma once
@@ -97,7 +97,7 @@ struct MemoryFormerBlockCache {
 };
 
 /**
- * @brief One MemoryFormer block (spec §3). Inputs are [batch·seq, d] matrices, rows batch-major (row b·seq + t is
+ * @brief One MemoryFormer block (design §3). Inputs are [batch·seq, d] matrices, rows batch-major (row b·seq + t is
  * token t of sequence b). forward is const; backward overwrites dx and accumulates parameter gradients.
  */
 template <std::floating_point Scalar>

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// The differentiable weight of a retrieved table row (spec §1.4): the `l1` variant of the authors' code (default)
+// The differentiable weight of a retrieved table row (design §1.4): the `l1` variant of the authors' code (default)
 // and the `paper` variant (Eq. 9–10, closed-form softmax over all 2^τ buckets, with a temperature).
 #pragma once
 

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// PackedTables: read-only Memory Layer tables (spec §1.3) stored as float32, bfloat16 or float16 in the panel layout
-// the fast lookup kernels read (spec §1.5); the compute type stays float32.
+// PackedTables: read-only Memory Layer tables (design §1.3) stored as float32, bfloat16 or float16 in the panel layout
+// the fast lookup kernels read (design §1.5); the compute type stays float32.
 #pragma once
 
 #include <bit>

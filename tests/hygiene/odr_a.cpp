@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// ODR test, first TU (spec practices P12b): includes the umbrella header and instantiates library templates that
+// ODR test, first TU: includes the umbrella header and instantiates library templates that
 // odr_b.cpp instantiates too, so the link step sees every inline/template definition twice.
 #include <memoryformer/memoryformer.hpp>
 

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// The Memory Layer's lookup kernels (spec §1.5 forward, §1 Backward) on every compiled ISA path. This file is built
+// The Memory Layer's lookup kernels (design §1.5 forward, §1.6) on every compiled ISA path. This file is built
 // three times (AVX-512, AVX2, scalar-only flags; MEMORYFORMER_TEST_ISA says which). Every fast path (token-major
 // decode, column-blocked prefill, packed float32/bfloat16/float16 storage, the sorted backward) is checked against
 // the scalar reference of the same build and against sums written out here in double.

@@ -33,7 +33,7 @@ void load_into(MemoryLayer<Scalar>& layer, const TextTensorFile& file, const std
 
 template <class Scalar>
 double vector_rtol() {
-  return std::is_same_v<Scalar, float> ? 1e-4 : 1e-9;  // spec §5: LayerNorm/softmax paths to ~1e-4 in float
+  return std::is_same_v<Scalar, float> ? 1e-4 : 1e-9;  // design §5: LayerNorm/softmax paths to ~1e-4 in float
 }
 
 template <class Scalar>
@@ -102,7 +102,7 @@ void run_memory_block_file(const TextTensorFile& file) {
   expect_memory_block_gradients(block, file, "dtables1", "dbias1", "dln_gamma", "dln_beta", "dtables2", "dbias2");
 }
 
-/// memoryformer_block_*: the whole block of spec §3, batch × seq from x's shape [batch, seq, d]; every parameter
+/// memoryformer_block_*: the whole block of design §3, batch × seq from x's shape [batch, seq, d]; every parameter
 /// and its gradient.
 template <class Scalar>
 void run_memoryformer_block_file(const TextTensorFile& file) {

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Tests of the analytic FLOP and storage model (flops.hpp; spec §1 Cost, §2, §4) against hand-computed values.
+// Tests of the analytic FLOP and storage model (flops.hpp; design §1.7, §2, §4) against hand-computed values.
 //
 // Every expected number below is written out as integer arithmetic on the formula (or copied from a published
 // source named beside it), never produced by the code under test.
@@ -30,7 +30,7 @@ static_assert(mf::memoryformer_block_flops_paper_no_attention(2048, 512, 8) == 4
 static_assert(mf::memory_layer_table_bytes(512, 512, 8, mf::StorageType::F16) == 16777216.0);
 
 TEST(FlopsPaper, TransformerBlockAtS2048D512MatchesPaperExample) {
-  // 12·s·d² = 12·2048·512² and 2·s²·d = 2·2048²·512 (spec §4).
+  // 12·s·d² = 12·2048·512² and 2·s²·d = 2·2048²·512 (design §4).
   constexpr std::int64_t d = 512;
   constexpr std::int64_t no_attn = 12 * s2048 * d * d;
   constexpr std::int64_t attn = 2 * s2048 * s2048 * d;
@@ -60,7 +60,7 @@ TEST(FlopsPaper, MemoryFormerBlockAtS2048D512MatchesPaperExample) {
 
 TEST(FlopsPaper, RatioAtS2048D2048) {
   // s = d = 2048, K = 256: MF = 2s³ + 6·(s/8)·s² = 2.75 s³, Transformer = 2s³ + 12s³ = 14 s³.
-  // Ratio = 2.75/14 = 11/56 = 0.196428571... The spec says "about 19 %": with the paper's rounded
+  // Ratio = 2.75/14 = 11/56 = 0.196428571... The paper says "about 19 %": with the paper's rounded
   // coefficient 6·K·s·d the exact value is 19.64 %, i.e. it lies ABOVE 0.195. (The literal count of the built
   // block, below, gives 85/448 = 18.97 %.)
   const double ratio =
@@ -150,7 +150,7 @@ TEST(FlopsStorage, MemoryLayerTableBytes) {
 }
 
 TEST(FlopsStorage, MemoryBlockReproducesPaperTable5) {
-  // Paper Table 5 (spec §2): d = 512, τ = 8, fp16, e = 0..3 → 33.6 / 52.4 / 88.1 / 157.3 MB.
+  // Paper Table 5 (design §2): d = 512, τ = 8, fp16, e = 0..3 → 33.6 / 52.4 / 88.1 / 157.3 MB.
   // Formula: ML1 K·2^τ·K(τ+e) + ML2 K·2^(τ+e)·d values (K = 64), × 2 bytes, MB = 1e6 bytes.
   const std::int64_t k = 64, d = 512;
   const double printed[4] = {33.6, 52.4, 88.1, 157.3};
@@ -230,7 +230,7 @@ TEST(FlopsTable1, PerBlockAndWholeModelAtS2048) {
                 double(rows[i].layers * rows[i].no_attn));
     }
   }
-  // Rounded as the paper prints them (G, one decimal). Only the tiny pair is quoted in the spec (§4);
+  // Rounded as the paper prints them (G, one decimal). Only the tiny pair is quoted in design §4;
   // the other rows are what the formula gives.
   EXPECT_DOUBLE_EQ(printed_g(double(rows[0].no_attn)), 6.4);
   EXPECT_DOUBLE_EQ(printed_g(double(rows[0].total)), 10.7);

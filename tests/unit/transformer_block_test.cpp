@@ -99,7 +99,7 @@ void naive_rotary(Mat& x, mf::Index row, mf::Index pos, mf::Index heads, mf::Ind
 
 double naive_gelu(double v) { return 0.5 * v * (1.0 + std::erf(v / std::numbers::sqrt2)); }
 
-// The whole block for ONE sequence x [seq, d], written from the formulas of spec §3 / Pythia.
+// The whole block for ONE sequence x [seq, d], written from the formulas of design §3 / Pythia.
 Mat naive_block_sequence(const Block& block, const Mat& x) {
   const auto& c = block.config();
   const mf::Index seq = x.rows(), d = c.d, heads = c.heads, dh = d / heads;

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Reference vectors (spec §5): every file in $MEMORYFORMER_VECTORS is run, in float and in double. Every parameter
+// Reference vectors (design §5): every file in $MEMORYFORMER_VECTORS is run, in float and in double. Every parameter
 // of a case (τ, temperature, score variant, sizes) comes from the file's tensors, never from its name; the file
 // name's prefix only says which module the file is for.
 #include <functional>

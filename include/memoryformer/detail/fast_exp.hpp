@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// 2^t for t ≤ 0 in float, without a libm call: the scores of spec §1.4 need exp(−2|z|/t) = 2^(−2·log2(e)·|z|/t)
+// 2^t for t ≤ 0 in float, without a libm call: the scores of design §1.4 need exp(−2|z|/t) = 2^(−2·log2(e)·|z|/t)
 // per input element, which is the hot path of hashing. Table-driven, because on the CPUs we target the multiply
 // pipes are what limits hashing, and this form needs five multiply-pipe instructions per value where the
 // Cody-Waite exp it replaced needed eleven (the measurements are in docs/performance-log.md):

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Fast forward kernels of the Memory Layer (spec §1.5: y = b + Σ_k s_k · T_k[code_k]) for float32 activations over
+// Fast forward kernels of the Memory Layer (design §1.5: y = b + Σ_k s_k · T_k[code_k]) for float32 activations over
 // float32, bfloat16 or float16 table storage, AVX-512 and AVX2.
 //
 // Two loop orders, both computing every output as the same fused-multiply-add chain — acc = b; acc = fma(s_k,

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Sign-bit LSH kernels (spec §1.2 and §1.4): bucket codes, scores, and the score gradient, for one τ each.
+// Sign-bit LSH kernels (design §1.2 and §1.4): bucket codes, scores, and the score gradient, for one τ each.
 // Two stages per block of chunks: (1) e_i = exp(−c·|z_i|) = 2^(−c·log2(e)·|z_i|) for every element, vectorised
 // per ISA (the only costly part); (2) per chunk, with τ a compile-time constant so the loop unrolls: code bits,
 // Σ|z| and Π(1 + e_i).
@@ -446,7 +446,7 @@ void hash_rows(std::int32_t* codes, Scalar* scores, const Scalar* x, Index x_str
   }
 }
 
-/// dx = dscore · ∂s/∂z for every element (spec §1 Backward), sign(0) = 0:
+/// dx = dscore · ∂s/∂z for every element (design §1.6), sign(0) = 0:
 ///   l1:    ∂s/∂z_j = sign(z_j) · P · (1 + 2A·σ(−2|z_j|)),   A = Σ|z|, P = Π σ(2|z|)
 ///   paper: ∂s/∂z_j = s · (2/t) · sign(z_j) · σ(−2|z_j|/t)
 /// σ(−v) = e/(1 + e) with e = exp(−v). dx is overwritten.

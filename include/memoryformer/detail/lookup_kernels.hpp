@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// The table side of a Memory Layer (spec §1.5 and §1 Backward): the weighted gather-sum forward and its backward
+// The table side of a Memory Layer (design §1.5 and §1.6): the weighted gather-sum forward and its backward
 // (scores' gradient and the scatter-add into the table gradient).
 //
 // Two kinds of kernels live behind the same entry points:

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Memory for the Memory Layer kernels (spec §1.3 storage, §1.5 lookup): huge-page-friendly aligned blocks for
+// Memory for the Memory Layer kernels (design §1.3 storage, §1.5 lookup): huge-page-friendly aligned blocks for
 // packed tables, and per-thread grow-only scratch so that a const, thread-safe forward allocates nothing per call.
 #pragma once
 

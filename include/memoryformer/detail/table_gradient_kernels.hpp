@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Fast backward of the Memory Layer's lookup (spec §1 Backward), float32, AVX-512 and AVX2, without atomics:
+// Fast backward of the Memory Layer's lookup (design §1.6), float32, AVX-512 and AVX2, without atomics:
 //   dT[k, code] += Σ_{n : code_{n,k} = code} s_{n,k} · dy[n]      and      ds_{n,k} += ⟨dy[n], T_k[code_{n,k}]⟩.
 // The (token, table) contributions are counting-sorted by table row (a stable sort on the forward's codes, so a
 // row's tokens stay in ascending order). Each row's gradient is then accumulated once in registers and added to

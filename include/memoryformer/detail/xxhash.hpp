@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Thin C++ wrappers over xxHash's XXH3-64 (one-shot and streaming), used for the checkpoint checksums (no spec section).
+// Thin C++ wrappers over xxHash's XXH3-64 (one-shot and streaming), used for the checkpoint checksums (no design section).
 #pragma once
 
 // The only header of the library that includes <xxhash.h>. We link against libxxhash (CMake: xxHash::xxhash)

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Reader for the reference-vector text format (spec §5): a header line, '#' comments, then tensors as
+// Reader for the reference-vector text format (design §5): a header line, '#' comments, then tensors as
 // "NAME TYPE RANK DIM0 DIM1 ..." followed by one line of row-major values.
 #pragma once
 

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// BlockNorm: the normalisation of a MemoryFormer block, RMSNorm or LayerNorm chosen at run time by NormKind (spec §3).
+// BlockNorm: the normalisation of a MemoryFormer block, RMSNorm or LayerNorm chosen at run time by NormKind (design §3).
 #pragma once
 
 #include <concepts>

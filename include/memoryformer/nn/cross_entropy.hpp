@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Mean softmax cross-entropy of logits [rows, V] against integer targets, forward and backward (spec §3, LM head loss).
+// Mean softmax cross-entropy of logits [rows, V] against integer targets, forward and backward (design §3, LM head loss).
 #pragma once
 
 #include <cmath>

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Token embedding table [vocab, d]: row lookup forward, deterministic scatter-add backward with touched-row flags
-// (spec §3, "token embedding" of the whole model).
+// (design §3, "token embedding" of the whole model).
 #pragma once
 
 #include <algorithm>

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Exact (erf-form) GeLU, 0.5·x·(1 + erf(x/√2)), forward and backward as free functions (spec §2, optional GeLU).
+// Exact (erf-form) GeLU, 0.5·x·(1 + erf(x/√2)), forward and backward as free functions (design §2, optional GeLU).
 #pragma once
 
 #include <cmath>

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Affine LayerNorm over the last dimension, y = (x − μ)/sqrt(var + eps)·γ + β, biased variance (spec §2, Memory Block).
+// Affine LayerNorm over the last dimension, y = (x − μ)/sqrt(var + eps)·γ + β, biased variance (design §2, Memory Block).
 #pragma once
 
 #include <cmath>

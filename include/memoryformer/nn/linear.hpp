@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Dense layer y = x W + b with its backward pass: the baseline the Memory Layer replaces (spec §1, §3 "dense baseline").
+// Dense layer y = x W + b with its backward pass: the baseline the Memory Layer replaces (design §1, §3 "dense baseline").
 #pragma once
 
 #include <concepts>

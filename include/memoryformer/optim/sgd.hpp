@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Plain stochastic gradient descent with optional weight decay: the simple reference optimiser for tests
-// (the training recipe of spec §3 uses AdamW).
+// (the training recipe of design §3 uses AdamW).
 #pragma once
 
 #include <cmath>

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Trainer: the training recipe of spec §3 for a LanguageModel on byte-level text — AdamW (β = (0.9, 0.95), eps 1e-8,
+// Trainer: the training recipe of design §3 for a LanguageModel on byte-level text — AdamW (β = (0.9, 0.95), eps 1e-8,
 // weight decay 0.1 except biases and norms), global-norm clipping, cosine schedule with linear warm-up, periodic
 // validation, atomic checkpoints and exact resume. Silent: progress goes to callbacks.
 #pragma once
@@ -33,7 +33,7 @@ inline AdamWOptions row_sparse_adamw() {
   return o;
 }
 
-/// Settings of a training run. The defaults are the paper's recipe (spec §3) at this library's small sizes.
+/// Settings of a training run. The defaults are the paper's recipe (design §3) at this library's small sizes.
 struct TrainerOptions {
   Index steps = 1000;              ///< optimisation steps of the run: the length of the cosine schedule
   Index batch = 16;                ///< sequences per micro-batch (one forward and backward)
@@ -118,7 +118,7 @@ struct TrainResult {
 };
 
 /**
- * @brief Trains a LanguageModel on a TextDataset with the spec §3 recipe.
+ * @brief Trains a LanguageModel on a TextDataset with the design §3 recipe.
  *
  * One step: zero_grad → (forward_loss → backward) on each of the step's `accumulate` micro-batches, the gradients
  * accumulating → AdamW::step_fused with the scheduled rate: global-norm clip, update and gradient zeroing in two
