@@ -425,11 +425,13 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
           } else {
             P.noalias() = Qi * Kj.transpose();
           }
+          // Raw rows (leading dimension attention_tile): only the tile on the diagonal has masked entries.
+          Scalar* const p_data = P.data();
           for (Index i = 0; i < rows; ++i) {
             const Index valid = std::clamp<Index>(q0 + i - k0 + 1, 0, cols);
-            Scalar* row = P.row(i).data();
+            Scalar* row = p_data + i * attention_tile;
             exp_shifted_row<I>(row, row, valid, scale, lse(bh, q0 + i));
-            P.row(i).tail(cols - valid).setZero();
+            std::fill(row + valid, row + cols, Scalar(0));
           }
           if (vector_path) {
             product(dVj.data(), dh, P.data(), 1, attention_tile, dOi.data(), dOi.outerStride(), cols, dh, rows, true);
@@ -440,7 +442,13 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
             dP.noalias() = dOi * Vj.transpose();
           }
           // dS = P ⊙ (dP − D) in place of dP; masked entries have P = 0, so dS = 0 there.
-          dP = (P.array() * (dP.array().colwise() - w.D.segment(q0, rows).array())).matrix();
+          Scalar* const ds_data = dP.data();
+          for (Index i = 0; i < rows; ++i) {
+            const Scalar* p_row = p_data + i * attention_tile;
+            Scalar* ds_row = ds_data + i * attention_tile;
+            const Scalar D_i = w.D(q0 + i);
+            for (Index j = 0; j < cols; ++j) ds_row[j] = p_row[j] * (ds_row[j] - D_i);
+          }
           if (vector_path) {
             product(w.dQ.data() + q0 * dh, dh, dP.data(), attention_tile, 1, Kj.data(), Kj.outerStride(), rows, dh,
                     cols, true);
