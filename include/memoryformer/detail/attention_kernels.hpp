@@ -447,7 +447,17 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
             const Scalar* p_row = p_data + i * attention_tile;
             Scalar* ds_row = ds_data + i * attention_tile;
             const Scalar D_i = w.D(q0 + i);
-            for (Index j = 0; j < cols; ++j) ds_row[j] = p_row[j] * (ds_row[j] - D_i);
+            Index j = 0;
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+            if constexpr (attention_vector_path_compiled<I, Scalar>()) {
+              // The same product and difference per entry as the scalar loop: the same bits.
+              using O = VectorOps<I>;
+              const auto vD = O::set1(D_i);
+              for (; j + O::n <= cols; j += O::n)
+                O::store(ds_row + j, O::mul(O::load(p_row + j), O::sub(O::load(ds_row + j), vD)));
+            }
+#endif
+            for (; j < cols; ++j) ds_row[j] = p_row[j] * (ds_row[j] - D_i);
           }
           if (vector_path) {
             product(w.dQ.data() + q0 * dh, dh, dP.data(), attention_tile, 1, Kj.data(), Kj.outerStride(), rows, dh,
