@@ -20,6 +20,7 @@
 #include "nn/attention.hpp"
 #include "nn/block_norm.hpp"
 #include "nn/kv_cache.hpp"
+#include "storage_type.hpp"
 #include "nn/layer_norm.hpp"
 #include "nn/linear.hpp"
 #include "nn/rms_norm.hpp"
@@ -206,8 +207,10 @@ class MemoryFormerBlock {
     detail::parallel_add<Scalar>(dx, dh_);
   }
 
-  /// A KV cache sized for this block.
-  KVCache<Scalar> make_kv_cache(Index batch, Index max_seq) const { return KVCache<Scalar>(batch, max_seq, config_.d); }
+  /// A KV cache sized for this block, stored as `storage` (BF16 for Scalar = float only, see KVCache).
+  KVCache<Scalar> make_kv_cache(Index batch, Index max_seq, StorageType storage = StorageType::F32) const {
+    return KVCache<Scalar>(batch, max_seq, config_.d, storage);
+  }
 
   /**
    * @brief Incremental decoding: x_new [batch·t, d] are the next t tokens of each sequence, at positions

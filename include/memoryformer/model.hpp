@@ -27,6 +27,7 @@
 #include "nn/cross_entropy.hpp"
 #include "nn/embedding.hpp"
 #include "nn/kv_cache.hpp"
+#include "storage_type.hpp"
 #include "nn/linear.hpp"
 #include "nn/rms_norm.hpp"
 #include "parameter.hpp"
@@ -424,13 +425,14 @@ class LanguageModel {
   }
 
   /**
-   * @brief Empty KV caches for decoding `batch` sequences of up to `max_seq` tokens.
-   * @throws ConfigError for batch or max_seq < 1.
+   * @brief Empty KV caches for decoding `batch` sequences of up to `max_seq` tokens, keys and values stored as
+   *        `storage` (BF16 for Scalar = float only: half the bytes per cached token, see KVCache).
+   * @throws ConfigError for batch or max_seq < 1, or a storage the cache does not support.
    */
-  DecodeState make_decode_state(Index batch, Index max_seq) const {
+  DecodeState make_decode_state(Index batch, Index max_seq, StorageType storage = StorageType::F32) const {
     DecodeState s;
     s.kv.reserve(blocks_.size());
-    for (const auto& b : blocks_) s.kv.push_back(b.make_kv_cache(batch, max_seq));
+    for (const auto& b : blocks_) s.kv.push_back(b.make_kv_cache(batch, max_seq, storage));
     return s;
   }
 

@@ -18,6 +18,7 @@
 #include "nn/attention.hpp"
 #include "nn/gelu.hpp"
 #include "nn/kv_cache.hpp"
+#include "storage_type.hpp"
 #include "nn/layer_norm.hpp"
 #include "nn/linear.hpp"
 #include "nn/rope.hpp"
@@ -268,10 +269,13 @@ class TransformerBlock {
   }
 
   /**
-   * @brief A KV cache sized for this block: `batch` sequences of at most `max_seq` tokens, d features.
-   * @throws ConfigError for a non-positive size.
+   * @brief A KV cache sized for this block: `batch` sequences of at most `max_seq` tokens, d features, stored as
+   *        `storage` (BF16 for Scalar = float only: half the bytes per token, see KVCache).
+   * @throws ConfigError for a non-positive size or a storage the cache does not support.
    */
-  KVCache<Scalar> make_kv_cache(Index batch, Index max_seq) const { return KVCache<Scalar>(batch, max_seq, config_.d); }
+  KVCache<Scalar> make_kv_cache(Index batch, Index max_seq, StorageType storage = StorageType::F32) const {
+    return KVCache<Scalar>(batch, max_seq, config_.d, storage);
+  }
 
   /**
    * @brief Incremental decoding: runs the next t tokens of every sequence, at positions kv.length() … +t−1, appends

@@ -4,6 +4,7 @@
 // error bound of std::exp; the tile products match a double-precision product; forward, backward and decode of the
 // vector path match the scalar path (Eigen's products, scalar exponential) and the reference attention.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -40,6 +41,23 @@ TEST(AttentionIsa, BuildReportsItsPath) {
   const std::string expected = MEMORYFORMER_TEST_ISA;
   if (expected == "unspecified") GTEST_SKIP() << "built outside the ISA matrix";
   EXPECT_EQ(std::string(mf::isa_name(best)), expected);
+}
+
+TEST(AttentionIsa, Bf16RowWideningIsBitIdenticalToScalar) {
+  // Every bit pattern class: random bits (NaN and Inf included), and lengths that leave AVX-512 and AVX2 tails.
+  mf::Rng rng(11);
+  for (const mf::Index n : {1, 7, 8, 9, 15, 16, 17, 24, 64, 100}) {
+    std::vector<std::uint16_t> in(static_cast<size_t>(n));
+    for (auto& h : in) h = std::uint16_t(rng.uniform() * 65536.0);
+    in[0] = 0x7f80;  // +Inf
+    std::vector<float> fast(in.size()), scalar(in.size());
+    md::bf16_to_float_row<best>(fast.data(), in.data(), n);
+    md::bf16_to_float_row<mf::Isa::Scalar>(scalar.data(), in.data(), n);
+    for (size_t i = 0; i < in.size(); ++i) {
+      EXPECT_EQ(std::bit_cast<std::uint32_t>(fast[i]), std::uint32_t(in[i]) << 16) << "n = " << n << ", i = " << i;
+      EXPECT_EQ(std::bit_cast<std::uint32_t>(scalar[i]), std::uint32_t(in[i]) << 16) << "n = " << n << ", i = " << i;
+    }
+  }
 }
 
 TEST(AttentionIsa, ExpRowIsBitIdenticalToScalarAndWithinItsBound) {

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -235,6 +236,29 @@ TEST(LanguageModel, TransformerDecodeMatchesFullForward) {
     model.forward_decode(one, std::span<const std::int32_t>(tokens).subspan(std::size_t(t), 1), state);
     for (Index v = 0; v < 11; ++v) EXPECT_NEAR(one(0, v), full(t, v), 1e-10);
   }
+}
+
+TEST(LanguageModel, DecodeWithBf16CachesIsCloseToFloatCaches) {
+  mf::MemoryFormerLM<float> model(tiny_memoryformer_config(), 6);
+  const Index batch = 2, seq = 6;
+  const auto tokens = random_tokens(batch * seq, 11, 4);
+  auto f32 = model.make_decode_state(batch, seq);
+  auto bf16 = model.make_decode_state(batch, seq, mf::StorageType::BF16);
+  for (const auto& kv : bf16.kv) EXPECT_EQ(kv.storage(), mf::StorageType::BF16);
+  mf::Matrix<float> a(batch, 11), b(batch, 11);
+  double largest_difference = 0.0;
+  for (Index t = 0; t < seq; ++t) {
+    std::vector<std::int32_t> next;
+    for (Index s = 0; s < batch; ++s) next.push_back(tokens[std::size_t(s * seq + t)]);
+    model.forward_decode(a, next, f32);
+    model.forward_decode(b, next, bf16);
+    largest_difference = std::max(largest_difference, double((a - b).cwiseAbs().maxCoeff()));
+    // Keys and values rounded to 8 significant bits: logits move by a small fraction of their spread.
+    EXPECT_LE((a - b).cwiseAbs().maxCoeff(), 2e-2f * a.cwiseAbs().maxCoeff()) << "t " << t;
+  }
+  EXPECT_GT(largest_difference, 0.0) << "the bf16 caches decoded exactly like the float ones";
+  mf::MemoryFormerLM<double> wide(tiny_memoryformer_config(), 6);
+  EXPECT_THROW(wide.make_decode_state(1, 4, mf::StorageType::BF16), mf::ConfigError);
 }
 
 TEST(LanguageModel, RejectsBadArguments) {

@@ -4,6 +4,7 @@
 // equal to the full forward (with rotary offsets), the same bits for any thread count, the cache's size, shape and
 // config errors.
 #include <memoryformer/detail/attention_reference.hpp>
+#include <memoryformer/detail/half.hpp>
 #include <memoryformer/nn/attention.hpp>
 #include <memoryformer/nn/rope.hpp>
 #include <memoryformer/random.hpp>
@@ -43,6 +44,30 @@ mf::Matrix<Scalar> token_slice(const mf::Matrix<Scalar>& x, mf::Index batch, mf:
   mf::Matrix<Scalar> out(batch * t, x.cols());
   for (mf::Index b = 0; b < batch; ++b) out.middleRows(b * t, t) = x.middleRows(b * seq + pos, t);
   return out;
+}
+
+/// x with every entry rounded to bfloat16 (nearest even) and widened back: what a BF16 KVCache stores.
+mf::Matrix<float> rounded_to_bf16(const mf::Matrix<float>& x) {
+  return x.unaryExpr([](float f) { return mf::detail::bf16_to_float(mf::detail::float_to_bf16(f)); });
+}
+
+/// Decodes the batch-major sequences of q, k, v through a cache of `storage`, t_steps tokens per call; returns
+/// every step's output stacked as [batch·Σt, d] (step after step).
+std::vector<mf::Matrix<float>> decode_steps(const mf::Matrix<float>& q, const mf::Matrix<float>& k,
+                                            const mf::Matrix<float>& v, mf::Index batch, mf::Index seq,
+                                            mf::Index heads, std::initializer_list<mf::Index> t_steps,
+                                            mf::StorageType storage) {
+  mf::KVCache<float> kv(batch, seq, q.cols(), storage);
+  std::vector<mf::Matrix<float>> outs;
+  mf::Index pos = 0;
+  for (const mf::Index t : t_steps) {
+    mf::Matrix<float> out(batch * t, q.cols());
+    mf::attention_decode<float>(out, token_slice(q, batch, seq, pos, t), token_slice(k, batch, seq, pos, t),
+                                token_slice(v, batch, seq, pos, t), kv, heads);
+    outs.push_back(out);
+    pos += t;
+  }
+  return outs;
 }
 
 /// Sets OpenMP's thread count for a test and restores the one before when the test ends.
@@ -389,6 +414,49 @@ TEST(NnAttention, DecodeSplitOverKeyBlocksMatchesForward) {
   }
 }
 
+TEST(NnAttention, DecodeWithBf16CacheEqualsFloatCacheOfRoundedKeysAndValues) {
+  // A prefill of 600 tokens (several query tiles: the packed-Kᵀ path), then single tokens and a pair split over three
+  // key blocks; dh = 16 (vector path on AVX-512 and AVX2) and dh = 10 (Eigen's products).
+  for (const mf::Index d : {32, 20}) {
+    const mf::Index batch = 2, seq = 604, heads = 2, rows = batch * seq;
+    const auto q = random_matrix<float>(rows, d, 171, 2.0), k = random_matrix<float>(rows, d, 172, 2.0),
+               v = random_matrix<float>(rows, d, 173);
+    const auto bf16 = decode_steps(q, k, v, batch, seq, heads, {600, 1, 2, 1}, mf::StorageType::BF16);
+    const auto rounded = decode_steps(q, rounded_to_bf16(k), rounded_to_bf16(v), batch, seq, heads, {600, 1, 2, 1},
+                                      mf::StorageType::F32);
+    const auto exact = decode_steps(q, k, v, batch, seq, heads, {600, 1, 2, 1}, mf::StorageType::F32);
+    for (size_t i = 0; i < bf16.size(); ++i) {
+      // Same float arithmetic on the same widened values; only the order of Eigen's summation may differ.
+      EXPECT_LE(relative_error(bf16[i], rounded[i]), 1e-6) << "d = " << d << ", step " << i;
+      // bfloat16 keeps 8 significant bits: keys and values each off by ≤ 2^-9 relative, so a score moves by up to
+      // 2^-9·scale·Σ_c |q_c k_c| (≈ 0.03 for these queries and keys of spread 2) and the output by about as much.
+      EXPECT_LE(relative_error(bf16[i], exact[i]), 3e-2) << "d = " << d << ", step " << i;
+      EXPECT_GT(relative_error(bf16[i], exact[i]), 0.0) << "the keys and values were not rounded";
+    }
+  }
+}
+
+TEST(NnAttention, Bf16CacheStorageIsCheckedAndHalvesTheBytes) {
+  mf::KVCache<float> f32(2, 8, 12), bf16(2, 8, 12, mf::StorageType::BF16);
+  EXPECT_EQ(f32.storage(), mf::StorageType::F32);
+  EXPECT_EQ(bf16.storage(), mf::StorageType::BF16);
+  EXPECT_EQ(f32.bytes_per_token(), 2 * 12 * sizeof(float));
+  EXPECT_EQ(bf16.bytes_per_token(), 2 * 12 * sizeof(std::uint16_t));
+  EXPECT_EQ(mf::KVCache<double>(1, 2, 3).bytes_per_token(), 2 * 3 * sizeof(double));
+  expect_throw_with([] { mf::KVCache<double>(1, 4, 8, mf::StorageType::BF16); },
+                    "KVCache: storage bf16 needs KVCache<float>");
+  EXPECT_THROW(mf::KVCache<double>(1, 4, 8, mf::StorageType::BF16), mf::ConfigError);
+  EXPECT_THROW(mf::KVCache<float>(1, 4, 8, mf::StorageType::F16), mf::ConfigError);
+  // The decode's errors are those of a float cache: shape, heads, overflow (nothing appended).
+  mf::KVCache<float> kv(1, 3, 4, mf::StorageType::BF16);
+  mf::Matrix<float> x = random_matrix<float>(2, 4, 5), out(2, 4);
+  mf::attention_decode<float>(out, x, x, x, kv, 2);
+  EXPECT_THROW(mf::attention_decode<float>(out, x, x, x, kv, 2), std::length_error);
+  EXPECT_EQ(kv.length(), 2);
+  EXPECT_THROW(mf::attention_decode<float>(out.topRows(1), x.topRows(1), x.topRows(1), x.topRows(1), kv, 3),
+               mf::ConfigError);
+}
+
 TEST(NnAttention, LongSequenceTrainsWithLinearCache) {
   // seq = 4096: the s × s probabilities of one head would take 64 MiB in float; the cache holds s·(d + heads).
   const mf::Index seq = 4096, d = 16, heads = 2;
@@ -436,6 +504,23 @@ TEST(NnAttention, ThreadCountDoesNotChangeBits) {
   for (int i = 0; i < 6; ++i)
     for (size_t t = 1; t < results[i].size(); ++t)
       EXPECT_TRUE(results[i][t] == results[i][0]) << names[i] << ", " << t + 1 << " threads against 1";
+}
+#endif
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+TEST(NnAttention, Bf16CacheDecodeHasTheSameBitsForAnyThreadCount) {
+  const mf::Index batch = 2, seq = 700, heads = 2, d = 32, rows = batch * seq;
+  const auto q = random_matrix<float>(rows, d, 191, 2.0), k = random_matrix<float>(rows, d, 192, 2.0),
+             v = random_matrix<float>(rows, d, 193);
+  std::vector<std::vector<mf::Matrix<float>>> results;
+  ThreadSetting setting;
+  for (const int threads : {1, 2, 3}) {
+    setting.set(threads);
+    results.push_back(decode_steps(q, k, v, batch, seq, heads, {597, 1, 2}, mf::StorageType::BF16));
+  }
+  for (size_t t = 1; t < results.size(); ++t)
+    for (size_t i = 0; i < results[0].size(); ++i)
+      EXPECT_TRUE(results[t][i] == results[0][i]) << "step " << i << ", " << t + 1 << " threads against 1";
 }
 #endif
 

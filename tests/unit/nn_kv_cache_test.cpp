@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: MIT
 // Tests of nn/kv_cache.hpp: layout of appended rows, length bookkeeping, overflow and shape errors.
 #include <memoryformer/nn/kv_cache.hpp>
+#include <memoryformer/detail/half.hpp>
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -77,4 +80,28 @@ TEST(NnKVCache, OverflowAndShapeErrors) {
   EXPECT_THROW(mf::KVCache<double>(0, 3, 4), mf::ConfigError);
   EXPECT_THROW(mf::KVCache<double>(1, 0, 4), mf::ConfigError);
   expect_throw_with([] { mf::KVCache<double>(1, 2, -4); }, "d = -4");
+}
+
+TEST(NnKVCache, Bf16StorageRoundsOnAppendAndKeepsTheLayout) {
+  mf::KVCache<float> kv(2, 4, 3, mf::StorageType::BF16);
+  const mf::Matrix<float> k = tokens(2, 2, 3, 0, 0.0).cast<float>(), v = tokens(2, 2, 3, 0, 1000.0).cast<float>();
+  kv.append(k, v);
+  EXPECT_EQ(kv.length(), 2);
+  EXPECT_EQ(kv.bytes_per_token(), 2 * 3 * sizeof(std::uint16_t));
+  for (mf::Index b = 0; b < 2; ++b)
+    for (mf::Index p = 0; p < 2; ++p)
+      for (mf::Index c = 0; c < 3; ++c) {
+        EXPECT_EQ(kv.keys_bf16(b)[p * 3 + c], mf::detail::float_to_bf16(k(b * 2 + p, c)));
+        EXPECT_EQ(kv.values_bf16(b)[p * 3 + c], mf::detail::float_to_bf16(v(b * 2 + p, c)));
+      }
+  // 1000.01 is not a bfloat16: the stored value is the nearest one, 1000.
+  EXPECT_EQ(mf::detail::bf16_to_float(kv.values_bf16(0)[1]), 1000.0f);
+  expect_throw_with([&] { (void)kv.keys(0); }, "KVCache::keys: the cache stores bf16");
+  EXPECT_THROW((void)kv.values(0), mf::StateError);
+  EXPECT_THROW((void)kv.keys_bf16(2), std::out_of_range);
+  mf::KVCache<float> f32(1, 2, 3);
+  expect_throw_with([&] { (void)f32.keys_bf16(0); }, "KVCache::keys_bf16: the cache stores fp32, not bf16");
+  expect_throw_with([] { mf::KVCache<double>(1, 2, 3, mf::StorageType::BF16); }, "storage bf16 needs KVCache<float>");
+  EXPECT_THROW(mf::KVCache<float>(1, 2, 3, mf::StorageType::F16), mf::ConfigError);
+  EXPECT_THROW(mf::KVCache<float>(2, std::numeric_limits<mf::Index>::max() / 2, 3), mf::ConfigError);
 }

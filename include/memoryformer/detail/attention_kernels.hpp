@@ -15,12 +15,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "../types.hpp"
 #include "fast_exp.hpp"
+#include "half.hpp"
 #include "parallel.hpp"
 #include "simd.hpp"
 #include "vector_ops.hpp"
@@ -423,11 +425,13 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
           } else {
             P.noalias() = Qi * Kj.transpose();
           }
+          // Raw rows (leading dimension attention_tile): only the tile on the diagonal has masked entries.
+          Scalar* const p_data = P.data();
           for (Index i = 0; i < rows; ++i) {
             const Index valid = std::clamp<Index>(q0 + i - k0 + 1, 0, cols);
-            Scalar* row = P.row(i).data();
+            Scalar* row = p_data + i * attention_tile;
             exp_shifted_row<I>(row, row, valid, scale, lse(bh, q0 + i));
-            P.row(i).tail(cols - valid).setZero();
+            std::fill(row + valid, row + cols, Scalar(0));
           }
           if (vector_path) {
             product(dVj.data(), dh, P.data(), 1, attention_tile, dOi.data(), dOi.outerStride(), cols, dh, rows, true);
@@ -438,7 +442,23 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
             dP.noalias() = dOi * Vj.transpose();
           }
           // dS = P ⊙ (dP − D) in place of dP; masked entries have P = 0, so dS = 0 there.
-          dP = (P.array() * (dP.array().colwise() - w.D.segment(q0, rows).array())).matrix();
+          Scalar* const ds_data = dP.data();
+          for (Index i = 0; i < rows; ++i) {
+            const Scalar* p_row = p_data + i * attention_tile;
+            Scalar* ds_row = ds_data + i * attention_tile;
+            const Scalar D_i = w.D(q0 + i);
+            Index j = 0;
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+            if constexpr (attention_vector_path_compiled<I, Scalar>()) {
+              // The same product and difference per entry as the scalar loop: the same bits.
+              using O = VectorOps<I>;
+              const auto vD = O::set1(D_i);
+              for (; j + O::n <= cols; j += O::n)
+                O::store(ds_row + j, O::mul(O::load(p_row + j), O::sub(O::load(ds_row + j), vD)));
+            }
+#endif
+            for (; j < cols; ++j) ds_row[j] = p_row[j] * (ds_row[j] - D_i);
+          }
           if (vector_path) {
             product(w.dQ.data() + q0 * dh, dh, dP.data(), attention_tile, 1, Kj.data(), Kj.outerStride(), rows, dh,
                     cols, true);
@@ -508,6 +528,99 @@ void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>&
       const Index q0 = tile * attention_tile;
       for (Index i = 0; i < state.m.size(); ++i)
         out.row(b * t + q0 + i).segment(h * dh, dh) = state.acc.row(i) * (Scalar(1) / state.l(i));
+    }
+  });
+}
+
+/// out[j] = the float of bfloat16 bits in[j], j < n: exact (a bfloat16 is the upper half of a float), so every
+/// path gives the same bits; the vector paths widen 16 values (AVX-512) or 8 (AVX2) to 32 bits and shift them up.
+template <Isa I>
+inline void bf16_to_float_row(float* out, const std::uint16_t* in, Index n) {
+  Index j = 0;
+#if defined(MEMORYFORMER_HAVE_AVX512)
+  if constexpr (I == Isa::Avx512) {
+    for (; j + 16 <= n; j += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + j));
+      _mm512_storeu_ps(out + j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+  }
+#endif
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+  if constexpr (I != Isa::Scalar) {
+    for (; j + 8 <= n; j += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j));
+      _mm256_storeu_ps(out + j, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+  }
+#endif
+  for (; j < n; ++j) out[j] = bf16_to_float(in[j]);
+}
+
+/// Rows [k0, k0 + count) of the dh columns from `col` of a bfloat16 [rows, d] row-major block, widened into
+/// out [count, dh] row-major.
+template <Isa I>
+inline void widen_bf16_rows(float* out, const std::uint16_t* block, Index d, Index col, Index k0, Index count,
+                            Index dh) {
+  for (Index r = 0; r < count; ++r) bf16_to_float_row<I>(out + r * dh, block + (k0 + r) * d + col, dh);
+}
+
+/// flash_attention_decode against a cache stored as bfloat16: keys_bf16(b) / values_bf16(b) give the [length, d]
+/// row-major bits of sequence b. Each work item widens the keys and values of its block (one head's dh columns)
+/// into float scratch with bf16_to_float_row and folds them with attend_key_range, positions shifted by the
+/// block's first key, so the result is that of the float kernel on the widened cache: float accumulation
+/// throughout. Items and the merge order are those of flash_attention_decode; the bits do not depend on the
+/// thread count.
+template <Isa I, class KeysBf16, class ValuesBf16>
+void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<float>& q, Index batch, Index t,
+                                 Index first, Index length, Index heads, KeysBf16&& keys_bf16,
+                                 ValuesBf16&& values_bf16) {
+  const Index d = q.cols(), dh = d / heads;
+  const float scale = 1.0f / std::sqrt(float(dh));
+  const Index tiles = (t + attention_tile - 1) / attention_tile;
+  const Index blocks = tiles == 1 ? (length + attention_decode_key_block - 1) / attention_decode_key_block : 1;
+  const Index block_keys = tiles == 1 ? attention_decode_key_block : length;
+  const Index groups = batch * heads * tiles;
+  std::vector<OnlineSoftmax<float>> partial(size_t(groups * blocks));
+  // Several query tiles: the block is the whole cache, so its Kᵀ is packed for tile_product as in forward.
+  const bool vector_path = tiles > 1 && attention_vector_path<I, float>(dh);
+  const Index kt_ld = packed_keys_ld(block_keys);
+  parallel_claims(groups * blocks, [&](WorkQueue& queue) {
+    AttentionTileScratch<float> scratch;
+    scratch.scores.resize(attention_tile, attention_tile);
+    Matrix<float> K, V;      // [count, dh] the widened keys and values of the item's block
+    std::vector<float> kt;  // [dh, kt_ld] Kᵀ of the block (vector path)
+    for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
+      const Index group = item / blocks, block = item % blocks;
+      const Index bh = group / tiles, tile = group % tiles;
+      const Index b = bh / heads, h = bh % heads;
+      const Index q0 = tile * attention_tile, rows = std::min(attention_tile, t - q0);
+      const Index k0 = block * block_keys, count = std::min(length, k0 + block_keys) - k0;
+      const auto Q = q.block(b * t + q0, h * dh, rows, dh);  // [rows, dh]
+      K.resize(count, dh);
+      V.resize(count, dh);
+      widen_bf16_rows<I>(K.data(), keys_bf16(b), d, h * dh, k0, count, dh);
+      widen_bf16_rows<I>(V.data(), values_bf16(b), d, h * dh, k0, count, dh);
+      if (vector_path) {
+        kt.resize(size_t(dh * kt_ld));
+        pack_transposed_keys(kt.data(), kt_ld, K, count);
+      }
+      auto& state = partial[size_t(item)];
+      state.reset(rows, dh);
+      // Key r of the block is at position k0 + r: the query positions are shifted by −k0 (may be negative, then
+      // the query sees none of the block's keys).
+      attend_key_range<I>(state, scratch, Q, first + q0 - k0, K, V, 0, count, scale,
+                          vector_path ? kt.data() : nullptr, kt_ld);
+    }
+  });
+  parallel_claims(groups, [&](WorkQueue& queue) {
+    for (Index group = queue.claim(); group >= 0; group = queue.claim()) {
+      auto& state = partial[size_t(group * blocks)];
+      for (Index block = 1; block < blocks; ++block) merge_online_softmax(state, partial[size_t(group * blocks + block)]);
+      const Index bh = group / tiles, tile = group % tiles;
+      const Index b = bh / heads, h = bh % heads;
+      const Index q0 = tile * attention_tile;
+      for (Index i = 0; i < state.m.size(); ++i)
+        out.row(b * t + q0 + i).segment(h * dh, dh) = state.acc.row(i) * (1.0f / state.l(i));
     }
   });
 }

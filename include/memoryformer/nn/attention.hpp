@@ -17,6 +17,7 @@
 #include "../detail/attention_kernels.hpp"
 #include "../detail/simd.hpp"
 #include "../error.hpp"
+#include "../storage_type.hpp"
 #include "../types.hpp"
 #include "kv_cache.hpp"
 
@@ -183,7 +184,9 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
  * @param q_new    [batch·t, d] queries of the new tokens
  * @param k_new    [batch·t, d] keys of the new tokens (appended to the cache)
  * @param v_new    [batch·t, d] values of the new tokens (appended to the cache)
- * @param cache    KV cache with batch sequences and d features; its length grows by t
+ * @param cache    KV cache with batch sequences and d features; its length grows by t. A BF16 cache (KVCache<float>
+ *                 with StorageType::BF16) is widened to float inside the kernel, block by block; the arithmetic
+ *                 is float, as with an F32 cache holding the same bfloat16-rounded keys and values.
  * @param heads    number of heads (≥ 1, divides d)
  * @throws ShapeError on a shape mismatch; ConfigError on bad heads; std::length_error when the cache would exceed
  *         max_seq (nothing is appended then).
@@ -207,6 +210,14 @@ void attention_decode(std::type_identity_t<MatrixRef<Scalar>> ctx_new,
   const Index first = cache.length();
   cache.append(k_new, v_new);  // throws std::length_error before changing anything
   // All reads of q_new happen before ctx_new is written (the kernel's merge pass writes), so they may alias.
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (cache.storage() == StorageType::BF16) {
+      detail::flash_attention_decode_bf16<best_isa()>(
+          ctx_new, q_new, cache.batch(), t, first, cache.length(), heads,
+          [&](Index b) { return cache.keys_bf16(b); }, [&](Index b) { return cache.values_bf16(b); });
+      return;
+    }
+  }
   detail::flash_attention_decode<best_isa(), Scalar>(
       ctx_new, q_new, cache.batch(), t, first, cache.length(), heads, [&](Index b) { return cache.keys(b); },
       [&](Index b) { return cache.values(b); });

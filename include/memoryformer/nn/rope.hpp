@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "../detail/checked_size.hpp"
 #include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
@@ -161,7 +162,8 @@ class Rotary {
     detail::check_config(batch >= 1, where, "batch = " + std::to_string(batch) + " must be ≥ 1");
     detail::check_config(seq >= 1, where, "seq = " + std::to_string(seq) + " must be ≥ 1");
     detail::check_config(offset >= 0, where, "position_offset = " + std::to_string(offset) + " must be ≥ 0");
-    check_io(where, in_name, out_name, out, in, batch * seq,
+    const Index rows = detail::checked_mul(where, "batch·seq", batch, seq);
+    check_io(where, in_name, out_name, out, in, rows,
              "(batch·seq, d) with batch = " + std::to_string(batch) + ", seq = " + std::to_string(seq));
     // One table of angles per position, shared by every sequence of the batch and every head: the cached one, or
     // (positions past the cache's limit) one computed for this call.
@@ -181,11 +183,9 @@ class Rotary {
       cos_table = cos_local.data();
       sin_table = sin_local.data();
     }
-    for (Index b = 0; b < batch; ++b)
-      for (Index t = 0; t < seq; ++t) {
-        const Index n = b * seq + t;
-        rotate_row(out.row(n).data(), in.row(n).data(), cos_table + t * half, sin_table + t * half);
-      }
+    // Row n is position t = n mod seq of its sequence.
+    for (Index n = 0, t = 0; n < rows; ++n, t = (t + 1 == seq ? 0 : t + 1))
+      rotate_row(out.row(n).data(), in.row(n).data(), cos_table + t * half, sin_table + t * half);
   }
 
   void apply_positions(const char* where, const char* in_name, const char* out_name, MatrixRef<Scalar> out,
