@@ -124,7 +124,7 @@ int sample(const float* logits, Index vocab, double temperature, Index top_k, mf
 
 /// Samples a.tokens bytes after the prompt from `model` (a LanguageModel or a FrozenLanguageModel).
 template <class Decoder>
-int sample_text(const Args& a, const Decoder& model, const mf::Checkpoint& ckpt);
+int sample_text(const Args& a, const Decoder& model, const mf::Checkpoint& ckpt, const std::string& origin);
 
 template <class Model>
 int generate(const Args& a, const mf::Checkpoint& ckpt, const std::string& origin) {
@@ -140,17 +140,17 @@ int generate(const Args& a, const mf::Checkpoint& ckpt, const std::string& origi
       const mf::FrozenLanguageModel frozen(model, storage);
       std::cerr << "generate: decoding through " << a.storage << " tables (" << frozen.table_bytes() / 1024
                 << " KiB packed)\n";
-      return sample_text(a, frozen, ckpt);
+      return sample_text(a, frozen, ckpt, origin);
     }
   } else if (a.storage_given && a.storage != "train") {
     throw std::runtime_error("--storage " + a.storage + ": a " + std::string(model.kind()) +
                              " model has no Memory Layer tables to pack; use --storage train (or leave it out)");
   }
-  return sample_text(a, model, ckpt);
+  return sample_text(a, model, ckpt, origin);
 }
 
 template <class Decoder>
-int sample_text(const Args& a, const Decoder& model, const mf::Checkpoint& ckpt) {
+int sample_text(const Args& a, const Decoder& model, const mf::Checkpoint& ckpt, const std::string& origin) {
   Index context = a.context;
   if (context == 0) {
     const std::string* seq = ckpt.find_config("train.seq");
