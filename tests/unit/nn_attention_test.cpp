@@ -22,9 +22,7 @@
 
 #include "../support/test_helpers.hpp"
 
-#if defined(MEMORYFORMER_USE_OPENMP)
-#include <omp.h>
-#endif
+#include "support/thread_setting.hpp"
 
 namespace mf = memoryformer;
 using namespace memoryformer::testing_support;
@@ -70,22 +68,7 @@ std::vector<mf::Matrix<float>> decode_steps(const mf::Matrix<float>& q, const mf
   return outs;
 }
 
-/// Sets OpenMP's thread count for a test and restores the one before when the test ends.
-class ThreadSetting {
- public:
-#if defined(MEMORYFORMER_USE_OPENMP)
-  ThreadSetting() : saved_(omp_get_max_threads()) {}
-  ~ThreadSetting() { omp_set_num_threads(saved_); }
-  ThreadSetting(const ThreadSetting&) = delete;
-  ThreadSetting& operator=(const ThreadSetting&) = delete;
-  void set(int threads) { omp_set_num_threads(threads); }
-
- private:
-  int saved_;
-#else
-  void set(int) {}
-#endif
-};
+using memoryformer::testing_support::ThreadSetting;
 
 /// The tiled attention against detail::reference_attention_* on one shape, forward, backward and decode (whole
 /// sequences token by token, and in chunks of 3): all within `tolerance` relative error.

@@ -12,9 +12,7 @@
 
 #include <memoryformer/detail/parallel.hpp>
 
-#if defined(MEMORYFORMER_USE_OPENMP)
-#include <omp.h>
-#endif
+#include "support/thread_setting.hpp"
 
 namespace mf = memoryformer;
 namespace detail = memoryformer::detail;
@@ -31,22 +29,7 @@ std::vector<int> thread_settings() {
 #endif
 }
 
-/// Sets OpenMP's thread count for a test and restores the one before when the test ends.
-class ThreadSetting {
- public:
-#if defined(MEMORYFORMER_USE_OPENMP)
-  ThreadSetting() : saved_(omp_get_max_threads()) {}
-  ~ThreadSetting() { omp_set_num_threads(saved_); }
-  ThreadSetting(const ThreadSetting&) = delete;
-  ThreadSetting& operator=(const ThreadSetting&) = delete;
-  void set(int threads) { omp_set_num_threads(threads); }
-
- private:
-  int saved_;
-#else
-  void set(int) {}
-#endif
-};
+using memoryformer::testing_support::ThreadSetting;
 
 }  // namespace
 
