@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // The straightforward attention (an s × s probability matrix per sequence and head, Eigen products, scalar exp),
-// kept as the reference that the tiled kernels of nn/attention.hpp are tested and benchmarked against (§3).
+// kept as the reference that the tiled kernels of nn/attention.hpp are tested and benchmarked against (design §6);
+// it shares nn/attention.hpp's argument checks.
 #pragma once
 
 #include <cmath>
@@ -10,6 +11,7 @@
 #include <type_traits>
 
 #include "../error.hpp"
+#include "../nn/attention.hpp"
 #include "../nn/kv_cache.hpp"
 #include "../types.hpp"
 #include "checks.hpp"
@@ -26,14 +28,6 @@ struct ReferenceAttentionCache {
   Index heads = 0;
 };
 
-/// Throws ConfigError unless heads ≥ 1 divides d; returns the head dimension d/heads.
-inline Index reference_attention_head_dim(const char* where, Index d, Index heads) {
-  check_config(heads >= 1, where, "heads = " + std::to_string(heads) + " must be ≥ 1");
-  check_config(d >= 1 && d % heads == 0, where,
-               "d = " + std::to_string(d) + " is not divisible by heads = " + std::to_string(heads));
-  return d / heads;
-}
-
 /// Softmax of entries [0, valid) of a score row, in place; entries [valid, cols) become 0 (the causal mask).
 template <class Row>
 void reference_causal_softmax_row(Row&& row, Index valid) {
@@ -47,21 +41,6 @@ void reference_causal_softmax_row(Row&& row, Index valid) {
   }
   row.head(valid) *= Scalar(1) / sum;
   row.tail(row.size() - valid).setZero();
-}
-
-template <class A, class B>
-bool reference_attention_views_overlap(const A& a, const B& b) {
-  if (a.size() == 0 || b.size() == 0) return false;
-  const auto* a0 = a.data();
-  const auto* b0 = b.data();
-  const auto* a1 = a.data() + (a.rows() - 1) * a.outerStride() + a.cols();
-  const auto* b1 = b.data() + (b.rows() - 1) * b.outerStride() + b.cols();
-  return a0 < b1 && b0 < a1;
-}
-
-inline std::string reference_attention_rows_text(Index batch, Index seq, Index d) {
-  return "(batch·seq, d) = (" + std::to_string(batch * seq) + ", " + std::to_string(d) + ") with batch = " +
-         std::to_string(batch) + ", seq = " + std::to_string(seq);
 }
 
 /**
@@ -86,9 +65,9 @@ void reference_attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, st
   check_config(batch >= 1, where, "batch = " + std::to_string(batch) + " must be ≥ 1");
   check_config(seq >= 1, where, "seq = " + std::to_string(seq) + " must be ≥ 1");
   const Index d = q.cols();
-  const Index dh = reference_attention_head_dim(where, d, heads);
+  const Index dh = attention_head_dim(where, d, heads);
   const Index rows = batch * seq;
-  const std::string expected = reference_attention_rows_text(batch, seq, d);
+  const std::string expected = attention_rows_text(batch, seq, d);
   check_shape(where, "q", q.rows(), q.cols(), rows, d, expected);
   check_shape(where, "k", k.rows(), k.cols(), rows, d, expected);
   check_shape(where, "v", v.rows(), v.cols(), rows, d, expected);
@@ -137,9 +116,9 @@ void reference_attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, st
   if (batch < 1 || seq < 1 || heads < 1 || cache.probs.rows() != batch * heads * seq || cache.probs.cols() != seq)
     throw StateError(std::string(where) + ": the cache was not filled by reference_attention_forward");
   const Index d = q.cols();
-  const Index dh = reference_attention_head_dim(where, d, heads);
+  const Index dh = attention_head_dim(where, d, heads);
   const Index rows = batch * seq;
-  const std::string expected = reference_attention_rows_text(batch, seq, d) + " (from the cache)";
+  const std::string expected = attention_rows_text(batch, seq, d) + " (from the cache)";
   check_shape(where, "q", q.rows(), q.cols(), rows, d, expected);
   check_shape(where, "k", k.rows(), k.cols(), rows, d, expected);
   check_shape(where, "v", v.rows(), v.cols(), rows, d, expected);
@@ -147,8 +126,8 @@ void reference_attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, st
   check_shape(where, "dq", dq.rows(), dq.cols(), rows, d, expected);
   check_shape(where, "dk", dk.rows(), dk.cols(), rows, d, expected);
   check_shape(where, "dv", dv.rows(), dv.cols(), rows, d, expected);
-  if (reference_attention_views_overlap(dq, dk) || reference_attention_views_overlap(dq, dv) ||
-      reference_attention_views_overlap(dk, dv))
+  if (attention_views_overlap(dq, dk) || attention_views_overlap(dq, dv) ||
+      attention_views_overlap(dk, dv))
     throw std::invalid_argument(std::string(where) + ": dq, dk and dv must not overlap");
 
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
@@ -198,7 +177,7 @@ void reference_attention_decode(std::type_identity_t<MatrixRef<Scalar>> ctx_new,
                       std::type_identity_t<ConstMatrixRef<Scalar>> v_new, KVCache<Scalar>& cache, Index heads) {
   constexpr const char* where = "reference_attention_decode";
   const Index d = cache.d();
-  const Index dh = reference_attention_head_dim(where, d, heads);
+  const Index dh = attention_head_dim(where, d, heads);
   const Index t = cache.new_tokens(where, "q_new", q_new.rows(), q_new.cols());
   const Index rows = q_new.rows();
   const std::string expected = "(batch·t, d) = (" + std::to_string(rows) + ", " + std::to_string(d) +
