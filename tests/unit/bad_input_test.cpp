@@ -28,6 +28,7 @@
 #include <memoryformer/optim/adamw.hpp>
 
 #include "../support/checkpoint_bytes.hpp"
+#include "../support/tiny_model.hpp"
 
 namespace memoryformer {
 namespace {
@@ -66,17 +67,7 @@ std::filesystem::path temp_file(const std::string& name) {
   return std::filesystem::temp_directory_path() / ("memoryformer_bad_input_" + name);
 }
 
-mf::MemoryFormerLM<float>::Config tiny_lm() {
-  mf::MemoryFormerLM<float>::Config c;
-  c.vocab = 7;
-  c.layers = 1;
-  c.block.d = 8;
-  c.block.heads = 2;
-  c.block.rotary_dims = 2;
-  c.block.tau = 4;
-  c.block.expand_bits = 1;
-  return c;
-}
+mf::MemoryFormerLM<float>::Config tiny_lm() { return mf::testing_support::tiny_memoryformer_lm(); }
 
 /// Row-sparse AdamW, so that the optimiser state includes per-row step counts.
 mf::AdamWOptions row_sparse() {

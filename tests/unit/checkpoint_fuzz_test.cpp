@@ -18,6 +18,7 @@
 #include <memoryformer/optim/adamw.hpp>
 
 #include "../support/checkpoint_bytes.hpp"
+#include "../support/tiny_model.hpp"
 
 namespace memoryformer {
 namespace {
@@ -254,17 +255,7 @@ TEST(CheckpointFuzz, ZeroSizeTensorsDoNotHideOverlaps) {
   EXPECT_THROW(mf::parse_checkpoint(b), mf::FormatError);
 }
 
-mf::MemoryFormerLM<float>::Config tiny_config() {
-  mf::MemoryFormerLM<float>::Config c;
-  c.vocab = 7;
-  c.layers = 1;
-  c.block.d = 8;
-  c.block.heads = 2;
-  c.block.rotary_dims = 2;
-  c.block.tau = 4;
-  c.block.expand_bits = 1;
-  return c;
-}
+mf::MemoryFormerLM<float>::Config tiny_config() { return mf::testing_support::tiny_memoryformer_lm(); }
 
 std::vector<std::vector<float>> snapshot(std::vector<mf::ParameterView<float>> params) {
   std::vector<std::vector<float>> out;
