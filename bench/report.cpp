@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // memoryformer_report: the paper's FLOP tables recomputed by the library (design §2, §4: Table 1, Table 5,
-// Figure 1) and measured Memory Layer / dense and MemoryFormer block / Transformer block time ratios on this
-// machine, as text or JSON.
+// Figure 1), the scale model of data- and table-parallel training (distributed/scaling.hpp), and measured Memory
+// Layer / dense and MemoryFormer block / Transformer block time ratios on this machine, as text or JSON.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -16,6 +16,8 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include <memoryformer/distributed/scaling.hpp>
 
 #include "bench_model.hpp"
 #include "bench_support.hpp"
@@ -40,10 +42,15 @@ struct Options {
   double min_time = -1;
   int repetitions = -1;
   bool peak_memory = true;
-  std::vector<std::string> only;  // sections to measure (layer, block, model); empty: all
+  std::vector<std::string> only;  // sections (scale, layer, block, model); empty: all
+  double scale_tokens = 16384;    // scale section: tokens per optimizer step over all ranks
+  double scale_seq = 2048;        // scale section: sequence length (attention work per token)
+  double scale_rate = mf::default_multiply_adds_per_second;  // scale section: multiply-adds/s per rank
   bool section(const std::string& name) const {
     return only.empty() || std::find(only.begin(), only.end(), name) != only.end();
   }
+  /// True when a section that runs benchmarks is selected.
+  bool benchmarks() const { return section("layer") || section("block") || section("model"); }
 };
 
 void print_help() {
@@ -71,14 +78,19 @@ Usage: memoryformer_report [options]
   --max-table-mb MB  cap on fp32 tables + gradients per Memory Layer (1 MB = 1e6 bytes)
   --min-time SEC     minimum time per benchmark (default 0.1)
   --repetitions N    repetitions per benchmark, the median is used (default 3, smoke 1)
-  --only LIST        measure only these sections, comma-separated: layer, block, model (default: all)
+  --only LIST        only these sections, comma-separated: scale, layer, block, model (default: all; the
+                     paper's analytic tables are always printed)
+  --scale-tokens T   scale section: tokens per optimizer step over all ranks (default 16384)
+  --scale-seq S      scale section: sequence length, which sets the attention work per token (default 2048)
+  --scale-rate X     scale section: multiply-adds per second of one rank (default 5e10)
   --no-peak          whole models: skip the peak-memory child processes
   --help             this text
 
 Conventions: FLOPs in the paper's convention count one multiply-add as ONE FLOP and leave out softmax, norms,
 rotary and hashing (design §4). "literal" counts are the multiply-adds of the block this library builds.
 Memory is in MB = 1e6 bytes (that is what reproduces the paper's Table 5).
-Times are single-thread CPU times (Eigen::setNbThreads(1)).
+Times are single-thread CPU times (Eigen::setNbThreads(1)). The scale section is arithmetic only (projections,
+nothing is measured).
 )";
 }
 
@@ -112,12 +124,26 @@ bool parse_args(int argc, char** argv, Options& o) {
       if (!v) return false;
       std::stringstream list(*v);
       for (std::string item; std::getline(list, item, ',');) {
-        if (item != "layer" && item != "block" && item != "model") {
-          std::cerr << "memoryformer_report: --only takes layer, block, model; got '" << item << "'\n";
+        if (item != "scale" && item != "layer" && item != "block" && item != "model") {
+          std::cerr << "memoryformer_report: --only takes scale, layer, block, model; got '" << item << "'\n";
           return false;
         }
         o.only.push_back(item);
       }
+    } else if (a == "--scale-tokens" || a.rfind("--scale-tokens=", 0) == 0 || a == "--scale-seq" ||
+               a.rfind("--scale-seq=", 0) == 0 || a == "--scale-rate" || a.rfind("--scale-rate=", 0) == 0) {
+      const std::string flag = a.substr(0, a.find('='));
+      auto v = value(flag.c_str());
+      if (!v) return false;
+      char* end = nullptr;
+      const double x = std::strtod(v->c_str(), &end);
+      const double least = flag == "--scale-rate" ? 0.0 : 1.0;
+      if (end == v->c_str() || *end != '\0' || !std::isfinite(x) || x < least || (least == 0.0 && x == 0.0)) {
+        std::cerr << "memoryformer_report: " << flag << " takes a finite number "
+                  << (least == 0.0 ? "> 0" : ">= 1") << "; got '" << *v << "'\n";
+        return false;
+      }
+      (flag == "--scale-tokens" ? o.scale_tokens : flag == "--scale-seq" ? o.scale_seq : o.scale_rate) = x;
     } else if (a == "--no-measure") {
       o.measure = false;
     } else if (a == "--out" || a.rfind("--out=", 0) == 0) {
@@ -389,6 +415,102 @@ void figure1(std::ostream& os, const fs::path& out_dir, std::vector<JsonObject>&
   } else {
     os << "   gnuplot not on PATH: no PNG (script for later: " << fs::absolute(gp).string() << ")\n\n";
   }
+}
+
+// ------------------------------------------------------------------------------------------------ scale model
+
+/// Seconds with three significant digits ("0.0123", "1.23", "123").
+std::string seconds(double v) {
+  if (v >= 100) return fmt("%.0f", v);
+  if (v >= 1) return fmt("%.2f", v);
+  return fmt("%.3g", v);
+}
+
+/// Per-rank exchange, model state and projected step time of data- and table-parallel training of the paper's
+/// models (distributed/scaling.hpp), for R = 1 … 64. Arithmetic only.
+void scale_section(std::ostream& os, const Options& opt, std::vector<JsonObject>& json) {
+  constexpr int ranks[] = {1, 2, 4, 8, 16, 32, 64};
+  constexpr double links_gbit[] = {10, 100};
+  const double latency = mf::default_message_latency_seconds;
+  os << "== Scale model: data- and table-parallel training, per rank and optimizer step (projection) ==\n"
+     << "   T = " << fmt("%.0f", opt.scale_tokens) << " tokens per step over all ranks (--scale-tokens), s = "
+     << fmt("%.0f", opt.scale_seq) << " (--scale-seq),\n"
+     << "   float32, AdamW, byte vocabulary (256), e = 2, one micro-batch; compute at " << fmt("%.3g", opt.scale_rate)
+     << " multiply-adds/s per rank\n   (--scale-rate); links: alpha = " << fmt("%.0f", latency * 1e6)
+     << " us per message, beta = 10 or 100 Gbit/s.\n\n";
+  os << pad("model / mode", 26, false) << pad("R", 4) << pad("sent/rank", 11) << pad("dense", 10) << pad("sparse", 10)
+     << pad("tbl act", 10) << pad("msgs", 7) << pad("state/rank", 12) << pad("compute s", 11) << pad("step@10G s", 12)
+     << pad("step@100G s", 13) << "\n";
+  for (const auto& m : mf::paper_table1_models) {
+    for (auto mode : {mf::ParallelMode::Data, mf::ParallelMode::Table}) {
+      if (mode == mf::ParallelMode::Table && !m.memoryformer) continue;
+      const std::string label = std::string(m.name) + (mode == mf::ParallelMode::Data ? " data" : " table");
+      for (int r : ranks) {
+        mf::ScaleInputs in;
+        in.tokens_per_step = opt.scale_tokens;
+        in.sequence_length = opt.scale_seq;
+        in.multiply_adds_per_second = opt.scale_rate;
+        in.ranks = r;
+        in.mode = mode;
+        const mf::ScaleEstimate e = mf::estimate_scale(m, in);
+        double comm[2], step[2];
+        for (int i = 0; i < 2; ++i) {
+          comm[i] = mf::communication_seconds(e, mf::link_bytes_per_second(links_gbit[i]), latency);
+          step[i] = mf::projected_step_seconds(e, mf::link_bytes_per_second(links_gbit[i]), latency);
+        }
+        const auto bytes = [](double b) { return b == 0 ? std::string("0") : human_bytes(b); };
+        os << pad(r == 1 ? label : "", 26, false) << pad(std::to_string(r), 4) << pad(bytes(e.bytes_sent()), 11)
+           << pad(bytes(e.dense_allreduce.bytes), 10) << pad(bytes(e.sparse_rows.bytes), 10)
+           << pad(bytes(e.table_activations.bytes), 10) << pad(fmt("%.0f", e.messages()), 7)
+           << pad(human_bytes(e.state_bytes()), 12) << pad(seconds(e.compute_seconds), 11)
+           << pad(seconds(step[0]), 12) << pad(seconds(step[1]), 13) << "\n";
+        json.push_back(JsonObject()
+                           .str("kind", "scale")
+                           .str("model", std::string(m.name))
+                           .boolean("memoryformer", m.memoryformer)
+                           .str("mode", std::string(mf::parallel_mode_name(mode)))
+                           .num("ranks", r)
+                           .num("layers", m.layers)
+                           .num("d", m.d)
+                           .num("tau", m.memoryformer ? m.tau : 0)
+                           .num("tokens_per_step", in.tokens_per_step)
+                           .num("sequence_length", in.sequence_length)
+                           .num("bytes_per_value", in.bytes_per_value)
+                           .num("dense_fallback_fraction", in.dense_fallback_fraction)
+                           .num("parameters", e.parameters.total())
+                           .num("table_parameters", e.parameters.tables)
+                           .num("bytes_sent_per_rank", e.bytes_sent())
+                           .num("dense_allreduce_bytes", e.dense_allreduce.bytes)
+                           .num("sparse_rows_bytes", e.sparse_rows.bytes)
+                           .num("table_activation_bytes", e.table_activations.bytes)
+                           .num("messages_per_rank", e.messages())
+                           .num("dense_fallbacks", e.dense_fallbacks)
+                           .num("state_bytes_per_rank", e.state_bytes())
+                           .num("table_state_bytes_per_rank", e.table_state_bytes)
+                           .num("replicated_state_bytes", e.replicated_state_bytes)
+                           .num("training_multiply_adds_per_rank", e.training_multiply_adds)
+                           .num("multiply_adds_per_second", in.multiply_adds_per_second)
+                           .num("compute_s", e.compute_seconds)
+                           .num("message_latency_s", latency)
+                           .num("communication_s_10gbit", comm[0])
+                           .num("communication_s_100gbit", comm[1])
+                           .num("step_s_10gbit", step[0])
+                           .num("step_s_100gbit", step[1]));
+      }
+    }
+  }
+  os << "\n   sent/rank = dense + sparse + tbl act: bytes one rank sends per optimizer step. dense: one allreduce of\n"
+        "   the dense weights, biases, norms and LM head (2(R-1)/R x values x 4 bytes, as an all-to-all of segments\n"
+        "   + an allgather). sparse: per Memory Layer's tables (data mode) and the embedding, an allgather of the\n"
+        "   touched row ids (8 bytes each) then an allreduce of the union of touched rows, or of the whole parameter\n"
+        "   when the union exceeds half its rows (expected distinct rows of a 2^tau-row table hit by t tokens under a\n"
+        "   uniform hash: M(1 - (1 - 1/M)^t)). tbl act (table mode, each rank owning K/R tables of every Memory\n"
+        "   Layer): codes + scores to the owners and partial outputs back in the forward, codes + scores, dy and\n"
+        "   score gradients in the backward. state/rank: parameters + gradients + two AdamW moments (16 bytes per\n"
+        "   value), tables divided over the ranks in table mode (the rank with ceil(K/R) tables); activations not\n"
+        "   included. compute: 3 x forward multiply-adds of the rank's T/R tokens (MemoryFormer blocks as built,\n"
+        "   literal count; Transformer blocks 12d^2 + 2sd per token; LM head d x 256). step = compute + alpha x\n"
+        "   msgs + sent/beta, with no overlap of compute and communication.\n\n";
 }
 
 // ------------------------------------------------------------------------------------------------ measuring
@@ -890,8 +1012,9 @@ int main(int argc, char** argv) {
   table1(text, json);
   table5(text);
   figure1(text, out_dir, json);
+  if (opt.section("scale")) scale_section(text, opt, json);
 
-  if (opt.measure) {
+  if (opt.measure && opt.benchmarks()) {
     mfbench::Grid grid = opt.smoke ? mfbench::smoke_grid() : (opt.full ? mfbench::full_grid() : mfbench::default_grid());
     grid.repetitions = opt.repetitions > 0 ? opt.repetitions : (opt.smoke ? 1 : 3);
     if (opt.min_time > 0) grid.min_time = opt.min_time;
@@ -947,7 +1070,7 @@ int main(int argc, char** argv) {
         status = 1;
       }
     }
-  } else {
+  } else if (!opt.measure) {
     text << "(--no-measure: no timings)\n\n";
     const mfbench::Grid grid = opt.smoke ? mfbench::smoke_grid() : (opt.full ? mfbench::full_grid() : mfbench::default_grid());
     for (const auto& s : mfbench::grid_shapes(grid)) json.push_back(layer_analytic_json(s));
