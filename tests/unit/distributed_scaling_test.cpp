@@ -352,6 +352,10 @@ TEST(ScaleEstimate, RejectsBadInputs) {
   EXPECT_THROW((void)mf::estimate_scale(small_dense, bad([](auto& in) { in.mode = mf::ParallelMode::Table; })),
                mf::ConfigError);
   EXPECT_THROW((void)mf::estimate_scale({"bad", 1, 30, true, 4}, mf::ScaleInputs{}), mf::ConfigError);  // 30 % 4
+  EXPECT_THROW((void)mf::estimate_scale(small_mf, bad([](auto& in) { in.sequence_length = 0; })), mf::ConfigError);
+  EXPECT_THROW((void)mf::forward_multiply_adds_per_token(small_mf, 0), mf::ConfigError);
+  EXPECT_THROW((void)mf::table_parallel_exchange({0, 16, 32}, 64, 2, 4), mf::ConfigError);
+  EXPECT_THROW((void)mf::allreduce_exchange(-1, 2, 4), mf::ConfigError);
   EXPECT_THROW((void)mf::expected_distinct_rows(0, 5), mf::ConfigError);
   EXPECT_THROW((void)mf::expected_distinct_rows(16, -1), mf::ConfigError);
   EXPECT_THROW((void)mf::sparse_rows_exchange(100, 10, 101, 5, 2, 0.5, 4), mf::ConfigError);

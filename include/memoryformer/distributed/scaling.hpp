@@ -26,11 +26,11 @@ constexpr std::string_view parallel_mode_name(ParallelMode mode) noexcept {
   return mode == ParallelMode::Data ? "data" : "table";
 }
 
-/// Latency α of one message in the alpha-beta model, in seconds (5 µs: a typical MPI point-to-point latency over
-/// TCP or RoCE on a commodity Ethernet link; an assumption of the model, not a measurement).
+/// Latency α of one message in the alpha-beta model, in seconds: an assumed constant of the model, not a
+/// measurement; communication_seconds takes another.
 inline constexpr double default_message_latency_seconds = 5e-6;
 
-/// Multiply-adds per second of one rank assumed by default (a few cores running this library's kernels).
+/// Multiply-adds per second of one rank assumed by default: an input of the projection, not a measurement.
 inline constexpr double default_multiply_adds_per_second = 50e9;
 
 /// Link speed in Gbit/s → bytes per second (10 Gbit/s = 1.25e9 B/s).
@@ -311,12 +311,15 @@ inline ExchangeCost table_parallel_exchange(const MemoryLayerTableShape& layer, 
  *        sequence length s: MemoryFormer blocks as built by this library (memoryformer_block_flops_literal, hashing
  *        not counted), Transformer blocks as transformer_block_flops_paper; attention 2·s·d per token and block, as
  *        the paper counts it (no causal halving); head d·vocab.
- * @throws ConfigError for an invalid shape.
+ * @throws ConfigError for an invalid shape, sequence_length < 1 or vocab < 1.
  */
 inline double forward_multiply_adds_per_token(const PaperModel& m, double sequence_length, double vocab = 256,
                                               int expand_bits = 2) {
   constexpr std::string_view where = "forward_multiply_adds_per_token";
   detail::scaling::check_model(where, m, expand_bits);
+  detail::check_config(std::isfinite(sequence_length) && sequence_length >= 1, where,
+                       "sequence_length = " + std::to_string(sequence_length) + " must be finite and >= 1");
+  detail::check_config(std::isfinite(vocab) && vocab >= 1, where, "vocab = " + std::to_string(vocab) + " must be >= 1");
   const double s = sequence_length;
   double block = 0;
   if (m.memoryformer) {
