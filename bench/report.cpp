@@ -58,7 +58,9 @@ void print_help() {
       R"(memoryformer_report: FLOPs of the paper recomputed by the library, and measured Memory Layer vs dense times.
 
 Usage: memoryformer_report [options]
-  (default)          Table 1 and Table 5 recomputed, Figure 1 series (CSV, PNG with gnuplot), and measured
+  (default)          Table 1 and Table 5 recomputed, Figure 1 series (CSV, PNG with gnuplot), the scale model
+                     of data- and table-parallel training (bytes, state and projected step time per rank for
+                     R = 1..64; arithmetic only), and measured
                      memory/dense time ratios for d in {512, 1024}, tau in {4, 8}, N in {1, 16, 2048} plus
                      d = 256, tau = 4 (tables fit L2) and d = 2048, tau = 8 (N = 1, 2048); 3 repetitions each
                      (median); then MemoryFormerBlock vs TransformerBlock (tau = 8, heads = d/64): prefill at
