@@ -31,6 +31,13 @@ class StateError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/// A failed exchange between the ranks of a distributed run (an MPI error, a message too large for one call), or
+/// ranks that no longer agree (replicas whose parameters differ, a rank count that does not match a checkpoint).
+class DistributedError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 /// A file that cannot be read: wrong magic, version, checksum mismatch, truncation, parse error.
 class FormatError : public std::runtime_error {
  public:
