@@ -39,11 +39,15 @@ class FrozenMemoryLayer {
    * @brief Copies `layer`'s hash settings and bias and converts its tables.
    * @param layout       which copies to keep (Panels for prefill, Rows for decode, Both)
    * @param chunk_values panel chunk width (0: default; see PackedTables)
-   * @throws ConfigError (see PackedTables)
+   * @throws ConfigError (see PackedTables), also for a table-parallel layer (it holds only some of its tables)
    */
   FrozenMemoryLayer(const MemoryLayer<float>& layer, StorageType storage, FrozenLayout layout = FrozenLayout::Panels,
                     Index chunk_values = 0)
       : config_(layer.config()), hasher_(layer.hasher()), bias_(layer.bias()) {
+    detail::check_config(!layer.sharded(), "FrozenMemoryLayer",
+                         "the layer is table-parallel: it holds tables " + std::to_string(layer.owned_tables().begin) +
+                             " to " + std::to_string(layer.owned_tables().end - 1) + " of " +
+                             std::to_string(layer.num_tables()) + " only");
     if (layout != FrozenLayout::Rows) panels_ = PackedTables(layer.tables(), storage, TableLayout::Panels, chunk_values);
     if (layout != FrozenLayout::Panels) rows_ = PackedTables(layer.tables(), storage, TableLayout::Rows);
   }

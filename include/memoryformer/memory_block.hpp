@@ -9,6 +9,7 @@
 #include "detail/checks.hpp"
 #include "detail/checked_size.hpp"
 #include "error.hpp"
+#include "distributed/table_sharding.hpp"
 #include "memory_layer.hpp"
 #include "nn/gelu.hpp"
 #include "nn/layer_norm.hpp"
@@ -79,12 +80,13 @@ class MemoryBlock {
   using Config = MemoryBlockConfig;
   using Cache = MemoryBlockCache<Scalar>;
 
+  /// With an active `sharding`, ML1 and ML2 keep only this rank's tables (table parallelism, see MemoryLayer).
   /// @throws ConfigError
-  MemoryBlock(const MemoryBlockConfig& config, std::uint64_t seed)
+  MemoryBlock(const MemoryBlockConfig& config, std::uint64_t seed, TableSharding sharding = {})
       : config_((config.validate("MemoryBlock"), config)),
-        ml1_(config.ml1(), Rng::stream(seed, 1).next_u64()),
+        ml1_(config.ml1(), Rng::stream(seed, 1).next_u64(), sharding),
         norm_(config.hidden(), config.layer_norm_eps),
-        ml2_(config.ml2(), Rng::stream(seed, 2).next_u64()) {}
+        ml2_(config.ml2(), Rng::stream(seed, 2).next_u64(), sharding) {}
 
   const MemoryBlockConfig& config() const { return config_; }
   MemoryLayer<Scalar>& ml1() { return ml1_; }
@@ -166,6 +168,7 @@ class MemoryBlock {
     return views;
   }
 
+  /// Values held here (only this rank's tables under table parallelism).
   Index num_parameters() const { return ml1_.num_parameters() + 2 * config_.hidden() + ml2_.num_parameters(); }
 
  private:

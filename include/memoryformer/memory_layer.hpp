@@ -20,6 +20,8 @@
 #include "detail/lookup_kernels.hpp"
 #include "detail/memory_layer_checks.hpp"
 #include "detail/scratch.hpp"
+#include "detail/table_parallel_exchange.hpp"
+#include "distributed/table_sharding.hpp"
 #include "error.hpp"
 #include "hash.hpp"
 #include "parameter.hpp"
@@ -84,22 +86,41 @@ struct MemoryLayerConfig {
  * A training loop that keeps its optimiser's views calls tables_changed() once, then after every optimiser step
  * touched_table_rows_changed() (before zero_grad) when the step moved only rows with a gradient (AdamW with
  * SparseUpdate::RowSparse), else tables_changed() (AdamW's default SparseUpdate::Dense moves every row).
+ *
+ * **Table parallelism** (design §11.3). Built with a TableSharding, the layer keeps only the tables
+ * owned_tables() of this rank, [⌊K·r/R⌋, ⌊K·(r+1)/R⌋), initialised to exactly the values the unsharded layer of the
+ * same seed has there. forward_hashed and backward_hashed then take this rank's rows with the hash of all K tables,
+ * as before, and exchange with the other ranks: each owner receives the codes and scores of its tables for every
+ * rank's rows, sums its tables into partial outputs, and each rank adds the R partials of its rows in rank order,
+ * then the bias; backward sends every owner all ranks' output gradients and returns the score gradients. tables(),
+ * dtables(), touched_rows() and the "tables" parameter view (marked sharded) then cover the owned tables only; the
+ * bias is whole on every rank and its gradient covers this rank's rows (a data-parallel sum completes it).
+ * Sharded calls are collective (see Communicator).
  * @tparam Scalar float or double.
  */
 template <std::floating_point Scalar>
 class MemoryLayer {
  public:
-  /// Builds the layer with the authors' initialisation drawn from `seed`. @throws ConfigError
-  MemoryLayer(const MemoryLayerConfig& config, std::uint64_t seed)
+  /**
+   * @brief Builds the layer with the authors' initialisation drawn from `seed`; with an active `sharding`, only this
+   *        rank's tables (see the class comment).
+   * @throws ConfigError, also when the layer has fewer tables than the sharding has ranks
+   */
+  MemoryLayer(const MemoryLayerConfig& config, std::uint64_t seed, TableSharding sharding = {})
       : config_((config.validate("MemoryLayer"), config)),
         hasher_(config.hash_config()),
-        tables_(config.num_tables(), config.tau, config.d_out),
-        dtables_(config.num_tables(), config.tau, config.d_out),
-        touched_(size_t(config.num_tables() * config.rows_per_table()), 0) {
+        sharding_(sharding),
+        owned_(sharding.active() ? memoryformer::owned_tables(config.num_tables(), sharding.communicator->rank(),
+                                                sharding.communicator->size(), "MemoryLayer")
+                                 : TableRange{0, config.num_tables()}),
+        tables_(owned_.size(), config.tau, config.d_out),
+        dtables_(owned_.size(), config.tau, config.d_out),
+        touched_(size_t(owned_.size() * config.rows_per_table()), 0) {
     // Rows are read at random: huge pages keep the TLB out of the way (see detail::advise_huge_pages).
     detail::advise_huge_pages(tables_.data(), size_t(tables_.size()) * sizeof(Scalar));
     detail::advise_huge_pages(dtables_.data(), size_t(dtables_.size()) * sizeof(Scalar));
     Rng table_rng = Rng::stream(seed, 0);
+    skip_normals(table_rng, owned_.begin * config_.rows_per_table() * config_.d_out);
     table_rng.fill_normal(tables_.values(), 0.0, config_.table_init_std);
     if (config_.bias) {
       bias_ = Vector<Scalar>::Zero(config_.d_out);
@@ -114,8 +135,12 @@ class MemoryLayer {
   Index d_in() const { return config_.d_in; }
   Index d_out() const { return config_.d_out; }
   Index num_tables() const { return config_.num_tables(); }
+  /// The tables this layer holds: all K, or this rank's share under table parallelism.
+  TableRange owned_tables() const { return owned_; }
+  /// True when built with an active TableSharding.
+  bool sharded() const { return sharding_.active(); }
 
-  /// Writable tables [K, 2^τ, d_out]: releases the packed copy (see the class comment; std::as_const(layer).tables()
+  /// Writable tables [K_own, 2^τ, d_out] (K_own = owned_tables().size(): K unless sharded): releases the packed copy (see the class comment; std::as_const(layer).tables()
   /// reads without releasing it).
   BucketTable<Scalar>& tables() {
     release_packed_tables();
@@ -126,7 +151,7 @@ class MemoryLayer {
   Vector<Scalar>& bias() { return bias_; }                        // [d_out], empty without bias
   const Vector<Scalar>& bias() const { return bias_; }
   const Vector<Scalar>& dbias() const { return dbias_; }          // [d_out]
-  /// One flag per table row (K·2^τ): set when backward wrote the row's gradient since zero_grad().
+  /// One flag per held table row (K_own·2^τ): set when backward wrote the row's gradient since zero_grad().
   const std::vector<std::uint8_t>& touched_rows() const { return touched_; }
   /// The flagged rows' ids, each once, in the order backward first flagged them.
   const std::vector<Index>& touched_list() const { return touched_list_; }
@@ -185,7 +210,13 @@ class MemoryLayer {
     check_hash("MemoryLayer::forward_hashed", h);
     check_output("MemoryLayer::forward_hashed", y, h.rows);
     check_isa("MemoryLayer::forward_hashed", isa);
-    const Scalar* bias = config_.bias ? bias_.data() : nullptr;
+    if (sharded()) return forward_sharded(y, h, isa);
+    lookup(y, h, config_.bias ? bias_.data() : nullptr, isa);
+  }
+
+ private:
+  /// y = [b +] Σ_k s_k · T_k[code_k] over the tables held here; h has one column per held table.
+  void lookup(MatrixRef<Scalar> y, const HashResult<Scalar>& h, const Scalar* bias, Isa isa) const {
     if constexpr (std::is_same_v<Scalar, float>) {
       if (packed_current() && detail::use_fast_kernels<float>(isa) &&
           h.rows >= detail::rows_prefill_min_tokens(config_.tau)) {
@@ -197,6 +228,47 @@ class MemoryLayer {
     detail::lookup_forward(isa, y.data(), y.outerStride(), tables_.data(), config_.tau, config_.d_out, h.tables,
                            h.codes.data(), h.scores.data(), bias, h.rows);
   }
+
+  /// forward_hashed under table parallelism (design §11.3): codes to the owners, partial sums back, then the bias.
+  void forward_sharded(MatrixRef<Scalar> y, const HashResult<Scalar>& h, Isa isa) const {
+    Communicator& comm = *sharding_.communicator;
+    const detail::RankRows rows = detail::gather_rank_rows(comm, h.rows);
+    HashResult<Scalar> mine;  // [all ranks' rows, K_own]
+    detail::exchange_table_codes(comm, rows, h, mine);
+    Matrix<Scalar> partial(rows.total, config_.d_out);  // [all ranks' rows, d_out] Σ over the owned tables
+    lookup(partial, mine, nullptr, isa);
+    detail::reduce_scatter_rows(comm, rows, partial, y);
+    if (config_.bias) y.rowwise() += bias_.transpose();
+  }
+
+  /// backward_hashed under table parallelism: every rank's dy to the owners, which accumulate their tables' gradients
+  /// and return the score gradients of their tables.
+  void backward_sharded(MatrixRef<Scalar> dscores, ConstMatrixRef<Scalar> dy, const HashResult<Scalar>& h, Isa isa) {
+    Communicator& comm = *sharding_.communicator;
+    const detail::RankRows rows = detail::gather_rank_rows(comm, h.rows);
+    HashResult<Scalar> mine;  // [all ranks' rows, K_own]
+    detail::exchange_table_codes(comm, rows, h, mine);
+    Matrix<Scalar> all_dy;  // [all ranks' rows, d_out]
+    detail::all_gather_rows(comm, rows, dy, all_dy);
+    Matrix<Scalar> local = Matrix<Scalar>::Zero(rows.total, mine.tables);  // [all ranks' rows, K_own]
+    list_new_rows(mine);
+    detail::lookup_backward(isa, local.data(), local.outerStride(), all_dy.data(), all_dy.outerStride(),
+                            tables_.data(), dtables_.data(), touched_.data(), config_.tau, config_.d_out, mine.tables,
+                            mine.codes.data(), mine.scores.data(), mine.rows);
+    detail::return_score_gradients(comm, rows, h.tables, local, dscores);
+  }
+
+  /// Advances `rng` past `count` normal draws, so that a shard starts where its tables start in the unsharded layer.
+  static void skip_normals(Rng& rng, Index count) {
+    std::vector<double> scratch(std::size_t(std::min<Index>(count, Index(1) << 16)));
+    for (Index done = 0; done < count;) {
+      const Index piece = std::min<Index>(count - done, Index(scratch.size()));
+      rng.fill_normal(std::span<double>(scratch.data(), std::size_t(piece)), 0.0, 1.0);
+      done += piece;
+    }
+  }
+
+ public:
 
   /**
    * @brief Backward through the whole layer: dx overwritten, dtables and dbias accumulated.
@@ -241,6 +313,7 @@ class MemoryLayer {
     const Vector<Scalar> column_sums = detail::column_sums<Scalar>(dy);
     if (!column_sums.allFinite()) detail::check_finite("MemoryLayer::backward", "dy", dy.data(), dy.rows(), dy.cols());
     if (config_.bias) dbias_ += column_sums;
+    if (sharded()) return backward_sharded(dscores, dy, h, isa);
     list_new_rows(h);
     detail::lookup_backward(isa, dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(), tables_.data(),
                             dtables_.data(), touched_.data(), config_.tau, config_.d_out, h.tables, h.codes.data(),
@@ -259,7 +332,7 @@ class MemoryLayer {
     if (config_.bias) dbias_.setZero();
   }
 
-  /// Parameter views: "<prefix>.tables" [K, 2^τ, d_out] (kind Table, sparse rows) and "<prefix>.bias" [d_out]
+  /// Parameter views: "<prefix>.tables" [K_own, 2^τ, d_out] (kind Table, sparse rows, sharded under table parallelism) and "<prefix>.bias" [d_out]
   /// (an empty prefix gives "tables" and "bias"). The views can write the tables, so this releases the packed copy
   /// (see the class comment).
   std::vector<ParameterView<Scalar>> parameters(const std::string& prefix = {}) {
@@ -267,13 +340,14 @@ class MemoryLayer {
     const std::string dot = prefix.empty() ? std::string() : prefix + ".";
     std::vector<ParameterView<Scalar>> views;
     views.push_back({dot + "tables",
-                     {num_tables(), config_.rows_per_table(), config_.d_out},
+                     {owned_.size(), config_.rows_per_table(), config_.d_out},
                      tables_.values(),
                      dtables_.values(),
                      ParameterKind::Table,
                      config_.d_out,
                      &touched_,
-                     &touched_list_});
+                     &touched_list_,
+                     sharded()});
     if (config_.bias)
       views.push_back({dot + "bias",
                        {config_.d_out},
@@ -283,7 +357,7 @@ class MemoryLayer {
     return views;
   }
 
-  /// K·2^τ·d_out (+ d_out with bias).
+  /// K_own·2^τ·d_out (+ d_out with bias): the values held here.
   Index num_parameters() const { return tables_.size() + (config_.bias ? config_.d_out : 0); }
 
   /// Reports that any table row may have changed: re-packs the whole copy (allocating it if released) and makes it
@@ -349,7 +423,7 @@ class MemoryLayer {
     if constexpr (keeps_packed_copy()) {
       if (!packed_current()) {
         row_flags = nullptr;
-        packed_layout_ = detail::PanelLayout::make(num_tables(), config_.tau, config_.d_out, StorageType::F32);
+        packed_layout_ = detail::PanelLayout::make(owned_.size(), config_.tau, config_.d_out, StorageType::F32);
         try {
           packed_ = detail::TableBlock(size_t(packed_layout_.total_bytes()));  // zeroed: padding stays zero
         } catch (const std::bad_alloc&) {
@@ -380,11 +454,13 @@ class MemoryLayer {
 
   MemoryLayerConfig config_;
   SignHasher<Scalar> hasher_;
-  BucketTable<Scalar> tables_;        // [K, 2^τ, d_out]
-  BucketTable<Scalar> dtables_;       // [K, 2^τ, d_out]
+  TableSharding sharding_;            // inactive unless table-parallel
+  TableRange owned_;                  // the tables held here: [0, K) unless sharded
+  BucketTable<Scalar> tables_;        // [K_own, 2^τ, d_out]
+  BucketTable<Scalar> dtables_;       // [K_own, 2^τ, d_out]
   Vector<Scalar> bias_;               // [d_out]
   Vector<Scalar> dbias_;              // [d_out]
-  std::vector<std::uint8_t> touched_; // [K·2^τ]
+  std::vector<std::uint8_t> touched_; // [K_own·2^τ]
   std::vector<Index> touched_list_;   // [rows flagged in touched_], first-flagged order
   Matrix<Scalar> dscores_;            // [N, K] scratch of backward, reused across calls
   // The packed copy of tables_ (see the class comment): held iff current, so "current" needs no separate flag that

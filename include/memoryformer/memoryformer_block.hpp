@@ -15,6 +15,7 @@
 #include "detail/row_parallel.hpp"
 #include "error.hpp"
 #include "hash.hpp"
+#include "distributed/table_sharding.hpp"
 #include "memory_block.hpp"
 #include "memory_layer.hpp"
 #include "nn/attention.hpp"
@@ -107,17 +108,19 @@ class MemoryFormerBlock {
   using Config = MemoryFormerBlockConfig;
   using Cache = MemoryFormerBlockCache<Scalar>;
 
+  /// With an active `sharding`, every Memory Layer keeps only this rank's tables (table parallelism, see
+  /// MemoryLayer); forward, backward and forward_decode are then collective.
   /// @throws ConfigError
-  MemoryFormerBlock(const Config& config, std::uint64_t seed)
+  MemoryFormerBlock(const Config& config, std::uint64_t seed, TableSharding sharding = {})
       : config_((config.validate("MemoryFormerBlock"), config)),
         norm1_(config.norm, config.d, config.rms_eps, config.layer_norm_eps),
         hasher_(config.qkv().hash_config()),
-        q_(config.qkv(), Rng::stream(seed, 1).next_u64()),
-        k_(config.qkv(), Rng::stream(seed, 2).next_u64()),
-        v_(config.qkv(), Rng::stream(seed, 3).next_u64()),
+        q_(config.qkv(), Rng::stream(seed, 1).next_u64(), sharding),
+        k_(config.qkv(), Rng::stream(seed, 2).next_u64(), sharding),
+        v_(config.qkv(), Rng::stream(seed, 3).next_u64(), sharding),
         rotary_(config.d, config.heads, config.resolved_rotary_dims(), config.rotary_base),
         norm2_(config.norm, config.d, config.rms_eps, config.layer_norm_eps),
-        memory_(config.memory_block(), Rng::stream(seed, 4).next_u64()) {
+        memory_(config.memory_block(), Rng::stream(seed, 4).next_u64(), sharding) {
     if (config_.output_projection) output_.emplace(config.d, config.d, config.bias, Rng::stream(seed, 5).next_u64());
   }
 

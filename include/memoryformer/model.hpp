@@ -15,6 +15,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -32,6 +33,7 @@
 #include "nn/rms_norm.hpp"
 #include "parameter.hpp"
 #include "random.hpp"
+#include "distributed/table_sharding.hpp"
 #include "transformer_block.hpp"
 #include "types.hpp"
 
@@ -257,16 +259,27 @@ class LanguageModel {
 
   /**
    * @brief Builds the model; the embedding, every block and the head draw from their own Rng streams of `seed`.
+   *        With an active `sharding` (MemoryFormer models only), every Memory Layer keeps only this rank's tables
+   *        and forward, backward and forward_decode are collective (table parallelism, design §11.3); the other
+   *        parameters are whole on every rank.
    * @throws ConfigError naming the offending value.
    */
-  LanguageModel(const Config& config, std::uint64_t seed)
+  LanguageModel(const Config& config, std::uint64_t seed, TableSharding sharding = {})
       : config_((config.validate("LanguageModel"), config)),
         embedding_(config.vocab, config.block.d, Rng::stream(seed, 0).next_u64(), config.embedding_init_std),
         final_norm_(config.block.d, config.final_norm_eps),
         head_(config.block.d, config.vocab, config.head_bias, Rng::stream(seed, 1).next_u64(), config.head_init_std) {
     blocks_.reserve(std::size_t(config.layers));
-    for (Index i = 0; i < config.layers; ++i)
-      blocks_.emplace_back(config.block, Rng::stream(seed, 100 + std::uint64_t(i)).next_u64());
+    for (Index i = 0; i < config.layers; ++i) {
+      const std::uint64_t block_seed = Rng::stream(seed, 100 + std::uint64_t(i)).next_u64();
+      if constexpr (std::is_constructible_v<BlockType, const BlockConfig&, std::uint64_t, TableSharding>) {
+        blocks_.emplace_back(config.block, block_seed, sharding);
+      } else {
+        detail::check_config(!sharding.active(), "LanguageModel",
+                             "table parallelism needs Memory Layers; the " + std::string(kind()) + " model has none");
+        blocks_.emplace_back(config.block, block_seed);
+      }
+    }
   }
 
   // Parameter views point into the members: moving or copying would leave views (and optimisers) dangling.

@@ -44,6 +44,9 @@ struct ParameterView {
   /// (a deterministic order), so that optimisers, clipping and zero_grad() visit the touched rows without scanning
   /// the flags. nullptr: the flags are scanned instead.
   std::vector<Index>* touched_list = nullptr;
+  /// True when this is one rank's part of a parameter split across the ranks of a table-parallel run (the other
+  /// parts live on the other ranks, see TableSharding); false when every rank holds the whole parameter.
+  bool sharded = false;
 };
 
 }  // namespace memoryformer
