@@ -7,6 +7,7 @@
 #include <cmath>
 #include <concepts>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -348,7 +349,7 @@ class AdamW {
     detail::check_config(std::isfinite(max_norm) && max_norm >= 0.0, "AdamW::step_fused",
                          "max_norm = " + std::to_string(max_norm) + " must be ≥ 0 (0: no clipping)");
     check_step("AdamW::step_fused", lr);
-    const double norm = global_grad_norm(params_);
+    const double norm = grad_norm(max_norm > 0.0);
     if (!std::isfinite(norm)) return norm;
     const double scale = max_norm > 0.0 && norm > max_norm ? max_norm / norm : 1.0;
     apply(lr, scale, true);
@@ -363,6 +364,16 @@ class AdamW {
     }
     return norm;
   }
+
+  /**
+   * @brief Table parallelism: the parameters marked sharded are this rank's parts of parameters split across ranks,
+   *        so the global gradient norm that step_fused clips by needs the sum of their squares over all ranks.
+   *        `sum_over_ranks` gets this rank's sum of squares of its sharded gradients and returns the sum over the
+   *        ranks, the same value on every rank (e.g. all_reduce_sum on the Communicator; collective then); the whole
+   *        parameters count once. Without it, step_fused refuses to clip when sharded parameters exist (each rank
+   *        would clip by another norm and the replicas would drift apart).
+   */
+  void set_sharded_norm_sum(std::function<double(double)> sum_over_ranks) { sharded_norm_sum_ = std::move(sum_over_ranks); }
 
   /// Number of steps since construction, reset() or the loaded state (the global count t).
   std::uint64_t steps() const { return std::uint64_t(step_[0]); }
@@ -458,6 +469,25 @@ class AdamW {
   }
 
  private:
+  /// The global gradient norm: as global_grad_norm, or with sharded parameters, whole ones once plus the sharded
+  /// ones' sum over the ranks.
+  double grad_norm(bool clipping) const {
+    std::vector<ParameterView<Scalar>> whole, sharded;
+    for (const auto& p : params_) (p.sharded ? sharded : whole).push_back(p);
+    if (sharded.empty()) return global_grad_norm(params_);
+    if (!sharded_norm_sum_) {
+      detail::check_config(!clipping, "AdamW::step_fused",
+                           "parameter '" + sharded.front().name +
+                               "' is sharded across ranks: set_sharded_norm_sum first, so that every rank clips by the "
+                               "same global norm");
+      return global_grad_norm(params_);
+    }
+    const double own = detail::clip::sum_of_squares(whole, detail::clip::live_pieces(whole, "AdamW::step_fused"));
+    const double parts =
+        detail::clip::sum_of_squares(sharded, detail::clip::live_pieces(sharded, "AdamW::step_fused"));
+    return std::sqrt(own + sharded_norm_sum_(parts));
+  }
+
   struct ParamState {
     std::vector<Scalar> m;               // [size of the parameter], first moments (bf16: expanded for checkpoints)
     std::vector<Scalar> v;               // [size of the parameter], second moments (bf16: expanded for checkpoints)
@@ -467,6 +497,8 @@ class AdamW {
   };
 
   bool bf16_moments() const { return options_.moments == MomentStorage::BFloat16; }
+
+  std::function<double(double)> sharded_norm_sum_;  // see set_sharded_norm_sum
 
   bool row_sparse(const ParameterView<Scalar>& p) const {
     return options_.sparse_update == SparseUpdate::RowSparse && detail::adamw::is_sparse_kind(p.kind);

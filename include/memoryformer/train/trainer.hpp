@@ -6,6 +6,9 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <optional>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -15,6 +18,11 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
+#include "../detail/xxhash.hpp"
+#include "../distributed/collectives.hpp"
+#include "../distributed/communicator.hpp"
+#include "../distributed/data_parallel.hpp"
+#include "../distributed/self_communicator.hpp"
 #include "../error.hpp"
 #include "../io/model_checkpoint.hpp"
 #include "../model.hpp"
@@ -54,6 +62,10 @@ struct TrainerOptions {
   std::uint64_t data_seed = 1;     ///< the batch of step t is drawn with Rng::stream(data_seed, t)
   std::filesystem::path checkpoint_path;  ///< where run() saves checkpoints; empty: never
   Index checkpoint_every = 0;      ///< with checkpoint_path: save every this many steps (0: only at the end)
+  /// Distributed runs: compare an XXH3 of the replicated parameters across the ranks every this many steps and after
+  /// the last step, stopping with a DistributedError when they differ (0: only after the last step).
+  Index replica_check_every = 100;
+  DataParallelOptions data_parallel;  ///< distributed runs: how gradients are summed over the ranks
 
   /// @throws ConfigError naming the offending value.
   void validate(std::string_view where = "TrainerOptions") const {
@@ -72,8 +84,9 @@ struct TrainerOptions {
                          "warmup_ratio = " + std::to_string(warmup_ratio) + " is outside [0, 1]");
     detail::check_config(std::isfinite(clip_norm) && clip_norm >= 0.0, where,
                          "clip_norm = " + std::to_string(clip_norm) + " must be ≥ 0 (0: no clipping)");
-    detail::check_config(eval_every >= 0 && eval_windows >= 0 && checkpoint_every >= 0, where,
-                         "eval_every, eval_windows and checkpoint_every must be ≥ 0");
+    detail::check_config(eval_every >= 0 && eval_windows >= 0 && checkpoint_every >= 0 && replica_check_every >= 0,
+                         where, "eval_every, eval_windows, checkpoint_every and replica_check_every must be ≥ 0");
+    data_parallel.validate(where);
   }
 
   /// The learning-rate schedule these options describe.
@@ -125,6 +138,15 @@ struct TrainResult {
  * passes. The batch of step t depends only on (data_seed, t), so a run resumed from a checkpoint of step t
  * (model + optimizer + step count) continues exactly as the uninterrupted run would.
  *
+ * **Distributed** (design §11): with a Communicator of R ranks, every rank runs the same Trainer on its own
+ * process. Each micro-batch of `batch` sequences is split into R contiguous shares of batch/R sequences (rank r takes
+ * the r-th), so the run sees the same sequences as the one-rank run with the same options; the loss of each share is
+ * scaled by 1/R and DataParallel sums the gradients of the replicated parameters over the ranks after the step's
+ * last backward. A model built with a TableSharding on the same communicator (table parallelism) keeps only its
+ * tables' share on each rank, and the optimiser's clipping norm then adds the sharded parts over the ranks.
+ * Evaluation splits the windows over the ranks (a multiple of R of them). Checkpoints: see save_checkpoint.
+ * Every call of step(), evaluate(), run(), save_checkpoint() and resume() is then collective (see Communicator).
+ *
  * The model, the data and the callbacks must outlive the trainer. The library prints nothing: see callbacks.hpp for
  * a progress bar and printers.
  * @tparam Model a LanguageModel
@@ -139,16 +161,35 @@ class Trainer {
 
   /// @throws ConfigError for invalid options (see TrainerOptions::validate, AdamW) or a model whose vocabulary
   ///         cannot hold byte tokens.
-  Trainer(Model& model, const TextDataset& data, TrainerOptions options)
+  Trainer(Model& model, const TextDataset& data, TrainerOptions options) : Trainer(model, data, std::move(options), nullptr) {}
+
+  /**
+   * @brief A distributed trainer: one per rank of `communicator`, which must outlive it (see the class comment).
+   * @throws ConfigError as above, or when batch is not a multiple of the rank count
+   */
+  Trainer(Model& model, const TextDataset& data, TrainerOptions options, Communicator& communicator)
+      : Trainer(model, data, std::move(options), &communicator) {}
+
+ private:
+  Trainer(Model& model, const TextDataset& data, TrainerOptions options, Communicator* communicator)
       : model_(model),
         data_(data),
         options_((options.validate("Trainer"), std::move(options))),
+        comm_(communicator != nullptr ? *communicator : self_),
         params_(model.parameters()),
-        optimizer_(params_, options_.adamw) {
+        optimizer_(params_, options_.adamw),
+        data_parallel_(comm_, params_, options_.data_parallel) {
     detail::check_config(model.vocab() >= TextDataset::vocab(), "Trainer",
                          "the model's vocab = " + std::to_string(model.vocab()) + " cannot hold " +
                              std::to_string(TextDataset::vocab()) + " byte tokens");
+    detail::check_config(options_.batch % comm_.size() == 0, "Trainer",
+                         "batch = " + std::to_string(options_.batch) + " sequences cannot be split evenly over " +
+                             std::to_string(comm_.size()) + " ranks");
+    for (const auto& p : params_) sharded_ = sharded_ || p.sharded;
+    if (sharded_) optimizer_.set_sharded_norm_sum([this](double x) { return all_reduce_sum(comm_, x); });
   }
+
+ public:
 
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
@@ -158,6 +199,10 @@ class Trainer {
   AdamW<Scalar>& optimizer() { return optimizer_; }
   /// Steps completed (including resumed ones).
   Index step_count() const { return step_; }
+  /// The ranks of the run (a SelfCommunicator for a trainer built without one).
+  Communicator& communicator() { return comm_; }
+  /// True when the model's tables are split across the ranks (table parallelism).
+  bool table_parallel() const { return sharded_; }
   /// The base learning rate of 0-based step `step`.
   double learning_rate(Index step) const { return options_.schedule()(step); }
 
@@ -183,20 +228,26 @@ class Trainer {
     // After a step_fused the gradients are zero already and this clears nothing of them; it is for a first step,
     // a step after an exception, and gradients the caller accumulated in between.
     model_.zero_grad();
-    const Index micro = options_.batch, parts = options_.accumulate, tokens_per_part = micro * batch_.seq;
-    const Scalar dloss = Scalar(1.0 / double(parts));
+    // Rank r takes sequences [r·share, (r+1)·share) of every micro-batch; its loss counts 1/R of the step's mean.
+    const Index ranks = comm_.size(), micro = options_.batch, parts = options_.accumulate;
+    const Index share = micro / ranks, tokens_per_part = micro * batch_.seq;
+    const Scalar dloss = Scalar(1.0 / (double(parts) * double(ranks)));
     double loss = 0.0;
     for (Index part = 0; part < parts; ++part) {
-      const auto first = std::size_t(part * tokens_per_part), count = std::size_t(tokens_per_part);
+      const auto first = std::size_t(part * tokens_per_part + comm_.rank() * share * batch_.seq),
+                 count = std::size_t(share * batch_.seq);
       const Scalar part_loss =
           model_.forward_loss(std::span<const std::int32_t>(batch_.inputs).subspan(first, count),
-                              std::span<const std::int32_t>(batch_.targets).subspan(first, count), micro,
+                              std::span<const std::int32_t>(batch_.targets).subspan(first, count), share,
                               batch_.seq, cache_);
-      if (!std::isfinite(double(part_loss)))
-        throw NonFiniteError("Trainer::step: the training loss is " + std::to_string(double(part_loss)) +
-                             " at step " + std::to_string(step_) + " (try a lower learning rate)");
+      if (!std::isfinite(double(part_loss)) && ranks == 1) throw_non_finite_loss(double(part_loss));
       loss += double(part_loss) / double(parts);
       model_.backward(cache_, dloss);
+    }
+    if (ranks > 1) {
+      data_parallel_.sum_gradients();
+      loss = all_reduce_sum(comm_, loss) / double(ranks);
+      if (!std::isfinite(loss)) throw_non_finite_loss(loss);  // on every rank: the sum carries any rank's NaN
     }
     const double lr = learning_rate(step_);
     const double norm = optimizer_.step_fused(lr, options_.clip_norm);
@@ -222,25 +273,40 @@ class Trainer {
     return info;
   }
 
+  /// The DataParallel that sums the gradients of distributed steps.
+  DataParallel<Scalar>& data_parallel() { return data_parallel_; }
+
   /// Validation loss over options().eval_windows windows (see TextDataset::validation_windows).
   EvalInfo evaluate() { return evaluate(options_.eval_windows); }
 
   /**
    * @brief Mean validation cross-entropy over `max_windows` evenly spread windows of seq tokens (0: all), scored in
-   *        batches of options().batch windows. Changes no parameter or gradient.
-   * @throws ConfigError when the validation split is shorter than seq + 1 tokens.
+   *        batches of options().batch windows. Changes no parameter or gradient. With R ranks, the largest multiple
+   *        of R of those windows, each batch split evenly over the ranks.
+   * @throws ConfigError when the validation split is shorter than seq + 1 tokens, or holds fewer windows than ranks.
    */
   EvalInfo evaluate(Index max_windows) {
     const auto t0 = std::chrono::steady_clock::now();
     const auto starts = data_.validation_windows(options_.seq, max_windows);
+    const Index ranks = comm_.size();
+    const Index usable = Index(starts.size()) / ranks * ranks;
+    detail::check_config(usable > 0, "Trainer::evaluate",
+                         std::to_string(starts.size()) + " validation windows cannot be split over " +
+                             std::to_string(ranks) + " ranks");
     double total = 0.0;
     Index tokens = 0;
-    for (Index first = 0; first < Index(starts.size()); first += options_.batch) {
-      data_.validation_batch(eval_batch_, starts, first, options_.batch, options_.seq);
+    for (Index first = 0; first < usable; first += options_.batch * ranks) {
+      const Index share = std::min(options_.batch * ranks, usable - first) / ranks;
+      data_.validation_batch(eval_batch_, std::span<const Index>(starts).first(std::size_t(usable)),
+                             first + comm_.rank() * share, share, options_.seq);
       const Index n = eval_batch_.batch * eval_batch_.seq;
       total += double(model_.forward_loss(eval_batch_.inputs, eval_batch_.targets, eval_batch_.batch,
                                           eval_batch_.seq, eval_cache_)) * double(n);
       tokens += n;
+    }
+    if (ranks > 1) {
+      total = all_reduce_sum(comm_, total);
+      tokens = all_reduce_sum(comm_, tokens);
     }
     EvalInfo info;
     info.step = step_;
@@ -277,11 +343,18 @@ class Trainer {
       if (!options_.checkpoint_path.empty() && options_.checkpoint_every > 0 && step_ % options_.checkpoint_every == 0 &&
           step_ < options_.steps)
         save_checkpoint(options_.checkpoint_path);
+      if (comm_.size() > 1) {
+        // Every rank stops together: a time budget measured on one rank's clock must not leave the others waiting.
+        stop_requested_ = all_reduce_sum(comm_, Index(stop_requested_ ? 1 : 0)) > 0;
+        if (options_.replica_check_every > 0 && step_ % options_.replica_check_every == 0)
+          data_parallel_.check_replicas("after step " + std::to_string(step_));
+      }
       if (stop_requested_) {
         result.stopped_early = step_ < options_.steps;
         break;
       }
     }
+    data_parallel_.check_replicas("after step " + std::to_string(step_));
     if (!evaluated_last) {
       result.validation = evaluate();
       for (auto& cb : eval_callbacks_) cb(result.validation);
@@ -298,16 +371,46 @@ class Trainer {
   /**
    * @brief Saves model, optimiser state and the step count ("train.step", with "train.data_seed") atomically, then
    *        calls the checkpoint callbacks.
+   *
+   * Distributed: the replicas are identical, so rank 0 alone writes `path`. Table-parallel: every rank writes its
+   * own shard, `<path>.shard-<r>-of-<R>` (its tables, the replicated parameters and the optimiser state of both,
+   * atomically, as one checkpoint file), then rank 0 writes `path` last as the manifest: the rank count, the step,
+   * and each shard's file name and XXH3-64. resume() checks every shard against the manifest, so a save that was
+   * cut short between the shards and the manifest is refused instead of mixing steps.
    * @throws std::runtime_error when writing fails.
    */
   void save_checkpoint(const std::filesystem::path& path) {
-    save_model(path, model_, &optimizer_,
-               {{"train.step", std::to_string(step_)},
-                {"train.data_seed", std::to_string(options_.data_seed)},
-                {"train.batch", std::to_string(options_.batch)},
-                {"train.accumulate", std::to_string(options_.accumulate)},
-                {"train.seq", std::to_string(options_.seq)}});
+    const ConfigEntries entries{{"train.step", std::to_string(step_)},
+                                {"train.data_seed", std::to_string(options_.data_seed)},
+                                {"train.batch", std::to_string(options_.batch)},
+                                {"train.accumulate", std::to_string(options_.accumulate)},
+                                {"train.seq", std::to_string(options_.seq)}};
+    if (!sharded_) {
+      if (comm_.rank() == 0) save_model(path, model_, &optimizer_, entries);
+      comm_.barrier();
+    } else {
+      const std::filesystem::path shard = shard_path(path, comm_.rank(), comm_.size());
+      save_model(shard, model_, &optimizer_, entries);
+      const std::vector<std::uint64_t> digests = all_gather_value<std::uint64_t>(comm_, file_digest(shard));
+      if (comm_.rank() == 0) {
+        Checkpoint manifest;
+        manifest.config = {{"table_parallel.ranks", std::to_string(comm_.size())}, {"train.step", std::to_string(step_)}};
+        for (int q = 0; q < comm_.size(); ++q) {
+          manifest.config.emplace_back("table_parallel.shard." + std::to_string(q),
+                                       shard_path(path, q, comm_.size()).filename().string());
+          manifest.config.emplace_back("table_parallel.shard." + std::to_string(q) + ".xxh3",
+                                       std::to_string(digests[std::size_t(q)]));
+        }
+        memoryformer::save_checkpoint(path, manifest);
+      }
+      comm_.barrier();
+    }
     for (auto& cb : checkpoint_callbacks_) cb(path, step_);
+  }
+
+  /// The file rank `rank` of `ranks` writes its shard to in a table-parallel save_checkpoint(path).
+  static std::filesystem::path shard_path(const std::filesystem::path& path, int rank, int ranks) {
+    return std::filesystem::path(path.string() + ".shard-" + std::to_string(rank) + "-of-" + std::to_string(ranks));
   }
 
   /**
@@ -318,7 +421,78 @@ class Trainer {
    *         one whose data seed, batch, accumulate or seq differ from the options (the batches would differ).
    */
   Index resume(const std::filesystem::path& path) {
-    const Checkpoint ckpt = load_checkpoint(path);
+    // Every rank loads; if any fails, all throw (the failing ones their own error), so none waits for the others.
+    std::optional<std::string> error;
+    Index step = 0;
+    try {
+      step = resume_this_rank(path);
+    } catch (const std::exception& e) {
+      if (comm_.size() == 1) throw;
+      error = e.what();
+    }
+    if (comm_.size() > 1) {
+      const std::vector<int> failed = all_gather_value<int>(comm_, error ? 1 : 0);
+      if (error) throw FormatError(*error);
+      for (std::size_t q = 0; q < failed.size(); ++q)
+        if (failed[q] != 0)
+          throw FormatError("Trainer::resume: '" + path.string() + "': rank " + std::to_string(q) +
+                            " could not load its part (its error is on its output)");
+    }
+    return step;
+  }
+
+ private:
+  [[noreturn]] void throw_non_finite_loss(double loss) const {
+    throw NonFiniteError("Trainer::step: the training loss is " + std::to_string(loss) + " at step " +
+                         std::to_string(step_) + " (try a lower learning rate)");
+  }
+
+  /// XXH3-64 of a file's bytes.
+  static std::uint64_t file_digest(const std::filesystem::path& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw FormatError("Trainer: cannot read back '" + path.string() + "'");
+    detail::Xxh3Stream hash;
+    std::vector<char> buffer(std::size_t(1) << 20);
+    while (in) {
+      in.read(buffer.data(), std::streamsize(buffer.size()));
+      hash.update(buffer.data(), std::size_t(in.gcount()));
+    }
+    return hash.digest();
+  }
+
+  /// The checkpoint this rank loads: `path` itself, or its shard when `path` is a table-parallel manifest (checked).
+  std::filesystem::path checkpoint_of_this_rank(const std::filesystem::path& path, const Checkpoint& ckpt) const {
+    const std::string origin = "'" + path.string() + "'";
+    const std::string* ranks = ckpt.find_config("table_parallel.ranks");
+    if (ranks == nullptr) {
+      if (sharded_)
+        throw FormatError("Trainer::resume: " + origin +
+                          " is a whole-model checkpoint; this model is table-parallel (its tables are split)");
+      return path;
+    }
+    if (!sharded_)
+      throw FormatError("Trainer::resume: " + origin + " is a table-parallel checkpoint of " + *ranks +
+                        " ranks; resume it table-parallel on " + *ranks + " ranks");
+    if (*ranks != std::to_string(comm_.size()))
+      throw FormatError("Trainer::resume: " + origin + " is a table-parallel checkpoint of " + *ranks +
+                        " ranks; this run has " + std::to_string(comm_.size()) +
+                        " (a table-parallel run resumes on as many ranks as saved it)");
+    const std::string key = "table_parallel.shard." + std::to_string(comm_.rank());
+    const std::string* name = ckpt.find_config(key);
+    const std::string* digest = ckpt.find_config(key + ".xxh3");
+    if (name == nullptr || digest == nullptr)
+      throw FormatError("Trainer::resume: " + origin + ": the manifest has no " + key);
+    const std::filesystem::path shard = path.parent_path() / *name;
+    if (std::to_string(file_digest(shard)) != *digest)
+      throw FormatError("Trainer::resume: " + origin + ": the shard '" + shard.string() +
+                        "' is not the one the manifest lists (XXH3 differs: written by another save?)");
+    return shard;
+  }
+
+  Index resume_this_rank(const std::filesystem::path& manifest_or_file) {
+    Checkpoint first = load_checkpoint(manifest_or_file);
+    const std::filesystem::path path = checkpoint_of_this_rank(manifest_or_file, first);
+    const Checkpoint ckpt = path == manifest_or_file ? std::move(first) : load_checkpoint(path);
     const std::string origin = "'" + path.string() + "'";
     const detail::model::ConfigReader r(ckpt.config, "Trainer::resume: " + origin);
     const std::int64_t step = r.integer("train.step");
@@ -346,12 +520,15 @@ class Trainer {
     return step_;
   }
 
- private:
   Model& model_;
   const TextDataset& data_;
   TrainerOptions options_;
+  SelfCommunicator self_;   // the communicator of a trainer built without one
+  Communicator& comm_;
+  bool sharded_ = false;    // the model holds sharded parameters (table parallelism)
   std::vector<ParameterView<Scalar>> params_;
   AdamW<Scalar> optimizer_;
+  DataParallel<Scalar> data_parallel_;
   Index step_ = 0;
   Index tokens_ = 0;
   double seconds_ = 0.0;
