@@ -5,6 +5,7 @@
 #   bash cmake/install-deps.sh          build + tests + benchmarks
 #   bash cmake/install-deps.sh --plot   also gnuplot-nox, which the benchmark report uses to draw its PNG
 #   bash cmake/install-deps.sh --docs   also doxygen, which builds the API reference (cmake --workflow --preset docs)
+#   bash cmake/install-deps.sh --mpi    also Open MPI (libopenmpi-dev, openmpi-bin): distributed training and its tests
 set -euo pipefail
 
 packages=(cmake ninja-build g++ make pkg-config libeigen3-dev libxxhash-dev libgtest-dev libbenchmark-dev)
@@ -12,11 +13,12 @@ for arg in "$@"; do
   case "$arg" in
     --plot) packages+=(gnuplot-nox) ;;
     --docs) packages+=(doxygen) ;;
+    --mpi) packages+=(libopenmpi-dev openmpi-bin) ;;
     -h|--help)
-      sed -n '3,7p' "$0" | sed 's/^# \{0,1\}//'
+      sed -n '3,8p' "$0" | sed 's/^# \{0,1\}//'
       exit 0 ;;
     *)
-      echo "install-deps.sh: unknown argument '$arg' (use --plot, --docs or --help)" >&2
+      echo "install-deps.sh: unknown argument '$arg' (use --plot, --docs, --mpi or --help)" >&2
       exit 2 ;;
   esac
 done
@@ -25,7 +27,7 @@ if ! command -v dpkg >/dev/null 2>&1; then
   echo "install-deps.sh: no dpkg here (not Debian/Ubuntu). Install the equivalents of:" >&2
   echo "  ${packages[*]}" >&2
   echo "  (CMake >= 3.25, Ninja, a C++20 compiler, pkg-config, Eigen >= 3.4, xxHash, GoogleTest, Google Benchmark;" >&2
-  echo "  gnuplot with --plot, Doxygen with --docs)" >&2
+  echo "  gnuplot with --plot, Doxygen with --docs, Open MPI with --mpi)" >&2
   exit 0
 fi
 

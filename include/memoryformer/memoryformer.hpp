@@ -1,10 +1,17 @@
 // SPDX-License-Identifier: MIT
-// Umbrella header: every public header of the library. Convenient; including only the headers you use compiles faster.
+// Umbrella header: every public header of the library but distributed/mpi_communicator.hpp (which needs <mpi.h>).
+// Convenient; including only the headers you use compiles faster.
 #pragma once
 
 #include "bucket_table.hpp"
 #include "config.hpp"
 #include "config_entries.hpp"
+#include "distributed/collectives.hpp"
+#include "distributed/communicator.hpp"
+#include "distributed/data_parallel.hpp"
+#include "distributed/scaling.hpp"
+#include "distributed/self_communicator.hpp"
+#include "distributed/table_sharding.hpp"
 #include "dtype.hpp"
 #include "error.hpp"
 #include "flops.hpp"
