@@ -4,6 +4,7 @@
 // checkpoints, resume and a --json summary (design §3 model and training recipe, §4 FLOPs).
 //
 //   train_lm [--text FILE] [--model memoryformer|transformer] [--steps N] [--json] ...   (train_lm --help)
+//   mpirun -np R train_lm ... [--table-parallel]     (built with MEMORYFORMER_MPI: distributed training, design §11)
 
 #include "common/arg_reader.hpp"
 #include <algorithm>
@@ -30,6 +31,9 @@
 #include <omp.h>
 #endif
 
+#include <memoryformer/distributed/communicator.hpp>
+#include <memoryformer/distributed/self_communicator.hpp>
+#include <memoryformer/distributed/table_sharding.hpp>
 #include <memoryformer/flops.hpp>
 #include <memoryformer/model.hpp>
 #include <memoryformer/train/callbacks.hpp>
@@ -37,6 +41,12 @@
 #include <memoryformer/train/trainer.hpp>
 
 #include "data/default_text.hpp"
+
+#if defined(MEMORYFORMER_USE_MPI)
+#include <memoryformer/distributed/mpi_communicator.hpp>
+
+#include "common/mpi_session.hpp"
+#endif
 
 namespace mf = memoryformer;
 using mf::Index;
@@ -62,6 +72,7 @@ struct Args {
   int threads = 0;                  // 0: leave OpenMP's default
   double max_seconds = 0;           // 0: no budget
   bool json = false, quiet = false, profile = false, smoke = false, eigen_threads = false, bf16_moments = false;
+  bool table_parallel = false;
 };
 
 const char* usage =
@@ -91,6 +102,8 @@ const char* usage =
     "                         on the thread count by float rounding)\n"
     "  --max-seconds S        stop once training has taken S seconds (the schedule is not shortened)\n"
     "  --profile              time the parts of a training step (steady state, after warm-up steps) and exit\n"
+    "  --table-parallel       under mpirun: split every Memory Layer's tables over the ranks (default: each rank\n"
+    "                         holds the whole model; either way each --batch is split evenly over the ranks)\n"
     "  --json                 print the final metrics as one JSON object on stdout\n"
     "  --quiet                no progress output\n"
     "  --smoke                tiny sizes, a few seconds (what ctest runs)\n";
@@ -147,11 +160,16 @@ Args parse(int argc, char** argv) {
     else if (f == "--quiet") a.quiet = true;
     else if (f == "--smoke") a.smoke = true;
     else if (f == "--eigen-threads") a.eigen_threads = true;
+    else if (f == "--table-parallel") a.table_parallel = true;
     else fail("unknown option '" + f + "'");
   }
   if (a.model != "memoryformer" && a.model != "transformer")
     fail("--model must be memoryformer or transformer, got '" + a.model + "'");
   if (a.accumulate < 1) fail("--accumulate must be ≥ 1, got " + std::to_string(a.accumulate));
+#if !defined(MEMORYFORMER_USE_MPI)
+  if (a.table_parallel) fail("--table-parallel needs a build with MPI (configure with -DMEMORYFORMER_MPI=ON)");
+#endif
+  if (a.table_parallel && a.model != "memoryformer") fail("--table-parallel needs --model memoryformer (tables)");
   if (a.sparse_update != "row" && a.sparse_update != "dense")
     fail("--sparse-update must be row or dense, got '" + a.sparse_update + "'");
   if (a.smoke) {
@@ -303,9 +321,11 @@ void profile(Model& model, const mf::TextDataset& data, const mf::TrainerOptions
 }
 
 template <class Model>
-int train(const Args& a, typename Model::Config config, const std::string& text, const std::string& text_name) {
+int train(const Args& a, typename Model::Config config, const std::string& text, const std::string& text_name,
+          mf::Communicator& comm) {
   const mf::TextDataset data(text, a.val_fraction);
-  Model model(config, a.seed);
+  const mf::TableSharding sharding = a.table_parallel ? mf::TableSharding{&comm} : mf::TableSharding{};
+  Model model(config, a.seed, sharding);
   model.set_deterministic_threads(!a.eigen_threads);
 
   mf::TrainerOptions o;
@@ -336,16 +356,18 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
           : mf::transformer_model_flops_paper(double(a.layers), double(a.seq), double(a.d)) / double(a.seq);
   const double table_bytes = double(model.num_table_parameters()) * double(sizeof(float));
   std::ostream& log = std::cerr;
-  const bool chatty = !a.quiet;
+  const bool chatty = !a.quiet && comm.rank() == 0;  // rank 0 alone speaks
+  const std::string parallel = comm.size() == 1 ? "none" : (a.table_parallel ? "table" : "data");
   if (chatty) {
     char buf[512];
     std::snprintf(buf, sizeof(buf),
-                  "%s: d=%ld layers=%ld heads=%ld%s, %ld parameters (%.1f MB of tables), %.3g FLOPs/token (paper "
+                  "%s: d=%ld layers=%ld heads=%ld%s, %ld parameters (%.1f MB of tables)%s, %.3g FLOPs/token (paper "
                   "convention)\ntext: %s, %zu bytes (%zu train / %zu validation), unigram entropy %.3f bits/byte\n"
                   "training: %ld steps x %ld sequences x %ld tokens, lr %.2g, %s table updates%s",
                   a.model.c_str(), long(a.d), long(a.layers), long(a.heads),
                   a.model == "memoryformer" ? (" tau=" + std::to_string(a.tau)).c_str() : "",
-                  long(model.num_parameters()), table_bytes / 1e6, flops_per_token, text_name.c_str(), text.size(),
+                  long(model.num_parameters()), table_bytes / 1e6, a.table_parallel ? " on each rank" : "",
+                  flops_per_token, text_name.c_str(), text.size(),
                   data.train().size(), data.validation().size(), unigram_bits, long(a.steps),
                   long(a.batch * a.accumulate), long(a.seq), o.lr, a.sparse_update == "row" ? "row-sparse" : "dense",
                   a.accumulate > 1 ? (", " + std::to_string(a.accumulate) + " micro-batches of " +
@@ -357,15 +379,19 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
 #else
     log << ", 1 thread (built without OpenMP)";
 #endif
+    if (comm.size() > 1)
+      log << "\n" << comm.size() << " ranks, " << parallel << "-parallel: each rank takes "
+          << a.batch / comm.size() << " of every micro-batch's " << a.batch << " sequences";
     log << "\n";
   }
 
   if (a.profile) {
+    if (comm.size() > 1) throw std::invalid_argument("--profile runs on one rank (without mpirun)");
     profile(model, data, o, std::cout);
     return 0;
   }
 
-  mf::Trainer<Model> trainer(model, data, o);
+  mf::Trainer<Model> trainer(model, data, o, comm);
   if (!a.resume.empty()) {
     const Index step = trainer.resume(a.resume);
     if (chatty) log << "resumed from '" << a.resume << "' at step " << step << "\n";
@@ -396,13 +422,13 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
 
   if (a.smoke && !a.save.empty()) {
     // The checkpoint written at the end must resume to the same step count.
-    Model copy(config, a.seed + 1);
-    mf::Trainer<Model> again(copy, data, o);
+    Model copy(config, a.seed + 1, sharding);
+    mf::Trainer<Model> again(copy, data, o, comm);
     if (again.resume(a.save) != result.steps) throw std::runtime_error("smoke: resume gave another step count");
     if (chatty) log << "smoke: checkpoint '" << a.save << "' resumes at step " << result.steps << "\n";
   }
 
-  if (a.json) {
+  if (a.json && comm.rank() == 0) {
     int threads = 1;
 #if defined(_OPENMP)
     threads = omp_get_max_threads();
@@ -427,7 +453,8 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
        << ", \"val_tokens\": " << final_eval.tokens << ", \"text\": " << json_string(text_name)
        << ", \"text_bytes\": " << text.size() << ", \"threads\": " << threads
        << ", \"eigen_threads\": " << (a.eigen_threads ? "true" : "false")
-       << ", \"stopped_early\": " << (result.stopped_early ? "true" : "false") << "}";
+       << ", \"stopped_early\": " << (result.stopped_early ? "true" : "false") << ", \"ranks\": " << comm.size()
+       << ", \"parallel\": " << json_string(parallel) << "}";
     std::cout << js.str() << std::endl;
   }
   return 0;
@@ -436,8 +463,23 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
 }  // namespace
 
 int main(int argc, char** argv) {
+#if defined(MEMORYFORMER_USE_MPI)
+  const memoryformer_examples::MpiSession session(argc, argv);
+  // With several ranks this ends the whole job: the other ranks may be waiting for this one in an exchange.
+  auto failed = [&](const std::string& message) { return session.fail("train_lm", message); };
+#else
+  auto failed = [](const std::string& message) {
+    std::cerr << "\ntrain_lm: " << message << "\n";
+    return 1;
+  };
+#endif
   std::string request = "parsing the arguments";  // what was being built when memory ran out
   try {
+#if defined(MEMORYFORMER_USE_MPI)
+    mf::MpiCommunicator comm;
+#else
+    mf::SelfCommunicator comm;
+#endif
     Args a = parse(argc, argv);
     if (!a.write_default_text.empty()) {
       const std::string text = memoryformer_examples::default_text(a.text_bytes);
@@ -475,19 +517,17 @@ int main(int argc, char** argv) {
       c.block.heads = a.heads;
       c.block.tau = a.tau;
       c.block.expand_bits = a.expand_bits;
-      return train<mf::MemoryFormerLM<float>>(a, c, text, text_name);
+      return train<mf::MemoryFormerLM<float>>(a, c, text, text_name, comm);
     }
     mf::TransformerLM<float>::Config c;
     c.vocab = mf::byte_vocab;
     c.layers = a.layers;
     c.block.d = a.d;
     c.block.heads = a.heads;
-    return train<mf::TransformerLM<float>>(a, c, text, text_name);
+    return train<mf::TransformerLM<float>>(a, c, text, text_name, comm);
   } catch (const std::bad_alloc&) {
-    std::cerr << "\ntrain_lm: out of memory while " << request << "; ask for less\n";
-    return 1;
+    return failed("out of memory while " + request + "; ask for less");
   } catch (const std::exception& e) {
-    std::cerr << "\ntrain_lm: " << e.what() << "\n";
-    return 1;
+    return failed(e.what());
   }
 }
