@@ -46,8 +46,12 @@ void check_touched(const ParameterView<Scalar>& p, std::string_view where) {
                      std::to_string(p.touched_rows->size()) + " touched-row flags");
 }
 
+/// A touched list longer than 1/list_scan_divisor of the rows is walked by scanning the flags instead: rows in
+/// ascending order stream through memory, where the list's first-touched order jumps between rows at random.
+inline constexpr std::size_t list_scan_divisor = 8;
+
 /// Appends the pieces of parameter `index` that walk its rows (by_rows) or its elements. Rows go by the touched list
-/// when the view has one, else by the flags (nullptr flags: every row).
+/// when the view has one and it is short, else by the flags (nullptr flags: every row).
 template <class Scalar>
 void append_pieces(std::vector<Piece>& out, const ParameterView<Scalar>& p, std::size_t index, bool by_rows) {
   if (!by_rows) {
@@ -57,8 +61,10 @@ void append_pieces(std::vector<Piece>& out, const ParameterView<Scalar>& p, std:
   }
   const std::size_t row = std::size_t(p.row_size);
   const std::size_t per_piece = std::max<std::size_t>(1, piece_elements / row);
-  const bool listed = p.touched_list != nullptr && p.touched_rows != nullptr;
-  const std::size_t count = listed ? p.touched_list->size() : p.value.size() / row;
+  const std::size_t rows = p.value.size() / row;
+  const bool listed = p.touched_list != nullptr && p.touched_rows != nullptr &&
+                      p.touched_list->size() * list_scan_divisor < rows;
+  const std::size_t count = listed ? p.touched_list->size() : rows;
   for (std::size_t b = 0; b < count; b += per_piece)
     out.push_back({index, listed ? PieceMode::ListedRows : PieceMode::FlaggedRows, b, std::min(count, b + per_piece)});
 }
