@@ -153,6 +153,13 @@ class MemoryBlock {
     ml1_.backward(dx, x, dh_, cache.hash1);
   }
 
+  /// Reports to ML1 and ML2 that any table row may have changed (MemoryLayer::tables_changed: they keep packed copies
+  /// current from now on, and every later write to their tables must be reported again).
+  void tables_changed() {
+    ml1_.tables_changed();
+    ml2_.tables_changed();
+  }
+
   void zero_grad() {
     ml1_.zero_grad();
     norm_.zero_grad();

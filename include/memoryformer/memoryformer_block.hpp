@@ -253,6 +253,14 @@ class MemoryFormerBlock {
     detail::parallel_add<Scalar>(y_new, c.h);
   }
 
+  /// Reports to every Memory Layer that any table row may have changed (see MemoryLayer::tables_changed).
+  void tables_changed() {
+    q_.tables_changed();
+    k_.tables_changed();
+    v_.tables_changed();
+    memory_.tables_changed();
+  }
+
   void zero_grad() {
     norm1_.zero_grad();
     q_.zero_grad();

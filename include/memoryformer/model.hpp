@@ -404,6 +404,17 @@ class LanguageModel {
 
  public:
 
+  /**
+   * @brief Reports that any table may have changed: every Memory Layer re-packs the copy of its tables that prefill
+   *        reads (MemoryLayer::tables_changed), and keeps it from now on. A promise: every later write to the tables
+   *        (an optimiser step, a load) is reported by another call before the next forward, or the copy is released
+   *        by writable access (parameters(), a layer's tables()). No effect on models without Memory Layers.
+   */
+  void tables_changed() {
+    for (auto& b : blocks_)
+      if constexpr (requires { b.tables_changed(); }) b.tables_changed();
+  }
+
   /// Clears every parameter gradient (and the touched-row flags of tables and the embedding).
   void zero_grad() {
     embedding_.zero_grad();

@@ -536,3 +536,53 @@ TEST(Callbacks, ProgressBarAndPrinters) {
   EXPECT_EQ(mf::format_duration(3725), "1h02m");
   EXPECT_EQ(mf::format_duration(12.34), "12.3s");
 }
+
+TEST(Trainer, KeptPackedTablesTrainBitForBitAsPerCallPacking) {
+  const mf::TextDataset data(patterned_text(20000), 0.1);
+  mf::TrainerOptions o;
+  o.steps = 6;
+  o.batch = 4;
+  o.seq = 16;  // 64 tokens per forward: past the threshold from which prefill reads the kept copy (τ = 4)
+  o.accumulate = 2;
+  o.eval_every = 0;
+  o.eval_windows = 4;
+  mf::TrainerOptions per_call = o;
+  per_call.packed_tables = false;
+  mf::MemoryFormerLM<float> a(small_config(), 9), b(small_config(), 9);
+  mf::Trainer<mf::MemoryFormerLM<float>> kept(a, data, o), packing(b, data, per_call);
+  const bool simd = mf::best_isa() != mf::Isa::Scalar;
+  EXPECT_EQ(a.block(0).q().packed_tables_current(), simd);  // the Trainer asked for the copy
+  EXPECT_FALSE(b.block(0).q().packed_tables_current());
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(kept.step().loss, packing.step().loss) << "step " << i;
+  EXPECT_EQ(a.block(1).memory_block().ml2().packed_tables_current(), simd);  // re-packed after every step
+  EXPECT_EQ(kept.evaluate().loss, packing.evaluate().loss);
+  EXPECT_EQ(flat_values(a.parameters()), flat_values(b.parameters()));
+}
+
+TEST(Trainer, OptimizerWalksDenselyTouchedListsInRowOrderWithTheSameUpdates) {
+  // A list covering many rows is walked by scanning the flags (row order), a short one in list order: either way each
+  // touched row gets the update a flags-only view (no list) gives it, and nothing else changes.
+  const std::vector<mf::Index> order = {50, 3, 17, 63, 0, 9, 33, 41, 12, 5, 28, 60, 1, 2, 44, 47};
+  for (const std::size_t touched : {std::size_t(4), std::size_t(16)}) {
+    std::vector<float> value(64 * 3), grad(value.size(), 0.0f);
+    mf::Rng rng = mf::Rng::stream(4, 0);
+    rng.fill_normal(std::span<float>(value), 0.0, 1.0);
+    std::vector<std::uint8_t> flags(64, 0);
+    std::vector<mf::Index> list(order.begin(), order.begin() + std::ptrdiff_t(touched));
+    for (mf::Index r : list) {
+      flags[std::size_t(r)] = 1;
+      for (int j = 0; j < 3; ++j) grad[std::size_t(r * 3 + j)] = float(rng.normal(0.0, 1.0));
+    }
+    std::vector<float> value2 = value, grad2 = grad, before = value;
+    std::vector<std::uint8_t> flags2 = flags;
+    mf::AdamWOptions options;
+    options.sparse_update = mf::SparseUpdate::RowSparse;
+    mf::AdamW<float> listed({{"t", {64, 3}, value, grad, mf::ParameterKind::Table, 3, &flags, &list}}, options);
+    mf::AdamW<float> flagged({{"t", {64, 3}, value2, grad2, mf::ParameterKind::Table, 3, &flags2, nullptr}}, options);
+    EXPECT_NEAR(listed.step_fused(1e-2, 0.0), flagged.step_fused(1e-2, 0.0), 1e-12) << touched;
+    EXPECT_EQ(value, value2) << touched;
+    EXPECT_NE(value, before) << touched;
+    EXPECT_TRUE(list.empty());
+    EXPECT_EQ(flags, std::vector<std::uint8_t>(64, 0));
+  }
+}

@@ -66,6 +66,10 @@ struct TrainerOptions {
   /// the last step, stopping with a DistributedError when they differ (0: only after the last step).
   Index replica_check_every = 100;
   DataParallelOptions data_parallel;  ///< distributed runs: how gradients are summed over the ranks
+  /// Keep a copy of every Memory Layer's tables in the layout their prefill kernel reads, re-packed once after each
+  /// optimiser step (LanguageModel::tables_changed), instead of packing per forward call: the same results, one
+  /// packing per step instead of one per micro-batch and evaluation batch, for the tables' size in memory again.
+  bool packed_tables = true;
 
   /// @throws ConfigError naming the offending value.
   void validate(std::string_view where = "TrainerOptions") const {
@@ -187,6 +191,7 @@ class Trainer {
                              std::to_string(comm_.size()) + " ranks");
     for (const auto& p : params_) sharded_ = sharded_ || p.sharded;
     if (sharded_) optimizer_.set_sharded_norm_sum([this](double x) { return all_reduce_sum(comm_, x); });
+    if (options_.packed_tables) model_.tables_changed();
   }
 
  public:
@@ -251,6 +256,7 @@ class Trainer {
     }
     const double lr = learning_rate(step_);
     const double norm = optimizer_.step_fused(lr, options_.clip_norm);
+    if (options_.packed_tables) model_.tables_changed();
     if (!std::isfinite(norm))
       throw NonFiniteError("Trainer::step: the gradient norm is " + std::to_string(norm) + " at step " +
                            std::to_string(step_) + " (try a lower learning rate)");
@@ -516,6 +522,7 @@ class Trainer {
                         " (resuming with other data settings would not continue the same run)");
     expect("train.seq", options_.seq);
     load_model(ckpt, model_, &optimizer_, origin);
+    if (options_.packed_tables) model_.tables_changed();  // loading wrote the tables (and released the copies)
     step_ = Index(step);
     return step_;
   }
