@@ -21,6 +21,7 @@ TEST(Mpi, TableParallelMemoryLayerMatchesWholeLayer) { cases::memory_layer_match
 TEST(Mpi, TableParallelMemoryBlockMatchesWholeBlock) { cases::memory_block_matches(world()); }
 TEST(Mpi, TableParallelModelMatchesWholeModel) { cases::model_matches(world()); }
 TEST(Mpi, SparseRowExchangeEqualsDenseSum) { cases::sparse_exchange_equals_dense(world()); }
+TEST(Mpi, DenseBucketsAndReplicaCheck) { cases::dense_buckets_and_replica_check(world()); }
 TEST(Mpi, DataParallelTrainingMatchesOneRank) { cases::training_matches_one_rank(world(), false, 1e-5); }
 TEST(Mpi, TableParallelTrainingMatchesOneRank) { cases::training_matches_one_rank(world(), true, 1e-5); }
 TEST(Mpi, CheckpointsResume) {

@@ -198,6 +198,36 @@ inline void sparse_exchange_equals_dense(mf::Communicator& comm) {
   }
 }
 
+/// Dense gradients summed in buckets (several flushes, and a parameter larger than a bucket summed alone in place)
+/// equal all_reduce_sum of each gradient, bit for bit; replicas that differ are reported on every rank.
+inline void dense_buckets_and_replica_check(mf::Communicator& comm) {
+  std::vector<std::vector<float>> values, grads, reference;
+  std::vector<mf::ParameterView<float>> views;
+  mf::Rng rng = mf::Rng::stream(200 + std::uint64_t(comm.rank()), 0);
+  for (const std::size_t size : {std::size_t(10), std::size_t(30), std::size_t(7), std::size_t(9)}) {
+    values.emplace_back(size, 0.5f);
+    grads.emplace_back(size);
+    rng.fill_normal(std::span<float>(grads.back()), 0.0, 1.0);
+  }
+  for (std::size_t i = 0; i < grads.size(); ++i) {
+    reference.push_back(grads[i]);
+    mf::all_reduce_sum(comm, std::span<float>(reference.back()));
+    views.push_back({"p" + std::to_string(i), {mf::Index(values[i].size())}, values[i], grads[i], mf::ParameterKind::Dense});
+  }
+  mf::DataParallelOptions options;
+  options.bucket_bytes = 16 * sizeof(float);  // 10 | 30 alone | 7 + 9
+  mf::DataParallel<float> dp(comm, views, options);
+  dp.sum_gradients();
+  for (std::size_t i = 0; i < grads.size(); ++i) EXPECT_EQ(grads[i], reference[i]) << "parameter " << i;
+  if (comm.size() > 1) EXPECT_EQ(dp.last_exchange().dense_values, 56);
+  EXPECT_NO_THROW(dp.check_replicas("before the change"));
+  if (comm.rank() == comm.size() - 1) values[2][3] = 0.25f;
+  if (comm.size() > 1)
+    EXPECT_THROW(dp.check_replicas("after the change"), mf::DistributedError);
+  else
+    EXPECT_NO_THROW(dp.check_replicas("after the change"));
+}
+
 /// The training text of the cases below: varied enough that a model learns in a few steps.
 inline const mf::TextDataset& training_text() {
   static const mf::TextDataset data = [] {

@@ -45,6 +45,7 @@ TEST_P(ThreadRanks, TableParallelMemoryLayerMatchesWholeLayer) { run_ranks(GetPa
 TEST_P(ThreadRanks, TableParallelMemoryBlockMatchesWholeBlock) { run_ranks(GetParam(), cases::memory_block_matches); }
 TEST_P(ThreadRanks, TableParallelModelMatchesWholeModel) { run_ranks(GetParam(), cases::model_matches); }
 TEST_P(ThreadRanks, SparseRowExchangeEqualsDenseSum) { run_ranks(GetParam(), cases::sparse_exchange_equals_dense); }
+TEST_P(ThreadRanks, DenseBucketsAndReplicaCheck) { run_ranks(GetParam(), cases::dense_buckets_and_replica_check); }
 TEST_P(ThreadRanks, DataParallelTrainingMatchesOneRank) {
   run_ranks(GetParam(), [](mf::Communicator& comm) { cases::training_matches_one_rank(comm, false, 1e-5); });
 }
