@@ -82,22 +82,33 @@ inline void expect_parameters_match(mf::Communicator& comm, const std::vector<mf
   }
 }
 
+/**
+ * A table-parallel `part` equals the `whole` object (same config and seed) in forward and backward, each rank on its
+ * own rows of one global input: outputs and input gradients within `tolerance`, parameters as
+ * expect_parameters_match. Layer is MemoryLayer or MemoryBlock; Cache its forward cache.
+ */
+template <class Layer, class Cache>
+void expect_sharded_matches_whole(mf::Communicator& comm, Layer& whole, Layer& part, Index d_in, Index d_out,
+                                  std::uint64_t seed, float tolerance) {
+  const Index total = first_row_of(comm.size()), n = rows_of(comm.rank()), first = first_row_of(comm.rank());
+  const mf::Matrix<float> x = global_matrix(total, d_in, seed), dy = global_matrix(total, d_out, seed + 1);
+  mf::Matrix<float> y(total, d_out), dx(total, d_in), y_part(n, d_out), dx_part(n, d_in);
+  Cache c, c_part;
+  whole.forward(y, x, c);
+  part.forward(y_part, x.middleRows(first, n), c_part);
+  EXPECT_LE((y_part - y.middleRows(first, n)).cwiseAbs().maxCoeff(), tolerance);
+  whole.backward(dx, x, dy, c);
+  part.backward(dx_part, x.middleRows(first, n), dy.middleRows(first, n), c_part);
+  EXPECT_LE((dx_part - dx.middleRows(first, n)).cwiseAbs().maxCoeff(), tolerance);
+  expect_parameters_match(comm, whole.parameters(), part.parameters(), double(tolerance));
+}
+
 /// A table-parallel Memory Layer equals the whole layer in forward and backward (each rank its own rows).
 inline void memory_layer_matches(mf::Communicator& comm) {
   const mf::MemoryLayerConfig config{.d_in = 32, .d_out = 24, .tau = 4};
   mf::MemoryLayer<float> whole(config, 11);
   mf::MemoryLayer<float> part(config, 11, mf::TableSharding{&comm});
-  const Index total = first_row_of(comm.size()), n = rows_of(comm.rank()), first = first_row_of(comm.rank());
-  const mf::Matrix<float> x = global_matrix(total, 32, 1), dy = global_matrix(total, 24, 2);
-  mf::Matrix<float> y(total, 24), dx(total, 32), y_part(n, 24), dx_part(n, 32);
-  mf::HashResult<float> h, h_part;
-  whole.forward(y, x, h);
-  part.forward(y_part, x.middleRows(first, n), h_part);
-  EXPECT_LE((y_part - y.middleRows(first, n)).cwiseAbs().maxCoeff(), 1e-5f);
-  whole.backward(dx, x, dy, h);
-  part.backward(dx_part, x.middleRows(first, n), dy.middleRows(first, n), h_part);
-  EXPECT_LE((dx_part - dx.middleRows(first, n)).cwiseAbs().maxCoeff(), 1e-5f);
-  expect_parameters_match(comm, whole.parameters(), part.parameters(), 1e-5);
+  expect_sharded_matches_whole<mf::MemoryLayer<float>, mf::HashResult<float>>(comm, whole, part, 32, 24, 1, 1e-5f);
   EXPECT_EQ(part.owned_tables().size(), mf::owned_tables(8, comm.rank(), comm.size()).size());
 }
 
@@ -106,17 +117,7 @@ inline void memory_block_matches(mf::Communicator& comm) {
   const mf::MemoryBlockConfig config{.d = 32, .tau = 4, .expand_bits = 2, .gelu = true};
   mf::MemoryBlock<float> whole(config, 5);
   mf::MemoryBlock<float> part(config, 5, mf::TableSharding{&comm});
-  const Index total = first_row_of(comm.size()), n = rows_of(comm.rank()), first = first_row_of(comm.rank());
-  const mf::Matrix<float> x = global_matrix(total, 32, 3), dy = global_matrix(total, 32, 4);
-  mf::Matrix<float> y(total, 32), dx(total, 32), y_part(n, 32), dx_part(n, 32);
-  mf::MemoryBlockCache<float> c, c_part;
-  whole.forward(y, x, c);
-  part.forward(y_part, x.middleRows(first, n), c_part);
-  EXPECT_LE((y_part - y.middleRows(first, n)).cwiseAbs().maxCoeff(), 1e-4f);
-  whole.backward(dx, x, dy, c);
-  part.backward(dx_part, x.middleRows(first, n), dy.middleRows(first, n), c_part);
-  EXPECT_LE((dx_part - dx.middleRows(first, n)).cwiseAbs().maxCoeff(), 1e-4f);
-  expect_parameters_match(comm, whole.parameters(), part.parameters(), 1e-4);
+  expect_sharded_matches_whole<mf::MemoryBlock<float>, mf::MemoryBlockCache<float>>(comm, whole, part, 32, 32, 3, 1e-4f);
 }
 
 /// A small byte-level MemoryFormer LM whose every Memory Layer has 8 tables (so 1, 2 or 3 ranks can share them).
@@ -219,13 +220,16 @@ inline void dense_buckets_and_replica_check(mf::Communicator& comm) {
   mf::DataParallel<float> dp(comm, views, options);
   dp.sum_gradients();
   for (std::size_t i = 0; i < grads.size(); ++i) EXPECT_EQ(grads[i], reference[i]) << "parameter " << i;
-  if (comm.size() > 1) EXPECT_EQ(dp.last_exchange().dense_values, 56);
+  if (comm.size() > 1) {
+    EXPECT_EQ(dp.last_exchange().dense_values, 56);
+  }
   EXPECT_NO_THROW(dp.check_replicas("before the change"));
   if (comm.rank() == comm.size() - 1) values[2][3] = 0.25f;
-  if (comm.size() > 1)
+  if (comm.size() > 1) {
     EXPECT_THROW(dp.check_replicas("after the change"), mf::DistributedError);
-  else
+  } else {
     EXPECT_NO_THROW(dp.check_replicas("after the change"));
+  }
 }
 
 /// The training text of the cases below: varied enough that a model learns in a few steps.
