@@ -288,6 +288,14 @@ inline void training_matches_one_rank(mf::Communicator& comm, bool table_paralle
   const std::vector<std::uint64_t> prints =
       mf::all_gather_value<std::uint64_t>(comm, trainer.data_parallel().replica_fingerprint());
   for (std::uint64_t f : prints) EXPECT_EQ(f, prints[0]);
+  // Reproducible for this rank count: a second run gives the same bits.
+  mf::MemoryFormerLM<float> again(small_lm(), 5, table_parallel ? mf::TableSharding{&comm} : mf::TableSharding{});
+  mf::Trainer<mf::MemoryFormerLM<float>> second(again, training_text(), training_options(steps), comm);
+  for (Index s = 0; s < steps; ++s) second.step();
+  EXPECT_EQ(second.data_parallel().replica_fingerprint(), trainer.data_parallel().replica_fingerprint());
+  const auto a = model.parameters(), b = again.parameters();
+  for (std::size_t i = 0; i < a.size(); ++i)
+    EXPECT_TRUE(std::equal(a[i].value.begin(), a[i].value.end(), b[i].value.begin())) << a[i].name;
   EXPECT_NO_THROW(trainer.data_parallel().check_replicas("at the end of the test"));
   // Evaluation splits the windows over the ranks and still scores all of them.
   const mf::EvalInfo eval = trainer.evaluate();

@@ -26,8 +26,10 @@ namespace memoryformer {
 /// Settings of DataParallel.
 struct DataParallelOptions {
   /// A row-sparse parameter (tables, embedding) whose union of touched rows over the ranks is more than this share
-  /// of its rows is summed whole, without packing rows: 0 always sums whole, 1 always packs.
-  double dense_row_fraction = 0.5;
+  /// of its rows is summed whole, without packing rows: 0 always sums whole, 1 always packs. The default is about
+  /// where the two cost the same in bench/bench_gradient_exchange.cpp on two ranks of one machine
+  /// (docs/performance.md); on links slower than shared memory packing pays up to a higher share.
+  double dense_row_fraction = 0.3;
   /// Dense gradients are packed into buffers of at most this many bytes, one allreduce each (larger parameters go
   /// alone, in place).
   std::size_t bucket_bytes = std::size_t(16) << 20;

@@ -80,7 +80,7 @@ struct ScaleInputs {
   double bytes_per_value = 4;            ///< of parameters, gradients, moments and activations (4: float32)
   double vocab = 256;                    ///< embedding and head rows (256: byte tokens)
   int expand_bits = 2;                   ///< e of the Memory Block (the library default)
-  double dense_fallback_fraction = 0.5;  ///< f: a sparse parameter is summed densely when its union of touched
+  double dense_fallback_fraction = 0.3;  ///< f: a sparse parameter is summed densely when its union of touched
                                          ///< rows exceeds f·rows
   double sequence_length = 2048;         ///< s: sets the attention work per token (2·s·d per block)
   double micro_batches = 1;              ///< table-parallel exchanges happen once per micro-batch (messages only)
