@@ -45,7 +45,7 @@
 #if defined(MEMORYFORMER_USE_MPI)
 #include <memoryformer/distributed/mpi_communicator.hpp>
 
-#include "common/mpi_session.hpp"
+#include "common/mpi_environment.hpp"
 #endif
 
 namespace mf = memoryformer;
@@ -467,9 +467,9 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
 
 int main(int argc, char** argv) {
 #if defined(MEMORYFORMER_USE_MPI)
-  const memoryformer_examples::MpiSession session(argc, argv);
+  const memoryformer_examples::MpiEnvironment mpi(argc, argv);
   // With several ranks this ends the whole job: the other ranks may be waiting for this one in an exchange.
-  auto failed = [&](const std::string& message) { return session.fail("train_lm", message); };
+  auto failed = [&](const std::string& message) { return mpi.fail("train_lm", message); };
 #else
   auto failed = [](const std::string& message) {
     std::cerr << "\ntrain_lm: " << message << "\n";

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// MpiSession: what a program of the examples (and the mpi tests) does to run under mpirun — MPI_Init_thread at its
+// MpiEnvironment: what a program of the examples (and the mpi tests) does to run under mpirun — MPI_Init_thread at its
 // start, MPI_Finalize at its end, and a failure on one rank turned into the end of the whole job, with its message,
 // instead of the other ranks waiting forever in their next exchange.
 #pragma once
@@ -11,18 +11,18 @@
 
 namespace memoryformer_examples {
 
-class MpiSession {
+class MpiEnvironment {
  public:
   /// MPI_Init_thread with MPI_THREAD_FUNNELED: only the main thread calls MPI (OpenMP threads never do).
-  MpiSession(int& argc, char**& argv) {
+  MpiEnvironment(int& argc, char**& argv) {
     int provided = 0;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
     MPI_Comm_size(MPI_COMM_WORLD, &size_);
   }
-  ~MpiSession() { MPI_Finalize(); }
-  MpiSession(const MpiSession&) = delete;
-  MpiSession& operator=(const MpiSession&) = delete;
+  ~MpiEnvironment() { MPI_Finalize(); }
+  MpiEnvironment(const MpiEnvironment&) = delete;
+  MpiEnvironment& operator=(const MpiEnvironment&) = delete;
 
   int rank() const { return rank_; }
   int size() const { return size_; }
