@@ -323,6 +323,8 @@ class AdamW {
       }
       state_.push_back(std::move(s));
     }
+    if (std::any_of(params_.begin(), params_.end(), [](const auto& p) { return p.sharded; }))
+      for (const auto& p : params_) (p.sharded ? sharded_ : whole_).push_back(p);
   }
 
   /**
@@ -472,19 +474,17 @@ class AdamW {
   /// The global gradient norm: as global_grad_norm, or with sharded parameters, whole ones once plus the sharded
   /// ones' sum over the ranks.
   double grad_norm(bool clipping) const {
-    std::vector<ParameterView<Scalar>> whole, sharded;
-    for (const auto& p : params_) (p.sharded ? sharded : whole).push_back(p);
-    if (sharded.empty()) return global_grad_norm(params_);
+    if (sharded_.empty()) return global_grad_norm(params_);
     if (!sharded_norm_sum_) {
       detail::check_config(!clipping, "AdamW::step_fused",
-                           "parameter '" + sharded.front().name +
+                           "parameter '" + sharded_.front().name +
                                "' is sharded across ranks: set_sharded_norm_sum first, so that every rank clips by the "
                                "same global norm");
       return global_grad_norm(params_);
     }
-    const double own = detail::clip::sum_of_squares(whole, detail::clip::live_pieces(whole, "AdamW::step_fused"));
+    const double own = detail::clip::sum_of_squares(whole_, detail::clip::live_pieces(whole_, "AdamW::step_fused"));
     const double parts =
-        detail::clip::sum_of_squares(sharded, detail::clip::live_pieces(sharded, "AdamW::step_fused"));
+        detail::clip::sum_of_squares(sharded_, detail::clip::live_pieces(sharded_, "AdamW::step_fused"));
     return std::sqrt(own + sharded_norm_sum_(parts));
   }
 
@@ -499,6 +499,9 @@ class AdamW {
   bool bf16_moments() const { return options_.moments == MomentStorage::BFloat16; }
 
   std::function<double(double)> sharded_norm_sum_;  // see set_sharded_norm_sum
+  // The views split by ParameterView::sharded, once (the views are fixed for the optimiser's lifetime); both empty
+  // unless some parameter is sharded.
+  std::vector<ParameterView<Scalar>> whole_, sharded_;
 
   bool row_sparse(const ParameterView<Scalar>& p) const {
     return options_.sparse_update == SparseUpdate::RowSparse && detail::adamw::is_sparse_kind(p.kind);
