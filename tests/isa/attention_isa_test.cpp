@@ -32,6 +32,11 @@ namespace {
 
 constexpr mf::Isa best = mf::best_isa();
 
+/// x with every entry rounded to bfloat16 (nearest even) and widened back: what a BF16 KVCache stores.
+mf::Matrix<float> rounded_to_bf16(const mf::Matrix<float>& x) {
+  return x.unaryExpr([](float f) { return md::bf16_to_float(md::float_to_bf16(f)); });
+}
+
 double relative_error(const mf::Matrix<float>& a, const mf::Matrix<float>& b) {
   const double scale = std::max(double(b.cwiseAbs().maxCoeff()), std::numeric_limits<double>::min());
   return double((a - b).cwiseAbs().maxCoeff()) / scale;
@@ -120,7 +125,9 @@ TEST(AttentionIsa, VectorPathMatchesScalarPathAndReference) {
   struct Shape {
     mf::Index batch, seq, heads, dh;
   };
-  for (const Shape s : {Shape{2, 130, 2, 64}, Shape{1, 65, 3, 16}, Shape{2, 70, 2, 12}, Shape{1, 1, 1, 16}}) {
+  // seq 600 and 300 decode over more than one key block; dh = 80 and 128 are more than one piece of 4 vectors.
+  for (const Shape s : {Shape{2, 130, 2, 64}, Shape{1, 65, 3, 16}, Shape{2, 70, 2, 12}, Shape{1, 1, 1, 16},
+                        Shape{1, 600, 1, 64}, Shape{1, 300, 2, 80}, Shape{1, 300, 1, 128}}) {
     const mf::Index d = s.heads * s.dh, rows = s.batch * s.seq;
     const auto q = random_matrix<float>(rows, d, 11, 1.5), k = random_matrix<float>(rows, d, 12, 1.5),
                v = random_matrix<float>(rows, d, 13), dctx = random_matrix<float>(rows, d, 14);
@@ -148,34 +155,65 @@ TEST(AttentionIsa, VectorPathMatchesScalarPathAndReference) {
       EXPECT_LE(relative_error(g[i], g_ref[i]), 2e-5) << names[i] << " against the reference, " << label;
     }
 
-    // Decode: a prefill of all but the last 2 tokens (query tiles), then the 2 (key blocks), on both paths.
-    if (s.seq > 2) {
-      for (const auto path : {best, mf::Isa::Scalar}) {
-        mf::KVCache<float> kv(s.batch, s.seq, d);
+    // Decode: a prefill of all but the last 3 tokens (query tiles), then 2 and 1 (key blocks, each row folded in
+    // place on a vector path), on both paths, from a float cache and from a bfloat16 one.
+    if (s.seq > 3) {
+      const mf::Matrix<float> k_rounded = rounded_to_bf16(k), v_rounded = rounded_to_bf16(v);
+      mf::Matrix<float> decoded[2][2];  // [path][float cache, bfloat16 cache]
+      for (int p = 0; p < 2; ++p) {  // best path (p = 0; the scalar one in a scalar build), then scalar
+        const mf::Isa path = p == 0 ? best : mf::Isa::Scalar;
+        for (int c = 0; c < 2; ++c) decoded[p][c].setZero(rows, d);
+        mf::KVCache<float> kv(s.batch, s.seq, d), kv_bf16(s.batch, s.seq, d, mf::StorageType::BF16),
+            kv_rounded(s.batch, s.seq, d);
         mf::Index pos = 0;
-        for (const mf::Index t : {s.seq - 2, mf::Index(2)}) {
-          mf::Matrix<float> qt(s.batch * t, d), out(s.batch * t, d), expect(s.batch * t, d);
-          mf::Matrix<float> kt(s.batch * t, d), vt(s.batch * t, d);
-          for (mf::Index b = 0; b < s.batch; ++b) {
-            qt.middleRows(b * t, t) = q.middleRows(b * s.seq + pos, t);
-            kt.middleRows(b * t, t) = k.middleRows(b * s.seq + pos, t);
-            vt.middleRows(b * t, t) = v.middleRows(b * s.seq + pos, t);
-            expect.middleRows(b * t, t) = ref.middleRows(b * s.seq + pos, t);
-          }
+        for (const mf::Index t : {s.seq - 3, mf::Index(2), mf::Index(1)}) {
+          auto rows_of = [&](const mf::Matrix<float>& m) {
+            mf::Matrix<float> out(s.batch * t, d);
+            for (mf::Index b = 0; b < s.batch; ++b) out.middleRows(b * t, t) = m.middleRows(b * s.seq + pos, t);
+            return out;
+          };
+          const mf::Matrix<float> qt = rows_of(q), expect = rows_of(ref);
+          mf::Matrix<float> out(s.batch * t, d), out_bf16(s.batch * t, d), out_rounded(s.batch * t, d);
           const mf::Index first = kv.length();
-          kv.append(kt, vt);
+          kv.append(rows_of(k), rows_of(v));
+          kv_bf16.append(rows_of(k), rows_of(v));
+          kv_rounded.append(rows_of(k_rounded), rows_of(v_rounded));
           auto keys = [&](mf::Index b) { return kv.keys(b); };
           auto values = [&](mf::Index b) { return kv.values(b); };
-          if (path == mf::Isa::Scalar)
-            md::flash_attention_decode<mf::Isa::Scalar, float>(out, qt, s.batch, t, first, kv.length(), s.heads, keys,
+          auto keys_rounded = [&](mf::Index b) { return kv_rounded.keys(b); };
+          auto values_rounded = [&](mf::Index b) { return kv_rounded.values(b); };
+          auto keys_bf16 = [&](mf::Index b) { return kv_bf16.keys_bf16(b); };
+          auto values_bf16 = [&](mf::Index b) { return kv_bf16.values_bf16(b); };
+          const mf::Index length = kv.length();
+          if (p == 1) {
+            md::flash_attention_decode<mf::Isa::Scalar, float>(out, qt, s.batch, t, first, length, s.heads, keys,
                                                                values);
-          else
-            md::flash_attention_decode<best, float>(out, qt, s.batch, t, first, kv.length(), s.heads, keys, values);
-          EXPECT_LE(relative_error(out, expect), 2e-5) << "decode t = " << t << ", " << mf::isa_name(path) << ", "
-                                                       << label;
+            md::flash_attention_decode<mf::Isa::Scalar, float>(out_rounded, qt, s.batch, t, first, length, s.heads,
+                                                               keys_rounded, values_rounded);
+            md::flash_attention_decode_bf16<mf::Isa::Scalar>(out_bf16, qt, s.batch, t, first, length, s.heads,
+                                                             keys_bf16, values_bf16);
+          } else {
+            md::flash_attention_decode<best, float>(out, qt, s.batch, t, first, length, s.heads, keys, values);
+            md::flash_attention_decode<best, float>(out_rounded, qt, s.batch, t, first, length, s.heads, keys_rounded,
+                                                    values_rounded);
+            md::flash_attention_decode_bf16<best>(out_bf16, qt, s.batch, t, first, length, s.heads, keys_bf16,
+                                                  values_bf16);
+          }
+          const std::string step = "decode t = " + std::to_string(t) + ", " + std::string(mf::isa_name(path)) + ", " +
+                                   label;
+          EXPECT_LE(relative_error(out, expect), 2e-5) << step;
+          // The bfloat16 cache is the float kernel on the rounded keys and values.
+          EXPECT_LE(relative_error(out_bf16, out_rounded), 1e-6) << step;
+          for (mf::Index b = 0; b < s.batch; ++b) {
+            decoded[p][0].middleRows(b * s.seq + pos, t) = out.middleRows(b * t, t);
+            decoded[p][1].middleRows(b * s.seq + pos, t) = out_bf16.middleRows(b * t, t);
+          }
           pos += t;
         }
       }
+      EXPECT_LE(relative_error(decoded[0][0], decoded[1][0]), 2e-5) << "decode, vector path against scalar, " << label;
+      EXPECT_LE(relative_error(decoded[0][1], decoded[1][1]), 2e-5)
+          << "decode from bfloat16, vector path against scalar, " << label;
     }
   }
 }

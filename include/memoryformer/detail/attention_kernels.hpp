@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../types.hpp"
+#include "attention_decode_rows.hpp"
 #include "fast_exp.hpp"
 #include "half.hpp"
 #include "parallel.hpp"
@@ -476,6 +477,26 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
   });
 }
 
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+/// Folds the `count` keys of a cache block into the online softmax of every row of Q, each row reading the keys
+/// and values in place (fold_row_in_place). Key r of the block is at position r and query row i at q_position + i
+/// (negative when the block lies wholly after it), so row i sees keys r ≤ q_position + i. Keys and values are
+/// float or bfloat16 bits (std::uint16_t): key r at keys + r·key_stride, value r at values + r·value_stride.
+template <Isa I, class QBlock, class E>
+void fold_rows_in_place(OnlineSoftmax<float>& state, AttentionTileScratch<float>& scratch, const QBlock& Q,
+                        Index q_position, const E* keys, const E* values, Index key_stride, Index value_stride,
+                        Index count, float scale) {
+  const auto exp_row = [&](float* p, const float* s, Index n, float shift) {
+    exp_shifted_row<I>(p, s, n, scale, shift);
+  };
+  for (Index i = 0; i < Q.rows(); ++i) {
+    const Index valid = std::clamp<Index>(q_position + i + 1, 0, count);
+    fold_row_in_place<I>(state.m(i), state.l(i), state.acc.row(i).data(), Q.row(i).data(), keys, key_stride, values,
+                         value_stride, valid, Q.cols(), scale, scratch.scores.data(), exp_row);
+  }
+}
+#endif
+
 /// Decode: t new query rows per sequence (row b·t + i at position first + i) against the cached keys and values
 /// of `batch` sequences, length `length` each (keys(b) / values(b) give [length, d] views). With few new rows the
 /// cache is split into key blocks of attention_decode_key_block keys, each folded by one thread into its own
@@ -501,9 +522,12 @@ void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>&
         pack_transposed_keys(kt.data() + bh * dh * kt_ld, kt_ld, keys(bh / heads).middleCols((bh % heads) * dh, dh),
                              length);
     });
+  // One or a few new rows per sequence: each row reads its block of the cache in place (fold_row_in_place).
+  const bool in_place = tiles == 1 && t <= attention_decode_in_place_rows && attention_vector_path<I, Scalar>(dh);
   parallel_claims(groups * blocks, [&](WorkQueue& queue) {
     AttentionTileScratch<Scalar> scratch;
-    scratch.scores.resize(attention_tile, attention_tile);
+    // In place: two rows of scores per block (fold_row_in_place); else a tile.
+    scratch.scores.resize(in_place ? 2 : attention_tile, in_place ? block_keys : attention_tile);
     for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
       const Index group = item / blocks, block = item % blocks;
       const Index bh = group / tiles, tile = group % tiles;
@@ -515,6 +539,15 @@ void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>&
       auto& state = partial[size_t(item)];
       state.reset(rows, dh);
       const Index k0 = block * block_keys, k1 = std::min(length, k0 + block_keys);
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+      if constexpr (attention_vector_path_compiled<I, Scalar>()) {
+        if (in_place) {
+          fold_rows_in_place<I>(state, scratch, Q, first + q0 - k0, K.data() + k0 * K.outerStride(),
+                                V.data() + k0 * V.outerStride(), K.outerStride(), V.outerStride(), k1 - k0, scale);
+          continue;
+        }
+      }
+#endif
       attend_key_range<I>(state, scratch, Q, first + q0, K, V, k0, k1, scale,
                           vector_path ? kt.data() + bh * dh * kt_ld : nullptr, kt_ld);
     }
@@ -584,9 +617,12 @@ void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<floa
   // Several query tiles: the block is the whole cache, so its Kᵀ is packed for tile_product as in forward.
   const bool vector_path = tiles > 1 && attention_vector_path<I, float>(dh);
   const Index kt_ld = packed_keys_ld(block_keys);
+  // One or a few new rows per sequence: each row reads the bfloat16 block in place, widening in registers.
+  const bool in_place = tiles == 1 && t <= attention_decode_in_place_rows && attention_vector_path<I, float>(dh);
   parallel_claims(groups * blocks, [&](WorkQueue& queue) {
     AttentionTileScratch<float> scratch;
-    scratch.scores.resize(attention_tile, attention_tile);
+    // In place: two rows of scores per block (fold_row_in_place); else a tile.
+    scratch.scores.resize(in_place ? 2 : attention_tile, in_place ? block_keys : attention_tile);
     Matrix<float> K, V;      // [count, dh] the widened keys and values of the item's block
     std::vector<float> kt;  // [dh, kt_ld] Kᵀ of the block (vector path)
     for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
@@ -596,6 +632,17 @@ void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<floa
       const Index q0 = tile * attention_tile, rows = std::min(attention_tile, t - q0);
       const Index k0 = block * block_keys, count = std::min(length, k0 + block_keys) - k0;
       const auto Q = q.block(b * t + q0, h * dh, rows, dh);  // [rows, dh]
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+      if constexpr (attention_vector_path_compiled<I, float>()) {
+        if (in_place) {
+          auto& state = partial[size_t(item)];
+          state.reset(rows, dh);
+          fold_rows_in_place<I>(state, scratch, Q, first + q0 - k0, keys_bf16(b) + k0 * d + h * dh,
+                                values_bf16(b) + k0 * d + h * dh, d, d, count, scale);
+          continue;
+        }
+      }
+#endif
       K.resize(count, dh);
       V.resize(count, dh);
       widen_bf16_rows<I>(K.data(), keys_bf16(b), d, h * dh, k0, count, dh);

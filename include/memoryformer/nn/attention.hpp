@@ -185,8 +185,9 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
  * @param k_new    [batch·t, d] keys of the new tokens (appended to the cache)
  * @param v_new    [batch·t, d] values of the new tokens (appended to the cache)
  * @param cache    KV cache with batch sequences and d features; its length grows by t. A BF16 cache (KVCache<float>
- *                 with StorageType::BF16) is widened to float inside the kernel, block by block; the arithmetic
- *                 is float, as with an F32 cache holding the same bfloat16-rounded keys and values.
+ *                 with StorageType::BF16) is widened to float inside the kernel (in registers for up to 4 new
+ *                 tokens per sequence, else block by block); the arithmetic is float, as with an F32 cache holding
+ *                 the same bfloat16-rounded keys and values.
  * @param heads    number of heads (≥ 1, divides d)
  * @throws ShapeError on a shape mismatch; ConfigError on bad heads; std::length_error when the cache would exceed
  *         max_seq (nothing is appended then).
