@@ -3,7 +3,7 @@
 // the KV cache: the prompt in one decoding call, then one token at a time, with temperature, top-k and a seed.
 //
 //   generate --checkpoint FILE [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S]
-//            [--storage fp32|bf16|fp16|train]
+//            [--storage fp32|bf16|fp16|train] [--kv-cache fp32|bf16]
 //
 // A MemoryFormer model decodes through a FrozenLanguageModel whose tables are packed to --storage (bf16 by default);
 // --storage train decodes through the training model's float32 tables instead, for comparison.
@@ -49,6 +49,7 @@ struct Args {
   bool smoke = false;
   std::string storage = "bf16";  // fp32, bf16, fp16 (frozen tables) or train (the training model)
   bool storage_given = false;
+  std::string kv_cache = "bf16";  // keys and values of the KV cache: fp32 or bf16
 };
 
 const char* usage =
@@ -64,6 +65,7 @@ const char* usage =
     "                     training length were never trained)\n"
     "  --storage S        tables to decode from: fp32, bf16 (default) or fp16 packed tables of a frozen model, or\n"
     "                     train (the training model's float32 tables); a dense model always uses its weights\n"
+    "  --kv-cache S       keys and values cached as bf16 (default: half the bytes each new token reads) or fp32\n"
     "  --smoke            train a tiny model for a few seconds, save it, reload it and sample (what ctest runs)\n";
 
 [[noreturn]] void fail(const std::string& msg) { memoryformer_examples::ArgReader(0, nullptr, "generate").fail(msg); }
@@ -91,6 +93,7 @@ Args parse(int argc, char** argv) {
       a.storage = value(i);
       a.storage_given = true;
     }
+    else if (f == "--kv-cache") a.kv_cache = value(i);
     else if (f == "--smoke") a.smoke = true;
     else fail("unknown option '" + f + "'");
   }
@@ -98,6 +101,7 @@ Args parse(int argc, char** argv) {
   if (a.checkpoint.empty() && !a.smoke) fail("--checkpoint is required");
   if (a.storage != "fp32" && a.storage != "bf16" && a.storage != "fp16" && a.storage != "train")
     fail("--storage is '" + a.storage + "', expected fp32, bf16, fp16 or train");
+  if (a.kv_cache != "fp32" && a.kv_cache != "bf16") fail("--kv-cache is '" + a.kv_cache + "', expected fp32 or bf16");
   if (a.prompt.empty()) fail("--prompt must not be empty (the model needs at least one byte to continue)");
   return a;
 }
@@ -167,7 +171,7 @@ int sample_text(const Args& a, const Decoder& model, const mf::Checkpoint& ckpt,
   }
   context = std::max<Index>(context, 2);
   std::vector<std::int32_t> tokens = mf::encode_bytes(a.prompt);
-  auto state = model.make_decode_state(1, context);
+  auto state = model.make_decode_state(1, context, a.kv_cache == "bf16" ? mf::StorageType::BF16 : mf::StorageType::F32);
   mf::Rng rng(a.seed);
   mf::Matrix<float> logits;
   // Feeds the last min(n, context) tokens of `tokens` into a fresh cache; returns the logits of the last one.

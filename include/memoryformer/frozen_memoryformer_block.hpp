@@ -102,8 +102,10 @@ class FrozenMemoryFormerBlock {
     finish(y, x, s);
   }
 
-  /// A KV cache sized for this block.
-  KVCache<float> make_kv_cache(Index batch, Index max_seq) const { return KVCache<float>(batch, max_seq, config_.d); }
+  /// A KV cache sized for this block, keys and values stored as `storage` (F32 or BF16, see KVCache).
+  KVCache<float> make_kv_cache(Index batch, Index max_seq, StorageType storage = StorageType::F32) const {
+    return KVCache<float>(batch, max_seq, config_.d, storage);
+  }
 
   /**
    * @brief Incremental decoding: x_new [batch·t, d] are the next t tokens of each sequence, at positions

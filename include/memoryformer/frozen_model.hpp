@@ -139,13 +139,14 @@ class FrozenLanguageModel {
   }
 
   /**
-   * @brief Empty KV caches for decoding `batch` sequences of up to `max_seq` tokens.
-   * @throws ConfigError for batch or max_seq < 1.
+   * @brief Empty KV caches for decoding `batch` sequences of up to `max_seq` tokens, keys and values stored as
+   *        `storage` (BF16: half the bytes per cached token, which decode reads for every new token; see KVCache).
+   * @throws ConfigError for batch or max_seq < 1, or F16 storage.
    */
-  DecodeState make_decode_state(Index batch, Index max_seq) const {
+  DecodeState make_decode_state(Index batch, Index max_seq, StorageType storage = StorageType::F32) const {
     DecodeState s;
     s.kv.reserve(blocks_.size());
-    for (const auto& b : blocks_) s.kv.push_back(b.make_kv_cache(batch, max_seq));
+    for (const auto& b : blocks_) s.kv.push_back(b.make_kv_cache(batch, max_seq, storage));
     return s;
   }
 

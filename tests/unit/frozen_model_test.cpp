@@ -156,6 +156,34 @@ TEST(FrozenLanguageModel, Float32DecodingGivesTheTrainingModelsDecodeBits) {
   EXPECT_TRUE(same_bits(a, b));
 }
 
+// A bfloat16 KV cache rounds the cached keys and values as bfloat16 tables round the table values, so its logits
+// move as those of HalfPrecisionTablesStayWithinTheDocumentedTolerance do (the same bounds), and decode through the
+// frozen model gives the training model's bits with the same cache.
+TEST(FrozenLanguageModel, Bfloat16KvCacheDecodesLikeTheTrainingModelsAndNearThePrefill) {
+  mf::MemoryFormerLM<float> model(config(), 7);
+  const mf::FrozenLanguageModel frozen(model, mf::StorageType::F32);
+  const Index batch = 2, seq = 24;
+  const auto tokens = random_tokens(batch * seq, 64, 5);
+  const mf::Matrix<float> full = frozen.forward(tokens, batch, seq);
+  auto trained_state = model.make_decode_state(batch, seq, mf::StorageType::BF16);
+  auto frozen_state = frozen.make_decode_state(batch, seq, mf::StorageType::BF16);
+  EXPECT_EQ(frozen_state.kv.front().storage(), mf::StorageType::BF16);
+  EXPECT_EQ(frozen_state.kv.front().bytes_per_token(), 2 * 32 * sizeof(std::uint16_t));
+  mf::Matrix<float> decoded(batch * seq, 64), a(batch, 64), b(batch, 64);
+  for (Index t = 0; t < seq; ++t) {  // one token of each sequence per call: the decode kernel's in-place rows
+    std::vector<std::int32_t> next;
+    for (Index s = 0; s < batch; ++s) next.push_back(tokens[std::size_t(s * seq + t)]);
+    model.forward_decode(a, next, trained_state);
+    frozen.forward_decode(b, next, frozen_state);
+    EXPECT_TRUE(same_bits(a, b)) << "t " << t;
+    for (Index s = 0; s < batch; ++s) decoded.row(s * seq + t) = b.row(s);
+  }
+  const auto errors = sorted_row_errors(decoded, full);
+  EXPECT_LE(errors.back(), 0.7);
+  EXPECT_LE(errors[errors.size() / 2], 0.06);
+  EXPECT_GT(errors.back(), 0.0) << "the cache did not round";
+}
+
 TEST(FrozenLanguageModel, ResultsDoNotDependOnThreadCount) {
   mf::Matrix<float> logits[3], decoded[3];
   mf::MemoryFormerLM<float>::Config c = config();
