@@ -11,7 +11,8 @@
 // With two threads both models run the library's OpenMP kernels and Eigen's threaded products on both threads
 // (set_deterministic_threads(false): the default serial Eigen products would leave the dense model one thread).
 // Where the library has a FrozenLanguageModel (memoryformer/frozen_model.hpp), prefill and decode rows also run the
-// MemoryFormer model frozen to bf16 tables ("/tables:bf16"), against the same fp32 dense model.
+// MemoryFormer model frozen to bf16 tables ("/tables:bf16"), against the same fp32 dense model; decode rows with
+// "/kv:bf16" keep both models' KV caches as bfloat16 (half the bytes every new token reads).
 // Peak resident memory: each model and mode runs once in a process of its own (this executable re-run with
 // --mfbench-model-peak), which reports its VmHWM, so that neither model's pages, nor the benchmarks', count for the
 // other.
@@ -87,6 +88,8 @@ std::vector<std::int32_t> random_tokens(Index n, Index vocab, std::uint64_t seed
   return t;
 }
 
+mf::StorageType kv_storage(const ModelRow& row) { return row.kv_bf16 ? mf::StorageType::BF16 : mf::StorageType::F32; }
+
 /// One model with what its calls need, kept between benchmark calls.
 template <class LM>
 struct Runner {
@@ -94,6 +97,7 @@ struct Runner {
   typename LM::Cache cache;
   std::optional<typename LM::DecodeState> state;  // KV caches of the decode rows
   Index context = -1;                              // context the state was filled for
+  bool kv_bf16 = false;                            // the state's KV storage
   MatrixF logits;                                  // [1, vocab] decode output
   std::vector<std::int32_t> tokens;                // prefill input / decode pool / training inputs
   std::vector<std::int32_t> targets;               // training targets
@@ -110,15 +114,16 @@ struct Runner {
     if (row.mode == ModelMode::Prefill) {
       if (Index(tokens.size()) != row.length) tokens = random_tokens(row.length, vocab, 41);
     } else if (row.mode == ModelMode::Decode) {
-      if (context != row.length) {
+      if (context != row.length || kv_bf16 != row.kv_bf16) {
         state.reset();
-        state.emplace(model->make_decode_state(1, row.length));
+        state.emplace(model->make_decode_state(1, row.length, kv_storage(row)));
         if (row.length > 1) {
           const auto prompt = random_tokens(row.length - 1, vocab, 43);
           MatrixF prompt_logits(row.length - 1, vocab);
           model->forward_decode(prompt_logits, prompt, *state);
         }
         context = row.length;
+        kv_bf16 = row.kv_bf16;
         tokens = random_tokens(4096, vocab, 47);
         logits.resize(1, vocab);
       }
@@ -163,6 +168,7 @@ struct FrozenRunner {
   std::unique_ptr<mf::FrozenLanguageModel> model;
   std::optional<mf::FrozenLanguageModel::DecodeState> state;
   Index context = -1;
+  bool kv_bf16 = false;
   MatrixF logits;  // [s, vocab] prefill, [1, vocab] decode
   std::vector<std::int32_t> tokens;
   Index next = 0;
@@ -174,15 +180,16 @@ struct FrozenRunner {
     if (row.mode == ModelMode::Prefill) {
       if (Index(tokens.size()) != row.length) tokens = random_tokens(row.length, vocab, 41);
       logits.resize(row.length, vocab);
-    } else if (context != row.length) {
+    } else if (context != row.length || kv_bf16 != row.kv_bf16) {
       state.reset();
-      state.emplace(model->make_decode_state(1, row.length));
+      state.emplace(model->make_decode_state(1, row.length, kv_storage(row)));
       if (row.length > 1) {
         const auto prompt = random_tokens(row.length - 1, vocab, 43);
         MatrixF prompt_logits(row.length - 1, vocab);
         model->forward_decode(prompt_logits, prompt, *state);
       }
       context = row.length;
+      kv_bf16 = row.kv_bf16;
       tokens = random_tokens(4096, vocab, 47);
       logits.resize(1, vocab);
     }
@@ -250,7 +257,7 @@ double peak_resident_bytes() {
 
 std::string peak_argument(bool memoryformer, const ModelShape& m, const ModelRow& row) {
   return std::string(kPeakFlag) + (memoryformer ? (row.bf16 ? "mf_bf16," : "mf,") : "dense,") +
-         model_mode_name(row.mode) + "," +
+         model_mode_name(row.mode) + "," + (row.kv_bf16 ? "kv_bf16," : "kv_f32,") +
          std::to_string(row.length) + "," + std::to_string(row.batch) + "," + shape_key(m);
 }
 
@@ -363,6 +370,7 @@ std::string model_benchmark_name(const ModelRow& row) {
   if (row.mode == ModelMode::Decode) n += "context:" + std::to_string(row.length);
   if (row.mode == ModelMode::Train) n += "seq:" + std::to_string(row.length) + "/batch:" + std::to_string(row.batch);
   if (row.bf16) n += "/tables:bf16";
+  if (row.kv_bf16) n += "/kv:bf16";
   return n + "/threads:" + std::to_string(row.threads);
 }
 
@@ -393,6 +401,7 @@ ModelGrid default_model_grid() {
     if (MFBENCH_FROZEN_MODEL) {
       g.rows.push_back({ModelMode::Prefill, 1024, 1, t, true});
       g.rows.push_back({ModelMode::Decode, 1024, 1, t, true});
+      g.rows.push_back({ModelMode::Decode, 1024, 1, t, true, true});
     }
   }
   return g;
@@ -405,7 +414,10 @@ ModelGrid smoke_model_grid() {
     g.rows.push_back({ModelMode::Prefill, 32, 1, t});
     g.rows.push_back({ModelMode::Decode, 32, 1, t});
     g.rows.push_back({ModelMode::Train, 16, 2, t});
-    if (MFBENCH_FROZEN_MODEL) g.rows.push_back({ModelMode::Decode, 32, 1, t, true});
+    if (MFBENCH_FROZEN_MODEL) {
+      g.rows.push_back({ModelMode::Decode, 32, 1, t, true});
+      g.rows.push_back({ModelMode::Decode, 32, 1, t, true, true});
+    }
   }
   g.min_time = 0.005;
   return g;
@@ -426,19 +438,20 @@ std::vector<std::string> register_model_benchmarks(const ModelGrid& g) {
 
 bool model_peak_child(int argc, char** argv, int& exit_code) {
   if (argc != 2 || std::strncmp(argv[1], kPeakFlag, std::strlen(kPeakFlag)) != 0) return false;
-  // kind,mode,length,batch,d,layers,heads,tau,vocab
+  // kind,mode,kv,length,batch,d,layers,heads,tau,vocab
   std::vector<std::string> f;
   std::stringstream in(argv[1] + std::strlen(kPeakFlag));
   for (std::string item; std::getline(in, item, ',');) f.push_back(item);
   exit_code = 2;
-  if (f.size() != 9) return true;
+  if (f.size() != 10) return true;
   ModelRow row;
   row.bf16 = f[0] == "mf_bf16";
   row.mode = f[1] == "decode" ? ModelMode::Decode : (f[1] == "train" ? ModelMode::Train : ModelMode::Prefill);
-  row.length = std::atoll(f[2].c_str());
-  row.batch = std::atoll(f[3].c_str());
-  ModelShape m{.d = std::atoll(f[4].c_str()), .layers = std::atoll(f[5].c_str()), .heads = std::atoll(f[6].c_str()),
-               .tau = std::atoi(f[7].c_str()), .vocab = std::atoll(f[8].c_str())};
+  row.kv_bf16 = f[2] == "kv_bf16";
+  row.length = std::atoll(f[3].c_str());
+  row.batch = std::atoll(f[4].c_str());
+  ModelShape m{.d = std::atoll(f[5].c_str()), .layers = std::atoll(f[6].c_str()), .heads = std::atoll(f[7].c_str()),
+               .tau = std::atoi(f[8].c_str()), .vocab = std::atoll(f[9].c_str())};
   try {
     exit_code = f[0] == "dense" ? run_peak_child<DenseLM>(m, row) : run_peak_child<MfLM>(m, row);
   } catch (const std::exception& e) {

@@ -32,6 +32,8 @@ struct ModelRow {
   /// The MemoryFormer side as a FrozenLanguageModel over bfloat16 tables (inference only: prefill and decode), in
   /// builds whose library has memoryformer/frozen_model.hpp; false: the fp32 MemoryFormerLM itself.
   bool bf16 = false;
+  /// Decode rows: both models keep their KV caches as bfloat16 (KVCache with StorageType::BF16), else float32.
+  bool kv_bf16 = false;
 };
 
 struct ModelGrid {
@@ -43,15 +45,16 @@ struct ModelGrid {
 };
 
 /// MemoryFormer-tiny against Pythia-70M's shape: prefill s ∈ {1024, 2048}, decode at context 1024, training at
-/// seq 256 × batch 8, and (with a frozen model) prefill at 1024 and decode with bf16 tables; one thread, and two
-/// in OpenMP builds.
+/// seq 256 × batch 8, and (with a frozen model) prefill at 1024 and decode with bf16 tables, the latter also with
+/// bf16 KV caches in both models; one thread, and two in OpenMP builds.
 ModelGrid default_model_grid();
 /// d = 64, 2 layers, 1 head, s = 32: the whole section in a few seconds (for tests).
 ModelGrid smoke_model_grid();
 
 const char* model_mode_name(ModelMode mode);
 /// "model/paired/prefill/s:1024/threads:1", "model/paired/decode/context:1024/threads:1",
-/// "model/paired/train/seq:256/batch:8/threads:1"; bf16 rows add "/tables:bf16" before "/threads".
+/// "model/paired/train/seq:256/batch:8/threads:1"; bf16 rows add "/tables:bf16" and bf16 KV caches "/kv:bf16"
+/// before "/threads".
 std::string model_benchmark_name(const ModelRow& row);
 /// Paper-convention FLOPs per token of the whole model (blocks at this length + the LM head d·vocab; training
 /// counts 3× the forward, which leaves the ratio unchanged).

@@ -687,7 +687,7 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
   // ---- prefill
   os << "   Prefill: forward(y, x, batch = 1, seq = s); times in ms per call.\n";
   os << pad("d", 7) << pad("heads", 6) << pad("s", 6) << pad("FLOPr", 7) << pad("FLOPr-a", 8) << pad("MF ms", 9)
-     << pad("TF ms", 9) << pad("ratio", 7) << pad("pair r", 8) << pad("attn ms", 9) << pad("attn%MF", 8)
+     << pad("TF ms", 9) << pad("ratio", 7) << pad("pair r", 8) << pad("packed r", 9) << pad("attn ms", 9) << pad("attn%MF", 8)
      << pad("attn%TF", 8) << pad("rest r", 8) << pad("MF GF/s", 9) << pad("TF GF/s", 9) << pad("MF ns/t", 9)
      << pad("TF ns/t", 9) << pad("build MF/TF s", 15) << "\n";
   for (const auto& s : grid.prefill) {
@@ -695,18 +695,21 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
     const auto* t = find(mfbench::block_name("transformer", "prefill", s));
     const auto* a = find(mfbench::block_name("attention", "prefill", s));
     const auto* p = find(mfbench::block_name("paired", "prefill", s));
+    const auto* pp = find(mfbench::block_name("paired", "prefill_packed", s));
     const double fm = mfbench::block_flops_paper(true, false, s), ft = mfbench::block_flops_paper(false, false, s);
     const double fm_na = mfbench::block_flops_paper(true, false, s, false);
     const double ft_na = mfbench::block_flops_paper(false, false, s, false);
     const double mus = m ? m->cpu_us : kNaN, tus = t ? t->cpu_us : kNaN, aus = a ? a->cpu_us : kNaN;
     const double ratio = mus / tus;
     const double paired = p ? p->median("time_ratio") : kNaN;
+    const double paired_packed = pp ? pp->median("time_ratio") : kNaN;
     // Attention is timed alone on the same shape; block minus attention approximates "everything else".
     const double rest_m = mus - aus, rest_t = tus - aus;
     const double rest_ratio = (rest_m > 0 && rest_t > 0) ? rest_m / rest_t : kNaN;
     os << pad(std::to_string(s.d), 7) << pad(std::to_string(s.heads()), 6) << pad(std::to_string(s.s), 6)
        << pad(fmt("%.3f", fm / ft), 7) << pad(fmt("%.3f", fm_na / ft_na), 8) << pad(num("%.2f", mus / 1e3), 9)
        << pad(num("%.2f", tus / 1e3), 9) << pad(num("%.2f", ratio), 7) << pad(num("%.2f", paired), 8)
+       << pad(num("%.2f", paired_packed), 9)
        << pad(num("%.2f", aus / 1e3), 9) << pad(num("%.0f%%", 100 * aus / mus), 8)
        << pad(num("%.0f%%", 100 * aus / tus), 8) << pad(num("%.2f", rest_ratio), 8)
        << pad(num("%.1f", fm / (mus * 1e3)), 9) << pad(num("%.1f", ft / (tus * 1e3)), 9)
@@ -726,13 +729,16 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
           .measured("build_s", counter(x, "build_s"))
           .measured("time_ratio_memoryformer_over_transformer", ratio)
           .measured("rest_time_ratio_memoryformer_over_transformer", rest_ratio)
-          .measured("paired_time_ratio_memoryformer_over_transformer", paired);
+          .measured("paired_time_ratio_memoryformer_over_transformer", paired)
+          .measured("paired_packed_time_ratio_memoryformer_over_transformer", paired_packed);
       json.push_back(o);
     }
   }
   os << "   FLOPr-a: paper FLOP ratio without attention. ratio: of the two blocks' medians, timed one after the other;\n"
         "   pair r: the same ratio with both blocks called alternately in one benchmark (block/paired/prefill: median\n"
-        "   of the repetitions' time ratios), the figure to quote. attn: attention_forward alone on the same shape\n"
+        "   of the repetitions' time ratios), the figure to quote; packed r: the same with the MemoryFormer block's\n"
+        "   packed table copy kept current (tables_changed(), as in training and inference on fixed tables), so its\n"
+        "   calls do not re-pack the tables. attn: attention_forward alone on the same shape\n"
         "   (part of both blocks); attn%: its share of each block's time; rest r: (block - attention) time ratio.\n"
         "   GF/s: paper GFLOP per second. ns/t: ns per token. build: seconds to construct the block (not timed).\n\n";
 
@@ -815,7 +821,7 @@ void print_model_section(std::ostream& os, const mfbench::ModelGrid& grid,
      << "   predict ratio = 1/FLOPr. peak: resident bytes of a process that builds the model and runs one call.\n"
      << "   prefill: forward of s tokens; decode: one token at the given context; train: zero_grad, forward_loss,\n"
      << "   backward, clip, AdamW step (the Trainer's options). One thread: CPU time; two threads: wall time.\n";
-  os << pad("mode", 9) << pad("length", 8) << pad("batch", 6) << pad("thr", 4) << pad("tables", 7) << pad("MF tok/s", 11)
+  os << pad("mode", 9) << pad("length", 8) << pad("batch", 6) << pad("thr", 4) << pad("tables", 7) << pad("KV", 5) << pad("MF tok/s", 11)
      << pad("dense tok/s", 12) << pad("ratio", 7) << pad("FLOPr", 7) << pad("MF peak", 10) << pad("dense peak", 11)
      << "\n";
   for (const auto& row : grid.rows) {
@@ -830,7 +836,7 @@ void print_model_section(std::ostream& os, const mfbench::ModelGrid& grid,
     auto bytes = [](double v) { return std::isfinite(v) && v > 0 ? human_bytes(v) : std::string("-"); };
     os << pad(mfbench::model_mode_name(row.mode), 9) << pad(std::to_string(row.length), 8)
        << pad(std::to_string(row.batch), 6) << pad(std::to_string(row.threads), 4) << pad(row.bf16 ? "bf16" : "fp32", 7)
-       << pad(num("%.0f", mf_tps), 11)
+       << pad(row.kv_bf16 ? "bf16" : "fp32", 5) << pad(num("%.0f", mf_tps), 11)
        << pad(num("%.0f", dense_tps), 12) << pad(num("%.2f", ratio), 7) << pad(fmt("%.3f", flop_ratio), 7)
        << pad(bytes(mf_peak), 10) << pad(bytes(dense_peak), 11) << "\n";
     JsonObject o;
@@ -846,6 +852,7 @@ void print_model_section(std::ostream& os, const mfbench::ModelGrid& grid,
         .num("s", double(row.length))
         .num("batch", double(row.batch))
         .str("storage", row.bf16 ? "bf16" : "fp32")
+        .str("kv_storage", row.kv_bf16 ? "bf16" : "fp32")
         .num("mf_flops_per_token", mfbench::model_flops_per_token(m, row, true))
         .num("dense_flops_per_token", mfbench::model_flops_per_token(m, row, false))
         .num("flop_ratio", flop_ratio)
@@ -857,7 +864,8 @@ void print_model_section(std::ostream& os, const mfbench::ModelGrid& grid,
     json.push_back(o);
   }
   os << "   length: s (prefill), context (decode), seq (train). tables: the MemoryFormer's; bf16 rows run it frozen\n"
-        "   (FrozenLanguageModel, inference only; its peak leaves out the training model it was made from).\n\n";
+        "   (FrozenLanguageModel, inference only; its peak leaves out the training model it was made from).\n"
+        "   KV: both models' decode caches (bf16: half the bytes each new token reads).\n\n";
 }
 
 /// The analytic fields of one Memory Layer shape (N tokens is reported as "s").
