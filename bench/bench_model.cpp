@@ -99,7 +99,8 @@ struct Runner {
   Index context = -1;                              // context the state was filled for
   bool kv_bf16 = false;                            // the state's KV storage
   MatrixF logits;                                  // [1, vocab] decode output
-  std::vector<std::int32_t> tokens;                // prefill input / decode pool / training inputs
+  std::vector<std::int32_t> tokens;                // prefill input / training inputs
+  std::vector<std::int32_t> pool;                  // decode inputs, cycled through
   std::vector<std::int32_t> targets;               // training targets
   std::unique_ptr<mf::AdamW<float>> optimizer;
   std::vector<mf::ParameterView<float>> params;
@@ -124,12 +125,12 @@ struct Runner {
         }
         context = row.length;
         kv_bf16 = row.kv_bf16;
-        tokens = random_tokens(4096, vocab, 47);
+        if (pool.empty()) pool = random_tokens(4096, vocab, 47);
         logits.resize(1, vocab);
       }
     } else {
       const Index n = row.batch * row.length;
-      if (Index(targets.size()) != n) {
+      if (Index(targets.size()) != n || Index(tokens.size()) != n) {
         const auto stream = random_tokens(n + 1, vocab, 53);
         tokens.assign(stream.begin(), stream.end() - 1);
         targets.assign(stream.begin() + 1, stream.end());
@@ -146,8 +147,8 @@ struct Runner {
       const auto& out = model->forward(tokens, 1, row.length, cache);
       benchmark::DoNotOptimize(out.data());
     } else if (row.mode == ModelMode::Decode) {
-      model->forward_decode(logits, std::span<const std::int32_t>(&tokens[std::size_t(next)], 1), *state);
-      next = (next + 1) % Index(tokens.size());
+      model->forward_decode(logits, std::span<const std::int32_t>(&pool[std::size_t(next)], 1), *state);
+      next = (next + 1) % Index(pool.size());
       for (auto& kv : state->kv) kv.truncate(row.length - 1);
       benchmark::DoNotOptimize(logits.data());
     } else {
@@ -170,7 +171,8 @@ struct FrozenRunner {
   Index context = -1;
   bool kv_bf16 = false;
   MatrixF logits;  // [s, vocab] prefill, [1, vocab] decode
-  std::vector<std::int32_t> tokens;
+  std::vector<std::int32_t> tokens;  // prefill input
+  std::vector<std::int32_t> pool;    // decode inputs, cycled through
   Index next = 0;
 
   explicit FrozenRunner(const MfLM& trained) : model(std::make_unique<mf::FrozenLanguageModel>(trained, mf::StorageType::BF16)) {}
@@ -190,7 +192,7 @@ struct FrozenRunner {
       }
       context = row.length;
       kv_bf16 = row.kv_bf16;
-      tokens = random_tokens(4096, vocab, 47);
+      if (pool.empty()) pool = random_tokens(4096, vocab, 47);
       logits.resize(1, vocab);
     }
   }
@@ -199,8 +201,8 @@ struct FrozenRunner {
     if (row.mode == ModelMode::Prefill) {
       model->forward(logits, tokens, 1, row.length);
     } else {
-      model->forward_decode(logits, std::span<const std::int32_t>(&tokens[std::size_t(next)], 1), *state);
-      next = (next + 1) % Index(tokens.size());
+      model->forward_decode(logits, std::span<const std::int32_t>(&pool[std::size_t(next)], 1), *state);
+      next = (next + 1) % Index(pool.size());
       for (auto& kv : state->kv) kv.truncate(row.length - 1);
     }
     benchmark::DoNotOptimize(logits.data());
