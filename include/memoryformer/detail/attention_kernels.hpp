@@ -478,22 +478,59 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
 }
 
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
-/// Folds the `count` keys of a cache block into the online softmax of every row of Q, each row reading the keys
-/// and values in place (fold_row_in_place). Key r of the block is at position r and query row i at q_position + i
-/// (negative when the block lies wholly after it), so row i sees keys r ≤ q_position + i. Keys and values are
-/// float or bfloat16 bits (std::uint16_t): key r at keys + r·key_stride, value r at values + r·value_stride.
-template <Isa I, class QBlock, class E>
-void fold_rows_in_place(OnlineSoftmax<float>& state, AttentionTileScratch<float>& scratch, const QBlock& Q,
-                        Index q_position, const E* keys, const E* values, Index key_stride, Index value_stride,
-                        Index count, float scale) {
-  const auto exp_row = [&](float* p, const float* s, Index n, float shift) {
-    exp_shifted_row<I>(p, s, n, scale, shift);
-  };
-  for (Index i = 0; i < Q.rows(); ++i) {
-    const Index valid = std::clamp<Index>(q_position + i + 1, 0, count);
-    fold_row_in_place<I>(state.m(i), state.l(i), state.acc.row(i).data(), Q.row(i).data(), keys, key_stride, values,
-                         value_stride, valid, Q.cols(), scale, scratch.scores.data(), exp_row);
-  }
+/// Where the cached rows of one sequence are: row p of its keys at keys + p·key_stride, of its values at
+/// values + p·value_stride (float, or bfloat16 bits as std::uint16_t).
+template <class E>
+struct CachedRows {
+  const E* keys;
+  const E* values;
+  Index key_stride;
+  Index value_stride;
+};
+
+/// Decode of t ≤ attention_decode_in_place_rows new rows per sequence, every head of a row folded at once from the
+/// cache rows in place (fold_heads_in_place). Items are (sequence, key block of attention_decode_key_block keys);
+/// the blocks' partial states (one per new row and head) are merged in block order, so the bits do not depend on
+/// the thread count. rows_of(b) gives sequence b's CachedRows.
+template <Isa I, class RowsOf>
+void decode_in_place(MatrixRef<float> out, const ConstMatrixRef<float>& q, Index batch, Index t, Index first,
+                     Index length, Index heads, RowsOf&& rows_of) {
+  const Index d = q.cols(), dh = d / heads;
+  const float scale = 1.0f / std::sqrt(float(dh));
+  const Index blocks = (length + attention_decode_key_block - 1) / attention_decode_key_block;
+  std::vector<OnlineSoftmax<float>> partial(size_t(batch * blocks));  // row i·heads + h: new row i, head h
+  parallel_claims(batch * blocks, [&](WorkQueue& queue) {
+    std::vector<float> scores(size_t(heads * attention_decode_key_block));
+    const auto exp_row = [&](float* p, const float* s, Index n, float shift) {
+      exp_shifted_row<I>(p, s, n, scale, shift);
+    };
+    for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
+      const Index b = item / blocks, block = item % blocks;
+      const Index k0 = block * attention_decode_key_block;
+      const Index count = std::min(length, k0 + attention_decode_key_block) - k0;
+      const auto cache = rows_of(b);
+      auto& state = partial[size_t(item)];
+      state.reset(t * heads, dh);
+      for (Index i = 0; i < t; ++i) {
+        // Row i sits at position first + i and sees the block's keys up to it.
+        const Index valid = std::clamp<Index>(first + i - k0 + 1, 0, count);
+        fold_heads_in_place<I>(state.m.data() + i * heads, state.l.data() + i * heads, state.acc.row(i * heads).data(),
+                               q.row(b * t + i).data(), cache.keys + k0 * cache.key_stride, cache.key_stride,
+                               cache.values + k0 * cache.value_stride, cache.value_stride, valid, heads, dh, scale,
+                               scores.data(), exp_row);
+      }
+    }
+  });
+  // All reads of q are done: out may alias it.
+  parallel_claims(batch, [&](WorkQueue& queue) {
+    for (Index b = queue.claim(); b >= 0; b = queue.claim()) {
+      auto& state = partial[size_t(b * blocks)];
+      for (Index block = 1; block < blocks; ++block) merge_online_softmax(state, partial[size_t(b * blocks + block)]);
+      for (Index i = 0; i < t; ++i)
+        for (Index h = 0; h < heads; ++h)
+          out.row(b * t + i).segment(h * dh, dh) = state.acc.row(i * heads + h) * (1.0f / state.l(i * heads + h));
+    }
+  });
 }
 #endif
 
@@ -505,6 +542,16 @@ template <Isa I, class Scalar, class Keys, class Values>
 void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>& q, Index batch, Index t,
                             Index first, Index length, Index heads, Keys&& keys, Values&& values) {
   const Index d = q.cols(), dh = d / heads;
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+  if constexpr (attention_vector_path_compiled<I, Scalar>()) {
+    if (t <= attention_decode_in_place_rows && attention_vector_path<I, Scalar>(dh))
+      return decode_in_place<I>(out, q, batch, t, first, length, heads, [&](Index b) {
+        const auto K = keys(b);
+        const auto V = values(b);
+        return CachedRows<float>{K.data(), V.data(), K.outerStride(), V.outerStride()};
+      });
+  }
+#endif
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
   const Index tiles = (t + attention_tile - 1) / attention_tile;
   const Index blocks = tiles == 1 ? (length + attention_decode_key_block - 1) / attention_decode_key_block : 1;
@@ -522,12 +569,9 @@ void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>&
         pack_transposed_keys(kt.data() + bh * dh * kt_ld, kt_ld, keys(bh / heads).middleCols((bh % heads) * dh, dh),
                              length);
     });
-  // One or a few new rows per sequence: each row reads its block of the cache in place (fold_row_in_place).
-  const bool in_place = tiles == 1 && t <= attention_decode_in_place_rows && attention_vector_path<I, Scalar>(dh);
   parallel_claims(groups * blocks, [&](WorkQueue& queue) {
     AttentionTileScratch<Scalar> scratch;
-    // In place: two rows of scores per block (fold_row_in_place); else a tile.
-    scratch.scores.resize(in_place ? 2 : attention_tile, in_place ? block_keys : attention_tile);
+    scratch.scores.resize(attention_tile, attention_tile);
     for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
       const Index group = item / blocks, block = item % blocks;
       const Index bh = group / tiles, tile = group % tiles;
@@ -539,15 +583,6 @@ void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>&
       auto& state = partial[size_t(item)];
       state.reset(rows, dh);
       const Index k0 = block * block_keys, k1 = std::min(length, k0 + block_keys);
-#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
-      if constexpr (attention_vector_path_compiled<I, Scalar>()) {
-        if (in_place) {
-          fold_rows_in_place<I>(state, scratch, Q, first + q0 - k0, K.data() + k0 * K.outerStride(),
-                                V.data() + k0 * V.outerStride(), K.outerStride(), V.outerStride(), k1 - k0, scale);
-          continue;
-        }
-      }
-#endif
       attend_key_range<I>(state, scratch, Q, first + q0, K, V, k0, k1, scale,
                           vector_path ? kt.data() + bh * dh * kt_ld : nullptr, kt_ld);
     }
@@ -608,6 +643,14 @@ void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<floa
                                  Index first, Index length, Index heads, KeysBf16&& keys_bf16,
                                  ValuesBf16&& values_bf16) {
   const Index d = q.cols(), dh = d / heads;
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+  if constexpr (attention_vector_path_compiled<I, float>()) {
+    if (t <= attention_decode_in_place_rows && attention_vector_path<I, float>(dh))
+      return decode_in_place<I>(out, q, batch, t, first, length, heads, [&](Index b) {
+        return CachedRows<std::uint16_t>{keys_bf16(b), values_bf16(b), d, d};
+      });
+  }
+#endif
   const float scale = 1.0f / std::sqrt(float(dh));
   const Index tiles = (t + attention_tile - 1) / attention_tile;
   const Index blocks = tiles == 1 ? (length + attention_decode_key_block - 1) / attention_decode_key_block : 1;
@@ -617,12 +660,9 @@ void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<floa
   // Several query tiles: the block is the whole cache, so its Kᵀ is packed for tile_product as in forward.
   const bool vector_path = tiles > 1 && attention_vector_path<I, float>(dh);
   const Index kt_ld = packed_keys_ld(block_keys);
-  // One or a few new rows per sequence: each row reads the bfloat16 block in place, widening in registers.
-  const bool in_place = tiles == 1 && t <= attention_decode_in_place_rows && attention_vector_path<I, float>(dh);
   parallel_claims(groups * blocks, [&](WorkQueue& queue) {
     AttentionTileScratch<float> scratch;
-    // In place: two rows of scores per block (fold_row_in_place); else a tile.
-    scratch.scores.resize(in_place ? 2 : attention_tile, in_place ? block_keys : attention_tile);
+    scratch.scores.resize(attention_tile, attention_tile);
     Matrix<float> K, V;      // [count, dh] the widened keys and values of the item's block
     std::vector<float> kt;  // [dh, kt_ld] Kᵀ of the block (vector path)
     for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
@@ -632,17 +672,6 @@ void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<floa
       const Index q0 = tile * attention_tile, rows = std::min(attention_tile, t - q0);
       const Index k0 = block * block_keys, count = std::min(length, k0 + block_keys) - k0;
       const auto Q = q.block(b * t + q0, h * dh, rows, dh);  // [rows, dh]
-#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
-      if constexpr (attention_vector_path_compiled<I, float>()) {
-        if (in_place) {
-          auto& state = partial[size_t(item)];
-          state.reset(rows, dh);
-          fold_rows_in_place<I>(state, scratch, Q, first + q0 - k0, keys_bf16(b) + k0 * d + h * dh,
-                                values_bf16(b) + k0 * d + h * dh, d, d, count, scale);
-          continue;
-        }
-      }
-#endif
       K.resize(count, dh);
       V.resize(count, dh);
       widen_bf16_rows<I>(K.data(), keys_bf16(b), d, h * dh, k0, count, dh);
