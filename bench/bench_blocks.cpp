@@ -157,34 +157,23 @@ inline void bm_block_prefill(benchmark::State& st, BlockShape s) {
 }
 
 /// The Transformer block (baseline) and the MemoryFormer block (candidate) prefilling the same sequence
-/// alternately (run_paired), one thread. time_ratio = MemoryFormer time / Transformer time.
-inline void bm_block_prefill_paired(benchmark::State& st, BlockShape s) {
+/// alternately (run_paired), one thread. time_ratio = MemoryFormer time / Transformer time. packed: the MemoryFormer
+/// block's packed table copy is kept current (tables_changed(), as the Trainer keeps it and as inference on fixed
+/// tables does), so its calls do not re-pack the row-major tables; the copy is released afterwards (parameters()
+/// hands out writable views), so the other rows pack per call.
+inline void bm_block_prefill_paired(benchmark::State& st, BlockShape s, bool packed) {
   using MF = memoryformer::MemoryFormerBlock<float>;
   using TF = memoryformer::TransformerBlock<float>;
   init_single_thread();
   auto& m = prefill_block<MF>(s);
   auto& t = prefill_block<TF>(s);
   MatrixF ym(s.s, s.d), yt(s.s, s.d);
+  if (packed) {
+    m.block->tables_changed();
+    prefill_call(m, s, ym);  // first touch of the copy
+  }
   run_paired(st, true, "x_transformer", [&] { prefill_call(t, s, yt); }, [&] { prefill_call(m, s, ym); });
-  const double x = st.counters["x_transformer"];
-  st.counters["time_ratio"] = x > 0 ? 1.0 / x : 0.0;
-  st.counters["flop_ratio"] = block_flops_paper(true, false, s) / block_flops_paper(false, false, s);
-}
-
-/// bm_block_prefill_paired with the MemoryFormer block's packed table copy kept current (tables_changed(), as the
-/// Trainer keeps it and as inference on fixed tables does), so its calls do not re-pack the row-major tables. The
-/// copy is released again afterwards (parameters() hands out writable views), so the other rows pack per call.
-inline void bm_block_prefill_paired_packed(benchmark::State& st, BlockShape s) {
-  using MF = memoryformer::MemoryFormerBlock<float>;
-  using TF = memoryformer::TransformerBlock<float>;
-  init_single_thread();
-  auto& m = prefill_block<MF>(s);
-  auto& t = prefill_block<TF>(s);
-  m.block->tables_changed();
-  MatrixF ym(s.s, s.d), yt(s.s, s.d);
-  prefill_call(m, s, ym);  // first touch of the copy
-  run_paired(st, true, "x_transformer", [&] { prefill_call(t, s, yt); }, [&] { prefill_call(m, s, ym); });
-  (void)m.block->parameters();
+  if (packed) (void)m.block->parameters();
   const double x = st.counters["x_transformer"];
   st.counters["time_ratio"] = x > 0 ? 1.0 / x : 0.0;
   st.counters["flop_ratio"] = block_flops_paper(true, false, s) / block_flops_paper(false, false, s);
@@ -376,11 +365,11 @@ std::vector<std::string> register_block_suite(const BlockGrid& g) {
     // The ratio the report prints: both blocks alternately in one benchmark, several pairs per repetition.
     names.push_back(block_name("paired", "prefill", s));
     common(benchmark::RegisterBenchmark(names.back().c_str(),
-                                        [s](benchmark::State& st) { bm_block_prefill_paired(st, s); }))
+                                        [s](benchmark::State& st) { bm_block_prefill_paired(st, s, false); }))
         ->MinTime(5 * g.min_time);
     names.push_back(block_name("paired", "prefill_packed", s));
     common(benchmark::RegisterBenchmark(names.back().c_str(),
-                                        [s](benchmark::State& st) { bm_block_prefill_paired_packed(st, s); }))
+                                        [s](benchmark::State& st) { bm_block_prefill_paired(st, s, true); }))
         ->MinTime(5 * g.min_time);
   }
   // A Transformer decode step through a deep stack takes ~60 ms; 3x the min time gives it a few iterations.
