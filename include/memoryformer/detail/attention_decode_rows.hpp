@@ -25,38 +25,13 @@ inline constexpr Index attention_decode_in_place_rows = 4;
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
 MEMORYFORMER_SIMD_WARNINGS_BEGIN
 
-/// O::n cached values from p (float, or bfloat16 bits widened exactly: a bfloat16 is the upper half of a float).
+/// O::n cached values from p: float, or bfloat16 bits widened exactly (VectorOps::load_bf16).
 template <Isa I, class E>
 inline typename VectorOps<I>::V load_cached(const E* p) {
-  using O = VectorOps<I>;
-  if constexpr (std::is_same_v<E, float>) {
-    return O::load(p);
-  } else {
-#if defined(MEMORYFORMER_HAVE_AVX512)
-    if constexpr (I == Isa::Avx512)
-      return _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-    else
-#endif
-      return _mm256_castsi256_ps(
-          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-  }
-}
-
-/// Σ of the lanes of v, in a fixed order per ISA (halves added pairwise).
-template <Isa I>
-inline float lane_sum(typename VectorOps<I>::V v) {
-  __m256 h;
-#if defined(MEMORYFORMER_HAVE_AVX512)
-  if constexpr (I == Isa::Avx512)
-    h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  if constexpr (std::is_same_v<E, float>)
+    return VectorOps<I>::load(p);
   else
-#endif
-    h = v;
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
+    return VectorOps<I>::load_bf16(p);
 }
 
 /// q · k over `vectors` vectors of O::n values: one chain of FMAs, then the lanes summed.
@@ -65,7 +40,7 @@ inline float dot_cached(const float* q, const E* k, Index vectors) {
   using O = VectorOps<I>;
   auto a = O::mul(O::load(q), load_cached<I>(k));
   for (Index v = 1; v < vectors; ++v) a = O::fmadd(O::load(q + v * O::n), load_cached<I>(k + v * O::n), a);
-  return lane_sum<I>(a);
+  return O::lane_sum(a);
 }
 
 /**

@@ -607,18 +607,14 @@ inline void bf16_to_float_row(float* out, const std::uint16_t* in, Index n) {
   Index j = 0;
 #if defined(MEMORYFORMER_HAVE_AVX512)
   if constexpr (I == Isa::Avx512) {
-    for (; j + 16 <= n; j += 16) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + j));
-      _mm512_storeu_ps(out + j, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-    }
+    using O = VectorOps<Isa::Avx512>;
+    for (; j + O::n <= n; j += O::n) O::store(out + j, O::load_bf16(in + j));
   }
 #endif
-#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+#if defined(MEMORYFORMER_HAVE_AVX2)
   if constexpr (I != Isa::Scalar) {
-    for (; j + 8 <= n; j += 8) {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j));
-      _mm256_storeu_ps(out + j, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
-    }
+    using O = VectorOps<Isa::Avx2>;
+    for (; j + O::n <= n; j += O::n) O::store(out + j, O::load_bf16(in + j));
   }
 #endif
   for (; j < n; ++j) out[j] = bf16_to_float(in[j]);

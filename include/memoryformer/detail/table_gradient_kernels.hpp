@@ -18,6 +18,7 @@
 #include "parallel.hpp"
 #include "scratch.hpp"
 #include "simd.hpp"
+#include "vector_ops.hpp"
 
 namespace memoryformer::detail {
 
@@ -116,11 +117,7 @@ struct SliceTraits<Isa::Avx512> {
 template <>
 struct SliceTraits<Isa::Avx2> {
   static constexpr Index vectors = 4;  // 32 columns: 12 of the 16 ymm registers
-  static float hsum(__m256 v) {
-    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
-  }
+  static float hsum(__m256 v) { return VectorOps<Isa::Avx2>::lane_sum(v); }
 };
 #endif
 

@@ -60,6 +60,19 @@ struct VectorOps<Isa::Avx512> {
     return _mm512_slli_epi32(a, Bits);
   }
   static V as_float(VI v) { return _mm512_castsi512_ps(v); }
+  /// n bfloat16 values widened exactly (a bfloat16 is the upper half of a float).
+  static V load_bf16(const std::uint16_t* p) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
+  /// Σ of the lanes: the halves added pairwise down to one lane.
+  static float lane_sum(V v) {
+    const __m256 h =
+        _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
 };
 #endif
 
@@ -101,6 +114,17 @@ struct VectorOps<Isa::Avx2> {
     return _mm256_slli_epi32(a, Bits);
   }
   static V as_float(VI v) { return _mm256_castsi256_ps(v); }
+  /// n bfloat16 values widened exactly (a bfloat16 is the upper half of a float).
+  static V load_bf16(const std::uint16_t* p) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
+  /// Σ of the lanes: the halves added pairwise down to one lane.
+  static float lane_sum(V v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
 };
 #endif
 
