@@ -90,21 +90,52 @@ std::vector<std::int32_t> random_tokens(Index n, Index vocab, std::uint64_t seed
 
 mf::StorageType kv_storage(const ModelRow& row) { return row.kv_bf16 ? mf::StorageType::BF16 : mf::StorageType::F32; }
 
+/// What the decode rows of a runner keep: KV caches filled with context − 1 prompt tokens (re-made when a row asks for
+/// another context or KV storage), the [1, vocab] logits, and a pool of distinct inputs taken in turn.
+template <class Model>
+struct DecodeSide {
+  std::optional<typename Model::DecodeState> state;
+  Index context = -1;  // context the state was filled for
+  bool kv_bf16 = false;
+  MatrixF logits;
+  std::vector<std::int32_t> pool;
+  Index next = 0;
+
+  void prepare(const Model& model, const ModelRow& row) {
+    if (context == row.length && kv_bf16 == row.kv_bf16) return;
+    const Index vocab = model.vocab();
+    state.reset();
+    state.emplace(model.make_decode_state(1, row.length, kv_storage(row)));
+    if (row.length > 1) {
+      const auto prompt = random_tokens(row.length - 1, vocab, 43);
+      MatrixF prompt_logits(row.length - 1, vocab);
+      model.forward_decode(prompt_logits, prompt, *state);
+    }
+    context = row.length;
+    kv_bf16 = row.kv_bf16;
+    if (pool.empty()) pool = random_tokens(4096, vocab, 47);
+    logits.resize(1, vocab);
+  }
+
+  /// One token after context − 1 cached ones; the caches are truncated back afterwards.
+  void step(const Model& model, const ModelRow& row) {
+    model.forward_decode(logits, std::span<const std::int32_t>(&pool[std::size_t(next)], 1), *state);
+    next = (next + 1) % Index(pool.size());
+    for (auto& kv : state->kv) kv.truncate(row.length - 1);
+    benchmark::DoNotOptimize(logits.data());
+  }
+};
+
 /// One model with what its calls need, kept between benchmark calls.
 template <class LM>
 struct Runner {
   std::unique_ptr<LM> model;
   typename LM::Cache cache;
-  std::optional<typename LM::DecodeState> state;  // KV caches of the decode rows
-  Index context = -1;                              // context the state was filled for
-  bool kv_bf16 = false;                            // the state's KV storage
-  MatrixF logits;                                  // [1, vocab] decode output
+  DecodeSide<LM> decode;                           // the decode rows' state
   std::vector<std::int32_t> tokens;                // prefill input / training inputs
-  std::vector<std::int32_t> pool;                  // decode inputs, cycled through
   std::vector<std::int32_t> targets;               // training targets
   std::unique_ptr<mf::AdamW<float>> optimizer;
   std::vector<mf::ParameterView<float>> params;
-  Index next = 0;
 
   explicit Runner(const ModelShape& m) : model(make_model(m, static_cast<LM*>(nullptr))) {
     model->set_deterministic_threads(false);
@@ -115,19 +146,7 @@ struct Runner {
     if (row.mode == ModelMode::Prefill) {
       if (Index(tokens.size()) != row.length) tokens = random_tokens(row.length, vocab, 41);
     } else if (row.mode == ModelMode::Decode) {
-      if (context != row.length || kv_bf16 != row.kv_bf16) {
-        state.reset();
-        state.emplace(model->make_decode_state(1, row.length, kv_storage(row)));
-        if (row.length > 1) {
-          const auto prompt = random_tokens(row.length - 1, vocab, 43);
-          MatrixF prompt_logits(row.length - 1, vocab);
-          model->forward_decode(prompt_logits, prompt, *state);
-        }
-        context = row.length;
-        kv_bf16 = row.kv_bf16;
-        if (pool.empty()) pool = random_tokens(4096, vocab, 47);
-        logits.resize(1, vocab);
-      }
+      decode.prepare(*model, row);
     } else {
       const Index n = row.batch * row.length;
       if (Index(targets.size()) != n || Index(tokens.size()) != n) {
@@ -147,10 +166,7 @@ struct Runner {
       const auto& out = model->forward(tokens, 1, row.length, cache);
       benchmark::DoNotOptimize(out.data());
     } else if (row.mode == ModelMode::Decode) {
-      model->forward_decode(logits, std::span<const std::int32_t>(&pool[std::size_t(next)], 1), *state);
-      next = (next + 1) % Index(pool.size());
-      for (auto& kv : state->kv) kv.truncate(row.length - 1);
-      benchmark::DoNotOptimize(logits.data());
+      decode.step(*model, row);
     } else {
       model->zero_grad();
       const float loss = model->forward_loss(tokens, targets, row.batch, row.length, cache);
@@ -167,13 +183,9 @@ struct Runner {
 /// The MemoryFormer model frozen to bfloat16 tables (FrozenLanguageModel), for the inference rows.
 struct FrozenRunner {
   std::unique_ptr<mf::FrozenLanguageModel> model;
-  std::optional<mf::FrozenLanguageModel::DecodeState> state;
-  Index context = -1;
-  bool kv_bf16 = false;
-  MatrixF logits;  // [s, vocab] prefill, [1, vocab] decode
+  DecodeSide<mf::FrozenLanguageModel> decode;
+  MatrixF logits;                    // [s, vocab] prefill
   std::vector<std::int32_t> tokens;  // prefill input
-  std::vector<std::int32_t> pool;    // decode inputs, cycled through
-  Index next = 0;
 
   explicit FrozenRunner(const MfLM& trained) : model(std::make_unique<mf::FrozenLanguageModel>(trained, mf::StorageType::BF16)) {}
 
@@ -182,30 +194,18 @@ struct FrozenRunner {
     if (row.mode == ModelMode::Prefill) {
       if (Index(tokens.size()) != row.length) tokens = random_tokens(row.length, vocab, 41);
       logits.resize(row.length, vocab);
-    } else if (context != row.length || kv_bf16 != row.kv_bf16) {
-      state.reset();
-      state.emplace(model->make_decode_state(1, row.length, kv_storage(row)));
-      if (row.length > 1) {
-        const auto prompt = random_tokens(row.length - 1, vocab, 43);
-        MatrixF prompt_logits(row.length - 1, vocab);
-        model->forward_decode(prompt_logits, prompt, *state);
-      }
-      context = row.length;
-      kv_bf16 = row.kv_bf16;
-      if (pool.empty()) pool = random_tokens(4096, vocab, 47);
-      logits.resize(1, vocab);
+    } else {
+      decode.prepare(*model, row);
     }
   }
 
   void call(const ModelRow& row) {
     if (row.mode == ModelMode::Prefill) {
       model->forward(logits, tokens, 1, row.length);
+      benchmark::DoNotOptimize(logits.data());
     } else {
-      model->forward_decode(logits, std::span<const std::int32_t>(&pool[std::size_t(next)], 1), *state);
-      next = (next + 1) % Index(pool.size());
-      for (auto& kv : state->kv) kv.truncate(row.length - 1);
+      decode.step(*model, row);
     }
-    benchmark::DoNotOptimize(logits.data());
     benchmark::ClobberMemory();
   }
 };
