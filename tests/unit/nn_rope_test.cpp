@@ -73,6 +73,27 @@ TEST(NnRope, MatchesNeoxReferenceWithBatchHeadsAndTail) {
   for (mf::Index h = 0; h < heads; ++h) EXPECT_EQ(y.middleCols(h * 10 + R, 10 - R), x.middleCols(h * 10 + R, 10 - R));
 }
 
+TEST(NnRope, HalvesLongerThanOnePieceMatchTheReferenceInPlace) {
+  // Rotations of 2·19 and 2·32 dims: the rows are rotated in pieces of 16 pairs, so these cover a whole piece
+  // followed by a partial one, and whole pieces only; in place as the attention calls it, and out of place.
+  for (const mf::Index R : {mf::Index(38), mf::Index(64)}) {
+    const mf::Index batch = 2, seq = 5, heads = 2, d = heads * 70, offset = 3;
+    mf::Rotary<double> rope(d, heads, R);
+    const auto x = random_matrix(batch * seq, d, 9);
+    std::vector<double> pos;
+    for (mf::Index b = 0; b < batch; ++b)
+      for (mf::Index t = 0; t < seq; ++t) pos.push_back(double(offset + t));
+    const auto expect = neox_reference(x, heads, R, pos);
+    mf::Matrix<double> y(batch * seq, d), z = x;
+    rope.forward(y, x, batch, seq, offset);
+    rope.forward(z, z, batch, seq, offset);
+    EXPECT_LE((y - expect).cwiseAbs().maxCoeff(), 1e-13) << "R = " << R;
+    EXPECT_EQ(z, y) << "R = " << R;
+    rope.backward(z, z, batch, seq, offset);
+    EXPECT_LE((z - x).cwiseAbs().maxCoeff(), 1e-13) << "R = " << R;
+  }
+}
+
 TEST(NnRope, FullHeadRotationAndExplicitPositions) {
   mf::Rotary<double> rope(12, 2, 6, 500.0);
   const auto x = random_matrix(4, 12, 2);

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Thread-count independence of the dense layers' threaded loops (RMSNorm, LayerNorm, cross-entropy, Linear, GeLU,
-// softmax) and of a whole model's forward and backward: 1, 2 and 3 OpenMP threads must give the same bits, including
+// softmax, rotary) and of a whole model's forward and backward: 1, 2 and 3 OpenMP threads must give the same bits, including
 // the reductions over rows (norm-scale gradients, weight gradients), which sum in fixed chunks.
 
 #include <gtest/gtest.h>
@@ -15,6 +15,7 @@
 #include <memoryformer/nn/layer_norm.hpp>
 #include <memoryformer/nn/linear.hpp>
 #include <memoryformer/nn/rms_norm.hpp>
+#include <memoryformer/nn/rope.hpp>
 #include <memoryformer/nn/softmax.hpp>
 
 #include "support/thread_setting.hpp"
@@ -67,6 +68,23 @@ void expect_same_bits_for_1_2_3_threads(Run&& run) {
 constexpr Index rows = 1100, d = 48, vocab = 200;
 
 }  // namespace
+
+TEST(ThreadCount, RotaryForwardBackwardSameBits) {
+  // One head with 19 rotated pairs (a whole piece of 16 and a partial one) and a pass-through tail.
+  const auto x = random_matrix(rows, d, 21);
+  expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
+    const mf::Rotary<float> rope(d, 1, 38);
+    mf::Matrix<float> y(rows, d), dx = x, p(rows, d);
+    rope.forward(y, x, 4, rows / 4, 7);
+    rope.backward(dx, dx, 4, rows / 4, 7);  // in place
+    std::vector<Index> positions(static_cast<std::size_t>(rows));
+    for (Index n = 0; n < rows; ++n) positions[std::size_t(n)] = (n * 37) % 500;
+    rope.forward(p, x, positions);
+    append(out, y);
+    append(out, dx);
+    append(out, p);
+  });
+}
 
 TEST(ThreadCount, RMSNormForwardBackwardSameBits) {
   const auto x = random_matrix(rows, d, 1), dy = random_matrix(rows, d, 2);

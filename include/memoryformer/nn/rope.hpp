@@ -12,6 +12,7 @@
 
 #include "../detail/checked_size.hpp"
 #include "../detail/checks.hpp"
+#include "../detail/row_parallel.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 
@@ -116,18 +117,26 @@ class Rotary {
 
   // cos_row/sin_row hold cos(angle_i), sign·sin(angle_i) for i < half.
   void rotate_row(Scalar* out, const Scalar* in, const Scalar* cos_row, const Scalar* sin_row) const {
+    constexpr Index piece = 16;
     const Index half = rotary_dims_ / 2;
     for (Index h = 0; h < heads_; ++h) {
-      const Index base = h * head_dim_;
-      for (Index i = 0; i < half; ++i) {
-        // Read both halves before writing either: out may be in.
-        const Scalar a = in[base + i];
-        const Scalar b = in[base + i + half];
-        out[base + i] = a * cos_row[i] - b * sin_row[i];
-        out[base + i + half] = b * cos_row[i] + a * sin_row[i];
+      const Scalar* a = in + h * head_dim_;
+      const Scalar* b = a + half;
+      Scalar* out_a = out + h * head_dim_;
+      Scalar* out_b = out_a + half;
+      // Both halves of a piece are computed into locals before either is stored: out may be in, and with the
+      // stores in the same loop the compiler could not vectorise the loop (it must assume they overlap the loads).
+      for (Index i0 = 0; i0 < half; i0 += piece) {
+        const Index count = std::min(piece, half - i0);
+        Scalar rotated_a[piece], rotated_b[piece];
+        for (Index i = 0; i < count; ++i) {
+          rotated_a[i] = a[i0 + i] * cos_row[i0 + i] - b[i0 + i] * sin_row[i0 + i];
+          rotated_b[i] = b[i0 + i] * cos_row[i0 + i] + a[i0 + i] * sin_row[i0 + i];
+        }
+        std::copy_n(rotated_a, count, out_a + i0);
+        std::copy_n(rotated_b, count, out_b + i0);
       }
-      if (out != in)
-        for (Index j = rotary_dims_; j < head_dim_; ++j) out[base + j] = in[base + j];
+      if (out != in) std::copy(a + rotary_dims_, a + head_dim_, out_a + rotary_dims_);
     }
   }
 
@@ -183,9 +192,13 @@ class Rotary {
       cos_table = cos_local.data();
       sin_table = sin_local.data();
     }
-    // Row n is position t = n mod seq of its sequence.
-    for (Index n = 0, t = 0; n < rows; ++n, t = (t + 1 == seq ? 0 : t + 1))
-      rotate_row(out.row(n).data(), in.row(n).data(), cos_table + t * half, sin_table + t * half);
+    // Row n is position n mod seq of its sequence. Rows are independent: any split over threads gives the same bits.
+    detail::parallel_rows(rows, detail::min_rows_per_thread(d_), [&](Index n0, Index n1) {
+      for (Index n = n0; n < n1; ++n) {
+        const Index t = n % seq;
+        rotate_row(out.row(n).data(), in.row(n).data(), cos_table + t * half, sin_table + t * half);
+      }
+    });
   }
 
   void apply_positions(const char* where, const char* in_name, const char* out_name, MatrixRef<Scalar> out,
@@ -202,10 +215,12 @@ class Rotary {
       cache_positions(end);
       const Index half = rotary_dims_ / 2;
       const Scalar* sin_table = (sign > Scalar(0) ? sin_cache_ : neg_sin_cache_).data();
-      for (Index n = 0; n < rows; ++n) {
-        const Index pos = positions[size_t(n)];
-        rotate_row(out.row(n).data(), in.row(n).data(), cos_cache_.data() + pos * half, sin_table + pos * half);
-      }
+      detail::parallel_rows(rows, detail::min_rows_per_thread(d_), [&](Index n0, Index n1) {
+        for (Index n = n0; n < n1; ++n) {
+          const Index pos = positions[size_t(n)];
+          rotate_row(out.row(n).data(), in.row(n).data(), cos_cache_.data() + pos * half, sin_table + pos * half);
+        }
+      });
       return;
     }
     std::vector<Scalar> cos_row(inv_freq_.size()), sin_row(inv_freq_.size());
