@@ -68,9 +68,10 @@ constexpr int kFmaLanes = 1;
 #endif
 constexpr int kFmaAccumulators = 12;
 
-/// Keeps `v` in a vector register across the empty asm (benchmark::DoNotOptimize would spill it to memory).
+/// Hides v's value from the optimiser (an empty asm that takes and returns it in a vector register), so that a loop
+/// over it cannot be folded at compile time.
 template <class V>
-inline void keep_in_register(V& v) {
+inline void opaque(V& v) {
 #if defined(__x86_64__) || defined(__i386__)
   asm volatile("" : "+v"(v));
 #else
@@ -79,31 +80,33 @@ inline void keep_in_register(V& v) {
 }
 
 /// A register-resident FMA loop: the most multiply-adds one core can retire, the ceiling for any kernel here.
+/// Only the operands b and c are made opaque, once, before the loop: an asm barrier on the accumulators inside the
+/// loop made GCC keep them in a stack array and store all of them every step, which bound the loop by stores at
+/// about half the FMA rate.
 float fma_loop(std::int64_t steps) {
 #if defined(__AVX512F__)
   using V = __m512;
   auto fma = [](V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); };
-  const V b = _mm512_set1_ps(0.999f), c = _mm512_set1_ps(1e-3f);
+  V b = _mm512_set1_ps(0.999f), c = _mm512_set1_ps(1e-3f);
   V acc[kFmaAccumulators];
   for (int i = 0; i < kFmaAccumulators; ++i) acc[i] = _mm512_set1_ps(float(i));
 #elif defined(__FMA__)
   using V = __m256;
   auto fma = [](V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); };
-  const V b = _mm256_set1_ps(0.999f), c = _mm256_set1_ps(1e-3f);
+  V b = _mm256_set1_ps(0.999f), c = _mm256_set1_ps(1e-3f);
   V acc[kFmaAccumulators];
   for (int i = 0; i < kFmaAccumulators; ++i) acc[i] = _mm256_set1_ps(float(i));
 #else
   using V = float;
   auto fma = [](V a, V b, V c) { return std::fma(a, b, c); };
-  const V b = 0.999f, c = 1e-3f;
+  V b = 0.999f, c = 1e-3f;
   V acc[kFmaAccumulators];
   for (int i = 0; i < kFmaAccumulators; ++i) acc[i] = float(i);
 #endif
-  for (std::int64_t t = 0; t < steps; ++t) {
+  opaque(b);
+  opaque(c);
+  for (std::int64_t t = 0; t < steps; ++t)
     for (int i = 0; i < kFmaAccumulators; ++i) acc[i] = fma(acc[i], b, c);
-    // An empty asm with the accumulators as operands keeps them in registers and the loop from being folded.
-    for (int i = 0; i < kFmaAccumulators; ++i) keep_in_register(acc[i]);
-  }
   float sum = 0;
   for (int i = 0; i < kFmaAccumulators; ++i) {
     float lanes[kFmaLanes];
