@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Thread-count independence of the dense layers' threaded loops (RMSNorm, LayerNorm, cross-entropy, Linear, GeLU,
-// softmax, rotary) and of a whole model's forward and backward: 1, 2 and 3 OpenMP threads must give the same bits, including
+// softmax, rotary, embedding) and of a whole model's forward and backward: 1, 2 and 3 OpenMP threads must give the same bits, including
 // the reductions over rows (norm-scale gradients, weight gradients), which sum in fixed chunks.
 
 #include <gtest/gtest.h>
@@ -11,6 +11,7 @@
 
 #include <memoryformer/model.hpp>
 #include <memoryformer/nn/cross_entropy.hpp>
+#include <memoryformer/nn/embedding.hpp>
 #include <memoryformer/nn/gelu.hpp>
 #include <memoryformer/nn/layer_norm.hpp>
 #include <memoryformer/nn/linear.hpp>
@@ -83,6 +84,22 @@ TEST(ThreadCount, RotaryForwardBackwardSameBits) {
     append(out, y);
     append(out, dx);
     append(out, p);
+  });
+}
+
+TEST(ThreadCount, EmbeddingForwardBackwardSameBits) {
+  // Repeated ids (1100 tokens over 200 rows) make the backward sum several dy rows into one dW row.
+  const auto tokens = random_tokens(rows, vocab, 22);
+  const auto dy = random_matrix(rows, d, 23);
+  expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
+    mf::Embedding<float> embedding(vocab, d, std::uint64_t(24));
+    mf::Matrix<float> y(rows, d);
+    embedding.forward(y, tokens);
+    embedding.backward(tokens, dy);
+    embedding.backward(tokens, dy);  // gradients accumulate
+    append(out, y);
+    append(out, embedding.dweight());
+    for (const Index r : embedding.touched_list()) out.push_back(float(r));
   });
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
+#include "../detail/row_parallel.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
 #include "../random.hpp"
@@ -69,7 +70,9 @@ class Embedding {
     detail::check_shape(where, "y", y.rows(), y.cols(), n, d(),
                         "(tokens.size(), d) = (" + std::to_string(n) + ", " + std::to_string(d()) + ")");
     check_tokens(where, tokens);
-    for (Index i = 0; i < n; ++i) y.row(i) = weight_.row(tokens[size_t(i)]);
+    detail::parallel_rows(n, detail::min_rows_per_thread(d()), [&](Index i0, Index i1) {
+      for (Index i = i0; i < i1; ++i) y.row(i) = weight_.row(tokens[size_t(i)]);
+    });
   }
 
   /**
@@ -84,9 +87,17 @@ class Embedding {
     detail::check_shape(where, "dy", dy.rows(), dy.cols(), n, d(),
                         "(tokens.size(), d) = (" + std::to_string(n) + ", " + std::to_string(d()) + ")");
     check_tokens(where, tokens);
+    // Each thread owns a range of ids and adds their rows of dy in token order: every row of dW gets the same sum,
+    // in the same order, for any thread count. Splitting by id costs each thread one scan of the ids.
+    const Index ids_per_thread = std::max<Index>(1, vocab() * detail::min_rows_per_thread(d()) / std::max<Index>(n, 1));
+    detail::parallel_rows(vocab(), ids_per_thread, [&](Index id0, Index id1) {
+      for (Index i = 0; i < n; ++i) {
+        const Index t = tokens[size_t(i)];
+        if (t >= id0 && t < id1) dweight_.row(t) += dy.row(i);
+      }
+    });
     for (Index i = 0; i < n; ++i) {
       const auto t = tokens[size_t(i)];
-      dweight_.row(t) += dy.row(i);
       if (touched_[size_t(t)] == 0) {
         touched_[size_t(t)] = 1;
         touched_list_.push_back(Index(t));
