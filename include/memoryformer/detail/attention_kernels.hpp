@@ -169,15 +169,28 @@ MEMORYFORMER_SIMD_WARNINGS_END
 #endif
 
 /// Kᵀ of keys [0, count) of one head into out [dh, ld] row-major (column j = key j), zero in columns [count, ld):
-/// the B operand of S = Q Kᵀ, packed once per head so every query tile reads it contiguously.
-template <class Scalar, class KBlock>
+/// the B operand of S = Q Kᵀ, packed once per head so every query tile reads it contiguously. On a vector path whole
+/// n × n blocks are transposed in registers (VectorOps<I>::transpose_block; the same values, only moved).
+template <Isa I, class Scalar, class KBlock>
 void pack_transposed_keys(Scalar* out, Index ld, const KBlock& K, Index count) {
   const Index dh = K.cols();
   for (Index c = 0; c < dh; ++c) std::fill(out + c * ld + count, out + (c + 1) * ld, Scalar(0));
   const Scalar* keys = K.data();  // row j at keys + j·K.outerStride()
   const Index stride = K.outerStride();
+  Index whole = 0;  // keys [0, whole) done in blocks
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+  if constexpr (attention_vector_path_compiled<I, Scalar>()) {
+    constexpr Index n = VectorOps<I>::n;
+    if (dh % n == 0) {
+      whole = count / n * n;
+      for (Index j0 = 0; j0 < whole; j0 += n)
+        for (Index c0 = 0; c0 < dh; c0 += n)
+          VectorOps<I>::transpose_block(out + c0 * ld + j0, ld, keys + j0 * stride + c0, stride);
+    }
+  }
+#endif
   // 16 keys at a time: 16 rows of K read, then 16 consecutive values written per row of out.
-  for (Index j0 = 0; j0 < count; j0 += 16) {
+  for (Index j0 = whole; j0 < count; j0 += 16) {
     const Index n = std::min<Index>(16, count - j0);
     for (Index c = 0; c < dh; ++c)
       for (Index j = 0; j < n; ++j) out[c * ld + j0 + j] = keys[(j0 + j) * stride + c];
@@ -192,9 +205,9 @@ inline Index packed_keys_ld(Index count) {
 
 /// Kᵀ of a key tile, [dh, attention_tile] row-major: column j is key k0 + j, columns past `cols` are zero (so a
 /// partial tile's products run on whole vectors).
-template <class Scalar, class KBlock>
+template <Isa I, class Scalar, class KBlock>
 void pack_transposed_tile(Scalar* out, const KBlock& K, Index k0, Index cols) {
-  pack_transposed_keys(out, attention_tile, K.middleRows(k0, cols), cols);
+  pack_transposed_keys<I>(out, attention_tile, K.middleRows(k0, cols), cols);
 }
 
 /// Columns of a tile's product rounded up to whole vectors of I.
@@ -326,8 +339,8 @@ void flash_attention_forward(MatrixRef<Scalar> out, Matrix<Scalar>& lse, const C
   if (vector_path)
     parallel_claims(batch * heads, [&](WorkQueue& queue) {
       for (Index bh = queue.claim(); bh >= 0; bh = queue.claim())
-        pack_transposed_keys(kt.data() + bh * dh * kt_ld, kt_ld, k.block((bh / heads) * seq, (bh % heads) * dh, seq, dh),
-                             seq);
+        pack_transposed_keys<I>(kt.data() + bh * dh * kt_ld, kt_ld,
+                                k.block((bh / heads) * seq, (bh % heads) * dh, seq, dh), seq);
     });
   parallel_claims(batch * heads * tiles, [&](WorkQueue& queue) {
     OnlineSoftmax<Scalar> state;
@@ -412,8 +425,8 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
         const auto Kj = K.middleRows(k0, cols), Vj = V.middleRows(k0, cols);  // [cols, dh]
         auto dKj = w.dK.middleRows(k0, cols), dVj = w.dV.middleRows(k0, cols);  // [cols, dh]
         if (vector_path) {
-          pack_transposed_tile(w.kt.data(), K, k0, cols);
-          pack_transposed_tile(w.vt.data(), V, k0, cols);
+          pack_transposed_tile<I>(w.kt.data(), K, k0, cols);
+          pack_transposed_tile<I>(w.vt.data(), V, k0, cols);
         }
         // Query rows from k0 on: the rows above the key tile have P = 0.
         for (Index q0 = k0; q0 < seq; q0 += attention_backward_rows) {
@@ -566,8 +579,8 @@ void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>&
   if (vector_path)
     parallel_claims(batch * heads, [&](WorkQueue& queue) {
       for (Index bh = queue.claim(); bh >= 0; bh = queue.claim())
-        pack_transposed_keys(kt.data() + bh * dh * kt_ld, kt_ld, keys(bh / heads).middleCols((bh % heads) * dh, dh),
-                             length);
+        pack_transposed_keys<I>(kt.data() + bh * dh * kt_ld, kt_ld,
+                                keys(bh / heads).middleCols((bh % heads) * dh, dh), length);
     });
   parallel_claims(groups * blocks, [&](WorkQueue& queue) {
     AttentionTileScratch<Scalar> scratch;
@@ -674,7 +687,7 @@ void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<floa
       widen_bf16_rows<I>(V.data(), values_bf16(b), d, h * dh, k0, count, dh);
       if (vector_path) {
         kt.resize(size_t(dh * kt_ld));
-        pack_transposed_keys(kt.data(), kt_ld, K, count);
+        pack_transposed_keys<I>(kt.data(), kt_ld, K, count);
       }
       auto& state = partial[size_t(item)];
       state.reset(rows, dh);
