@@ -25,6 +25,7 @@
 #include "fast_exp.hpp"
 #include "half.hpp"
 #include "parallel.hpp"
+#include "register_transpose.hpp"
 #include "simd.hpp"
 #include "vector_ops.hpp"
 
@@ -170,7 +171,7 @@ MEMORYFORMER_SIMD_WARNINGS_END
 
 /// Kᵀ of keys [0, count) of one head into out [dh, ld] row-major (column j = key j), zero in columns [count, ld):
 /// the B operand of S = Q Kᵀ, packed once per head so every query tile reads it contiguously. On a vector path whole
-/// n × n blocks are transposed in registers (VectorOps<I>::transpose_block; the same values, only moved).
+/// n × n blocks are transposed in registers (transpose_block; the same values, only moved).
 template <Isa I, class Scalar, class KBlock>
 void pack_transposed_keys(Scalar* out, Index ld, const KBlock& K, Index count) {
   const Index dh = K.cols();
@@ -185,7 +186,7 @@ void pack_transposed_keys(Scalar* out, Index ld, const KBlock& K, Index count) {
       whole = count / n * n;
       for (Index j0 = 0; j0 < whole; j0 += n)
         for (Index c0 = 0; c0 < dh; c0 += n)
-          VectorOps<I>::transpose_block(out + c0 * ld + j0, ld, keys + j0 * stride + c0, stride);
+          transpose_block<I>(out + c0 * ld + j0, ld, keys + j0 * stride + c0, stride);
     }
   }
 #endif

@@ -16,6 +16,7 @@
 #include "../types.hpp"
 #include "fast_exp.hpp"
 #include "prefetch.hpp"
+#include "register_transpose.hpp"
 #include "simd.hpp"
 #include "vector_ops.hpp"
 
@@ -190,16 +191,6 @@ inline __m512i chunk_of_lane8() { return _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 
 /// Its inverse: chunk c is in lane lane_of_chunk8[c].
 inline __m512i lane_of_chunk8() { return _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15); }
 
-/// Transposes the 4×4 matrix held in each 128-bit lane of rows a, b, c, d (an involution).
-MEMORYFORMER_ALWAYS_INLINE void transpose4_in_lanes(__m512& a, __m512& b, __m512& c, __m512& d) {
-  const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(a, b)), t1 = _mm512_castps_pd(_mm512_unpacklo_ps(c, d));
-  const __m512d t2 = _mm512_castps_pd(_mm512_unpackhi_ps(a, b)), t3 = _mm512_castps_pd(_mm512_unpackhi_ps(c, d));
-  a = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t1));
-  b = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t1));
-  c = _mm512_castpd_ps(_mm512_unpacklo_pd(t2, t3));
-  d = _mm512_castpd_ps(_mm512_unpackhi_pd(t2, t3));
-}
-
 /// in[0..8): 16 chunks of 8 consecutive elements (in[i] holds chunks 2i and 2i + 1, one 128-bit lane per half
 /// chunk); out[j] = element j of the 16 chunks, in the lane order chunk_of_lane8.
 MEMORYFORMER_ALWAYS_INLINE void deinterleave8(const __m512* in, __m512* out) {
@@ -255,26 +246,6 @@ struct TransposedBlock<Isa::Avx512, Tau> {
 #endif
 
 #if defined(MEMORYFORMER_HAVE_AVX2)
-/// Transposes the 8×8 matrix whose rows are r[0..8) (unpacks, in-lane shuffles, 128-bit permutes).
-MEMORYFORMER_ALWAYS_INLINE void transpose8x8(__m256* r) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
-
 /// AVX2, τ = 8: one chunk per row of an 8×8 transpose; the lanes are in chunk order.
 template <>
 struct TransposedBlock<Isa::Avx2, 8> {

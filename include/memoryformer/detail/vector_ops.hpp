@@ -73,32 +73,6 @@ struct VectorOps<Isa::Avx512> {
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
   }
-  /// dst[c·dst_stride + j] = src[j·src_stride + c] for j, c < n: an n × n block transposed in registers.
-  static void transpose_block(float* dst, Index dst_stride, const float* src, Index src_stride) {
-    V r[16], t[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_stride);
-    // Pairs of rows interleaved, then quads: t[4k + m], 128-bit lane L, holds column 4L + m of rows 4k … 4k + 3.
-    for (int i = 0; i < 16; i += 2) {
-      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int k = 0; k < 16; k += 4) {
-      r[k] = _mm512_shuffle_ps(t[k], t[k + 2], 0x44);
-      r[k + 1] = _mm512_shuffle_ps(t[k], t[k + 2], 0xEE);
-      r[k + 2] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0x44);
-      r[k + 3] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
-    }
-    // Column 4L + m gathers lane L of r[m], r[4 + m], r[8 + m], r[12 + m].
-    for (int m = 0; m < 4; ++m) {
-      const V even_a = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88), odd_a = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xDD);
-      const V even_b = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
-      const V odd_b = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xDD);
-      _mm512_storeu_ps(dst + m * dst_stride, _mm512_shuffle_f32x4(even_a, even_b, 0x88));
-      _mm512_storeu_ps(dst + (4 + m) * dst_stride, _mm512_shuffle_f32x4(odd_a, odd_b, 0x88));
-      _mm512_storeu_ps(dst + (8 + m) * dst_stride, _mm512_shuffle_f32x4(even_a, even_b, 0xDD));
-      _mm512_storeu_ps(dst + (12 + m) * dst_stride, _mm512_shuffle_f32x4(odd_a, odd_b, 0xDD));
-    }
-  }
 };
 #endif
 
@@ -150,26 +124,6 @@ struct VectorOps<Isa::Avx2> {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-  }
-  /// dst[c·dst_stride + j] = src[j·src_stride + c] for j, c < n: an n × n block transposed in registers.
-  static void transpose_block(float* dst, Index dst_stride, const float* src, Index src_stride) {
-    V r[8], t[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * src_stride);
-    // Pairs of rows interleaved, then quads: t[4k + m], 128-bit lane L, holds column 4L + m of rows 4k … 4k + 3.
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int k = 0; k < 8; k += 4) {
-      r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
-      r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
-      r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
-      r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
-    }
-    for (int m = 0; m < 4; ++m) {
-      _mm256_storeu_ps(dst + m * dst_stride, _mm256_permute2f128_ps(r[m], r[4 + m], 0x20));
-      _mm256_storeu_ps(dst + (4 + m) * dst_stride, _mm256_permute2f128_ps(r[m], r[4 + m], 0x31));
-    }
   }
 };
 #endif
