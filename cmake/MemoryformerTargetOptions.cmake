@@ -193,5 +193,10 @@ function(memoryformer_configure_target target)
     if(NOT _type STREQUAL "OBJECT_LIBRARY")
       target_link_options(${target} PRIVATE -fsanitize=${MEMORYFORMER_SANITIZE})
     endif()
+    # The sanitizers' metadata makes millions of load-time relocations in a position-independent executable: a
+    # non-PIE test binary starts in a fraction of the time, and ctest starts one per test.
+    if(_type STREQUAL "EXECUTABLE")
+      target_link_options(${target} PRIVATE -no-pie)
+    endif()
   endif()
 endfunction()
