@@ -69,14 +69,14 @@ std::string name(const Shape& s) {
          " N " + std::to_string(s.n) + (s.bias ? " bias" : " no-bias");
 }
 
-// Token counts on both sides of the decode/prefill switches (packed panels from max(32, 2^τ) tokens, row-major
-// training tables from max(32, 3·2^τ)); widths that are and are not multiples of the 16/32/64-column chunks and of
-// the vector widths.
+// Token counts on both sides of the decode/prefill switches (packed panels from max(32, 2^τ) tokens; row-major
+// training tables in table order from max(256, 2^τ/2), column-blocked from max(32, 3·2^τ)); widths that are and are
+// not multiples of the 16/32/64-column chunks and of the vector widths.
 const Shape shapes[] = {
     {8, 1, 4, 3, true},      {12, 19, 4, 1, true},   {12, 19, 4, 70, false}, {48, 100, 6, 5, true},
     {48, 100, 6, 129, true}, {64, 64, 8, 2, false},  {64, 64, 8, 300, true}, {40, 37, 10, 9, true},
     {40, 37, 10, 300, true}, {32, 520, 8, 80, true}, {16, 33, 1, 40, true},  {48, 20, 16, 3, true},
-    {32, 520, 4, 100, true}, {64, 64, 8, 800, false},
+    {32, 520, 4, 100, true}, {64, 64, 8, 800, false}, {40, 37, 10, 600, true}, {27, 130, 9, 256, false},
 };
 
 mf::MemoryLayer<float> make_layer(const Shape& s, std::uint64_t seed) {
@@ -415,9 +415,11 @@ TEST(LookupIsa, FrozenLayerChecksItsInputs) {
 #if defined(MEMORYFORMER_USE_OPENMP)
 TEST(LookupIsa, ThreadCountDoesNotChangeBits) {
   // 800 tokens: prefill path for forward (≥ 3·2^τ tokens), almost every table row used by the backward;
+  // 400 tokens: table order (threads split the tokens), 520 columns: a partial last vector;
   // 5 tokens: decode path, at most 40 of the 2048 rows used, split between the threads;
   // d_in = 520: 65 tables, whose backward sort the threads take in 5 groups of 16 tables.
-  for (const Shape s : {Shape{64, 520, 8, 800, true}, Shape{64, 520, 8, 5, true}, Shape{520, 64, 8, 800, true}}) {
+  for (const Shape s : {Shape{64, 520, 8, 800, true}, Shape{64, 520, 8, 400, true}, Shape{64, 520, 8, 5, true},
+                        Shape{520, 64, 8, 800, true}}) {
     const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 16);
     const mf::Matrix<float> dy = random_matrix(s.n, s.d_out, 17);
     std::vector<mf::Matrix<float>> ys, dts, dss, packed_ys;

@@ -2,7 +2,7 @@
 // Fast forward kernels of the Memory Layer (design §1.5: y = b + Σ_k s_k · T_k[code_k]) for float32 activations over
 // float32, bfloat16 or float16 table storage, AVX-512 and AVX2.
 //
-// Two loop orders, both computing every output as the same fused-multiply-add chain — acc = b; acc = fma(s_k,
+// Three loop orders, all computing every output as the same fused-multiply-add chain — acc = b; acc = fma(s_k,
 // T_k[code_k], acc) for k = 0, 1, …, K−1 — so they give identical bits for any thread count, token count, ISA
 // (AVX-512 or AVX2) and loop order:
 //  - decode (few tokens): token-major, a token's output columns stay in vector registers while its K rows stream
@@ -12,6 +12,8 @@
 //    that fits a quarter of L2; all tokens stream through one panel, 4 tokens at a time, before the next panel is
 //    read, reading each group's plan (chunk offsets and scores) as one contiguous stream and streaming the next
 //    packed panel into L2 meanwhile. Rows are read with plain vector loads, never hardware gathers.
+//  - table order (row-major float32 tables, about 2^τ tokens): every used row read once, in address order, and added
+//    into the output rows of the tokens that selected it (rowmajor_table_order).
 // The panel layout (PanelLayout) is the storage of PackedTables and of MemoryLayer<float>'s packed copy of its
 // training tables; while that copy is out of date, the row-major tables are packed into a per-thread panel buffer on
 // the fly.
@@ -33,6 +35,7 @@
 #include "prefetch.hpp"
 #include "scratch.hpp"
 #include "simd.hpp"
+#include "sorted_contributions.hpp"
 #include "vector_ops.hpp"
 
 namespace memoryformer::detail {
@@ -119,6 +122,12 @@ struct PanelLayout {
 inline Index prefill_min_tokens(int tau) { return std::max<Index>(32, Index(1) << tau); }
 inline Index rows_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau) / 2); }
 inline Index rowmajor_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau)); }
+/// From this many tokens (and below rowmajor_prefill_min_tokens) row-major float32 tables are read in table order
+/// (rowmajor_table_order) when the output also fits `table_order_max_output_bytes`; fewer run token-major.
+inline Index table_order_min_tokens(int tau) { return std::max<Index>(256, (Index(1) << tau) / 2); }
+/// The table-order loop adds each row into its tokens' output rows in a data-dependent order: the whole output is
+/// kept cache-resident (L3) instead of streamed.
+inline constexpr Index table_order_max_output_bytes = Index(8) << 20;
 
 /// Calls run(n, b, span_end) for every token n < rows and column block b < blocks. Threads split the tokens when
 /// there are enough of them, else the column blocks; each (n, b) is computed by one thread in the same way, so the
@@ -764,6 +773,61 @@ void rowmajor_decode(float* y, Index y_stride, const float* tables, int tau, Ind
     for (Index j = 0; j < nv; ++j) L::store_partial(out + j * L::n, acc[j], cols - j * L::n);
   };
   for_each_token_and_block(rows, blocks, run);
+}
+
+/// Ahead, in used rows, of the table-order loop's requests into L2.
+inline constexpr Index table_order_prefetch_rows = 8;
+
+/**
+ * Forward over row-major float32 tables in table order (mid-sized prefill: about 2^τ tokens, where token-major
+ * reads of random whole rows are bound by the misses in flight and packing panels per call costs more than it
+ * saves). The (token, table) pairs are sorted by table row (sort_contributions); each used row is read once, in
+ * increasing address order (a stream the prefetchers follow), and added into the output rows of its tokens:
+ *   y[n] = b;   y[n] = fma(s[n,k], T_k[code], y[n])   for every used row (k, code) in increasing order.
+ * A token's rows come in increasing k, so each output is the same FMA chain as the token-major loop's: the same
+ * bits, whichever thread computes it.
+ */
+template <Isa I>
+void rowmajor_table_order(float* y, Index y_stride, const float* tables, int tau, Index width, Index num_tables,
+                          const std::int32_t* codes, const float* scores, const float* bias, Index rows) {
+  using L = Lanes<I>;
+  using V = typename L::V;
+  const Index R = Index(1) << tau, total_rows = num_tables * R, entries = rows * num_tables;
+  SortedContributions sc;
+  sc.start = thread_scratch<3, std::int32_t>(size_t(total_rows + 1));
+  sc.token = thread_scratch<4, std::int32_t>(size_t(entries));
+  sc.score = thread_scratch<5, float>(size_t(entries));
+  sc.used = thread_scratch<9, std::int32_t>(size_t(std::min(entries, total_rows)));
+  sort_contributions(sc, codes, scores, rows, num_tables, tau);
+  const Index full_end = width / L::n * L::n, left = width - full_end;  // whole vectors, then `left` columns
+  // Threads split the tokens: each keeps whole output rows (column halves of 2 KB rows would use only half of the
+  // L2 sets) and walks every used row, taking the entries of its own tokens (a row's entries are in token order).
+  parallel_rows(rows, 64, [&](Index n0, Index n1) {
+    for (Index n = n0; n < n1; ++n) {
+      float* out = y + n * y_stride;
+      for (Index c = 0; c < full_end; c += L::n) L::store(out + c, bias != nullptr ? L::load(bias + c) : L::zero());
+      if (left > 0) L::store_partial(out + full_end, bias != nullptr ? L::load_partial(bias + full_end, left) : L::zero(), left);
+    }
+    for (Index u = 0; u < sc.used_count; ++u) {
+      if (u + table_order_prefetch_rows < sc.used_count)
+        prefetch_range<PrefetchTo::L2>(tables + Index(sc.used[u + table_order_prefetch_rows]) * width,
+                                       width * Index(sizeof(float)));
+      const Index r = sc.used[u];
+      const float* row = tables + r * width;
+      Index e = sc.start[r];
+      const Index e1 = sc.start[r + 1];
+      while (e < e1 && sc.token[e] < n0) ++e;
+      for (; e < e1 && sc.token[e] < n1; ++e) {
+        float* out = y + Index(sc.token[e]) * y_stride;
+        const V sv = L::set1(sc.score[e]);
+        for (Index c = 0; c < full_end; c += L::n) L::store(out + c, L::fmadd(sv, L::load(row + c), L::load(out + c)));
+        if (left > 0)
+          L::store_partial(out + full_end,
+                           L::fmadd(sv, L::load_partial(row + full_end, left), L::load_partial(out + full_end, left)),
+                           left);
+      }
+    }
+  });
 }
 
 MEMORYFORMER_SIMD_WARNINGS_END

@@ -144,6 +144,9 @@ void lookup_forward(Isa isa, Scalar* y, Index y_stride, const Scalar* tables, in
       dispatch_simd(isa, [&]<Isa I>() {
         if (rows >= rowmajor_prefill_min_tokens(tau)) {
           rowmajor_prefill<I>(y, y_stride, tables, tau, width, num_tables, codes, scores, bias, rows);
+        } else if (rows >= table_order_min_tokens(tau) &&
+                   rows * width <= table_order_max_output_bytes / Index(sizeof(float))) {
+          rowmajor_table_order<I>(y, y_stride, tables, tau, width, num_tables, codes, scores, bias, rows);
         } else {
           rowmajor_decode<I>(y, y_stride, tables, tau, width, num_tables, codes, scores, bias, rows);
         }

@@ -18,85 +18,10 @@
 #include "parallel.hpp"
 #include "scratch.hpp"
 #include "simd.hpp"
+#include "sorted_contributions.hpp"
 #include "vector_ops.hpp"
 
 namespace memoryformer::detail {
-
-/// Contributions sorted by table row: entries of row r are [start[r], start[r+1]), each a token and its score.
-/// `used` lists the rows with at least one entry, in increasing order: the loops visit only those (for small N most
-/// of the K·2^τ rows are empty) and prefetch the rows they will visit next.
-struct SortedContributions {
-  std::int32_t* start = nullptr;   // [K·2^τ + 1]
-  std::int32_t* token = nullptr;   // [N·K]
-  float* score = nullptr;          // [N·K]
-  float* dot = nullptr;            // [N·K] ⟨dy[n], T_k[code]⟩ accumulated over column slices
-  std::int32_t* used = nullptr;    // [≤ min(N·K, K·2^τ)] rows with entries
-  Index used_count = 0;
-};
-
-/// Counting sort of the N·K (token, table) pairs by global row k·2^τ + code, stable in the token index.
-/// Every table holds exactly N entries, so table k's rows occupy [k·N, (k+1)·N) and each table is sorted on its
-/// own: threads take groups of tables, with the same result for any thread count (a token-major sort would be
-/// serial).
-inline void sort_contributions(SortedContributions& out, const std::int32_t* codes, const float* scores, Index rows,
-                               Index tables, int tau) {
-  const Index R = Index(1) << tau, total_rows = tables * R;
-  std::int32_t* start = out.start;
-  start[0] = 0;
-  // Threads claim groups of 16 tables one at a time. Each group's codes and scores are copied table-major: the
-  // [N, K] arrays are read once, a line at a time, instead of once per table and pass with a stride of K. The
-  // copies' stride is padded by a line: a power-of-two stride would put all 16 in the same L1 sets.
-  constexpr Index group = 16;
-  parallel_claims((tables + group - 1) / group, [&](WorkQueue& queue) {
-    std::int32_t* cursor = thread_scratch<6, std::int32_t>(size_t(R));
-    const Index stride = (rows + 15) / 16 * 16 + 16;
-    std::int32_t* group_codes = thread_scratch<11, std::int32_t>(size_t(group * stride));
-    float* group_scores = thread_scratch<12, float>(size_t(group * stride));
-    for (Index claimed = queue.claim(); claimed >= 0; claimed = queue.claim()) {
-      const Index g0 = claimed * group, g1 = std::min(tables, g0 + group);
-      for (Index n = 0; n < rows; ++n)
-        for (Index k = g0; k < g1; ++k) {
-          group_codes[(k - g0) * stride + n] = codes[n * tables + k];
-          group_scores[(k - g0) * stride + n] = scores[n * tables + k];
-        }
-      for (Index k = g0; k < g1; ++k) {
-        const std::int32_t* table_codes = group_codes + (k - g0) * stride;
-        const float* table_scores = group_scores + (k - g0) * stride;
-        // Table k writes start[kR + 1 .. (k+1)R] (the ends of its rows); its first row starts at k·N.
-        std::int32_t* ends = start + k * R + 1;
-        std::fill(ends, ends + R, 0);
-        for (Index n = 0; n < rows; ++n) ++ends[table_codes[n]];
-        std::int32_t begin = std::int32_t(k * rows);
-        for (Index r = 0; r < R; ++r) {
-          cursor[r] = begin;
-          begin += ends[r];
-          ends[r] = begin;
-        }
-        for (Index n = 0; n < rows; ++n) {
-          const std::int32_t e = cursor[table_codes[n]]++;
-          out.token[e] = std::int32_t(n);
-          out.score[e] = table_scores[n];
-        }
-        std::fill(out.dot + k * rows, out.dot + (k + 1) * rows, 0.0f);
-      }
-    }
-  });
-  out.used_count = 0;
-  for (Index r = 0; r < total_rows; ++r)
-    if (start[r + 1] != start[r]) out.used[out.used_count++] = std::int32_t(r);
-}
-
-/// Splits the used rows [0, used_count) into `parts` contiguous ranges holding about equal numbers of
-/// contributions; returns where range `part` begins.
-inline Index balanced_row_split(const SortedContributions& sc, Index part, Index parts) {
-  if (part <= 0) return 0;
-  if (part >= parts) return sc.used_count;
-  const std::int64_t total = sc.used_count > 0 ? sc.start[sc.used[sc.used_count - 1] + 1] : 0;
-  const std::int64_t target = total * part / parts;
-  return Index(std::partition_point(sc.used, sc.used + sc.used_count,
-                                    [&](std::int32_t r) { return sc.start[r] < target; }) -
-               sc.used);
-}
 
 #if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
 
