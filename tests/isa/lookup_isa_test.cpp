@@ -218,6 +218,19 @@ TEST(LookupIsa, ForwardIntoStridedOutput) {
   }
 }
 
+TEST(LookupIsa, SortedKernelsOnlyWhereTheirInt32PositionsFit) {
+  // The table-order forward and the sorted backward index the N·K pairs and the K·2^τ + 1 row starts with int32;
+  // beyond that the dispatch takes the loops that do not sort.
+  using mf::detail::contributions_fit_int32;
+  EXPECT_TRUE(contributions_fit_int32(2048, 64, 8));
+  EXPECT_TRUE(contributions_fit_int32(0, 64, 8));
+  EXPECT_TRUE(contributions_fit_int32(std::int64_t(1) << 25, 63, 8));    // 2^31 − 2^25 pairs
+  EXPECT_FALSE(contributions_fit_int32(std::int64_t(1) << 25, 64, 8));   // 2^31 pairs
+  EXPECT_TRUE(contributions_fit_int32(1, (std::int64_t(1) << 21) - 2, 10));
+  EXPECT_FALSE(contributions_fit_int32(1, std::int64_t(1) << 21, 10));   // 2^31 row starts
+  EXPECT_FALSE(contributions_fit_int32(1, 1, 31));
+}
+
 TEST(LookupIsa, PackedStorageEveryPathMatchesItsReference) {
   for (const Shape& s : shapes) {
     const auto layer = make_layer(s, 31);

@@ -145,7 +145,8 @@ void lookup_forward(Isa isa, Scalar* y, Index y_stride, const Scalar* tables, in
         if (rows >= rowmajor_prefill_min_tokens(tau)) {
           rowmajor_prefill<I>(y, y_stride, tables, tau, width, num_tables, codes, scores, bias, rows);
         } else if (rows >= table_order_min_tokens(tau) &&
-                   rows * width <= table_order_max_output_bytes / Index(sizeof(float))) {
+                   rows * width <= table_order_max_output_bytes / Index(sizeof(float)) &&
+                   contributions_fit_int32(rows, num_tables, tau)) {
           rowmajor_table_order<I>(y, y_stride, tables, tau, width, num_tables, codes, scores, bias, rows);
         } else {
           rowmajor_decode<I>(y, y_stride, tables, tau, width, num_tables, codes, scores, bias, rows);
@@ -200,7 +201,7 @@ void lookup_backward(Isa isa, Scalar* dscores, Index ds_stride, const Scalar* dy
   if (rows == 0) return;
   if constexpr (std::is_same_v<Scalar, float>) {
 #if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
-    if (use_fast_kernels<Scalar>(isa)) {
+    if (use_fast_kernels<Scalar>(isa) && contributions_fit_int32(rows, num_tables, tau)) {
       dispatch_simd(isa, [&]<Isa I>() {
         lookup_backward_fast<I>(dscores, ds_stride, dy, dy_stride, tables, dtables, touched, tau, width, num_tables,
                                 codes, scores, rows);

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "../types.hpp"
 #include "parallel.hpp"
@@ -23,6 +24,13 @@ struct SortedContributions {
   std::int32_t* used = nullptr;    // [≤ min(N·K, K·2^τ)] rows with entries
   Index used_count = 0;
 };
+
+/// True when the sort's int32 positions can index all N·K pairs and K·2^τ + 1 row starts; larger calls take the
+/// kernels that do not sort.
+inline bool contributions_fit_int32(Index rows, Index tables, int tau) {
+  constexpr Index limit = std::numeric_limits<std::int32_t>::max();
+  return tau < 31 && tables <= limit / (Index(1) << tau) - 1 && (rows == 0 || tables <= limit / rows);
+}
 
 /// Counting sort of the N·K (token, table) pairs by global row k·2^τ + code, stable in the token index.
 /// Every table holds exactly N entries, so table k's rows occupy [k·N, (k+1)·N) and each table is sorted on its
