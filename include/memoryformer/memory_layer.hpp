@@ -200,8 +200,8 @@ class MemoryLayer {
    * @brief forward_hashed on a chosen kernel path: Isa::Scalar runs the reference kernel; a SIMD path (float only)
    * runs the fast kernels — token-major for few tokens, column-blocked for many, over the packed copy when it is
    * current (from 1.5·2^τ tokens, where FrozenMemoryLayer with both copies switches too), else over panels packed
-   * per thread and call (from 3·2^τ tokens); in between, from max(256, 2^τ/2) tokens, in table order (each used
-   * row of the row-major tables read once, design §1.5).
+   * per thread and call (from 3·2^τ tokens); in between, from max(256, 2^τ/2) tokens and while y fits 8 MB, in
+   * table order (each used row of the row-major tables read once, design §1.5).
    * Every fast path computes each output as the same fused multiply-add chain bias + s_0·T_0 + … + s_{K−1}·T_{K−1},
    * so results are bitwise identical across SIMD paths, token counts and thread counts, and differ from the
    * reference only by FMA rounding (≤ 2(K+1)·2^-24·(|b| + Σ|s_k·T_k|) per element).
