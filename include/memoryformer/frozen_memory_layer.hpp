@@ -27,7 +27,7 @@ enum class FrozenLayout {
  * converted once to a storage type (StorageType::BF16 halves the bytes every lookup reads).
  *
  * forward is const and thread-safe (the hash goes to a caller-owned HashResult). Few tokens (decode) run a
- * token-major kernel; many (prefill: from 2^τ tokens with panels only, 1.5·2^τ with both copies) the
+ * token-major kernel; many (prefill: from 2^τ/2 tokens with panels only, 0.75·2^τ with both copies) the
  * column-blocked one over panels; the row layout alone always runs token-major.
  * Every path gives the same bits, and with F32 storage they equal MemoryLayer<float>::forward's fast path.
  */

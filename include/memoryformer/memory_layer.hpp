@@ -199,7 +199,7 @@ class MemoryLayer {
   /**
    * @brief forward_hashed on a chosen kernel path: Isa::Scalar runs the reference kernel; a SIMD path (float only)
    * runs the fast kernels — token-major for few tokens, column-blocked for many, over the packed copy when it is
-   * current (from 1.5·2^τ tokens, where FrozenMemoryLayer with both copies switches too), else over panels packed
+   * current (from 0.75·2^τ tokens, where FrozenMemoryLayer with both copies switches too), else over panels packed
    * per thread and call (from 3·2^τ tokens); in between, from max(256, 2^τ/2) tokens and while y fits 8 MB, in
    * table order (each used row of the row-major tables read once, design §1.5).
    * Every fast path computes each output as the same fused multiply-add chain bias + s_0·T_0 + … + s_{K−1}·T_{K−1},

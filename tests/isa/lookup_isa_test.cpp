@@ -69,7 +69,8 @@ std::string name(const Shape& s) {
          " N " + std::to_string(s.n) + (s.bias ? " bias" : " no-bias");
 }
 
-// Token counts on both sides of the decode/prefill switches (packed panels from max(32, 2^τ) tokens; row-major
+// Token counts on both sides of the decode/prefill switches (packed panels from max(32, 2^τ/2) tokens, with a row
+// copy or MemoryLayer's packed copy from max(32, 0.75·2^τ); row-major
 // training tables in table order from max(256, 2^τ/2), column-blocked from max(32, 3·2^τ)); widths that are and are
 // not multiples of the 16/32/64-column chunks and of the vector widths.
 const Shape shapes[] = {

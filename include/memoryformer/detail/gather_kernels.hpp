@@ -9,9 +9,9 @@
 //    past; the rows come from DRAM, so the call requests them into L2 as far ahead as a quarter of L2 holds (all of
 //    them at d_out = 512, K = 64).
 //  - prefill (many tokens): column-blocked. Tables are cut into panels of 32 output columns × a group of tables
-//    that fits a quarter of L2; all tokens stream through one panel, 4 tokens at a time, before the next panel is
-//    read, reading each group's plan (chunk offsets and scores) as one contiguous stream and streaming the next
-//    packed panel into L2 meanwhile. Rows are read with plain vector loads, never hardware gathers.
+//    that fits a quarter of L2; each packed panel is first read through once in order (the hardware streams it into
+//    L2), then all tokens go through it, 4 tokens at a time, reading the group's plan (chunk offsets and scores) as
+//    one contiguous stream. Rows are read with plain vector loads, never hardware gathers.
 //  - table order (row-major float32 tables, about 2^τ tokens): every used row read once, in address order, and added
 //    into the output rows of the tokens that selected it (rowmajor_table_order).
 // The panel layout (PanelLayout) is the storage of PackedTables and of MemoryLayer<float>'s packed copy of its
@@ -43,8 +43,8 @@ namespace memoryformer::detail {
 /// Largest number of output columns per panel chunk (4 zmm / 8 ymm of float accumulators per token).
 inline constexpr Index max_chunk_values = 64;
 /// Bytes of one table group of a panel: the L2-resident working set of the prefill loop. A quarter of L2, because
-/// L2 also holds the next panel streaming in, the partial sums [N, cv] and the group's plan; larger groups overflow
-/// L2 into L3 (see docs/performance.md, "What bounds each kernel").
+/// L2 also holds the partial sums [N, cv], the group's plan and the lines of the previous panel not yet evicted;
+/// larger groups measured slower (see docs/performance.md, "What bounds each kernel").
 inline Index panel_budget_bytes() {
   static const Index bytes = std::clamp<Index>(l2_cache_bytes() / 4, Index(128) << 10, Index(1) << 20);
   return bytes;
@@ -113,14 +113,14 @@ struct PanelLayout {
 
 /// Token counts from which the column-blocked prefill loop beats the token-major one. Each token reads 1/2^τ of
 /// the tables, and a prefill call streams all of them, so the switch is a multiple of 2^τ (set by benchmarks at
-/// τ = 8, d_out = 512; the paths give identical bits, so the thresholds only move time):
-///  - pre-packed panels, no row copy (token-major reads scattered 64-byte chunks): from 2^τ tokens;
-///  - panels and a row copy (FrozenLayout::Both; token-major reads whole rows): from 1.5·2^τ;
+/// τ = 8 and 10, d_out = 512; the paths give identical bits, so the thresholds only move time):
+///  - pre-packed panels, no row copy (token-major reads scattered 64-byte chunks): from 2^τ/2 tokens;
+///  - panels and a row copy (FrozenLayout::Both; token-major reads whole rows): from 0.75·2^τ;
 ///  - row-major training tables without MemoryLayer's packed copy (every prefill call repacks all the panels):
 ///    from 3·2^τ. With a current copy MemoryLayer switches like FrozenLayout::Both (its row-major tables are the row
 ///    copy).
-inline Index prefill_min_tokens(int tau) { return std::max<Index>(32, Index(1) << tau); }
-inline Index rows_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau) / 2); }
+inline Index prefill_min_tokens(int tau) { return std::max<Index>(32, (Index(1) << tau) / 2); }
+inline Index rows_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau) / 4); }
 inline Index rowmajor_prefill_min_tokens(int tau) { return std::max<Index>(32, 3 * (Index(1) << tau)); }
 /// From this many tokens (and below rowmajor_prefill_min_tokens) row-major float32 tables are read in table order
 /// (rowmajor_table_order) when the output also fits `table_order_max_output_bytes`; fewer run token-major.
@@ -322,7 +322,7 @@ class DecodeRowRequests {
 
 
 /// Reads [p, p + bytes) once, in order, so that the hardware streams it into L2 at full bandwidth before the
-/// random accesses of the token loop: for a thread's first panel, which no earlier gather loop streamed in.
+/// random accesses of the token loop.
 inline void touch_sequential(const std::byte* p, Index bytes) {
   std::uint64_t sink = 0;
   for (Index i = 0; i < bytes; i += 64) {
@@ -484,12 +484,6 @@ inline void store_chunk(float* out, const typename Lanes<I>::V* acc, Index cols,
   }
 }
 
-/// Bytes [data, data + bytes) to stream into L2 while another panel is being read.
-struct PanelStream {
-  const std::byte* data = nullptr;
-  Index bytes = 0;
-};
-
 /**
  * Prefill inner loop over one panel group: for tokens n in [n0, n1) and tables k in [k0, k0 + kg),
  *   out[n] = (init ? init[n] : bias_chunk) + Σ_k s[n,k] · chunk(n,k),
@@ -500,23 +494,14 @@ struct PanelStream {
 template <Isa I, StorageType S, Index CV>
 void panel_gather(float* out, Index out_stride, Index cols, const float* init, Index init_stride,
                   const float* bias_chunk, const std::byte* group_base, const std::int32_t* off, const float* scores,
-                  Index plan_stride, Index k0, Index kg, Index n0, Index n1, PanelStream next = {},
-                  bool stream_out = false) {
+                  Index plan_stride, Index k0, Index kg, Index n0, Index n1, bool stream_out = false) {
   using L = Lanes<I>;
   using V = typename L::V;
   constexpr Index nv = CV / L::n;
   constexpr int B = tile_tokens<I, CV>;
   const Index k1 = k0 + kg;
-  // The next panel is fetched into L2 a few lines per tile, spread over the whole token loop, so that its stream
-  // from L3 overlaps these gathers instead of stalling the first tiles of the next group.
-  const Index tiles = std::max<Index>(1, (n1 - n0) / B);
-  const Index next_lines = next.bytes / 64;
-  const Index lines_per_tile = (next_lines + tiles - 1) / tiles;
-  Index next_line = 0;
   Index n = n0;
   for (; n + B <= n1; n += B) {
-    for (Index q = 0; q < lines_per_tile && next_line < next_lines; ++q, ++next_line)
-      prefetch_line<PrefetchTo::L2>(next.data + next_line * 64);
     V acc[B][nv];
     for (int b = 0; b < B; ++b) init_chunk<I, CV>(acc[b], init ? init + (n + b) * init_stride : nullptr, bias_chunk);
     const std::int32_t* o = off + n * plan_stride;
@@ -541,13 +526,13 @@ void panel_gather(float* out, Index out_stride, Index cols, const float* init, I
 inline void store_fence() { _mm_sfence(); }
 
 /**
- * Column-blocked forward over all N tokens. `panel_of(cb, g, kg_g)` returns the bytes of panel (cb, group g) —
- * pre-packed storage, or a per-thread buffer it has just packed. Threads claim column blocks one at a time (no
- * reduction).
+ * Column-blocked forward over all N tokens. `panel_of(cb, k0, kg_g)` returns the bytes of the panel of column block
+ * cb and tables [k0, k0 + kg_g), in L2 — pre-packed storage it has just read through, or a per-thread buffer it has
+ * just packed. Threads claim column blocks one at a time (no reduction).
  */
-template <Isa I, StorageType S, Index CV, class PanelOf, class NextOf>
+template <Isa I, StorageType S, Index CV, class PanelOf>
 void prefill_forward(float* y, Index y_stride, const PanelLayout& l, const std::int32_t* codes, const float* scores,
-                     const float* bias, Index rows, PanelOf&& panel_of, NextOf&& next_of) {
+                     const float* bias, Index rows, PanelOf&& panel_of) {
   const Index kg = l.group_tables();
   const Index groups = (l.tables + kg - 1) / kg;
   std::int32_t* plan = thread_scratch<0, std::int32_t>(size_t(rows * l.tables));
@@ -558,35 +543,25 @@ void prefill_forward(float* y, Index y_stride, const PanelLayout& l, const std::
   // after each column block that did this before was slower.
   const bool stream_out =
       (reinterpret_cast<std::uintptr_t>(y) % 64 == 0) && (y_stride * Index(sizeof(float))) % 64 == 0;
-  // Column blocks are claimed one at a time (parallel_claims); the next block is claimed as the last group of the
-  // current one starts, so that its first panel can be streamed in meanwhile.
+  // Column blocks are claimed one at a time (parallel_claims).
   parallel_claims(l.column_blocks, [&](WorkQueue& queue) {
     float* partial = groups > 1 ? thread_scratch<1, float>(size_t(rows * CV)) : nullptr;
     alignas(64) float bias_chunk[max_chunk_values];
-    bool first_block = true;
-    for (Index cb = queue.claim(); cb >= 0;) {
+    for (Index cb = queue.claim(); cb >= 0; cb = queue.claim()) {
       const Index cols = l.block_columns(cb);
       const bool streaming = stream_out && cols == CV;
       std::fill(bias_chunk, bias_chunk + CV, 0.0f);
       if (bias != nullptr) std::copy(bias + cb * CV, bias + cb * CV + cols, bias_chunk);
-      Index next_cb = -1;
       for (Index g = 0; g < groups; ++g) {
         const Index k0 = g * kg, kg_g = std::min(kg, l.tables - k0);
-        const std::byte* panel = panel_of(cb, k0, kg_g, first_block && g == 0);
+        const std::byte* panel = panel_of(cb, k0, kg_g);
         const bool last = g + 1 == groups;
         float* out = last ? y + cb * CV : partial;
         const Index out_stride = last ? y_stride : CV;
-        // The panel read after this one: the next group of this column block, or the next block's first group.
-        if (g + 1 == groups) next_cb = queue.claim();
-        const PanelStream next = g + 1 < groups ? next_of(cb, k0 + kg, std::min(kg, l.tables - k0 - kg))
-                                 : next_cb >= 0  ? next_of(next_cb, Index(0), std::min(kg, l.tables))
-                                                 : PanelStream{};
         panel_gather<I, S, CV>(out, out_stride, last ? cols : CV, g == 0 ? nullptr : partial, CV,
                                bias != nullptr ? bias_chunk : nullptr, panel, plan + k0 * rows,
-                               plan_scores + k0 * rows, kg_g, 0, kg_g, 0, rows, next, last && streaming);
+                               plan_scores + k0 * rows, kg_g, 0, kg_g, 0, rows, last && streaming);
       }
-      cb = next_cb;
-      first_block = false;
     }
     if (stream_out) store_fence();  // each thread orders its own non-temporal stores before the region ends
   });
@@ -609,13 +584,13 @@ void packed_prefill(float* y, Index y_stride, const PanelLayout& l, const std::b
     else
     prefill_forward<I, S, decltype(cv)::value>(
         y, y_stride, l, codes, scores, bias, rows,
-        [&](Index cb, Index k0, Index kg_g, bool first) -> const std::byte* {
+        [&](Index cb, Index k0, Index kg_g) -> const std::byte* {
+          // One sequential read of the whole panel before its gathers, at the rate the hardware prefetchers stream:
+          // software prefetches of the next panel spread over these gathers, one line at a time, fetched it more
+          // slowly than this and took load slots from the gathers.
           const std::byte* p = data + cb * l.cb_stride + k0 * l.table_stride;
-          if (first) touch_sequential(p, kg_g * l.table_stride);  // the later panels are streamed in by the gathers
+          touch_sequential(p, kg_g * l.table_stride);
           return p;
-        },
-        [&](Index cb, Index k0, Index kg_g) {
-          return PanelStream{data + cb * l.cb_stride + k0 * l.table_stride, kg_g * l.table_stride};
         });
   });
 }
@@ -631,14 +606,11 @@ void rowmajor_prefill(float* y, Index y_stride, const float* tables, int tau, In
   dispatch_chunk(l.cv, [&](auto cv) {
     prefill_forward<I, StorageType::F32, decltype(cv)::value>(
         y, y_stride, l, codes, scores, bias, rows,
-        [&](Index cb, Index k0, Index kg_g, bool) -> const std::byte* {
+        [&](Index cb, Index k0, Index kg_g) -> const std::byte* {
           std::byte* buffer = thread_scratch<2, std::byte>(size_t(kg_g * l.table_stride));
           pack_panel_f32(buffer, l, tables, width, cb, k0, kg_g);
           return buffer;
-        },
-        // No stream-ahead here: prefetching the next panel's 128-byte pieces of 2 KB rows costs more than it saves:
-        // pieces a row apart fall into few L2 sets and evict the panel being read.
-        [](Index, Index, Index) { return PanelStream{}; });
+        });
   });
 }
 
