@@ -242,6 +242,51 @@ struct AttentionTileScratch {
   Matrix<Scalar> scores;  // [tile, tile] S, then P in place
 };
 
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+MEMORYFORMER_SIMD_WARNINGS_BEGIN
+/// The online-softmax step of attend_key_range for one tile on a vector path: for every row i of S [rows, cols]
+/// (leading dimension ld) with valid(i) keys unmasked, m' = max(m, scale·max_j S), P = exp(scale·S − m') in place
+/// (zero past valid(i)), l ← l·exp(m − m') + Σ_j P, acc ← acc·exp(m − m'), m ← m'. Whole vectors of each row are
+/// reduced in registers; a row whose maximum did not grow is not rescaled (its factor would be exactly 1).
+template <Isa I, class Valid>
+void online_softmax_tile(OnlineSoftmax<float>& state, float* S, Index ld, Index rows, Index cols, float scale,
+                         Valid&& valid_of) {
+  using O = VectorOps<I>;
+  constexpr float none = -std::numeric_limits<float>::infinity();
+  const Index dh = state.acc.cols();
+  for (Index i = 0; i < rows; ++i) {
+    float* row = S + i * ld;
+    const Index valid = valid_of(i);
+    if (valid == 0) {
+      std::fill(row, row + cols, 0.0f);
+      continue;
+    }
+    Index j = 0;
+    auto vmax = O::set1(none);
+    for (; j + O::n <= valid; j += O::n) vmax = O::max(vmax, O::load(row + j));
+    float largest = O::lane_max(vmax);
+    for (; j < valid; ++j) largest = std::max(largest, row[j]);
+    const float m_old = state.m(i), m_new = std::max(m_old, largest * scale);
+    exp_shifted_row<I>(row, row, valid, scale, m_new);
+    std::fill(row + valid, row + cols, 0.0f);
+    auto vsum = O::zero();
+    for (j = 0; j + O::n <= valid; j += O::n) vsum = O::add(vsum, O::load(row + j));
+    float sum = O::lane_sum(vsum);
+    for (; j < valid; ++j) sum += row[j];
+    if (m_old != none && m_new != m_old) {
+      const float alpha = std::exp(m_old - m_new);  // one per row and tile: std::exp on every path
+      state.l(i) *= alpha;
+      float* acc = state.acc.data() + i * dh;
+      const auto va = O::set1(alpha);
+      for (Index c = 0; c < dh; c += O::n) O::store(acc + c, O::mul(va, O::load(acc + c)));
+    }
+    state.l(i) += sum;
+    state.m(i) = m_new;
+  }
+}
+MEMORYFORMER_SIMD_WARNINGS_END
+#endif
+
 /// Folds keys [k_begin, k_end) of one head into `state` for the query rows Q (query row i at position
 /// q_position + i, which attends keys at positions ≤ q_position + i); K and V hold that head's keys and values at
 /// positions 0 … (row index). Per key tile: S = Q Kᵀ, m' = max(m, scale·max_j S), P = exp(scale·S − m'),
@@ -270,9 +315,20 @@ void attend_key_range(OnlineSoftmax<Scalar>& state, AttentionTileScratch<Scalar>
     } else {
       S.noalias() = Q * K.middleRows(k0, cols).transpose();
     }
+    // Keys k0 … k0 + valid(i) − 1 are at or before query i's position: the causal mask of this tile, row by row.
+    auto valid_of = [&](Index i) { return std::clamp<Index>(q_position + i - k0 + 1, 0, cols); };
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+    if constexpr (attention_vector_path_compiled<I, Scalar>()) {
+      if (vector_path) {
+        online_softmax_tile<I>(state, S.data(), attention_tile, rows, cols, scale, valid_of);
+        tile_product<I>(state.acc.data(), dh, S.data(), attention_tile, 1, V.data() + k0 * V.outerStride(),
+                        V.outerStride(), rows, dh, cols, true);
+        continue;
+      }
+    }
+#endif
     for (Index i = 0; i < rows; ++i) {
-      // Keys k0 … k0 + valid − 1 are at or before the query's position: the causal mask of this tile, row by row.
-      const Index valid = std::clamp<Index>(q_position + i - k0 + 1, 0, cols);
+      const Index valid = valid_of(i);
       Scalar* row = S.row(i).data();
       if (valid == 0) {
         S.row(i).setZero();
@@ -289,15 +345,7 @@ void attend_key_range(OnlineSoftmax<Scalar>& state, AttentionTileScratch<Scalar>
       state.l(i) += S.row(i).head(valid).sum();
       state.m(i) = m_new;
     }
-    if (vector_path) {
-#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
-      if constexpr (attention_vector_path_compiled<I, Scalar>())
-        tile_product<I>(state.acc.data(), dh, S.data(), attention_tile, 1, V.data() + k0 * V.outerStride(),
-                        V.outerStride(), rows, dh, cols, true);
-#endif
-    } else {
-      state.acc.noalias() += S * V.middleRows(k0, cols);
-    }
+    state.acc.noalias() += S * V.middleRows(k0, cols);
   }
 }
 
