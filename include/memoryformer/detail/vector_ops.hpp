@@ -41,6 +41,10 @@ struct VectorOps<Isa::Avx512> {
   static V abs(V a) { return _mm512_abs_ps(a); }
   /// Whether a ≤ b in every lane (false for a lane holding a NaN).
   static bool all_less_equal(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ) == 0xFFFF; }
+  /// Per lane: a < b ? if_less : otherwise (false for a NaN lane).
+  static V select_if_less(V a, V b, V if_less, V otherwise) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), otherwise, if_less);
+  }
   /// +1, −1 or 0 by the sign of z (0 for ±0 and NaN).
   static V sign(V z) {
     const V one = set1(1.0f);
@@ -98,6 +102,10 @@ struct VectorOps<Isa::Avx2> {
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
   static V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static bool all_less_equal(V a, V b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_LE_OQ)) == 0xFF; }
+  /// Per lane: a < b ? if_less : otherwise (false for a NaN lane).
+  static V select_if_less(V a, V b, V if_less, V otherwise) {
+    return _mm256_blendv_ps(otherwise, if_less, _mm256_cmp_ps(a, b, _CMP_LT_OQ));
+  }
   static V sign(V z) {
     const V one = set1(1.0f);
     return sub(_mm256_and_ps(_mm256_cmp_ps(z, zero(), _CMP_GT_OQ), one),

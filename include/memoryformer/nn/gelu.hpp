@@ -1,13 +1,17 @@
 // SPDX-License-Identifier: MIT
-// Exact (erf-form) GeLU, 0.5·x·(1 + erf(x/√2)), forward and backward as free functions (design §2, optional GeLU).
+// Exact (erf-form) GeLU, 0.5·x·(1 + erf(x/√2)), forward and backward as free functions (design §2, optional GeLU):
+// double through std::erf, float through detail/gelu_kernels.hpp (vectorised, relative error a few 1e-7).
 #pragma once
 
 #include <cmath>
 #include <concepts>
 #include <numbers>
+#include <type_traits>
 
 #include "../detail/checks.hpp"
+#include "../detail/gelu_kernels.hpp"
 #include "../detail/row_parallel.hpp"
+#include "../detail/simd.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 
@@ -25,6 +29,14 @@ template <class XDerived>
 void gelu_forward(MatrixRef<typename XDerived::Scalar> y, const Eigen::MatrixBase<XDerived>& x) {
   using Scalar = typename XDerived::Scalar;
   detail::check_shape("gelu_forward", "y", y.rows(), y.cols(), x.rows(), x.cols());
+  if constexpr (std::is_same_v<Scalar, float>) {
+    const ConstMatrixRef<float> xr(x);  // x's rows in place when they are contiguous, else a copy
+    detail::parallel_rows(xr.rows(), detail::min_rows_per_thread(xr.cols()) / 4 + 1, [&](Index r0, Index r1) {
+      for (Index i = r0; i < r1; ++i)
+        detail::gelu_forward_row<best_isa()>(y.row(i).data(), xr.row(i).data(), xr.cols());
+    });
+    return;
+  }
   const Scalar inv_sqrt2 = Scalar(1) / std::numbers::sqrt2_v<Scalar>;
   detail::parallel_rows(x.rows(), detail::min_rows_per_thread(x.cols()) / 4 + 1, [&](Index r0, Index r1) {
     for (Index i = r0; i < r1; ++i)
@@ -50,6 +62,14 @@ void gelu_backward(MatrixRef<typename XDerived::Scalar> dx, const Eigen::MatrixB
   using Scalar = typename XDerived::Scalar;
   detail::check_shape("gelu_backward", "dy", dy.rows(), dy.cols(), x.rows(), x.cols());
   detail::check_shape("gelu_backward", "dx", dx.rows(), dx.cols(), x.rows(), x.cols());
+  if constexpr (std::is_same_v<Scalar, float>) {
+    const ConstMatrixRef<float> xr(x), dyr(dy);  // in place when their rows are contiguous, else copies
+    detail::parallel_rows(xr.rows(), detail::min_rows_per_thread(xr.cols()) / 4 + 1, [&](Index r0, Index r1) {
+      for (Index i = r0; i < r1; ++i)
+        detail::gelu_backward_row<best_isa()>(dx.row(i).data(), xr.row(i).data(), dyr.row(i).data(), xr.cols());
+    });
+    return;
+  }
   const Scalar inv_sqrt2 = Scalar(1) / std::numbers::sqrt2_v<Scalar>;
   const Scalar inv_sqrt_2pi = inv_sqrt2 * std::numbers::inv_sqrtpi_v<Scalar>;
   detail::parallel_rows(x.rows(), detail::min_rows_per_thread(x.cols()) / 4 + 1, [&](Index r0, Index r1) {
