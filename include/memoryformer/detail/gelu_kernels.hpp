@@ -117,36 +117,37 @@ MEMORYFORMER_ALWAYS_INLINE typename VectorOps<I>::V normal_pdf(typename VectorOp
 MEMORYFORMER_SIMD_WARNINGS_END
 #endif
 
-/// y[j] = x[j]·Φ(x[j]) for j < n; y may be x.
-template <Isa I>
-void gelu_forward_row(float* y, const float* x, Index n) {
+/// GeLU of a row: forward (Backward = false) out[j] = x[j]·Φ(x[j]); backward out[j] = dy[j]·(Φ(x[j]) + x[j]·φ(x[j]))
+/// for j < n. out may be x or dy.
+template <Isa I, bool Backward>
+void gelu_row(float* out, const float* x, const float* dy, Index n) {
   Index j = 0;
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
   if constexpr (I != Isa::Scalar) {
     using O = VectorOps<I>;
     for (; j + O::n <= n; j += O::n) {
       const auto v = O::load(x + j);
-      O::store(y + j, O::mul(v, normal_cdf<I>(v)));
+      if constexpr (Backward)
+        O::store(out + j, O::mul(O::load(dy + j), O::fmadd(v, normal_pdf<I>(v), normal_cdf<I>(v))));
+      else
+        O::store(out + j, O::mul(v, normal_cdf<I>(v)));
     }
   }
 #endif
-  for (; j < n; ++j) y[j] = x[j] * normal_cdf(x[j]);
+  for (; j < n; ++j)
+    out[j] = Backward ? dy[j] * madd(x[j], normal_pdf(x[j]), normal_cdf(x[j])) : x[j] * normal_cdf(x[j]);
+}
+
+/// y[j] = x[j]·Φ(x[j]) for j < n; y may be x.
+template <Isa I>
+void gelu_forward_row(float* y, const float* x, Index n) {
+  gelu_row<I, false>(y, x, nullptr, n);
 }
 
 /// dx[j] = dy[j]·(Φ(x[j]) + x[j]·φ(x[j])) for j < n; dx may be x or dy.
 template <Isa I>
 void gelu_backward_row(float* dx, const float* x, const float* dy, Index n) {
-  Index j = 0;
-#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
-  if constexpr (I != Isa::Scalar) {
-    using O = VectorOps<I>;
-    for (; j + O::n <= n; j += O::n) {
-      const auto v = O::load(x + j);
-      O::store(dx + j, O::mul(O::load(dy + j), O::fmadd(v, normal_pdf<I>(v), normal_cdf<I>(v))));
-    }
-  }
-#endif
-  for (; j < n; ++j) dx[j] = dy[j] * madd(x[j], normal_pdf(x[j]), normal_cdf(x[j]));
+  gelu_row<I, true>(dx, x, dy, n);
 }
 
 }  // namespace memoryformer::detail
