@@ -43,35 +43,23 @@ inline constexpr Index attention_backward_rows = 256;
 /// the merge order, and therefore the bits, do not depend on the thread count.
 inline constexpr Index attention_decode_key_block = 256;
 
-/// Lower clamp of the float exponent argument: exp(−87) = 2^(−125.5…) keeps fast_exp2_of_product in its domain
-/// [−126, 0]; probabilities smaller than that relative to the row's largest are 0 to float anyway.
-inline constexpr float attention_min_exponent = -87.0f;
-
 /// p[j] = exp(s[j]·scale − shift) for j < n, with s[j]·scale − shift computed by one fused multiply-add. In place
-/// (p == s) is allowed. float: the argument a is clamped to [−87, 0] and exponentiated by fast_exp.hpp's exp2
+/// (p == s) is allowed. float: fast_exp.hpp's exp_clamped (the argument a clamped to [−87, 0], then its exp2:
 /// (relative error ≤ 2^-22 + (2|a| + 1)·2^-24, the second term from rounding a and log2(e) to float; tested in
 /// attention_isa_test), the vector paths bit-identical to the scalar one; double: std::exp.
 template <Isa I, class Scalar>
 inline void exp_shifted_row(Scalar* p, const Scalar* s, Index n, Scalar scale, Scalar shift) {
   if constexpr (std::is_same_v<Scalar, float>) {
-    const float factor = float(exp2_constants::log2e);
     Index j = 0;
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
     if constexpr (I != Isa::Scalar) {
       using O = VectorOps<I>;
-      const auto vscale = O::set1(scale), vshift = O::set1(shift), vfactor = O::set1(factor);
-      const auto lo = O::set1(attention_min_exponent), zero = O::zero();
-      for (; j + O::n <= n; j += O::n) {
-        // max(lo, a) and min(zero, ·) return their second operand for a NaN, so a NaN score stays NaN.
-        const auto a = O::min(zero, O::max(lo, O::fmsub(O::load(s + j), vscale, vshift)));
-        O::store(p + j, fast_exp2_of_product<I>(a, vfactor));
-      }
+      const auto vscale = O::set1(scale), vshift = O::set1(shift);
+      for (; j + O::n <= n; j += O::n)
+        O::store(p + j, exp_clamped<I>(O::fmsub(O::load(s + j), vscale, vshift)));
     }
 #endif
-    for (; j < n; ++j) {
-      const float a = std::min(std::max(madd(s[j], scale, -shift), attention_min_exponent), 0.0f);
-      p[j] = fast_exp2_of_product(a, factor);
-    }
+    for (; j < n; ++j) p[j] = exp_clamped(madd(s[j], scale, -shift));
   } else {
     for (Index j = 0; j < n; ++j) p[j] = std::exp(s[j] * scale - shift);
   }

@@ -15,6 +15,7 @@
 // scalar, AVX2 and AVX-512 versions are the same arithmetic in the same order, so they agree bit for bit.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <cmath>
@@ -130,6 +131,28 @@ MEMORYFORMER_ALWAYS_INLINE typename VectorOps<I>::V fast_exp2_of_product(typenam
   const auto y_bits = O::as_int(y);
   const auto scaled_entry = O::as_float(O::add_int(Exp2Table<I>::entry(y_bits), O::template shift_left<18>(y_bits)));
   return O::fmadd(scaled_entry, q, scaled_entry);
+}
+MEMORYFORMER_SIMD_WARNINGS_END
+#endif
+
+/// Natural exponents are clamped to [min_natural_exponent, 0] before exp_clamped: e^−87 = 2^(−125.5…) keeps
+/// fast_exp2_of_product in its domain [−126, 0], and smaller values are below float's normal range anyway.
+inline constexpr float min_natural_exponent = -87.0f;
+
+/// e^a for a in [min_natural_exponent, 0], the argument clamped into that range first (a NaN stays NaN: std::max
+/// and std::min return their first argument for it).
+inline float exp_clamped(float a) {
+  return fast_exp2_of_product(std::min(std::max(a, min_natural_exponent), 0.0f), float(exp2_constants::log2e));
+}
+
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+MEMORYFORMER_SIMD_WARNINGS_BEGIN
+/// The vector version of exp_clamped (max(lo, a) and min(zero, ·) return their second operand for a NaN lane).
+template <Isa I>
+MEMORYFORMER_ALWAYS_INLINE typename VectorOps<I>::V exp_clamped(typename VectorOps<I>::V a) {
+  using O = VectorOps<I>;
+  return fast_exp2_of_product<I>(O::min(O::zero(), O::max(O::set1(min_natural_exponent), a)),
+                                 O::set1(float(exp2_constants::log2e)));
 }
 MEMORYFORMER_SIMD_WARNINGS_END
 #endif

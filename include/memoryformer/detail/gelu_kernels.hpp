@@ -26,11 +26,8 @@ namespace memoryformer::detail {
 namespace gelu_constants {
 inline constexpr float inv_sqrt2 = float(1.0 / std::numbers::sqrt2);
 inline constexpr float inv_sqrt_2pi = float(std::numbers::inv_sqrtpi / std::numbers::sqrt2);
-inline constexpr float log2e = float(std::numbers::log2e);
 /// Below this |z| the Taylor series of erf, from it the erfc fit.
 inline constexpr float split = 0.5f;
-/// Exponents below this give 0 (e^-87 is near float's smallest normal; fast_exp2 needs its argument ≥ −126).
-inline constexpr float min_exponent = -87.0f;
 /// erf(z) = z·Σ_k taylor[k]·z^(2k), taylor[k] = (2/√π)·(−1)^k / (k!·(2k + 1)).
 inline constexpr std::array<float, 7> taylor = [] {
   std::array<float, 7> c{};
@@ -47,11 +44,8 @@ inline constexpr std::array<float, 10> erfc_fit = {-1.26551223f, 1.00002368f, 0.
                                                    -0.82215223f, 0.17087277f};
 }  // namespace gelu_constants
 
-/// e^a for a ≤ 0 (0 below min_exponent).
-inline float gelu_exp(float a) {
-  using namespace gelu_constants;
-  return a < min_exponent ? 0.0f : fast_exp2_of_product(std::min(a, 0.0f), log2e);
-}
+/// e^a for a ≤ 0, 0 below min_natural_exponent (where exp_clamped would clamp).
+inline float gelu_exp(float a) { return a < min_natural_exponent ? 0.0f : exp_clamped(a); }
 
 /// Φ(x), the normal CDF, in float.
 inline float normal_cdf(float x) {
@@ -82,10 +76,7 @@ MEMORYFORMER_SIMD_WARNINGS_BEGIN
 template <Isa I>
 MEMORYFORMER_ALWAYS_INLINE typename VectorOps<I>::V gelu_exp(typename VectorOps<I>::V a) {
   using O = VectorOps<I>;
-  using namespace gelu_constants;
-  const auto lo = O::set1(min_exponent);
-  const auto e = fast_exp2_of_product<I>(O::max(lo, O::min(O::zero(), a)), O::set1(log2e));
-  return O::select_if_less(a, lo, O::zero(), e);
+  return O::select_if_less(a, O::set1(min_natural_exponent), O::zero(), exp_clamped<I>(a));
 }
 
 /// The vector version of normal_cdf: both branches on every lane, then selected.

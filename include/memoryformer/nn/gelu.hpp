@@ -35,16 +35,16 @@ void gelu_forward(MatrixRef<typename XDerived::Scalar> y, const Eigen::MatrixBas
       for (Index i = r0; i < r1; ++i)
         detail::gelu_forward_row<best_isa()>(y.row(i).data(), xr.row(i).data(), xr.cols());
     });
-    return;
+  } else {
+    const Scalar inv_sqrt2 = Scalar(1) / std::numbers::sqrt2_v<Scalar>;
+    detail::parallel_rows(x.rows(), detail::min_rows_per_thread(x.cols()) / 4 + 1, [&](Index r0, Index r1) {
+      for (Index i = r0; i < r1; ++i)
+        for (Index j = 0; j < x.cols(); ++j) {
+          const Scalar v = x(i, j);
+          y(i, j) = Scalar(0.5) * v * (Scalar(1) + std::erf(v * inv_sqrt2));
+        }
+    });
   }
-  const Scalar inv_sqrt2 = Scalar(1) / std::numbers::sqrt2_v<Scalar>;
-  detail::parallel_rows(x.rows(), detail::min_rows_per_thread(x.cols()) / 4 + 1, [&](Index r0, Index r1) {
-    for (Index i = r0; i < r1; ++i)
-      for (Index j = 0; j < x.cols(); ++j) {
-        const Scalar v = x(i, j);
-        y(i, j) = Scalar(0.5) * v * (Scalar(1) + std::erf(v * inv_sqrt2));
-      }
-  });
 }
 
 /**
@@ -68,19 +68,19 @@ void gelu_backward(MatrixRef<typename XDerived::Scalar> dx, const Eigen::MatrixB
       for (Index i = r0; i < r1; ++i)
         detail::gelu_backward_row<best_isa()>(dx.row(i).data(), xr.row(i).data(), dyr.row(i).data(), xr.cols());
     });
-    return;
+  } else {
+    const Scalar inv_sqrt2 = Scalar(1) / std::numbers::sqrt2_v<Scalar>;
+    const Scalar inv_sqrt_2pi = inv_sqrt2 * std::numbers::inv_sqrtpi_v<Scalar>;
+    detail::parallel_rows(x.rows(), detail::min_rows_per_thread(x.cols()) / 4 + 1, [&](Index r0, Index r1) {
+      for (Index i = r0; i < r1; ++i)
+        for (Index j = 0; j < x.cols(); ++j) {
+          const Scalar v = x(i, j);
+          const Scalar cdf = Scalar(0.5) * (Scalar(1) + std::erf(v * inv_sqrt2));
+          const Scalar pdf = inv_sqrt_2pi * std::exp(Scalar(-0.5) * v * v);
+          dx(i, j) = dy(i, j) * (cdf + v * pdf);
+        }
+    });
   }
-  const Scalar inv_sqrt2 = Scalar(1) / std::numbers::sqrt2_v<Scalar>;
-  const Scalar inv_sqrt_2pi = inv_sqrt2 * std::numbers::inv_sqrtpi_v<Scalar>;
-  detail::parallel_rows(x.rows(), detail::min_rows_per_thread(x.cols()) / 4 + 1, [&](Index r0, Index r1) {
-    for (Index i = r0; i < r1; ++i)
-      for (Index j = 0; j < x.cols(); ++j) {
-        const Scalar v = x(i, j);
-        const Scalar cdf = Scalar(0.5) * (Scalar(1) + std::erf(v * inv_sqrt2));
-        const Scalar pdf = inv_sqrt_2pi * std::exp(Scalar(-0.5) * v * v);
-        dx(i, j) = dy(i, j) * (cdf + v * pdf);
-      }
-  });
 }
 
 }  // namespace memoryformer
