@@ -252,10 +252,11 @@ class MemoryLayer {
     Matrix<Scalar> all_dy;  // [all ranks' rows, d_out]
     detail::all_gather_rows(comm, rows, dy, all_dy);
     Matrix<Scalar> local = Matrix<Scalar>::Zero(rows.total, mine.tables);  // [all ranks' rows, K_own]
-    list_new_rows(mine);
-    detail::lookup_backward(isa, local.data(), local.outerStride(), all_dy.data(), all_dy.outerStride(),
-                            tables_.data(), dtables_.data(), touched_.data(), config_.tau, config_.d_out, mine.tables,
-                            mine.codes.data(), mine.scores.data(), mine.rows);
+    write_table_gradients(mine, [&] {
+      detail::lookup_backward(isa, local.data(), local.outerStride(), all_dy.data(), all_dy.outerStride(),
+                              tables_.data(), dtables_.data(), touched_.data(), config_.tau, config_.d_out,
+                              mine.tables, mine.codes.data(), mine.scores.data(), mine.rows);
+    });
     detail::return_score_gradients(comm, rows, h.tables, local, dscores);
   }
 
@@ -315,10 +316,11 @@ class MemoryLayer {
     if (!column_sums.allFinite()) detail::check_finite("MemoryLayer::backward", "dy", dy.data(), dy.rows(), dy.cols());
     if (config_.bias) dbias_ += column_sums;
     if (sharded()) return backward_sharded(dscores, dy, h, isa);
-    list_new_rows(h);
-    detail::lookup_backward(isa, dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(), tables_.data(),
-                            dtables_.data(), touched_.data(), config_.tau, config_.d_out, h.tables, h.codes.data(),
-                            h.scores.data(), h.rows);
+    write_table_gradients(h, [&] {
+      detail::lookup_backward(isa, dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(), tables_.data(),
+                              dtables_.data(), touched_.data(), config_.tau, config_.d_out, h.tables, h.codes.data(),
+                              h.scores.data(), h.rows);
+    });
   }
 
   /// Clears dtables (only the listed rows: the others are zero already), dbias, the touched-row flags and list.
@@ -439,7 +441,24 @@ class MemoryLayer {
   /// Frees the copy: forward packs per call until pack_tables runs again.
   void release_packed_tables() { packed_ = detail::TableBlock(); }
 
-  /// Flags and lists the rows h will write that are not flagged yet (the kernels then flag them again, harmlessly).
+  /// Runs `write` (the lookup backward of h's pairs) with the rows h writes that were not flagged yet listed and
+  /// flagged detail::fresh_row: their gradients are zero, so the kernel may store rather than add. However `write`
+  /// ends, those rows leave flagged 1, so that a later call adds to whatever they hold.
+  template <class Write>
+  void write_table_gradients(const HashResult<Scalar>& h, Write&& write) {
+    struct FlagListed {
+      MemoryLayer& layer;
+      std::size_t from;  // touched_list_ entries before this call
+      ~FlagListed() {
+        for (std::size_t i = from; i < layer.touched_list_.size(); ++i)
+          layer.touched_[std::size_t(layer.touched_list_[i])] = 1;
+      }
+    } flag_listed{*this, touched_list_.size()};
+    list_new_rows(h);
+    write();
+  }
+
+  /// Flags (detail::fresh_row) and lists the rows h will write that are not flagged yet.
   void list_new_rows(const HashResult<Scalar>& h) {
     const Index per_table = config_.rows_per_table();
     const std::int32_t* codes = h.codes.data();
@@ -447,7 +466,7 @@ class MemoryLayer {
       for (Index k = 0; k < h.tables; ++k) {
         const Index row = k * per_table + codes[n * h.tables + k];
         if (touched_[std::size_t(row)] == 0) {
-          touched_[std::size_t(row)] = 1;
+          touched_[std::size_t(row)] = detail::fresh_row;
           touched_list_.push_back(row);
         }
       }

@@ -384,6 +384,60 @@ TEST(LookupIsa, BackwardEveryPathMatchesReference) {
   }
 }
 
+TEST(LookupIsa, BackwardStoresFreshRowsAndAddsToTouchedOnes) {
+  // The sorted backward stores the gradient of a row untouched since zero_grad() (non-temporal stores when every
+  // row slice starts a 64-byte line: widths 64 and 128 here) and adds to the others (widths 37 and 520: partial
+  // slices). With a first call on x1 and a second on x2, a row of both must hold exactly float(g1 + g2), g1 and g2
+  // its gradients from each call alone (the same sums in the same order); a row of one call only, that call's
+  // gradient; after zero_grad(), the second call alone again.
+  const auto paths = simd_paths();
+  if (paths.empty()) GTEST_SKIP() << "no SIMD path in this build";
+  for (const Shape s : {Shape{64, 64, 8, 300, false}, Shape{48, 128, 6, 90, true}, Shape{40, 37, 10, 600, true},
+                        Shape{32, 520, 8, 80, true}}) {
+    const mf::Matrix<float> x1 = random_matrix(s.n, s.d_in, 21), x2 = random_matrix(s.n + 7, s.d_in, 22);
+    const mf::Matrix<float> dy1 = random_matrix(s.n, s.d_out, 23), dy2 = random_matrix(s.n + 7, s.d_out, 24);
+    for (mf::Isa isa : paths) {
+      const std::string where = std::string(mf::isa_name(isa)) + " " + name(s);
+      auto layer = make_layer(s, 91);
+      mf::HashResult<float> h1, h2;
+      mf::Matrix<float> y1(x1.rows(), s.d_out), y2(x2.rows(), s.d_out);
+      layer.forward(y1, x1, h1, isa);
+      layer.forward(y2, x2, h2, isa);
+      mf::Matrix<float> ds1 = mf::Matrix<float>::Zero(x1.rows(), h1.tables);
+      mf::Matrix<float> ds2 = mf::Matrix<float>::Zero(x2.rows(), h2.tables);
+      layer.backward_hashed(ds1, dy1, h1, isa);
+      const mf::Matrix<float> alone1 = layer.dtables().as_matrix();
+      const std::vector<std::uint8_t> flags1 = layer.touched_rows();
+      layer.zero_grad();
+      ASSERT_TRUE(layer.dtables().as_matrix().isZero(0)) << where;
+      layer.backward_hashed(ds2, dy2, h2, isa);
+      const mf::Matrix<float> alone2 = layer.dtables().as_matrix();
+      const std::vector<std::uint8_t> flags2 = layer.touched_rows();
+      layer.zero_grad();
+      layer.backward_hashed(ds1, dy1, h1, isa);
+      layer.backward_hashed(ds2, dy2, h2, isa);
+      const mf::Matrix<float> both = layer.dtables().as_matrix();
+      mf::Index shared = 0, fresh_in_second = 0;
+      for (mf::Index row = 0; row < both.rows(); ++row) {
+        const bool in1 = flags1[size_t(row)] != 0, in2 = flags2[size_t(row)] != 0;
+        shared += in1 && in2;
+        fresh_in_second += in2 && !in1;
+        ASSERT_EQ(layer.touched_rows()[size_t(row)], (in1 || in2) ? 1 : 0) << where << " flag of row " << row;
+        for (mf::Index o = 0; o < s.d_out; ++o) {
+          const float expected = in1 && in2 ? alone1(row, o) + alone2(row, o) : (in1 ? alone1(row, o) : alone2(row, o));
+          ASSERT_EQ(std::bit_cast<std::uint32_t>(both(row, o)), std::bit_cast<std::uint32_t>(expected))
+              << where << " dT(row " << row << ", " << o << ")";
+        }
+      }
+      ASSERT_GT(shared, 0) << where;  // both kinds of row occur in the second call
+      ASSERT_GT(fresh_in_second, 0) << where;
+      layer.zero_grad();
+      layer.backward_hashed(ds2, dy2, h2, isa);
+      ASSERT_TRUE(layer.dtables().as_matrix() == alone2) << where << " after zero_grad";
+    }
+  }
+}
+
 TEST(LookupIsa, BackwardRejectsNonFiniteGradient) {
   const Shape s{64, 64, 8, 40, true};
   for (mf::Isa isa : simd_paths()) {

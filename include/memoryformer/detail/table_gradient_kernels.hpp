@@ -6,7 +6,8 @@
 // dT once, and ⟨dy[n], T_k[code]⟩ comes from the same row load. Columns are processed in slices of 64 (AVX-512)
 // or 32 (AVX2) so that the slice of dy, packed contiguously per thread, stays in L2 while the rows stream past.
 // Threads split the table rows (disjoint writes); every sum has a fixed order, so the bits do not depend on the
-// thread count.
+// thread count. A row the caller marks fresh (touched value 2: zero since the last zero_grad) is stored, not added
+// to: with whole 64-byte lines it is written with non-temporal stores, so its old zeros are never read from memory.
 #pragma once
 
 #include <algorithm>
@@ -22,6 +23,10 @@
 #include "vector_ops.hpp"
 
 namespace memoryformer::detail {
+
+/// The touched-row value that marks a row as fresh for lookup_backward: its gradient is zero (flagged by the caller
+/// before the call; every written row leaves with the value 1).
+inline constexpr std::uint8_t fresh_row = 2;
 
 #if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
 
@@ -76,10 +81,11 @@ inline constexpr Index gradient_prefetch_entries = 6;
 /// docs/performance-log.md).
 inline constexpr Index gradient_prefetch_rows = 32;
 
-/// One column slice over the used rows sc.used[u0, u1).
+/// One column slice over the used rows sc.used[u0, u1). Fresh rows (touched[r] == fresh_row) are stored instead of
+/// added to, with non-temporal stores when `stream_fresh` (whole slices of 64-byte-aligned rows).
 template <Isa I>
-void gradient_slice(float* dtables, const float* tables, Index width, Index c0, Index cols, const float* dyp,
-                    const SortedContributions& sc, Index u0, Index u1) {
+void gradient_slice(float* dtables, const float* tables, const std::uint8_t* touched, bool stream_fresh, Index width,
+                    Index c0, Index cols, const float* dyp, const SortedContributions& sc, Index u0, Index u1) {
   using L = Lanes<I>;
   using V = typename L::V;
   const Index sc_total = sc.start[sc.used[u1 - 1] + 1];
@@ -93,12 +99,12 @@ void gradient_slice(float* dtables, const float* tables, Index width, Index c0, 
     const Index e0 = sc.start[r], e1 = sc.start[r + 1];
     const float* trow = tables + r * width + c0;
     float* grow = dtables + r * width + c0;
-    if (u + gradient_prefetch_rows < u1) {  // the rows stream in order: fetch ahead (T read, dT written)
+    const bool fresh = touched[r] == fresh_row;
+    if (u + gradient_prefetch_rows < u1) {  // the rows stream in order: fetch ahead (T read, dT written unless fresh)
       const Index r2 = sc.used[u + gradient_prefetch_rows];
-      const float* t2 = tables + r2 * width + c0;
-      const float* g2 = dtables + r2 * width + c0;
-      prefetch_range<PrefetchTo::L2>(t2, cols * Index(sizeof(float)));
-      prefetch_range<PrefetchTo::L2>(g2, cols * Index(sizeof(float)));
+      const Index bytes = cols * Index(sizeof(float));
+      prefetch_range<PrefetchTo::L2>(tables + r2 * width + c0, bytes);
+      if (touched[r2] != fresh_row) prefetch_range<PrefetchTo::L2>(dtables + r2 * width + c0, bytes);
     }
     V t[nv], acc[nv];
     for (Index j = 0; j < nv; ++j) {
@@ -134,12 +140,16 @@ void gradient_slice(float* dtables, const float* tables, Index width, Index c0, 
         sc.dot[e] += SliceTraits<I>::hsum(L::add(dot0, dot1));
       }
     }
+    // acc is never −0 (a sum that starts at +0), so storing it gives the bits of 0 + acc.
     for (Index j = 0; j < nv; ++j) {
       const Index left = cols - j * L::n;
-      if (full) {
-        L::store(grow + j * L::n, L::add(L::load(grow + j * L::n), acc[j]));
+      if (fresh && full && stream_fresh) {
+        L::stream(grow + j * L::n, acc[j]);
+      } else if (full) {
+        L::store(grow + j * L::n, fresh ? acc[j] : L::add(L::load(grow + j * L::n), acc[j]));
       } else if (left > 0) {
-        L::store_partial(grow + j * L::n, L::add(L::load_partial(grow + j * L::n, left), acc[j]), left);
+        L::store_partial(grow + j * L::n, fresh ? acc[j] : L::add(L::load_partial(grow + j * L::n, left), acc[j]),
+                         left);
       }
     }
   }
@@ -156,8 +166,8 @@ void gradient_slice(float* dtables, const float* tables, Index width, Index c0, 
 }
 
 /**
- * Fast lookup backward over row-major float tables: dtables += row gradients, touched rows flagged,
- * dscores[n,k] += ⟨dy[n], T_k[code]⟩. dbias is not touched (the caller sums dy's columns).
+ * Fast lookup backward over row-major float tables: dtables += row gradients (stored into rows flagged fresh_row),
+ * touched rows flagged 1, dscores[n,k] += ⟨dy[n], T_k[code]⟩. dbias is not touched (the caller sums dy's columns).
  */
 template <Isa I>
 void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Index dy_stride, const float* tables,
@@ -173,6 +183,8 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   sc.dot = thread_scratch<7, float>(size_t(entries));
   sc.used = thread_scratch<9, std::int32_t>(size_t(std::min(entries, total_rows)));
   sort_contributions(sc, codes, scores, rows, num_tables, tau);
+  // Non-temporal stores need every row slice to start a 64-byte line.
+  const bool stream_fresh = reinterpret_cast<std::uintptr_t>(dtables) % 64 == 0 && width % 16 == 0;
   const Index parts = std::max<Index>(1, std::min<Index>(available_threads(), sc.used_count));
   parallel_rows(parts, 1, [&](Index p0, Index p1) {
     const Index u0 = balanced_row_split(sc, p0, parts);
@@ -185,8 +197,9 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
         std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(cols) * sizeof(float));
         if (cols < slice) std::fill(dyp + n * slice + cols, dyp + (n + 1) * slice, 0.0f);
       }
-      gradient_slice<I>(dtables, tables, width, c0, cols, dyp, sc, u0, u1);
+      gradient_slice<I>(dtables, tables, touched, stream_fresh, width, c0, cols, dyp, sc, u0, u1);
     }
+    if (stream_fresh) store_fence();  // each thread orders its own non-temporal stores before the region ends
     for (Index u = u0; u < u1; ++u) {
       const Index r = sc.used[u];
       touched[r] = 1;
