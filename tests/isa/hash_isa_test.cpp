@@ -108,7 +108,7 @@ TEST_P(HashIsaByTau, EveryCompiledPathMatchesScalar) {
   for (mf::Isa isa : {mf::Isa::Avx2, mf::Isa::Avx512}) {
     if (!mf::isa_available(isa)) continue;
     for (bool l1 : {true, false}) {
-      // 37 chunks per row: two blocks of 16 for the transposed AVX-512 path (powers of two τ; on AVX2, τ = 8: four
+      // 37 chunks per row: two blocks of 16 for the transposed AVX-512 path (every τ; on AVX2, τ = 8: four
       // blocks of 8), then a tail of 5 through the per-ISA exponentials and the scalar stage; 23 rows hashed as one
       // long row: 53 blocks (AVX-512: 26 two-block steps and one single block) and a tail of 3.
       constexpr mf::Index chunks = 37;

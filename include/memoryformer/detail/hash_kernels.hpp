@@ -123,8 +123,9 @@ MEMORYFORMER_SIMD_WARNINGS_BEGIN
 /// every chunk of the block. Stage 2 then runs lane-parallel in exactly the scalar order (abs_sum = 0 + |z_0| +
 /// |z_1| + …, denominator grown by fused_grow from 1, one IEEE division), so codes and scores are bit-identical to
 /// the scalar stage given the same exponentials, and the backward uses the scalar formulas in the scalar order.
-/// TransposedBlock<I, Tau> says whether (I, τ) has it and how its blocks are transposed: AVX-512 for τ ∈ {1, 2, 4,
-/// 8, 16} (16 chunks per block), AVX2 for τ = 8 (8 chunks; other τ run the scalar stage there).
+/// TransposedBlock<I, Tau> says whether (I, τ) has it and how its blocks are transposed: AVX-512 for every τ from 1
+/// to 16 (16 chunks per block; powers of two by permutes, the others by gathers and scatters), AVX2 for τ = 8
+/// (8 chunks; other τ run the scalar stage there).
 template <Isa I, int Tau>
 struct TransposedBlock {
   static constexpr bool available = false;
@@ -242,6 +243,31 @@ struct TransposedBlock<Isa::Avx512, Tau> {
   static __m512i to_chunk_order(__m512i v) { return Tau == 8 ? _mm512_permutexvar_epi32(lane_of_chunk8(), v) : v; }
   static __m512 to_chunk_order(__m512 v) { return Tau == 8 ? _mm512_permutexvar_ps(lane_of_chunk8(), v) : v; }
   static __m512 to_lane_order(__m512 v) { return Tau == 8 ? _mm512_permutexvar_ps(chunk_of_lane8(), v) : v; }
+};
+
+/// AVX-512, τ not a power of two (ML2's τ + e = 10 by default): each chunk's τ elements loaded into a row of a
+/// 16×16 matrix (masked loads), transposed in registers (rows j < τ are then element j of the 16 chunks), and back
+/// the same way with masked stores. The lanes are in chunk order. The values are only moved, as by the permutes.
+template <int Tau>
+  requires(Tau >= 3 && Tau <= 16 && (Tau & (Tau - 1)) != 0)
+struct TransposedBlock<Isa::Avx512, Tau> {
+  static constexpr bool available = true;
+  static constexpr __mmask16 chunk_mask = __mmask16((1u << Tau) - 1u);
+  MEMORYFORMER_ALWAYS_INLINE static void load(const float* z, __m512* zt) {
+    __m512 r[16];
+    for (int c = 0; c < 16; ++c) r[c] = _mm512_maskz_loadu_ps(chunk_mask, z + c * Tau);
+    transpose16x16(r);
+    for (int j = 0; j < Tau; ++j) zt[j] = r[j];
+  }
+  MEMORYFORMER_ALWAYS_INLINE static void store(float* z, const __m512* zt) {
+    __m512 r[16];
+    for (int j = 0; j < 16; ++j) r[j] = j < Tau ? zt[j] : _mm512_setzero_ps();
+    transpose16x16(r);
+    for (int c = 0; c < 16; ++c) _mm512_mask_storeu_ps(z + c * Tau, chunk_mask, r[c]);
+  }
+  static __m512i to_chunk_order(__m512i v) { return v; }
+  static __m512 to_chunk_order(__m512 v) { return v; }
+  static __m512 to_lane_order(__m512 v) { return v; }
 };
 #endif
 
