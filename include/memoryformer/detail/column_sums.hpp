@@ -2,16 +2,28 @@
 // Column sums of a row-major matrix (the bias gradients: dbias = Σ_n dy[n]).
 #pragma once
 
+#include <algorithm>
+
 #include "../types.hpp"
+#include "parallel.hpp"
 
 namespace memoryformer::detail {
 
-/// Σ_n m[n, :] as a column vector [cols]. Adds whole rows in order: contiguous and vectorised, where Eigen's
-/// colwise().sum() walks each column of a row-major matrix with a stride.
+/// Σ_n m[n, :] as a column vector [cols]. Adds whole rows (or the threads' column blocks of them) in row order:
+/// contiguous and vectorised, where Eigen's colwise().sum() walks each column of a row-major matrix with a stride.
+/// Every column is one chain of additions in row order, so the bits do not depend on the thread count.
 template <class Scalar>
 Vector<Scalar> column_sums(ConstMatrixRef<Scalar> m) {
   Vector<Scalar> sums = Vector<Scalar>::Zero(m.cols());
-  for (Index n = 0; n < m.rows(); ++n) sums.noalias() += m.row(n).transpose();
+  // Blocks of 64 columns (whole cache lines); a thread is worth starting from about 2^16 values per thread.
+  constexpr Index block = 64, min_values_per_thread = Index(1) << 16;
+  const Index blocks = (m.cols() + block - 1) / block;
+  const Index min_blocks = std::max<Index>(1, min_values_per_thread / std::max<Index>(1, m.rows() * block));
+  parallel_rows(blocks, min_blocks, [&](Index b0, Index b1) {
+    const Index c0 = b0 * block, c1 = std::min(m.cols(), b1 * block);
+    for (Index n = 0; n < m.rows(); ++n)
+      sums.segment(c0, c1 - c0).noalias() += m.row(n).segment(c0, c1 - c0).transpose();
+  });
   return sums;
 }
 
