@@ -124,8 +124,8 @@ MEMORYFORMER_SIMD_WARNINGS_BEGIN
 /// |z_1| + …, denominator grown by fused_grow from 1, one IEEE division), so codes and scores are bit-identical to
 /// the scalar stage given the same exponentials, and the backward uses the scalar formulas in the scalar order.
 /// TransposedBlock<I, Tau> says whether (I, τ) has it and how its blocks are transposed: AVX-512 for every τ from 1
-/// to 16 (16 chunks per block; powers of two by permutes, the others by gathers and scatters), AVX2 for τ = 8
-/// (8 chunks; other τ run the scalar stage there).
+/// to 16 (16 chunks per block; powers of two by permutes, the others by masked loads and stores around a 16×16
+/// register transpose), AVX2 for τ = 8 (8 chunks; other τ run the scalar stage there).
 template <Isa I, int Tau>
 struct TransposedBlock {
   static constexpr bool available = false;
