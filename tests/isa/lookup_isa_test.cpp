@@ -491,6 +491,7 @@ TEST(LookupIsa, ThreadCountDoesNotChangeBits) {
     const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 16);
     const mf::Matrix<float> dy = random_matrix(s.n, s.d_out, 17);
     std::vector<mf::Matrix<float>> ys, dts, dss, packed_ys;
+    std::vector<mf::Vector<float>> dbs;  // dbias: column sums split by column blocks over the threads
     const int saved = omp_get_max_threads();
     for (int threads : {1, 2, 3}) {
       omp_set_num_threads(threads);
@@ -503,6 +504,7 @@ TEST(LookupIsa, ThreadCountDoesNotChangeBits) {
       ys.push_back(y);
       dss.push_back(ds);
       dts.push_back(layer.dtables().as_matrix());
+      dbs.push_back(layer.dbias());
       // Packed panels, float32 then bfloat16 (the threads claim the column blocks one at a time: 17 at d_out = 520).
       for (const auto storage : {mf::StorageType::F32, mf::StorageType::BF16}) {
         mf::FrozenMemoryLayer(layer, storage).forward_hashed(y, h);
@@ -514,6 +516,7 @@ TEST(LookupIsa, ThreadCountDoesNotChangeBits) {
       EXPECT_TRUE(ys[i] == ys[0]) << "forward, thread setting " << i;
       EXPECT_TRUE(dss[i] == dss[0]) << "dscores, thread setting " << i;
       EXPECT_TRUE(dts[i] == dts[0]) << "dtables, thread setting " << i;
+      EXPECT_TRUE(dbs[i] == dbs[0]) << "dbias, thread setting " << i;
       EXPECT_TRUE(packed_ys[2 * i] == packed_ys[0]) << "float32 panels, thread setting " << i;
       EXPECT_TRUE(packed_ys[2 * i + 1] == packed_ys[1]) << "bfloat16 panels, thread setting " << i;
     }
