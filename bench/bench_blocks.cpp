@@ -3,8 +3,9 @@
 // stack deep enough that its weights exceed the L3, the attention both blocks share timed alone, and the paired
 // prefill ratio. Names: block/{memoryformer,transformer,attention}/{prefill,decode}/d:…/heads:…/s:… and
 // block/paired/prefill/d:…/heads:…/s:… (counters time_ratio = MemoryFormer / Transformer time, x_transformer its
-// inverse, baseline_ms = Transformer, candidate_ms = MemoryFormer), and block/paired/prefill_packed/… the same with
-// the MemoryFormer block's packed table copy kept current (MemoryLayer::tables_changed).
+// inverse, baseline_ms = Transformer, candidate_ms = MemoryFormer), block/paired/prefill_packed/… the same with
+// the MemoryFormer block's packed table copy kept current (MemoryLayer::tables_changed), and
+// block/paired/prefill_bf16/… with the MemoryFormer block frozen to bf16 panels (inference's default storage).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -12,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include <memoryformer/frozen_memoryformer_block.hpp>
 #include <memoryformer/memoryformer_block.hpp>
 #include <memoryformer/nn/attention.hpp>
 #include <memoryformer/nn/kv_cache.hpp>
@@ -174,6 +176,30 @@ inline void bm_block_prefill_paired(benchmark::State& st, BlockShape s, bool pac
   }
   run_paired(st, true, "x_transformer", [&] { prefill_call(t, s, yt); }, [&] { prefill_call(m, s, ym); });
   if (packed) (void)m.block->parameters();
+  const double x = st.counters["x_transformer"];
+  st.counters["time_ratio"] = x > 0 ? 1.0 / x : 0.0;
+  st.counters["flop_ratio"] = block_flops_paper(true, false, s) / block_flops_paper(false, false, s);
+}
+
+/// bm_block_prefill_paired with the MemoryFormer block frozen to bf16 prefill panels (FrozenMemoryFormerBlock,
+/// StorageType::BF16, FrozenLayout::Panels: what `generate` runs by default), against the same Transformer block.
+inline void bm_block_prefill_paired_bf16(benchmark::State& st, BlockShape s) {
+  using MF = memoryformer::MemoryFormerBlock<float>;
+  using TF = memoryformer::TransformerBlock<float>;
+  init_single_thread();
+  const memoryformer::FrozenMemoryFormerBlock frozen(*prefill_block<MF>(s).block, memoryformer::StorageType::BF16,
+                                                     memoryformer::FrozenLayout::Panels);
+  auto& t = prefill_block<TF>(s);
+  const auto& in = cached_inputs(s.s, s.d, s.d);
+  MatrixF ym(s.s, s.d), yt(s.s, s.d);
+  memoryformer::FrozenMemoryFormerBlock::Scratch scratch;
+  auto frozen_call = [&] {
+    frozen.forward(ym, in.x, 1, s.s, scratch);
+    benchmark::DoNotOptimize(ym.data());
+    benchmark::ClobberMemory();
+  };
+  frozen_call();  // first touch of the scratch
+  run_paired(st, true, "x_transformer", [&] { prefill_call(t, s, yt); }, frozen_call);
   const double x = st.counters["x_transformer"];
   st.counters["time_ratio"] = x > 0 ? 1.0 / x : 0.0;
   st.counters["flop_ratio"] = block_flops_paper(true, false, s) / block_flops_paper(false, false, s);
@@ -370,6 +396,10 @@ std::vector<std::string> register_block_suite(const BlockGrid& g) {
     names.push_back(block_name("paired", "prefill_packed", s));
     common(benchmark::RegisterBenchmark(names.back().c_str(),
                                         [s](benchmark::State& st) { bm_block_prefill_paired(st, s, true); }))
+        ->MinTime(5 * g.min_time);
+    names.push_back(block_name("paired", "prefill_bf16", s));
+    common(benchmark::RegisterBenchmark(names.back().c_str(),
+                                        [s](benchmark::State& st) { bm_block_prefill_paired_bf16(st, s); }))
         ->MinTime(5 * g.min_time);
   }
   // A Transformer decode step through a deep stack takes ~60 ms; 3x the min time gives it a few iterations.

@@ -687,7 +687,8 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
   // ---- prefill
   os << "   Prefill: forward(y, x, batch = 1, seq = s); times in ms per call.\n";
   os << pad("d", 7) << pad("heads", 6) << pad("s", 6) << pad("FLOPr", 7) << pad("FLOPr-a", 8) << pad("MF ms", 9)
-     << pad("TF ms", 9) << pad("ratio", 7) << pad("pair r", 8) << pad("packed r", 9) << pad("attn ms", 9) << pad("attn%MF", 8)
+     << pad("TF ms", 9) << pad("ratio", 7) << pad("pair r", 8) << pad("packed r", 9) << pad("bf16 r", 8)
+     << pad("attn ms", 9) << pad("attn%MF", 8)
      << pad("attn%TF", 8) << pad("rest r", 8) << pad("MF GF/s", 9) << pad("TF GF/s", 9) << pad("MF ns/t", 9)
      << pad("TF ns/t", 9) << pad("build MF/TF s", 15) << "\n";
   for (const auto& s : grid.prefill) {
@@ -696,6 +697,7 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
     const auto* a = find(mfbench::block_name("attention", "prefill", s));
     const auto* p = find(mfbench::block_name("paired", "prefill", s));
     const auto* pp = find(mfbench::block_name("paired", "prefill_packed", s));
+    const auto* pb = find(mfbench::block_name("paired", "prefill_bf16", s));
     const double fm = mfbench::block_flops_paper(true, false, s), ft = mfbench::block_flops_paper(false, false, s);
     const double fm_na = mfbench::block_flops_paper(true, false, s, false);
     const double ft_na = mfbench::block_flops_paper(false, false, s, false);
@@ -703,13 +705,14 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
     const double ratio = mus / tus;
     const double paired = p ? p->median("time_ratio") : kNaN;
     const double paired_packed = pp ? pp->median("time_ratio") : kNaN;
+    const double paired_bf16 = pb ? pb->median("time_ratio") : kNaN;
     // Attention is timed alone on the same shape; block minus attention approximates "everything else".
     const double rest_m = mus - aus, rest_t = tus - aus;
     const double rest_ratio = (rest_m > 0 && rest_t > 0) ? rest_m / rest_t : kNaN;
     os << pad(std::to_string(s.d), 7) << pad(std::to_string(s.heads()), 6) << pad(std::to_string(s.s), 6)
        << pad(fmt("%.3f", fm / ft), 7) << pad(fmt("%.3f", fm_na / ft_na), 8) << pad(num("%.2f", mus / 1e3), 9)
        << pad(num("%.2f", tus / 1e3), 9) << pad(num("%.2f", ratio), 7) << pad(num("%.2f", paired), 8)
-       << pad(num("%.2f", paired_packed), 9)
+       << pad(num("%.2f", paired_packed), 9) << pad(num("%.2f", paired_bf16), 8)
        << pad(num("%.2f", aus / 1e3), 9) << pad(num("%.0f%%", 100 * aus / mus), 8)
        << pad(num("%.0f%%", 100 * aus / tus), 8) << pad(num("%.2f", rest_ratio), 8)
        << pad(num("%.1f", fm / (mus * 1e3)), 9) << pad(num("%.1f", ft / (tus * 1e3)), 9)
@@ -730,7 +733,8 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
           .measured("time_ratio_memoryformer_over_transformer", ratio)
           .measured("rest_time_ratio_memoryformer_over_transformer", rest_ratio)
           .measured("paired_time_ratio_memoryformer_over_transformer", paired)
-          .measured("paired_packed_time_ratio_memoryformer_over_transformer", paired_packed);
+          .measured("paired_packed_time_ratio_memoryformer_over_transformer", paired_packed)
+          .measured("paired_bf16_time_ratio_memoryformer_over_transformer", paired_bf16);
       json.push_back(o);
     }
   }
@@ -738,7 +742,9 @@ void print_block_section(std::ostream& os, const mfbench::BlockGrid& grid,
         "   pair r: the same ratio with both blocks called alternately in one benchmark (block/paired/prefill: median\n"
         "   of the repetitions' time ratios), the figure to quote; packed r: the same with the MemoryFormer block's\n"
         "   packed table copy kept current (tables_changed(), as in training and inference on fixed tables), so its\n"
-        "   calls do not re-pack the tables. attn: attention_forward alone on the same shape\n"
+        "   calls do not re-pack the tables; bf16 r: the same with the MemoryFormer block frozen to bf16 panels\n"
+        "   (FrozenMemoryFormerBlock, the storage `generate` uses by default). attn: attention_forward alone on the\n"
+        "   same shape\n"
         "   (part of both blocks); attn%: its share of each block's time; rest r: (block - attention) time ratio.\n"
         "   GF/s: paper GFLOP per second. ns/t: ns per token. build: seconds to construct the block (not timed).\n\n";
 
