@@ -466,8 +466,8 @@ class MemoryLayer {
       for (Index k = 0; k < h.tables; ++k) {
         const Index row = k * per_table + codes[n * h.tables + k];
         if (touched_[std::size_t(row)] == 0) {
+          touched_list_.push_back(row);  // first, so that a flagged row is always listed (push_back may throw)
           touched_[std::size_t(row)] = detail::fresh_row;
-          touched_list_.push_back(row);
         }
       }
   }

@@ -385,11 +385,12 @@ TEST(LookupIsa, BackwardEveryPathMatchesReference) {
 }
 
 TEST(LookupIsa, BackwardStoresFreshRowsAndAddsToTouchedOnes) {
-  // The sorted backward stores the gradient of a row untouched since zero_grad() (non-temporal stores when every
-  // row slice starts a 64-byte line: widths 64 and 128 here) and adds to the others (widths 37 and 520: partial
-  // slices). With a first call on x1 and a second on x2, a row of both must hold exactly float(g1 + g2), g1 and g2
-  // its gradients from each call alone (the same sums in the same order); a row of one call only, that call's
-  // gradient; after zero_grad(), the second call alone again.
+  // The sorted backward stores the gradient of a row untouched since zero_grad() and adds to the others: with
+  // non-temporal stores where every row slice starts a 64-byte line (widths 64 and 128 here), with ordinary and
+  // masked stores elsewhere (widths 37 and 520: partial slices; 520 also whole slices of rows that are not
+  // line-aligned). With a first call on x1 and a second on x2, a row of both must hold exactly float(g1 + g2), g1
+  // and g2 its gradients from each call alone (the same sums in the same order); a row of one call only, that
+  // call's gradient; after zero_grad(), the second call alone again.
   const auto paths = simd_paths();
   if (paths.empty()) GTEST_SKIP() << "no SIMD path in this build";
   for (const Shape s : {Shape{64, 64, 8, 300, false}, Shape{48, 128, 6, 90, true}, Shape{40, 37, 10, 600, true},

@@ -4,7 +4,7 @@
 // per ISA (the only costly part); (2) per chunk, with τ a compile-time constant so the loop unrolls: code bits,
 // Σ|z| and Π(1 + e_i).
 // Stage 2 is chunk_codes_and_scores, or its lane-parallel copy over VectorOps<I> in the same operation order
-// (TransposedBlock: AVX-512 for powers of two τ, AVX2 for τ = 8), and stage 1 is bit-identical across paths, so
+// (TransposedBlock: AVX-512 for every τ, AVX2 for τ = 8), and stage 1 is bit-identical across paths, so
 // codes and scores are identical on every path.
 #pragma once
 

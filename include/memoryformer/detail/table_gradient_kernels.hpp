@@ -82,7 +82,8 @@ inline constexpr Index gradient_prefetch_entries = 6;
 inline constexpr Index gradient_prefetch_rows = 32;
 
 /// One column slice over the used rows sc.used[u0, u1). Fresh rows (touched[r] == fresh_row) are stored instead of
-/// added to, with non-temporal stores when `stream_fresh` (whole slices of 64-byte-aligned rows).
+/// added to (not read), with non-temporal stores and without a prefetch when `stream_fresh` and the slice is whole
+/// (every slice then covers whole 64-byte lines).
 template <Isa I>
 void gradient_slice(float* dtables, const float* tables, const std::uint8_t* touched, bool stream_fresh, Index width,
                     Index c0, Index cols, const float* dyp, const SortedContributions& sc, Index u0, Index u1) {
@@ -104,7 +105,8 @@ void gradient_slice(float* dtables, const float* tables, const std::uint8_t* tou
       const Index r2 = sc.used[u + gradient_prefetch_rows];
       const Index bytes = cols * Index(sizeof(float));
       prefetch_range<PrefetchTo::L2>(tables + r2 * width + c0, bytes);
-      if (touched[r2] != fresh_row) prefetch_range<PrefetchTo::L2>(dtables + r2 * width + c0, bytes);
+      if (!(stream_fresh && full && touched[r2] == fresh_row))
+        prefetch_range<PrefetchTo::L2>(dtables + r2 * width + c0, bytes);
     }
     V t[nv], acc[nv];
     for (Index j = 0; j < nv; ++j) {
@@ -140,15 +142,15 @@ void gradient_slice(float* dtables, const float* tables, const std::uint8_t* tou
         sc.dot[e] += SliceTraits<I>::hsum(L::add(dot0, dot1));
       }
     }
-    // acc is never −0 (a sum that starts at +0), so storing it gives the bits of 0 + acc.
+    // A fresh row gets +0 + acc, the bits of adding acc to its stored zeros (also when acc is −0 from an underflow).
     for (Index j = 0; j < nv; ++j) {
       const Index left = cols - j * L::n;
       if (fresh && full && stream_fresh) {
-        L::stream(grow + j * L::n, acc[j]);
+        L::stream(grow + j * L::n, L::add(L::zero(), acc[j]));
       } else if (full) {
-        L::store(grow + j * L::n, fresh ? acc[j] : L::add(L::load(grow + j * L::n), acc[j]));
+        L::store(grow + j * L::n, L::add(fresh ? L::zero() : L::load(grow + j * L::n), acc[j]));
       } else if (left > 0) {
-        L::store_partial(grow + j * L::n, fresh ? acc[j] : L::add(L::load_partial(grow + j * L::n, left), acc[j]),
+        L::store_partial(grow + j * L::n, L::add(fresh ? L::zero() : L::load_partial(grow + j * L::n, left), acc[j]),
                          left);
       }
     }
