@@ -442,20 +442,18 @@ class MemoryLayer {
   void release_packed_tables() { packed_ = detail::TableBlock(); }
 
   /// Runs `write` (the lookup backward of h's pairs) with the rows h writes that were not flagged yet listed and
-  /// flagged detail::fresh_row: their gradients are zero, so the kernel may store rather than add. However `write`
-  /// ends, those rows leave flagged 1, so that a later call adds to whatever they hold.
+  /// flagged detail::fresh_row: their gradients are zero, so the kernel may store rather than add. The kernel flags
+  /// every row it writes 1; if `write` throws, the listed rows are flagged 1 here, so a later call adds to them.
   template <class Write>
   void write_table_gradients(const HashResult<Scalar>& h, Write&& write) {
-    struct FlagListed {
-      MemoryLayer& layer;
-      std::size_t from;  // touched_list_ entries before this call
-      ~FlagListed() {
-        for (std::size_t i = from; i < layer.touched_list_.size(); ++i)
-          layer.touched_[std::size_t(layer.touched_list_[i])] = 1;
-      }
-    } flag_listed{*this, touched_list_.size()};
-    list_new_rows(h);
-    write();
+    const std::size_t listed = touched_list_.size();
+    try {
+      list_new_rows(h);
+      write();
+    } catch (...) {
+      for (std::size_t i = listed; i < touched_list_.size(); ++i) touched_[std::size_t(touched_list_[i])] = 1;
+      throw;
+    }
   }
 
   /// Flags (detail::fresh_row) and lists the rows h will write that are not flagged yet.
