@@ -241,8 +241,8 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 /// Times the parts of training steps in the steady state — after `warmup` untimed steps, which fault in the
 /// optimiser state and the scratch buffers — and, inside forward and backward, one block, to show what dominates at
 /// this size. A step is what the Trainer does: zero_grad, forward+loss and backward on each of the `accumulate`
-/// micro-batches, then AdamW::step_fused (norm, clip, update and gradient zeroing) and the re-packing of the tables
-/// prefill copy (TrainerOptions::packed_tables).
+/// micro-batches, then AdamW::step_fused (norm, clip, update and gradient zeroing; the update also refreshes the
+/// tables' prefill copy, TrainerOptions::packed_tables).
 template <class Model>
 void profile(Model& model, const mf::TextDataset& data, const mf::TrainerOptions& options, std::ostream& out) {
   using Clock = std::chrono::steady_clock;
@@ -278,7 +278,7 @@ void profile(Model& model, const mf::TextDataset& data, const mf::TrainerOptions
     const double nm = seconds_since(t);
     t = Clock::now();
     opt.step_fused(1e-3, options.clip_norm);
-    if (options.packed_tables) model.tables_changed();
+    if (options.packed_tables) model.keep_tables_packed();
     const double o = seconds_since(t);
     if (r < warmup) continue;
     t_zero += z / reps;
@@ -313,7 +313,7 @@ void profile(Model& model, const mf::TextDataset& data, const mf::TrainerOptions
                 "  zero_grad      %8.1f ms  (%4.1f%%)\n"
                 "  forward+loss   %8.1f ms  (%4.1f%%)   one block forward  %7.1f ms (x %ld blocks x %ld)\n"
                 "  backward       %8.1f ms  (%4.1f%%)   one block backward %7.1f ms (x %ld blocks x %ld)\n"
-                "  optimizer      %8.1f ms  (%4.1f%%)   norm + clip + AdamW + gradient zeroing (step_fused), table re-pack; its\n"
+                "  optimizer      %8.1f ms  (%4.1f%%)   norm + clip + AdamW + gradient zeroing (step_fused) + packed copy; its\n"
                 "                                          norm pass alone: %.1f ms\n"
                 "  total          %8.1f ms  -> %.0f tokens/s\n",
                 warmup, reps, long(tokens), long(parts), long(micro), long(options.seq), t_zero * 1e3,

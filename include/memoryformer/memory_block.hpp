@@ -160,6 +160,12 @@ class MemoryBlock {
     ml2_.tables_changed();
   }
 
+  /// Re-packs the copy of ML1 or ML2 where it was released (MemoryLayer::keep_tables_packed).
+  void keep_tables_packed() {
+    ml1_.keep_tables_packed();
+    ml2_.keep_tables_packed();
+  }
+
   void zero_grad() {
     ml1_.zero_grad();
     norm_.zero_grad();

@@ -83,9 +83,12 @@ struct MemoryLayerConfig {
  *  - calling one of them is a promise: any later write to the tables, through a reference or view obtained before
  *    or after, is reported by another of these calls before the next forward. A stale copy would give wrong
  *    outputs silently, so a caller that cannot keep the promise simply never calls them.
- * A training loop that keeps its optimiser's views calls tables_changed() once, then after every optimiser step
- * touched_table_rows_changed() (before zero_grad) when the step moved only rows with a gradient (AdamW with
- * SparseUpdate::RowSparse), else tables_changed() (AdamW's default SparseUpdate::Dense moves every row).
+ * The "tables" view of parameters() reports writes by itself: the library's optimisers (AdamW, SGD) call its
+ * ParameterView::values_written after updating a range, which copies that range into a current copy while it is
+ * still in cache. A training loop that keeps such an optimiser's views therefore calls tables_changed() once and
+ * then only keep_tables_packed() after each step (it re-packs a copy that a later parameters() released). A loop
+ * that writes the tables itself reports those writes with table_rows_changed(), touched_table_rows_changed()
+ * (before zero_grad) or tables_changed().
  *
  * **Table parallelism** (design §11.3). Built with a TableSharding, the layer keeps only the tables
  * owned_tables() of this rank, [⌊K·r/R⌋, ⌊K·(r+1)/R⌋), initialised to exactly the values the unsharded layer of the
@@ -350,7 +353,9 @@ class MemoryLayer {
                      config_.d_out,
                      &touched_,
                      &touched_list_,
-                     sharded()});
+                     sharded(),
+                     &MemoryLayer::report_values_written,
+                     this});
     if (config_.bias)
       views.push_back({dot + "bias",
                        {config_.d_out},
@@ -390,6 +395,12 @@ class MemoryLayer {
     if (!packed_current()) return pack_tables(nullptr);
     if constexpr (keeps_packed_copy())
       detail::pack_tables_f32(packed_.data(), packed_layout_, tables_.data(), touched_.data());
+  }
+
+  /// Packs the whole copy when it is released (as tables_changed()); a current copy is left as it is. For a
+  /// training loop whose optimiser reports its writes through the views (see the class comment).
+  void keep_tables_packed() {
+    if (!packed_current()) pack_tables(nullptr);
   }
 
   /// True while a current packed copy is kept (never for double or in builds without SIMD kernels).
@@ -436,6 +447,18 @@ class MemoryLayer {
       detail::pack_tables_f32(packed_.data(), packed_layout_, tables_.data(), row_flags);
     } else {
       (void)row_flags;
+    }
+  }
+  /// The "tables" view's values_written: copies the flat values [begin, end) into the copy while it is current.
+  static void report_values_written(void* layer, std::size_t begin, std::size_t end) {
+    static_cast<MemoryLayer*>(layer)->pack_values(begin, end);
+  }
+  void pack_values(std::size_t begin, std::size_t end) {
+    if constexpr (keeps_packed_copy()) {
+      if (packed_current()) detail::pack_values_f32(packed_.data(), packed_layout_, tables_.data(), begin, end);
+    } else {
+      (void)begin;
+      (void)end;
     }
   }
   /// Frees the copy: forward packs per call until pack_tables runs again.

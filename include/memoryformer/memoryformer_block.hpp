@@ -261,6 +261,14 @@ class MemoryFormerBlock {
     memory_.tables_changed();
   }
 
+  /// Re-packs each Memory Layer's copy where it was released (MemoryLayer::keep_tables_packed).
+  void keep_tables_packed() {
+    q_.keep_tables_packed();
+    k_.keep_tables_packed();
+    v_.keep_tables_packed();
+    memory_.keep_tables_packed();
+  }
+
   void zero_grad() {
     norm1_.zero_grad();
     q_.zero_grad();

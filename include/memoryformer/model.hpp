@@ -415,6 +415,16 @@ class LanguageModel {
       if constexpr (requires { b.tables_changed(); }) b.tables_changed();
   }
 
+  /**
+   * @brief For a training loop whose optimiser reports its writes through the parameter views (AdamW, SGD; see
+   *        ParameterView::values_written), which keeps current copies current: re-packs only the copies that were
+   *        released since (by parameters(), e.g. when a checkpoint was saved). No effect without Memory Layers.
+   */
+  void keep_tables_packed() {
+    for (auto& b : blocks_)
+      if constexpr (requires { b.keep_tables_packed(); }) b.keep_tables_packed();
+  }
+
   /// Clears every parameter gradient (and the touched-row flags of tables and the embedding).
   void zero_grad() {
     embedding_.zero_grad();

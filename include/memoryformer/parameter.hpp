@@ -2,6 +2,7 @@
 // ParameterView: how a layer exposes one parameter tensor and its gradient to optimisers, clipping and checkpoints.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -47,6 +48,12 @@ struct ParameterView {
   /// True when this is one rank's part of a parameter split across the ranks of a table-parallel run (the other
   /// parts live on the other ranks, see TableSharding); false when every rank holds the whole parameter.
   bool sharded = false;
+  /// Optional: called by an optimiser as values_written(values_owner, begin, end) after it wrote value[begin, end),
+  /// so that the owner keeps a copy derived from the values current (a Memory Layer's packed tables) without a pass
+  /// of its own. Ranges are disjoint and may come from several threads at once; the call orders its own stores
+  /// before it returns. nullptr: nothing to report. (A plain function and pointer, so that views stay aggregates.)
+  void (*values_written)(void* owner, std::size_t begin, std::size_t end) = nullptr;
+  void* values_owner = nullptr;  ///< the first argument of values_written
 };
 
 }  // namespace memoryformer

@@ -15,6 +15,8 @@
 
 #include <memoryformer/frozen_memory_layer.hpp>
 #include <memoryformer/memory_layer.hpp>
+#include <memoryformer/optim/adamw.hpp>
+#include <memoryformer/optim/sgd.hpp>
 
 #include "../support/test_helpers.hpp"
 
@@ -249,6 +251,72 @@ TEST(MemoryLayerPacked, IncrementalRepackAfterUpdatesMatchesAFreshLayer) {
 }
 
 // An F32 copy is exact for any value: non-finite table values are packed, not rejected (PackedTables rejects them).
+/// Forward bits of `layer` over its copy against the per-call packing of its tables, for prefill sizes.
+void expect_copy_current(const mf::MemoryLayer<float>& layer, unsigned seed, const std::string& where) {
+  for (mf::Index n : {mf::Index(40), mf::Index(96)}) {
+    const mf::Matrix<float> probe = random_matrix<float>(n, 32, seed + unsigned(n));
+    mf::HashResult<float> h;
+    const mf::Matrix<float> got = layer.forward(probe, h);
+    EXPECT_TRUE(same_bits(got, without_copy(layer).forward(probe, h))) << where << ", N = " << n;
+  }
+}
+
+TEST(MemoryLayerPacked, OptimisersKeepTheCopyCurrentThroughTheViewsAlone) {
+  // The library's optimisers report every range they write (ParameterView::values_written), so after one
+  // tables_changed() nothing else is reported: row-sparse and dense AdamW, fused and not, and SGD.
+  for (int optimiser = 0; optimiser < 4; ++optimiser) {
+    mf::MemoryLayer<float> layer(small_config(), 31);
+    auto views = layer.parameters();
+    mf::AdamWOptions options;
+    options.sparse_update = optimiser == 0 ? mf::SparseUpdate::RowSparse : mf::SparseUpdate::Dense;
+    mf::AdamW<float> adamw(views, options);
+    mf::SGD<float> sgd(views, mf::SGDOptions{0.01});
+    layer.tables_changed();
+    for (int step = 0; step < 4; ++step) {
+      const mf::Matrix<float> x = random_matrix<float>(step % 2 == 0 ? 6 : 64, 32, 500 + unsigned(step));
+      const mf::Matrix<float> dy = random_matrix<float>(x.rows(), 40, 600 + unsigned(step));
+      mf::HashResult<float> h;
+      mf::Matrix<float> y = layer.forward(x, h), dx(x.rows(), 32);
+      layer.backward(dx, x, dy, h);
+      if (optimiser <= 1) {
+        adamw.step_fused(0.05, 1.0);
+      } else if (optimiser == 2) {
+        adamw.step(0.05);
+      } else {
+        sgd.step(0.5);
+      }
+      layer.zero_grad();
+      ASSERT_EQ(layer.packed_tables_current(), fast_kernels());
+      expect_copy_current(layer, 700 + unsigned(step), "optimiser " + std::to_string(optimiser) + ", step " +
+                                                           std::to_string(step));
+    }
+  }
+}
+
+TEST(MemoryLayerPacked, ReportedRangesCutInsideRowsAndColumnBlocksReachTheCopy) {
+  // d_out = 40: a full 32-column block and a partial one; ranges start and end inside rows and blocks.
+  mf::MemoryLayer<float> layer(small_config(), 37);
+  auto views = layer.parameters();
+  layer.tables_changed();
+  const std::span<float> theta = views[0].value;
+  ASSERT_NE(views[0].values_written, nullptr);
+  const std::vector<std::pair<std::size_t, std::size_t>> ranges = {
+      {0, 1}, {5, 37}, {39, 81}, {100, 100}, {117, 2000}, {2000, 2040}, {2047, theta.size()}};
+  float value = 0.25f;
+  for (const auto& [b, e] : ranges) {
+    for (std::size_t i = b; i < e; ++i) theta[i] = (value += 0.125f);
+    views[0].values_written(views[0].values_owner, b, e);
+    expect_copy_current(layer, 800 + unsigned(b), "range [" + std::to_string(b) + ", " + std::to_string(e) + ")");
+  }
+  // A write that is not reported leaves the copy stale: the comparison above would catch a missed range.
+  if (fast_kernels()) {
+    for (float& t : theta) t = -t;
+    const mf::Matrix<float> probe = random_matrix<float>(96, 32, 900);
+    mf::HashResult<float> h;
+    EXPECT_FALSE(same_bits(layer.forward(probe, h), without_copy(layer).forward(probe, h)));
+  }
+}
+
 TEST(MemoryLayerPacked, NonFiniteTableValuesArePackedAsTheyAre) {
   mf::MemoryLayer<float> layer(small_config(), 29);
   const mf::Matrix<float> x = random_matrix<float>(64, 32, 8);

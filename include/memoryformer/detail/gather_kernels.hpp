@@ -276,6 +276,34 @@ inline void pack_tables_f32(std::byte* dst, const PanelLayout& l, const float* t
   });
 }
 
+/// Copies the values [begin, end) of float32 row-major tables [K, 2^τ, width] (flat element indices) into an F32
+/// panel layout at dst: whole column blocks with non-temporal stores, partial ones (a range cut inside a row) with
+/// ordinary ones; the stores are fenced before returning. Ranges of different calls may run on several threads at
+/// once when they are disjoint.
+inline void pack_values_f32(std::byte* dst, const PanelLayout& l, const float* tables, std::size_t begin,
+                            std::size_t end) {
+  const std::size_t width = std::size_t(l.width);
+  bool streamed = false;
+  for (std::size_t i = begin; i < end;) {
+    const std::size_t flat_row = i / width, row_end = std::min(end, (flat_row + 1) * width);
+    const Index k = Index(flat_row) / l.rows, r = Index(flat_row) % l.rows;
+    const Index c0 = Index(i - flat_row * width), c1 = Index(row_end - flat_row * width);
+    const float* src = tables + flat_row * width;
+    for (Index cb = c0 / l.cv; cb < l.column_blocks && cb * l.cv < c1; ++cb) {
+      const Index first = std::max(c0, cb * l.cv), last = std::min(c1, cb * l.cv + l.block_columns(cb));
+      std::byte* out = dst + l.chunk_offset(cb, k, r) + (first - cb * l.cv) * Index(sizeof(float));
+      if (first == cb * l.cv && last == cb * l.cv + l.block_columns(cb)) {
+        copy_floats_streaming(out, src + first, last - first);
+        streamed = true;
+      } else {
+        std::memcpy(out, src + first, size_t(last - first) * sizeof(float));
+      }
+    }
+    i = row_end;
+  }
+  if (streamed) store_fence_if_streamed();
+}
+
 /// Packs the listed rows (flat indices k·2^τ + r, each < K·2^τ, repeats allowed) of float32 row-major tables into
 /// an F32 panel layout at dst, in order on one thread (a list may name a row twice).
 inline void pack_listed_rows_f32(std::byte* dst, const PanelLayout& l, const float* tables, const Index* rows,

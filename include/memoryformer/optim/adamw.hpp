@@ -264,7 +264,9 @@ inline void update(Scalar* theta, Scalar* grad, M* m, M* v, std::size_t n, const
  *
  * **Memory traffic.** Per parameter value visited, step_fused reads θ, g, m, v and writes θ, m, v and g = 0: with
  * float parameters and float moments 16 bytes read + 16 written = 32 bytes (bfloat16 moments: 24); step(lr) does
- * not write g (28 bytes; 20 with bfloat16 moments). The norm pass reads g once more (4 bytes).
+ * not write g (28 bytes; 20 with bfloat16 moments). The norm pass reads g once more (4 bytes). A view with
+ * ParameterView::values_written is told of every range right after its update, while the range is still in cache
+ * (a Memory Layer's packed copy then costs one more write per value instead of a pass of its own).
  *
  * **Threads.** Both passes run on OpenMP threads over pieces of work cut from the parameters alone (never from the
  * thread count); each element's update depends on nothing else and the norm's piece sums are added in piece order,
@@ -561,6 +563,7 @@ class AdamW {
         if (piece.mode == detail::clip::PieceMode::Elements) {
           set_count(c, t);
           update_range(p, s, piece.begin, piece.end, c, zero_grad);
+          if (p.values_written != nullptr) p.values_written(p.values_owner, piece.begin, piece.end);
           continue;
         }
         // Rows with their own counts; the bias corrections are recomputed only when the count changes.
@@ -574,6 +577,8 @@ class AdamW {
             last = tr;
           }
           update_range(p, s, b, e, c, zero_grad);
+          // Reported while the row is still in L1, for the owner's copy.
+          if (p.values_written != nullptr) p.values_written(p.values_owner, b, e);
         });
       }
     });

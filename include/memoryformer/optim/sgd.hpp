@@ -58,6 +58,7 @@ class SGD {
         const double th = double(p.value[i]);
         p.value[i] = Scalar(th - lr * (double(p.grad[i]) + lambda * th));
       }
+      if (p.values_written != nullptr) p.values_written(p.values_owner, 0, p.value.size());
     }
   }
 

@@ -66,9 +66,10 @@ struct TrainerOptions {
   /// the last step, stopping with a DistributedError when they differ (0: only after the last step).
   Index replica_check_every = 100;
   DataParallelOptions data_parallel;  ///< distributed runs: how gradients are summed over the ranks
-  /// Keep a copy of every Memory Layer's tables in the layout their prefill kernel reads, re-packed once after each
-  /// optimiser step (LanguageModel::tables_changed), instead of packing per forward call: the same results, one
-  /// packing per step instead of one per micro-batch and evaluation batch, for the tables' size in memory again.
+  /// Keep a copy of every Memory Layer's tables in the layout their prefill kernel reads, kept current by the
+  /// optimiser's update pass (ParameterView::values_written; LanguageModel::keep_tables_packed re-packs a copy that
+  /// was released), instead of packing per forward call: the same results, no packing pass per step or micro-batch,
+  /// for the tables' size in memory again.
   bool packed_tables = true;
 
   /// @throws ConfigError naming the offending value.
@@ -256,7 +257,7 @@ class Trainer {
     }
     const double lr = learning_rate(step_);
     const double norm = optimizer_.step_fused(lr, options_.clip_norm);
-    if (options_.packed_tables) model_.tables_changed();
+    if (options_.packed_tables) model_.keep_tables_packed();  // the step updated the current copies row by row
     if (!std::isfinite(norm))
       throw NonFiniteError("Trainer::step: the gradient norm is " + std::to_string(norm) + " at step " +
                            std::to_string(step_) + " (try a lower learning rate)");
