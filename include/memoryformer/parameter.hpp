@@ -50,8 +50,9 @@ struct ParameterView {
   bool sharded = false;
   /// Optional: called by an optimiser as values_written(values_owner, begin, end) after it wrote value[begin, end),
   /// so that the owner keeps a copy derived from the values current (a Memory Layer's packed tables) without a pass
-  /// of its own. Ranges are disjoint and may come from several threads at once; the call orders its own stores
-  /// before it returns. nullptr: nothing to report. (A plain function and pointer, so that views stay aggregates.)
+  /// of its own. Ranges are disjoint and may come from several threads at once; the call may leave non-temporal
+  /// stores unordered, since the optimiser fences each calling thread's stores before it returns. nullptr: nothing to
+  /// report. (A plain function and pointer, so that views stay aggregates.)
   void (*values_written)(void* owner, std::size_t begin, std::size_t end) = nullptr;
   void* values_owner = nullptr;  ///< the first argument of values_written
 };

@@ -36,6 +36,7 @@
 #include "scratch.hpp"
 #include "simd.hpp"
 #include "sorted_contributions.hpp"
+#include "streaming_stores.hpp"
 #include "vector_ops.hpp"
 
 namespace memoryformer::detail {
@@ -226,36 +227,6 @@ inline void pack_panel_f32(std::byte* dst, const PanelLayout& l, const float* ta
   }
 }
 
-MEMORYFORMER_SIMD_WARNINGS_BEGIN
-
-/// Copies `count` floats to dst (64-byte aligned) with non-temporal stores where whole 64-byte lines are written, so
-/// that a copy of many megabytes neither reads every destination line first nor evicts the caches' contents; the
-/// caller orders the stores (store_fence_if_streamed) before the data is read.
-inline void copy_floats_streaming(std::byte* dst, const float* src, Index count) {
-#if defined(MEMORYFORMER_HAVE_AVX512)
-  if (count % 16 == 0) {
-    for (Index i = 0; i < count; i += 16)
-      _mm512_stream_ps(reinterpret_cast<float*>(dst) + i, _mm512_loadu_ps(src + i));
-    return;
-  }
-#elif defined(MEMORYFORMER_HAVE_AVX2)
-  if (count % 16 == 0) {
-    for (Index i = 0; i < count; i += 8)
-      _mm256_stream_ps(reinterpret_cast<float*>(dst) + i, _mm256_loadu_ps(src + i));
-    return;
-  }
-#endif
-  std::memcpy(dst, src, size_t(count) * sizeof(float));
-}
-
-/// Orders the non-temporal stores of copy_floats_streaming before any later load or store.
-inline void store_fence_if_streamed() {
-#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
-  _mm_sfence();
-#endif
-}
-
-MEMORYFORMER_SIMD_WARNINGS_END
 
 /// Packs float32 row-major tables [K, 2^τ, width] (contiguous) into a whole F32 panel layout at dst (64-byte
 /// aligned): every row of every table whose flag in `row_flags` (K·2^τ flags, nullptr: all rows) is set. Threads
@@ -278,12 +249,11 @@ inline void pack_tables_f32(std::byte* dst, const PanelLayout& l, const float* t
 
 /// Copies the values [begin, end) of float32 row-major tables [K, 2^τ, width] (flat element indices) into an F32
 /// panel layout at dst: whole column blocks with non-temporal stores, partial ones (a range cut inside a row) with
-/// ordinary ones; the stores are fenced before returning. Ranges of different calls may run on several threads at
-/// once when they are disjoint.
+/// ordinary ones. Ranges of different calls may run on several threads at once when they are disjoint; each thread
+/// orders its stores (store_fence_if_streamed) before the copy is read.
 inline void pack_values_f32(std::byte* dst, const PanelLayout& l, const float* tables, std::size_t begin,
                             std::size_t end) {
   const std::size_t width = std::size_t(l.width);
-  bool streamed = false;
   for (std::size_t i = begin; i < end;) {
     const std::size_t flat_row = i / width, row_end = std::min(end, (flat_row + 1) * width);
     const Index k = Index(flat_row) / l.rows, r = Index(flat_row) % l.rows;
@@ -294,14 +264,12 @@ inline void pack_values_f32(std::byte* dst, const PanelLayout& l, const float* t
       std::byte* out = dst + l.chunk_offset(cb, k, r) + (first - cb * l.cv) * Index(sizeof(float));
       if (first == cb * l.cv && last == cb * l.cv + l.block_columns(cb)) {
         copy_floats_streaming(out, src + first, last - first);
-        streamed = true;
       } else {
         std::memcpy(out, src + first, size_t(last - first) * sizeof(float));
       }
     }
     i = row_end;
   }
-  if (streamed) store_fence_if_streamed();
 }
 
 /// Packs the listed rows (flat indices k·2^τ + r, each < K·2^τ, repeats allowed) of float32 row-major tables into
@@ -550,9 +518,6 @@ void panel_gather(float* out, Index out_stride, Index cols, const float* init, I
   }
 }
 
-/// Orders the streaming stores before any later load or store (they are weakly ordered).
-inline void store_fence() { _mm_sfence(); }
-
 /**
  * Column-blocked forward over all N tokens. `panel_of(cb, k0, kg_g)` returns the bytes of the panel of column block
  * cb and tables [k0, k0 + kg_g), in L2 — pre-packed storage it has just read through, or a per-thread buffer it has
@@ -591,7 +556,7 @@ void prefill_forward(float* y, Index y_stride, const PanelLayout& l, const std::
                                plan_scores + k0 * rows, kg_g, 0, kg_g, 0, rows, last && streaming);
       }
     }
-    if (stream_out) store_fence();  // each thread orders its own non-temporal stores before the region ends
+    if (stream_out) store_fence_if_streamed();  // each thread orders its own non-temporal stores before the region ends
   });
 }
 

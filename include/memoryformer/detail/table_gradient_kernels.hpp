@@ -201,7 +201,7 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
       }
       gradient_slice<I>(dtables, tables, touched, stream_fresh, width, c0, cols, dyp, sc, u0, u1);
     }
-    if (stream_fresh) store_fence();  // each thread orders its own non-temporal stores before the region ends
+    if (stream_fresh) store_fence_if_streamed();  // each thread orders its own non-temporal stores before the region ends
     for (Index u = u0; u < u1; ++u) {
       const Index r = sc.used[u];
       touched[r] = 1;
