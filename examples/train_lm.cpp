@@ -317,7 +317,8 @@ void profile(Model& model, const mf::TextDataset& data, const mf::TrainerOptions
                 "  zero_grad      %8.1f ms  (%4.1f%%)\n"
                 "  forward+loss   %8.1f ms  (%4.1f%%)   one block forward  %7.1f ms (x %ld blocks x %ld)\n"
                 "  backward       %8.1f ms  (%4.1f%%)   one block backward %7.1f ms (x %ld blocks x %ld)\n"
-                "  optimizer      %8.1f ms  (%4.1f%%)   norm + clip + AdamW + gradient zeroing (step_fused) + packed copy; its\n"
+                "  optimizer      %8.1f ms  (%4.1f%%)   norm, clip, AdamW, gradient zeroing, packed copy "
+                "(step_fused); its\n"
                 "                                          norm pass alone: %.1f ms\n"
                 "  total          %8.1f ms  -> %.0f tokens/s\n",
                 warmup, reps, long(tokens), long(parts), long(micro), long(options.seq), t_zero * 1e3,

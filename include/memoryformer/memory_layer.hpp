@@ -20,6 +20,7 @@
 #include "detail/lookup_kernels.hpp"
 #include "detail/memory_layer_checks.hpp"
 #include "detail/scratch.hpp"
+#include "detail/sorted_contributions.hpp"
 #include "detail/table_parallel_exchange.hpp"
 #include "distributed/table_sharding.hpp"
 #include "error.hpp"
@@ -79,10 +80,11 @@ struct MemoryLayerConfig {
  *  - tables_changed(), table_rows_changed() or touched_table_rows_changed() packs it (all rows when there was no
  *    copy) and makes it current — e.g. once after loading trained tables for inference;
  *  - writable access — the non-const tables() or parameters() — releases the copy, and forward packs per call
- *    again until one of those three calls re-packs it;
+ *    again until one of those calls (or keep_tables_packed()) re-packs it;
  *  - calling one of them is a promise: any later write to the tables, through a reference or view obtained before
- *    or after, is reported by another of these calls before the next forward. A stale copy would give wrong
- *    outputs silently, so a caller that cannot keep the promise simply never calls them.
+ *    or after, is reported before the next forward — by another of these calls, or by the "tables" view's
+ *    ParameterView::values_written, through which the library's optimisers report their updates. A stale copy
+ *    would give wrong outputs silently, so a caller that cannot keep the promise simply never calls them.
  * The "tables" view of parameters() reports writes by itself: the library's optimisers (AdamW, SGD) call its
  * ParameterView::values_written after updating a range, which copies that range into a current copy while it is
  * still in cache. A training loop that keeps such an optimiser's views therefore calls tables_changed() once and
@@ -101,6 +103,9 @@ struct MemoryLayerConfig {
  * Sharded calls are collective (see Communicator).
  * @tparam Scalar float or double.
  */
+template <std::floating_point Scalar>
+class MemoryFormerBlock;
+
 template <std::floating_point Scalar>
 class MemoryLayer {
  public:
@@ -309,21 +314,7 @@ class MemoryLayer {
    * @throws ConfigError if `isa` is not compiled in; as backward_hashed otherwise
    */
   void backward_hashed(MatrixRef<Scalar> dscores, ConstMatrixRef<Scalar> dy, const HashResult<Scalar>& h, Isa isa) {
-    check_hash("MemoryLayer::backward_hashed", h);
-    detail::check_shape("MemoryLayer::backward", "dy", dy.rows(), dy.cols(), h.rows, config_.d_out);
-    detail::check_shape("MemoryLayer::backward", "dscores", dscores.rows(), dscores.cols(), h.rows, h.tables);
-    check_isa("MemoryLayer::backward_hashed", isa);
-    // A NaN or ±Inf in dy makes its column sum non-finite, so the element-wise scan (which names the culprit) runs
-    // only when a sum is; a finite dy whose sum overflows passes that scan.
-    const Vector<Scalar> column_sums = detail::column_sums<Scalar>(dy);
-    if (!column_sums.allFinite()) detail::check_finite("MemoryLayer::backward", "dy", dy.data(), dy.rows(), dy.cols());
-    if (config_.bias) dbias_ += column_sums;
-    if (sharded()) return backward_sharded(dscores, dy, h, isa);
-    write_table_gradients(h, [&] {
-      detail::lookup_backward(isa, dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(), tables_.data(),
-                              dtables_.data(), touched_.data(), config_.tau, config_.d_out, h.tables, h.codes.data(),
-                              h.scores.data(), h.rows);
-    });
+    backward_lookup(dscores, dy, h, isa, nullptr);
   }
 
   /// Clears dtables (only the listed rows: the others are zero already), dbias, the touched-row flags and list.
@@ -410,6 +401,42 @@ class MemoryLayer {
   std::size_t packed_table_bytes() const { return packed_.size(); }
 
  private:
+  // MemoryFormerBlock sorts its shared hash once for the backward of Q, K and V (backward_lookup's `presorted`).
+  template <std::floating_point>
+  friend class MemoryFormerBlock;
+
+  /// backward_hashed with a sort of h's pairs that several layers reading h share: the first call with
+  /// `shared->current` false sorts into it (after h is checked), later ones read it; nullptr: the kernel sorts them
+  /// itself. The same bits either way.
+  void backward_lookup(MatrixRef<Scalar> dscores, ConstMatrixRef<Scalar> dy, const HashResult<Scalar>& h, Isa isa,
+                       detail::SortedContributionsBuffer* shared) {
+    check_hash("MemoryLayer::backward_hashed", h);
+    detail::check_shape("MemoryLayer::backward", "dy", dy.rows(), dy.cols(), h.rows, config_.d_out);
+    detail::check_shape("MemoryLayer::backward", "dscores", dscores.rows(), dscores.cols(), h.rows, h.tables);
+    check_isa("MemoryLayer::backward_hashed", isa);
+    // A NaN or ±Inf in dy makes its column sum non-finite, so the element-wise scan (which names the culprit) runs
+    // only when a sum is; a finite dy whose sum overflows passes that scan.
+    const Vector<Scalar> column_sums = detail::column_sums<Scalar>(dy);
+    if (!column_sums.allFinite()) detail::check_finite("MemoryLayer::backward", "dy", dy.data(), dy.rows(), dy.cols());
+    if (config_.bias) dbias_ += column_sums;
+    if (sharded()) return backward_sharded(dscores, dy, h, isa);
+    const detail::SortedContributions* presorted = nullptr;
+    if constexpr (std::is_same_v<Scalar, float>) {
+      if (shared != nullptr && detail::lookup_backward_sorts<Scalar>(isa, h.rows, h.tables, config_.tau)) {
+        if (!shared->current) {
+          shared->sort(h.codes.data(), h.scores.data(), h.rows, h.tables, config_.tau);
+          shared->current = true;
+        }
+        presorted = &shared->sorted;
+      }
+    }
+    write_table_gradients(h, [&] {
+      detail::lookup_backward(isa, dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(), tables_.data(),
+                              dtables_.data(), touched_.data(), config_.tau, config_.d_out, h.tables, h.codes.data(),
+                              h.scores.data(), h.rows, presorted);
+    });
+  }
+
   void check_input(const char* where, ConstMatrixRef<Scalar> x) const {
     detail::check_layer_input<Scalar>(where, config_, x);
   }

@@ -13,6 +13,7 @@
 #include "detail/checks.hpp"
 #include "detail/checked_size.hpp"
 #include "detail/row_parallel.hpp"
+#include "detail/sorted_contributions.hpp"
 #include "error.hpp"
 #include "hash.hpp"
 #include "distributed/table_sharding.hpp"
@@ -200,11 +201,13 @@ class MemoryFormerBlock {
     attention_backward<Scalar>(dq_, dk_, dv_, c.q, c.k, c.v, dctx, c.attention);
     rotary_.backward(dq_, dq_, c.batch, c.seq, 0);
     rotary_.backward(dk_, dk_, c.batch, c.seq, 0);
-    // One hash feeds Q, K and V: their score gradients add up before one pass through the hasher.
+    // One hash feeds Q, K and V: its pairs are sorted by table row once for the three (design §1.6), and their score
+    // gradients add up before one pass through the hasher.
     dscores_.setZero(c.hash.rows, c.hash.tables);
-    q_.backward_hashed(dscores_, dq_, c.hash);
-    k_.backward_hashed(dscores_, dk_, c.hash);
-    v_.backward_hashed(dscores_, dv_, c.hash);
+    qkv_sort_.current = false;
+    q_.backward_lookup(dscores_, dq_, c.hash, best_isa(), &qkv_sort_);
+    k_.backward_lookup(dscores_, dk_, c.hash, best_isa(), &qkv_sort_);
+    v_.backward_lookup(dscores_, dv_, c.hash, best_isa(), &qkv_sort_);
     hasher_.backward(da_, c.a, c.hash, dscores_);
     norm1_.backward(dx, x, da_, c.norm1);
     detail::parallel_add<Scalar>(dx, dh_);
@@ -323,6 +326,7 @@ class MemoryFormerBlock {
   MemoryBlock<Scalar> memory_;            // the FFN replacement
   // Scratch of backward, [B·S, d] each except dscores_ [B·S, K]: kept to avoid reallocating every step.
   Matrix<Scalar> dh_, tmp_, dq_, dk_, dv_, da_, dscores_;
+  detail::SortedContributionsBuffer qkv_sort_;  // the hash's pairs sorted by row, shared by Q, K and V's backward
 };
 
 }  // namespace memoryformer

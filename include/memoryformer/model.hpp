@@ -407,8 +407,9 @@ class LanguageModel {
   /**
    * @brief Reports that any table may have changed: every Memory Layer re-packs the copy of its tables that prefill
    *        reads (MemoryLayer::tables_changed), and keeps it from now on. A promise: every later write to the tables
-   *        (an optimiser step, a load) is reported by another call before the next forward, or the copy is released
-   *        by writable access (parameters(), a layer's tables()). No effect on models without Memory Layers.
+   *        is reported before the next forward (a load by another call; the library's optimisers report their
+   *        updates through the parameter views, ParameterView::values_written), or the copy is released by
+   *        writable access (parameters(), a layer's tables()). No effect on models without Memory Layers.
    */
   void tables_changed() {
     for (auto& b : blocks_)

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "detail/streaming_stores.hpp"
 #include "types.hpp"
 
 namespace memoryformer {
@@ -26,7 +27,8 @@ inline bool decays(ParameterKind kind) { return kind == ParameterKind::Table || 
 
 /**
  * A view of one parameter tensor of a layer and of its gradient buffer (same size). The layer owns the memory;
- * a view stays valid while the layer lives and is not resized.
+ * a view stays valid while the layer lives and is neither resized nor moved (a moved layer's views point into the
+ * moved-from object: take new ones).
  */
 template <class Scalar>
 struct ParameterView {
@@ -50,11 +52,15 @@ struct ParameterView {
   bool sharded = false;
   /// Optional: called by an optimiser as values_written(values_owner, begin, end) after it wrote value[begin, end),
   /// so that the owner keeps a copy derived from the values current (a Memory Layer's packed tables) without a pass
-  /// of its own. Ranges are disjoint and may come from several threads at once; the call may leave non-temporal
-  /// stores unordered, since the optimiser fences each calling thread's stores before it returns. nullptr: nothing to
-  /// report. (A plain function and pointer, so that views stay aggregates.)
+  /// of its own. Ranges are disjoint and may come from several threads at once; a call may leave non-temporal stores
+  /// unordered, so every thread that made calls runs fence_values_written() before the values' copy is read (the
+  /// library's optimisers do). nullptr: nothing to report. (A plain function and pointer: views stay aggregates.)
   void (*values_written)(void* owner, std::size_t begin, std::size_t end) = nullptr;
   void* values_owner = nullptr;  ///< the first argument of values_written
 };
+
+/// Orders the stores that this thread's ParameterView::values_written calls made (they may be non-temporal) before
+/// any later load or store; run it on each calling thread before another thread reads the copies they keep current.
+inline void fence_values_written() { detail::store_fence_if_streamed(); }
 
 }  // namespace memoryformer

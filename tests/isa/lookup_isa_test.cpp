@@ -439,6 +439,41 @@ TEST(LookupIsa, BackwardStoresFreshRowsAndAddsToTouchedOnes) {
   }
 }
 
+TEST(LookupIsa, BackwardOverASharedSortGivesTheSameBits) {
+  // Layers that read one hash (a block's Q, K and V) share one sort of its pairs: the kernel over that sort must
+  // give the bits of the kernel that sorts for itself, also when the sort is read a second time.
+  const auto paths = simd_paths();
+  if (paths.empty()) GTEST_SKIP() << "no SIMD path in this build";
+  for (const Shape& s : shapes) {
+    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 31), dy = random_matrix(s.n, s.d_out, 32);
+    for (mf::Isa isa : paths) {
+      const std::string where = std::string(mf::isa_name(isa)) + " " + name(s);
+      auto layer = make_layer(s, 71);
+      mf::HashResult<float> h;
+      mf::Matrix<float> y(s.n, s.d_out);
+      layer.forward(y, x, h, isa);
+      if (!mf::detail::lookup_backward_sorts<float>(isa, h.rows, h.tables, s.tau)) continue;
+      const mf::Index rows = h.tables * (mf::Index(1) << s.tau), width = s.d_out;
+      std::vector<float> dt_own(size_t(rows * width), 0.0f), dt_shared(dt_own);
+      std::vector<std::uint8_t> flags_own(size_t(rows), 0), flags_shared(flags_own);
+      mf::Matrix<float> ds_own = mf::Matrix<float>::Zero(s.n, h.tables), ds_shared = ds_own;
+      mf::detail::SortedContributionsBuffer sort;
+      sort.sort(h.codes.data(), h.scores.data(), h.rows, h.tables, s.tau);
+      for (int call = 0; call < 2; ++call) {
+        mf::detail::lookup_backward(isa, ds_own.data(), ds_own.outerStride(), dy.data(), dy.outerStride(),
+                                    layer.tables().data(), dt_own.data(), flags_own.data(), s.tau, width, h.tables,
+                                    h.codes.data(), h.scores.data(), h.rows);
+        mf::detail::lookup_backward(isa, ds_shared.data(), ds_shared.outerStride(), dy.data(), dy.outerStride(),
+                                    layer.tables().data(), dt_shared.data(), flags_shared.data(), s.tau, width,
+                                    h.tables, h.codes.data(), h.scores.data(), h.rows, &sort.sorted);
+        ASSERT_TRUE(dt_own == dt_shared) << where << " call " << call;
+        ASSERT_TRUE(flags_own == flags_shared) << where << " call " << call;
+        ASSERT_TRUE(ds_own == ds_shared) << where << " call " << call;
+      }
+    }
+  }
+}
+
 TEST(LookupIsa, BackwardRejectsNonFiniteGradient) {
   const Shape s{64, 64, 8, 40, true};
   for (mf::Isa isa : simd_paths()) {

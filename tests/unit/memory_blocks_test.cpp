@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // MemoryBlock and MemoryFormerBlock: finite-difference gradients of the input and of every parameter (double,
 // bucket flips skipped), KV-cache decoding against the full forward, and bad input.
+#include <algorithm>
 #include <cmath>
 #include <functional>
 
@@ -167,6 +168,30 @@ TEST(MemoryFormerBlock, DecodingWithKVCacheEqualsFullForward) {
     one.setZero();
     EXPECT_THROW(block.forward_decode(out, one, kv), std::length_error);
   }
+}
+
+TEST(MemoryFormerBlock, FloatBackwardAfterAnotherInputEqualsAFreshBlocksBits) {
+  // Q, K and V share one sort of the hash's pairs per backward: a backward on x2 after one on x1 must not reuse x1's
+  // sort. Enough tokens for the sorted SIMD kernels (where the build has them).
+  const mf::MemoryFormerBlockConfig config{.d = 32, .heads = 2, .tau = 4};
+  const mf::Index batch = 2, seq = 40, n = batch * seq;
+  const mf::Matrix<float> x1 = random_matrix<float>(n, 32, 61), x2 = random_matrix<float>(n, 32, 62);
+  const mf::Matrix<float> dy = random_matrix<float>(n, 32, 63);
+  mf::MemoryFormerBlock<float> used(config, 5), fresh(config, 5);
+  mf::MemoryFormerBlockCache<float> c1, c2;
+  mf::Matrix<float> y(n, 32), dx_used(n, 32), dx_fresh(n, 32);
+  used.forward(y, x1, batch, seq, c1);
+  used.backward(dx_used, x1, dy, c1);
+  used.zero_grad();
+  used.forward(y, x2, batch, seq, c2);
+  used.backward(dx_used, x2, dy, c2);
+  fresh.forward(y, x2, batch, seq, c2);
+  fresh.backward(dx_fresh, x2, dy, c2);
+  EXPECT_TRUE(dx_used == dx_fresh);
+  const auto a = used.parameters(), b = fresh.parameters();
+  ASSERT_EQ(a.size(), b.size());
+  for (std::size_t i = 0; i < a.size(); ++i)
+    EXPECT_TRUE(std::equal(a[i].grad.begin(), a[i].grad.end(), b[i].grad.begin())) << a[i].name;
 }
 
 TEST(MemoryFormerBlock, RejectsBadConfigurationsAndShapes) {

@@ -250,7 +250,6 @@ TEST(MemoryLayerPacked, IncrementalRepackAfterUpdatesMatchesAFreshLayer) {
   }
 }
 
-// An F32 copy is exact for any value: non-finite table values are packed, not rejected (PackedTables rejects them).
 /// Forward bits of `layer` over its copy against the per-call packing of its tables, for prefill sizes.
 void expect_copy_current(const mf::MemoryLayer<float>& layer, unsigned seed, const std::string& where) {
   for (mf::Index n : {mf::Index(40), mf::Index(96)}) {
@@ -293,6 +292,26 @@ TEST(MemoryLayerPacked, OptimisersKeepTheCopyCurrentThroughTheViewsAlone) {
   }
 }
 
+TEST(MemoryLayerPacked, KeepTablesPackedRepacksOnlyAReleasedCopy) {
+  mf::MemoryLayer<float> layer(small_config(), 43);
+  auto views = layer.parameters();
+  layer.keep_tables_packed();  // no copy yet: packs one, as tables_changed()
+  EXPECT_EQ(layer.packed_tables_current(), fast_kernels());
+  (void)layer.parameters();  // releases it
+  EXPECT_FALSE(layer.packed_tables_current());
+  for (float& t : views[0].value) t *= 1.5f;
+  layer.keep_tables_packed();
+  ASSERT_EQ(layer.packed_tables_current(), fast_kernels());
+  expect_copy_current(layer, 850, "re-packed after release");
+  if (fast_kernels()) {  // a current copy is left as it is: an unreported write stays unseen (the promise)
+    for (float& t : views[0].value) t = -t;
+    layer.keep_tables_packed();
+    const mf::Matrix<float> probe = random_matrix<float>(96, 32, 860);
+    mf::HashResult<float> h;
+    EXPECT_FALSE(same_bits(layer.forward(probe, h), without_copy(layer).forward(probe, h)));
+  }
+}
+
 TEST(MemoryLayerPacked, ReportedRangesCutInsideRowsAndColumnBlocksReachTheCopy) {
   // d_out = 40: a full 32-column block and a partial one; ranges start and end inside rows and blocks.
   mf::MemoryLayer<float> layer(small_config(), 37);
@@ -306,6 +325,7 @@ TEST(MemoryLayerPacked, ReportedRangesCutInsideRowsAndColumnBlocksReachTheCopy) 
   for (const auto& [b, e] : ranges) {
     for (std::size_t i = b; i < e; ++i) theta[i] = (value += 0.125f);
     views[0].values_written(views[0].values_owner, b, e);
+    mf::fence_values_written();
     expect_copy_current(layer, 800 + unsigned(b), "range [" + std::to_string(b) + ", " + std::to_string(e) + ")");
   }
   // A write that is not reported leaves the copy stale: the comparison above would catch a missed range.
@@ -317,6 +337,7 @@ TEST(MemoryLayerPacked, ReportedRangesCutInsideRowsAndColumnBlocksReachTheCopy) 
   }
 }
 
+// An F32 copy is exact for any value: non-finite table values are packed, not rejected (PackedTables rejects them).
 TEST(MemoryLayerPacked, NonFiniteTableValuesArePackedAsTheyAre) {
   mf::MemoryLayer<float> layer(small_config(), 29);
   const mf::Matrix<float> x = random_matrix<float>(64, 32, 8);
@@ -388,6 +409,42 @@ TEST(MemoryLayerPacked, ResultsAreBitwiseIdenticalForAnyThreadCount) {
   const mf::Matrix<float> one = run(1), two = run(2);
   omp_set_num_threads(threads_before);
   EXPECT_TRUE(same_bits(one, two));
+}
+
+TEST(MemoryLayerPacked, DenseAdamWPiecesCuttingRowsKeepTheCopyCurrentOnAnyThreadCount) {
+  // 49,152 table values: two pieces of the optimiser, the first ending inside a row; d_out = 48 has a whole
+  // 16-column block after the 32-column one. Every thread count gives a current copy and the same values.
+  mf::MemoryLayerConfig config = small_config();
+  config.d_in = 96;
+  config.tau = 6;
+  config.d_out = 48;
+  const int threads_before = omp_get_max_threads();
+  std::vector<std::vector<float>> values;
+  for (int threads : {1, 2, 3}) {
+    omp_set_num_threads(threads);
+    mf::MemoryLayer<float> layer(config, 47);
+    auto views = layer.parameters();
+    ASSERT_GT(views[0].value.size(), std::size_t(1) << 15);
+    mf::AdamW<float> adamw(views);  // SparseUpdate::Dense: element pieces
+    layer.tables_changed();
+    for (int step = 0; step < 3; ++step) {
+      const mf::Matrix<float> x = random_matrix<float>(80, 96, 870 + unsigned(step));
+      const mf::Matrix<float> dy = random_matrix<float>(80, 48, 880 + unsigned(step));
+      mf::HashResult<float> h;
+      mf::Matrix<float> y = layer.forward(x, h), dx(80, 96);
+      layer.backward(dx, x, dy, h);
+      adamw.step_fused(0.05, 1.0);
+      for (mf::Index n : {mf::Index(64), mf::Index(128)}) {
+        const mf::Matrix<float> probe = random_matrix<float>(n, 96, 890 + unsigned(step));
+        mf::HashResult<float> hp;
+        EXPECT_TRUE(same_bits(layer.forward(probe, hp), without_copy(layer).forward(probe, hp)))
+            << threads << " threads, step " << step << ", N = " << n;
+      }
+    }
+    values.emplace_back(views[0].value.begin(), views[0].value.end());
+  }
+  omp_set_num_threads(threads_before);
+  EXPECT_TRUE(values[0] == values[1] && values[0] == values[2]);
 }
 #endif
 

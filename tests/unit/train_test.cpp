@@ -554,7 +554,7 @@ TEST(Trainer, KeptPackedTablesTrainBitForBitAsPerCallPacking) {
   EXPECT_EQ(a.block(0).q().packed_tables_current(), simd);  // the Trainer asked for the copy
   EXPECT_FALSE(b.block(0).q().packed_tables_current());
   for (int i = 0; i < 4; ++i) EXPECT_EQ(kept.step().loss, packing.step().loss) << "step " << i;
-  EXPECT_EQ(a.block(1).memory_block().ml2().packed_tables_current(), simd);  // re-packed after every step
+  EXPECT_EQ(a.block(1).memory_block().ml2().packed_tables_current(), simd);  // kept current by every step
   EXPECT_EQ(kept.evaluate().loss, packing.evaluate().loss);
   EXPECT_EQ(flat_values(a.parameters()), flat_values(b.parameters()));
 }

@@ -248,9 +248,9 @@ inline void pack_tables_f32(std::byte* dst, const PanelLayout& l, const float* t
 }
 
 /// Copies the values [begin, end) of float32 row-major tables [K, 2^τ, width] (flat element indices) into an F32
-/// panel layout at dst: whole column blocks with non-temporal stores, partial ones (a range cut inside a row) with
-/// ordinary ones. Ranges of different calls may run on several threads at once when they are disjoint; each thread
-/// orders its stores (store_fence_if_streamed) before the copy is read.
+/// panel layout at dst: whole column blocks through copy_floats_streaming (non-temporal stores where it can), parts
+/// of a block (a range cut inside a row) with ordinary stores. Disjoint ranges may be copied by several threads at
+/// once; each thread orders its stores (store_fence_if_streamed) before the copy is read.
 inline void pack_values_f32(std::byte* dst, const PanelLayout& l, const float* tables, std::size_t begin,
                             std::size_t end) {
   const std::size_t width = std::size_t(l.width);

@@ -21,6 +21,7 @@
 #include "gather_kernels.hpp"
 #include "parallel.hpp"
 #include "simd.hpp"
+#include "sorted_contributions.hpp"
 #include "table_gradient_kernels.hpp"
 
 namespace memoryformer::detail {
@@ -189,28 +190,41 @@ inline void lookup_forward_packed(Isa isa, float* y, Index y_stride, const Panel
   });
 }
 
+/// True when lookup_backward takes the sorted fast kernel for these sizes (the one that a presorted buffer serves).
+template <class Scalar>
+bool lookup_backward_sorts(Isa isa, Index rows, Index num_tables, int tau) {
+#if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
+  return std::is_same_v<Scalar, float> && use_fast_kernels<Scalar>(isa) && rows > 0 &&
+         contributions_fit_int32(rows, num_tables, tau);
+#else
+  (void)isa, (void)rows, (void)num_tables, (void)tau;
+  return false;
+#endif
+}
+
 /**
  * Backward of the lookup over row-major tables: dtables[row] += Σ s·dy (touched rows flagged) and
  * dscores[n,k] += ⟨dy[n], T_k[code_k]⟩ — the reference kernels on Isa::Scalar or for double, else the sorted fast
- * kernel. dbias is the caller's.
+ * kernel (over `presorted`, the pairs of codes/scores already sorted, when not nullptr). dbias is the caller's.
  */
 template <class Scalar>
 void lookup_backward(Isa isa, Scalar* dscores, Index ds_stride, const Scalar* dy, Index dy_stride, const Scalar* tables,
                      Scalar* dtables, std::uint8_t* touched, int tau, Index width, Index num_tables,
-                     const std::int32_t* codes, const Scalar* scores, Index rows) {
+                     const std::int32_t* codes, const Scalar* scores, Index rows,
+                     const SortedContributions* presorted = nullptr) {
   if (rows == 0) return;
   if constexpr (std::is_same_v<Scalar, float>) {
 #if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
-    if (use_fast_kernels<Scalar>(isa) && contributions_fit_int32(rows, num_tables, tau)) {
+    if (lookup_backward_sorts<Scalar>(isa, rows, num_tables, tau)) {
       dispatch_simd(isa, [&]<Isa I>() {
         lookup_backward_fast<I>(dscores, ds_stride, dy, dy_stride, tables, dtables, touched, tau, width, num_tables,
-                                codes, scores, rows);
+                                codes, scores, rows, presorted);
       });
       return;
     }
 #endif
   }
-  (void)isa;
+  (void)isa, (void)presorted;
   parallel_rows(rows, 16, [&](Index begin, Index end) {
     score_gradient(dscores, ds_stride, dy, dy_stride, tables, tau, width, codes, num_tables, begin, end);
   });

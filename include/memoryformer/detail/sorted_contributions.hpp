@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "../types.hpp"
 #include "parallel.hpp"
@@ -83,6 +84,25 @@ inline void sort_contributions(SortedContributions& out, const std::int32_t* cod
   for (Index r = 0; r < total_rows; ++r)
     if (start[r + 1] != start[r]) out.used[out.used_count++] = std::int32_t(r);
 }
+
+/// One sort in storage of its own (sort_contributions fills `sorted`, whose dot stays nullptr), for a sort that several
+/// lookups of one hash share: the per-thread scratch the backward kernel sorts into is reused by every call.
+struct SortedContributionsBuffer {
+  std::vector<std::int32_t> start, token, used;  // [K·2^τ + 1], [N·K], [≤ min(N·K, K·2^τ)]
+  std::vector<float> score;                      // [N·K]
+  SortedContributions sorted;
+  bool current = false;  // sorted holds the pairs of the hash its users share (they reset it for a new hash)
+
+  void sort(const std::int32_t* codes, const float* scores, Index rows, Index tables, int tau) {
+    const Index total_rows = tables * (Index(1) << tau), entries = rows * tables;
+    start.resize(size_t(total_rows + 1));
+    token.resize(size_t(entries));
+    score.resize(size_t(entries));
+    used.resize(size_t(std::min(entries, total_rows)));
+    sorted = SortedContributions{start.data(), token.data(), score.data(), nullptr, used.data(), 0};
+    sort_contributions(sorted, codes, scores, rows, tables, tau);
+  }
+};
 
 /// Splits the used rows [0, used_count) into `parts` contiguous ranges holding about equal numbers of
 /// contributions; returns where range `part` begins.

@@ -20,6 +20,7 @@
 #include "scratch.hpp"
 #include "simd.hpp"
 #include "sorted_contributions.hpp"
+#include "streaming_stores.hpp"
 #include "vector_ops.hpp"
 
 namespace memoryformer::detail {
@@ -170,21 +171,30 @@ void gradient_slice(float* dtables, const float* tables, const std::uint8_t* tou
 /**
  * Fast lookup backward over row-major float tables: dtables += row gradients (stored into rows flagged fresh_row),
  * touched rows flagged 1, dscores[n,k] += ⟨dy[n], T_k[code]⟩. dbias is not touched (the caller sums dy's columns).
+ * `presorted`: the pairs of codes/scores already sorted (by SortedContributionsBuffer::sort), or nullptr to sort
+ * them here; the result is the same.
  */
 template <Isa I>
 void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Index dy_stride, const float* tables,
                           float* dtables, std::uint8_t* touched, int tau, Index width, Index num_tables,
-                          const std::int32_t* codes, const float* scores, Index rows) {
+                          const std::int32_t* codes, const float* scores, Index rows,
+                          const SortedContributions* presorted) {
   using L = Lanes<I>;
   constexpr Index slice = SliceTraits<I>::vectors * L::n;
   const Index R = Index(1) << tau, total_rows = num_tables * R, entries = rows * num_tables;
   SortedContributions sc;
-  sc.start = thread_scratch<3, std::int32_t>(size_t(total_rows + 1));
-  sc.token = thread_scratch<4, std::int32_t>(size_t(entries));
-  sc.score = thread_scratch<5, float>(size_t(entries));
-  sc.dot = thread_scratch<7, float>(size_t(entries));
-  sc.used = thread_scratch<9, std::int32_t>(size_t(std::min(entries, total_rows)));
-  sort_contributions(sc, codes, scores, rows, num_tables, tau);
+  if (presorted != nullptr) {
+    sc = *presorted;
+    sc.dot = thread_scratch<7, float>(size_t(entries));
+    std::fill(sc.dot, sc.dot + entries, 0.0f);
+  } else {
+    sc.start = thread_scratch<3, std::int32_t>(size_t(total_rows + 1));
+    sc.token = thread_scratch<4, std::int32_t>(size_t(entries));
+    sc.score = thread_scratch<5, float>(size_t(entries));
+    sc.dot = thread_scratch<7, float>(size_t(entries));
+    sc.used = thread_scratch<9, std::int32_t>(size_t(std::min(entries, total_rows)));
+    sort_contributions(sc, codes, scores, rows, num_tables, tau);
+  }
   // Non-temporal stores need every row slice to start a 64-byte line.
   const bool stream_fresh = reinterpret_cast<std::uintptr_t>(dtables) % 64 == 0 && width % 16 == 0;
   const Index parts = std::max<Index>(1, std::min<Index>(available_threads(), sc.used_count));
@@ -201,7 +211,7 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
       }
       gradient_slice<I>(dtables, tables, touched, stream_fresh, width, c0, cols, dyp, sc, u0, u1);
     }
-    if (stream_fresh) store_fence_if_streamed();  // each thread orders its own non-temporal stores before the region ends
+    if (stream_fresh) store_fence_if_streamed();  // each thread orders its own streamed rows before the region ends
     for (Index u = u0; u < u1; ++u) {
       const Index r = sc.used[u];
       touched[r] = 1;

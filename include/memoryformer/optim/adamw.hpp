@@ -22,7 +22,6 @@
 
 #include "../detail/half.hpp"
 #include "../detail/parallel.hpp"
-#include "../detail/streaming_stores.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
 #include "../types.hpp"
@@ -582,7 +581,7 @@ class AdamW {
           if (p.values_written != nullptr) p.values_written(p.values_owner, b, e);
         });
       }
-      detail::store_fence_if_streamed();  // the owners' copies may use non-temporal stores (values_written)
+      fence_values_written();  // once per thread, after its last range
     });
   }
 

@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
-#include "../detail/streaming_stores.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
 #include "../types.hpp"
@@ -60,7 +59,7 @@ class SGD {
         p.value[i] = Scalar(th - lr * (double(p.grad[i]) + lambda * th));
       }
       if (p.values_written != nullptr) p.values_written(p.values_owner, 0, p.value.size());
-      detail::store_fence_if_streamed();  // the owner's copy may use non-temporal stores (values_written)
+      fence_values_written();
     }
   }
 

@@ -69,7 +69,8 @@ struct TrainerOptions {
   /// Keep a copy of every Memory Layer's tables in the layout their prefill kernel reads, kept current by the
   /// optimiser's update pass (ParameterView::values_written; LanguageModel::keep_tables_packed re-packs a copy that
   /// was released), instead of packing per forward call: the same results, no packing pass per step or micro-batch,
-  /// for the tables' size in memory again.
+  /// for the tables' size in memory again. Code that writes the tables between steps other than through the model's
+  /// API (e.g. through the optimiser's views) then calls model().tables_changed().
   bool packed_tables = true;
 
   /// @throws ConfigError naming the offending value.
