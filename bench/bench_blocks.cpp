@@ -158,6 +158,13 @@ inline void bm_block_prefill(benchmark::State& st, BlockShape s) {
                      1.0, 0.0, block_slot(Traits::slot).build_seconds);
 }
 
+/// time_ratio (MemoryFormer / Transformer time, from run_paired's x_transformer) and flop_ratio of a paired block row.
+inline void set_block_ratio_counters(benchmark::State& st, const BlockShape& s) {
+  const double x = st.counters["x_transformer"];
+  st.counters["time_ratio"] = x > 0 ? 1.0 / x : 0.0;
+  st.counters["flop_ratio"] = block_flops_paper(true, false, s) / block_flops_paper(false, false, s);
+}
+
 /// The Transformer block (baseline) and the MemoryFormer block (candidate) prefilling the same sequence
 /// alternately (run_paired), one thread. time_ratio = MemoryFormer time / Transformer time. packed: the MemoryFormer
 /// block's packed table copy is kept current (tables_changed(), as the Trainer keeps it and as inference on fixed
@@ -176,9 +183,7 @@ inline void bm_block_prefill_paired(benchmark::State& st, BlockShape s, bool pac
   }
   run_paired(st, true, "x_transformer", [&] { prefill_call(t, s, yt); }, [&] { prefill_call(m, s, ym); });
   if (packed) (void)m.block->parameters();
-  const double x = st.counters["x_transformer"];
-  st.counters["time_ratio"] = x > 0 ? 1.0 / x : 0.0;
-  st.counters["flop_ratio"] = block_flops_paper(true, false, s) / block_flops_paper(false, false, s);
+  set_block_ratio_counters(st, s);
 }
 
 /// bm_block_prefill_paired with the MemoryFormer block frozen to bf16 prefill panels (FrozenMemoryFormerBlock,
@@ -200,9 +205,7 @@ inline void bm_block_prefill_paired_bf16(benchmark::State& st, BlockShape s) {
   };
   frozen_call();  // first touch of the scratch
   run_paired(st, true, "x_transformer", [&] { prefill_call(t, s, yt); }, frozen_call);
-  const double x = st.counters["x_transformer"];
-  st.counters["time_ratio"] = x > 0 ? 1.0 / x : 0.0;
-  st.counters["flop_ratio"] = block_flops_paper(true, false, s) / block_flops_paper(false, false, s);
+  set_block_ratio_counters(st, s);
 }
 
 /// The attention cache of bm_attention_prefill, kept and warmed as in PrefillBlock.

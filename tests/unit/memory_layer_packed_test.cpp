@@ -63,6 +63,15 @@ mf::MemoryLayer<float> without_copy(const mf::MemoryLayer<float>& layer) {
   return copy;
 }
 
+/// One forward and backward of `layer` on random x [n, d_in] and dy [n, d_out]: its gradients accumulate.
+void backward_on_random_batch(mf::MemoryLayer<float>& layer, mf::Index n, unsigned x_seed, unsigned dy_seed) {
+  const mf::Matrix<float> x = random_matrix<float>(n, layer.d_in(), x_seed);
+  const mf::Matrix<float> dy = random_matrix<float>(n, layer.d_out(), dy_seed);
+  mf::HashResult<float> h;
+  mf::Matrix<float> y = layer.forward(x, h), dx(n, layer.d_in());
+  layer.backward(dx, x, dy, h);
+}
+
 /// A layer whose copy has been requested (tables_changed): current wherever a copy can be kept.
 mf::MemoryLayer<float> packed_layer(std::uint64_t seed) {
   mf::MemoryLayer<float> layer(small_config(), seed);
@@ -206,11 +215,7 @@ TEST(MemoryLayerPacked, IncrementalRepackAfterUpdatesMatchesAFreshLayer) {
 
   for (int step = 0; step < 6; ++step) {
     // Few tokens per backward, so that only some rows are touched and the incremental path matters.
-    const mf::Matrix<float> x = random_matrix<float>(step % 2 == 0 ? 6 : 64, 32, 200 + unsigned(step));
-    const mf::Matrix<float> dy = random_matrix<float>(x.rows(), 40, 300 + unsigned(step));
-    mf::HashResult<float> h;
-    mf::Matrix<float> y = layer.forward(x, h), dx(x.rows(), 32);
-    layer.backward(dx, x, dy, h);
+    backward_on_random_batch(layer, step % 2 == 0 ? 6 : 64, 200 + unsigned(step), 300 + unsigned(step));
 
     const auto& touched = layer.touched_rows();
     std::vector<mf::Index> touched_list;
@@ -272,11 +277,7 @@ TEST(MemoryLayerPacked, OptimisersKeepTheCopyCurrentThroughTheViewsAlone) {
     mf::SGD<float> sgd(views, mf::SGDOptions{0.01});
     layer.tables_changed();
     for (int step = 0; step < 4; ++step) {
-      const mf::Matrix<float> x = random_matrix<float>(step % 2 == 0 ? 6 : 64, 32, 500 + unsigned(step));
-      const mf::Matrix<float> dy = random_matrix<float>(x.rows(), 40, 600 + unsigned(step));
-      mf::HashResult<float> h;
-      mf::Matrix<float> y = layer.forward(x, h), dx(x.rows(), 32);
-      layer.backward(dx, x, dy, h);
+      backward_on_random_batch(layer, step % 2 == 0 ? 6 : 64, 500 + unsigned(step), 600 + unsigned(step));
       if (optimiser <= 1) {
         adamw.step_fused(0.05, 1.0);
       } else if (optimiser == 2) {
@@ -428,11 +429,7 @@ TEST(MemoryLayerPacked, DenseAdamWPiecesCuttingRowsKeepTheCopyCurrentOnAnyThread
     mf::AdamW<float> adamw(views);  // SparseUpdate::Dense: element pieces
     layer.tables_changed();
     for (int step = 0; step < 3; ++step) {
-      const mf::Matrix<float> x = random_matrix<float>(80, 96, 870 + unsigned(step));
-      const mf::Matrix<float> dy = random_matrix<float>(80, 48, 880 + unsigned(step));
-      mf::HashResult<float> h;
-      mf::Matrix<float> y = layer.forward(x, h), dx(80, 96);
-      layer.backward(dx, x, dy, h);
+      backward_on_random_batch(layer, 80, 870 + unsigned(step), 880 + unsigned(step));
       adamw.step_fused(0.05, 1.0);
       for (mf::Index n : {mf::Index(64), mf::Index(128)}) {
         const mf::Matrix<float> probe = random_matrix<float>(n, 96, 890 + unsigned(step));

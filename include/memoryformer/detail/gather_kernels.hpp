@@ -207,46 +207,6 @@ inline float decode_value(const std::byte* chunk, Index i, StorageType storage) 
   return j < 16 ? bf16_to_float(std::uint16_t(w & 0xffffu)) : std::bit_cast<float>(w);
 }
 
-/// Packs float32 row-major tables [K, 2^τ, width] (row stride `row_stride` floats) into the F32 panel of column
-/// block cb, tables [k0, k0 + kg), at dst (laid out as PanelLayout with k relative to k0).
-inline void pack_panel_f32(std::byte* dst, const PanelLayout& l, const float* tables, Index row_stride, Index cb,
-                           Index k0, Index kg) {
-  const Index cols = l.block_columns(cb);
-  for (Index k = 0; k < kg; ++k) {
-    std::byte* table = dst + k * l.table_stride;
-    const float* src = tables + ((k0 + k) * l.rows) * row_stride + cb * l.cv;
-    if (cols == l.cv) {
-      for (Index r = 0; r < l.rows; ++r)
-        std::memcpy(table + r * l.chunk_bytes, src + r * row_stride, size_t(l.cv) * sizeof(float));
-    } else {
-      for (Index r = 0; r < l.rows; ++r) {
-        std::memset(table + r * l.chunk_bytes, 0, size_t(l.chunk_bytes));
-        std::memcpy(table + r * l.chunk_bytes, src + r * row_stride, size_t(cols) * sizeof(float));
-      }
-    }
-  }
-}
-
-
-/// Packs float32 row-major tables [K, 2^τ, width] (contiguous) into a whole F32 panel layout at dst (64-byte
-/// aligned): every row of every table whose flag in `row_flags` (K·2^τ flags, nullptr: all rows) is set. Threads
-/// split the tables, so they write disjoint chunks; the stores bypass the caches (copy_floats_streaming), since the
-/// whole copy is far larger than they are. Padding columns and spare lines are left as they are (the caller zeroes
-/// them once).
-inline void pack_tables_f32(std::byte* dst, const PanelLayout& l, const float* tables,
-                            const std::uint8_t* row_flags = nullptr) {
-  parallel_rows(l.tables, 1, [&](Index k0, Index k1) {
-    for (Index k = k0; k < k1; ++k)
-      for (Index r = 0; r < l.rows; ++r) {
-        if (row_flags != nullptr && row_flags[k * l.rows + r] == 0) continue;
-        const float* src = tables + (k * l.rows + r) * l.width;
-        for (Index cb = 0; cb < l.column_blocks; ++cb)
-          copy_floats_streaming(dst + l.chunk_offset(cb, k, r), src + cb * l.cv, l.block_columns(cb));
-      }
-    store_fence_if_streamed();  // each thread orders its own stores before the region ends
-  });
-}
-
 /// Copies the values [begin, end) of float32 row-major tables [K, 2^τ, width] (flat element indices) into an F32
 /// panel layout at dst: whole column blocks through copy_floats_streaming (non-temporal stores where it can), parts
 /// of a block (a range cut inside a row) with ordinary stores. Disjoint ranges may be copied by several threads at
@@ -272,16 +232,53 @@ inline void pack_values_f32(std::byte* dst, const PanelLayout& l, const float* t
   }
 }
 
+/// Packs float32 row-major tables [K, 2^τ, width] (row stride `row_stride` floats) into the F32 panel of column
+/// block cb, tables [k0, k0 + kg), at dst (laid out as PanelLayout with k relative to k0).
+inline void pack_panel_f32(std::byte* dst, const PanelLayout& l, const float* tables, Index row_stride, Index cb,
+                           Index k0, Index kg) {
+  const Index cols = l.block_columns(cb);
+  for (Index k = 0; k < kg; ++k) {
+    std::byte* table = dst + k * l.table_stride;
+    const float* src = tables + ((k0 + k) * l.rows) * row_stride + cb * l.cv;
+    if (cols == l.cv) {
+      for (Index r = 0; r < l.rows; ++r)
+        std::memcpy(table + r * l.chunk_bytes, src + r * row_stride, size_t(l.cv) * sizeof(float));
+    } else {
+      for (Index r = 0; r < l.rows; ++r) {
+        std::memset(table + r * l.chunk_bytes, 0, size_t(l.chunk_bytes));
+        std::memcpy(table + r * l.chunk_bytes, src + r * row_stride, size_t(cols) * sizeof(float));
+      }
+    }
+  }
+}
+
+/// Packs float32 row-major tables [K, 2^τ, width] (contiguous) into a whole F32 panel layout at dst (64-byte
+/// aligned): every row of every table whose flag in `row_flags` (K·2^τ flags, nullptr: all rows) is set. Threads
+/// split the tables, so they write disjoint chunks; the stores bypass the caches (copy_floats_streaming), since the
+/// whole copy is far larger than they are. Padding columns and spare lines are left as they are (the caller zeroes
+/// them once).
+inline void pack_tables_f32(std::byte* dst, const PanelLayout& l, const float* tables,
+                            const std::uint8_t* row_flags = nullptr) {
+  parallel_rows(l.tables, 1, [&](Index k0, Index k1) {
+    for (Index k = k0; k < k1; ++k)
+      for (Index r = 0; r < l.rows; ++r) {
+        if (row_flags != nullptr && row_flags[k * l.rows + r] == 0) continue;
+        const std::size_t row_begin = std::size_t(k * l.rows + r) * std::size_t(l.width);
+        pack_values_f32(dst, l, tables, row_begin, row_begin + std::size_t(l.width));
+      }
+    store_fence_if_streamed();  // each thread orders its own stores before the region ends
+  });
+}
+
 /// Packs the listed rows (flat indices k·2^τ + r, each < K·2^τ, repeats allowed) of float32 row-major tables into
-/// an F32 panel layout at dst, in order on one thread (a list may name a row twice).
+/// an F32 panel layout at dst, in order on one thread (a list may name a row twice), its stores ordered on return.
 inline void pack_listed_rows_f32(std::byte* dst, const PanelLayout& l, const float* tables, const Index* rows,
                                  Index count) {
   for (Index i = 0; i < count; ++i) {
-    const Index k = rows[i] / l.rows, r = rows[i] % l.rows;
-    const float* src = tables + rows[i] * l.width;
-    for (Index cb = 0; cb < l.column_blocks; ++cb)
-      std::memcpy(dst + l.chunk_offset(cb, k, r), src + cb * l.cv, size_t(l.block_columns(cb)) * sizeof(float));
+    const std::size_t row_begin = std::size_t(rows[i]) * std::size_t(l.width);
+    pack_values_f32(dst, l, tables, row_begin, row_begin + std::size_t(l.width));
   }
+  store_fence_if_streamed();
 }
 
 /**
