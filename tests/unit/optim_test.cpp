@@ -448,6 +448,42 @@ TEST(Clip, TouchedRowFlagsLimitTheWorkNotTheResult) {
   EXPECT_THROW(mf::global_grad_norm(views(ps)), mf::ShapeError);
 }
 
+TEST(Clip, EveryElementCountsWhateverTheLengthAndTheRowWidth) {
+  // Gradients in multiples of 1/4 up to 3/4: every square and every partial sum is exact in double, so the norm
+  // pass must give Σg² exactly, whatever the lanes, the tails (lengths around multiples of the lane count) and the
+  // pieces (a parameter longer than one piece) it is cut into.
+  auto grad_value = [](std::size_t i) { return float(int(i % 7) - 3) * 0.25f; };
+  for (const std::size_t n : {std::size_t(1), std::size_t(7), std::size_t(31), std::size_t(32), std::size_t(33),
+                              std::size_t(65), std::size_t(100003)}) {
+    std::vector<float> g(n);
+    double expected = 0.0;
+    for (std::size_t i = 0; i < n; ++i) {
+      g[i] = grad_value(i + n);
+      expected += double(g[i]) * double(g[i]);
+    }
+    std::vector<Param<float>> ps(1);
+    ps[0] = param<float>("a", {mf::Index(n)}, std::vector<float>(n), g);
+    EXPECT_EQ(mf::global_grad_norm(views(ps)), std::sqrt(expected)) << n;
+  }
+  // A table of rows of 37 with every third row untouched (and zero): only the flagged rows are read.
+  const std::size_t rows = 301, width = 37;
+  std::vector<float> g(rows * width, 0.0f);
+  std::vector<std::uint8_t> flags(rows, 0);
+  double expected = 0.0;
+  for (std::size_t r = 0; r < rows; ++r) {
+    if (r % 3 == 2) continue;
+    flags[r] = 1;
+    for (std::size_t c = 0; c < width; ++c) {
+      g[r * width + c] = grad_value(r * width + c);
+      expected += double(g[r * width + c]) * double(g[r * width + c]);
+    }
+  }
+  std::vector<Param<float>> ts(1);
+  ts[0] = param<float>("tab", {mf::Index(rows), mf::Index(width)}, std::vector<float>(rows * width), g,
+                       ParameterKind::Table, mf::Index(width), flags);
+  EXPECT_EQ(mf::global_grad_norm(views(ts)), std::sqrt(expected));
+}
+
 TEST(Schedule, ValuesAtStartEndOfWarmupMidpointAndEnd) {
   const auto s = mf::CosineSchedule::paper(3e-3, 1000);
   EXPECT_EQ(s.warmup_steps, 10);

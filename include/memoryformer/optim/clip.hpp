@@ -102,19 +102,31 @@ std::vector<Piece> live_pieces(const std::vector<ParameterView<Scalar>>& params,
   return pieces;
 }
 
-/// Adds Σ g² over [0, n) into 8 double lanes, element i into lane i mod 8 (a fixed order the compiler vectorises).
+/// Independent double accumulators of the norm pass. Four vectors of eight chains: with one, each multiply-add waits
+/// for the previous one and the pass runs slower than memory delivers the gradients.
+inline constexpr std::size_t square_lanes = 32;
+
+/// Adds Σ g² over [0, n) into the lanes, element i into lane i mod square_lanes (a fixed order the compiler
+/// vectorises).
 template <class Scalar>
-inline void add_squares(const Scalar* g, std::size_t n, double (&lanes)[8]) {
+inline void add_squares(const Scalar* g, std::size_t n, double (&lanes)[square_lanes]) {
   std::size_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) {
-      const double x = double(g[i + std::size_t(j)]);
+  for (; i + square_lanes <= n; i += square_lanes)
+    for (std::size_t j = 0; j < square_lanes; ++j) {
+      const double x = double(g[i + j]);
       lanes[j] += x * x;
     }
   for (; i < n; ++i) {
     const double x = double(g[i]);
-    lanes[i % 8] += x * x;
+    lanes[i % square_lanes] += x * x;
   }
+}
+
+/// The lanes' total, in a fixed pairwise order.
+inline double lane_total(double (&lanes)[square_lanes]) {
+  for (std::size_t width = square_lanes / 2; width > 0; width /= 2)
+    for (std::size_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  return lanes[0];
 }
 
 /// Σ g² over the pieces: per-piece sums in parallel, then added in piece order (same bits for any thread count).
@@ -125,9 +137,9 @@ double sum_of_squares(const std::vector<ParameterView<Scalar>>& params, const st
     for (Index c = queue.claim(); c >= 0; c = queue.claim()) {
       const Piece& piece = pieces[std::size_t(c)];
       const auto& p = params[piece.param];
-      double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      double lanes[square_lanes] = {};
       for_each_range(p, piece, [&](std::size_t b, std::size_t e) { add_squares(p.grad.data() + b, e - b, lanes); });
-      partial[std::size_t(c)] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+      partial[std::size_t(c)] = lane_total(lanes);
     }
   });
   double sum = 0.0;
