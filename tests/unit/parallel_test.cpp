@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Tests of the work splits in detail/parallel.hpp: parallel_rows (contiguous ranges), parallel_claims (items handed
-// out one at a time) and parallel_row_pieces (pieces of rows handed out one at a time). Each must cover every item
+// out one at a time), parallel_streams (items handed out from one share per thread) and parallel_row_pieces (pieces
+// of rows handed out one at a time). Each must cover every item
 // exactly once for any thread count; the kernels' bitwise thread-count tests (LookupIsa.ThreadCountDoesNotChangeBits)
 // rest on that.
 #include <algorithm>
@@ -64,6 +65,46 @@ TEST(ParallelClaims, EveryItemIsClaimedExactlyOnceForAnyThreadCount) {
         EXPECT_EQ(claims[static_cast<size_t>(i)].load(), 1) << "item " << i << " of " << count << ", " << threads
                                                             << " threads";
       // No more workers than items (an empty range runs none), and at most the thread setting.
+      EXPECT_LE(workers.load(), std::max<int>(0, int(std::min<mf::Index>(count, threads))));
+      if (count > 0) {
+        EXPECT_GE(workers.load(), 1);
+      }
+    }
+  }
+}
+
+TEST(StreamQueue, EachThreadTakesItsOwnShareInOrderThenHelpsWithTheNext) {
+  detail::StreamQueue queue(7, 3);  // shares [0, 2), [2, 4), [4, 7)
+  detail::StreamQueue::Claims first(queue, 0), last(queue, 2);
+  EXPECT_EQ(last.claim(), 4);
+  EXPECT_EQ(first.claim(), 0);
+  EXPECT_EQ(first.claim(), 1);
+  EXPECT_EQ(first.claim(), 2);  // its share is used up: it helps with share 1
+  EXPECT_EQ(last.claim(), 5);
+  EXPECT_EQ(last.claim(), 6);
+  EXPECT_EQ(last.claim(), 3);  // share 2 used up; share 0 too; share 1 has item 3 left
+  EXPECT_EQ(first.claim(), -1);
+  EXPECT_EQ(last.claim(), -1);
+  EXPECT_EQ(last.claim(), -1);
+  detail::StreamQueue empty(0, 2);
+  detail::StreamQueue::Claims none(empty, 1);
+  EXPECT_EQ(none.claim(), -1);
+}
+
+TEST(ParallelStreams, EveryItemIsClaimedExactlyOnceForAnyThreadCount) {
+  ThreadSetting setting;
+  for (int threads : thread_settings()) {
+    setting.set(threads);
+    for (mf::Index count : {0, 1, 2, 3, 17, 1000}) {
+      std::vector<std::atomic<int>> claims(static_cast<size_t>(count));
+      std::atomic<int> workers{0};
+      detail::parallel_streams(count, [&](detail::StreamQueue::Claims& queue) {
+        ++workers;
+        for (mf::Index item = queue.claim(); item >= 0; item = queue.claim()) ++claims[static_cast<size_t>(item)];
+      });
+      for (mf::Index i = 0; i < count; ++i)
+        EXPECT_EQ(claims[static_cast<size_t>(i)].load(), 1) << "item " << i << " of " << count << ", " << threads
+                                                            << " threads";
       EXPECT_LE(workers.load(), std::max<int>(0, int(std::min<mf::Index>(count, threads))));
       if (count > 0) {
         EXPECT_GE(workers.load(), 1);

@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: MIT
-// The two ways the kernels split work between threads — contiguous ranges, one per thread, or items handed out one at
-// a time to whichever thread is free — both such that each item is computed entirely by one thread, in the same
+// The ways the kernels split work between threads — contiguous ranges, one per thread, or items handed out one at
+// a time to whichever thread is free (from one queue, or from one share per thread for streaming passes) — all such that each item is computed entirely by one thread, in the same
 // way, so the bits do not depend on the thread count or on which thread took what (no float atomics).
 #pragma once
 
 #include <algorithm>
 #include <atomic>
+#include <cstddef>
+#include <memory>
 
 #include "../types.hpp"
 
@@ -74,6 +76,60 @@ void parallel_claims(Index count, Work&& work) {
   }
 #endif
   if (count > 0) work(queue);
+}
+
+/// Items [0, count) cut into one contiguous share per thread. A thread claims its own share's items in increasing
+/// order, then helps with the others' (in increasing order too), so each thread reads memory as one stream where
+/// items follow each other in memory, and a slowed thread still hands its work to the others.
+class StreamQueue {
+ public:
+  StreamQueue(Index count, Index threads) : count_(count), threads_(std::max<Index>(1, threads)),
+                                            next_(new std::atomic<Index>[std::size_t(threads_)]) {
+    for (Index t = 0; t < threads_; ++t) next_[std::size_t(t)].store(share_begin(t), std::memory_order_relaxed);
+  }
+  /// A thread's view of the queue: claim() gives the next item for thread `t`, or −1 once every item is claimed.
+  class Claims {
+   public:
+    Claims(StreamQueue& queue, Index t) : queue_(queue), share_(t) {}
+    Index claim() {
+      for (Index tried = 0; tried < queue_.threads_; ++tried) {
+        const Index item = queue_.next_[std::size_t(share_)].fetch_add(1, std::memory_order_relaxed);
+        if (item < queue_.share_begin(share_ + 1)) return item;
+        share_ = (share_ + 1) % queue_.threads_;  // this share is used up: help with the next one
+      }
+      return -1;
+    }
+
+   private:
+    StreamQueue& queue_;
+    Index share_;  // the share claimed from: the thread's own, then the ones after it
+  };
+
+ private:
+  Index share_begin(Index t) const { return count_ * t / threads_; }
+  Index count_, threads_;
+  std::unique_ptr<std::atomic<Index>[]> next_;  // [threads], the next item of each share (may pass its end)
+};
+
+/// parallel_claims for passes whose items lie one after the other in memory: work(claims) on every thread, where
+/// claims.claim() hands out the items of a StreamQueue (own share first).
+template <class Work>
+void parallel_streams(Index count, Work&& work) {
+#if defined(MEMORYFORMER_USE_OPENMP)
+  const Index threads = std::min(available_threads(), count);
+  if (threads > 1) {
+    StreamQueue queue(count, threads);
+#pragma omp parallel num_threads(int(threads))
+    {
+      StreamQueue::Claims claims(queue, omp_get_thread_num());
+      work(claims);
+    }
+    return;
+  }
+#endif
+  StreamQueue queue(count, 1);
+  StreamQueue::Claims claims(queue, 0);
+  if (count > 0) work(claims);
 }
 
 /// Like parallel_rows, but [0, rows) is cut into pieces of about `piece_rows` rows (at least one piece) that the

@@ -554,7 +554,7 @@ class AdamW {
     const double t = double(step_[0]);
     std::vector<detail::clip::Piece> pieces;
     for (std::size_t i = 0; i < params_.size(); ++i) detail::clip::append_pieces(pieces, params_[i], i, row_sparse(params_[i]));
-    detail::parallel_claims(Index(pieces.size()), [&](detail::WorkQueue& queue) {
+    detail::parallel_streams(Index(pieces.size()), [&](auto& queue) {
       for (Index k = queue.claim(); k >= 0; k = queue.claim()) {
         const auto& piece = pieces[std::size_t(k)];
         const auto& p = params_[piece.param];

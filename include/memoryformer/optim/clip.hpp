@@ -133,7 +133,7 @@ inline double lane_total(double (&lanes)[square_lanes]) {
 template <class Scalar>
 double sum_of_squares(const std::vector<ParameterView<Scalar>>& params, const std::vector<Piece>& pieces) {
   std::vector<double> partial(pieces.size(), 0.0);  // [pieces]
-  parallel_claims(Index(pieces.size()), [&](WorkQueue& queue) {
+  parallel_streams(Index(pieces.size()), [&](auto& queue) {
     for (Index c = queue.claim(); c >= 0; c = queue.claim()) {
       const Piece& piece = pieces[std::size_t(c)];
       const auto& p = params[piece.param];
@@ -176,7 +176,7 @@ double clip_grad_norm(const std::vector<ParameterView<Scalar>>& params, double m
   const double norm = std::sqrt(detail::clip::sum_of_squares(params, pieces));
   if (!std::isfinite(norm) || norm <= max_norm) return norm;
   const double scale = max_norm / norm;
-  detail::parallel_claims(Index(pieces.size()), [&](detail::WorkQueue& queue) {
+  detail::parallel_streams(Index(pieces.size()), [&](auto& queue) {
     for (Index c = queue.claim(); c >= 0; c = queue.claim()) {
       const auto& piece = pieces[std::size_t(c)];
       const auto& p = params[piece.param];
