@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // The ways the kernels split work between threads — contiguous ranges, one per thread, or items handed out one at
-// a time to whichever thread is free (from one queue, or from one share per thread for streaming passes) — all such that each item is computed entirely by one thread, in the same
-// way, so the bits do not depend on the thread count or on which thread took what (no float atomics).
+// a time to whichever thread is free (from one queue, or from one share per thread for streaming passes) — all such
+// that each item is computed entirely by one thread, in the same way, so the bits do not depend on the thread count
+// or on which thread took what (no float atomics).
 #pragma once
 
 #include <algorithm>
