@@ -32,31 +32,24 @@ std::vector<int> thread_settings() {
 
 using memoryformer::testing_support::ThreadSetting;
 
-}  // namespace
-
-TEST(WorkQueue, HandsOutEveryItemOnceInIncreasingOrderThenMinusOne) {
-  detail::WorkQueue queue(3);
-  EXPECT_EQ(queue.claim(), 0);
-  EXPECT_EQ(queue.claim(), 1);
-  EXPECT_EQ(queue.claim(), 2);
-  EXPECT_EQ(queue.claim(), -1);
-  EXPECT_EQ(queue.claim(), -1);
-  detail::WorkQueue empty(0);
-  EXPECT_EQ(empty.claim(), -1);
-}
-
-TEST(ParallelClaims, EveryItemIsClaimedExactlyOnceForAnyThreadCount) {
+/// Runs split(count, work) for several counts and thread settings, where work claims items from the queue it is given
+/// until −1: every item must be claimed exactly once, by no more workers than items or threads (at least one when
+/// there are items); with `increasing`, each thread's claims must increase.
+template <class Split>
+void expect_every_item_claimed_once(Split&& split, bool increasing) {
   ThreadSetting setting;
   for (int threads : thread_settings()) {
     setting.set(threads);
-    for (mf::Index count : {0, 1, 2, 17, 1000}) {
+    for (mf::Index count : {0, 1, 2, 3, 17, 1000}) {
       std::vector<std::atomic<int>> claims(static_cast<size_t>(count));
       std::atomic<int> workers{0};
-      detail::parallel_claims(count, [&](detail::WorkQueue& queue) {
+      split(count, [&](auto& queue) {
         ++workers;
         mf::Index previous = -1;
         for (mf::Index item = queue.claim(); item >= 0; item = queue.claim()) {
-          EXPECT_GT(item, previous) << "one thread's claims must increase";
+          if (increasing) {
+            EXPECT_GT(item, previous) << "one thread's claims must increase";
+          }
           previous = item;
           ++claims[static_cast<size_t>(item)];
         }
@@ -71,6 +64,23 @@ TEST(ParallelClaims, EveryItemIsClaimedExactlyOnceForAnyThreadCount) {
       }
     }
   }
+}
+
+}  // namespace
+
+TEST(WorkQueue, HandsOutEveryItemOnceInIncreasingOrderThenMinusOne) {
+  detail::WorkQueue queue(3);
+  EXPECT_EQ(queue.claim(), 0);
+  EXPECT_EQ(queue.claim(), 1);
+  EXPECT_EQ(queue.claim(), 2);
+  EXPECT_EQ(queue.claim(), -1);
+  EXPECT_EQ(queue.claim(), -1);
+  detail::WorkQueue empty(0);
+  EXPECT_EQ(empty.claim(), -1);
+}
+
+TEST(ParallelClaims, EveryItemIsClaimedExactlyOnceForAnyThreadCount) {
+  expect_every_item_claimed_once([](mf::Index count, auto&& work) { detail::parallel_claims(count, work); }, true);
 }
 
 TEST(StreamQueue, EachThreadTakesItsOwnShareInOrderThenHelpsWithTheNext) {
@@ -92,25 +102,8 @@ TEST(StreamQueue, EachThreadTakesItsOwnShareInOrderThenHelpsWithTheNext) {
 }
 
 TEST(ParallelStreams, EveryItemIsClaimedExactlyOnceForAnyThreadCount) {
-  ThreadSetting setting;
-  for (int threads : thread_settings()) {
-    setting.set(threads);
-    for (mf::Index count : {0, 1, 2, 3, 17, 1000}) {
-      std::vector<std::atomic<int>> claims(static_cast<size_t>(count));
-      std::atomic<int> workers{0};
-      detail::parallel_streams(count, [&](detail::StreamQueue::Claims& queue) {
-        ++workers;
-        for (mf::Index item = queue.claim(); item >= 0; item = queue.claim()) ++claims[static_cast<size_t>(item)];
-      });
-      for (mf::Index i = 0; i < count; ++i)
-        EXPECT_EQ(claims[static_cast<size_t>(i)].load(), 1) << "item " << i << " of " << count << ", " << threads
-                                                            << " threads";
-      EXPECT_LE(workers.load(), std::max<int>(0, int(std::min<mf::Index>(count, threads))));
-      if (count > 0) {
-        EXPECT_GE(workers.load(), 1);
-      }
-    }
-  }
+  // A thread's claims are not increasing: the last share's thread helps with the first share.
+  expect_every_item_claimed_once([](mf::Index count, auto&& work) { detail::parallel_streams(count, work); }, false);
 }
 
 TEST(ParallelRows, RangesCoverEveryRowOnceWithTheMinimumPerThread) {
