@@ -1,9 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Tests of the work splits in detail/parallel.hpp: parallel_rows (contiguous ranges), parallel_claims (items handed
 // out one at a time), parallel_streams (items handed out from one share per thread) and parallel_row_pieces (pieces
-// of rows handed out one at a time). Each must cover every item
-// exactly once for any thread count; the kernels' bitwise thread-count tests (LookupIsa.ThreadCountDoesNotChangeBits)
-// rest on that.
+// of rows handed out one at a time). Each must cover every item exactly once for any thread count; the kernels'
+// bitwise thread-count tests (LookupIsa.ThreadCountDoesNotChangeBits) rest on that.
 #include <algorithm>
 #include <atomic>
 #include <utility>

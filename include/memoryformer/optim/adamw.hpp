@@ -554,8 +554,8 @@ class AdamW {
     const double t = double(step_[0]);
     std::vector<detail::clip::Piece> pieces;
     for (std::size_t i = 0; i < params_.size(); ++i) detail::clip::append_pieces(pieces, params_[i], i, row_sparse(params_[i]));
-    detail::parallel_streams(Index(pieces.size()), [&](auto& queue) {
-      for (Index k = queue.claim(); k >= 0; k = queue.claim()) {
+    detail::parallel_streams(Index(pieces.size()), [&](detail::StreamQueue::Claims& claims) {
+      for (Index k = claims.claim(); k >= 0; k = claims.claim()) {
         const auto& piece = pieces[std::size_t(k)];
         const auto& p = params_[piece.param];
         auto& s = state_[piece.param];

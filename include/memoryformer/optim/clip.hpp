@@ -102,8 +102,8 @@ std::vector<Piece> live_pieces(const std::vector<ParameterView<Scalar>>& params,
   return pieces;
 }
 
-/// Independent double accumulators of the norm pass. Four vectors of eight chains: with one, each multiply-add waits
-/// for the previous one and the pass runs slower than memory delivers the gradients.
+/// Independent double accumulators of the norm pass (several vectors of them on any SIMD width): with one vector, each
+/// multiply-add waits for the previous one and the pass runs slower than memory delivers the gradients.
 inline constexpr std::size_t square_lanes = 32;
 
 /// Adds Σ g² over [0, n) into the lanes, element i into lane i mod square_lanes (a fixed order the compiler
@@ -133,8 +133,8 @@ inline double lane_total(double (&lanes)[square_lanes]) {
 template <class Scalar>
 double sum_of_squares(const std::vector<ParameterView<Scalar>>& params, const std::vector<Piece>& pieces) {
   std::vector<double> partial(pieces.size(), 0.0);  // [pieces]
-  parallel_streams(Index(pieces.size()), [&](auto& queue) {
-    for (Index c = queue.claim(); c >= 0; c = queue.claim()) {
+  parallel_streams(Index(pieces.size()), [&](StreamQueue::Claims& claims) {
+    for (Index c = claims.claim(); c >= 0; c = claims.claim()) {
       const Piece& piece = pieces[std::size_t(c)];
       const auto& p = params[piece.param];
       double lanes[square_lanes] = {};
@@ -176,8 +176,8 @@ double clip_grad_norm(const std::vector<ParameterView<Scalar>>& params, double m
   const double norm = std::sqrt(detail::clip::sum_of_squares(params, pieces));
   if (!std::isfinite(norm) || norm <= max_norm) return norm;
   const double scale = max_norm / norm;
-  detail::parallel_streams(Index(pieces.size()), [&](auto& queue) {
-    for (Index c = queue.claim(); c >= 0; c = queue.claim()) {
+  detail::parallel_streams(Index(pieces.size()), [&](detail::StreamQueue::Claims& claims) {
+    for (Index c = claims.claim(); c >= 0; c = claims.claim()) {
       const auto& piece = pieces[std::size_t(c)];
       const auto& p = params[piece.param];
       detail::clip::for_each_range(p, piece, [&](std::size_t b, std::size_t e) {
