@@ -14,6 +14,7 @@
 //  - bf16 / f16 storage against float32 tables: round to nearest keeps a stored value within 2^-8 (bf16, 8
 //    significant bits) / 2^-11 (f16, 11 bits; subnormals: 2^-25 absolute) of the float, so y moves by at most that
 //    times Σ|s_k·T_k| (plus the float bound above).
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -24,6 +25,7 @@
 
 #include <gtest/gtest.h>
 
+#include <memoryformer/detail/scratch.hpp>
 #include <memoryformer/frozen_memory_layer.hpp>
 #include <memoryformer/memory_layer.hpp>
 #include <memoryformer/random.hpp>
@@ -469,6 +471,58 @@ TEST(LookupIsa, BackwardOverASharedSortGivesTheSameBits) {
         ASSERT_TRUE(dt_own == dt_shared) << where << " call " << call;
         ASSERT_TRUE(flags_own == flags_shared) << where << " call " << call;
         ASSERT_TRUE(ds_own == ds_shared) << where << " call " << call;
+      }
+    }
+  }
+}
+
+TEST(LookupIsa, BackwardRowAndColumnSliceOrdersGiveTheSameBits) {
+  // The sorted backward runs over column slices or, for tables with few tokens per row (ML2's), over whole rows:
+  // both must give the same bits, over two calls (rows first stored while fresh, then added to), with table
+  // gradients whose rows start 64-byte lines (non-temporal stores of fresh rows) and ones that do not, and with a
+  // dy whose rows are longer than the width.
+  const auto paths = simd_paths();
+  if (paths.empty()) GTEST_SKIP() << "no SIMD path in this build";
+  using mf::detail::GradientOrder;
+  for (const Shape s : {Shape{40, 64, 10, 600, true}, Shape{64, 128, 8, 300, true}, Shape{64, 256, 8, 2000, true},
+                        Shape{48, 64, 6, 7, true}, Shape{24, 192, 12, 1, true}}) {
+    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 41), dy_wide = random_matrix(s.n, s.d_out + 5, 42);
+    const auto dy = dy_wide.leftCols(s.d_out);
+    for (mf::Isa isa : paths) {
+      auto layer = make_layer(s, 61);
+      mf::HashResult<float> h;
+      mf::Matrix<float> y(s.n, s.d_out);
+      layer.forward(y, x, h, isa);
+      ASSERT_TRUE(mf::detail::lookup_backward_sorts<float>(isa, h.rows, h.tables, s.tau));
+      const mf::Index rows = h.tables * (mf::Index(1) << s.tau), width = s.d_out;
+      for (const mf::Index offset : {mf::Index(0), mf::Index(1)}) {  // in floats from a 64-byte boundary
+        const std::string where = std::string(mf::isa_name(isa)) + " " + name(s) + " offset " + std::to_string(offset);
+        std::vector<std::vector<float>> dt;
+        std::vector<std::vector<std::uint8_t>> flags;
+        std::vector<mf::Matrix<float>> ds;
+        for (const GradientOrder order : {GradientOrder::column_slices, GradientOrder::rows}) {
+          mf::detail::TableBlock block(size_t(rows * width + offset) * sizeof(float));
+          float* dtables = reinterpret_cast<float*>(block.data()) + offset;
+          std::vector<std::uint8_t> touched(size_t(rows), 0);
+          mf::Matrix<float> dscores = mf::Matrix<float>::Constant(s.n, h.tables, 0.25f);
+          for (int call = 0; call < 2; ++call) {
+            for (mf::Index n = 0; n < s.n; ++n)  // as MemoryLayer does: rows not written yet are fresh
+              for (mf::Index k = 0; k < h.tables; ++k) {
+                auto& flag = touched[size_t(k * (mf::Index(1) << s.tau) + h.code(n, k))];
+                if (flag == 0) flag = mf::detail::fresh_row;
+              }
+            mf::detail::lookup_backward(isa, dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(),
+                                        layer.tables().data(), dtables, touched.data(), s.tau, width, h.tables,
+                                        h.codes.data(), h.scores.data(), h.rows, nullptr, order);
+          }
+          dt.emplace_back(dtables, dtables + rows * width);
+          flags.push_back(touched);
+          ds.push_back(dscores);
+        }
+        ASSERT_TRUE(dt[0] == dt[1]) << where;
+        ASSERT_TRUE(flags[0] == flags[1]) << where;
+        ASSERT_TRUE(ds[0] == ds[1]) << where;
+        ASSERT_TRUE(std::any_of(dt[0].begin(), dt[0].end(), [](float v) { return v != 0.0f; })) << where;
       }
     }
   }

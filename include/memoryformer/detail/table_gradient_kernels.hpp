@@ -4,7 +4,8 @@
 // The (token, table) contributions are counting-sorted by table row (a stable sort on the forward's codes, so a
 // row's tokens stay in ascending order). Each row's gradient is then accumulated once in registers and added to
 // dT once, and ⟨dy[n], T_k[code]⟩ comes from the same row load. Columns are processed in slices of 64 (AVX-512)
-// or 32 (AVX2) so that the slice of dy, packed contiguously per thread, stays in L2 while the rows stream past.
+// or 32 (AVX2) so that the slice of dy, packed contiguously per thread, stays in L2 while the rows stream past;
+// where rows have few tokens each (ML2), row by row instead, so that T and dT stream whole (gradient_rows).
 // Threads split the table rows (disjoint writes); every sum has a fixed order, so the bits do not depend on the
 // thread count. A row the caller marks fresh (touched value 2: zero since the last zero_grad) is stored, not added
 // to: with whole 64-byte lines it is written with non-temporal stores, so its old zeros are never read from memory.
@@ -28,6 +29,14 @@ namespace memoryformer::detail {
 /// The touched-row value that marks a row as fresh for lookup_backward: its gradient is zero (flagged by the caller
 /// before the call; every written row leaves with the value 1).
 inline constexpr std::uint8_t fresh_row = 2;
+
+/// The loop orders of lookup_backward_fast, which give the same bits: over column slices (gradient_slice) or over
+/// whole rows (gradient_rows).
+enum class GradientOrder { automatic, column_slices, rows };
+
+/// Whether the row order is the faster: fewer than four contributions per table row on average (ML2's 2^10 rows
+/// at 2,048 tokens, not τ = 8's 2^8), where the rows' traffic outweighs dy's reuse from L2.
+inline bool gradient_rows_pay(Index rows, int tau) { return rows < (Index(4) << tau); }
 
 #if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
 
@@ -168,17 +177,115 @@ void gradient_slice(float* dtables, const float* tables, const std::uint8_t* tou
   }
 }
 
+/// Used table rows ahead whose whole T and dT rows gradient_rows requests into L2.
+inline constexpr Index gradient_rows_prefetch = 8;
+/// Contributions ahead whose dy row gradient_rows requests into L1.
+inline constexpr Index gradient_rows_prefetch_entries = 4;
+
+/// Row order over the used rows sc.used[u0, u1), for tables whose rows have few contributions (ML2's 2^10 rows per
+/// table get about two of 2,048 tokens each): each row's T and dT are read whole, in address order, so they stream
+/// like an array, where the column-slice order reads every row in pieces a row apart; dy's rows are read in place.
+/// Per column slice it computes what gradient_slice computes, in the same order (the row's sum from +0, each entry's
+/// slice part of ⟨dy, T⟩ through the same reduction tree, added to dot in slice order), so the bits are the same.
+/// width must be a multiple of the slice.
+template <Isa I>
+void gradient_rows(float* dtables, const float* tables, const std::uint8_t* touched, bool stream_fresh, Index width,
+                   const float* dy, Index dy_stride, const SortedContributions& sc, Index u0, Index u1) {
+  using L = Lanes<I>;
+  using V = typename L::V;
+  constexpr Index nv = SliceTraits<I>::vectors;
+  constexpr Index slice = nv * L::n;
+  const Index slices = width / slice;
+  [[maybe_unused]] const Index e_begin = sc.start[sc.used[u0]];
+  const Index e_end = sc.start[sc.used[u1 - 1] + 1];
+  // AVX-512: per slice, the ⟨dy, T⟩ vectors of the current group of 16 entries (groups counted from e_begin).
+  [[maybe_unused]] float* pending = I == Isa::Avx512 ? thread_scratch<13, float>(size_t(slices * 16 * L::n)) : nullptr;
+  const Index row_bytes = width * Index(sizeof(float));
+  for (Index u = u0; u < u1; ++u) {
+    const Index r = sc.used[u];
+    const Index e0 = sc.start[r], e1 = sc.start[r + 1];
+    const bool fresh = touched[r] == fresh_row;
+    if (u + gradient_rows_prefetch < u1) {
+      const Index r2 = sc.used[u + gradient_rows_prefetch];
+      prefetch_range<PrefetchTo::L2>(tables + r2 * width, row_bytes);
+      if (!(stream_fresh && touched[r2] == fresh_row)) prefetch_range<PrefetchTo::L2>(dtables + r2 * width, row_bytes);
+    }
+    for (Index e = e0; e < e1 && e + gradient_rows_prefetch_entries < e_end; ++e)
+      prefetch_range<PrefetchTo::L1>(dy + Index(sc.token[e + gradient_rows_prefetch_entries]) * dy_stride, row_bytes);
+    for (Index sl = 0; sl < slices; ++sl) {
+      const Index c0 = sl * slice;
+      const float* trow = tables + r * width + c0;
+      float* grow = dtables + r * width + c0;
+      V t[nv], acc[nv];
+      for (Index j = 0; j < nv; ++j) {
+        t[j] = L::load(trow + j * L::n);
+        acc[j] = L::zero();
+      }
+      [[maybe_unused]] float* group = pending + sl * 16 * L::n;
+      for (Index e = e0; e < e1; ++e) {
+        const float* d = dy + Index(sc.token[e]) * dy_stride + c0;
+        const V s = L::set1(sc.score[e]);
+        V dot0 = L::zero(), dot1 = L::zero();
+        for (Index j = 0; j < nv; j += 2) {
+          const V d0 = L::load(d + j * L::n), d1 = L::load(d + (j + 1) * L::n);
+          acc[j] = L::fmadd(s, d0, acc[j]);
+          acc[j + 1] = L::fmadd(s, d1, acc[j + 1]);
+          dot0 = L::fmadd(d0, t[j], dot0);
+          dot1 = L::fmadd(d1, t[j + 1], dot1);
+        }
+#if defined(MEMORYFORMER_HAVE_AVX512)
+        if constexpr (I == Isa::Avx512) {
+          const Index position = (e - e_begin) % 16;
+          _mm512_store_ps(group + position * 16, L::add(dot0, dot1));
+          if (position == 15) {
+            __m512 v[16];
+            for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(group + i * 16);
+            _mm512_storeu_ps(sc.dot + e - 15, _mm512_add_ps(_mm512_loadu_ps(sc.dot + e - 15), horizontal_sums16(v)));
+          }
+        } else
+#endif
+        {
+          sc.dot[e] += SliceTraits<I>::hsum(L::add(dot0, dot1));
+        }
+      }
+      for (Index j = 0; j < nv; ++j) {
+        if (fresh && stream_fresh) {
+          L::stream(grow + j * L::n, L::add(L::zero(), acc[j]));
+        } else {
+          L::store(grow + j * L::n, L::add(fresh ? L::zero() : L::load(grow + j * L::n), acc[j]));
+        }
+      }
+    }
+  }
+#if defined(MEMORYFORMER_HAVE_AVX512)
+  if constexpr (I == Isa::Avx512) {
+    const Index count = (e_end - e_begin) % 16;  // the last group, through the same tree, slice by slice
+    if (count > 0) {
+      for (Index sl = 0; sl < slices; ++sl) {
+        __m512 v[16];
+        for (Index i = 0; i < 16; ++i)
+          v[i] = i < count ? _mm512_load_ps(pending + (sl * 16 + i) * 16) : _mm512_setzero_ps();
+        alignas(64) float sums[16];
+        _mm512_store_ps(sums, horizontal_sums16(v));
+        for (Index i = 0; i < count; ++i) sc.dot[e_end - count + i] += sums[i];
+      }
+    }
+  }
+#endif
+}
+
 /**
  * Fast lookup backward over row-major float tables: dtables += row gradients (stored into rows flagged fresh_row),
  * touched rows flagged 1, dscores[n,k] += ⟨dy[n], T_k[code]⟩. dbias is not touched (the caller sums dy's columns).
  * `presorted`: the pairs of codes/scores already sorted (by SortedContributionsBuffer::sort), or nullptr to sort
- * them here; the result is the same.
+ * them here; the result is the same. `order` picks the loop order (the same bits either way); automatic takes the
+ * row order where gradient_rows_pay and the width is whole slices.
  */
 template <Isa I>
 void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Index dy_stride, const float* tables,
                           float* dtables, std::uint8_t* touched, int tau, Index width, Index num_tables,
                           const std::int32_t* codes, const float* scores, Index rows,
-                          const SortedContributions* presorted) {
+                          const SortedContributions* presorted, GradientOrder order = GradientOrder::automatic) {
   using L = Lanes<I>;
   constexpr Index slice = SliceTraits<I>::vectors * L::n;
   const Index R = Index(1) << tau, total_rows = num_tables * R, entries = rows * num_tables;
@@ -197,19 +304,25 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   }
   // Non-temporal stores need every row slice to start a 64-byte line.
   const bool stream_fresh = reinterpret_cast<std::uintptr_t>(dtables) % 64 == 0 && width % 16 == 0;
+  const bool row_order = width % slice == 0 && (order == GradientOrder::rows ||
+                                                (order == GradientOrder::automatic && gradient_rows_pay(rows, tau)));
   const Index parts = std::max<Index>(1, std::min<Index>(available_threads(), sc.used_count));
   parallel_rows(parts, 1, [&](Index p0, Index p1) {
     const Index u0 = balanced_row_split(sc, p0, parts);
     const Index u1 = balanced_row_split(sc, p1, parts);
     if (u0 >= u1) return;
-    float* dyp = thread_scratch<8, float>(size_t(rows * slice));
-    for (Index c0 = 0; c0 < width; c0 += slice) {
-      const Index cols = std::min(slice, width - c0);
-      for (Index n = 0; n < rows; ++n) {
-        std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(cols) * sizeof(float));
-        if (cols < slice) std::fill(dyp + n * slice + cols, dyp + (n + 1) * slice, 0.0f);
+    if (row_order) {
+      gradient_rows<I>(dtables, tables, touched, stream_fresh, width, dy, dy_stride, sc, u0, u1);
+    } else {
+      float* dyp = thread_scratch<8, float>(size_t(rows * slice));
+      for (Index c0 = 0; c0 < width; c0 += slice) {
+        const Index cols = std::min(slice, width - c0);
+        for (Index n = 0; n < rows; ++n) {
+          std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(cols) * sizeof(float));
+          if (cols < slice) std::fill(dyp + n * slice + cols, dyp + (n + 1) * slice, 0.0f);
+        }
+        gradient_slice<I>(dtables, tables, touched, stream_fresh, width, c0, cols, dyp, sc, u0, u1);
       }
-      gradient_slice<I>(dtables, tables, touched, stream_fresh, width, c0, cols, dyp, sc, u0, u1);
     }
     if (stream_fresh) store_fence_if_streamed();  // each thread orders its own streamed rows before the region ends
     for (Index u = u0; u < u1; ++u) {
