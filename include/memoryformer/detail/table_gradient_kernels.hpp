@@ -83,6 +83,55 @@ inline __m512 horizontal_sums16(const __m512* v) {
 }
 #endif
 
+/// One table row's column slice in registers, shared by both loop orders: its T values, and the sum of the
+/// contributions added so far (from +0, in the order they are added).
+template <Isa I>
+struct RowSlice {
+  using L = Lanes<I>;
+  using V = typename L::V;
+  static constexpr Index nv = SliceTraits<I>::vectors;
+  V t[nv], acc[nv];
+
+  /// T's slice from `trow` (cols values, the rest zero) and an empty sum.
+  void begin(const float* trow, Index cols) {
+    for (Index j = 0; j < nv; ++j) {
+      t[j] = cols >= (j + 1) * L::n ? L::load(trow + j * L::n) : L::load_partial(trow + j * L::n, cols - j * L::n);
+      acc[j] = L::zero();
+    }
+  }
+  /// acc += score·d for the slice of dy at d (whole vectors, zero-padded); returns a vector whose lanes sum to the
+  /// slice's part of ⟨d, t⟩.
+  V add(const float* d, float score) {
+    const V s = L::set1(score);
+    V dot0 = L::zero(), dot1 = L::zero();
+    for (Index j = 0; j < nv; j += 2) {
+      const V d0 = L::load(d + j * L::n), d1 = L::load(d + (j + 1) * L::n);
+      acc[j] = L::fmadd(s, d0, acc[j]);
+      acc[j + 1] = L::fmadd(s, d1, acc[j + 1]);
+      dot0 = L::fmadd(d0, t[j], dot0);
+      dot1 = L::fmadd(d1, t[j + 1], dot1);
+    }
+    return L::add(dot0, dot1);
+  }
+  /// Adds the sum to the gradient row slice at grow (cols values). A fresh row gets +0 + acc, the bits of adding
+  /// acc to its stored zeros (also when acc is −0 from an underflow), without reading it; with `stream` (a whole
+  /// slice of whole lines) through non-temporal stores.
+  void write(float* grow, Index cols, bool fresh, bool stream) const {
+    const bool full = cols == nv * L::n;
+    for (Index j = 0; j < nv; ++j) {
+      const Index left = cols - j * L::n;
+      if (fresh && full && stream) {
+        L::stream(grow + j * L::n, L::add(L::zero(), acc[j]));
+      } else if (full) {
+        L::store(grow + j * L::n, L::add(fresh ? L::zero() : L::load(grow + j * L::n), acc[j]));
+      } else if (left > 0) {
+        L::store_partial(grow + j * L::n, L::add(fresh ? L::zero() : L::load_partial(grow + j * L::n, left), acc[j]),
+                         left);
+      }
+    }
+  }
+};
+
 /// Contributions ahead whose dy slice is prefetched (the sorted order makes every future access known).
 inline constexpr Index gradient_prefetch_entries = 6;
 /// Used table rows ahead whose T and dT slices are prefetched into L2 (they come from L3 or DRAM): far enough that the
@@ -118,11 +167,8 @@ void gradient_slice(float* dtables, const float* tables, const std::uint8_t* tou
       if (!(stream_fresh && full && touched[r2] == fresh_row))
         prefetch_range<PrefetchTo::L2>(dtables + r2 * width + c0, bytes);
     }
-    V t[nv], acc[nv];
-    for (Index j = 0; j < nv; ++j) {
-      t[j] = full ? L::load(trow + j * L::n) : L::load_partial(trow + j * L::n, cols - j * L::n);
-      acc[j] = L::zero();
-    }
+    RowSlice<I> row;
+    row.begin(trow, cols);
     for (Index e = e0; e < e1; ++e) {
       if (e + gradient_prefetch_entries < sc_total) {
         const float* next = dyp + Index(sc.token[e + gradient_prefetch_entries]) * slice;
@@ -130,40 +176,20 @@ void gradient_slice(float* dtables, const float* tables, const std::uint8_t* tou
         // loop than the fixed-stride hints.
         for (Index j = 0; j < slice; j += 16) prefetch_line(next + j);
       }
-      const float* d = dyp + Index(sc.token[e]) * slice;
-      const V s = L::set1(sc.score[e]);
-      V dot0 = L::zero(), dot1 = L::zero();
-      for (Index j = 0; j < nv; j += 2) {
-        const V d0 = L::load(d + j * L::n), d1 = L::load(d + (j + 1) * L::n);
-        acc[j] = L::fmadd(s, d0, acc[j]);
-        acc[j + 1] = L::fmadd(s, d1, acc[j + 1]);
-        dot0 = L::fmadd(d0, t[j], dot0);
-        dot1 = L::fmadd(d1, t[j + 1], dot1);
-      }
+      const V dot = row.add(dyp + Index(sc.token[e]) * slice, sc.score[e]);
       if constexpr (I == Isa::Avx512) {
         // Entries are visited in increasing order, so 16 consecutive dot vectors are reduced together.
-        pending[pending_count++] = L::add(dot0, dot1);
+        pending[pending_count++] = dot;
         if (pending_count == 16) {
           const Index first = e - 15;
           _mm512_storeu_ps(sc.dot + first, _mm512_add_ps(_mm512_loadu_ps(sc.dot + first), horizontal_sums16(pending)));
           pending_count = 0;
         }
       } else {
-        sc.dot[e] += SliceTraits<I>::hsum(L::add(dot0, dot1));
+        sc.dot[e] += SliceTraits<I>::hsum(dot);
       }
     }
-    // A fresh row gets +0 + acc, the bits of adding acc to its stored zeros (also when acc is −0 from an underflow).
-    for (Index j = 0; j < nv; ++j) {
-      const Index left = cols - j * L::n;
-      if (fresh && full && stream_fresh) {
-        L::stream(grow + j * L::n, L::add(L::zero(), acc[j]));
-      } else if (full) {
-        L::store(grow + j * L::n, L::add(fresh ? L::zero() : L::load(grow + j * L::n), acc[j]));
-      } else if (left > 0) {
-        L::store_partial(grow + j * L::n, L::add(fresh ? L::zero() : L::load_partial(grow + j * L::n, left), acc[j]),
-                         left);
-      }
-    }
+    row.write(grow, cols, fresh, stream_fresh);
   }
   if constexpr (I == Isa::Avx512) {
     // The last < 16 entries of the range, through the same reduction tree (lane j of horizontal_sums16 depends on
@@ -216,27 +242,15 @@ void gradient_rows(float* dtables, const float* tables, const std::uint8_t* touc
       const Index c0 = sl * slice;
       const float* trow = tables + r * width + c0;
       float* grow = dtables + r * width + c0;
-      V t[nv], acc[nv];
-      for (Index j = 0; j < nv; ++j) {
-        t[j] = L::load(trow + j * L::n);
-        acc[j] = L::zero();
-      }
+      RowSlice<I> row;
+      row.begin(trow, slice);
       [[maybe_unused]] float* group = pending + sl * 16 * L::n;
       for (Index e = e0; e < e1; ++e) {
-        const float* d = dy + Index(sc.token[e]) * dy_stride + c0;
-        const V s = L::set1(sc.score[e]);
-        V dot0 = L::zero(), dot1 = L::zero();
-        for (Index j = 0; j < nv; j += 2) {
-          const V d0 = L::load(d + j * L::n), d1 = L::load(d + (j + 1) * L::n);
-          acc[j] = L::fmadd(s, d0, acc[j]);
-          acc[j + 1] = L::fmadd(s, d1, acc[j + 1]);
-          dot0 = L::fmadd(d0, t[j], dot0);
-          dot1 = L::fmadd(d1, t[j + 1], dot1);
-        }
+        const V dot = row.add(dy + Index(sc.token[e]) * dy_stride + c0, sc.score[e]);
 #if defined(MEMORYFORMER_HAVE_AVX512)
         if constexpr (I == Isa::Avx512) {
           const Index position = (e - e_begin) % 16;
-          _mm512_store_ps(group + position * 16, L::add(dot0, dot1));
+          _mm512_store_ps(group + position * 16, dot);
           if (position == 15) {
             __m512 v[16];
             for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(group + i * 16);
@@ -245,16 +259,10 @@ void gradient_rows(float* dtables, const float* tables, const std::uint8_t* touc
         } else
 #endif
         {
-          sc.dot[e] += SliceTraits<I>::hsum(L::add(dot0, dot1));
+          sc.dot[e] += SliceTraits<I>::hsum(dot);
         }
       }
-      for (Index j = 0; j < nv; ++j) {
-        if (fresh && stream_fresh) {
-          L::stream(grow + j * L::n, L::add(L::zero(), acc[j]));
-        } else {
-          L::store(grow + j * L::n, L::add(fresh ? L::zero() : L::load(grow + j * L::n), acc[j]));
-        }
-      }
+      row.write(grow, slice, fresh, stream_fresh);
     }
   }
 #if defined(MEMORYFORMER_HAVE_AVX512)
