@@ -224,8 +224,8 @@ void gradient_rows(float* dtables, const float* tables, const std::uint8_t* touc
   const Index slices = width / slice;
   [[maybe_unused]] const Index e_begin = sc.start[sc.used[u0]];
   const Index e_end = sc.start[sc.used[u1 - 1] + 1];
-  // AVX-512: per slice, the ⟨dy, T⟩ vectors of the current group of 16 entries (groups counted from e_begin).
-  [[maybe_unused]] float* pending = I == Isa::Avx512 ? thread_scratch<13, float>(size_t(slices * 16 * L::n)) : nullptr;
+  // Per slice, the ⟨dy, T⟩ vectors of the current group of 16 entries (groups counted from e_begin; AVX-512 only).
+  [[maybe_unused]] float* pending = thread_scratch<13, float>(size_t(slices * 16 * L::n));
   const Index row_bytes = width * Index(sizeof(float));
   for (Index u = u0; u < u1; ++u) {
     const Index r = sc.used[u];
