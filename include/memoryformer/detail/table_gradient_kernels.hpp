@@ -81,6 +81,21 @@ inline __m512 horizontal_sums16(const __m512* v) {
                          _mm512_permutex2var_ps(b[2 * i], odd, b[2 * i + 1]));
   return _mm512_add_ps(_mm512_permutex2var_ps(c[0], even, c[1]), _mm512_permutex2var_ps(c[0], odd, c[1]));
 }
+
+/// dot[i] += the lane sum of v[i] for i < count ≤ 16: the ⟨dy, T⟩ vectors of `count` consecutive entries, reduced
+/// together by horizontal_sums16 (a partial group padded with zeros). Lane i of the tree depends on v[i] alone, so an
+/// entry gets the same bits in a whole group as in a partial one.
+inline void add_dot_group(float* dot, const __m512* v, Index count) {
+  if (count == 16) {
+    _mm512_storeu_ps(dot, _mm512_add_ps(_mm512_loadu_ps(dot), horizontal_sums16(v)));
+    return;
+  }
+  __m512 padded[16];
+  for (Index i = 0; i < 16; ++i) padded[i] = i < count ? v[i] : _mm512_setzero_ps();
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, horizontal_sums16(padded));
+  for (Index i = 0; i < count; ++i) dot[i] += sums[i];
+}
 #endif
 
 /// One table row's column slice in registers, shared by both loop orders: its T values, and the sum of the
@@ -181,8 +196,7 @@ void gradient_slice(float* dtables, const float* tables, const std::uint8_t* tou
         // Entries are visited in increasing order, so 16 consecutive dot vectors are reduced together.
         pending[pending_count++] = dot;
         if (pending_count == 16) {
-          const Index first = e - 15;
-          _mm512_storeu_ps(sc.dot + first, _mm512_add_ps(_mm512_loadu_ps(sc.dot + first), horizontal_sums16(pending)));
+          add_dot_group(sc.dot + e - 15, pending, 16);
           pending_count = 0;
         }
       } else {
@@ -192,14 +206,9 @@ void gradient_slice(float* dtables, const float* tables, const std::uint8_t* tou
     row.write(grow, cols, fresh, stream_fresh);
   }
   if constexpr (I == Isa::Avx512) {
-    // The last < 16 entries of the range, through the same reduction tree (lane j of horizontal_sums16 depends on
-    // v[j] alone), so an entry's bits do not depend on where a thread's row range starts.
-    if (pending_count > 0) {
-      for (int i = pending_count; i < 16; ++i) pending[i] = L::zero();
-      alignas(64) float sums[16];
-      _mm512_store_ps(sums, horizontal_sums16(pending));
-      for (int i = 0; i < pending_count; ++i) sc.dot[sc_total - pending_count + i] += sums[i];
-    }
+    // The last < 16 entries of the range, through the same reduction tree, so an entry's bits do not depend on
+    // where a thread's row range starts.
+    if (pending_count > 0) add_dot_group(sc.dot + sc_total - pending_count, pending, pending_count);
   }
 }
 
@@ -254,7 +263,7 @@ void gradient_rows(float* dtables, const float* tables, const std::uint8_t* touc
           if (position == 15) {
             __m512 v[16];
             for (int i = 0; i < 16; ++i) v[i] = _mm512_load_ps(group + i * 16);
-            _mm512_storeu_ps(sc.dot + e - 15, _mm512_add_ps(_mm512_loadu_ps(sc.dot + e - 15), horizontal_sums16(v)));
+            add_dot_group(sc.dot + e - 15, v, 16);
           }
         } else
 #endif
@@ -271,11 +280,8 @@ void gradient_rows(float* dtables, const float* tables, const std::uint8_t* touc
     if (count > 0) {
       for (Index sl = 0; sl < slices; ++sl) {
         __m512 v[16];
-        for (Index i = 0; i < 16; ++i)
-          v[i] = i < count ? _mm512_load_ps(pending + (sl * 16 + i) * 16) : _mm512_setzero_ps();
-        alignas(64) float sums[16];
-        _mm512_store_ps(sums, horizontal_sums16(v));
-        for (Index i = 0; i < count; ++i) sc.dot[e_end - count + i] += sums[i];
+        for (Index i = 0; i < count; ++i) v[i] = _mm512_load_ps(pending + (sl * 16 + i) * 16);
+        add_dot_group(sc.dot + e_end - count, v, count);
       }
     }
   }
