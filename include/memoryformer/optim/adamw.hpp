@@ -22,6 +22,7 @@
 
 #include "../detail/half.hpp"
 #include "../detail/parallel.hpp"
+#include "../detail/scratch.hpp"
 #include "../error.hpp"
 #include "../parameter.hpp"
 #include "../types.hpp"
@@ -105,6 +106,16 @@ inline std::size_t checked_parameter_size(std::string_view where, const std::str
 
 inline bool is_sparse_kind(ParameterKind kind) {
   return kind == ParameterKind::Table || kind == ParameterKind::Embedding;
+}
+
+/// v = n zeros, on huge pages where the kernel agrees: every step streams all moments, and with 4 KB pages a few
+/// hundred MB of them would also stream through the TLB. The advice comes before the zeros are written, so the
+/// pages are huge from their first touch.
+template <class T>
+void assign_zeros_on_huge_pages(std::vector<T>& v, std::size_t n) {
+  v.reserve(n);
+  advise_huge_pages(v.data(), n * sizeof(T));
+  v.assign(n, T(0));
 }
 
 
@@ -311,11 +322,11 @@ class AdamW {
       const std::size_t n = detail::adamw::checked_parameter_size(where, p.name, p.shape, p.value.size(), p.grad.size());
       ParamState s;
       if (bf16_moments()) {
-        s.m16.assign(n, std::uint16_t(0));
-        s.v16.assign(n, std::uint16_t(0));
+        detail::adamw::assign_zeros_on_huge_pages(s.m16, n);
+        detail::adamw::assign_zeros_on_huge_pages(s.v16, n);
       } else {
-        s.m.assign(n, Scalar(0));
-        s.v.assign(n, Scalar(0));
+        detail::adamw::assign_zeros_on_huge_pages(s.m, n);
+        detail::adamw::assign_zeros_on_huge_pages(s.v, n);
       }
       if (row_sparse(p)) {
         detail::check_config(p.row_size > 0 && n % std::size_t(p.row_size) == 0, where,
