@@ -1,14 +1,17 @@
 // SPDX-License-Identifier: MIT
 // Thread-count independence of the dense layers' threaded loops (RMSNorm, LayerNorm, cross-entropy, Linear, GeLU,
-// softmax, rotary, embedding) and of a whole model's forward and backward: 1, 2 and 3 OpenMP threads must give the same bits, including
-// the reductions over rows (norm-scale gradients, weight gradients), which sum in fixed chunks.
+// softmax, rotary, embedding) and of a whole model's forward and backward: 1, 2 and 3 OpenMP threads must give the
+// same bits, including the reductions over rows (norm-scale gradients, weight gradients, bias gradients' column sums),
+// which sum in fixed chunks.
 
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
+#include <memoryformer/detail/column_sums.hpp>
 #include <memoryformer/model.hpp>
 #include <memoryformer/nn/cross_entropy.hpp>
 #include <memoryformer/nn/embedding.hpp>
@@ -160,6 +163,34 @@ TEST(ThreadCount, LinearForwardBackwardSameBits) {
     append(out, head.dweight());
     append(out, head.dbias());
   });
+}
+
+/// Each column sum must be the chain 0 + m[0, c] + m[1, c] + … in row order, bit for bit, for any thread count:
+/// whole blocks of 64 columns and a partial last block, one thread's share and several, no rows at all.
+template <class Scalar>
+void expect_column_sums_are_row_order_chains() {
+  ThreadSetting threads;
+  const std::pair<Index, Index> shapes[] = {{0, 5}, {1, 64}, {7, 65}, {1100, 48}, {1100, 200}, {2048, 256}, {300, 130}};
+  for (const auto& [r, c] : shapes) {
+    mf::Matrix<Scalar> m(r, c);
+    mf::Rng rng(std::uint64_t(r * 1000 + c));
+    for (Index i = 0; i < m.size(); ++i) m.data()[i] = Scalar(rng.normal());
+    mf::Vector<Scalar> expected = mf::Vector<Scalar>::Zero(c);
+    for (Index col = 0; col < c; ++col)
+      for (Index n = 0; n < r; ++n) expected(col) += m(n, col);
+    for (int n = 1; n <= 3; ++n) {
+      threads.set(n);
+      const mf::Vector<Scalar> sums = mf::detail::column_sums<Scalar>(m);
+      ASSERT_EQ(sums.size(), c);
+      EXPECT_EQ(0, std::memcmp(sums.data(), expected.data(), std::size_t(c) * sizeof(Scalar)))
+          << r << " x " << c << ", " << n << " threads";
+    }
+  }
+}
+
+TEST(ThreadCount, ColumnSumsAreRowOrderChains) {
+  expect_column_sums_are_row_order_chains<float>();
+  expect_column_sums_are_row_order_chains<double>();
 }
 
 TEST(ThreadCount, GeluAndSoftmaxSameBits) {

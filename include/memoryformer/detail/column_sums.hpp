@@ -9,9 +9,9 @@
 
 namespace memoryformer::detail {
 
-/// Σ_n m[n, :] as a column vector [cols]. Adds whole rows (or the threads' column blocks of them) in row order:
-/// contiguous and vectorised, where Eigen's colwise().sum() walks each column of a row-major matrix with a stride.
-/// Every column is one chain of additions in row order, so the bits do not depend on the thread count.
+/// Σ_n m[n, :] as a column vector [cols]. Adds the rows' blocks of 64 columns in row order: contiguous and
+/// vectorised, where Eigen's colwise().sum() walks each column of a row-major matrix with a stride.
+/// Every column is one chain of additions in row order, from +0, so the bits do not depend on the thread count.
 template <class Scalar>
 Vector<Scalar> column_sums(ConstMatrixRef<Scalar> m) {
   Vector<Scalar> sums = Vector<Scalar>::Zero(m.cols());
@@ -20,9 +20,18 @@ Vector<Scalar> column_sums(ConstMatrixRef<Scalar> m) {
   const Index blocks = (m.cols() + block - 1) / block;
   const Index min_blocks = std::max<Index>(1, min_values_per_thread / std::max<Index>(1, m.rows() * block));
   parallel_rows(blocks, min_blocks, [&](Index b0, Index b1) {
-    const Index c0 = b0 * block, c1 = std::min(m.cols(), b1 * block);
-    for (Index n = 0; n < m.rows(); ++n)
-      sums.segment(c0, c1 - c0).noalias() += m.row(n).segment(c0, c1 - c0).transpose();
+    for (Index b = b0; b < b1; ++b) {
+      const Index c0 = b * block, cols = std::min(block, m.cols() - c0);
+      if (cols == block) {
+        // A whole block's sums in a fixed-size array, which the compiler can keep in registers across the rows; a
+        // dynamic segment would be loaded, added and stored row by row.
+        Eigen::Array<Scalar, 1, block> acc = Eigen::Array<Scalar, 1, block>::Zero();
+        for (Index n = 0; n < m.rows(); ++n) acc += m.row(n).template segment<block>(c0).array();
+        sums.template segment<block>(c0) = acc.transpose().matrix();
+      } else {
+        for (Index n = 0; n < m.rows(); ++n) sums.segment(c0, cols).noalias() += m.row(n).segment(c0, cols).transpose();
+      }
+    }
   });
   return sums;
 }
