@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT
 // Tests of the work splits in detail/parallel.hpp: parallel_rows (contiguous ranges), parallel_claims (items handed
-// out one at a time), parallel_streams (items handed out from one share per thread) and parallel_row_pieces (pieces
-// of rows handed out one at a time). Each must cover every item exactly once for any thread count; the kernels'
-// bitwise thread-count tests (LookupIsa.ThreadCountDoesNotChangeBits) rest on that.
+// out one at a time), parallel_streams (items handed out from one share per thread), parallel_row_pieces (pieces
+// of rows handed out one at a time) and parallel_threads (one call per thread, for schedules of their own). Each must
+// cover every item exactly once for any thread count; the kernels' bitwise thread-count tests
+// (LookupIsa.ThreadCountDoesNotChangeBits) rest on that.
 #include <algorithm>
 #include <atomic>
 #include <utility>
@@ -119,6 +120,27 @@ TEST(ParallelRows, RangesCoverEveryRowOnceWithTheMinimumPerThread) {
       });
       for (mf::Index r = 0; r < rows; ++r)
         EXPECT_EQ(hits[static_cast<size_t>(r)].load(), 1) << "row " << r << " of " << rows;
+    }
+  }
+}
+
+TEST(ParallelThreads, RunsOncePerThreadUpToTheLimit) {
+  ThreadSetting setting;
+  for (int threads : thread_settings()) {
+    setting.set(threads);
+    for (mf::Index limit : {1, 2, 3, 8}) {
+      const mf::Index expected = std::min<mf::Index>(limit, threads);
+      std::vector<std::atomic<int>> runs(static_cast<size_t>(expected));
+      std::atomic<int> calls{0};
+      detail::parallel_threads(limit, [&](mf::Index t, mf::Index nt) {
+        EXPECT_EQ(nt, expected);
+        ASSERT_GE(t, 0);
+        ASSERT_LT(t, expected);
+        ++runs[static_cast<size_t>(t)];
+        ++calls;
+      });
+      EXPECT_EQ(calls.load(), expected) << threads << " threads, limit " << limit;
+      for (mf::Index t = 0; t < expected; ++t) EXPECT_EQ(runs[static_cast<size_t>(t)].load(), 1) << "thread " << t;
     }
   }
 }

@@ -47,6 +47,23 @@ void parallel_rows(Index rows, Index min_rows_per_thread, F&& f) {
   if (rows > 0) f(Index(0), rows);
 }
 
+/// Runs work(t, nt) on nt = min(available threads, max_threads) threads (at least one), t = 0 … nt − 1: for schedules
+/// that hand work out themselves.
+template <class Work>
+void parallel_threads(Index max_threads, Work&& work) {
+#if defined(MEMORYFORMER_USE_OPENMP)
+  const Index threads = std::min(available_threads(), max_threads);
+  if (threads > 1) {
+#pragma omp parallel num_threads(int(threads))
+    work(Index(omp_get_thread_num()), Index(omp_get_num_threads()));
+    return;
+  }
+#else
+  (void)max_threads;
+#endif
+  work(Index(0), Index(1));
+}
+
 /// Items [0, count) handed out one at a time in increasing order, to whichever thread asks first.
 class WorkQueue {
  public:
