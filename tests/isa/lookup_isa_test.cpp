@@ -528,6 +528,116 @@ TEST(LookupIsa, BackwardRowAndColumnSliceOrdersGiveTheSameBits) {
   }
 }
 
+#if defined(MEMORYFORMER_HAVE_SIMD_KERNELS)
+/// What a thread does when it takes over rows another thread began: the first `done` column slices of every used row
+/// by the column-slice kernel (dy's slice packed), the rest by the row kernel from slice `done` on. dtables, dot and
+/// the fresh rows' stores must have the same bits as the column-slice kernel over all slices.
+template <mf::Isa I>
+void expect_slices_finished_row_by_row_give_the_same_bits(const std::string& where) {
+  namespace d = mf::detail;
+  constexpr mf::Index slice = d::SliceTraits<I>::vectors * d::Lanes<I>::n;
+  for (const Shape s : {Shape{64, 4 * slice, 8, 700, true}, Shape{40, 2 * slice, 10, 300, true}}) {
+    auto layer = make_layer(s, 91);
+    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 92), dy = random_matrix(s.n, s.d_out, 93);
+    mf::HashResult<float> h;
+    mf::Matrix<float> y(s.n, s.d_out);
+    layer.forward(y, x, h);
+    const mf::Index rows = h.tables * (mf::Index(1) << s.tau), width = s.d_out, slices = width / slice;
+    d::SortedContributionsBuffer sorted;
+    sorted.sort(h.codes.data(), h.scores.data(), h.rows, h.tables, s.tau);
+    const mf::Index used = sorted.sorted.used_count;
+    // dT starts with some rows written (added to) and the rest fresh (stored).
+    std::vector<float> dt_start(size_t(rows * width), 0.0f);
+    std::vector<std::uint8_t> touched_start(size_t(rows), d::fresh_row);
+    for (mf::Index r = 0; r < rows; r += 3) {
+      touched_start[size_t(r)] = 1;
+      for (mf::Index c = 0; c < width; ++c) dt_start[size_t(r * width + c)] = 0.01f * float(c - r % 7);
+    }
+    std::vector<float> dyp(size_t(s.n * slice));
+    const auto run = [&](mf::Index done, std::vector<float>& dt, std::vector<float>& dot) {
+      d::TableBlock block(size_t(rows * width) * sizeof(float));  // 64-byte aligned: fresh rows streamed
+      float* dtables = reinterpret_cast<float*>(block.data());
+      std::copy(dt_start.begin(), dt_start.end(), dtables);
+      std::vector<std::uint8_t> touched = touched_start;
+      dot.assign(size_t(s.n * h.tables), 0.0f);
+      d::SortedContributions sc = sorted.sorted;
+      sc.dot = dot.data();
+      for (mf::Index sl = 0; sl < done; ++sl) {
+        for (mf::Index n = 0; n < s.n; ++n)
+          std::copy(dy.row(n).data() + sl * slice, dy.row(n).data() + (sl + 1) * slice, dyp.data() + n * slice);
+        // Two ranges, as two chunks of a thread's share: the first requests rows of the second ahead.
+        d::gradient_slice<I>(dtables, layer.tables().data(), touched.data(), true, width, sl * slice, slice,
+                             dyp.data(), sc, 0, used / 2, used);
+        d::gradient_slice<I>(dtables, layer.tables().data(), touched.data(), true, width, sl * slice, slice,
+                             dyp.data(), sc, used / 2, used, used);
+      }
+      if (done < slices)
+        d::gradient_rows<I>(dtables, layer.tables().data(), touched.data(), true, width, dy.data(), dy.outerStride(),
+                            sc, 0, used, done);
+      d::store_fence_if_streamed();
+      dt.assign(dtables, dtables + rows * width);
+    };
+    std::vector<float> dt_slices, dot_slices;
+    run(slices, dt_slices, dot_slices);
+    ASSERT_TRUE(std::any_of(dot_slices.begin(), dot_slices.end(), [](float v) { return v != 0.0f; }));
+    for (mf::Index done = 0; done < slices; ++done) {
+      std::vector<float> dt, dot;
+      run(done, dt, dot);
+      EXPECT_TRUE(dt == dt_slices) << where << " " << name(s) << ", rows from slice " << done;
+      EXPECT_TRUE(dot == dot_slices) << where << " " << name(s) << ", rows from slice " << done;
+    }
+  }
+}
+#endif
+
+TEST(LookupIsa, BackwardSlicesFinishedRowByRowGiveTheSameBits) {
+  const auto paths = simd_paths();
+  if (paths.empty()) GTEST_SKIP() << "no SIMD path in this build";
+  for (mf::Isa isa : paths) {
+#if defined(MEMORYFORMER_HAVE_AVX512)
+    if (isa == mf::Isa::Avx512) expect_slices_finished_row_by_row_give_the_same_bits<mf::Isa::Avx512>("avx512");
+#endif
+#if defined(MEMORYFORMER_HAVE_AVX2)
+    if (isa == mf::Isa::Avx2) expect_slices_finished_row_by_row_give_the_same_bits<mf::Isa::Avx2>("avx2");
+#endif
+  }
+}
+
+#if defined(MEMORYFORMER_USE_OPENMP)
+TEST(LookupIsa, BackwardThreadsTakingEachOthersRowsGiveTheSameBits) {
+  // The threads run their own shares of the used rows, then take the rows of a slower thread's share that it has not
+  // started (in the column-slice order, from the slice it reached): which thread does which rows changes from run to
+  // run, most of all with more threads than cores, and must not change the bits. Whole column slices (width 256),
+  // the column-slice order (τ = 8, 2,000 tokens) and the row order (τ = 10).
+  const auto paths = simd_paths();
+  if (paths.empty()) GTEST_SKIP() << "no SIMD path in this build";
+  for (const Shape s : {Shape{64, 256, 8, 2000, true}, Shape{80, 256, 10, 1500, true}}) {
+    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 94), dy = random_matrix(s.n, s.d_out, 95);
+    for (mf::Isa isa : paths) {
+      std::vector<mf::Matrix<float>> dts, dss;
+      const int saved = omp_get_max_threads();
+      for (int threads : {1, 2, 3, 4, 5, 2, 3, 4, 5}) {
+        omp_set_num_threads(threads);
+        auto layer = make_layer(s, 96);
+        mf::HashResult<float> h;
+        mf::Matrix<float> y(s.n, s.d_out);
+        layer.forward(y, x, h, isa);
+        mf::Matrix<float> ds = mf::Matrix<float>::Zero(s.n, h.tables);
+        layer.backward_hashed(ds, dy, h, isa);  // fresh rows
+        layer.backward_hashed(ds, dy, h, isa);  // rows added to
+        dts.push_back(layer.dtables().as_matrix());
+        dss.push_back(ds);
+      }
+      omp_set_num_threads(saved);
+      for (size_t i = 1; i < dts.size(); ++i) {
+        EXPECT_TRUE(dts[i] == dts[0]) << mf::isa_name(isa) << " " << name(s) << ", run " << i;
+        EXPECT_TRUE(dss[i] == dss[0]) << mf::isa_name(isa) << " " << name(s) << ", run " << i;
+      }
+    }
+  }
+}
+#endif
+
 TEST(LookupIsa, BackwardRejectsNonFiniteGradient) {
   const Shape s{64, 64, 8, 40, true};
   for (mf::Isa isa : simd_paths()) {

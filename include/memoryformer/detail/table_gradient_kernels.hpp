@@ -1,19 +1,25 @@
 // SPDX-License-Identifier: MIT
-// Fast backward of the Memory Layer's lookup (design §1.6), float32, AVX-512 and AVX2, without atomics:
+// Fast backward of the Memory Layer's lookup (design §1.6), float32, AVX-512 and AVX2, without float atomics:
 //   dT[k, code] += Σ_{n : code_{n,k} = code} s_{n,k} · dy[n]      and      ds_{n,k} += ⟨dy[n], T_k[code_{n,k}]⟩.
 // The (token, table) contributions are counting-sorted by table row (a stable sort on the forward's codes, so a
 // row's tokens stay in ascending order). Each row's gradient is then accumulated once in registers and added to
 // dT once, and ⟨dy[n], T_k[code]⟩ comes from the same row load. Columns are processed in slices of 64 (AVX-512)
 // or 32 (AVX2) so that the slice of dy, packed contiguously per thread, stays in L2 while the rows stream past;
 // where rows have few tokens each (ML2), row by row instead, so that T and dT stream whole (gradient_rows).
-// Threads split the table rows (disjoint writes); every sum has a fixed order, so the bits do not depend on the
-// thread count. A row the caller marks fresh (touched value 2: zero since the last zero_grad) is stored, not added
-// to: with whole 64-byte lines it is written with non-temporal stores, so its old zeros are never read from memory.
+// Threads split the table rows into chunks (disjoint writes) and run their own share first, then the chunks of a
+// slower thread's share that it has not reached (in the column-slice order from the slice it reached: a chunk's
+// slices run in order, one thread at a time). Every sum has a fixed order, so the bits do not depend on the thread
+// count or on which thread ran which chunk. A row the caller marks fresh (touched value 2: zero since the last
+// zero_grad) is stored, not added to: with whole 64-byte lines it is written with non-temporal stores, so its old
+// zeros are never read from memory.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <vector>
 
 #include "../types.hpp"
 #include "gather_kernels.hpp"
@@ -157,13 +163,15 @@ inline constexpr Index gradient_prefetch_rows = 32;
 
 /// One column slice over the used rows sc.used[u0, u1). Fresh rows (touched[r] == fresh_row) are stored instead of
 /// added to (not read), with non-temporal stores and without a prefetch when `stream_fresh` and the slice is whole
-/// (every slice then covers whole 64-byte lines).
+/// (every slice then covers whole 64-byte lines). Rows and entries are requested ahead up to used row u_ahead ≥ u1
+/// (the rows this thread takes next), so a range that ends inside a thread's share does not stall the next one.
 template <Isa I>
 void gradient_slice(float* dtables, const float* tables, const std::uint8_t* touched, bool stream_fresh, Index width,
-                    Index c0, Index cols, const float* dyp, const SortedContributions& sc, Index u0, Index u1) {
+                    Index c0, Index cols, const float* dyp, const SortedContributions& sc, Index u0, Index u1,
+                    Index u_ahead) {
   using L = Lanes<I>;
   using V = typename L::V;
-  const Index sc_total = sc.start[sc.used[u1 - 1] + 1];
+  const Index sc_total = sc.start[sc.used[u1 - 1] + 1], ahead_total = sc.start[sc.used[u_ahead - 1] + 1];
   V pending[16];
   int pending_count = 0;
   constexpr Index nv = SliceTraits<I>::vectors;
@@ -175,7 +183,8 @@ void gradient_slice(float* dtables, const float* tables, const std::uint8_t* tou
     const float* trow = tables + r * width + c0;
     float* grow = dtables + r * width + c0;
     const bool fresh = touched[r] == fresh_row;
-    if (u + gradient_prefetch_rows < u1) {  // the rows stream in order: fetch ahead (T read, dT written unless fresh)
+    // The rows stream in order: fetch ahead (T read, dT written unless fresh).
+    if (u + gradient_prefetch_rows < u_ahead) {
       const Index r2 = sc.used[u + gradient_prefetch_rows];
       const Index bytes = cols * Index(sizeof(float));
       prefetch_range<PrefetchTo::L2>(tables + r2 * width + c0, bytes);
@@ -185,7 +194,7 @@ void gradient_slice(float* dtables, const float* tables, const std::uint8_t* tou
     RowSlice<I> row;
     row.begin(trow, cols);
     for (Index e = e0; e < e1; ++e) {
-      if (e + gradient_prefetch_entries < sc_total) {
+      if (e + gradient_prefetch_entries < ahead_total) {
         const float* next = dyp + Index(sc.token[e + gradient_prefetch_entries]) * slice;
         // One hint per 16 floats from `next`, not prefetch_range: its aligned runtime loop costs more in this hot
         // loop than the fixed-stride hints.
@@ -222,32 +231,36 @@ inline constexpr Index gradient_rows_prefetch_entries = 4;
 /// like an array, where the column-slice order reads every row in pieces a row apart; dy's rows are read in place.
 /// Per column slice it computes what gradient_slice computes, in the same order (the row's sum from +0, each entry's
 /// slice part of ⟨dy, T⟩ through the same reduction tree, added to dot in slice order), so the bits are the same.
-/// width must be a multiple of the slice.
+/// width must be a multiple of the slice. Only the slices from `first_slice` on are computed (the earlier ones are
+/// done: a range that another thread began column slice by column slice).
 template <Isa I>
 void gradient_rows(float* dtables, const float* tables, const std::uint8_t* touched, bool stream_fresh, Index width,
-                   const float* dy, Index dy_stride, const SortedContributions& sc, Index u0, Index u1) {
+                   const float* dy, Index dy_stride, const SortedContributions& sc, Index u0, Index u1,
+                   Index first_slice = 0) {
   using L = Lanes<I>;
   using V = typename L::V;
   constexpr Index nv = SliceTraits<I>::vectors;
   constexpr Index slice = nv * L::n;
-  const Index slices = width / slice;
+  const Index slices = width / slice, first_col = first_slice * slice;
   [[maybe_unused]] const Index e_begin = sc.start[sc.used[u0]];
   const Index e_end = sc.start[sc.used[u1 - 1] + 1];
   // Per slice, the ⟨dy, T⟩ vectors of the current group of 16 entries (groups counted from e_begin; AVX-512 only).
   [[maybe_unused]] float* pending = thread_scratch<13, float>(size_t(slices * 16 * L::n));
-  const Index row_bytes = width * Index(sizeof(float));
+  const Index row_bytes = (width - first_col) * Index(sizeof(float));
   for (Index u = u0; u < u1; ++u) {
     const Index r = sc.used[u];
     const Index e0 = sc.start[r], e1 = sc.start[r + 1];
     const bool fresh = touched[r] == fresh_row;
     if (u + gradient_rows_prefetch < u1) {
       const Index r2 = sc.used[u + gradient_rows_prefetch];
-      prefetch_range<PrefetchTo::L2>(tables + r2 * width, row_bytes);
-      if (!(stream_fresh && touched[r2] == fresh_row)) prefetch_range<PrefetchTo::L2>(dtables + r2 * width, row_bytes);
+      prefetch_range<PrefetchTo::L2>(tables + r2 * width + first_col, row_bytes);
+      if (!(stream_fresh && touched[r2] == fresh_row))
+        prefetch_range<PrefetchTo::L2>(dtables + r2 * width + first_col, row_bytes);
     }
     for (Index e = e0; e < e1 && e + gradient_rows_prefetch_entries < e_end; ++e)
-      prefetch_range<PrefetchTo::L1>(dy + Index(sc.token[e + gradient_rows_prefetch_entries]) * dy_stride, row_bytes);
-    for (Index sl = 0; sl < slices; ++sl) {
+      prefetch_range<PrefetchTo::L1>(dy + Index(sc.token[e + gradient_rows_prefetch_entries]) * dy_stride + first_col,
+                                     row_bytes);
+    for (Index sl = first_slice; sl < slices; ++sl) {
       const Index c0 = sl * slice;
       const float* trow = tables + r * width + c0;
       float* grow = dtables + r * width + c0;
@@ -278,7 +291,7 @@ void gradient_rows(float* dtables, const float* tables, const std::uint8_t* touc
   if constexpr (I == Isa::Avx512) {
     const Index count = (e_end - e_begin) % 16;  // the last group, through the same tree, slice by slice
     if (count > 0) {
-      for (Index sl = 0; sl < slices; ++sl) {
+      for (Index sl = first_slice; sl < slices; ++sl) {
         __m512 v[16];
         for (Index i = 0; i < count; ++i) v[i] = _mm512_load_ps(pending + (sl * 16 + i) * 16);
         add_dot_group(sc.dot + e_end - count, v, count);
@@ -287,6 +300,42 @@ void gradient_rows(float* dtables, const float* tables, const std::uint8_t* touc
   }
 #endif
 }
+
+/// Chunks of used rows per thread in lookup_backward_fast: enough that a thread slowed by a busy neighbour (two vCPUs
+/// share a host) hands the end of its share to the others, few enough that every chunk stays long.
+inline constexpr Index gradient_chunks_per_thread = 8;
+
+/// Who runs which column slice of which chunk of rows, for threads that take each other's chunks: a chunk's slices run
+/// in order (each entry's ⟨dy, T⟩ is summed slice by slice), one thread at a time. The acquire and release order a
+/// slice's writes before the next slice's reads on another thread.
+class SliceChunks {
+ public:
+  SliceChunks(Index chunks, Index slices)
+      : slices_(slices), state_(new std::atomic<Index>[std::size_t(chunks)]) {
+    for (Index c = 0; c < chunks; ++c) state_[std::size_t(c)].store(0, std::memory_order_relaxed);
+  }
+  /// Takes slice `slice` of chunk c if it is the chunk's next slice and no thread runs the chunk.
+  bool claim(Index c, Index slice) {
+    Index expected = 2 * slice;
+    return state(c).compare_exchange_strong(expected, expected + 1, std::memory_order_acquire,
+                                            std::memory_order_relaxed);
+  }
+  /// Takes all remaining slices of chunk c if it has some and no thread runs it: the first of them, or −1.
+  Index claim_rest(Index c) {
+    Index seen = state(c).load(std::memory_order_relaxed);
+    if (seen % 2 != 0 || seen >= 2 * slices_) return -1;
+    return state(c).compare_exchange_strong(seen, seen + 1, std::memory_order_acquire, std::memory_order_relaxed)
+               ? seen / 2
+               : -1;
+  }
+  /// Gives chunk c back with its slices before `next` done.
+  void release(Index c, Index next) { state(c).store(2 * next, std::memory_order_release); }
+
+ private:
+  std::atomic<Index>& state(Index c) { return state_[std::size_t(c)]; }
+  Index slices_;
+  std::unique_ptr<std::atomic<Index>[]> state_;  // [chunks], 2·(next slice) + 1 while a thread runs the chunk
+};
 
 /**
  * Fast lookup backward over row-major float tables: dtables += row gradients (stored into rows flagged fresh_row),
@@ -318,33 +367,82 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   }
   // Non-temporal stores need every row slice to start a 64-byte line.
   const bool stream_fresh = reinterpret_cast<std::uintptr_t>(dtables) % 64 == 0 && width % 16 == 0;
-  const bool row_order = width % slice == 0 && (order == GradientOrder::rows ||
-                                                (order == GradientOrder::automatic && gradient_rows_pay(rows, tau)));
-  const Index parts = std::max<Index>(1, std::min<Index>(available_threads(), sc.used_count));
-  parallel_rows(parts, 1, [&](Index p0, Index p1) {
-    const Index u0 = balanced_row_split(sc, p0, parts);
-    const Index u1 = balanced_row_split(sc, p1, parts);
-    if (u0 >= u1) return;
-    if (row_order) {
-      gradient_rows<I>(dtables, tables, touched, stream_fresh, width, dy, dy_stride, sc, u0, u1);
-    } else {
-      float* dyp = thread_scratch<8, float>(size_t(rows * slice));
-      for (Index c0 = 0; c0 < width; c0 += slice) {
-        const Index cols = std::min(slice, width - c0);
-        for (Index n = 0; n < rows; ++n) {
-          std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(cols) * sizeof(float));
-          if (cols < slice) std::fill(dyp + n * slice + cols, dyp + (n + 1) * slice, 0.0f);
-        }
-        gradient_slice<I>(dtables, tables, touched, stream_fresh, width, c0, cols, dyp, sc, u0, u1);
-      }
-    }
-    if (stream_fresh) store_fence_if_streamed();  // each thread orders its own streamed rows before the region ends
+  const bool whole_slices = width % slice == 0;
+  const bool row_order = whole_slices && (order == GradientOrder::rows ||
+                                          (order == GradientOrder::automatic && gradient_rows_pay(rows, tau)));
+  const Index threads = std::max<Index>(1, std::min<Index>(available_threads(), sc.used_count));
+  const Index chunks = std::min<Index>(threads * gradient_chunks_per_thread, sc.used_count);
+  std::vector<Index> bounds(size_t(chunks + 1));  // chunk c: used rows [bounds[c], bounds[c + 1])
+  for (Index c = 0; c <= chunks; ++c) bounds[size_t(c)] = balanced_row_split(sc, c, chunks);
+  const auto chunk_begin = [&](Index c) { return bounds[size_t(c)]; };
+  // The rows' last step: flagged written, and their entries' ⟨dy, T⟩ added to dscores.
+  const auto finish_rows = [&](Index u0, Index u1) {
     for (Index u = u0; u < u1; ++u) {
       const Index r = sc.used[u];
       touched[r] = 1;
       const Index k = r / R;
       for (Index e = sc.start[r]; e < sc.start[r + 1]; ++e) dscores[Index(sc.token[e]) * ds_stride + k] += sc.dot[e];
     }
+  };
+  if (row_order) {
+    // Each chunk whole (all slices, then finished) by one thread: own share first, then the others'.
+    parallel_streams(chunks, [&](StreamQueue::Claims& claims) {
+      for (Index c = claims.claim(); c >= 0; c = claims.claim()) {
+        if (chunk_begin(c) >= chunk_begin(c + 1)) continue;
+        gradient_rows<I>(dtables, tables, touched, stream_fresh, width, dy, dy_stride, sc, chunk_begin(c),
+                         chunk_begin(c + 1));
+        if (stream_fresh) store_fence_if_streamed();  // the rows' streamed stores before anyone reads them
+        finish_rows(chunk_begin(c), chunk_begin(c + 1));
+      }
+    });
+    return;
+  }
+  const Index slices = (width + slice - 1) / slice;
+  SliceChunks work(chunks, slices);
+  parallel_threads(threads, [&](Index t, Index nt) {
+    // Own share, slice by slice: dy's slice packed once and read from L2 by every chunk.
+    const Index own0 = chunks * t / nt, own1 = chunks * (t + 1) / nt;
+    float* dyp = thread_scratch<8, float>(size_t(rows * slice));
+    for (Index sl = 0; sl < slices; ++sl) {
+      const Index c0 = sl * slice, cols = std::min(slice, width - c0);
+      bool packed = false;
+      for (Index c = own0; c < own1; ++c) {
+        if (chunk_begin(c) >= chunk_begin(c + 1) || !work.claim(c, sl)) continue;
+        if (!packed) {
+          for (Index n = 0; n < rows; ++n) {
+            std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(cols) * sizeof(float));
+            if (cols < slice) std::fill(dyp + n * slice + cols, dyp + (n + 1) * slice, 0.0f);
+          }
+          packed = true;
+        }
+        gradient_slice<I>(dtables, tables, touched, stream_fresh, width, c0, cols, dyp, sc, chunk_begin(c),
+                          chunk_begin(c + 1), chunk_begin(own1));
+        if (stream_fresh) store_fence_if_streamed();
+        work.release(c, sl + 1);
+      }
+    }
+    // Then the chunks of other shares that are free, last first (their owner reaches them last): all their remaining
+    // slices, row by row (dy read in place, no packing for a few rows).
+    if (!whole_slices) return;
+    for (bool took = true; took;) {
+      took = false;
+      for (Index o = 1; o < nt; ++o) {
+        const Index other = (t + o) % nt, b0 = chunks * other / nt, b1 = chunks * (other + 1) / nt;
+        for (Index c = b1 - 1; c >= b0; --c) {
+          if (chunk_begin(c) >= chunk_begin(c + 1)) continue;
+          const Index first = work.claim_rest(c);
+          if (first < 0) continue;
+          gradient_rows<I>(dtables, tables, touched, stream_fresh, width, dy, dy_stride, sc, chunk_begin(c),
+                           chunk_begin(c + 1), first);
+          if (stream_fresh) store_fence_if_streamed();
+          work.release(c, slices);
+          took = true;
+        }
+      }
+    }
+  });
+  parallel_rows(threads, 1, [&](Index p0, Index p1) {
+    finish_rows(chunk_begin(chunks * p0 / threads), chunk_begin(chunks * p1 / threads));
   });
 }
 
