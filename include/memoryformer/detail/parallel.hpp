@@ -84,16 +84,9 @@ class WorkQueue {
 /// fixed split cannot do. Use it where items are few and long (column blocks, tables); parallel_rows elsewhere.
 template <class Work>
 void parallel_claims(Index count, Work&& work) {
+  if (count <= 0) return;
   WorkQueue queue(count);
-#if defined(MEMORYFORMER_USE_OPENMP)
-  const Index threads = std::min(available_threads(), count);
-  if (threads > 1) {
-#pragma omp parallel num_threads(int(threads))
-    work(queue);
-    return;
-  }
-#endif
-  if (count > 0) work(queue);
+  parallel_threads(count, [&](Index, Index) { work(queue); });
 }
 
 /// Items [0, count) cut into one contiguous share per thread. A thread claims its own share's items in increasing
@@ -133,21 +126,12 @@ class StreamQueue {
 /// claims.claim() hands out the items of a StreamQueue (own share first).
 template <class Work>
 void parallel_streams(Index count, Work&& work) {
-#if defined(MEMORYFORMER_USE_OPENMP)
-  const Index threads = std::min(available_threads(), count);
-  if (threads > 1) {
-    StreamQueue queue(count, threads);
-#pragma omp parallel num_threads(int(threads))
-    {
-      StreamQueue::Claims claims(queue, omp_get_thread_num());
-      work(claims);
-    }
-    return;
-  }
-#endif
-  StreamQueue queue(count, 1);
-  StreamQueue::Claims claims(queue, 0);
-  if (count > 0) work(claims);
+  if (count <= 0) return;
+  StreamQueue queue(count, std::min(available_threads(), count));
+  parallel_threads(count, [&](Index t, Index) {
+    StreamQueue::Claims claims(queue, t);
+    work(claims);
+  });
 }
 
 /// Like parallel_rows, but [0, rows) is cut into pieces of about `piece_rows` rows (at least one piece) that the
