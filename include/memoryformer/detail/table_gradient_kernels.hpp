@@ -67,8 +67,6 @@ struct SliceTraits<Isa::Avx2> {
 };
 #endif
 
-/// One column slice [c0, c0 + cols) for table rows [r0, r1): dT rows += Σ s·dy, and dot[e] += ⟨dy, T⟩ slice part.
-/// dyp is the slice of dy packed as [N, slice] (slice = vectors · lanes columns, zero-padded).
 #if defined(MEMORYFORMER_HAVE_AVX512)
 /// Lane j of the result = the sum of the 16 lanes of v[j] (a tree of two-source permutes: 45 instructions for 16
 /// horizontal sums instead of ~8 each). Each lane's sum depends on its own vector only, in a fixed order.
@@ -165,6 +163,7 @@ inline constexpr Index gradient_prefetch_rows = 32;
 /// added to (not read), with non-temporal stores and without a prefetch when `stream_fresh` and the slice is whole
 /// (every slice then covers whole 64-byte lines). Rows and entries are requested ahead up to used row u_ahead ≥ u1
 /// (the rows this thread takes next), so a range that ends inside a thread's share does not stall the next one.
+/// dyp is the slice of dy packed as [N, slice] (slice = vectors · lanes columns, zero-padded).
 template <Isa I>
 void gradient_slice(float* dtables, const float* tables, const std::uint8_t* touched, bool stream_fresh, Index width,
                     Index c0, Index cols, const float* dyp, const SortedContributions& sc, Index u0, Index u1,
