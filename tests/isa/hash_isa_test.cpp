@@ -134,13 +134,19 @@ TEST_P(HashIsaByTau, EveryCompiledPathMatchesScalar) {
               << mf::isa_name(isa) << " tau " << tau << " element " << i << ": " << scalar.scores.data()[i] << " vs "
               << h->scores.data()[i] << (h == &strided ? " (strided rows)" : "");
       }
-      // The backward of every path against scalar too.
+      // The backward of every path against scalar too: contiguous rows as one long row (input, dx and score
+      // gradients all contiguous), and row by row (the input and dx inside wider matrices).
       mf::Matrix<float> ds = random_input(23, chunks, 5), dx_scalar(23, chunks * tau), dx_simd(23, chunks * tau);
+      mf::Matrix<float> dx_wide = mf::Matrix<float>::Zero(x.rows(), x.cols() + 5);
       hasher.backward(dx_scalar, x, scalar, ds, mf::Isa::Scalar);
       hasher.backward(dx_simd, x, simd, ds, isa);
-      for (mf::Index i = 0; i < dx_scalar.size(); ++i)
-        ASSERT_NEAR(dx_scalar.data()[i], dx_simd.data()[i], 1e-6f * std::max(1.0f, std::abs(dx_scalar.data()[i])))
-            << mf::isa_name(isa) << " dx element " << i;
+      hasher.backward(dx_wide.leftCols(x.cols()), wide.leftCols(x.cols()), strided, ds, isa);
+      mf::Matrix<float> dx_strided = dx_wide.leftCols(x.cols());
+      for (const auto* dx : {&dx_simd, &dx_strided})
+        for (mf::Index i = 0; i < dx_scalar.size(); ++i)
+          ASSERT_NEAR(dx_scalar.data()[i], dx->data()[i], 1e-6f * std::max(1.0f, std::abs(dx_scalar.data()[i])))
+              << mf::isa_name(isa) << " dx element " << i << (dx == &dx_strided ? " (strided rows)" : "");
+      ASSERT_TRUE((dx_wide.rightCols(5).array() == 0.0f).all()) << "the backward wrote past a strided row";
     }
   }
 }

@@ -338,6 +338,18 @@ struct ChunkStats {
 /// each line, so that input already in cache costs nothing extra.
 inline constexpr Index hash_prefetch_bytes = 6144;
 
+/// Requests the input of chunks [c, c + chunks) hash_prefetch_bytes ahead of z + c·Tau: the input is read once, in
+/// order, and more of it in flight than the hardware prefetcher keeps helps when it comes from DRAM. Nothing past the
+/// row's end (block_chunks chunks) is requested.
+template <int Tau>
+inline void prefetch_input_ahead(const float* z, Index c, Index chunks, Index block_chunks) {
+  constexpr Index ahead = hash_prefetch_bytes / Index(sizeof(float));
+  if ((c + chunks) * Tau + ahead > block_chunks * Tau) return;  // the row ends within reach
+  const float* p = z + c * Tau + ahead;
+  // A fixed count of lines from p, unrolled (not prefetch_range, whose aligned runtime loop costs more here).
+  for (Index i = 0; i < chunks * Tau; i += 16) prefetch_line(p + i);
+}
+
 /// Codes and scores of one row's chunks [0, block_chunks) (a multiple of VectorOps<I>::n); contiguous rows come
 /// here as one row.
 template <Isa I, int Tau, bool L1>
@@ -350,15 +362,7 @@ inline void hash_row_transposed(std::int32_t* codes, float* scores, const float*
     O::store_int(codes + c, B::to_chunk_order(st.code));
     O::store(scores + c, B::to_chunk_order(st.scores()));
   };
-  // The input is read once, in order: requests hash_prefetch_bytes ahead, on top of the hardware prefetcher's, keep
-  // more of it in flight when it comes from DRAM (never past the row's end).
-  auto prefetch_ahead = [&](Index c, Index chunks) {
-    constexpr Index ahead = hash_prefetch_bytes / Index(sizeof(float));
-    if ((c + chunks) * Tau + ahead > block_chunks * Tau) return;  // the row ends within reach
-    const float* p = z + c * Tau + ahead;
-    // A fixed count of lines from p, unrolled (not prefetch_range, whose aligned runtime loop costs more here).
-    for (Index i = 0; i < chunks * Tau; i += 16) prefetch_line(p + i);
-  };
+  auto prefetch_ahead = [&](Index c, Index chunks) { prefetch_input_ahead<Tau>(z, c, chunks, block_chunks); };
   // AVX-512: two blocks per step. One block is a long dependency chain (transpose, exponentials, the product, a
   // division); written side by side, two chains hide each other's latency. Three or four blocks run out of vector
   // registers, and so do two on AVX2's 16 registers, which keep one.
@@ -392,6 +396,7 @@ inline void hash_backward_row_transposed(float* dz, const float* z, const float*
   const V factor = O::set1(arg.factor), max_abs = O::set1(arg.max_abs);
   const V one = O::set1(1.0f), two = O::set1(2.0f), two_over_t = O::set1(-arg.neg_scale);
   for (Index c = 0; c < block_chunks; c += O::n) {
+    prefetch_input_ahead<Tau>(z, c, O::n, block_chunks);
     V zt[Tau], dzt[Tau];
     B::load(z + c * Tau, zt);
     const ChunkStats<I, Tau, L1> st(zt, factor, max_abs);
@@ -454,6 +459,12 @@ void hash_backward_rows(Scalar* dx, Index dx_stride, const Scalar* x, Index x_st
   alignas(64) Scalar e[block_chunks * Tau];
   const ExpArgument<Scalar> arg(neg_scale);
   const Scalar two_over_t = -neg_scale;  // neg_scale = −2/t
+  // Contiguous rows (input, output and score gradients) are one long row, as in hash_rows: the input requests ahead
+  // then run across rows instead of stopping at each row's end.
+  if (x_stride == tables * Tau && dx_stride == tables * Tau && dscores_stride == tables) {
+    tables *= rows;
+    rows = 1;
+  }
   for (Index n = 0; n < rows; ++n) {
     const Scalar* z = x + n * x_stride;
     Scalar* dz = dx + n * dx_stride;
