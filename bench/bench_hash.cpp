@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // SignHasher throughput (design §1.2, §1.4, §1.6): bytes/s of float32 input, tokens/s, for both score kinds and ISA
 // paths, and of its backward with the input in cache or read from memory.
-// Names: hash/forward/d_in:…/tau:…/N:…/score:{l1,paper}/isa:…, hash/backward/d_in:…/tau:…/N:…/isa:…/input:{cache,memory}.
+// Names: hash/forward/d_in:…/tau:…/N:…/score:{l1,paper}/isa:…,
+//        hash/backward/d_in:…/tau:…/N:…/isa:…/input:{cache,memory}.
 #include <algorithm>
 #include <string>
 #include <vector>

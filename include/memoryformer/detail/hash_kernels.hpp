@@ -362,14 +362,13 @@ inline void hash_row_transposed(std::int32_t* codes, float* scores, const float*
     O::store_int(codes + c, B::to_chunk_order(st.code));
     O::store(scores + c, B::to_chunk_order(st.scores()));
   };
-  auto prefetch_ahead = [&](Index c, Index chunks) { prefetch_input_ahead<Tau>(z, c, chunks, block_chunks); };
   // AVX-512: two blocks per step. One block is a long dependency chain (transpose, exponentials, the product, a
   // division); written side by side, two chains hide each other's latency. Three or four blocks run out of vector
   // registers, and so do two on AVX2's 16 registers, which keep one.
   Index c = 0;
   if constexpr (I == Isa::Avx512) {
     for (; c + 2 * O::n <= block_chunks; c += 2 * O::n) {
-      prefetch_ahead(c, 2 * O::n);
+      prefetch_input_ahead<Tau>(z, c, 2 * O::n, block_chunks);
       typename O::V first[Tau], second[Tau];
       B::load(z + c * Tau, first);
       B::load(z + (c + O::n) * Tau, second);
@@ -379,7 +378,7 @@ inline void hash_row_transposed(std::int32_t* codes, float* scores, const float*
     }
   }
   for (; c < block_chunks; c += O::n) {
-    prefetch_ahead(c, O::n);
+    prefetch_input_ahead<Tau>(z, c, O::n, block_chunks);
     typename O::V zt[Tau];
     B::load(z + c * Tau, zt);
     store(c, ChunkStats<I, Tau, L1>(zt, factor, max_abs));
