@@ -14,6 +14,15 @@
 namespace mfbench {
 namespace {
 
+/// Throughput of a call on n tokens of d_in float32 inputs: bytes/s of input (SetBytesProcessed), tokens/s
+/// (SetItemsProcessed) and time_per_token.
+inline void set_hash_counters(benchmark::State& st, Index n, Index d_in) {
+  st.SetBytesProcessed(st.iterations() * static_cast<std::int64_t>(n * d_in * Index(sizeof(float))));
+  st.SetItemsProcessed(st.iterations() * static_cast<std::int64_t>(n));
+  st.counters["time_per_token"] =
+      benchmark::Counter(double(n), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+}
+
 /// SignHasher::hash alone: codes and scores of x [N, d] (d a multiple of τ). Throughput in bytes/s of float32
 /// input via SetBytesProcessed; tokens/s via SetItemsProcessed.
 inline void bm_hash(benchmark::State& st, Index n, Index d, int tau, memoryformer::ScoreKind score,
@@ -29,10 +38,7 @@ inline void bm_hash(benchmark::State& st, Index n, Index d, int tau, memoryforme
     benchmark::DoNotOptimize(cache.scores.data());
     benchmark::ClobberMemory();
   }
-  st.SetBytesProcessed(st.iterations() * static_cast<std::int64_t>(n * d_in * Index(sizeof(float))));
-  st.SetItemsProcessed(st.iterations() * static_cast<std::int64_t>(n));
-  st.counters["time_per_token"] =
-      benchmark::Counter(double(n), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  set_hash_counters(st, n, d_in);
   st.counters["K"] = double(d_in / tau);
 }
 
@@ -70,10 +76,7 @@ inline void bm_hash_backward(benchmark::State& st, Index n, Index d, int tau, me
     benchmark::DoNotOptimize(set.dx.data());
     benchmark::ClobberMemory();
   }
-  st.SetBytesProcessed(st.iterations() * static_cast<std::int64_t>(n * d_in * Index(sizeof(float))));
-  st.SetItemsProcessed(st.iterations() * static_cast<std::int64_t>(n));
-  st.counters["time_per_token"] =
-      benchmark::Counter(double(n), benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  set_hash_counters(st, n, d_in);
 }
 
 }  // namespace
