@@ -74,9 +74,10 @@ TEST(NnRope, MatchesNeoxReferenceWithBatchHeadsAndTail) {
 }
 
 TEST(NnRope, HalvesLongerThanOnePieceMatchTheReferenceInPlace) {
-  // Rotations of 2·19 and 2·32 dims: the rows are rotated in pieces of 16 pairs, so these cover a whole piece
-  // followed by a partial one, and whole pieces only; in place as the attention calls it, and out of place.
-  for (const mf::Index R : {mf::Index(38), mf::Index(64)}) {
+  // Rotations of 2·8, 2·19 and 2·32 dims: the rows are rotated in pieces of 8 pairs, so these cover one piece (the
+  // models' default: a quarter of a 64-wide head), whole pieces followed by a partial one, and whole pieces only; in
+  // place as the blocks call it, and out of place.
+  for (const mf::Index R : {mf::Index(16), mf::Index(38), mf::Index(64)}) {
     const mf::Index batch = 2, seq = 5, heads = 2, d = heads * 70, offset = 3;
     mf::Rotary<double> rope(d, heads, R);
     const auto x = random_matrix(batch * seq, d, 9);

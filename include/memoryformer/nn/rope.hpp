@@ -117,24 +117,35 @@ class Rotary {
 
   // cos_row/sin_row hold cos(angle_i), sign·sin(angle_i) for i < half.
   void rotate_row(Scalar* out, const Scalar* in, const Scalar* cos_row, const Scalar* sin_row) const {
-    constexpr Index piece = 16;
+    constexpr Index piece = 8;
     const Index half = rotary_dims_ / 2;
     for (Index h = 0; h < heads_; ++h) {
       const Scalar* a = in + h * head_dim_;
       const Scalar* b = a + half;
       Scalar* out_a = out + h * head_dim_;
       Scalar* out_b = out_a + half;
-      // Both halves of a piece are computed into locals before either is stored: out may be in, and with the
-      // stores in the same loop the compiler could not vectorise the loop (it must assume they overlap the loads).
-      for (Index i0 = 0; i0 < half; i0 += piece) {
-        const Index count = std::min(piece, half - i0);
+      // A piece's inputs are copied to locals and both halves computed there before either is stored: out may be
+      // in, and with loads and stores on possibly overlapping memory the compiler could not vectorise the piece.
+      Index i0 = 0;
+      for (; i0 + piece <= half; i0 += piece) {
+        Scalar va[piece], vb[piece], vc[piece], vs[piece];
+        std::copy_n(a + i0, piece, va);
+        std::copy_n(b + i0, piece, vb);
+        std::copy_n(cos_row + i0, piece, vc);
+        std::copy_n(sin_row + i0, piece, vs);
         Scalar rotated_a[piece], rotated_b[piece];
-        for (Index i = 0; i < count; ++i) {
-          rotated_a[i] = a[i0 + i] * cos_row[i0 + i] - b[i0 + i] * sin_row[i0 + i];
-          rotated_b[i] = b[i0 + i] * cos_row[i0 + i] + a[i0 + i] * sin_row[i0 + i];
+        for (Index i = 0; i < piece; ++i) {
+          rotated_a[i] = va[i] * vc[i] - vb[i] * vs[i];
+          rotated_b[i] = vb[i] * vc[i] + va[i] * vs[i];
         }
-        std::copy_n(rotated_a, count, out_a + i0);
-        std::copy_n(rotated_b, count, out_b + i0);
+        std::copy_n(rotated_a, piece, out_a + i0);
+        std::copy_n(rotated_b, piece, out_b + i0);
+      }
+      for (; i0 < half; ++i0) {
+        const Scalar ra = a[i0] * cos_row[i0] - b[i0] * sin_row[i0];
+        const Scalar rb = b[i0] * cos_row[i0] + a[i0] * sin_row[i0];
+        out_a[i0] = ra;
+        out_b[i0] = rb;
       }
       if (out != in) std::copy(a + rotary_dims_, a + head_dim_, out_a + rotary_dims_);
     }
