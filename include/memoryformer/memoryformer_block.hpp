@@ -158,11 +158,12 @@ class MemoryFormerBlock {
     for (Matrix<Scalar>* m : {&c.a, &c.q, &c.k, &c.v, &c.ctx, &c.h, &c.b}) m->resize(n, d);
     norm1_.forward(c.a, x, c.norm1);
     hasher_.hash(c.hash, c.a);
+    // Each rotation right after its product, while the product's rows are still in the core's cache.
     q_.forward_hashed(c.q, c.hash);
-    k_.forward_hashed(c.k, c.hash);
-    v_.forward_hashed(c.v, c.hash);
     rotary_.forward(c.q, c.q, batch, seq, 0);
+    k_.forward_hashed(c.k, c.hash);
     rotary_.forward(c.k, c.k, batch, seq, 0);
+    v_.forward_hashed(c.v, c.hash);
     attention_forward<Scalar>(c.ctx, c.q, c.k, c.v, batch, seq, config_.heads, c.attention);
     if (output_) {
       output_->forward(c.h, c.ctx);
@@ -199,13 +200,14 @@ class MemoryFormerBlock {
     if (output_) output_->backward(tmp_, c.ctx, dh_);
     const Matrix<Scalar>& dctx = output_ ? tmp_ : dh_;
     attention_backward<Scalar>(dq_, dk_, dv_, c.q, c.k, c.v, dctx, c.attention);
-    rotary_.backward(dq_, dq_, c.batch, c.seq, 0);
-    rotary_.backward(dk_, dk_, c.batch, c.seq, 0);
     // One hash feeds Q, K and V: its pairs are sorted by table row once for the three (design §1.6), and their score
-    // gradients add up before one pass through the hasher.
+    // gradients add up before one pass through the hasher. Each rotation runs right before the lookup that reads its
+    // result, which then finds it in the core's cache.
     dscores_.setZero(c.hash.rows, c.hash.tables);
     qkv_sort_.current = false;
+    rotary_.backward(dq_, dq_, c.batch, c.seq, 0);
     q_.backward_lookup(dscores_, dq_, c.hash, best_isa(), &qkv_sort_);
+    rotary_.backward(dk_, dk_, c.batch, c.seq, 0);
     k_.backward_lookup(dscores_, dk_, c.hash, best_isa(), &qkv_sort_);
     v_.backward_lookup(dscores_, dv_, c.hash, best_isa(), &qkv_sort_);
     hasher_.backward(da_, c.a, c.hash, dscores_);

@@ -189,11 +189,12 @@ class TransformerBlock {
     cache.act.resize(n, f);
 
     ln1_.forward(cache.a, x, cache.ln1);
+    // Each rotation right after its product, while the product's rows are still in the core's cache.
     q_.forward(cache.q, cache.a);
-    k_.forward(cache.k, cache.a);
-    v_.forward(cache.v, cache.a);
     rotary_.forward(cache.q, cache.q, batch, seq, 0);
+    k_.forward(cache.k, cache.a);
     rotary_.forward(cache.k, cache.k, batch, seq, 0);
+    v_.forward(cache.v, cache.a);
     attention_forward<Scalar>(cache.ctx, cache.q, cache.k, cache.v, batch, seq, config_.heads, cache.attn);
     o_.forward(cache.h, cache.ctx);
     // Every read of x happens before y is written, so y may be x.
@@ -250,10 +251,11 @@ class TransformerBlock {
     // Attention branch, from dres down to dL/da.
     o_.backward(da_, cache.ctx, dres);  // da_ temporarily holds dctx
     attention_backward<Scalar>(dq_, dk_, dv_, cache.q, cache.k, cache.v, da_, cache.attn);
+    // Linear::backward overwrites its dx, so the three input gradients are summed through scratch buffers. Each
+    // rotation runs right before the product that reads its result.
     rotary_.backward(dq_, dq_, cache.batch, cache.seq, 0);
-    rotary_.backward(dk_, dk_, cache.batch, cache.seq, 0);
-    // Linear::backward overwrites its dx, so the three input gradients are summed through scratch buffers.
     q_.backward(da_, cache.a, dq_);
+    rotary_.backward(dk_, dk_, cache.batch, cache.seq, 0);
     k_.backward(dq_, cache.a, dk_);
     detail::parallel_add<Scalar>(da_, dq_);
     v_.backward(dq_, cache.a, dv_);
