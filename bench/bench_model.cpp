@@ -5,7 +5,8 @@
 // ratio compares both models in the same machine state:
 //   prefill  LanguageModel::forward of one sequence of s tokens (logits of every position)
 //   decode   LanguageModel::forward_decode of one token after context − 1 cached tokens (KV caches truncated back
-//            after every step; successive steps take successive tokens of a pool)
+//            after every step; successive steps take successive tokens of a pool), 16 tokens of one model in a row
+//            per pair (kDecodeRun), as a generation loop runs them
 //   train    one Trainer step without the data sampling: zero_grad, forward_loss, backward and AdamW::step_fused
 //            (clip 1.0) with the Trainer's AdamW options (row-sparse tables), which keeps the tables' packed copy
 //            that prefill reads current (TrainerOptions::packed_tables), seq 256 × batch 8
@@ -324,6 +325,11 @@ int run_peak_child(const ModelShape& m, const ModelRow& row) {
 
 // ------------------------------------------------------------------------------------------------ benchmark
 
+/// Tokens each model decodes in a row per pair in the decode rows: a generation loop runs one model token after token,
+/// and alternating single tokens would instead time each token after the other model's pass, which evicts the KV
+/// cache and table rows from the caches (the dense model streams all its weights for every token).
+constexpr int kDecodeRun = 16;
+
 void bm_model_paired(benchmark::State& st, ModelShape m, ModelRow row, bool peak) {
   const double mf_peak = peak ? measure_peak(true, m, row) : 0.0;
   const double dense_peak = peak ? measure_peak(false, m, row) : 0.0;
@@ -350,7 +356,8 @@ void bm_model_paired(benchmark::State& st, ModelShape m, ModelRow row, bool peak
     x.dense->call(row);
     candidate();
   }
-  run_paired(st, row.threads == 1, "x_dense", [&] { x.dense->call(row); }, candidate);
+  run_paired(st, row.threads == 1, "x_dense", [&] { x.dense->call(row); }, candidate,
+             row.mode == ModelMode::Decode ? kDecodeRun : 1);
   set_threads(1);
   const double tokens = tokens_per_call(row);
   const double dense_ms = st.counters["baseline_ms"], mf_ms = st.counters["candidate_ms"];
