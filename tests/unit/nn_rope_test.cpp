@@ -174,6 +174,28 @@ TEST(NnRope, InPlaceAndFloat) {
   EXPECT_LE((yf.cast<double>() - y).cwiseAbs().maxCoeff(), 1e-5);
 }
 
+TEST(NnRope, FloatPiecesMatchTheReference) {
+  // Float, as the models run it: 4 heads of 64 with 8 pairs per head (one whole piece, the models' default) and 19
+  // (two pieces and a remainder), in place and out of place, against the double reference; backward undoes forward.
+  for (const mf::Index R : {mf::Index(16), mf::Index(38)}) {
+    const mf::Index batch = 2, seq = 9, heads = 4, d = heads * 64, offset = 5;
+    mf::Rotary<float> rope(d, heads, R);
+    const auto x = random_matrix(batch * seq, d, 12);
+    std::vector<double> pos;
+    for (mf::Index b = 0; b < batch; ++b)
+      for (mf::Index t = 0; t < seq; ++t) pos.push_back(double(offset + t));
+    const auto expect = neox_reference(x, heads, R, pos);
+    const mf::Matrix<float> xf = x.cast<float>();
+    mf::Matrix<float> y(batch * seq, d), z = xf;
+    rope.forward(y, xf, batch, seq, offset);
+    rope.forward(z, z, batch, seq, offset);
+    EXPECT_LE((y.cast<double>() - expect).cwiseAbs().maxCoeff(), 1e-5) << "R = " << R;
+    EXPECT_EQ(z, y) << "R = " << R;
+    rope.backward(z, z, batch, seq, offset);
+    EXPECT_LE((z - xf).cwiseAbs().maxCoeff(), 1e-5f) << "R = " << R;
+  }
+}
+
 TEST(NnRope, BadConfigAndShapesThrow) {
   expect_throw_with([] { mf::Rotary<double>(16, 2, 3); }, "rotary_dims = 3 must be even");
   EXPECT_THROW(mf::Rotary<double>(16, 2, 3), mf::ConfigError);
