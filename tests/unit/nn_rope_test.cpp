@@ -21,6 +21,14 @@ namespace {
 
 
 
+/// Positions of batch-major rows: row b·seq + t of every sequence is at offset + t.
+std::vector<double> sequence_positions(mf::Index batch, mf::Index seq, mf::Index offset) {
+  std::vector<double> pos;
+  for (mf::Index b = 0; b < batch; ++b)
+    for (mf::Index t = 0; t < seq; ++t) pos.push_back(double(offset + t));
+  return pos;
+}
+
 // GPT-NeoX written as in its PyTorch code: emb = cat(freqs, freqs); rotate_half(r) = cat(−r2, r1);
 // out = r·cos(emb) + rotate_half(r)·sin(emb), on the first R dims of each head.
 mf::Matrix<double> neox_reference(const mf::Matrix<double>& x, mf::Index heads, mf::Index R, std::vector<double> pos,
@@ -64,10 +72,7 @@ TEST(NnRope, MatchesNeoxReferenceWithBatchHeadsAndTail) {
   const auto x = random_matrix(batch * seq, d, 1);
   mf::Matrix<double> y(batch * seq, d);
   rope.forward(y, x, batch, seq, offset);
-  std::vector<double> pos;
-  for (mf::Index b = 0; b < batch; ++b)
-    for (mf::Index t = 0; t < seq; ++t) pos.push_back(double(offset + t));
-  const auto expect = neox_reference(x, heads, R, pos);
+  const auto expect = neox_reference(x, heads, R, sequence_positions(batch, seq, offset));
   EXPECT_LE((y - expect).cwiseAbs().maxCoeff(), 1e-13);
   // Non-rotary dims pass through untouched.
   for (mf::Index h = 0; h < heads; ++h) EXPECT_EQ(y.middleCols(h * 10 + R, 10 - R), x.middleCols(h * 10 + R, 10 - R));
@@ -81,10 +86,7 @@ TEST(NnRope, HalvesLongerThanOnePieceMatchTheReferenceInPlace) {
     const mf::Index batch = 2, seq = 5, heads = 2, d = heads * 70, offset = 3;
     mf::Rotary<double> rope(d, heads, R);
     const auto x = random_matrix(batch * seq, d, 9);
-    std::vector<double> pos;
-    for (mf::Index b = 0; b < batch; ++b)
-      for (mf::Index t = 0; t < seq; ++t) pos.push_back(double(offset + t));
-    const auto expect = neox_reference(x, heads, R, pos);
+    const auto expect = neox_reference(x, heads, R, sequence_positions(batch, seq, offset));
     mf::Matrix<double> y(batch * seq, d), z = x;
     rope.forward(y, x, batch, seq, offset);
     rope.forward(z, z, batch, seq, offset);
@@ -181,10 +183,7 @@ TEST(NnRope, FloatPiecesMatchTheReference) {
     const mf::Index batch = 2, seq = 9, heads = 4, d = heads * 64, offset = 5;
     mf::Rotary<float> rope(d, heads, R);
     const auto x = random_matrix(batch * seq, d, 12);
-    std::vector<double> pos;
-    for (mf::Index b = 0; b < batch; ++b)
-      for (mf::Index t = 0; t < seq; ++t) pos.push_back(double(offset + t));
-    const auto expect = neox_reference(x, heads, R, pos);
+    const auto expect = neox_reference(x, heads, R, sequence_positions(batch, seq, offset));
     const mf::Matrix<float> xf = x.cast<float>();
     mf::Matrix<float> y(batch * seq, d), z = xf;
     rope.forward(y, xf, batch, seq, offset);
