@@ -94,20 +94,20 @@ TEST(AttentionIsa, ExpRowIsBitIdenticalToScalarAndWithinItsBound) {
   EXPECT_EQ(row[3], 1.0f);
 }
 
-TEST(AttentionIsa, PackedKeysAreTheTransposeOnEveryPath) {
+TEST(AttentionIsa, PackedRowsAreTheTransposeOnEveryPath) {
   // Keys inside a wider row (the heads of a [count, d] matrix), counts and head sizes with and without whole
   // vector blocks; the columns past count must be zero.
   for (const mf::Index count : {1, 7, 16, 37, 64, 100})
     for (const mf::Index dh : {8, 16, 24, 64, 80}) {
       const mf::Matrix<float> all = random_matrix<float>(count, 3 * dh, 5);
       const auto K = all.middleCols(dh, dh);
-      const mf::Index ld = md::packed_keys_ld(count);
+      const mf::Index ld = count + 19;  // columns past count, not a whole number of vectors
       for (const mf::Isa path : {best, mf::Isa::Scalar}) {
         std::vector<float> out(std::size_t(dh * ld), std::numeric_limits<float>::quiet_NaN());
         if (path == mf::Isa::Scalar)
-          md::pack_transposed_keys<mf::Isa::Scalar>(out.data(), ld, K, count);
+          md::pack_transposed_rows<mf::Isa::Scalar>(out.data(), ld, K, count);
         else
-          md::pack_transposed_keys<best>(out.data(), ld, K, count);
+          md::pack_transposed_rows<best>(out.data(), ld, K, count);
         for (mf::Index c = 0; c < dh; ++c)
           for (mf::Index j = 0; j < ld; ++j)
             ASSERT_EQ(out[std::size_t(c * ld + j)], j < count ? K(j, c) : 0.0f)

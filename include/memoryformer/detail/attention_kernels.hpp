@@ -3,12 +3,13 @@
 // A (sequence, head) is cut into query tiles and key tiles of attention_tile rows. Forward keeps, per
 // query row, a running maximum m and sum l of the exponentials and an unnormalised output, so no s × s matrix
 // exists; backward recomputes the probabilities of one tile at a time from the log-sum-exp the forward kept.
-// Tiles wholly above the causal diagonal are never visited; the diagonal tile is masked row by row in the loop.
+// Tiles wholly above the causal diagonal are never visited; the diagonal tile is masked in the loop.
 // The products inside a tile: in float on a vector ISA with dh a multiple of the vector width, tile_product, a
-// register-blocked kernel (6 rows × 64 columns of accumulators on AVX-512) reading a Kᵀ packed once per head,
-// which beats Eigen's general product at these 64-sized operands because it packs nothing per call; otherwise
-// (double, the scalar path, other dh) Eigen's products of the tile blocks. The exponentials of a tile row go
-// through exp_shifted_row, vectorised per ISA with fast_exp.hpp's exponential (float) and bit-identical to its
+// register-blocked kernel (6 rows × 64 columns of accumulators on AVX-512) whose B operand is a tile transposed
+// once (Qᵀ of the query tile in forward and decode, which then keep the scores key-major; Kᵀ and Vᵀ of the key tile
+// in backward), which beats Eigen's general product at these 64-sized operands because it packs nothing per call;
+// otherwise (double, the scalar path, other dh) Eigen's products of the tile blocks. The exponentials go through
+// fast_exp.hpp's exponential (float), vectorised per ISA; exp_shifted_row's vector paths are bit-identical to its
 // scalar path. Every work item is computed by one thread in a fixed order: the bits do not depend on the thread
 // count.
 #pragma once
@@ -157,11 +158,12 @@ inline void tile_product(float* C, Index ldc, const float* A, Index a_row, Index
 MEMORYFORMER_SIMD_WARNINGS_END
 #endif
 
-/// Kᵀ of keys [0, count) of one head into out [dh, ld] row-major (column j = key j), zero in columns [count, ld):
-/// the B operand of S = Q Kᵀ, packed once per head so every query tile reads it contiguously. On a vector path whole
-/// n × n blocks are transposed in registers (transpose_block; the same values, only moved).
+/// The transpose of rows [0, count) of one head's [·, dh] block K into out [dh, ld] row-major (column j = row j),
+/// zero in columns [count, ld): the B operand of a tile product (Qᵀ of a query tile, Kᵀ or Vᵀ of a key tile), read
+/// contiguously. On a vector path whole n × n blocks are transposed in registers (transpose_block; the same values,
+/// only moved).
 template <Isa I, class Scalar, class KBlock>
-void pack_transposed_keys(Scalar* out, Index ld, const KBlock& K, Index count) {
+void pack_transposed_rows(Scalar* out, Index ld, const KBlock& K, Index count) {
   const Index dh = K.cols();
   for (Index c = 0; c < dh; ++c) std::fill(out + c * ld + count, out + (c + 1) * ld, Scalar(0));
   const Scalar* keys = K.data();  // row j at keys + j·K.outerStride()
@@ -186,17 +188,11 @@ void pack_transposed_keys(Scalar* out, Index ld, const KBlock& K, Index count) {
   }
 }
 
-/// The leading dimension of a packed Kᵀ of `count` keys: whole tiles, plus one cache line so that the dh rows do
-/// not all fall in the same cache set when a tile is a power of two bytes long.
-inline Index packed_keys_ld(Index count) {
-  return (count + attention_tile - 1) / attention_tile * attention_tile + 16;
-}
-
 /// Kᵀ of a key tile, [dh, attention_tile] row-major: column j is key k0 + j, columns past `cols` are zero (so a
 /// partial tile's products run on whole vectors).
 template <Isa I, class Scalar, class KBlock>
 void pack_transposed_tile(Scalar* out, const KBlock& K, Index k0, Index cols) {
-  pack_transposed_keys<I>(out, attention_tile, K.middleRows(k0, cols), cols);
+  pack_transposed_rows<I>(out, attention_tile, K.middleRows(k0, cols), cols);
 }
 
 /// Columns of a tile's product rounded up to whole vectors of I.
@@ -227,49 +223,94 @@ struct OnlineSoftmax {
 /// Per-thread scratch of the forward and decode kernels.
 template <class Scalar>
 struct AttentionTileScratch {
-  Matrix<Scalar> scores;  // [tile, tile] S, then P in place
+  Matrix<Scalar> scores;  // [tile, tile] S (Sᵀ on the vector path), then P in place
+  Matrix<Scalar> qt;      // [dh, tile] Qᵀ of the query rows (vector path)
 };
 
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
 MEMORYFORMER_SIMD_WARNINGS_BEGIN
-/// The online-softmax step of attend_key_range for one tile on a vector path: for every row i of S [rows, cols]
-/// (leading dimension ld) with valid(i) keys unmasked, m' = max(m, scale·max_j S), P = exp(scale·S − m') in place
-/// (zero past valid(i)), l ← l·exp(m − m') + Σ_j P, acc ← acc·exp(m − m'), m ← m'. Whole vectors of each row are
-/// reduced in registers; a row whose maximum did not grow is not rescaled (its factor would be exactly 1).
-template <Isa I, class Valid>
-void online_softmax_tile(OnlineSoftmax<float>& state, float* S, Index ld, Index rows, Index cols, float scale,
-                         Valid&& valid_of) {
+/// The online-softmax step of one key tile on a vector path, with the scores key-major: St [cols, attention_tile]
+/// holds St(j, i) = ⟨k_j, q_i⟩, so a vector holds one key's scores for consecutive queries and every reduction over
+/// keys is a lane-wise one. Query i (i < rows) sees keys j < valid(i) = clamp(offset + i + 1, 0, cols). Per query
+/// with valid(i) > 0: m' = max(m, scale·max_j St(j, i)), P(j, i) = exp(scale·St(j, i) − m') in place (zero for
+/// masked keys and for the padding queries past rows), l ← l·exp(m − m') + Σ_j P(j, i) summed in key order,
+/// acc ← acc·exp(m − m'), m ← m'; a query whose maximum did not grow is not rescaled (its factor would be exactly 1).
+/// A query with valid(i) = 0 keeps its state and gets P = 0.
+template <Isa I>
+void online_softmax_columns(OnlineSoftmax<float>& state, float* St, Index rows, Index cols, float scale,
+                            Index offset) {
   using O = VectorOps<I>;
+  constexpr Index n = O::n, ld = attention_tile;
   constexpr float none = -std::numeric_limits<float>::infinity();
   const Index dh = state.acc.cols();
-  for (Index i = 0; i < rows; ++i) {
-    float* row = S + i * ld;
-    const Index valid = valid_of(i);
-    if (valid == 0) {
-      std::fill(row, row + cols, 0.0f);
-      continue;
+  for (Index i0 = 0; i0 < rows; i0 += n) {
+    alignas(64) float valid[n], largest[n], shift[n], sum[n];
+    bool masked = false;  // some lane sees fewer than all `cols` keys
+    for (Index lane = 0; lane < n; ++lane) {
+      const Index i = i0 + lane;
+      const Index v = i < rows ? std::clamp<Index>(offset + i + 1, 0, cols) : 0;
+      valid[lane] = float(v);
+      masked = masked || v < cols;
     }
-    Index j = 0;
-    auto vmax = O::set1(none);
-    for (; j + O::n <= valid; j += O::n) vmax = O::max(vmax, O::load(row + j));
-    float largest = O::lane_max(vmax);
-    for (; j < valid; ++j) largest = std::max(largest, row[j]);
-    const float m_old = state.m(i), m_new = std::max(m_old, largest * scale);
-    exp_shifted_row<I>(row, row, valid, scale, m_new);
-    std::fill(row + valid, row + cols, 0.0f);
-    auto vsum = O::zero();
-    for (j = 0; j + O::n <= valid; j += O::n) vsum = O::add(vsum, O::load(row + j));
-    float sum = O::lane_sum(vsum);
-    for (; j < valid; ++j) sum += row[j];
-    if (m_old != none && m_new != m_old) {
-      const float alpha = std::exp(m_old - m_new);  // one per row and tile: std::exp on every path
-      state.l(i) *= alpha;
-      float* acc = state.acc.data() + i * dh;
-      const auto va = O::set1(alpha);
-      for (Index c = 0; c < dh; c += O::n) O::store(acc + c, O::mul(va, O::load(acc + c)));
+    const auto vvalid = O::load(valid), vnone = O::set1(none), vzero = O::zero();
+    auto vmax = vnone;
+    if (masked) {
+      for (Index j = 0; j < cols; ++j)
+        vmax = O::max(vmax, O::select_if_less(O::set1(float(j)), vvalid, O::load(St + j * ld + i0), vnone));
+    } else {
+      for (Index j = 0; j < cols; ++j) vmax = O::max(vmax, O::load(St + j * ld + i0));
     }
-    state.l(i) += sum;
-    state.m(i) = m_new;
+    O::store(largest, vmax);
+    for (Index lane = 0; lane < n; ++lane) {
+      const Index i = i0 + lane;
+      shift[lane] = i < rows && valid[lane] > 0 ? std::max(state.m(i), largest[lane] * scale) : 0.0f;
+    }
+    const auto vscale = O::set1(scale), vshift = O::load(shift);
+    auto vsum = vzero;
+    for (Index j = 0; j < cols; ++j) {
+      float* at = St + j * ld + i0;
+      auto p = exp_clamped<I>(O::fmsub(O::load(at), vscale, vshift));
+      if (masked) p = O::select_if_less(O::set1(float(j)), vvalid, p, vzero);
+      O::store(at, p);
+      vsum = O::add(vsum, p);
+    }
+    O::store(sum, vsum);
+    for (Index lane = 0; lane < n; ++lane) {
+      const Index i = i0 + lane;
+      if (i >= rows || valid[lane] == 0) continue;
+      const float m_old = state.m(i), m_new = shift[lane];
+      if (m_old != none && m_new != m_old) {
+        const float alpha = std::exp(m_old - m_new);  // one per query and tile: std::exp on every path
+        state.l(i) *= alpha;
+        float* acc = state.acc.data() + i * dh;
+        const auto va = O::set1(alpha);
+        for (Index c = 0; c < dh; c += n) O::store(acc + c, O::mul(va, O::load(acc + c)));
+      }
+      state.l(i) += sum[lane];
+      state.m(i) = m_new;
+    }
+  }
+}
+
+/// attend_key_range on a vector path (float, dh a multiple of the vector width): Qᵀ of the query rows is packed once,
+/// then per key tile Sᵀ = K_tile Qᵀ (its B operand, Qᵀ, stays in L1 across the tiles and K needs no packing), the
+/// key-major online softmax (online_softmax_columns), and acc += P V with P read as the transpose of Sᵀ.
+template <Isa I, class QBlock, class KBlock, class VBlock>
+void attend_key_range_columns(OnlineSoftmax<float>& state, AttentionTileScratch<float>& scratch, const QBlock& Q,
+                              Index q_position, const KBlock& K, const VBlock& V, Index k_begin, Index k_end,
+                              float scale) {
+  const Index rows = Q.rows(), dh = Q.cols();
+  const Index queries = attention_padded_cols<I>(rows);  // Sᵀ's columns: whole vectors, the padding Qᵀ's zeros
+  scratch.qt.resize(dh, attention_tile);
+  pack_transposed_rows<I>(scratch.qt.data(), attention_tile, Q, rows);
+  float* const St = scratch.scores.data();  // [cols, attention_tile]
+  for (Index k0 = k_begin; k0 < k_end; k0 += attention_tile) {
+    const Index cols = std::min(attention_tile, k_end - k0);
+    tile_product<I>(St, attention_tile, K.data() + k0 * K.outerStride(), K.outerStride(), 1, scratch.qt.data(),
+                    attention_tile, cols, queries, dh, false);
+    online_softmax_columns<I>(state, St, rows, cols, scale, q_position - k0);
+    tile_product<I>(state.acc.data(), dh, St, 1, attention_tile, V.data() + k0 * V.outerStride(), V.outerStride(),
+                    rows, dh, cols, true);
   }
 }
 MEMORYFORMER_SIMD_WARNINGS_END
@@ -278,45 +319,28 @@ MEMORYFORMER_SIMD_WARNINGS_END
 /// Folds keys [k_begin, k_end) of one head into `state` for the query rows Q (query row i at position
 /// q_position + i, which attends keys at positions ≤ q_position + i); K and V hold that head's keys and values at
 /// positions 0 … (row index). Per key tile: S = Q Kᵀ, m' = max(m, scale·max_j S), P = exp(scale·S − m'),
-/// l ← l·exp(m − m') + Σ_j P, acc ← acc·exp(m − m') + P V, m ← m'.
-/// kt: the head's Kᵀ packed by pack_transposed_keys (leading dimension kt_ld ≥ k_end rounded up to a whole tile)
-/// for the vector path's tile_product, or nullptr for Eigen's products.
+/// l ← l·exp(m − m') + Σ_j P, acc ← acc·exp(m − m') + P V, m ← m'. Float with dh a multiple of a vector ISA's width
+/// goes through attend_key_range_columns; otherwise Eigen's products of the tile blocks.
 template <Isa I, class Scalar, class QBlock, class KBlock, class VBlock>
 void attend_key_range(OnlineSoftmax<Scalar>& state, AttentionTileScratch<Scalar>& scratch, const QBlock& Q,
-                      Index q_position, const KBlock& K, const VBlock& V, Index k_begin, Index k_end, Scalar scale,
-                      const Scalar* kt, Index kt_ld) {
-  const Index rows = Q.rows(), dh = Q.cols();
+                      Index q_position, const KBlock& K, const VBlock& V, Index k_begin, Index k_end, Scalar scale) {
+  const Index rows = Q.rows();
   const Index last_position = q_position + rows - 1;
-  const bool vector_path = kt != nullptr;
-  (void)kt_ld, (void)dh;  // read by the vector path only
   k_end = std::min(k_end, last_position + 1);  // key tiles wholly above the diagonal are skipped
+  if (k_begin >= k_end) return;
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+  if constexpr (attention_vector_path_compiled<I, Scalar>()) {
+    if (attention_vector_path<I, Scalar>(Q.cols()))
+      return attend_key_range_columns<I>(state, scratch, Q, q_position, K, V, k_begin, k_end, scale);
+  }
+#endif
   for (Index k0 = k_begin; k0 < k_end; k0 += attention_tile) {
     const Index cols = std::min(attention_tile, k_end - k0);
     auto S = scratch.scores.topLeftCorner(rows, cols);  // [rows, cols], leading dimension attention_tile
-    if (vector_path) {
-#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
-      if constexpr (attention_vector_path_compiled<I, Scalar>()) {
-        tile_product<I>(S.data(), attention_tile, Q.data(), Q.outerStride(), 1, kt + k0, kt_ld, rows,
-                        attention_padded_cols<I>(cols), dh, false);
-      }
-#endif
-    } else {
-      S.noalias() = Q * K.middleRows(k0, cols).transpose();
-    }
+    S.noalias() = Q * K.middleRows(k0, cols).transpose();
     // Keys k0 … k0 + valid(i) − 1 are at or before query i's position: the causal mask of this tile, row by row.
-    auto valid_of = [&](Index i) { return std::clamp<Index>(q_position + i - k0 + 1, 0, cols); };
-#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
-    if constexpr (attention_vector_path_compiled<I, Scalar>()) {
-      if (vector_path) {
-        online_softmax_tile<I>(state, S.data(), attention_tile, rows, cols, scale, valid_of);
-        tile_product<I>(state.acc.data(), dh, S.data(), attention_tile, 1, V.data() + k0 * V.outerStride(),
-                        V.outerStride(), rows, dh, cols, true);
-        continue;
-      }
-    }
-#endif
     for (Index i = 0; i < rows; ++i) {
-      const Index valid = valid_of(i);
+      const Index valid = std::clamp<Index>(q_position + i - k0 + 1, 0, cols);
       Scalar* row = S.row(i).data();
       if (valid == 0) {
         S.row(i).setZero();
@@ -368,17 +392,6 @@ void flash_attention_forward(MatrixRef<Scalar> out, Matrix<Scalar>& lse, const C
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
   const Index tiles = (seq + attention_tile - 1) / attention_tile;
   lse.resize(batch * heads, seq);
-  // Vector path: Kᵀ of every head packed once ([batch·heads][dh, kt_ld], O(seq·d)), then read by every query
-  // tile of that head.
-  const bool vector_path = attention_vector_path<I, Scalar>(dh);
-  const Index kt_ld = packed_keys_ld(seq);
-  std::vector<Scalar> kt(vector_path ? size_t(batch * heads * dh * kt_ld) : 0);
-  if (vector_path)
-    parallel_claims(batch * heads, [&](WorkQueue& queue) {
-      for (Index bh = queue.claim(); bh >= 0; bh = queue.claim())
-        pack_transposed_keys<I>(kt.data() + bh * dh * kt_ld, kt_ld,
-                                k.block((bh / heads) * seq, (bh % heads) * dh, seq, dh), seq);
-    });
   parallel_claims(batch * heads * tiles, [&](WorkQueue& queue) {
     OnlineSoftmax<Scalar> state;
     AttentionTileScratch<Scalar> scratch;
@@ -393,8 +406,7 @@ void flash_attention_forward(MatrixRef<Scalar> out, Matrix<Scalar>& lse, const C
       const auto K = k.block(b * seq, h * dh, seq, dh);         // [seq, dh]
       const auto V = v.block(b * seq, h * dh, seq, dh);         // [seq, dh]
       state.reset(rows, dh);
-      attend_key_range<I>(state, scratch, Q, q0, K, V, 0, q0 + rows, scale,
-                          vector_path ? kt.data() + bh * dh * kt_ld : nullptr, kt_ld);
+      attend_key_range<I>(state, scratch, Q, q0, K, V, 0, q0 + rows, scale);
       for (Index i = 0; i < rows; ++i) {
         out.row(b * seq + q0 + i).segment(h * dh, dh) = state.acc.row(i) * (Scalar(1) / state.l(i));
         lse(bh, q0 + i) = state.m(i) + std::log(state.l(i));
@@ -608,17 +620,6 @@ void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>&
   const Index block_keys = tiles == 1 ? attention_decode_key_block : length;
   const Index groups = batch * heads * tiles;
   std::vector<OnlineSoftmax<Scalar>> partial(size_t(groups * blocks));
-  // Several query tiles (a prefill through the cache): Kᵀ packed once per head as in forward. A few new tokens
-  // read each key once, so packing would double the traffic: Eigen's products then.
-  const bool vector_path = tiles > 1 && attention_vector_path<I, Scalar>(dh);
-  const Index kt_ld = packed_keys_ld(length);
-  std::vector<Scalar> kt(vector_path ? size_t(batch * heads * dh * kt_ld) : 0);
-  if (vector_path)
-    parallel_claims(batch * heads, [&](WorkQueue& queue) {
-      for (Index bh = queue.claim(); bh >= 0; bh = queue.claim())
-        pack_transposed_keys<I>(kt.data() + bh * dh * kt_ld, kt_ld,
-                                keys(bh / heads).middleCols((bh % heads) * dh, dh), length);
-    });
   parallel_claims(groups * blocks, [&](WorkQueue& queue) {
     AttentionTileScratch<Scalar> scratch;
     scratch.scores.resize(attention_tile, attention_tile);
@@ -633,8 +634,7 @@ void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>&
       auto& state = partial[size_t(item)];
       state.reset(rows, dh);
       const Index k0 = block * block_keys, k1 = std::min(length, k0 + block_keys);
-      attend_key_range<I>(state, scratch, Q, first + q0, K, V, k0, k1, scale,
-                          vector_path ? kt.data() + bh * dh * kt_ld : nullptr, kt_ld);
+      attend_key_range<I>(state, scratch, Q, first + q0, K, V, k0, k1, scale);
     }
   });
   parallel_claims(groups, [&](WorkQueue& queue) {
@@ -703,14 +703,10 @@ void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<floa
   const Index block_keys = tiles == 1 ? attention_decode_key_block : length;
   const Index groups = batch * heads * tiles;
   std::vector<OnlineSoftmax<float>> partial(size_t(groups * blocks));
-  // Several query tiles: the block is the whole cache, so its Kᵀ is packed for tile_product as in forward.
-  const bool vector_path = tiles > 1 && attention_vector_path<I, float>(dh);
-  const Index kt_ld = packed_keys_ld(block_keys);
   parallel_claims(groups * blocks, [&](WorkQueue& queue) {
     AttentionTileScratch<float> scratch;
     scratch.scores.resize(attention_tile, attention_tile);
-    Matrix<float> K, V;      // [count, dh] the widened keys and values of the item's block
-    std::vector<float> kt;  // [dh, kt_ld] Kᵀ of the block (vector path)
+    Matrix<float> K, V;  // [count, dh] the widened keys and values of the item's block
     for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
       const Index group = item / blocks, block = item % blocks;
       const Index bh = group / tiles, tile = group % tiles;
@@ -722,16 +718,11 @@ void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<floa
       V.resize(count, dh);
       widen_bf16_rows<I>(K.data(), keys_bf16(b), d, h * dh, k0, count, dh);
       widen_bf16_rows<I>(V.data(), values_bf16(b), d, h * dh, k0, count, dh);
-      if (vector_path) {
-        kt.resize(size_t(dh * kt_ld));
-        pack_transposed_keys<I>(kt.data(), kt_ld, K, count);
-      }
       auto& state = partial[size_t(item)];
       state.reset(rows, dh);
       // Key r of the block is at position k0 + r: the query positions are shifted by −k0 (may be negative, then
       // the query sees none of the block's keys).
-      attend_key_range<I>(state, scratch, Q, first + q0 - k0, K, V, 0, count, scale,
-                          vector_path ? kt.data() : nullptr, kt_ld);
+      attend_key_range<I>(state, scratch, Q, first + q0 - k0, K, V, 0, count, scale);
     }
   });
   parallel_claims(groups, [&](WorkQueue& queue) {

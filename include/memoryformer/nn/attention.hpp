@@ -31,8 +31,9 @@ namespace memoryformer {
  * overwritten by the caller, since it may alias q); lse(b·heads + h, i) = log Σ_{j ≤ i} exp(scale·q_i·k_j) for
  * query i of sequence b, head h. Bytes per layer: sizeof(Scalar)·batch·seq·(d + heads), i.e. linear in seq
  * (at batch 1, seq 4096, d 512, heads 8, float: 4·4096·520 = 8.5 MB), where the s × s probabilities would take
- * sizeof(Scalar)·batch·heads·seq² (537 MB). The calls themselves allocate only transient O(seq·d) workspace (a
- * packed Kᵀ, per-head gradient accumulators) and O(64²) per thread.
+ * sizeof(Scalar)·batch·heads·seq² (537 MB). The calls themselves allocate only transient workspace linear in seq
+ * (a head's gradient accumulators per thread in backward, the key blocks' partial states in decode) and O(64²)
+ * per thread.
  */
 template <std::floating_point Scalar>
 struct AttentionCache {
