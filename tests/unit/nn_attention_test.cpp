@@ -374,8 +374,9 @@ TEST(NnAttention, TiledMatchesReferenceFloat) {
 
 TEST(NnAttention, DecodeSplitOverKeyBlocksMatchesForward) {
   // A cache longer than one key block (256 keys): a prefill of 600 tokens (query tiles, no split), then single
-  // tokens and a pair, each split over three key blocks and merged.
-  const mf::Index batch = 2, seq = 603, heads = 2, d = 32, rows = batch * seq;
+  // tokens and a pair, each split over three key blocks and merged, then 40 tokens (one query tile, more rows than
+  // the in-place decode takes), split over three key blocks with the causal mask inside the last.
+  const mf::Index batch = 2, seq = 643, heads = 2, d = 32, rows = batch * seq;
   for (const bool use_float : {false, true}) {
     auto run = [&]<class Scalar>(Scalar, double tolerance) {
       const auto q = random_matrix<Scalar>(rows, d, 71, 2.0), k = random_matrix<Scalar>(rows, d, 72, 2.0),
@@ -385,7 +386,7 @@ TEST(NnAttention, DecodeSplitOverKeyBlocksMatchesForward) {
       mf::detail::reference_attention_forward<Scalar>(ref, q, k, v, batch, seq, heads, ref_cache);
       mf::KVCache<Scalar> kv(batch, seq, d);
       mf::Index pos = 0;
-      for (const mf::Index t : {600, 1, 2}) {
+      for (const mf::Index t : {600, 1, 2, 40}) {
         mf::Matrix<Scalar> out(batch * t, d);
         mf::attention_decode<Scalar>(out, token_slice(q, batch, seq, pos, t), token_slice(k, batch, seq, pos, t),
                                      token_slice(v, batch, seq, pos, t), kv, heads);
@@ -398,16 +399,16 @@ TEST(NnAttention, DecodeSplitOverKeyBlocksMatchesForward) {
 }
 
 TEST(NnAttention, DecodeWithBf16CacheEqualsFloatCacheOfRoundedKeysAndValues) {
-  // A prefill of 600 tokens (several query tiles: the packed-Kᵀ path), then single tokens and a pair split over three
-  // key blocks; dh = 16 (vector path on AVX-512 and AVX2) and dh = 10 (Eigen's products).
+  // A prefill of 600 tokens (several query tiles), then single tokens and a pair split over three key blocks, then
+  // 40 tokens (one query tile); dh = 16 (vector path on AVX-512 and AVX2) and dh = 10 (Eigen's products).
   for (const mf::Index d : {32, 20}) {
-    const mf::Index batch = 2, seq = 604, heads = 2, rows = batch * seq;
+    const mf::Index batch = 2, seq = 644, heads = 2, rows = batch * seq;
     const auto q = random_matrix<float>(rows, d, 171, 2.0), k = random_matrix<float>(rows, d, 172, 2.0),
                v = random_matrix<float>(rows, d, 173);
-    const auto bf16 = decode_steps(q, k, v, batch, seq, heads, {600, 1, 2, 1}, mf::StorageType::BF16);
-    const auto rounded = decode_steps(q, rounded_to_bf16(k), rounded_to_bf16(v), batch, seq, heads, {600, 1, 2, 1},
+    const auto bf16 = decode_steps(q, k, v, batch, seq, heads, {600, 1, 2, 1, 40}, mf::StorageType::BF16);
+    const auto rounded = decode_steps(q, rounded_to_bf16(k), rounded_to_bf16(v), batch, seq, heads, {600, 1, 2, 1, 40},
                                       mf::StorageType::F32);
-    const auto exact = decode_steps(q, k, v, batch, seq, heads, {600, 1, 2, 1}, mf::StorageType::F32);
+    const auto exact = decode_steps(q, k, v, batch, seq, heads, {600, 1, 2, 1, 40}, mf::StorageType::F32);
     for (size_t i = 0; i < bf16.size(); ++i) {
       // Same float arithmetic on the same widened values; only the order of Eigen's summation may differ.
       EXPECT_LE(relative_error(bf16[i], rounded[i]), 1e-6) << "d = " << d << ", step " << i;
