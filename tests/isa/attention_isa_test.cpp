@@ -178,7 +178,8 @@ TEST(AttentionIsa, VectorPathMatchesScalarPathAndReference) {
     }
 
     // Decode: a prefill of all but the last 3 tokens (query tiles), then 2 and 1 (key blocks, each row folded in
-    // place on a vector path), on both paths, from a float cache and from a bfloat16 one.
+    // place on a vector path); longer sequences first take 37 of those tokens as one query tile (key blocks beyond
+    // 256). On both paths, from a float cache and from a bfloat16 one.
     if (s.seq > 3) {
       const mf::Matrix<float> k_rounded = rounded_to_bf16(k), v_rounded = rounded_to_bf16(v);
       mf::Matrix<float> decoded[2][2];  // [path][float cache, bfloat16 cache]
@@ -188,7 +189,9 @@ TEST(AttentionIsa, VectorPathMatchesScalarPathAndReference) {
         mf::KVCache<float> kv(s.batch, s.seq, d), kv_bf16(s.batch, s.seq, d, mf::StorageType::BF16),
             kv_rounded(s.batch, s.seq, d);
         mf::Index pos = 0;
-        for (const mf::Index t : {s.seq - 3, mf::Index(2), mf::Index(1)}) {
+        const std::vector<mf::Index> steps = s.seq > 40 ? std::vector<mf::Index>{s.seq - 40, 37, 2, 1}
+                                                        : std::vector<mf::Index>{s.seq - 3, 2, 1};
+        for (const mf::Index t : steps) {
           auto rows_of = [&](const mf::Matrix<float>& m) {
             mf::Matrix<float> out(s.batch * t, d);
             for (mf::Index b = 0; b < s.batch; ++b) out.middleRows(b * t, t) = m.middleRows(b * s.seq + pos, t);

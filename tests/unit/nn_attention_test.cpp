@@ -373,10 +373,11 @@ TEST(NnAttention, TiledMatchesReferenceFloat) {
 }
 
 TEST(NnAttention, DecodeSplitOverKeyBlocksMatchesForward) {
-  // A cache longer than one key block (256 keys): a prefill of 600 tokens (query tiles, no split), then single
-  // tokens and a pair, each split over three key blocks and merged, then 40 tokens (one query tile, more rows than
-  // the in-place decode takes), split over three key blocks with the causal mask inside the last.
-  const mf::Index batch = 2, seq = 643, heads = 2, d = 32, rows = batch * seq;
+  // A cache longer than one key block (256 keys): a prefill of 250 tokens (query tiles, no split); 13 tokens (one
+  // query tile, more rows than the in-place decode takes) across the first key block's end, so some rows see none
+  // of the second block; 337 more through the cache (query tiles); single tokens and a pair, each split over three
+  // key blocks and merged; 37 tokens (one tile, not a whole number of vectors) over three key blocks.
+  const mf::Index batch = 2, seq = 640, heads = 2, d = 32, rows = batch * seq;
   for (const bool use_float : {false, true}) {
     auto run = [&]<class Scalar>(Scalar, double tolerance) {
       const auto q = random_matrix<Scalar>(rows, d, 71, 2.0), k = random_matrix<Scalar>(rows, d, 72, 2.0),
@@ -386,7 +387,7 @@ TEST(NnAttention, DecodeSplitOverKeyBlocksMatchesForward) {
       mf::detail::reference_attention_forward<Scalar>(ref, q, k, v, batch, seq, heads, ref_cache);
       mf::KVCache<Scalar> kv(batch, seq, d);
       mf::Index pos = 0;
-      for (const mf::Index t : {600, 1, 2, 40}) {
+      for (const mf::Index t : {250, 13, 337, 1, 2, 37}) {
         mf::Matrix<Scalar> out(batch * t, d);
         mf::attention_decode<Scalar>(out, token_slice(q, batch, seq, pos, t), token_slice(k, batch, seq, pos, t),
                                      token_slice(v, batch, seq, pos, t), kv, heads);
@@ -399,16 +400,17 @@ TEST(NnAttention, DecodeSplitOverKeyBlocksMatchesForward) {
 }
 
 TEST(NnAttention, DecodeWithBf16CacheEqualsFloatCacheOfRoundedKeysAndValues) {
-  // A prefill of 600 tokens (several query tiles), then single tokens and a pair split over three key blocks, then
-  // 40 tokens (one query tile); dh = 16 (vector path on AVX-512 and AVX2) and dh = 10 (Eigen's products).
+  // The steps of DecodeSplitOverKeyBlocksMatchesForward and one more single token: query tiles, one tile across a
+  // key block's start (rows whose positions, relative to that block, are negative), single tokens and a pair split
+  // over key blocks; dh = 16 (vector path on AVX-512 and AVX2) and dh = 10 (Eigen's products).
   for (const mf::Index d : {32, 20}) {
-    const mf::Index batch = 2, seq = 644, heads = 2, rows = batch * seq;
+    const mf::Index batch = 2, seq = 641, heads = 2, rows = batch * seq;
     const auto q = random_matrix<float>(rows, d, 171, 2.0), k = random_matrix<float>(rows, d, 172, 2.0),
                v = random_matrix<float>(rows, d, 173);
-    const auto bf16 = decode_steps(q, k, v, batch, seq, heads, {600, 1, 2, 1, 40}, mf::StorageType::BF16);
-    const auto rounded = decode_steps(q, rounded_to_bf16(k), rounded_to_bf16(v), batch, seq, heads, {600, 1, 2, 1, 40},
+    const auto bf16 = decode_steps(q, k, v, batch, seq, heads, {250, 13, 337, 1, 2, 1, 37}, mf::StorageType::BF16);
+    const auto rounded = decode_steps(q, rounded_to_bf16(k), rounded_to_bf16(v), batch, seq, heads, {250, 13, 337, 1, 2, 1, 37},
                                       mf::StorageType::F32);
-    const auto exact = decode_steps(q, k, v, batch, seq, heads, {600, 1, 2, 1, 40}, mf::StorageType::F32);
+    const auto exact = decode_steps(q, k, v, batch, seq, heads, {250, 13, 337, 1, 2, 1, 37}, mf::StorageType::F32);
     for (size_t i = 0; i < bf16.size(); ++i) {
       // Same float arithmetic on the same widened values; only the order of Eigen's summation may differ.
       EXPECT_LE(relative_error(bf16[i], rounded[i]), 1e-6) << "d = " << d << ", step " << i;
@@ -461,15 +463,15 @@ TEST(NnAttention, LongSequenceTrainsWithLinearCache) {
 
 #if defined(MEMORYFORMER_USE_OPENMP)
 TEST(NnAttention, ThreadCountDoesNotChangeBits) {
-  // 3 sequences × 2 heads × 3 query tiles (forward), 6 (sequence, head) items (backward), a decode of 2 tokens over
-  // 3 key blocks, and one of a full query tile.
+  // 3 sequences × 2 heads × 3 query tiles (forward), 6 (sequence, head) items (backward), a prefill through the
+  // cache, and decodes of 37 tokens (one query tile) and of 2 tokens, each over 3 key blocks.
   const mf::Index batch = 3, seq = 150, heads = 2, d = 32, rows = batch * seq;
   const auto q = random_matrix<float>(rows, d, 91, 2.0), k = random_matrix<float>(rows, d, 92, 2.0),
              v = random_matrix<float>(rows, d, 93), dctx = random_matrix<float>(rows, d, 94);
   const mf::Index long_seq = 700;
   const auto q2 = random_matrix<float>(long_seq, d, 95), k2 = random_matrix<float>(long_seq, d, 96),
              v2 = random_matrix<float>(long_seq, d, 97);
-  std::vector<mf::Matrix<float>> results[6];
+  std::vector<mf::Matrix<float>> results[7];
   ThreadSetting setting;
   for (const int threads : {1, 2, 3}) {
     setting.set(threads);
@@ -478,14 +480,16 @@ TEST(NnAttention, ThreadCountDoesNotChangeBits) {
     mf::attention_forward<float>(ctx, q, k, v, batch, seq, heads, cache);
     mf::attention_backward<float>(dq, dk, dv, q, k, v, dctx, cache);
     mf::KVCache<float> kv(1, long_seq, d);
-    mf::Matrix<float> prefill(long_seq - 2, d), step(2, d);
-    mf::attention_decode<float>(prefill, q2.topRows(long_seq - 2), k2.topRows(long_seq - 2),
-                                v2.topRows(long_seq - 2), kv, heads);
+    const mf::Index first = long_seq - 39;
+    mf::Matrix<float> prefill(first, d), tile(37, d), step(2, d);
+    mf::attention_decode<float>(prefill, q2.topRows(first), k2.topRows(first), v2.topRows(first), kv, heads);
+    mf::attention_decode<float>(tile, q2.middleRows(first, 37), k2.middleRows(first, 37), v2.middleRows(first, 37),
+                                kv, heads);
     mf::attention_decode<float>(step, q2.bottomRows(2), k2.bottomRows(2), v2.bottomRows(2), kv, heads);
-    for (int i = 0; const auto* m : {&ctx, &dq, &dk, &dv, &prefill, &step}) results[i++].push_back(*m);
+    for (int i = 0; const auto* m : {&ctx, &dq, &dk, &dv, &prefill, &tile, &step}) results[i++].push_back(*m);
   }
-  const char* names[] = {"ctx", "dq", "dk", "dv", "decode prefill", "decode step"};
-  for (int i = 0; i < 6; ++i)
+  const char* names[] = {"ctx", "dq", "dk", "dv", "decode prefill", "decode tile", "decode step"};
+  for (int i = 0; i < 7; ++i)
     for (size_t t = 1; t < results[i].size(); ++t)
       EXPECT_TRUE(results[i][t] == results[i][0]) << names[i] << ", " << t + 1 << " threads against 1";
 }
@@ -500,7 +504,7 @@ TEST(NnAttention, Bf16CacheDecodeHasTheSameBitsForAnyThreadCount) {
   ThreadSetting setting;
   for (const int threads : {1, 2, 3}) {
     setting.set(threads);
-    results.push_back(decode_steps(q, k, v, batch, seq, heads, {597, 1, 2}, mf::StorageType::BF16));
+    results.push_back(decode_steps(q, k, v, batch, seq, heads, {597, 1, 2, 37}, mf::StorageType::BF16));
   }
   for (size_t t = 1; t < results.size(); ++t)
     for (size_t i = 0; i < results[0].size(); ++i)
