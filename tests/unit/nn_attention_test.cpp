@@ -408,8 +408,8 @@ TEST(NnAttention, DecodeWithBf16CacheEqualsFloatCacheOfRoundedKeysAndValues) {
     const auto q = random_matrix<float>(rows, d, 171, 2.0), k = random_matrix<float>(rows, d, 172, 2.0),
                v = random_matrix<float>(rows, d, 173);
     const auto bf16 = decode_steps(q, k, v, batch, seq, heads, {250, 13, 337, 1, 2, 1, 37}, mf::StorageType::BF16);
-    const auto rounded = decode_steps(q, rounded_to_bf16(k), rounded_to_bf16(v), batch, seq, heads, {250, 13, 337, 1, 2, 1, 37},
-                                      mf::StorageType::F32);
+    const auto rounded = decode_steps(q, rounded_to_bf16(k), rounded_to_bf16(v), batch, seq, heads,
+                                      {250, 13, 337, 1, 2, 1, 37}, mf::StorageType::F32);
     const auto exact = decode_steps(q, k, v, batch, seq, heads, {250, 13, 337, 1, 2, 1, 37}, mf::StorageType::F32);
     for (size_t i = 0; i < bf16.size(); ++i) {
       // Same float arithmetic on the same widened values; only the order of Eigen's summation may differ.
