@@ -18,11 +18,12 @@ namespace memoryformer::detail {
 /// `used` lists the rows with at least one entry, in increasing order: the loops visit only those (for small N most
 /// of the K·2^τ rows are empty) and prefetch the rows they will visit next.
 struct SortedContributions {
-  std::int32_t* start = nullptr;   // [K·2^τ + 1]
-  std::int32_t* token = nullptr;   // [N·K]
-  float* score = nullptr;          // [N·K]
-  float* dot = nullptr;            // [N·K] ⟨dy[n], T_k[code]⟩ accumulated over column slices (backward only)
-  std::int32_t* used = nullptr;    // [≤ min(N·K, K·2^τ)] rows with entries
+  std::int32_t* start = nullptr;     // [K·2^τ + 1]
+  std::int32_t* token = nullptr;     // [N·K]
+  float* score = nullptr;            // [N·K]
+  float* dot = nullptr;              // [N·K] ⟨dy[n], T_k[code]⟩ accumulated over column slices (backward only)
+  std::int32_t* used = nullptr;      // [≤ min(N·K, K·2^τ)] rows with entries
+  std::int32_t* entry_of = nullptr;  // [K·N] the entry of (token n, table k) at k·N + n; nullptr: not kept
   Index used_count = 0;
 };
 
@@ -75,6 +76,7 @@ inline void sort_contributions(SortedContributions& out, const std::int32_t* cod
           const std::int32_t e = cursor[table_codes[n]]++;
           out.token[e] = std::int32_t(n);
           out.score[e] = table_scores[n];
+          if (out.entry_of != nullptr) out.entry_of[k * rows + n] = e;
         }
         if (out.dot != nullptr) std::fill(out.dot + k * rows, out.dot + (k + 1) * rows, 0.0f);
       }
@@ -89,6 +91,7 @@ inline void sort_contributions(SortedContributions& out, const std::int32_t* cod
 /// lookups of one hash share: the per-thread scratch the backward kernel sorts into is reused by every call.
 struct SortedContributionsBuffer {
   std::vector<std::int32_t> start, token, used;  // [K·2^τ + 1], [N·K], [≤ min(N·K, K·2^τ)]
+  std::vector<std::int32_t> entry_of;            // [K·N]
   std::vector<float> score;                      // [N·K]
   SortedContributions sorted;
   bool current = false;  // sorted holds the pairs of the hash its users share (they reset it for a new hash)
@@ -99,7 +102,8 @@ struct SortedContributionsBuffer {
     token.resize(size_t(entries));
     score.resize(size_t(entries));
     used.resize(size_t(std::min(entries, total_rows)));
-    sorted = SortedContributions{start.data(), token.data(), score.data(), nullptr, used.data(), 0};
+    entry_of.resize(size_t(entries));
+    sorted = SortedContributions{start.data(), token.data(), score.data(), nullptr, used.data(), entry_of.data(), 0};
     sort_contributions(sorted, codes, scores, rows, tables, tau);
   }
 };

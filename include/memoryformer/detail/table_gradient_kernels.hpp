@@ -339,9 +339,9 @@ class SliceChunks {
 /**
  * Fast lookup backward over row-major float tables: dtables += row gradients (stored into rows flagged fresh_row),
  * touched rows flagged 1, dscores[n,k] += ⟨dy[n], T_k[code]⟩. dbias is not touched (the caller sums dy's columns).
- * `presorted`: the pairs of codes/scores already sorted (by SortedContributionsBuffer::sort), or nullptr to sort
- * them here; the result is the same. `order` picks the loop order (the same bits either way); automatic takes the
- * row order where gradient_rows_pay and the width is whole slices.
+ * `presorted`: the pairs of codes/scores already sorted (by SortedContributionsBuffer::sort, which keeps entry_of),
+ * or nullptr to sort them here; the result is the same. `order` picks the loop order (the same bits either way);
+ * automatic takes the row order where gradient_rows_pay and the width is whole slices.
  */
 template <Isa I>
 void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Index dy_stride, const float* tables,
@@ -362,6 +362,7 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
     sc.score = thread_scratch<5, float>(size_t(entries));
     sc.dot = thread_scratch<7, float>(size_t(entries));
     sc.used = thread_scratch<9, std::int32_t>(size_t(std::min(entries, total_rows)));
+    sc.entry_of = thread_scratch<14, std::int32_t>(size_t(entries));
     sort_contributions(sc, codes, scores, rows, num_tables, tau);
   }
   // Non-temporal stores need every row slice to start a 64-byte line.
@@ -374,13 +375,17 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   std::vector<Index> bounds(size_t(chunks + 1));  // chunk c: used rows [bounds[c], bounds[c + 1])
   for (Index c = 0; c <= chunks; ++c) bounds[size_t(c)] = balanced_row_split(sc, c, chunks);
   const auto chunk_begin = [&](Index c) { return bounds[size_t(c)]; };
-  // The rows' last step: flagged written, and their entries' ⟨dy, T⟩ added to dscores.
-  const auto finish_rows = [&](Index u0, Index u1) {
-    for (Index u = u0; u < u1; ++u) {
-      const Index r = sc.used[u];
-      touched[r] = 1;
-      const Index k = r / R;
-      for (Index e = sc.start[r]; e < sc.start[r + 1]; ++e) dscores[Index(sc.token[e]) * ds_stride + k] += sc.dot[e];
+  // The rows' last step: flagged written.
+  const auto flag_rows = [&](Index u0, Index u1) {
+    for (Index u = u0; u < u1; ++u) touched[sc.used[u]] = 1;
+  };
+  // Every entry's ⟨dy, T⟩ added to dscores once all are summed, token by token through entry_of (each (token, table)
+  // has one entry): a token's dscores row is written in order, where adding in row order scattered the adds over
+  // all of dscores. Tokens [n0, n1).
+  const auto add_dots = [&](Index n0, Index n1) {
+    for (Index n = n0; n < n1; ++n) {
+      float* ds = dscores + n * ds_stride;
+      for (Index k = 0; k < num_tables; ++k) ds[k] += sc.dot[sc.entry_of[k * rows + n]];
     }
   };
   if (row_order) {
@@ -391,9 +396,10 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
         gradient_rows<I>(dtables, tables, touched, stream_fresh, width, dy, dy_stride, sc, chunk_begin(c),
                          chunk_begin(c + 1));
         if (stream_fresh) store_fence_if_streamed();  // the rows' streamed stores before anyone reads them
-        finish_rows(chunk_begin(c), chunk_begin(c + 1));
+        flag_rows(chunk_begin(c), chunk_begin(c + 1));
       }
     });
+    parallel_rows(rows, 64, add_dots);
     return;
   }
   const Index slices = (width + slice - 1) / slice;
@@ -440,8 +446,9 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
       }
     }
   });
-  parallel_rows(threads, 1, [&](Index p0, Index p1) {
-    finish_rows(chunk_begin(chunks * p0 / threads), chunk_begin(chunks * p1 / threads));
+  parallel_threads(threads, [&](Index t, Index nt) {
+    flag_rows(chunk_begin(chunks * t / nt), chunk_begin(chunks * (t + 1) / nt));
+    add_dots(rows * t / nt, rows * (t + 1) / nt);
   });
 }
 
