@@ -77,8 +77,6 @@ struct VectorOps<Isa::Avx512> {
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
   }
-  /// Largest lane (a NaN lane may or may not be returned).
-  static float lane_max(V v) { return _mm512_reduce_max_ps(v); }
 };
 #endif
 
@@ -134,12 +132,6 @@ struct VectorOps<Isa::Avx2> {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-  }
-  /// Largest lane (a NaN lane may or may not be returned).
-  static float lane_max(V v) {
-    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
   }
 };
 #endif
