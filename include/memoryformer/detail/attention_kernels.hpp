@@ -40,6 +40,11 @@ inline constexpr Index attention_tile = 64;
 /// the five products of a step reuses the key tile's operand over 256 rows instead of 64.
 inline constexpr Index attention_backward_rows = 256;
 
+/// Rows of a band of a tile the causal diagonal crosses: the products of such a tile run band by band, each over the
+/// keys (or query rows) its band can see, so about 3/8 of the tile's work above the diagonal is skipped; a multiple
+/// of every vector width.
+inline constexpr Index attention_band = 16;
+
 /// Keys per block when decode splits the cache between threads (few new tokens against a long cache); fixed, so
 /// the merge order, and therefore the bits, do not depend on the thread count.
 inline constexpr Index attention_decode_key_block = 256;
@@ -303,14 +308,30 @@ void attend_key_range_columns(OnlineSoftmax<float>& state, AttentionTileScratch<
   const Index queries = attention_padded_cols<I>(rows);  // Sᵀ's columns: whole vectors, the padding Qᵀ's zeros
   scratch.qt.resize(dh, attention_tile);
   pack_transposed_rows<I>(scratch.qt.data(), attention_tile, Q, rows);
+  constexpr Index w = VectorOps<I>::n, ld = attention_tile, band = attention_band;
   float* const St = scratch.scores.data();  // [cols, attention_tile]
   for (Index k0 = k_begin; k0 < k_end; k0 += attention_tile) {
-    const Index cols = std::min(attention_tile, k_end - k0);
-    tile_product<I>(St, attention_tile, K.data() + k0 * K.outerStride(), K.outerStride(), 1, scratch.qt.data(),
-                    attention_tile, cols, queries, dh, false);
-    online_softmax_columns<I>(state, St, rows, cols, scale, q_position - k0);
-    tile_product<I>(state.acc.data(), dh, St, 1, attention_tile, V.data() + k0 * V.outerStride(), V.outerStride(),
-                    rows, dh, cols, true);
+    const Index cols = std::min(attention_tile, k_end - k0), offset = q_position - k0;  // query i sees j ≤ i + offset
+    const float* keys = K.data() + k0 * K.outerStride();
+    const float* values = V.data() + k0 * V.outerStride();
+    // Without the diagonal in the tile every query sees every key: one product each. With it, Sᵀ's key bands start
+    // at the vector of the first query that sees them, and P V's query bands stop at the last key they see (entries
+    // left out are masked, so the softmax never uses them, and P is zero there).
+    const bool whole = offset + 1 >= cols;
+    for (Index j0 = 0; j0 < cols; j0 += whole ? cols : band) {
+      const Index c0 = whole ? 0 : std::clamp<Index>(j0 - offset, 0, queries) / w * w;
+      if (c0 < queries)
+        tile_product<I>(St + j0 * ld + c0, ld, keys + j0 * K.outerStride(), K.outerStride(), 1,
+                        scratch.qt.data() + c0, ld, whole ? cols : std::min(band, cols - j0), queries - c0, dh,
+                        false);
+    }
+    online_softmax_columns<I>(state, St, rows, cols, scale, offset);
+    for (Index i0 = 0; i0 < rows; i0 += whole ? rows : band) {
+      const Index seen = whole ? cols : std::clamp<Index>(i0 + band + offset, 0, cols);
+      if (seen > 0)
+        tile_product<I>(state.acc.data() + i0 * dh, dh, St + i0, 1, ld, values, V.outerStride(),
+                        whole ? rows : std::min(band, rows - i0), dh, seen, true);
+    }
   }
 }
 MEMORYFORMER_SIMD_WARNINGS_END
@@ -482,9 +503,27 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
           const Index rows = std::min(attention_backward_rows, seq - q0);
           const auto Qi = Q.middleRows(q0, rows), dOi = dO.middleRows(q0, rows);  // [rows, dh]
           auto P = w.P.topLeftCorner(rows, cols), dP = w.dP.topLeftCorner(rows, cols);  // [rows, cols]
+          // Vector path: where the diagonal crosses the tile (rows [0, split) see fewer than `cols` keys), the
+          // products run in bands of attention_band rows, each over the keys it sees, or of attention_band keys,
+          // each over the rows that see them; entries left out have P = 0 and are never read.
+          const Index offset = q0 - k0;  // row i sees keys j ≤ i + offset
+          const Index split = std::clamp<Index>(cols - 1 - offset, 0, rows);
+          const Index banded = std::min(rows, (split + attention_band - 1) / attention_band * attention_band);
+          const auto row_bands = [&](auto&& f) {  // f(first row, rows, keys they see)
+            for (Index i0 = 0; i0 < banded; i0 += attention_band)
+              f(i0, std::min(attention_band, rows - i0), std::min(cols, i0 + attention_band + offset));
+            if (banded < rows) f(banded, rows - banded, cols);
+          };
+          const auto key_bands = [&](auto&& f) {  // f(first key, keys, first row that sees them)
+            if (split == 0) return f(Index(0), cols, Index(0));
+            for (Index j0 = 0; j0 < cols; j0 += attention_band)
+              if (j0 - offset < rows) f(j0, std::min(attention_band, cols - j0), std::max<Index>(0, j0 - offset));
+          };
           if (vector_path) {
-            product(P.data(), attention_tile, Qi.data(), Qi.outerStride(), 1, w.kt.data(), attention_tile, rows,
-                    attention_padded_cols<I>(cols), dh, false);
+            row_bands([&](Index i0, Index m, Index seen) {
+              product(P.data() + i0 * attention_tile, attention_tile, Qi.data() + i0 * Qi.outerStride(),
+                      Qi.outerStride(), 1, w.kt.data(), attention_tile, m, attention_padded_cols<I>(seen), dh, false);
+            });
           } else {
             P.noalias() = Qi * Kj.transpose();
           }
@@ -497,35 +536,47 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
             std::fill(row + valid, row + cols, Scalar(0));
           }
           if (vector_path) {
-            product(dVj.data(), dh, P.data(), 1, attention_tile, dOi.data(), dOi.outerStride(), cols, dh, rows, true);
-            product(dP.data(), attention_tile, dOi.data(), dOi.outerStride(), 1, w.vt.data(), attention_tile, rows,
-                    attention_padded_cols<I>(cols), dh, false);
+            key_bands([&](Index j0, Index n, Index r0) {
+              product(dVj.data() + j0 * dh, dh, P.data() + r0 * attention_tile + j0, 1, attention_tile,
+                      dOi.data() + r0 * dOi.outerStride(), dOi.outerStride(), n, dh, rows - r0, true);
+            });
+            row_bands([&](Index i0, Index m, Index seen) {
+              product(dP.data() + i0 * attention_tile, attention_tile, dOi.data() + i0 * dOi.outerStride(),
+                      dOi.outerStride(), 1, w.vt.data(), attention_tile, m, attention_padded_cols<I>(seen), dh, false);
+            });
           } else {
             dVj.noalias() += P.transpose() * dOi;
             dP.noalias() = dOi * Vj.transpose();
           }
-          // dS = P ⊙ (dP − D) in place of dP; masked entries have P = 0, so dS = 0 there.
+          // dS = P ⊙ (dP − D) in place of dP over the keys a row sees, zero past them (where dP may not be computed).
           Scalar* const ds_data = dP.data();
           for (Index i = 0; i < rows; ++i) {
             const Scalar* p_row = p_data + i * attention_tile;
             Scalar* ds_row = ds_data + i * attention_tile;
             const Scalar D_i = w.D(q0 + i);
+            const Index valid = std::clamp<Index>(i + offset + 1, 0, cols);
             Index j = 0;
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
             if constexpr (attention_vector_path_compiled<I, Scalar>()) {
               // The same product and difference per entry as the scalar loop: the same bits.
               using O = VectorOps<I>;
               const auto vD = O::set1(D_i);
-              for (; j + O::n <= cols; j += O::n)
+              for (; j + O::n <= valid; j += O::n)
                 O::store(ds_row + j, O::mul(O::load(p_row + j), O::sub(O::load(ds_row + j), vD)));
             }
 #endif
-            for (; j < cols; ++j) ds_row[j] = p_row[j] * (ds_row[j] - D_i);
+            for (; j < valid; ++j) ds_row[j] = p_row[j] * (ds_row[j] - D_i);
+            std::fill(ds_row + valid, ds_row + cols, Scalar(0));
           }
           if (vector_path) {
-            product(w.dQ.data() + q0 * dh, dh, dP.data(), attention_tile, 1, Kj.data(), Kj.outerStride(), rows, dh,
-                    cols, true);
-            product(dKj.data(), dh, dP.data(), 1, attention_tile, Qi.data(), Qi.outerStride(), cols, dh, rows, true);
+            row_bands([&](Index i0, Index m, Index seen) {
+              product(w.dQ.data() + (q0 + i0) * dh, dh, dP.data() + i0 * attention_tile, attention_tile, 1,
+                      Kj.data(), Kj.outerStride(), m, dh, seen, true);
+            });
+            key_bands([&](Index j0, Index n, Index r0) {
+              product(dKj.data() + j0 * dh, dh, dP.data() + r0 * attention_tile + j0, 1, attention_tile,
+                      Qi.data() + r0 * Qi.outerStride(), Qi.outerStride(), n, dh, rows - r0, true);
+            });
           } else {
             w.dQ.middleRows(q0, rows).noalias() += dP * Kj;
             dKj.noalias() += dP.transpose() * Qi;
