@@ -3,7 +3,8 @@
 // A (sequence, head) is cut into query tiles and key tiles of attention_tile rows. Forward keeps, per
 // query row, a running maximum m and sum l of the exponentials and an unnormalised output, so no s × s matrix
 // exists; backward recomputes the probabilities of one tile at a time from the log-sum-exp the forward kept.
-// Tiles wholly above the causal diagonal are never visited; the diagonal tile is masked in the loop.
+// Tiles wholly above the causal diagonal are never visited; a tile the diagonal crosses is masked in the loop, and
+// its products skip, band by band (attention_band), most of its part above the diagonal.
 // The products inside a tile: in float on a vector ISA with dh a multiple of the vector width, tile_product, a
 // register-blocked kernel (6 rows × 64 columns of accumulators on AVX-512) whose B operand is a tile transposed
 // once (Qᵀ of the query tile in forward and decode, which then keep the scores key-major; Kᵀ and Vᵀ of the key tile
