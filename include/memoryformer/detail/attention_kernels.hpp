@@ -229,8 +229,8 @@ struct OnlineSoftmax {
 /// Per-thread scratch of the forward and decode kernels.
 template <class Scalar>
 struct AttentionTileScratch {
-  Matrix<Scalar> scores;  // [tile, tile] S (Sᵀ on the vector path), then P in place
-  Matrix<Scalar> qt;      // [dh, tile] Qᵀ of the query rows (vector path)
+  Matrix<Scalar> scores = Matrix<Scalar>(attention_tile, attention_tile);  // [tile, tile] S (Sᵀ: vector path), then P
+  Matrix<Scalar> qt;  // [dh, tile] Qᵀ of the query rows (vector path)
 };
 
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
@@ -417,7 +417,6 @@ void flash_attention_forward(MatrixRef<Scalar> out, Matrix<Scalar>& lse, const C
   parallel_claims(batch * heads * tiles, [&](WorkQueue& queue) {
     OnlineSoftmax<Scalar> state;
     AttentionTileScratch<Scalar> scratch;
-    scratch.scores.resize(attention_tile, attention_tile);
     for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
       // Largest tiles first would balance better, but claims are in increasing order; the diagonal's cost grows
       // with the tile index, so the items are taken from the last tile backwards.
@@ -674,7 +673,6 @@ void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>&
   std::vector<OnlineSoftmax<Scalar>> partial(size_t(groups * blocks));
   parallel_claims(groups * blocks, [&](WorkQueue& queue) {
     AttentionTileScratch<Scalar> scratch;
-    scratch.scores.resize(attention_tile, attention_tile);
     for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
       const Index group = item / blocks, block = item % blocks;
       const Index bh = group / tiles, tile = group % tiles;
@@ -757,7 +755,6 @@ void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<floa
   std::vector<OnlineSoftmax<float>> partial(size_t(groups * blocks));
   parallel_claims(groups * blocks, [&](WorkQueue& queue) {
     AttentionTileScratch<float> scratch;
-    scratch.scores.resize(attention_tile, attention_tile);
     Matrix<float> K, V;  // [count, dh] the widened keys and values of the item's block
     for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
       const Index group = item / blocks, block = item % blocks;

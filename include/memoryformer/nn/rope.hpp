@@ -115,6 +115,12 @@ class Rotary {
     detail::check_shape(where, out_name, out.rows(), out.cols(), rows, d_);
   }
 
+  /// One rotated pair: (a, b) → (a·c − b·s, b·c + a·s).
+  static void rotate_pair(Scalar a, Scalar b, Scalar c, Scalar s, Scalar& ra, Scalar& rb) {
+    ra = a * c - b * s;
+    rb = b * c + a * s;
+  }
+
   // cos_row/sin_row hold cos(angle_i), sign·sin(angle_i) for i < half.
   void rotate_row(Scalar* out, const Scalar* in, const Scalar* cos_row, const Scalar* sin_row) const {
     constexpr Index piece = 8;
@@ -134,16 +140,13 @@ class Rotary {
         std::copy_n(cos_row + i0, piece, vc);
         std::copy_n(sin_row + i0, piece, vs);
         Scalar rotated_a[piece], rotated_b[piece];
-        for (Index i = 0; i < piece; ++i) {
-          rotated_a[i] = va[i] * vc[i] - vb[i] * vs[i];
-          rotated_b[i] = vb[i] * vc[i] + va[i] * vs[i];
-        }
+        for (Index i = 0; i < piece; ++i) rotate_pair(va[i], vb[i], vc[i], vs[i], rotated_a[i], rotated_b[i]);
         std::copy_n(rotated_a, piece, out_a + i0);
         std::copy_n(rotated_b, piece, out_b + i0);
       }
       for (; i0 < half; ++i0) {
-        const Scalar ra = a[i0] * cos_row[i0] - b[i0] * sin_row[i0];
-        const Scalar rb = b[i0] * cos_row[i0] + a[i0] * sin_row[i0];
+        Scalar ra, rb;  // both computed before either store: out may be in
+        rotate_pair(a[i0], b[i0], cos_row[i0], sin_row[i0], ra, rb);
         out_a[i0] = ra;
         out_b[i0] = rb;
       }
