@@ -414,9 +414,15 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
       for (Index c = own0; c < own1; ++c) {
         if (chunk_begin(c) >= chunk_begin(c + 1) || !work.claim(c, sl)) continue;
         if (!packed) {
-          for (Index n = 0; n < rows; ++n) {
-            std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(cols) * sizeof(float));
-            if (cols < slice) std::fill(dyp + n * slice + cols, dyp + (n + 1) * slice, 0.0f);
+          if (cols == slice) {
+            // A whole slice is a copy of constant size, which the compiler inlines instead of calling memcpy per row.
+            for (Index n = 0; n < rows; ++n)
+              std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(slice) * sizeof(float));
+          } else {
+            for (Index n = 0; n < rows; ++n) {
+              std::memcpy(dyp + n * slice, dy + n * dy_stride + c0, size_t(cols) * sizeof(float));
+              std::fill(dyp + n * slice + cols, dyp + (n + 1) * slice, 0.0f);
+            }
           }
           packed = true;
         }
