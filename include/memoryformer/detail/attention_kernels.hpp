@@ -509,9 +509,11 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
           const Index offset = q0 - k0;  // row i sees keys j ≤ i + offset
           const Index split = std::clamp<Index>(cols - 1 - offset, 0, rows);
           const Index banded = std::min(rows, (split + attention_band - 1) / attention_band * attention_band);
-          const auto row_bands = [&](auto&& f) {  // f(first row, rows, keys they see)
-            for (Index i0 = 0; i0 < banded; i0 += attention_band)
-              f(i0, std::min(attention_band, rows - i0), std::min(cols, i0 + attention_band + offset));
+          const auto row_bands = [&](auto&& f) {  // f(first row, rows, keys they see); bands that see none skipped
+            for (Index i0 = 0; i0 < banded; i0 += attention_band) {
+              const Index seen = std::min(cols, i0 + attention_band + offset);
+              if (seen > 0) f(i0, std::min(attention_band, rows - i0), seen);
+            }
             if (banded < rows) f(banded, rows - banded, cols);
           };
           const auto key_bands = [&](auto&& f) {  // f(first key, keys, first row that sees them)
