@@ -649,6 +649,43 @@ void decode_in_place(MatrixRef<float> out, const ConstMatrixRef<float>& q, Index
 }
 #endif
 
+/// The work plan of decode outside decode_in_place: items are (sequence, head, query tile, key block). With one
+/// query tile the cache is cut into key blocks of attention_decode_key_block keys, otherwise each item takes every
+/// key. fold(scratch, state, b, h, q0, rows, k0, k1) folds keys [k0, k1) into the item's own (m, l, acc) with the
+/// thread's ItemScratch; the items of a (sequence, head, tile) are then merged in block order and written to out,
+/// so the bits do not depend on the thread count.
+template <class Scalar, class ItemScratch, class Fold>
+void decode_key_blocks(MatrixRef<Scalar> out, Index batch, Index t, Index length, Index heads, Index dh, Fold&& fold) {
+  const Index tiles = (t + attention_tile - 1) / attention_tile;
+  const Index blocks = tiles == 1 ? (length + attention_decode_key_block - 1) / attention_decode_key_block : 1;
+  const Index block_keys = tiles == 1 ? attention_decode_key_block : length;
+  const Index groups = batch * heads * tiles;
+  std::vector<OnlineSoftmax<Scalar>> partial(size_t(groups * blocks));
+  parallel_claims(groups * blocks, [&](WorkQueue& queue) {
+    ItemScratch scratch;
+    for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
+      const Index group = item / blocks, block = item % blocks;
+      const Index bh = group / tiles, tile = group % tiles;
+      const Index q0 = tile * attention_tile, rows = std::min(attention_tile, t - q0);
+      const Index k0 = block * block_keys, k1 = std::min(length, k0 + block_keys);
+      auto& state = partial[size_t(item)];
+      state.reset(rows, dh);
+      fold(scratch, state, bh / heads, bh % heads, q0, rows, k0, k1);
+    }
+  });
+  parallel_claims(groups, [&](WorkQueue& queue) {
+    for (Index group = queue.claim(); group >= 0; group = queue.claim()) {
+      auto& state = partial[size_t(group * blocks)];
+      for (Index block = 1; block < blocks; ++block) merge_online_softmax(state, partial[size_t(group * blocks + block)]);
+      const Index bh = group / tiles, tile = group % tiles;
+      const Index b = bh / heads, h = bh % heads;
+      const Index q0 = tile * attention_tile;
+      for (Index i = 0; i < state.m.size(); ++i)
+        out.row(b * t + q0 + i).segment(h * dh, dh) = state.acc.row(i) * (Scalar(1) / state.l(i));
+    }
+  });
+}
+
 /// Decode: t new query rows per sequence (row b·t + i at position first + i) against the cached keys and values
 /// of `batch` sequences, length `length` each (keys(b) / values(b) give [length, d] views). With few new rows the
 /// cache is split into key blocks of attention_decode_key_block keys, each folded by one thread into its own
@@ -668,38 +705,15 @@ void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>&
   }
 #endif
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
-  const Index tiles = (t + attention_tile - 1) / attention_tile;
-  const Index blocks = tiles == 1 ? (length + attention_decode_key_block - 1) / attention_decode_key_block : 1;
-  const Index block_keys = tiles == 1 ? attention_decode_key_block : length;
-  const Index groups = batch * heads * tiles;
-  std::vector<OnlineSoftmax<Scalar>> partial(size_t(groups * blocks));
-  parallel_claims(groups * blocks, [&](WorkQueue& queue) {
-    AttentionTileScratch<Scalar> scratch;
-    for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
-      const Index group = item / blocks, block = item % blocks;
-      const Index bh = group / tiles, tile = group % tiles;
-      const Index b = bh / heads, h = bh % heads;
-      const Index q0 = tile * attention_tile, rows = std::min(attention_tile, t - q0);
-      const auto Q = q.block(b * t + q0, h * dh, rows, dh);  // [rows, dh]
-      const auto K = keys(b).middleCols(h * dh, dh);         // [length, dh]
-      const auto V = values(b).middleCols(h * dh, dh);       // [length, dh]
-      auto& state = partial[size_t(item)];
-      state.reset(rows, dh);
-      const Index k0 = block * block_keys, k1 = std::min(length, k0 + block_keys);
-      attend_key_range<I>(state, scratch, Q, first + q0, K, V, k0, k1, scale);
-    }
-  });
-  parallel_claims(groups, [&](WorkQueue& queue) {
-    for (Index group = queue.claim(); group >= 0; group = queue.claim()) {
-      auto& state = partial[size_t(group * blocks)];
-      for (Index block = 1; block < blocks; ++block) merge_online_softmax(state, partial[size_t(group * blocks + block)]);
-      const Index bh = group / tiles, tile = group % tiles;
-      const Index b = bh / heads, h = bh % heads;
-      const Index q0 = tile * attention_tile;
-      for (Index i = 0; i < state.m.size(); ++i)
-        out.row(b * t + q0 + i).segment(h * dh, dh) = state.acc.row(i) * (Scalar(1) / state.l(i));
-    }
-  });
+  decode_key_blocks<Scalar, AttentionTileScratch<Scalar>>(
+      out, batch, t, length, heads, dh,
+      [&](AttentionTileScratch<Scalar>& scratch, OnlineSoftmax<Scalar>& state, Index b, Index h, Index q0, Index rows,
+          Index k0, Index k1) {
+        const auto Q = q.block(b * t + q0, h * dh, rows, dh);  // [rows, dh]
+        const auto K = keys(b).middleCols(h * dh, dh);         // [length, dh]
+        const auto V = values(b).middleCols(h * dh, dh);       // [length, dh]
+        attend_key_range<I>(state, scratch, Q, first + q0, K, V, k0, k1, scale);
+      });
 }
 
 /// out[j] = the float of bfloat16 bits in[j], j < n: exact (a bfloat16 is the upper half of a float), so every
@@ -750,43 +764,23 @@ void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<floa
   }
 #endif
   const float scale = 1.0f / std::sqrt(float(dh));
-  const Index tiles = (t + attention_tile - 1) / attention_tile;
-  const Index blocks = tiles == 1 ? (length + attention_decode_key_block - 1) / attention_decode_key_block : 1;
-  const Index block_keys = tiles == 1 ? attention_decode_key_block : length;
-  const Index groups = batch * heads * tiles;
-  std::vector<OnlineSoftmax<float>> partial(size_t(groups * blocks));
-  parallel_claims(groups * blocks, [&](WorkQueue& queue) {
-    AttentionTileScratch<float> scratch;
+  struct Scratch {
+    AttentionTileScratch<float> tile;
     Matrix<float> K, V;  // [count, dh] the widened keys and values of the item's block
-    for (Index item = queue.claim(); item >= 0; item = queue.claim()) {
-      const Index group = item / blocks, block = item % blocks;
-      const Index bh = group / tiles, tile = group % tiles;
-      const Index b = bh / heads, h = bh % heads;
-      const Index q0 = tile * attention_tile, rows = std::min(attention_tile, t - q0);
-      const Index k0 = block * block_keys, count = std::min(length, k0 + block_keys) - k0;
-      const auto Q = q.block(b * t + q0, h * dh, rows, dh);  // [rows, dh]
-      K.resize(count, dh);
-      V.resize(count, dh);
-      widen_bf16_rows<I>(K.data(), keys_bf16(b), d, h * dh, k0, count, dh);
-      widen_bf16_rows<I>(V.data(), values_bf16(b), d, h * dh, k0, count, dh);
-      auto& state = partial[size_t(item)];
-      state.reset(rows, dh);
-      // Key r of the block is at position k0 + r: the query positions are shifted by −k0 (may be negative, then
-      // the query sees none of the block's keys).
-      attend_key_range<I>(state, scratch, Q, first + q0 - k0, K, V, 0, count, scale);
-    }
-  });
-  parallel_claims(groups, [&](WorkQueue& queue) {
-    for (Index group = queue.claim(); group >= 0; group = queue.claim()) {
-      auto& state = partial[size_t(group * blocks)];
-      for (Index block = 1; block < blocks; ++block) merge_online_softmax(state, partial[size_t(group * blocks + block)]);
-      const Index bh = group / tiles, tile = group % tiles;
-      const Index b = bh / heads, h = bh % heads;
-      const Index q0 = tile * attention_tile;
-      for (Index i = 0; i < state.m.size(); ++i)
-        out.row(b * t + q0 + i).segment(h * dh, dh) = state.acc.row(i) * (1.0f / state.l(i));
-    }
-  });
+  };
+  decode_key_blocks<float, Scratch>(
+      out, batch, t, length, heads, dh,
+      [&](Scratch& scratch, OnlineSoftmax<float>& state, Index b, Index h, Index q0, Index rows, Index k0, Index k1) {
+        const Index count = k1 - k0;
+        const auto Q = q.block(b * t + q0, h * dh, rows, dh);  // [rows, dh]
+        scratch.K.resize(count, dh);
+        scratch.V.resize(count, dh);
+        widen_bf16_rows<I>(scratch.K.data(), keys_bf16(b), d, h * dh, k0, count, dh);
+        widen_bf16_rows<I>(scratch.V.data(), values_bf16(b), d, h * dh, k0, count, dh);
+        // Key r of the block is at position k0 + r: the query positions are shifted by −k0 (may be negative, then
+        // the query sees none of the block's keys).
+        attend_key_range<I>(state, scratch.tile, Q, first + q0 - k0, scratch.K, scratch.V, 0, count, scale);
+      });
 }
 
 }  // namespace memoryformer::detail
