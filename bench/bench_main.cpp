@@ -39,7 +39,7 @@ int main(int argc, char** argv) {
   }
   double max_table_mb = -1;
   bool help = false;
-  // Our own flags are removed before Google Benchmark sees argv (it rejects flags it does not know).
+  // This program's own flags are removed before Google Benchmark sees argv (it rejects flags it does not know).
   std::vector<char*> rest{argv[0]};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];

@@ -142,7 +142,7 @@ inline Grid default_grid() {
   return g;
 }
 
-/// The whole grid of the issue: d ∈ {256, 512, 1024, 2048}, τ ∈ {4, 6, 8, 10}, N ∈ {1, 16, 2048}.
+/// The full grid (`--full`): d ∈ {256, 512, 1024, 2048}, τ ∈ {4, 6, 8, 10}, N ∈ {1, 16, 2048}.
 inline Grid full_grid() {
   Grid g;
   g.d = {256, 512, 1024, 2048};
@@ -239,7 +239,7 @@ inline BlockGrid default_block_grid() {
   return g;
 }
 
-/// The issue's grid: s ∈ {1024, 2048} × d ∈ {512, 768, 1024}, prefill and decode.
+/// The block benchmark grid: s ∈ {1024, 2048} × d ∈ {512, 768, 1024}, prefill and decode.
 inline BlockGrid full_block_grid() {
   BlockGrid g;
   for (Index d : {512, 768, 1024})

@@ -1036,7 +1036,7 @@ int main(int argc, char** argv) {
     if (opt.min_time > 0) grid.min_time = opt.min_time;
     if (opt.max_table_mb > 0) grid.max_table_bytes = opt.max_table_mb * 1e6;
 
-    // Google Benchmark reads its own flags in Initialize; give it none, and run what we register.
+    // Google Benchmark reads its own flags in Initialize; give it none, and run what this program registers.
     int bm_argc = 1;
     char* bm_argv[] = {argv[0], nullptr};
     benchmark::Initialize(&bm_argc, bm_argv);

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// FrozenMemoryLayer: an inference-only Memory Layer (design §1, forward only) over PackedTables — float32, bfloat16 or
-// float16 table storage with float32 activations and accumulation.
+// FrozenMemoryLayer: an inference-only Memory Layer (design §10.2, forward only) over PackedTables — float32,
+// bfloat16 or float16 table storage with float32 activations and accumulation.
 #pragma once
 
 #include <string>

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// FrozenMemoryFormerBlock: an inference-only MemoryFormerBlock (design §3, forward only) whose Q, K, V and Memory Block
-// layers read packed float32, bfloat16 or float16 tables, with prefill and KV-cache decoding.
+// FrozenMemoryFormerBlock: an inference-only MemoryFormerBlock (design §10, forward only) whose Q, K, V and Memory
+// Block layers read packed float32, bfloat16 or float16 tables, with prefill and KV-cache decoding.
 #pragma once
 
 #include <optional>
@@ -38,7 +38,7 @@ struct FrozenMemoryFormerBlockScratch {
 };
 
 /**
- * @brief A read-only copy of a trained MemoryFormerBlock<float> for inference (design §3): the norms, the shared
+ * @brief A read-only copy of a trained MemoryFormerBlock<float> for inference (design §10): the norms, the shared
  * hash, rotary and the optional W_O as they are; Q, K, V and the Memory Block's ML1 and ML2 as FrozenMemoryLayer
  * over tables converted once to `storage`.
  *

@@ -24,9 +24,10 @@
 namespace memoryformer {
 
 /**
- * @brief A read-only copy of a trained MemoryFormerLM<float> (LanguageModel<MemoryFormerBlock, float>) for inference (design §3): the embedding, final RMSNorm
- * and LM head as they are, every block as a FrozenMemoryFormerBlock whose Q, K, V, ML1 and ML2 tables are converted
- * once to `storage` (StorageType::BF16 halves the bytes every lookup reads, F16 likewise, F32 keeps them exact).
+ * @brief A read-only copy of a trained MemoryFormerLM<float> (LanguageModel<MemoryFormerBlock, float>) for inference
+ * (design §10): the embedding, final RMSNorm and LM head as they are, every block as a FrozenMemoryFormerBlock whose
+ * Q, K, V, ML1 and ML2 tables are converted once to `storage` (StorageType::BF16 halves the bytes every lookup reads,
+ * F16 likewise, F32 keeps them exact).
  *
  * Accuracy against the training model's forward and forward_decode: F32 gives the same bits. BF16 and F16 round the
  * stored table values only (activations and sums stay float32), but a rounded value can flip the sign of a later

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // LanguageModel: token embedding → N blocks (MemoryFormer or the dense baseline) → final RMSNorm → dense LM head,
 // causal next-token cross-entropy with the full backward pass, KV-cache decoding, and the config as text entries
-// (saving and loading models: io/model_checkpoint.hpp); design §3 "Whole model".
+// (saving and loading models: io/model_checkpoint.hpp); design §3.2 and §8.
 #pragma once
 
 #include <algorithm>
@@ -138,7 +138,7 @@ struct LanguageModelConfig {
   Index vocab = 256;                ///< token ids 0 … vocab−1 (256: byte-level)
   Index layers = 4;                 ///< number of blocks, ≥ 1
   BlockConfig block{};              ///< config of every block (block.d is the model width)
-  double final_norm_eps = 1e-8;     ///< eps of the final RMSNorm, added to the RMS as in the blocks (design §3)
+  double final_norm_eps = 1e-8;     ///< eps of the final RMSNorm, added to the RMS as in the blocks (design §7.1)
   double embedding_init_std = 0.02; ///< token embedding ~ N(0, std²)
   double head_init_std = 0.02;      ///< LM head weight ~ N(0, std²)
   bool head_bias = false;           ///< add a bias to the LM head
@@ -213,8 +213,8 @@ class SerialEigenProducts {
 }  // namespace detail::model
 
 /**
- * @brief A decoder-only language model (design §3): token embedding → `layers` blocks → final RMSNorm → untied dense
- *        LM head, trained with causal next-token cross-entropy.
+ * @brief A decoder-only language model (design §3.2, §8): token embedding → `layers` blocks → final RMSNorm →
+ *        untied dense LM head, trained with causal next-token cross-entropy.
  *
  * `Block` is MemoryFormerBlock (the paper's model) or TransformerBlock (the dense baseline of the same width, depth
  * and heads); any class template with the same interface works (Config, Cache, forward, backward, make_kv_cache,

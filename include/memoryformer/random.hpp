@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Seeded random numbers with our own uniform and normal transforms, so a seed gives the same parameters
+// Seeded random numbers with the library's own uniform and normal transforms, so a seed gives the same parameters
 // with every standard library (std::normal_distribution differs between libstdc++ and libc++).
 #pragma once
 
@@ -32,7 +32,7 @@ class Rng {
     return v % n;
   }
 
-  /// Standard normal by Box–Muller on our own uniforms; the second value of each pair is cached.
+  /// Standard normal by Box–Muller on the library's own uniforms; the second value of each pair is cached.
   double normal() {
     if (has_spare_) {
       has_spare_ = false;

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // TransformerBlock: the dense Pythia-style block MemoryFormer is compared with — LayerNorm, Q/K/V/O projections
-// d→d, rotary causal attention, FFN d→4d→d with GeLU — with backward and KV-cache decoding (design §3, last line).
+// d→d, rotary causal attention, FFN d→4d→d with GeLU — with backward and KV-cache decoding (design §3.2).
 #pragma once
 
 #include <cmath>
@@ -97,7 +97,7 @@ struct TransformerBlockCache {
 };
 
 /**
- * @brief Dense pre-LN Transformer block (Pythia / GPT-NeoX), the baseline of design §3:
+ * @brief Dense pre-LN Transformer block (Pythia / GPT-NeoX), the baseline of design §3.2:
  *
  *   a = LN1(x); q, k, v = a·W_q + b_q, a·W_k + b_k, a·W_v + b_v; rotary on the first R dims of each head of q, k;
  *   ctx = causal softmax(q kᵀ / sqrt(d/H)) v per sequence and head; attn = ctx·W_o + b_o;

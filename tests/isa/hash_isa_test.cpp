@@ -32,7 +32,7 @@ std::int64_t ulp_distance(float a, float b) {
   return std::abs(key(a) - key(b));
 }
 
-/// Spec §1.2 and §1.4 written out in double, independent of the library's kernels.
+/// Design §1.2 and §1.4 written out in double, independent of the library's kernels.
 struct NaiveHash {
   std::vector<std::int32_t> codes;
   std::vector<double> scores;

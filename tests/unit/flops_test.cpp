@@ -138,7 +138,7 @@ TEST(FlopsDense, PythiaBlockBreakdown) {
 }
 
 TEST(FlopsStorage, MemoryLayerTableBytes) {
-  // Spec §1: 16.8 MB in fp16 for 512 → 512, τ = 8: 64 tables · 256 rows · 512 values · 2 bytes.
+  // Design §1.7: 16.8 MB in fp16 for 512 → 512, τ = 8: 64 tables · 256 rows · 512 values · 2 bytes.
   constexpr double values = 64.0 * 256 * 512;
   EXPECT_EQ(mf::memory_layer_table_values(512, 512, 8), values);
   EXPECT_EQ(mf::memory_layer_table_bytes(512, 512, 8, mf::StorageType::F16), values * 2);

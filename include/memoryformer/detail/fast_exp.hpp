@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // 2^t for t ≤ 0 in float, without a libm call: the scores of design §1.4 need exp(−2|z|/t) = 2^(−2·log2(e)·|z|/t)
-// per input element, which is the hot path of hashing. Table-driven, because on the CPUs we target the multiply
+// per input element, which is the hot path of hashing. Table-driven, because on the targeted CPUs the multiply
 // pipes are what limits hashing, and this form needs five multiply-pipe instructions per value where the
 // Cody-Waite exp it replaced needed eleven (the measurements are in docs/performance-log.md):
 //   t = n + f with n a multiple of 1/32 (rounded by the 1.5·2^18 trick, which also leaves round(32t) in the

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// GeLU in float without a libm call (design §2, optional GeLU): y = x·Φ(x) and GeLU'(x) = Φ(x) + x·φ(x), with the
+// GeLU in float without a libm call (design §7.4, optional GeLU): y = x·Φ(x) and GeLU'(x) = Φ(x) + x·φ(x), with the
 // normal CDF Φ(x) = ½·erfc(−x/√2) and density φ(x) = e^(−x²/2)/√(2π), element-wise over rows of floats.
 //   |z| < ½ (z = x/√2): Φ = ½ + ½·erf(z), erf by its Taylor series to z^13 (truncation < 1e-9 relative);
 //   |z| ≥ ½:           ½·erfc(|z|) = ½·t·exp(−z² + P(t)), t = 1/(1 + |z|/2), P the degree-9 Chebyshev fit of

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// 16-bit table storage (design §1.3 tables, stored narrower than they are computed): float ↔ bfloat16 and
+// 16-bit table storage (design §10.2: tables stored narrower than they are computed): float ↔ bfloat16 and
 // float ↔ IEEE binary16, round to nearest even, in portable C++ so that every build decodes identically.
 #pragma once
 

@@ -2,8 +2,8 @@
 // Thin C++ wrappers over xxHash's XXH3-64 (one-shot and streaming), used for the checkpoint checksums (no design section).
 #pragma once
 
-// The only header of the library that includes <xxhash.h>. We link against libxxhash (CMake: xxHash::xxhash)
-// rather than use XXH_INLINE_ALL, whose static functions would make our inline wrappers differ per TU.
+// The only header of the library that includes <xxhash.h>. It links against libxxhash (CMake: xxHash::xxhash)
+// rather than use XXH_INLINE_ALL, whose static functions would make these inline wrappers differ per TU.
 #include <xxhash.h>
 
 #include <cstddef>

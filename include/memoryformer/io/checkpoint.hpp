@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Checkpoint files: atomic save and fully validating load of the io/checkpoint_format.hpp format, and saving or
-// loading parameter views all or nothing; the persistence behind the training recipe of design §3.
+// loading parameter views all or nothing.
 #pragma once
 
 #include <fcntl.h>

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-// Mean softmax cross-entropy of logits [rows, V] against integer targets, forward and backward (design §3, LM head loss).
+// Mean softmax cross-entropy of logits [rows, V] against integer targets, forward and backward (design §8, the
+// LM head's loss).
 #pragma once
 
 #include <cmath>

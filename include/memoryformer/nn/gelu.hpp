@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Exact (erf-form) GeLU, 0.5·x·(1 + erf(x/√2)), forward and backward as free functions (design §2, optional GeLU):
+// Exact (erf-form) GeLU, 0.5·x·(1 + erf(x/√2)), forward and backward as free functions (design §7.4, optional GeLU):
 // double through std::erf, float through detail/gelu_kernels.hpp (vectorised; error bound in design §7.4).
 #pragma once
 

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Key/value cache for incremental (token-by-token) causal attention decoding (design §3, attention of the block).
+// Key/value cache for incremental (token-by-token) causal attention decoding (design §6.4).
 #pragma once
 
 #include <concepts>

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-// Affine LayerNorm over the last dimension, y = (x − μ)/sqrt(var + eps)·γ + β, biased variance (design §2, Memory Block).
+// Affine LayerNorm over the last dimension, y = (x − μ)/sqrt(var + eps)·γ + β, biased variance (design §7.2; the
+// Memory Block's norm, §2).
 #pragma once
 
 #include <cmath>

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-// RMSNorm over the last dimension with the authors' eps placement, y = x / (rms(x) + eps) · g (design §3, RMSNorm1/2).
+// RMSNorm over the last dimension with the authors' eps placement, y = x / (rms(x) + eps) · g (design §7.1,
+// RMSNorm1/2).
 #pragma once
 
 #include <cmath>

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Rotary position embedding, GPT-NeoX rotate-half on the first rotary_dims of each head, with position offsets for
-// incremental decoding (design §3, "rotary ... on the first rotary_pct·(d/H) dims of each head of Q and K").
+// incremental decoding (design §7.3).
 #pragma once
 
 #include <algorithm>

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Numerically stable row-wise softmax, forward and backward as free functions (design §3, attention probabilities).
+// Numerically stable row-wise softmax, forward and backward as free functions (design §6.1, attention probabilities).
 #pragma once
 
 #include <cmath>

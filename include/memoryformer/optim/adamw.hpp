@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // AdamW with decoupled weight decay, per-kind learning-rate groups and a lazy row-sparse mode for bucket tables and
-// embeddings; the optimiser of the training recipe (design §3: β = (0.9, 0.95), eps 1e-8, weight decay 0.1).
+// embeddings; the optimiser of the training recipe (design §3.3: β = (0.9, 0.95), eps 1e-8, weight decay 0.1;
+// §9.1–9.2).
 #pragma once
 
 #include <algorithm>
@@ -66,7 +67,7 @@ enum class MomentStorage {
   BFloat16,  ///< bfloat16, rounded to nearest even: half the moment memory and traffic of float32
 };
 
-/// Hyper-parameters of AdamW. The defaults are the paper's recipe (design §3).
+/// Hyper-parameters of AdamW. The defaults are the paper's recipe (design §3.3).
 struct AdamWOptions {
   double beta1 = 0.9;           ///< first-moment decay, in [0, 1)
   double beta2 = 0.95;          ///< second-moment decay, in [0, 1)

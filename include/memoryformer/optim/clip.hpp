@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Global gradient-norm clipping over all parameters (design §3: gradient clip 1.0).
+// Global gradient-norm clipping over all parameters (design §3.3: gradient clip 1.0; §9.3).
 #pragma once
 
 #include <algorithm>

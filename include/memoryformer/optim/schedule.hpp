@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Learning-rate schedule of the training recipe (design §3): linear warm-up, then cosine decay to lr_min.
+// Learning-rate schedule of the training recipe (design §3.3, §9.4): linear warm-up, then cosine decay to lr_min.
 #pragma once
 
 #include <cmath>
@@ -51,7 +51,8 @@ struct CosineSchedule {
   std::int64_t warmup_steps = 0;
   std::int64_t total_steps = 1;
 
-  /// The paper's recipe (design §3): warm-up over 1% of the steps (total_steps / 100, at least 1), decay to lr_max / 100.
+  /// The paper's recipe (design §3.3, §9.4): warm-up over 1% of the steps (total_steps / 100, at least 1), decay to
+  /// lr_max / 100.
   static CosineSchedule paper(double lr_max, std::int64_t total_steps) {
     return {lr_max, lr_max / 100.0, total_steps / 100 > 0 ? total_steps / 100 : 1, total_steps};
   }

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Trainer callbacks that report progress on a stream the caller chooses (the library itself prints nothing): a
-// progress bar with loss, tokens/s and ETA, a validation printer, a history recorder and a time budget (design §3).
+// progress bar with loss, tokens/s and ETA, a validation printer, a history recorder and a time budget.
 #pragma once
 
 #include <algorithm>

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
 // Byte-level text data for language-model training: tokens are the 256 byte values, a train/validation split of
-// one text, seeded random contiguous training windows and deterministic validation windows (design §3 training).
+// one text, seeded random contiguous training windows and deterministic validation windows.
 #pragma once
 
 #include <algorithm>
