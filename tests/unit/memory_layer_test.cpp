@@ -297,6 +297,13 @@ TEST(MemoryLayer, RejectsBadShapesAndValuesWithClearMessages) {
   mf::Matrix<float> dy = mf::Matrix<float>::Zero(6, 24);
   dy(5, 23) = -std::numeric_limits<float>::infinity();
   EXPECT_THROW(layer.backward(dx, x, dy, cache), mf::NonFiniteError);
+  // The scan's vector lanes (element 3) and its tail (element 143 of 144) both name the position.
+  const std::string tail_msg = error_of([&] { layer.backward(dx, x, dy, cache); });
+  EXPECT_NE(tail_msg.find("at (5, 23)"), std::string::npos) << tail_msg;
+  dy(5, 23) = 0.0f;
+  dy(0, 3) = std::numeric_limits<float>::quiet_NaN();
+  const std::string lane_msg = error_of([&] { layer.backward(dx, x, dy, cache); });
+  EXPECT_NE(lane_msg.find("at (0, 3)"), std::string::npos) << lane_msg;
 
   // A hash made with another τ cannot feed this layer.
   const mf::SignHasher<float> other({8, mf::ScoreKind::L1, 1.0});

@@ -80,6 +80,13 @@ void parallel_sum(MatrixRef<Scalar> out, ConstMatrixRef<Scalar> a, ConstMatrixRe
   });
 }
 
+/// out = a, row ranges in parallel.
+template <class Scalar>
+void parallel_copy(MatrixRef<Scalar> out, ConstMatrixRef<Scalar> a) {
+  parallel_rows(out.rows(), min_rows_per_thread(out.cols()),
+                [&](Index r0, Index r1) { out.middleRows(r0, r1 - r0) = a.middleRows(r0, r1 - r0); });
+}
+
 /// out += a, row ranges in parallel.
 template <class Scalar>
 void parallel_add(MatrixRef<Scalar> out, ConstMatrixRef<Scalar> a) {

@@ -15,6 +15,7 @@
 
 #include "../detail/checks.hpp"
 #include "../detail/attention_kernels.hpp"
+#include "../detail/row_parallel.hpp"
 #include "../detail/simd.hpp"
 #include "../error.hpp"
 #include "../storage_type.hpp"
@@ -118,7 +119,7 @@ void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_id
   // The kernel writes into the cache, which shares no storage with q, k, v; ctx (which may alias them) is written
   // once every read is done.
   detail::flash_attention_forward<best_isa(), Scalar>(cache.out, cache.lse, q, k, v, batch, seq, heads);
-  ctx = cache.out;
+  detail::parallel_copy<Scalar>(ctx, cache.out);
   cache.batch = batch;
   cache.seq = seq;
   cache.heads = heads;
