@@ -508,6 +508,9 @@ class MemoryLayer {
 
   /// Flags (detail::fresh_row) and lists the rows h will write that are not flagged yet.
   void list_new_rows(const HashResult<Scalar>& h) {
+    // Every row listed (hence flagged: the list holds each flagged row once) leaves nothing to find, which is the
+    // rule for 2^τ-row tables after a few micro-batches of an accumulated step: the scan of N·K codes is skipped.
+    if (touched_list_.size() == touched_.size()) return;
     const Index per_table = config_.rows_per_table();
     const std::int32_t* codes = h.codes.data();
     for (Index n = 0; n < h.rows; ++n)

@@ -150,6 +150,33 @@ TEST(MemoryLayer, GradientsAccumulateUntilZeroGrad) {
   for (auto t : layer.touched_rows()) EXPECT_EQ(t, 0);
 }
 
+// Once every row is flagged, later backwards skip the search for new rows: they must still add into every row, and a
+// zero_grad must start the list afresh.
+TEST(MemoryLayer, AccumulatesIntoEveryRowOnceAllRowsAreTouched) {
+  const mf::MemoryLayerConfig config{.d_in = 8, .d_out = 16, .tau = 2};  // 4 tables of 4 rows
+  mf::MemoryLayer<float> layer(config, 1), first(config, 1), second(config, 1);
+  const mf::Matrix<float> x = random_matrix<float>(64, 8, 2);
+  const mf::Matrix<float> dy1 = random_matrix<float>(64, 16, 3), dy2 = random_matrix<float>(64, 16, 4);
+  mf::HashResult<float> cache;
+  mf::Matrix<float> y(64, 16), dx(64, 8);
+  layer.forward(y, x, cache);
+  layer.backward(dx, x, dy1, cache);
+  ASSERT_EQ(layer.touched_list().size(), std::size_t(16)) << "64 random inputs touch all 16 rows";
+  layer.backward(dx, x, dy2, cache);
+  first.backward(dx, x, dy1, cache);
+  second.backward(dx, x, dy2, cache);
+  EXPECT_EQ(layer.dtables().as_matrix(), first.dtables().as_matrix() + second.dtables().as_matrix());
+  std::vector<mf::Index> listed = layer.touched_list();
+  std::sort(listed.begin(), listed.end());
+  EXPECT_EQ(std::unique(listed.begin(), listed.end()), listed.end()) << "each row listed once";
+  layer.zero_grad();
+  mf::HashResult<float> one;
+  mf::Matrix<float> y1(1, 16), dx1(1, 8);
+  layer.forward(y1, x.topRows(1), one);
+  layer.backward(dx1, x.topRows(1), dy1.topRows(1), one);
+  EXPECT_EQ(layer.touched_list().size(), std::size_t(4)) << "one input touches one row per table";
+}
+
 TEST(MemoryLayer, SharedHashGivesTheSameResultsAsSeparateLayers) {
   // Q and K read one hash of x: the summed score gradients through one SignHasher::backward equal the sum of
   // the two layers' own dx.
