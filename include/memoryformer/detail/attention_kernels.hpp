@@ -50,28 +50,6 @@ inline constexpr Index attention_band = 16;
 /// the merge order, and therefore the bits, do not depend on the thread count.
 inline constexpr Index attention_decode_key_block = 256;
 
-/// p[j] = exp(s[j]·scale − shift) for j < n, with s[j]·scale − shift computed by one fused multiply-add. In place
-/// (p == s) is allowed. float: fast_exp.hpp's exp_clamped (the argument a clamped to [−87, 0], then its exp2:
-/// (relative error ≤ 2^-22 + (2|a| + 1)·2^-24, the second term from rounding a and log2(e) to float; tested in
-/// attention_isa_test), the vector paths bit-identical to the scalar one; double: std::exp.
-template <Isa I, class Scalar>
-inline void exp_shifted_row(Scalar* p, const Scalar* s, Index n, Scalar scale, Scalar shift) {
-  if constexpr (std::is_same_v<Scalar, float>) {
-    Index j = 0;
-#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
-    if constexpr (I != Isa::Scalar) {
-      using O = VectorOps<I>;
-      const auto vscale = O::set1(scale), vshift = O::set1(shift);
-      for (; j + O::n <= n; j += O::n)
-        O::store(p + j, exp_clamped<I>(O::fmsub(O::load(s + j), vscale, vshift)));
-    }
-#endif
-    for (; j < n; ++j) p[j] = exp_clamped(madd(s[j], scale, -shift));
-  } else {
-    for (Index j = 0; j < n; ++j) p[j] = std::exp(s[j] * scale - shift);
-  }
-}
-
 /// Whether the tile products of a head of width dh go through tile_product<I> (float, a vector ISA, dh a multiple
 /// of the vector width) rather than Eigen's matrix product.
 template <Isa I, class Scalar>

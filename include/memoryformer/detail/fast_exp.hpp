@@ -20,7 +20,9 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
+#include "../types.hpp"
 #include "simd.hpp"
 #include "vector_ops.hpp"
 
@@ -156,6 +158,28 @@ MEMORYFORMER_ALWAYS_INLINE typename VectorOps<I>::V exp_clamped(typename VectorO
 }
 MEMORYFORMER_SIMD_WARNINGS_END
 #endif
+
+/// p[j] = exp(s[j]·scale − shift) for j < n, with s[j]·scale − shift computed by one fused multiply-add. In place
+/// (p == s) is allowed. float: fast_exp.hpp's exp_clamped (the argument a clamped to [−87, 0], then its exp2:
+/// (relative error ≤ 2^-22 + (2|a| + 1)·2^-24, the second term from rounding a and log2(e) to float; tested in
+/// attention_isa_test), the vector paths bit-identical to the scalar one; double: std::exp.
+template <Isa I, class Scalar>
+inline void exp_shifted_row(Scalar* p, const Scalar* s, Index n, Scalar scale, Scalar shift) {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    Index j = 0;
+#if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
+    if constexpr (I != Isa::Scalar) {
+      using O = VectorOps<I>;
+      const auto vscale = O::set1(scale), vshift = O::set1(shift);
+      for (; j + O::n <= n; j += O::n)
+        O::store(p + j, exp_clamped<I>(O::fmsub(O::load(s + j), vscale, vshift)));
+    }
+#endif
+    for (; j < n; ++j) p[j] = exp_clamped(madd(s[j], scale, -shift));
+  } else {
+    for (Index j = 0; j < n; ++j) p[j] = std::exp(s[j] * scale - shift);
+  }
+}
 
 /// The factor that turns exp(neg_scale·a) into 2^(factor·a), rounded once to Scalar: every ISA path uses this
 /// same value, so they agree bit for bit.

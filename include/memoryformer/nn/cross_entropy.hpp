@@ -13,7 +13,9 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
+#include "../detail/fast_exp.hpp"
 #include "../detail/row_parallel.hpp"
+#include "../detail/simd.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 
@@ -65,12 +67,16 @@ Scalar cross_entropy_forward(std::type_identity_t<ConstMatrixRef<Scalar>> logits
   // Rows on the threads; their losses are summed afterwards in row order, so the mean has the same bits for any
   // thread count.
   std::vector<double> row_loss(size_t(logits.rows()));
-  detail::parallel_rows(logits.rows(), detail::min_rows_per_thread(logits.cols()), [&](Index r0, Index r1) {
+  const Index vocab = logits.cols();
+  detail::parallel_rows(logits.rows(), detail::min_rows_per_thread(vocab), [&](Index r0, Index r1) {
+    std::vector<Scalar> p(static_cast<size_t>(vocab));  // [V] exp(logits_n − m)
     for (Index n = r0; n < r1; ++n) {
-      // Scalar std::exp, not Eigen's packet exp: GCC 12 reports a false -Wuninitialized inside the AVX-512 pexp.
+      // The library's exponential (vectorised for float, std::exp for double; design §8), summed in column order.
       const Scalar m = logits.row(n).maxCoeff();
+      const Scalar* row = logits.data() + n * logits.outerStride();
+      detail::exp_shifted_row<best_isa(), Scalar>(p.data(), row, vocab, Scalar(1), m);
       Scalar sum = 0;
-      for (Index v = 0; v < logits.cols(); ++v) sum += std::exp(logits(n, v) - m);
+      for (Index v = 0; v < vocab; ++v) sum += p[size_t(v)];
       const Scalar lse = m + std::log(sum);
       cache.logsumexp(n) = lse;
       row_loss[size_t(n)] = double(lse) - double(logits(n, targets[size_t(n)]));
@@ -104,7 +110,11 @@ void cross_entropy_backward(std::type_identity_t<MatrixRef<Scalar>> dlogits,
   detail::parallel_rows(logits.rows(), detail::min_rows_per_thread(logits.cols()), [&](Index r0, Index r1) {
     for (Index n = r0; n < r1; ++n) {
       const Scalar lse = cache.logsumexp(n);
-      for (Index v = 0; v < logits.cols(); ++v) dlogits(n, v) = std::exp(logits(n, v) - lse) * scale;
+      // In place when dlogits is logits: each element is read before it is written.
+      Scalar* row = dlogits.data() + n * dlogits.outerStride();
+      detail::exp_shifted_row<best_isa(), Scalar>(row, logits.data() + n * logits.outerStride(), logits.cols(),
+                                                  Scalar(1), lse);
+      for (Index v = 0; v < logits.cols(); ++v) row[v] *= scale;
       dlogits(n, targets[size_t(n)]) -= scale;
     }
   });
