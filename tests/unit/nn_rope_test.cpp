@@ -7,8 +7,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../support/test_helpers.hpp"
@@ -213,6 +215,38 @@ TEST(NnRope, BadConfigAndShapesThrow) {
   EXPECT_THROW(rope.forward(y, x, short_pos), mf::ShapeError);
   const std::vector<mf::Index> neg{0, 1, 2, -4, 0, 0};
   expect_throw_with([&] { rope.forward(y, x, neg); }, "positions[3] = -4");
+  // Positions at the top of the index range: no overflow, a clear error for the sequence form, exact angles for the
+  // positions form.
+  const mf::Index top = std::numeric_limits<mf::Index>::max();
+  expect_throw_with([&] { rope.forward(y, x, 2, 3, top); }, "position_offset + seq");
+  EXPECT_THROW(rope.forward(y, x, 2, 3, top), mf::ConfigError);
+  const std::vector<mf::Index> huge{top, 0, 1, 2, 3, top - 1};
+  rope.forward(y, x, huge);
+  EXPECT_TRUE(y.allFinite());
+}
+
+// forward and backward are const: several threads may share one object while its angle cache grows.
+TEST(NnRope, ThreadsShareOneObjectWhileItsCacheGrows) {
+  const mf::Rotary<float> shared(16, 2, 8);
+  const auto run = [&](mf::Index seq, int repeats) {
+    mf::Matrix<float> x = mf::Matrix<float>::Ones(seq, 16), y(seq, 16), expected(seq, 16);
+    mf::Rotary<float>(16, 2, 8).forward(expected, x, 1, seq);
+    bool same = true;
+    for (int r = 0; r < repeats; ++r) {
+      shared.forward(y, x, 1, seq);
+      same = same && y == expected;
+    }
+    return same;
+  };
+  bool short_same = false, long_same = true;
+  std::thread a([&] { short_same = run(30, 200); });
+  std::thread b([&] {
+    for (mf::Index seq = 64; seq <= 8192; seq *= 2) long_same = run(seq, 1) && long_same;
+  });
+  a.join();
+  b.join();
+  EXPECT_TRUE(short_same);
+  EXPECT_TRUE(long_same);
 }
 
 TEST(NnRope, CachedAnglesGiveTheBitsOfAFreshObject) {

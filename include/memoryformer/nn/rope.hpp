@@ -6,6 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <concepts>
+#include <limits>
+#include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -30,8 +33,8 @@ namespace memoryformer {
  * backward pass is the inverse rotation (by −angle_i). No parameters.
  * Angles are computed in double and rounded to Scalar once, and kept: the object caches the cos/sin table of the
  * positions it has seen (grown geometrically, up to max_cached_positions), so training steps and decoding reuse it
- * instead of recomputing it per call. The cache makes forward/backward unsafe to call on one object from two
- * threads at once (the blocks call them from one thread).
+ * instead of recomputing it per call. A grown table replaces the kept one while every call holds the table it
+ * reads, so forward and backward may run on one object from several threads at once.
  * @tparam Scalar float or double.
  */
 template <std::floating_point Scalar>
@@ -157,19 +160,61 @@ class Rotary {
   /// Positions past this are rotated from angles computed per call rather than grow the cache.
   static constexpr Index max_cached_positions = Index(1) << 16;
 
-  /// Makes the cache cover positions [0, end), end ≤ max_cached_positions.
-  void cache_positions(Index end) const {
-    if (end <= cached_) return;
-    const Index half = rotary_dims_ / 2;
-    const Index grown = std::min(max_cached_positions, std::max({end, 2 * cached_, Index(64)}));
-    cos_cache_.resize(size_t(grown * half));
-    sin_cache_.resize(size_t(grown * half));
-    neg_sin_cache_.resize(size_t(grown * half));
-    for (Index t = cached_; t < grown; ++t) {
-      fill_angles(t, Scalar(1), cos_cache_.data() + t * half, sin_cache_.data() + t * half);
-      for (Index i = 0; i < half; ++i) neg_sin_cache_[size_t(t * half + i)] = -sin_cache_[size_t(t * half + i)];
+  /// cos, sin and −sin (the backward's sign) of positions [0, positions), [positions, rotary_dims/2] each; never
+  /// changed once kept.
+  struct AngleTable {
+    Index positions = 0;
+    std::vector<Scalar> cos, sin, neg_sin;
+  };
+
+  /// The kept table behind a mutex. A copy shares the (immutable) table and has a mutex of its own.
+  class AngleCache {
+   public:
+    AngleCache() = default;
+    AngleCache(const AngleCache& other) : table_(other.get()) {}
+    AngleCache& operator=(const AngleCache& other) {
+      auto table = other.get();
+      const std::lock_guard<std::mutex> lock(mutex_);
+      table_ = std::move(table);
+      return *this;
     }
-    cached_ = grown;
+    std::shared_ptr<const AngleTable> get() const {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      return table_;
+    }
+    /// The kept table if it covers [0, end), else grow(kept or nullptr), which is kept instead.
+    template <class Grow>
+    std::shared_ptr<const AngleTable> covering(Index end, Grow&& grow) {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (!table_ || table_->positions < end) table_ = grow(table_.get());
+      return table_;
+    }
+
+   private:
+    mutable std::mutex mutex_;
+    std::shared_ptr<const AngleTable> table_;
+  };
+
+  /// A table that covers positions [0, end), end ≤ max_cached_positions. The caller holds it while it reads the
+  /// rows, so a thread that grows the cache meanwhile does not free them.
+  std::shared_ptr<const AngleTable> angles(Index end) const {
+    return angles_.covering(end, [&](const AngleTable* old) {
+      const Index half = rotary_dims_ / 2, kept = old ? old->positions : 0;
+      const Index grown = std::min(max_cached_positions, std::max({end, 2 * kept, Index(64)}));
+      auto table = std::make_shared<AngleTable>();
+      table->positions = grown;
+      for (std::vector<Scalar>* v : {&table->cos, &table->sin, &table->neg_sin}) v->resize(size_t(grown * half));
+      if (old != nullptr) {
+        std::copy(old->cos.begin(), old->cos.end(), table->cos.begin());
+        std::copy(old->sin.begin(), old->sin.end(), table->sin.begin());
+        std::copy(old->neg_sin.begin(), old->neg_sin.end(), table->neg_sin.begin());
+      }
+      for (Index t = kept; t < grown; ++t) {
+        fill_angles(t, Scalar(1), table->cos.data() + t * half, table->sin.data() + t * half);
+        for (Index i = 0; i < half; ++i) table->neg_sin[size_t(t * half + i)] = -table->sin[size_t(t * half + i)];
+      }
+      return std::shared_ptr<const AngleTable>(std::move(table));
+    });
   }
 
   void fill_angles(Index pos, Scalar sign, Scalar* cos_row, Scalar* sin_row) const {
@@ -185,6 +230,7 @@ class Rotary {
     detail::check_config(batch >= 1, where, "batch = " + std::to_string(batch) + " must be ≥ 1");
     detail::check_config(seq >= 1, where, "seq = " + std::to_string(seq) + " must be ≥ 1");
     detail::check_config(offset >= 0, where, "position_offset = " + std::to_string(offset) + " must be ≥ 0");
+    (void)detail::checked_add(where, "position_offset + seq", offset, seq, std::numeric_limits<Index>::max());
     const Index rows = detail::checked_mul(where, "batch·seq", batch, seq);
     check_io(where, in_name, out_name, out, in, rows,
              "(batch·seq, d) with batch = " + std::to_string(batch) + ", seq = " + std::to_string(seq));
@@ -194,10 +240,11 @@ class Rotary {
     const Scalar* cos_table = nullptr;
     const Scalar* sin_table = nullptr;
     std::vector<Scalar> cos_local, sin_local;
+    std::shared_ptr<const AngleTable> table;  // held until the rows are rotated
     if (offset <= max_cached_positions - seq) {
-      cache_positions(offset + seq);
-      cos_table = cos_cache_.data() + offset * half;
-      sin_table = (sign > Scalar(0) ? sin_cache_ : neg_sin_cache_).data() + offset * half;
+      table = angles(offset + seq);
+      cos_table = table->cos.data() + offset * half;
+      sin_table = (sign > Scalar(0) ? table->sin : table->neg_sin).data() + offset * half;
     } else {
       cos_local.resize(size_t(seq * half));
       sin_local.resize(size_t(seq * half));
@@ -223,16 +270,17 @@ class Rotary {
       detail::check_config(positions[size_t(n)] >= 0, where,
                            "positions[" + std::to_string(n) + "] = " + std::to_string(positions[size_t(n)]) +
                                " must be ≥ 0");
-    Index end = 0;
-    for (Index pos : positions) end = std::max(end, pos + 1);
-    if (end <= max_cached_positions) {
-      cache_positions(end);
+    Index last = 0;  // the largest position (not + 1, which could overflow)
+    for (Index pos : positions) last = std::max(last, pos);
+    if (last < max_cached_positions) {
+      const auto table = angles(last + 1);
       const Index half = rotary_dims_ / 2;
-      const Scalar* sin_table = (sign > Scalar(0) ? sin_cache_ : neg_sin_cache_).data();
+      const Scalar* cos_table = table->cos.data();
+      const Scalar* sin_table = (sign > Scalar(0) ? table->sin : table->neg_sin).data();
       detail::parallel_rows(rows, detail::min_rows_per_thread(d_), [&](Index n0, Index n1) {
         for (Index n = n0; n < n1; ++n) {
           const Index pos = positions[size_t(n)];
-          rotate_row(out.row(n).data(), in.row(n).data(), cos_cache_.data() + pos * half, sin_table + pos * half);
+          rotate_row(out.row(n).data(), in.row(n).data(), cos_table + pos * half, sin_table + pos * half);
         }
       });
       return;
@@ -250,9 +298,7 @@ class Rotary {
   Index rotary_dims_;
   double base_;
   std::vector<double> inv_freq_;  // [rotary_dims/2] base^(−2i/R)
-  // The angle cache of positions [0, cached_): cos, sin and −sin (the backward's sign), [cached_, rotary_dims/2].
-  mutable Index cached_ = 0;
-  mutable std::vector<Scalar> cos_cache_, sin_cache_, neg_sin_cache_;
+  mutable AngleCache angles_;  // the angles of the positions seen so far
 };
 
 }  // namespace memoryformer
