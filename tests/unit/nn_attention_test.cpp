@@ -496,6 +496,33 @@ TEST(NnAttention, ThreadCountDoesNotChangeBits) {
 #endif
 
 #if defined(MEMORYFORMER_USE_OPENMP)
+// One (sequence, head) item through Eigen's products (double; float with a head width off the vector width): the
+// kernel then runs outside an OpenMP region, where Eigen would otherwise split the products by its thread count.
+TEST(NnAttention, OneItemThroughEigenHasTheSameBitsForAnyThreadCount) {
+  const auto run = [](auto zero, mf::Index seq, mf::Index d) {
+    using S = decltype(zero);
+    const auto q = random_matrix<S>(seq, d, 71), k = random_matrix<S>(seq, d, 72), v = random_matrix<S>(seq, d, 73),
+               dctx = random_matrix<S>(seq, d, 74);
+    std::vector<mf::Matrix<S>> results[5];
+    ThreadSetting setting;
+    for (const int threads : {1, 2}) {
+      setting.set(threads);
+      mf::Matrix<S> ctx(seq, d), dq(seq, d), dk(seq, d), dv(seq, d), decoded(seq, d);
+      mf::AttentionCache<S> cache;
+      mf::attention_forward<S>(ctx, q, k, v, 1, seq, 1, cache);
+      mf::attention_backward<S>(dq, dk, dv, q, k, v, dctx, cache);
+      mf::KVCache<S> kv(1, seq, d);
+      mf::attention_decode<S>(decoded, q, k, v, kv, 1);
+      for (int i = 0; const auto* m : {&ctx, &dq, &dk, &dv, &decoded}) results[i++].push_back(*m);
+    }
+    const char* names[] = {"ctx", "dq", "dk", "dv", "decode"};
+    for (int i = 0; i < 5; ++i)
+      EXPECT_TRUE(results[i][1] == results[i][0]) << names[i] << ", d = " << d << ": 2 threads against 1";
+  };
+  run(0.0, 64, 1024);
+  run(0.0f, 64, 1004);
+}
+
 TEST(NnAttention, Bf16CacheDecodeHasTheSameBitsForAnyThreadCount) {
   const mf::Index batch = 2, seq = 700, heads = 2, d = 32, rows = batch * seq;
   const auto q = random_matrix<float>(rows, d, 191, 2.0), k = random_matrix<float>(rows, d, 192, 2.0),

@@ -118,6 +118,9 @@ void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_id
   cache.out.resize(rows, d);  // [batch·seq, d]
   // The kernel writes into the cache, which shares no storage with q, k, v; ctx (which may alias them) is written
   // once every read is done.
+  // Eigen's products inside the kernels (double, or head widths off the vector width) run on one thread each: with a
+  // single work item the kernel runs outside an OpenMP region, where Eigen would split them by its thread count.
+  const detail::SerialEigenScope serial;
   detail::flash_attention_forward<best_isa(), Scalar>(cache.out, cache.lse, q, k, v, batch, seq, heads);
   detail::parallel_copy<Scalar>(ctx, cache.out);
   cache.batch = batch;
@@ -169,6 +172,7 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
       detail::attention_views_overlap(dk, dv))
     throw std::invalid_argument(std::string(where) + ": dq, dk and dv must not overlap");
 
+  const detail::SerialEigenScope serial;  // as in attention_forward
   detail::flash_attention_backward<best_isa(), Scalar>(dq, dk, dv, q, k, v, dctx, cache.out, cache.lse, batch, seq,
                                                        heads);
 }
@@ -213,6 +217,7 @@ void attention_decode(std::type_identity_t<MatrixRef<Scalar>> ctx_new,
   const Index first = cache.length();
   cache.append(k_new, v_new);  // throws std::length_error before changing anything
   // All reads of q_new happen before ctx_new is written (the kernel's merge pass writes), so they may alias.
+  const detail::SerialEigenScope serial;  // as in attention_forward
   if constexpr (std::is_same_v<Scalar, float>) {
     if (cache.storage() == StorageType::BF16) {
       detail::flash_attention_decode_bf16<best_isa()>(
