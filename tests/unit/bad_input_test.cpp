@@ -351,11 +351,16 @@ TEST(BadInput, EveryCaseThrowsTheLibrarysExceptionType) {
   EXPECT_GE(n, 30);
 }
 
-TEST(BadInput, AFailedLoadLeavesModelAndOptimizerBitIdentical) {
+// With float32 and with bfloat16 moments (whose expanded buffers a failed load frees).
+class FailedLoad : public ::testing::TestWithParam<mf::MomentStorage> {};
+
+TEST_P(FailedLoad, LeavesModelAndOptimizerBitIdentical) {
   using Model = mf::MemoryFormerLM<float>;
   // A trained-looking state to protect: random parameters and non-zero moments and counts.
   Model m(tiny_lm(), 5);
-  mf::AdamW<float> opt(m.parameters(), row_sparse());
+  mf::AdamWOptions options = row_sparse();
+  options.moments = GetParam();
+  mf::AdamW<float> opt(m.parameters(), options);
   Model::Cache cache;
   std::vector<std::int32_t> tokens{1, 2, 3, 4}, targets{2, 3, 4, 5};
   for (int s = 0; s < 3; ++s) {
@@ -376,6 +381,8 @@ TEST(BadInput, AFailedLoadLeavesModelAndOptimizerBitIdentical) {
            [](auto& c) { set_first_value(c, "adamw.step", -1.0f); },
            [](auto& c) { set_first_value(c, "adamw.row_step.", 1e6f); },
            [](auto& c) { set_first_value(c, "adamw.v.", float(nan)); },
+           [](auto& c) { set_first_value(c, "adamw.step", 0.5f); },
+           [](auto& c) { set_first_value(c, "adamw.v.", -1.0f); },
            [](auto& c) { set_first_value(c, "embedding.weight", float(inf)); }}) {
     const auto bytes = model_bytes(edit);
     EXPECT_THROW(mf::load_model(mf::parse_checkpoint(bytes), m, &opt, "bytes"), mf::FormatError);
@@ -385,6 +392,33 @@ TEST(BadInput, AFailedLoadLeavesModelAndOptimizerBitIdentical) {
   // And a valid file does load, so the checks above are not vacuous.
   mf::load_model(mf::parse_checkpoint(model_bytes([](auto&) {})), m, &opt, "bytes");
   EXPECT_NE(bits(), before);
+}
+
+INSTANTIATE_TEST_SUITE_P(BadInput, FailedLoad,
+                         ::testing::Values(mf::MomentStorage::Native, mf::MomentStorage::BFloat16),
+                         [](const auto& info) {
+                           return info.param == mf::MomentStorage::Native ? std::string("native_moments")
+                                                                          : std::string("bf16_moments");
+                         });
+
+// AdamW::load_state on its own (without load_model's finite check) refuses non-finite moments, naming them.
+TEST(BadInput, OptimizerStateWithNonFiniteMomentsIsRefused) {
+  mf::MemoryFormerLM<float> m(tiny_lm(), 5);
+  mf::AdamW<float> opt(m.parameters(), row_sparse());
+  for (const char* which : {"m.", "v."}) {
+    std::string text = "(no exception)";
+    try {
+      opt.load_state([&](const std::string& name, const std::vector<mf::Index>&, std::span<float> out) {
+        std::ranges::fill(out, 0.0f);
+        if (name.starts_with(std::string("adamw.") + which)) out[0] = std::numeric_limits<float>::quiet_NaN();
+      });
+    } catch (const mf::FormatError& e) {
+      text = e.what();
+    }
+    EXPECT_NE(text.find(std::string(which[0] == 'm' ? "first" : "second") + " moment nan at element 0"),
+              std::string::npos)
+        << text;
+  }
 }
 
 TEST(BadInput, SaveRemovesStaleTemporariesOfTheSameTarget) {

@@ -164,7 +164,13 @@ ConfigEntries load_model(const Checkpoint& ckpt, Model& model, AdamW<typename Mo
         ckpt.copy_tensor(name, std::span<const Index>(shape), out);
       });
     } catch (const std::exception& e) {
-      for (std::size_t i = 0; i < state.size(); ++i) std::ranges::copy(saved[i], state[i].values.begin());
+      // Put the saved state back through load_state itself, not through the spans taken above: with bfloat16
+      // moments the failed load freed their buffers, and load_state rounds the (exactly expanded) values back to
+      // the same bits.
+      std::size_t next = 0;
+      optimizer->load_state([&](const std::string&, const std::vector<Index>&, std::span<Scalar> out) {
+        std::ranges::copy(saved[next++], out.begin());
+      });
       throw FormatError(where + e.what());
     }
   }

@@ -447,8 +447,9 @@ class AdamW {
    * @brief Loads the state from `fill(const std::string& name, const std::vector<Index>& shape, std::span<Scalar> out)`,
    *        called once per tensor of state_tensors(prefix), which must fill `out` or throw. With a Checkpoint:
    *        `opt.load_state([&](const auto& name, const auto& shape, auto out) { ckpt.copy_tensor(name, shape, out); });`
-   * Then checks that counts are non-negative integers with every row count ≤ the global count, and second moments
-   * are not negative. With bfloat16 moments the loaded values are rounded to bfloat16 (nearest even).
+   * Then checks that counts are non-negative integers with every row count ≤ the global count, that first moments
+   * are finite and second moments finite and not negative. With bfloat16 moments the loaded values are rounded to
+   * bfloat16 (nearest even).
    * @throws FormatError for invalid loaded values, or whatever `fill` throws; on any exception the optimiser is
    *         reset() (a half-loaded state is never kept).
    */
@@ -467,9 +468,15 @@ class AdamW {
             throw FormatError("AdamW::load_state: parameter '" + params_[i].name + "' has a row count " +
                               std::to_string(double(c)) + ", expected an integer in [0, " +
                               std::to_string(double(step_[0])) + "]");
-        for (Scalar v : s.v)
-          if (v < Scalar(0))
-            throw FormatError("AdamW::load_state: parameter '" + params_[i].name + "' has a negative second moment");
+        for (std::size_t j = 0; j < s.m.size(); ++j)
+          if (!std::isfinite(s.m[j]))
+            throw FormatError("AdamW::load_state: parameter '" + params_[i].name + "' has a non-finite first moment " +
+                              std::to_string(double(s.m[j])) + " at element " + std::to_string(j));
+        for (std::size_t j = 0; j < s.v.size(); ++j)
+          if (!(s.v[j] >= Scalar(0)) || !std::isfinite(s.v[j]))
+            throw FormatError("AdamW::load_state: parameter '" + params_[i].name + "' has a second moment " +
+                              std::to_string(double(s.v[j])) + " at element " + std::to_string(j) +
+                              ", expected a finite value ≥ 0");
       }
       if (bf16_moments()) {
         for (auto& s : state_) {
