@@ -154,7 +154,7 @@ Args parse(int argc, char** argv) {
     else if (f == "--save-every") a.save_every = integer(i);
     else if (f == "--resume") a.resume = value(i);
     else if (f == "--threads") a.threads = small(i);
-    else if (f == "--max-seconds") a.max_seconds = real(i);
+    else if (f == "--max-seconds") a.max_seconds = args.number(i, /*allow_negative=*/false);
     else if (f == "--profile") a.profile = true;
     else if (f == "--json") a.json = true;
     else if (f == "--quiet") a.quiet = true;
@@ -395,6 +395,7 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
 
   if (a.profile) {
     if (comm.size() > 1) throw std::invalid_argument("--profile runs on one rank (without mpirun)");
+    o.validate("train_lm");  // profile runs the steps itself, without a Trainer to check the options
     profile(model, data, o, std::cout);
     return 0;
   }

@@ -378,6 +378,21 @@ TEST(AdamW, RejectsBadConfigurationAndShapes) {
   EXPECT_THROW(opt.step(0.1), mf::ShapeError);
   EXPECT_EQ(ps[0].value, before);
   EXPECT_EQ(opt.steps(), 0u);
+  // A touched list naming a row past the end is refused before anything reads or writes through it.
+  ps[0].touched = {1, 1};
+  std::vector<mf::Index> list{1, 7};
+  auto listed = views(ps);
+  listed[0].touched_list = &list;
+  mf::AdamW<double> with_list(listed, o);
+  for (const bool fused : {false, true}) {
+    try {
+      fused ? (void)with_list.step_fused(0.1, 1.0) : with_list.step(0.1);
+      ADD_FAILURE() << "no exception";
+    } catch (const mf::ShapeError& e) {
+      EXPECT_NE(std::string(e.what()).find("lists touched row 7, outside [0, 2)"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(ps[0].value, before);
   std::vector<Param<double>> dup(2);
   dup[0] = param<double>("x", {1}, {0.0}, {0.0});
   dup[1] = param<double>("x", {1}, {0.0}, {0.0});
@@ -497,6 +512,8 @@ TEST(Schedule, ValuesAtStartEndOfWarmupMidpointAndEnd) {
   EXPECT_NEAR(s(504), (3e-3 + 3e-5) / 2, 1e-18);
   EXPECT_EQ(s(999), 3e-5);   // last step: exactly lr_min
   EXPECT_EQ(s(5000), 3e-5);  // past the end
+  EXPECT_EQ(s(std::numeric_limits<std::int64_t>::max()), 3e-5);  // without overflowing step + 1
+  EXPECT_EQ(mf::cosine_lr(9, 2.0, 0.0, 10, 10), 2.0);  // warm-up over the whole run: its last step at lr_max
   double prev = s(9);
   for (std::int64_t k = 10; k < 1000; ++k) {
     EXPECT_LE(s(k), prev) << k;

@@ -328,6 +328,14 @@ TEST(Trainer, RejectsBadAccumulate) {
   o.batch = Index(1) << 40;
   o.accumulate = Index(1) << 40;
   EXPECT_THROW(o.validate(), mf::ConfigError);
+  // The tokens per step, batch · accumulate · seq, must fit too (a wrapped count would size the batch buffers).
+  mf::TrainerOptions wide;
+  wide.batch = Index(1) << 62;
+  wide.seq = 4;
+  EXPECT_THROW(wide.validate(), mf::ConfigError);
+  mf::TokenBatch batch;
+  mf::Rng rng(1);
+  EXPECT_THROW(data.sample_train(batch, Index(1) << 62, 4, rng), mf::ConfigError);
 }
 
 TEST(GradientBookkeeping, TouchedListsMatchFlagsAndZeroGradClearsEverything) {

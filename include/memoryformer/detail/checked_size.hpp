@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <new>
 #include <string>
 #include <string_view>
 
@@ -54,6 +55,17 @@ Index checked_product(std::string_view where, std::string_view what, std::initia
       throw_size<Error>(where, what, text(), "exceeds the limit of " + std::to_string(limit));
   }
   return out;
+}
+
+/// allocate() with a std::bad_alloc turned into Error naming `what` and its size: a size the caller chose that memory
+/// cannot hold reads as the caller's error, not as a bare std::bad_alloc.
+template <class Error = ConfigError, class Allocate>
+decltype(auto) allocating(std::string_view where, std::string_view what, Index bytes, Allocate&& allocate) {
+  try {
+    return allocate();
+  } catch (const std::bad_alloc&) {
+    throw_size<Error>(where, what, "of " + std::to_string(bytes) + " bytes", "cannot be allocated");
+  }
 }
 
 /// a + b for non-negative a, b; throws Error naming `what` when it overflows or exceeds `limit`.

@@ -544,6 +544,7 @@ class AdamW {
                          std::to_string(p.touched_rows->size()) + " touched-row flags, expected " +
                          std::to_string(p.value.size() / std::size_t(p.row_size)) + " (one per row of " +
                          std::to_string(p.row_size) + ")");
+      detail::clip::check_touched(p, where);
     }
   }
 

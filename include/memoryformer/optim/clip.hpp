@@ -44,6 +44,12 @@ void check_touched(const ParameterView<Scalar>& p, std::string_view where) {
     throw ShapeError(std::string(where) + ": parameter '" + p.name + "' has " + std::to_string(n) +
                      " gradient values, row_size " + std::to_string(row) + " and " +
                      std::to_string(p.touched_rows->size()) + " touched-row flags");
+  // The list's entries index rows directly (the norm reads them, the update writes them).
+  if (p.touched_list != nullptr)
+    for (const Index r : *p.touched_list)
+      if (r < 0 || std::size_t(r) >= n / row)
+        throw ShapeError(std::string(where) + ": parameter '" + p.name + "' lists touched row " + std::to_string(r) +
+                         ", outside [0, " + std::to_string(n / row) + ")");
 }
 
 /// A touched list longer than 1/list_scan_divisor of the rows is walked by scanning the flags instead: rows in

@@ -37,6 +37,7 @@ inline double cosine_lr(std::int64_t step, double lr_max, double lr_min, std::in
   detail::check_config(std::isfinite(lr_min) && lr_min >= 0.0 && lr_min <= lr_max, where,
                        "lr_min = " + std::to_string(lr_min) + " is outside [0, lr_max = " + std::to_string(lr_max) +
                            "]");
+  if (step >= total_steps) return lr_min;  // u > T, decided before step + 1, which could overflow
   const std::int64_t u = step + 1;
   if (u <= warmup_steps) return lr_max * double(u) / double(warmup_steps);
   if (u >= total_steps) return lr_min;

@@ -18,6 +18,7 @@
 #include <string_view>
 #include <vector>
 
+#include "../detail/checked_size.hpp"
 #include "../detail/checks.hpp"
 #include "../error.hpp"
 #include "../random.hpp"
@@ -167,9 +168,9 @@ class TextDataset {
     resize(out, n, seq);
     for (Index b = 0; b < n; ++b) {
       const Index s = starts[std::size_t(first + b)];
-      if (s < 0 || std::size_t(s + seq) >= split.size())
+      if (s < 0 || std::size_t(s) >= split.size() || split.size() - std::size_t(s) <= std::size_t(seq))
         throw std::out_of_range("TextDataset::validation_batch: window start " + std::to_string(s) +
-                                " leaves no room for " + std::to_string(seq + 1) + " tokens");
+                                " leaves no room for seq + 1 tokens (seq = " + std::to_string(seq) + ")");
       copy_window(out, b, split, std::size_t(s));
     }
   }
@@ -178,16 +179,21 @@ class TextDataset {
   static void check_window(const char* where, const char* which, std::size_t size, Index batch, Index seq) {
     detail::check_config(batch >= 1 && seq >= 1, where,
                          "batch = " + std::to_string(batch) + " and seq = " + std::to_string(seq) + " must be ≥ 1");
+    (void)detail::checked_mul(where, "batch·seq", batch, seq);
     detail::check_config(size >= std::size_t(seq) + 1, where,
                          std::string("the ") + which + " split has " + std::to_string(size) +
-                             " tokens, fewer than seq + 1 = " + std::to_string(seq + 1) +
+                             " tokens, fewer than seq + 1 tokens (seq = " + std::to_string(seq) + ")" +
                              " (use a longer text, a shorter seq or another validation fraction)");
   }
   static void resize(TokenBatch& out, Index batch, Index seq) {
     out.batch = batch;
     out.seq = seq;
-    out.inputs.resize(std::size_t(batch * seq));
-    out.targets.resize(std::size_t(batch * seq));
+    const Index tokens = batch * seq;  // checked by check_window
+    detail::allocating("TextDataset", "a batch of " + std::to_string(tokens) + " tokens",
+                       tokens * Index(2 * sizeof(std::int32_t)), [&] {
+                         out.inputs.resize(std::size_t(tokens));
+                         out.targets.resize(std::size_t(tokens));
+                       });
   }
   static void copy_window(TokenBatch& out, Index b, std::span<const std::int32_t> split, std::size_t start) {
     const std::size_t seq = std::size_t(out.seq), row = std::size_t(b) * seq;

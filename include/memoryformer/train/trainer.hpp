@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "../detail/checked_size.hpp"
 #include "../detail/checks.hpp"
 #include "../detail/xxhash.hpp"
 #include "../distributed/collectives.hpp"
@@ -78,11 +79,8 @@ struct TrainerOptions {
     detail::check_config(steps >= 1, where, "steps = " + std::to_string(steps) + " must be ≥ 1");
     detail::check_config(batch >= 1, where, "batch = " + std::to_string(batch) + " must be ≥ 1");
     detail::check_config(accumulate >= 1, where, "accumulate = " + std::to_string(accumulate) + " must be ≥ 1");
-    Index step_batch = 0;
-    detail::check_config(!__builtin_mul_overflow(batch, accumulate, &step_batch), where,
-                         "batch · accumulate = " + std::to_string(batch) + " · " + std::to_string(accumulate) +
-                             " overflows");
     detail::check_config(seq >= 1, where, "seq = " + std::to_string(seq) + " must be ≥ 1");
+    (void)detail::checked_product(where, "batch · accumulate · seq (tokens per step)", {batch, accumulate, seq});
     detail::check_config(std::isfinite(lr) && lr >= 0.0, where, "lr = " + std::to_string(lr) + " must be ≥ 0");
     detail::check_config(lr_min_ratio >= 0.0 && lr_min_ratio <= 1.0, where,
                          "lr_min_ratio = " + std::to_string(lr_min_ratio) + " is outside [0, 1]");
