@@ -44,10 +44,10 @@ class BucketTable {
   Scalar* row(Index k, Index code) { return values_.data() + (k * rows_per_table() + code) * width_; }
   const Scalar* row(Index k, Index code) const { return values_.data() + (k * rows_per_table() + code) * width_; }
 
-  /// Checked access for user code. @throws std::out_of_range
+  /// Checked access for user code. @throws IndexError
   Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>> row_checked(Index k, Index code) const {
     if (k < 0 || k >= tables_ || code < 0 || code >= rows_per_table())
-      throw std::out_of_range("BucketTable::row_checked: (table " + std::to_string(k) + ", row " +
+      throw IndexError("BucketTable::row_checked: (table " + std::to_string(k) + ", row " +
                               std::to_string(code) + ") is outside (" + std::to_string(tables_) + ", " +
                               std::to_string(rows_per_table()) + ")");
     return {row(k, code), width_};
@@ -91,17 +91,17 @@ class BucketHitCounter {
       for (Index k = 0; k < tables_; ++k) {
         const std::int32_t c = codes[size_t(n * tables_ + k)];
         if (c < 0 || c >= (std::int32_t(1) << tau_))
-          throw std::out_of_range("BucketHitCounter::record: code " + std::to_string(c) + " is outside [0, 2^" +
+          throw IndexError("BucketHitCounter::record: code " + std::to_string(c) + " is outside [0, 2^" +
                                   std::to_string(tau_) + ")");
         ++counts_[size_t((k << tau_) + c)];
       }
   }
 
   /// Hit counts of table k: 2^τ values.
-  /// @throws std::out_of_range unless 0 ≤ k < K.
+  /// @throws IndexError unless 0 ≤ k < K.
   std::span<const std::uint64_t> counts(Index k) const {
     if (k < 0 || k >= tables_)
-      throw std::out_of_range("BucketHitCounter::counts: table " + std::to_string(k) + " is outside [0, " +
+      throw IndexError("BucketHitCounter::counts: table " + std::to_string(k) + " is outside [0, " +
                               std::to_string(tables_) + ")");
     return std::span<const std::uint64_t>(counts_).subspan(size_t(k << tau_), size_t(Index(1) << tau_));
   }

@@ -44,4 +44,29 @@ class FormatError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/// A value outside its domain that is not a shape or a configuration: a token id ≥ vocab, a target outside the
+/// classes, outputs that overlap inputs they must not.
+class ValueError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+/// An index outside its range in checked access: a table row, a sequence of a cache, a validation window.
+class IndexError : public std::out_of_range {
+ public:
+  using std::out_of_range::out_of_range;
+};
+
+/// More than a fixed capacity holds: tokens beyond a KV cache's max_seq (the cache is then unchanged).
+class CapacityError : public std::length_error {
+ public:
+  using std::length_error::length_error;
+};
+
+/// A file or directory the system cannot open, write, sync or rename (the message names the path and the reason).
+class IoError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 }  // namespace memoryformer

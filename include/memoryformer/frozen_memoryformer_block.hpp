@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "detail/checked_size.hpp"
 #include "detail/row_parallel.hpp"
 #include "error.hpp"
 #include "frozen_memory_block.hpp"
@@ -91,9 +92,10 @@ class FrozenMemoryFormerBlock {
     constexpr const char* where = "FrozenMemoryFormerBlock::forward";
     detail::check_config(batch >= 1 && seq >= 1, where,
                          "batch = " + std::to_string(batch) + " and seq = " + std::to_string(seq) + " must be >= 1");
-    if (x.rows() != batch * seq || x.cols() != config_.d)
+    const Index rows = detail::checked_mul(where, "batch·seq", batch, seq);
+    if (x.rows() != rows || x.cols() != config_.d)
       detail::throw_shape(where, "x", x.rows(), x.cols(),
-                          "(batch·seq, d) = (" + std::to_string(batch * seq) + ", " + std::to_string(config_.d) + ")");
+                          "(batch·seq, d) = (" + std::to_string(rows) + ", " + std::to_string(config_.d) + ")");
     detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), config_.d);
     attention_input(x, s);
     rotary_.forward(s.q, s.q, batch, seq, 0);
@@ -111,7 +113,7 @@ class FrozenMemoryFormerBlock {
    * @brief Incremental decoding: x_new [batch·t, d] are the next t tokens of each sequence, at positions
    * kv.length() …; appends their keys and values to kv and writes their outputs (the rows forward gives at those
    * positions on the whole sequence, up to the rounding of attention's sums).
-   * @throws ShapeError; std::length_error past the cache's max_seq (kv unchanged)
+   * @throws ShapeError; CapacityError past the cache's max_seq (kv unchanged)
    */
   void forward_decode(MatrixRef<float> y_new, ConstMatrixRef<float> x_new, KVCache<float>& kv, Scratch& s) const {
     constexpr const char* where = "FrozenMemoryFormerBlock::forward_decode";
@@ -124,7 +126,7 @@ class FrozenMemoryFormerBlock {
     detail::check_shape(where, "y_new", y_new.rows(), y_new.cols(), x_new.rows(), config_.d);
     const Index t = x_new.rows() / kv.batch();
     if (kv.length() + t > kv.max_seq())
-      throw std::length_error(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " +
+      throw CapacityError(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " +
                               std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
     attention_input(x_new, s);
     rotary_.forward(s.q, s.q, kv.batch(), t, kv.length());

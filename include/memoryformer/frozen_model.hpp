@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "detail/checked_size.hpp"
 #include "detail/row_parallel.hpp"
 #include "error.hpp"
 #include "frozen_memory_layer.hpp"
@@ -107,20 +108,15 @@ class FrozenLanguageModel {
    * @param logits [batch·seq, vocab] output
    * @param tokens batch·seq ids in [0, vocab), batch-major
    * @throws ConfigError for batch or seq < 1; ShapeError for a tokens count ≠ batch·seq or logits of another shape;
-   *         std::invalid_argument for an id outside [0, vocab).
+   *         ValueError for an id outside [0, vocab).
    */
   void forward(MatrixRef<float> logits, std::span<const std::int32_t> tokens, Index batch, Index seq) const {
     constexpr const char* where = "FrozenLanguageModel::forward";
-    detail::check_config(batch >= 1 && seq >= 1, where,
-                         "batch = " + std::to_string(batch) + " and seq = " + std::to_string(seq) + " must be ≥ 1");
-    if (Index(tokens.size()) != batch * seq)
-      throw ShapeError(std::string(where) + ": tokens has " + std::to_string(tokens.size()) +
-                       " ids, expected batch·seq = " + std::to_string(batch) + "·" + std::to_string(seq) + " = " +
-                       std::to_string(batch * seq));
-    detail::check_shape(where, "logits", logits.rows(), logits.cols(), batch * seq, vocab_);
+    const Index rows = checked_rows(where, tokens, batch, seq);
+    detail::check_shape(where, "logits", logits.rows(), logits.cols(), rows, vocab_);
     detail::SerialEigenScope serial;
     FrozenMemoryFormerBlockScratch scratch;
-    Matrix<float> x(batch * seq, d_), y(batch * seq, d_);  // [batch·seq, d]
+    Matrix<float> x(rows, d_), y(rows, d_);  // [batch·seq, d]
     embed(where, x, tokens);
     for (const auto& b : blocks_) {
       b.forward(y, x, batch, seq, scratch);
@@ -132,9 +128,8 @@ class FrozenLanguageModel {
 
   /// Allocating form of forward: the [batch·seq, vocab] logits.
   Matrix<float> forward(std::span<const std::int32_t> tokens, Index batch, Index seq) const {
-    detail::check_config(batch >= 1 && seq >= 1, "FrozenLanguageModel::forward",
-                         "batch = " + std::to_string(batch) + " and seq = " + std::to_string(seq) + " must be ≥ 1");
-    Matrix<float> logits(batch * seq, vocab_);
+    const Index rows = checked_rows("FrozenLanguageModel::forward", tokens, batch, seq);  // before allocating
+    Matrix<float> logits(rows, vocab_);
     forward(logits, tokens, batch, seq);
     return logits;
   }
@@ -156,8 +151,8 @@ class FrozenLanguageModel {
    *        logits_new [batch·t, vocab]. Appends to every block's KV cache.
    * @param tokens_new batch·t ids, batch-major
    * @throws StateError for a state not made by this model's make_decode_state; ShapeError when tokens_new.size()
-   *         is not a positive multiple of state.batch() or logits_new is not (batch·t, vocab); std::length_error
-   *         past max_seq (the state is then unchanged); std::invalid_argument for an id outside [0, vocab).
+   *         is not a positive multiple of state.batch() or logits_new is not (batch·t, vocab); CapacityError
+   *         past max_seq (the state is then unchanged); ValueError for an id outside [0, vocab).
    */
   void forward_decode(MatrixRef<float> logits_new, std::span<const std::int32_t> tokens_new, DecodeState& state) const {
     constexpr const char* where = "FrozenLanguageModel::forward_decode";
@@ -165,6 +160,19 @@ class FrozenLanguageModel {
       throw StateError(std::string(where) + ": the decode state has " + std::to_string(state.kv.size()) +
                        " caches, the model has " + std::to_string(blocks_.size()) +
                        " blocks of width " + std::to_string(d_) + "; use make_decode_state");
+    // Every block's cache as the first one: a capacity or batch checked on one holds for all, and no block can
+    // refuse the tokens after an earlier block appended them.
+    const KVCache<float>& first = state.kv.front();
+    for (std::size_t i = 1; i < state.kv.size(); ++i) {
+      const KVCache<float>& c = state.kv[i];
+      if (c.batch() != first.batch() || c.d() != first.d() || c.max_seq() != first.max_seq() ||
+          c.length() != first.length() || c.storage() != first.storage())
+        throw StateError(std::string(where) + ": the cache of block " + std::to_string(i) + " (batch " +
+                         std::to_string(c.batch()) + ", max_seq " + std::to_string(c.max_seq()) + ", length " +
+                         std::to_string(c.length()) + ") does not match block 0's (batch " +
+                         std::to_string(first.batch()) + ", max_seq " + std::to_string(first.max_seq()) +
+                         ", length " + std::to_string(first.length()) + "); use make_decode_state");
+    }
     const Index rows = Index(tokens_new.size());
     if (rows == 0 || rows % state.batch() != 0)
       throw ShapeError(std::string(where) + ": tokens_new has " + std::to_string(rows) +
@@ -172,7 +180,7 @@ class FrozenLanguageModel {
     const Index t = rows / state.batch();
     detail::check_shape(where, "logits_new", logits_new.rows(), logits_new.cols(), rows, vocab_);
     if (state.length() + t > state.max_seq())
-      throw std::length_error(std::string(where) + ": " + std::to_string(state.length()) + " decoded + " +
+      throw CapacityError(std::string(where) + ": " + std::to_string(state.length()) + " decoded + " +
                               std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(state.max_seq()));
     detail::SerialEigenScope serial;
     state.x.resize(rows, d_);
@@ -186,10 +194,22 @@ class FrozenLanguageModel {
   }
 
  private:
+  /// batch·seq, checked for overflow, and the number of tokens against it.
+  static Index checked_rows(const char* where, std::span<const std::int32_t> tokens, Index batch, Index seq) {
+    detail::check_config(batch >= 1 && seq >= 1, where,
+                         "batch = " + std::to_string(batch) + " and seq = " + std::to_string(seq) + " must be ≥ 1");
+    const Index rows = detail::checked_mul(where, "batch·seq", batch, seq);
+    if (Index(tokens.size()) != rows)
+      throw ShapeError(std::string(where) + ": tokens has " + std::to_string(tokens.size()) +
+                       " ids, expected batch·seq = " + std::to_string(batch) + "·" + std::to_string(seq) + " = " +
+                       std::to_string(rows));
+    return rows;
+  }
+
   void embed(const char* where, Matrix<float>& x, std::span<const std::int32_t> tokens) const {
     for (std::size_t i = 0; i < tokens.size(); ++i)
       if (tokens[i] < 0 || Index(tokens[i]) >= vocab_)
-        throw std::invalid_argument(std::string(where) + ": tokens[" + std::to_string(i) + "] = " +
+        throw ValueError(std::string(where) + ": tokens[" + std::to_string(i) + "] = " +
                                     std::to_string(tokens[i]) + " is outside [0, vocab = " + std::to_string(vocab_) +
                                     ")");
     for (Index i = 0; i < x.rows(); ++i) x.row(i) = embedding_.row(tokens[std::size_t(i)]);

@@ -224,7 +224,7 @@ class MemoryFormerBlock {
    * @brief Incremental decoding: x_new [batch·t, d] are the next t tokens of each sequence, at positions
    * kv.length() …; appends their keys and values to kv and writes their outputs — the same values forward gives
    * at those positions on the whole sequence.
-   * @throws ShapeError; std::length_error past the cache's max_seq (kv unchanged)
+   * @throws ShapeError; CapacityError past the cache's max_seq (kv unchanged)
    */
   void forward_decode(MatrixRef<Scalar> y_new, ConstMatrixRef<Scalar> x_new, KVCache<Scalar>& kv) const {
     constexpr const char* where = "MemoryFormerBlock::forward_decode";
@@ -234,7 +234,7 @@ class MemoryFormerBlock {
     detail::check_shape(where, "y_new", y_new.rows(), y_new.cols(), x_new.rows(), config_.d);
     const Index t = x_new.rows() / kv.batch();
     if (kv.length() + t > kv.max_seq())
-      throw std::length_error(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " +
+      throw CapacityError(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " +
                               std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
     Cache c;  // decoding keeps no state for backward
     const Index n = x_new.rows(), d = config_.d;

@@ -316,7 +316,7 @@ class LanguageModel {
    *        position t of sequence b (causal: it sees positions 0 … t of its own sequence only).
    * @param tokens  batch·seq ids in [0, vocab), batch-major
    * @return a reference to cache.logits
-   * @throws ConfigError for batch or seq < 1; ShapeError when tokens.size() ≠ batch·seq; std::invalid_argument for an
+   * @throws ConfigError for batch or seq < 1; ShapeError when tokens.size() ≠ batch·seq; ValueError for an
    *         id outside [0, vocab).
    */
   const Matrix<Scalar>& forward(std::span<const std::int32_t> tokens, Index batch, Index seq, Cache& cache) const {
@@ -347,7 +347,7 @@ class LanguageModel {
    * @param tokens   batch·seq input ids
    * @param targets  batch·seq ids: the token that follows each input position (for text: the inputs shifted by one)
    * @return the mean loss in nats per token
-   * @throws as forward; ShapeError / std::invalid_argument for targets of the wrong count or outside [0, vocab).
+   * @throws as forward; ShapeError / ValueError for targets of the wrong count or outside [0, vocab).
    */
   Scalar forward_loss(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets, Index batch,
                       Index seq, Cache& cache) const {
@@ -477,8 +477,8 @@ class LanguageModel {
    *        rounding). Appends to every block's KV cache.
    * @param tokens_new  batch·t ids, batch-major (id b·t + i is new token i of sequence b)
    * @throws ShapeError when tokens_new.size() is not a positive multiple of state.batch() or logits_new is not
-   *         (batch·t, vocab); std::length_error past max_seq (the state is then unchanged);
-   *         std::invalid_argument for an id outside [0, vocab).
+   *         (batch·t, vocab); CapacityError past max_seq (the state is then unchanged);
+   *         ValueError for an id outside [0, vocab).
    */
   void forward_decode(MatrixRef<Scalar> logits_new, std::span<const std::int32_t> tokens_new,
                       DecodeState& state) const {
@@ -493,7 +493,7 @@ class LanguageModel {
     const Index t = rows / state.batch();
     detail::check_shape(where, "logits_new", logits_new.rows(), logits_new.cols(), rows, config_.vocab);
     if (state.length() + t > state.max_seq())
-      throw std::length_error(std::string(where) + ": " + std::to_string(state.length()) + " decoded + " +
+      throw CapacityError(std::string(where) + ": " + std::to_string(state.length()) + " decoded + " +
                               std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(state.max_seq()));
     detail::model::SerialEigenProducts serial(deterministic_threads_);
     Matrix<Scalar> a(rows, d()), b(rows, d());  // [batch·t, d]

@@ -112,10 +112,10 @@ class PackedTables {
   /// Bytes of the values alone: K·2^τ·width·(4 or 2).
   double value_bytes() const { return double(layout_.tables * layout_.rows * layout_.width * layout_.value_bytes); }
 
-  /// Stored value of (table k, row r, column c) decoded to float. @throws std::out_of_range
+  /// Stored value of (table k, row r, column c) decoded to float. @throws IndexError
   float value(Index k, Index r, Index c) const {
     if (k < 0 || k >= layout_.tables || r < 0 || r >= layout_.rows || c < 0 || c >= layout_.width)
-      throw std::out_of_range("PackedTables::value: (" + std::to_string(k) + ", " + std::to_string(r) + ", " +
+      throw IndexError("PackedTables::value: (" + std::to_string(k) + ", " + std::to_string(r) + ", " +
                               std::to_string(c) + ") is outside (" + std::to_string(layout_.tables) + ", " +
                               std::to_string(layout_.rows) + ", " + std::to_string(layout_.width) + ")");
     const Index cb = c / layout_.cv;

@@ -287,7 +287,7 @@ class TransformerBlock {
    * @param x_new  [batch·t, d] inputs of the new tokens
    * @param kv     cache from make_kv_cache (or any KVCache with d features); its length grows by t
    * @throws ShapeError when x_new is not (kv.batch()·t, d) or y_new differs, or kv has the wrong width;
-   *         std::length_error when kv.length() + t would exceed kv.max_seq() (kv is then unchanged).
+   *         CapacityError when kv.length() + t would exceed kv.max_seq() (kv is then unchanged).
    */
   void forward_decode(MatrixRef<Scalar> y_new, ConstMatrixRef<Scalar> x_new, KVCache<Scalar>& kv) const {
     constexpr const char* where = "TransformerBlock::forward_decode";
@@ -299,7 +299,7 @@ class TransformerBlock {
     const Index rows = x_new.rows();
     detail::check_shape(where, "y_new", y_new.rows(), y_new.cols(), rows, d);
     if (kv.length() + t > kv.max_seq())
-      throw std::length_error(std::string(where) + ": decoding " + std::to_string(t) + " token(s) per sequence after " +
+      throw CapacityError(std::string(where) + ": decoding " + std::to_string(t) + " token(s) per sequence after " +
                               std::to_string(kv.length()) + " cached would make " + std::to_string(kv.length() + t) +
                               " > max_seq = " + std::to_string(kv.max_seq()));
     const Index position = kv.length();

@@ -9,10 +9,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
 #include <memoryformer/frozen_model.hpp>
+#include <memoryformer/train/trainer.hpp>
 
 #include "support/thread_setting.hpp"
 
@@ -207,6 +209,11 @@ TEST(FrozenLanguageModel, ResultsDoNotDependOnThreadCount) {
   EXPECT_TRUE(same_bits(decoded[0], decoded[2]));
 }
 
+// A frozen model cannot be trained: it has no backward, so a Trainer of it does not compile (with a message).
+static_assert(mf::TrainableModel<mf::MemoryFormerLM<float>>);
+static_assert(mf::TrainableModel<mf::TransformerLM<double>>);
+static_assert(!mf::TrainableModel<mf::FrozenLanguageModel>);
+
 TEST(FrozenLanguageModel, RefusesBadInput) {
   mf::MemoryFormerLM<float> model(config(), 8);
   const mf::FrozenLanguageModel frozen(model, mf::StorageType::BF16);
@@ -215,17 +222,31 @@ TEST(FrozenLanguageModel, RefusesBadInput) {
   EXPECT_THROW(frozen.forward(tokens, 0, 6), mf::ConfigError);
   auto bad = tokens;
   bad[2] = 64;
-  EXPECT_THROW(frozen.forward(bad, 2, 3), std::invalid_argument);
+  EXPECT_THROW(frozen.forward(bad, 2, 3), mf::ValueError);
+  // batch·seq that overflows, or that the tokens do not match, is refused before anything is allocated.
+  const Index huge = (Index(1) << 62) + 1;
+  EXPECT_THROW(frozen.forward(tokens, huge, 4), mf::ConfigError);
+  EXPECT_THROW(frozen.forward(tokens, 1, Index(1) << 40), mf::ShapeError);
   mf::Matrix<float> wrong(6, 63);
   EXPECT_THROW(frozen.forward(wrong, tokens, 2, 3), mf::ShapeError);
   auto state = frozen.make_decode_state(2, 4);
   mf::Matrix<float> one(2, 64);
   EXPECT_THROW(frozen.forward_decode(one, std::span<const std::int32_t>(tokens).first(3), state), mf::ShapeError);
-  EXPECT_THROW(frozen.forward_decode(one, std::span<const std::int32_t>(bad).subspan(1, 2), state),
-               std::invalid_argument);
+  EXPECT_THROW(frozen.forward_decode(one, std::span<const std::int32_t>(bad).subspan(1, 2), state), mf::ValueError);
   EXPECT_EQ(state.length(), 0);
   mf::FrozenLanguageModel::DecodeState empty;
   EXPECT_THROW(frozen.forward_decode(one, std::span<const std::int32_t>(tokens).first(2), empty), mf::StateError);
+  // A decode past max_seq, and a state whose later caches differ from the first (a shorter or narrower one), are
+  // refused before any cache changes.
+  auto full = frozen.make_decode_state(2, 1);
+  mf::Matrix<float> two(4, 64);
+  EXPECT_THROW(frozen.forward_decode(two, std::span<const std::int32_t>(tokens).first(4), full), mf::CapacityError);
+  for (const auto& replacement : {mf::KVCache<float>(2, 2, 32), mf::KVCache<float>(1, 4, 32)}) {
+    auto mixed = frozen.make_decode_state(2, 4);
+    mixed.kv[1] = replacement;
+    EXPECT_THROW(frozen.forward_decode(two, std::span<const std::int32_t>(tokens).first(4), mixed), mf::StateError);
+    EXPECT_EQ(mixed.kv[0].length(), 0);
+  }
   EXPECT_THROW(frozen.make_decode_state(0, 4), mf::ConfigError);
 
   // The dense baseline has no tables to freeze.

@@ -103,7 +103,7 @@ void reference_attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, st
  * @param q,k,v     the inputs given to reference_attention_forward
  * @param dctx      [batch·seq, d] gradient of ctx
  * @param cache     filled by reference_attention_forward on these inputs
- * @throws ShapeError on a shape mismatch; StateError when the cache does not match; std::invalid_argument when two
+ * @throws ShapeError on a shape mismatch; StateError when the cache does not match; ValueError when two
  *         of dq, dk, dv overlap.
  */
 template <std::floating_point Scalar>
@@ -128,7 +128,7 @@ void reference_attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, st
   check_shape(where, "dv", dv.rows(), dv.cols(), rows, d, expected);
   if (attention_views_overlap(dq, dk) || attention_views_overlap(dq, dv) ||
       attention_views_overlap(dk, dv))
-    throw std::invalid_argument(std::string(where) + ": dq, dk and dv must not overlap");
+    throw ValueError(std::string(where) + ": dq, dk and dv must not overlap");
 
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
   Matrix<Scalar> dP(seq, seq), dS(seq, seq);                  // [seq, seq]
@@ -167,7 +167,7 @@ void reference_attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, st
  * @param v_new    [batch·t, d] values of the new tokens (appended to the cache)
  * @param cache    KV cache with batch sequences and d features; its length grows by t
  * @param heads    number of heads (≥ 1, divides d)
- * @throws ShapeError on a shape mismatch; ConfigError on bad heads; std::length_error when the cache would exceed
+ * @throws ShapeError on a shape mismatch; ConfigError on bad heads; CapacityError when the cache would exceed
  *         max_seq (nothing is appended then).
  */
 template <std::floating_point Scalar>
@@ -187,7 +187,7 @@ void reference_attention_decode(std::type_identity_t<MatrixRef<Scalar>> ctx_new,
   check_shape(where, "ctx_new", ctx_new.rows(), ctx_new.cols(), rows, d, expected);
 
   const Index first = cache.length();
-  cache.append(k_new, v_new);  // throws std::length_error before changing anything
+  cache.append(k_new, v_new);  // throws CapacityError before changing anything
   const Index length = cache.length();
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
   Matrix<Scalar> S(t, length);       // [t, length]

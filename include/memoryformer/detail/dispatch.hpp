@@ -41,7 +41,7 @@ decltype(auto) dispatch_tau(int tau, F&& f) {
     case 14: return f(TauConstant<14>{});
     case 15: return f(TauConstant<15>{});
     case 16: return f(TauConstant<16>{});
-    default: throw std::invalid_argument("dispatch_tau: tau = " + std::to_string(tau) + " is outside 1..16");
+    default: throw ConfigError("dispatch_tau: tau = " + std::to_string(tau) + " is outside 1..16");
   }
 }
 

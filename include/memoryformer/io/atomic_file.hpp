@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../detail/xxhash.hpp"
+#include "../error.hpp"
 
 namespace memoryformer::detail::ckpt {
 
@@ -54,7 +55,7 @@ class FileDescriptor {
 
 inline std::string errno_text(int err) { return std::generic_category().message(err); }
 
-/// Buffered writer to a file descriptor; throws std::runtime_error with errno text.
+/// Buffered writer to a file descriptor; throws IoError with errno text.
 class FileSink {
  public:
   FileSink(int fd, const std::string& what) : fd_(fd), what_(what) { buffer_.reserve(buffer_capacity); }
@@ -78,7 +79,7 @@ class FileSink {
     while (n > 0) {
       const ssize_t put = ::write(fd_, p, std::min<std::size_t>(n, std::size_t(1) << 30));
       if (put < 0 && errno == EINTR) continue;
-      if (put < 0) throw std::runtime_error(what_ + ": " + errno_text(errno));
+      if (put < 0) throw IoError(what_ + ": " + errno_text(errno));
       p += put;
       n -= std::size_t(put);
     }
@@ -158,7 +159,7 @@ inline std::size_t remove_stale_temporaries(const std::filesystem::path& target)
  * Writes `target` atomically: `write(FileSink&)` fills "<target>.tmp.<random>" (created exclusively, mode
  * 0666 & ~umask, locked with flock while it exists), which is fsynced and renamed over `target`; the directory is
  * then fsynced (best effort). Stale temporaries of earlier interrupted writes of `target` are removed first (see
- * remove_stale_temporaries). On any failure the temporary file is removed and std::runtime_error names the paths
+ * remove_stale_temporaries). On any failure the temporary file is removed and IoError names the paths
  * and the system's error text; `what` prefixes the messages (e.g. "save_checkpoint").
  */
 template <class Write>
@@ -173,7 +174,7 @@ void write_file_atomically(const std::filesystem::path& path, const std::string&
     if (fd.get() >= 0) break;
     const int err = errno;
     if (err != EEXIST || attempt >= 100)
-      throw std::runtime_error(what_prefix + ": cannot create a temporary file next to '" + target + "' ('" + tmp +
+      throw IoError(what_prefix + ": cannot create a temporary file next to '" + target + "' ('" + tmp +
                                "'): " + errno_text(err));
   }
   try {
@@ -185,14 +186,14 @@ void write_file_atomically(const std::filesystem::path& path, const std::string&
     sink.flush();
     // fsync before rename: otherwise a crash can leave the new name pointing at a file whose data never reached disk.
     while (::fsync(fd.get()) != 0) {
-      if (errno != EINTR) throw std::runtime_error(what + ": fsync: " + errno_text(errno));
+      if (errno != EINTR) throw IoError(what + ": fsync: " + errno_text(errno));
     }
     // Closing drops the lock; the file was modified just now, so the age rule still protects it until the rename.
-    if (const int err = fd.close(); err != 0) throw std::runtime_error(what + ": close: " + errno_text(err));
+    if (const int err = fd.close(); err != 0) throw IoError(what + ": close: " + errno_text(err));
     std::error_code ec;
     std::filesystem::rename(tmp, path, ec);
     if (ec)
-      throw std::runtime_error(what_prefix + ": cannot rename '" + tmp + "' to '" + target + "': " + ec.message());
+      throw IoError(what_prefix + ": cannot rename '" + tmp + "' to '" + target + "': " + ec.message());
   } catch (...) {
     fd.close();
     ::unlink(tmp.c_str());

@@ -74,7 +74,7 @@ inline void save_checkpoint_file(const std::filesystem::path& path, const Checkp
  *        the file, not followed. POSIX only (open/flock/fsync/rename). Temporary files that an interrupted earlier
  *        save of the same `path` left behind ("<path>.tmp.<16 hex digits>", unlocked, older than a minute) are
  *        removed first; see detail::ckpt::remove_stale_temporaries for the exact rule.
- * @throws ConfigError/ShapeError (as serialize_checkpoint) before touching the filesystem; std::runtime_error naming
+ * @throws ConfigError/ShapeError (as serialize_checkpoint) before touching the filesystem; IoError naming
  *         the path and the system's error text if creating, writing, syncing or renaming fails, after removing the
  *         temporary file.
  */
@@ -104,7 +104,7 @@ inline Checkpoint load_checkpoint(const std::filesystem::path& path) {
  * @brief Saves `params` (values only, as their own dtype and shape, named by ParameterView::name), `config` and
  *        `extra` tensors (e.g. optimiser state) atomically, without copying the parameters.
  * @throws ShapeError if a parameter's value size differs from its shape; ConfigError for a name in `extra` equal
- *         to a parameter's, or duplicates; std::runtime_error as save_checkpoint.
+ *         to a parameter's, or duplicates; IoError as save_checkpoint.
  */
 template <CheckpointScalar S>
 void save_parameters(const std::filesystem::path& path, const std::vector<std::pair<std::string, std::string>>& config,

@@ -65,7 +65,7 @@ inline std::string checkpoint_model_kind(const Checkpoint& ckpt, const std::stri
  * @brief Saves the model's config entries and parameters, the optimiser's state when `optimizer` is given
  *        (tensors "adamw.*", see AdamW::state_tensors), and `extra_config` (e.g. "train.step"), atomically
  *        (temporary file + rename; see save_checkpoint). Parameters are written without copying.
- * @throws ConfigError when an extra key collides with a model key; std::runtime_error when writing fails.
+ * @throws ConfigError when an extra key collides with a model key; IoError when writing fails.
  */
 template <LanguageModelLike Model>
 void save_model(const std::filesystem::path& path, Model& model, AdamW<typename Model::ScalarType>* optimizer = nullptr,

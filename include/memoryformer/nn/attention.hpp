@@ -141,7 +141,7 @@ void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_id
  * @param q,k,v     the inputs given to attention_forward
  * @param dctx      [batch·seq, d] gradient of ctx
  * @param cache     filled by attention_forward on these inputs
- * @throws ShapeError on a shape mismatch; StateError when the cache does not match; std::invalid_argument when two
+ * @throws ShapeError on a shape mismatch; StateError when the cache does not match; ValueError when two
  *         of dq, dk, dv overlap.
  */
 template <std::floating_point Scalar>
@@ -170,7 +170,7 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
   detail::check_shape(where, "dv", dv.rows(), dv.cols(), rows, d, expected);
   if (detail::attention_views_overlap(dq, dk) || detail::attention_views_overlap(dq, dv) ||
       detail::attention_views_overlap(dk, dv))
-    throw std::invalid_argument(std::string(where) + ": dq, dk and dv must not overlap");
+    throw ValueError(std::string(where) + ": dq, dk and dv must not overlap");
 
   const detail::SerialEigenScope serial;  // as in attention_forward
   detail::flash_attention_backward<best_isa(), Scalar>(dq, dk, dv, q, k, v, dctx, cache.out, cache.lse, batch, seq,
@@ -195,7 +195,7 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
  *                 tokens per sequence, else block by block); the arithmetic is float, as with an F32 cache holding
  *                 the same bfloat16-rounded keys and values.
  * @param heads    number of heads (≥ 1, divides d)
- * @throws ShapeError on a shape mismatch; ConfigError on bad heads; std::length_error when the cache would exceed
+ * @throws ShapeError on a shape mismatch; ConfigError on bad heads; CapacityError when the cache would exceed
  *         max_seq (nothing is appended then).
  */
 template <std::floating_point Scalar>
@@ -215,7 +215,7 @@ void attention_decode(std::type_identity_t<MatrixRef<Scalar>> ctx_new,
   detail::check_shape(where, "ctx_new", ctx_new.rows(), ctx_new.cols(), rows, d, expected);
 
   const Index first = cache.length();
-  cache.append(k_new, v_new);  // throws std::length_error before changing anything
+  cache.append(k_new, v_new);  // throws CapacityError before changing anything
   // All reads of q_new happen before ctx_new is written (the kernel's merge pass writes), so they may alias.
   const detail::SerialEigenScope serial;  // as in attention_forward
   if constexpr (std::is_same_v<Scalar, float>) {

@@ -29,7 +29,7 @@ struct CrossEntropyCache {
 
 namespace detail {
 
-/// Throws ShapeError unless there is one target per row, std::invalid_argument naming the first bad (row, value).
+/// Throws ShapeError unless there is one target per row, ValueError naming the first bad (row, value).
 inline void check_targets(const char* where, Index rows, Index vocab, std::span<const std::int32_t> targets) {
   if (Index(targets.size()) != rows)
     throw ShapeError(std::string(where) + ": targets has " + std::to_string(targets.size()) +
@@ -37,7 +37,7 @@ inline void check_targets(const char* where, Index rows, Index vocab, std::span<
   for (Index n = 0; n < rows; ++n) {
     const std::int32_t t = targets[size_t(n)];
     if (t < 0 || Index(t) >= vocab)
-      throw std::invalid_argument(std::string(where) + ": target of row " + std::to_string(n) + " is " +
+      throw ValueError(std::string(where) + ": target of row " + std::to_string(n) + " is " +
                                   std::to_string(t) + ", outside [0, V = " + std::to_string(vocab) + ")");
   }
 }
@@ -52,7 +52,7 @@ inline void check_targets(const char* where, Index rows, Index vocab, std::span<
  * @param targets  one class id in [0, V) per row
  * @param cache    receives the per-row log-sum-exp for the backward pass
  * @return the mean loss
- * @throws ShapeError for an empty logits matrix or a targets count ≠ rows; std::invalid_argument for a target
+ * @throws ShapeError for an empty logits matrix or a targets count ≠ rows; ValueError for a target
  *         outside [0, V) (the message names the row and the value).
  */
 template <std::floating_point Scalar>
@@ -94,7 +94,7 @@ Scalar cross_entropy_forward(std::type_identity_t<ConstMatrixRef<Scalar>> logits
  * @param targets  the targets given to cross_entropy_forward
  * @param cache    filled by cross_entropy_forward on these logits
  * @param dloss    gradient of the final objective with respect to the mean loss (1 when the loss is the objective)
- * @throws ShapeError / std::invalid_argument as forward; StateError when the cache does not match.
+ * @throws ShapeError / ValueError as forward; StateError when the cache does not match.
  */
 template <std::floating_point Scalar>
 void cross_entropy_backward(std::type_identity_t<MatrixRef<Scalar>> dlogits,

@@ -62,7 +62,7 @@ class Embedding {
    * @brief y[n] = W[tokens[n]].
    * @param y       [tokens.size(), d] output
    * @param tokens  token ids in [0, vocab)
-   * @throws ShapeError when y's shape is wrong; std::invalid_argument naming the position and value of a bad id.
+   * @throws ShapeError when y's shape is wrong; ValueError naming the position and value of a bad id.
    */
   void forward(MatrixRef<Scalar> y, std::span<const std::int32_t> tokens) const {
     constexpr const char* where = "Embedding::forward";
@@ -79,7 +79,7 @@ class Embedding {
    * @brief dW[tokens[n]] += dy[n] for n in order, and flags those rows as touched.
    * @param tokens  the ids given to forward
    * @param dy      [tokens.size(), d] gradient of the output
-   * @throws ShapeError when dy's shape is wrong; std::invalid_argument for a bad id (nothing is accumulated then).
+   * @throws ShapeError when dy's shape is wrong; ValueError for a bad id (nothing is accumulated then).
    */
   void backward(std::span<const std::int32_t> tokens, ConstMatrixRef<Scalar> dy) {
     constexpr const char* where = "Embedding::backward";
@@ -141,7 +141,7 @@ class Embedding {
   void check_tokens(const char* where, std::span<const std::int32_t> tokens) const {
     for (size_t i = 0; i < tokens.size(); ++i)
       if (tokens[i] < 0 || Index(tokens[i]) >= vocab())
-        throw std::invalid_argument(std::string(where) + ": tokens[" + std::to_string(i) + "] = " +
+        throw ValueError(std::string(where) + ": tokens[" + std::to_string(i) + "] = " +
                                     std::to_string(tokens[i]) + " is outside [0, vocab = " + std::to_string(vocab()) +
                                     ")");
   }

@@ -55,13 +55,18 @@ class KVCache {
     detail::check_config(storage == StorageType::F32 || std::is_same_v<Scalar, float>, "KVCache",
                          std::string("storage ") + std::string(storage_type_name(storage)) +
                              " needs KVCache<float>; a double cache stores fp32 only");
-    if (storage_ == StorageType::BF16) {
-      keys_bf16_.assign(std::size_t(elements), 0);
-      values_bf16_.assign(std::size_t(elements), 0);
-    } else {
-      keys_ = Matrix<Scalar>::Zero(rows, d);
-      values_ = Matrix<Scalar>::Zero(rows, d);
-    }
+    const Index bytes = 2 * elements * Index(storage_ == StorageType::BF16 ? 2 : sizeof(Scalar));
+    detail::allocating("KVCache", "a cache of batch × max_seq × d = " + std::to_string(batch) + " × " +
+                                      std::to_string(max_seq) + " × " + std::to_string(d) + " keys and values",
+                       bytes, [&] {
+                         if (storage_ == StorageType::BF16) {
+                           keys_bf16_.assign(std::size_t(elements), 0);
+                           values_bf16_.assign(std::size_t(elements), 0);
+                         } else {
+                           keys_ = Matrix<Scalar>::Zero(rows, d);
+                           values_ = Matrix<Scalar>::Zero(rows, d);
+                         }
+                       });
   }
 
   Index batch() const { return batch_; }
@@ -81,11 +86,11 @@ class KVCache {
 
   /**
    * @brief Drops the tokens at positions ≥ new_length (e.g. to roll back a speculative step).
-   * @throws std::out_of_range unless 0 ≤ new_length ≤ length().
+   * @throws IndexError unless 0 ≤ new_length ≤ length().
    */
   void truncate(Index new_length) {
     if (new_length < 0 || new_length > length_)
-      throw std::out_of_range("KVCache::truncate: new_length = " + std::to_string(new_length) +
+      throw IndexError("KVCache::truncate: new_length = " + std::to_string(new_length) +
                               " is outside [0, length = " + std::to_string(length_) + "]");
     length_ = new_length;
   }
@@ -95,14 +100,14 @@ class KVCache {
    * @param k_new  [batch·t, d] keys (already rotated), batch-major: row b·t + i is token i of sequence b
    * @param v_new  [batch·t, d] values, same layout
    * @throws ShapeError when the rows are not a positive multiple of batch or the shapes differ;
-   *         std::length_error when length() + t would exceed max_seq (the cache is then unchanged).
+   *         CapacityError when length() + t would exceed max_seq (the cache is then unchanged).
    */
   void append(ConstMatrixRef<Scalar> k_new, ConstMatrixRef<Scalar> v_new) {
     constexpr const char* where = "KVCache::append";
     const Index t = new_tokens(where, "k_new", k_new.rows(), k_new.cols());
     detail::check_shape(where, "v_new", v_new.rows(), v_new.cols(), k_new.rows(), d());
     if (length_ + t > max_seq_)
-      throw std::length_error(std::string(where) + ": appending " + std::to_string(t) + " token(s) per sequence to " +
+      throw CapacityError(std::string(where) + ": appending " + std::to_string(t) + " token(s) per sequence to " +
                               std::to_string(length_) + " cached would make " + std::to_string(length_ + t) +
                               " > max_seq = " + std::to_string(max_seq_));
     if (storage_ == StorageType::BF16) {
@@ -171,7 +176,7 @@ class KVCache {
 
   Index checked_batch(Index b) const {
     if (b < 0 || b >= batch_)
-      throw std::out_of_range("KVCache: sequence " + std::to_string(b) + " is outside [0, batch = " +
+      throw IndexError("KVCache: sequence " + std::to_string(b) + " is outside [0, batch = " +
                               std::to_string(batch_) + ")");
     return b;
   }

@@ -83,13 +83,13 @@ class Linear {
    * @brief y = x W + b.
    * @param y  [N, d_out] output, written; must not overlap x
    * @param x  [N, d_in] input
-   * @throws ShapeError when the shapes disagree; std::invalid_argument when y overlaps x.
+   * @throws ShapeError when the shapes disagree; ValueError when y overlaps x.
    */
   void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x) const {
     constexpr const char* where = "Linear::forward";
     detail::check_shape(where, "x", x.rows(), x.cols(), -1, d_in(), expected_text("(N, d_in)", -1, d_in()));
     detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), d_out(), expected_text("(N, d_out)", x.rows(), d_out()));
-    if (detail::linear_views_overlap(y, x)) throw std::invalid_argument(std::string(where) + ": y overlaps x");
+    if (detail::linear_views_overlap(y, x)) throw ValueError(std::string(where) + ": y overlaps x");
     // One product per fixed block of rows, blocks on the threads: the same bits for any thread count.
     detail::chunked_product<Scalar>(y, x, weight_, has_bias_ ? &bias_ : nullptr);
   }
@@ -99,14 +99,14 @@ class Linear {
    * @param dx  [N, d_in] gradient of the input, written; may overlap x but not dy
    * @param x   [N, d_in] the input given to forward
    * @param dy  [N, d_out] gradient of the output
-   * @throws ShapeError when the shapes disagree; std::invalid_argument when dx overlaps dy.
+   * @throws ShapeError when the shapes disagree; ValueError when dx overlaps dy.
    */
   void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> dy) {
     constexpr const char* where = "Linear::backward";
     detail::check_shape(where, "x", x.rows(), x.cols(), -1, d_in(), expected_text("(N, d_in)", -1, d_in()));
     detail::check_shape(where, "dy", dy.rows(), dy.cols(), x.rows(), d_out(), expected_text("(N, d_out)", x.rows(), d_out()));
     detail::check_shape(where, "dx", dx.rows(), dx.cols(), x.rows(), d_in(), expected_text("(N, d_in)", x.rows(), d_in()));
-    if (detail::linear_views_overlap(dx, dy)) throw std::invalid_argument(std::string(where) + ": dx overlaps dy");
+    if (detail::linear_views_overlap(dx, dy)) throw ValueError(std::string(where) + ": dx overlaps dy");
     // Parameter gradients first: they read x, and dx is allowed to overwrite x.
     // dW by fixed column blocks (each sums over every row itself), dx by fixed row blocks: no partial sums combined
     // across threads, so the same bits for any thread count.

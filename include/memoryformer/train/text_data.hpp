@@ -36,12 +36,12 @@ inline std::vector<std::int32_t> encode_bytes(std::string_view text) {
   return out;
 }
 
-/// The bytes of byte-level tokens. @throws std::invalid_argument naming the first id outside 0 … 255.
+/// The bytes of byte-level tokens. @throws ValueError naming the first id outside 0 … 255.
 inline std::string decode_bytes(std::span<const std::int32_t> tokens) {
   std::string out(tokens.size(), '\0');
   for (std::size_t i = 0; i < tokens.size(); ++i) {
     if (tokens[i] < 0 || tokens[i] > 255)
-      throw std::invalid_argument("decode_bytes: token " + std::to_string(i) + " is " + std::to_string(tokens[i]) +
+      throw ValueError("decode_bytes: token " + std::to_string(i) + " is " + std::to_string(tokens[i]) +
                                   ", outside 0 … 255");
     out[i] = char(static_cast<unsigned char>(tokens[i]));
   }
@@ -49,10 +49,10 @@ inline std::string decode_bytes(std::span<const std::int32_t> tokens) {
 }
 
 /// Reads a whole file as bytes, at most `max_bytes` (1 GiB by default).
-/// @throws std::runtime_error naming the path and the system's reason; ConfigError for a longer file.
+/// @throws IoError naming the path and the system's reason; ConfigError for a longer file.
 inline std::string read_text_file(const std::filesystem::path& path, std::size_t max_bytes = std::size_t(1) << 30) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("read_text_file: cannot open '" + path.string() + "': " + std::strerror(errno));
+  if (!in) throw IoError("read_text_file: cannot open '" + path.string() + "': " + std::strerror(errno));
   // Read in chunks against the limit: a device such as /dev/zero never ends and must not exhaust memory.
   std::string text;
   std::vector<char> chunk(std::size_t(1) << 20);
@@ -64,7 +64,7 @@ inline std::string read_text_file(const std::filesystem::path& path, std::size_t
                         std::to_string(max_bytes) + " bytes");
     text.append(chunk.data(), got);
   }
-  if (in.bad()) throw std::runtime_error("read_text_file: reading '" + path.string() + "' failed");
+  if (in.bad()) throw IoError("read_text_file: reading '" + path.string() + "' failed");
   return text;
 }
 
@@ -111,7 +111,7 @@ class TextDataset {
     split_ = std::size_t(std::floor((1.0 - validation_fraction) * double(tokens_.size())));
   }
 
-  /// The text of `path`. @throws std::runtime_error when it cannot be read; ConfigError as the constructor.
+  /// The text of `path`. @throws IoError when it cannot be read; ConfigError as the constructor.
   static TextDataset from_file(const std::filesystem::path& path, double validation_fraction = 0.1) {
     return TextDataset(read_text_file(path), validation_fraction);
   }
@@ -156,12 +156,12 @@ class TextDataset {
 
   /**
    * @brief The validation windows starts[first … first + batch) as a batch (fewer when the list ends first).
-   * @throws ConfigError / std::out_of_range for bad arguments.
+   * @throws ConfigError / IndexError for bad arguments.
    */
   void validation_batch(TokenBatch& out, std::span<const Index> starts, Index first, Index batch, Index seq) const {
     const auto split = validation();
     if (first < 0 || first >= Index(starts.size()))
-      throw std::out_of_range("TextDataset::validation_batch: first = " + std::to_string(first) + " is outside [0, " +
+      throw IndexError("TextDataset::validation_batch: first = " + std::to_string(first) + " is outside [0, " +
                               std::to_string(starts.size()) + ")");
     const Index n = std::min(batch, Index(starts.size()) - first);
     check_window("TextDataset::validation_batch", "validation", split.size(), n, seq);
@@ -169,7 +169,7 @@ class TextDataset {
     for (Index b = 0; b < n; ++b) {
       const Index s = starts[std::size_t(first + b)];
       if (s < 0 || std::size_t(s) >= split.size() || split.size() - std::size_t(s) <= std::size_t(seq))
-        throw std::out_of_range("TextDataset::validation_batch: window start " + std::to_string(s) +
+        throw IndexError("TextDataset::validation_batch: window start " + std::to_string(s) +
                                 " leaves no room for seq + 1 tokens (seq = " + std::to_string(seq) + ")");
       copy_window(out, b, split, std::size_t(s));
     }

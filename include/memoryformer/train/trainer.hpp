@@ -134,6 +134,17 @@ struct TrainResult {
   bool stopped_early = false;      ///< request_stop() ended the run before options.steps
 };
 
+/// What a Trainer trains: a model with a loss forward, its backward, gradients it can clear and parameter views
+/// (LanguageModel satisfies it; FrozenLanguageModel, which has no backward, does not).
+template <class Model>
+concept TrainableModel = requires(Model& m, std::span<const std::int32_t> ids, Index n, typename Model::Cache& cache) {
+  typename Model::ScalarType;
+  m.forward_loss(ids, ids, n, n, cache);
+  m.backward(cache);
+  m.zero_grad();
+  m.parameters();
+};
+
 /**
  * @brief Trains a LanguageModel on a TextDataset with the design §3 recipe.
  *
@@ -153,10 +164,14 @@ struct TrainResult {
  *
  * The model, the data and the callbacks must outlive the trainer. The library prints nothing: see callbacks.hpp for
  * a progress bar and printers.
- * @tparam Model a LanguageModel
+ * @tparam Model a LanguageModel (TrainableModel)
  */
 template <class Model>
 class Trainer {
+  static_assert(TrainableModel<Model>,
+                "Trainer needs a model with forward_loss, backward, zero_grad and parameters (a LanguageModel); a "
+                "FrozenLanguageModel is inference-only: train the LanguageModel, then freeze it");
+
  public:
   using Scalar = typename Model::ScalarType;
   using StepCallback = std::function<void(const StepInfo&)>;
@@ -326,7 +341,7 @@ class Trainer {
   /**
    * @brief Steps from step_count() to options().steps, calling the step callbacks after every step, evaluating every
    *        eval_every steps and after the last one, and saving checkpoints as the options say.
-   * @throws NonFiniteError as step(); std::runtime_error when a checkpoint cannot be written.
+   * @throws NonFiniteError as step(); IoError when a checkpoint cannot be written.
    */
   TrainResult run() {
     TrainResult result;
@@ -383,7 +398,7 @@ class Trainer {
    * atomically, as one checkpoint file), then rank 0 writes `path` last as the manifest: the rank count, the step,
    * and each shard's file name and XXH3-64. resume() checks every shard against the manifest, so a save that was
    * cut short between the shards and the manifest is refused instead of mixing steps.
-   * @throws std::runtime_error when writing fails.
+   * @throws IoError when writing fails.
    */
   void save_checkpoint(const std::filesystem::path& path) {
     const ConfigEntries entries{{"train.step", std::to_string(step_)},
