@@ -356,6 +356,7 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
     o.checkpoint_path = a.save;
     o.checkpoint_every = a.save_every;
   }
+  o.validate();  // before the sizes are printed or used (--profile runs the steps without a Trainer)
 
   const double unigram_bits = mf::unigram_entropy_bits(data.tokens());
   const double flops_per_token =
@@ -395,7 +396,6 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
 
   if (a.profile) {
     if (comm.size() > 1) throw std::invalid_argument("--profile runs on one rank (without mpirun)");
-    o.validate("train_lm");  // profile runs the steps itself, without a Trainer to check the options
     profile(model, data, o, std::cout);
     return 0;
   }
