@@ -346,6 +346,11 @@ TEST(NnAttention, BadShapesAndConfigThrow) {
   k.setRandom();
   v.setRandom();
   mf::attention_forward(ctx, q, k, v, 2, 7, 2, cache);
+  // The cache's fields are public: counts whose products overflow are a StateError, not a wrapped comparison.
+  mf::AttentionCache<double> forged = cache;
+  forged.batch = (mf::Index(1) << 62) + 1;
+  forged.seq = 4;
+  EXPECT_THROW(mf::attention_backward(dq, dk, dv, q, k, v, ctx, forged), mf::StateError);
   mf::Matrix<double> bad(14, 9);
   expect_throw_with([&] { mf::attention_backward(dq, dk, bad, q, k, v, ctx, cache); }, "attention_backward: dv is (14, 9)");
   EXPECT_THROW(mf::attention_backward(dq, dq, dv, q, k, v, ctx, cache), std::invalid_argument);

@@ -152,6 +152,7 @@ TEST(TextData, ValidationWindowsAreFixedNonOverlappingAndInRange) {
     EXPECT_EQ(b.targets[std::size_t(64 + t)], val[std::size_t(some[4] + t + 1)]);
   }
   EXPECT_THROW(data.validation_windows(2000), mf::ConfigError);
+  EXPECT_THROW(data.validation_windows(64, -1), mf::ConfigError);
 }
 
 // ------------------------------------------------------------------------------------------------ schedule

@@ -151,8 +151,11 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
                         std::type_identity_t<ConstMatrixRef<Scalar>> dctx, const AttentionCache<Scalar>& cache) {
   constexpr const char* where = "attention_backward";
   const Index batch = cache.batch, seq = cache.seq, heads = cache.heads;
-  if (batch < 1 || seq < 1 || heads < 1 || cache.out.rows() != batch * seq || cache.lse.rows() != batch * heads ||
-      cache.lse.cols() != seq)
+  // The cache's fields are public: its products are checked for overflow like any size from a caller.
+  Index rows_of_cache = 0, lse_rows = 0;
+  if (batch < 1 || seq < 1 || heads < 1 || __builtin_mul_overflow(batch, seq, &rows_of_cache) ||
+      __builtin_mul_overflow(batch, heads, &lse_rows) || cache.out.rows() != rows_of_cache ||
+      cache.lse.rows() != lse_rows || cache.lse.cols() != seq)
     throw StateError(std::string(where) + ": the cache was not filled by attention_forward");
   const Index d = q.cols();
   detail::attention_head_dim(where, d, heads);

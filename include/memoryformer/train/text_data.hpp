@@ -142,11 +142,13 @@ class TextDataset {
    * @brief Start offsets of validation windows for sequences of `seq` tokens: the non-overlapping windows
    *        [k·seq, k·seq + seq] (k = 0 … (size − 1)/seq − 1), or `max_windows` of them evenly spread when there are
    *        more (max_windows = 0: all).
-   * @throws ConfigError for seq < 1 or a validation split shorter than seq + 1 tokens.
+   * @throws ConfigError for seq < 1, max_windows < 0 or a validation split shorter than seq + 1 tokens.
    */
   std::vector<Index> validation_windows(Index seq, Index max_windows = 0) const {
     const auto split = validation();
     check_window("TextDataset::validation_windows", "validation", split.size(), 1, seq);
+    detail::check_config(max_windows >= 0, "TextDataset::validation_windows",
+                         "max_windows = " + std::to_string(max_windows) + " must be ≥ 0 (0: every window)");
     const Index available = (Index(split.size()) - 1) / seq;
     const Index count = max_windows > 0 ? std::min(max_windows, available) : available;
     std::vector<Index> starts(static_cast<std::size_t>(count));
