@@ -48,8 +48,8 @@ class BucketTable {
   Eigen::Map<const Eigen::Matrix<Scalar, 1, Eigen::Dynamic>> row_checked(Index k, Index code) const {
     if (k < 0 || k >= tables_ || code < 0 || code >= rows_per_table())
       throw IndexError("BucketTable::row_checked: (table " + std::to_string(k) + ", row " +
-                              std::to_string(code) + ") is outside (" + std::to_string(tables_) + ", " +
-                              std::to_string(rows_per_table()) + ")");
+                       std::to_string(code) + ") is outside (" + std::to_string(tables_) + ", " +
+                       std::to_string(rows_per_table()) + ")");
     return {row(k, code), width_};
   }
 
@@ -92,7 +92,7 @@ class BucketHitCounter {
         const std::int32_t c = codes[size_t(n * tables_ + k)];
         if (c < 0 || c >= (std::int32_t(1) << tau_))
           throw IndexError("BucketHitCounter::record: code " + std::to_string(c) + " is outside [0, 2^" +
-                                  std::to_string(tau_) + ")");
+                           std::to_string(tau_) + ")");
         ++counts_[size_t((k << tau_) + c)];
       }
   }
@@ -102,7 +102,7 @@ class BucketHitCounter {
   std::span<const std::uint64_t> counts(Index k) const {
     if (k < 0 || k >= tables_)
       throw IndexError("BucketHitCounter::counts: table " + std::to_string(k) + " is outside [0, " +
-                              std::to_string(tables_) + ")");
+                       std::to_string(tables_) + ")");
     return std::span<const std::uint64_t>(counts_).subspan(size_t(k << tau_), size_t(Index(1) << tau_));
   }
   Index num_tables() const { return tables_; }

@@ -127,7 +127,7 @@ class FrozenMemoryFormerBlock {
     const Index t = x_new.rows() / kv.batch();
     if (kv.length() + t > kv.max_seq())
       throw CapacityError(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " +
-                              std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
+                          std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
     attention_input(x_new, s);
     rotary_.forward(s.q, s.q, kv.batch(), t, kv.length());
     rotary_.forward(s.k, s.k, kv.batch(), t, kv.length());

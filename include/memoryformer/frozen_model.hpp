@@ -160,19 +160,7 @@ class FrozenLanguageModel {
       throw StateError(std::string(where) + ": the decode state has " + std::to_string(state.kv.size()) +
                        " caches, the model has " + std::to_string(blocks_.size()) +
                        " blocks of width " + std::to_string(d_) + "; use make_decode_state");
-    // Every block's cache as the first one: a capacity or batch checked on one holds for all, and no block can
-    // refuse the tokens after an earlier block appended them.
-    const KVCache<float>& first = state.kv.front();
-    for (std::size_t i = 1; i < state.kv.size(); ++i) {
-      const KVCache<float>& c = state.kv[i];
-      if (c.batch() != first.batch() || c.d() != first.d() || c.max_seq() != first.max_seq() ||
-          c.length() != first.length() || c.storage() != first.storage())
-        throw StateError(std::string(where) + ": the cache of block " + std::to_string(i) + " (batch " +
-                         std::to_string(c.batch()) + ", max_seq " + std::to_string(c.max_seq()) + ", length " +
-                         std::to_string(c.length()) + ") does not match block 0's (batch " +
-                         std::to_string(first.batch()) + ", max_seq " + std::to_string(first.max_seq()) +
-                         ", length " + std::to_string(first.length()) + "); use make_decode_state");
-    }
+    detail::check_caches_match(where, state.kv);
     const Index rows = Index(tokens_new.size());
     if (rows == 0 || rows % state.batch() != 0)
       throw ShapeError(std::string(where) + ": tokens_new has " + std::to_string(rows) +
@@ -181,7 +169,7 @@ class FrozenLanguageModel {
     detail::check_shape(where, "logits_new", logits_new.rows(), logits_new.cols(), rows, vocab_);
     if (state.length() + t > state.max_seq())
       throw CapacityError(std::string(where) + ": " + std::to_string(state.length()) + " decoded + " +
-                              std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(state.max_seq()));
+                          std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(state.max_seq()));
     detail::SerialEigenScope serial;
     state.x.resize(rows, d_);
     state.y.resize(rows, d_);
@@ -210,8 +198,8 @@ class FrozenLanguageModel {
     for (std::size_t i = 0; i < tokens.size(); ++i)
       if (tokens[i] < 0 || Index(tokens[i]) >= vocab_)
         throw ValueError(std::string(where) + ": tokens[" + std::to_string(i) + "] = " +
-                                    std::to_string(tokens[i]) + " is outside [0, vocab = " + std::to_string(vocab_) +
-                                    ")");
+                         std::to_string(tokens[i]) + " is outside [0, vocab = " + std::to_string(vocab_) +
+                         ")");
     for (Index i = 0; i < x.rows(); ++i) x.row(i) = embedding_.row(tokens[std::size_t(i)]);
   }
 

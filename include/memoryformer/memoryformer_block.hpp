@@ -235,7 +235,7 @@ class MemoryFormerBlock {
     const Index t = x_new.rows() / kv.batch();
     if (kv.length() + t > kv.max_seq())
       throw CapacityError(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " +
-                              std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
+                          std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
     Cache c;  // decoding keeps no state for backward
     const Index n = x_new.rows(), d = config_.d;
     for (Matrix<Scalar>* m : {&c.a, &c.q, &c.k, &c.v, &c.ctx, &c.h, &c.b}) m->resize(n, d);

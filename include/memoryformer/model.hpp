@@ -486,6 +486,7 @@ class LanguageModel {
     if (state.kv.size() != blocks_.size())
       throw StateError(std::string(where) + ": the decode state has " + std::to_string(state.kv.size()) +
                        " caches, the model has " + std::to_string(blocks_.size()) + " blocks; use make_decode_state");
+    detail::check_caches_match(where, state.kv);
     const Index rows = Index(tokens_new.size());
     if (rows == 0 || rows % state.batch() != 0)
       throw ShapeError(std::string(where) + ": tokens_new has " + std::to_string(rows) +
@@ -494,7 +495,7 @@ class LanguageModel {
     detail::check_shape(where, "logits_new", logits_new.rows(), logits_new.cols(), rows, config_.vocab);
     if (state.length() + t > state.max_seq())
       throw CapacityError(std::string(where) + ": " + std::to_string(state.length()) + " decoded + " +
-                              std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(state.max_seq()));
+                          std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(state.max_seq()));
     detail::model::SerialEigenProducts serial(deterministic_threads_);
     Matrix<Scalar> a(rows, d()), b(rows, d());  // [batch·t, d]
     embedding_.forward(a, tokens_new);

@@ -116,8 +116,8 @@ class PackedTables {
   float value(Index k, Index r, Index c) const {
     if (k < 0 || k >= layout_.tables || r < 0 || r >= layout_.rows || c < 0 || c >= layout_.width)
       throw IndexError("PackedTables::value: (" + std::to_string(k) + ", " + std::to_string(r) + ", " +
-                              std::to_string(c) + ") is outside (" + std::to_string(layout_.tables) + ", " +
-                              std::to_string(layout_.rows) + ", " + std::to_string(layout_.width) + ")");
+                       std::to_string(c) + ") is outside (" + std::to_string(layout_.tables) + ", " +
+                       std::to_string(layout_.rows) + ", " + std::to_string(layout_.width) + ")");
     const Index cb = c / layout_.cv;
     return detail::decode_value(block_.data() + layout_.chunk_offset(cb, k, r), c % layout_.cv, layout_.storage);
   }

@@ -300,8 +300,8 @@ class TransformerBlock {
     detail::check_shape(where, "y_new", y_new.rows(), y_new.cols(), rows, d);
     if (kv.length() + t > kv.max_seq())
       throw CapacityError(std::string(where) + ": decoding " + std::to_string(t) + " token(s) per sequence after " +
-                              std::to_string(kv.length()) + " cached would make " + std::to_string(kv.length() + t) +
-                              " > max_seq = " + std::to_string(kv.max_seq()));
+                          std::to_string(kv.length()) + " cached would make " + std::to_string(kv.length() + t) +
+                          " > max_seq = " + std::to_string(kv.max_seq()));
     const Index position = kv.length();
     // Decoding is const (the cache is the only state), so its few small buffers are local to the call.
     LayerNormCache<Scalar> norm_stats;

@@ -221,7 +221,15 @@ TEST(LanguageModel, DecodeMatchesFullForward) {
   }
   EXPECT_EQ(state.length(), seq);
   std::vector<std::int32_t> more(std::size_t(batch), 0);
-  EXPECT_THROW(model.forward_decode(one, more, state), std::length_error);
+  EXPECT_THROW(model.forward_decode(one, more, state), mf::CapacityError);
+  // A state whose later caches differ from the first (shorter, or another batch) is refused before any cache
+  // changes: no block appends the tokens and then sees a later block refuse them.
+  for (const auto& replacement : {mf::KVCache<double>(batch, 1, model.d()), mf::KVCache<double>(1, seq, model.d())}) {
+    auto mixed = model.make_decode_state(batch, seq);
+    mixed.kv.back() = replacement;
+    EXPECT_THROW(model.forward_decode(one, more, mixed), mf::StateError);
+    EXPECT_EQ(mixed.kv.front().length(), 0);
+  }
 }
 
 TEST(LanguageModel, TransformerDecodeMatchesFullForward) {

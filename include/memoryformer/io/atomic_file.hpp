@@ -175,7 +175,7 @@ void write_file_atomically(const std::filesystem::path& path, const std::string&
     const int err = errno;
     if (err != EEXIST || attempt >= 100)
       throw IoError(what_prefix + ": cannot create a temporary file next to '" + target + "' ('" + tmp +
-                               "'): " + errno_text(err));
+                    "'): " + errno_text(err));
   }
   try {
     // The lock tells remove_stale_temporaries of other writers that this file is alive.

@@ -38,7 +38,7 @@ inline void check_targets(const char* where, Index rows, Index vocab, std::span<
     const std::int32_t t = targets[size_t(n)];
     if (t < 0 || Index(t) >= vocab)
       throw ValueError(std::string(where) + ": target of row " + std::to_string(n) + " is " +
-                                  std::to_string(t) + ", outside [0, V = " + std::to_string(vocab) + ")");
+                       std::to_string(t) + ", outside [0, V = " + std::to_string(vocab) + ")");
   }
 }
 

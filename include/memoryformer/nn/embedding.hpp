@@ -142,8 +142,8 @@ class Embedding {
     for (size_t i = 0; i < tokens.size(); ++i)
       if (tokens[i] < 0 || Index(tokens[i]) >= vocab())
         throw ValueError(std::string(where) + ": tokens[" + std::to_string(i) + "] = " +
-                                    std::to_string(tokens[i]) + " is outside [0, vocab = " + std::to_string(vocab()) +
-                                    ")");
+                         std::to_string(tokens[i]) + " is outside [0, vocab = " + std::to_string(vocab()) +
+                         ")");
   }
 
   Matrix<Scalar> weight_;              // [vocab, d]

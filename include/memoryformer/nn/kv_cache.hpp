@@ -91,7 +91,7 @@ class KVCache {
   void truncate(Index new_length) {
     if (new_length < 0 || new_length > length_)
       throw IndexError("KVCache::truncate: new_length = " + std::to_string(new_length) +
-                              " is outside [0, length = " + std::to_string(length_) + "]");
+                       " is outside [0, length = " + std::to_string(length_) + "]");
     length_ = new_length;
   }
 
@@ -108,8 +108,8 @@ class KVCache {
     detail::check_shape(where, "v_new", v_new.rows(), v_new.cols(), k_new.rows(), d());
     if (length_ + t > max_seq_)
       throw CapacityError(std::string(where) + ": appending " + std::to_string(t) + " token(s) per sequence to " +
-                              std::to_string(length_) + " cached would make " + std::to_string(length_ + t) +
-                              " > max_seq = " + std::to_string(max_seq_));
+                          std::to_string(length_) + " cached would make " + std::to_string(length_ + t) +
+                          " > max_seq = " + std::to_string(max_seq_));
     if (storage_ == StorageType::BF16) {
       for (Index b = 0; b < batch_; ++b)
         for (Index i = 0; i < t; ++i) {
@@ -177,7 +177,7 @@ class KVCache {
   Index checked_batch(Index b) const {
     if (b < 0 || b >= batch_)
       throw IndexError("KVCache: sequence " + std::to_string(b) + " is outside [0, batch = " +
-                              std::to_string(batch_) + ")");
+                       std::to_string(batch_) + ")");
     return b;
   }
 
@@ -191,5 +191,28 @@ class KVCache {
   std::vector<std::uint16_t> keys_bf16_;    // [batch·max_seq, d] row-major bfloat16 bits, same rows (BF16 storage)
   std::vector<std::uint16_t> values_bf16_;  // [batch·max_seq, d] same layout
 };
+
+namespace detail {
+
+/// Throws StateError unless every cache of a model's decode state has the batch, width, capacity, length and storage
+/// of the first: then a capacity or batch checked on the first holds for all, and no block refuses the tokens after
+/// an earlier block appended them.
+template <std::floating_point Scalar>
+void check_caches_match(const char* where, const std::vector<KVCache<Scalar>>& kv) {
+  if (kv.empty()) return;
+  const KVCache<Scalar>& first = kv.front();
+  for (std::size_t i = 1; i < kv.size(); ++i) {
+    const KVCache<Scalar>& c = kv[i];
+    if (c.batch() != first.batch() || c.d() != first.d() || c.max_seq() != first.max_seq() ||
+        c.length() != first.length() || c.storage() != first.storage())
+      throw StateError(std::string(where) + ": the cache of block " + std::to_string(i) + " (batch " +
+                       std::to_string(c.batch()) + ", max_seq " + std::to_string(c.max_seq()) + ", length " +
+                       std::to_string(c.length()) + ") does not match block 0's (batch " +
+                       std::to_string(first.batch()) + ", max_seq " + std::to_string(first.max_seq()) + ", length " +
+                       std::to_string(first.length()) + "); use make_decode_state");
+  }
+}
+
+}  // namespace detail
 
 }  // namespace memoryformer

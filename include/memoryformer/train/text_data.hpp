@@ -42,7 +42,7 @@ inline std::string decode_bytes(std::span<const std::int32_t> tokens) {
   for (std::size_t i = 0; i < tokens.size(); ++i) {
     if (tokens[i] < 0 || tokens[i] > 255)
       throw ValueError("decode_bytes: token " + std::to_string(i) + " is " + std::to_string(tokens[i]) +
-                                  ", outside 0 … 255");
+                       ", outside 0 … 255");
     out[i] = char(static_cast<unsigned char>(tokens[i]));
   }
   return out;
@@ -164,7 +164,7 @@ class TextDataset {
     const auto split = validation();
     if (first < 0 || first >= Index(starts.size()))
       throw IndexError("TextDataset::validation_batch: first = " + std::to_string(first) + " is outside [0, " +
-                              std::to_string(starts.size()) + ")");
+                       std::to_string(starts.size()) + ")");
     const Index n = std::min(batch, Index(starts.size()) - first);
     check_window("TextDataset::validation_batch", "validation", split.size(), n, seq);
     resize(out, n, seq);
@@ -172,7 +172,7 @@ class TextDataset {
       const Index s = starts[std::size_t(first + b)];
       if (s < 0 || std::size_t(s) >= split.size() || split.size() - std::size_t(s) <= std::size_t(seq))
         throw IndexError("TextDataset::validation_batch: window start " + std::to_string(s) +
-                                " leaves no room for seq + 1 tokens (seq = " + std::to_string(seq) + ")");
+                         " leaves no room for seq + 1 tokens (seq = " + std::to_string(seq) + ")");
       copy_window(out, b, split, std::size_t(s));
     }
   }
