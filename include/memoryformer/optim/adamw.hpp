@@ -345,10 +345,13 @@ class AdamW {
    * @brief One update of every parameter from its current gradient, with base learning rate `lr`. Reads the
    *        gradients and touched rows, changes neither.
    * @throws ConfigError for a negative or non-finite lr; ShapeError when a touched_rows vector (RowSparse) does not
-   *         have one flag per row. Both are checked before any parameter changes.
+   *         have one flag per row or a touched list names a row past the end. All are checked before any parameter
+   *         changes.
    */
   void step(double lr) {
     check_step("AdamW::step", lr);
+    // step_fused gets the same check from its norm pass (live_pieces), before it changes anything.
+    for (const auto& p : params_) detail::clip::check_touched(p, "AdamW::step");
     apply(lr, 1.0, false);
   }
 
@@ -544,7 +547,6 @@ class AdamW {
                          std::to_string(p.touched_rows->size()) + " touched-row flags, expected " +
                          std::to_string(p.value.size() / std::size_t(p.row_size)) + " (one per row of " +
                          std::to_string(p.row_size) + ")");
-      detail::clip::check_touched(p, where);
     }
   }
 
