@@ -13,6 +13,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../detail/checked_size.hpp"
 #include "../detail/checks.hpp"
 #include "../detail/attention_kernels.hpp"
 #include "../detail/row_parallel.hpp"
@@ -151,12 +152,13 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
                         std::type_identity_t<ConstMatrixRef<Scalar>> dctx, const AttentionCache<Scalar>& cache) {
   constexpr const char* where = "attention_backward";
   const Index batch = cache.batch, seq = cache.seq, heads = cache.heads;
+  const std::string not_filled = std::string(where) + ": the cache was not filled by attention_forward";
+  if (batch < 1 || seq < 1 || heads < 1) throw StateError(not_filled);
   // The cache's fields are public: its products are checked for overflow like any size from a caller.
-  Index rows_of_cache = 0, lse_rows = 0;
-  if (batch < 1 || seq < 1 || heads < 1 || __builtin_mul_overflow(batch, seq, &rows_of_cache) ||
-      __builtin_mul_overflow(batch, heads, &lse_rows) || cache.out.rows() != rows_of_cache ||
-      cache.lse.rows() != lse_rows || cache.lse.cols() != seq)
-    throw StateError(std::string(where) + ": the cache was not filled by attention_forward");
+  if (cache.out.rows() != detail::checked_mul<StateError>(where, "the cache's batch·seq", batch, seq) ||
+      cache.lse.rows() != detail::checked_mul<StateError>(where, "the cache's batch·heads", batch, heads) ||
+      cache.lse.cols() != seq)
+    throw StateError(not_filled);
   const Index d = q.cols();
   detail::attention_head_dim(where, d, heads);
   const Index rows = batch * seq;
