@@ -31,6 +31,8 @@
 #include <memoryformer/random.hpp>
 #include <memoryformer/table_storage.hpp>
 
+#include "support/thread_setting.hpp"
+
 #if defined(MEMORYFORMER_USE_OPENMP)
 #include <omp.h>
 #endif
@@ -437,6 +439,56 @@ TEST(LookupIsa, BackwardStoresFreshRowsAndAddsToTouchedOnes) {
       layer.zero_grad();
       layer.backward_hashed(ds2, dy2, h2, isa);
       ASSERT_TRUE(layer.dtables().as_matrix() == alone2) << where << " after zero_grad";
+    }
+  }
+}
+
+TEST(LookupIsa, SortListsEveryUsedRowOnceInIncreasingOrder) {
+  // The sort lists the used rows table by table (each table in its own stretch, closed up at the end): the list must
+  // be exactly the rows with entries, in increasing order, and every row's entries its tokens in increasing order.
+  // Fewer tokens than rows per table (stretches of N), more (stretches of 2^τ), tables with unused rows, and a token
+  // count of zero; 1, 2 and 3 threads.
+  struct SortShape {
+    mf::Index n, tables;
+    int tau;
+  };
+  for (const SortShape s : {SortShape{0, 3, 4}, SortShape{1, 1, 1}, SortShape{5, 40, 8}, SortShape{300, 33, 4},
+                            SortShape{700, 17, 10}, SortShape{64, 20, 6}}) {
+    const mf::Index R = mf::Index(1) << s.tau, total_rows = s.tables * R, entries = s.n * s.tables;
+    std::vector<std::int32_t> codes(static_cast<size_t>(entries));
+    std::vector<float> scores(static_cast<size_t>(entries));
+    mf::Rng rng(91);
+    // Codes bunched into a quarter of each table's rows (odd tables only), so tables also leave rows unused when
+    // N > 2^τ.
+    for (mf::Index i = 0; i < entries; ++i) {
+      const mf::Index k = i % s.tables;
+      const mf::Index range = k % 2 == 1 ? std::max<mf::Index>(R / 4, 1) : R;
+      codes[size_t(i)] = std::int32_t(rng.uniform_index(std::uint64_t(range)));
+      scores[size_t(i)] = float(i);
+    }
+    std::vector<std::int32_t> expected_used;
+    std::vector<std::vector<std::int32_t>> tokens(static_cast<size_t>(total_rows));
+    for (mf::Index n = 0; n < s.n; ++n)
+      for (mf::Index k = 0; k < s.tables; ++k)
+        tokens[size_t(k * R + codes[size_t(n * s.tables + k)])].push_back(std::int32_t(n));
+    for (mf::Index r = 0; r < total_rows; ++r)
+      if (!tokens[size_t(r)].empty()) expected_used.push_back(std::int32_t(r));
+    mf::testing_support::ThreadSetting setting;
+    for (int threads : {1, 2, 3}) {
+      setting.set(threads);
+      mf::detail::SortedContributionsBuffer sort;
+      sort.sort(codes.data(), scores.data(), s.n, s.tables, s.tau);
+      const auto& sc = sort.sorted;
+      const std::string where = "N " + std::to_string(s.n) + " K " + std::to_string(s.tables) + " tau " +
+                                std::to_string(s.tau) + ", " + std::to_string(threads) + " threads";
+      ASSERT_EQ(sc.used_count, mf::Index(expected_used.size())) << where;
+      EXPECT_TRUE(std::equal(expected_used.begin(), expected_used.end(), sc.used)) << where;
+      for (mf::Index r = 0; r < total_rows; ++r) {
+        const std::vector<std::int32_t> got(sc.token + sc.start[r], sc.token + sc.start[r + 1]);
+        ASSERT_EQ(got, tokens[size_t(r)]) << where << " row " << r;
+        for (std::int32_t e = sc.start[r]; e < sc.start[r + 1]; ++e)
+          ASSERT_EQ(sc.score[e], float(sc.token[e] * s.tables + r / R)) << where << " row " << r;
+      }
     }
   }
 }

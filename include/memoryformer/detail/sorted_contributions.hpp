@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -40,13 +41,18 @@ inline bool contributions_fit_int32(Index rows, Index tables, int tau) {
 /// serial).
 inline void sort_contributions(SortedContributions& out, const std::int32_t* codes, const float* scores, Index rows,
                                Index tables, int tau) {
-  const Index R = Index(1) << tau, total_rows = tables * R;
+  const Index R = Index(1) << tau;
   std::int32_t* start = out.start;
   start[0] = 0;
   // Threads claim groups of 16 tables one at a time. Each group's codes and scores are copied table-major: the
   // [N, K] arrays are read once, a line at a time, instead of once per table and pass with a stride of K. The
   // copies' stride is padded by a line: a power-of-two stride would put all 16 in the same L1 sets.
   constexpr Index group = 16;
+  // Table k lists its used rows in its own stretch of `used`, [k·min(N, 2^τ), …) (it has at most that many), and
+  // the stretches are closed up afterwards: a serial scan of all K·2^τ row starts would leave the other threads
+  // waiting.
+  const Index per_table = std::min(rows, R);
+  Index* used_counts = thread_scratch<15, Index>(size_t(tables));
   parallel_claims((tables + group - 1) / group, [&](WorkQueue& queue) {
     std::int32_t* cursor = thread_scratch<6, std::int32_t>(size_t(R));
     const Index stride = (rows + 15) / 16 * 16 + 16;
@@ -72,6 +78,11 @@ inline void sort_contributions(SortedContributions& out, const std::int32_t* cod
           begin += ends[r];
           ends[r] = begin;
         }
+        std::int32_t* table_used = out.used + k * per_table;
+        Index used_count = 0;
+        for (Index r = 0, row_begin = k * rows; r < R; row_begin = ends[r], ++r)
+          if (ends[r] != row_begin) table_used[used_count++] = std::int32_t(k * R + r);
+        used_counts[k] = used_count;
         for (Index n = 0; n < rows; ++n) {
           const std::int32_t e = cursor[table_codes[n]]++;
           out.token[e] = std::int32_t(n);
@@ -82,9 +93,12 @@ inline void sort_contributions(SortedContributions& out, const std::int32_t* cod
       }
     }
   });
-  out.used_count = 0;
-  for (Index r = 0; r < total_rows; ++r)
-    if (start[r + 1] != start[r]) out.used[out.used_count++] = std::int32_t(r);
+  Index used_count = 0;
+  for (Index k = 0; k < tables; ++k) {
+    std::memmove(out.used + used_count, out.used + k * per_table, size_t(used_counts[k]) * sizeof(std::int32_t));
+    used_count += used_counts[k];
+  }
+  out.used_count = used_count;
 }
 
 /// One sort in storage of its own (sort_contributions fills `sorted`, whose dot stays nullptr), for a sort that several
