@@ -11,13 +11,14 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
+#include <sstream>
 #include <iostream>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include <memoryformer/bucket_table.hpp>
+#include <memoryformer/io/atomic_file.hpp>
 #include <memoryformer/io/model_checkpoint.hpp>
 #include <memoryformer/model.hpp>
 #include <memoryformer/train/text_data.hpp>
@@ -167,7 +168,7 @@ int main(int argc, char** argv) {
 
     // CSV: the first and last table of every hashed layer of every block.
     const std::string csv_path = a.out + ".csv";
-    std::ofstream csv(csv_path);
+    std::ostringstream csv;
     csv << "block,layer,table,bucket,hits,frequency\n";
     std::printf("bucket usage of '%s' on %ld validation tokens (Q, K and V share one hash per block, so one 'qkv' row "
                 "covers all three)\n",
@@ -194,8 +195,7 @@ int main(int argc, char** argv) {
         if (k == 1) break;
       }
     }
-    csv.close();
-    if (!csv) throw std::runtime_error("cannot write '" + csv_path + "'");
+    mf::write_file_atomically(csv_path, csv.str());
     std::printf("wrote %s\n", csv_path.c_str());
 
     // PNG with gnuplot, when it is installed: 2 × 3 panels (first/last table of QKV, ML1, ML2) of one block.
@@ -205,7 +205,7 @@ int main(int argc, char** argv) {
     }
     const Index block = a.plot_block >= 0 ? std::min(a.plot_block, model.layers() - 1) : model.layers() - 1;
     const std::string gp_path = a.out + ".gp", png_path = a.out + ".png";
-    std::ofstream gp(gp_path);
+    std::ostringstream gp;
     gp << "set terminal pngcairo size 1500,800 font ',10'\n"
        << "set output '" << png_path << "'\n"
        << "set datafile separator ','\n"
@@ -223,7 +223,7 @@ int main(int argc, char** argv) {
            << "' && $3==" << table << " ? $4 : 1/0):6 with boxes\n";
       }
     gp << "unset multiplot\n";
-    gp.close();
+    mf::write_file_atomically(gp_path, gp.str());
     if (std::system(("gnuplot '" + gp_path + "'").c_str()) != 0) throw std::runtime_error("gnuplot failed on " + gp_path);
     std::printf("wrote %s (gnuplot script %s)\n", png_path.c_str(), gp_path.c_str());
     return 0;

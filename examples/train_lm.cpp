@@ -35,6 +35,7 @@
 #include <memoryformer/distributed/self_communicator.hpp>
 #include <memoryformer/distributed/table_sharding.hpp>
 #include <memoryformer/flops.hpp>
+#include <memoryformer/io/atomic_file.hpp>
 #include <memoryformer/model.hpp>
 #include <memoryformer/train/callbacks.hpp>
 #include <memoryformer/train/text_data.hpp>
@@ -492,9 +493,7 @@ int main(int argc, char** argv) {
     Args a = parse(argc, argv);
     if (!a.write_default_text.empty()) {
       const std::string text = memoryformer_examples::default_text(a.text_bytes);
-      std::ofstream out(a.write_default_text, std::ios::binary);
-      out.write(text.data(), std::streamsize(text.size()));
-      if (!out) fail("cannot write '" + a.write_default_text + "'");
+      mf::write_file_atomically(a.write_default_text, text);
       std::cerr << "wrote " << text.size() << " bytes of the built-in text to '" << a.write_default_text << "'\n";
       return 0;
     }

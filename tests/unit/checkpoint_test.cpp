@@ -496,6 +496,37 @@ TEST(Checkpoint, FailedSaveRemovesTheTemporaryFileAndNamesThePath) {
   EXPECT_EQ(dir.entries(), std::vector<std::string>{"target.mfrm"});
 }
 
+TEST(AtomicFile, WritesReplacesAndLeavesTheOldFileOnFailure) {
+  TempDir dir;
+  const fs::path p = dir.path() / "out.txt";
+  const auto read = [](const fs::path& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  mf::write_file_atomically(p, "first");
+  EXPECT_EQ(read(p), "first");
+  const std::string binary("a\0b\xff", 4);
+  mf::write_file_atomically(p, binary);
+  EXPECT_EQ(read(p), binary);
+  mf::write_file_atomically(p, "");
+  EXPECT_EQ(read(p), "");
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"out.txt"});  // no temporary file left behind
+  // A missing directory: IoError naming the path, nothing created.
+  const fs::path missing = dir.path() / "no_such_dir" / "x.txt";
+  try {
+    mf::write_file_atomically(missing, "x");
+    FAIL() << "no exception";
+  } catch (const mf::IoError& e) {
+    EXPECT_NE(std::string(e.what()).find(missing.string()), std::string::npos) << e.what();
+  }
+  // The target is a non-empty directory: the rename fails, the temporary file goes, the directory stays.
+  const fs::path target = dir.path() / "target";
+  fs::create_directories(target / "inside");
+  EXPECT_THROW(mf::write_file_atomically(target, "x"), mf::IoError);
+  EXPECT_TRUE(fs::is_directory(target / "inside"));
+  EXPECT_EQ(dir.entries(), (std::vector<std::string>{"out.txt", "target"}));
+}
+
 TEST(Checkpoint, InvalidCheckpointsAreRefusedBeforeWriting) {
   TempDir dir;
   const fs::path p = dir.path() / "x.mfrm";

@@ -208,3 +208,18 @@ void write_file_atomically(const std::filesystem::path& path, const std::string&
 }
 
 }  // namespace memoryformer::detail::ckpt
+
+namespace memoryformer {
+
+/**
+ * @brief Replaces the file at `path` with `contents`, atomically: readers see the old file or the whole new one,
+ *        never a part (a temporary file next to it, fsynced, then renamed over it; see the checkpoint format docs).
+ * @throws IoError naming the path and the system's error text; the old file, if any, is then unchanged.
+ */
+inline void write_file_atomically(const std::filesystem::path& path, std::string_view contents) {
+  detail::ckpt::write_file_atomically(path, "write_file_atomically", [&](detail::ckpt::FileSink& sink) {
+    sink(contents.data(), contents.size());
+  });
+}
+
+}  // namespace memoryformer
