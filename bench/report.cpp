@@ -8,7 +8,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <limits>
 #include <map>
@@ -18,6 +17,7 @@
 #include <vector>
 
 #include <memoryformer/distributed/scaling.hpp>
+#include <memoryformer/io/atomic_file.hpp>
 
 #include "bench_model.hpp"
 #include "bench_support.hpp"
@@ -354,11 +354,7 @@ void table5(std::ostream& os) {
 
 void figure1(std::ostream& os, const fs::path& out_dir, std::vector<JsonObject>& json) {
   const fs::path csv = out_dir / "memoryformer_figure1.csv";
-  std::ofstream f(csv);
-  if (!f) {
-    os << "== Figure 1: cannot write " << csv.string() << " ==\n\n";
-    return;
-  }
+  std::ostringstream f;
   f << "s,d,K,transformer_paper,memoryformer_paper,ratio_paper,memoryformer_literal,ratio_literal\n";
   for (double s : {1024.0, 2048.0}) {
     for (int d = 512; d <= 3072; d += 512) {
@@ -381,7 +377,12 @@ void figure1(std::ostream& os, const fs::path& out_dir, std::vector<JsonObject>&
                            .num("flops_literal_total", mf_row ? lit : t));
     }
   }
-  f.close();
+  try {
+    mf::write_file_atomically(csv, f.str());
+  } catch (const mf::IoError& e) {
+    os << "== Figure 1: " << e.what() << " ==\n\n";
+    return;
+  }
   os << "== Figure 1 of the paper: FLOPs per block vs d (tau = 8), s in {1024, 2048} ==\n"
      << "   CSV: " << fs::absolute(csv).string() << "\n";
   const double r_paper = mf::memoryformer_block_flops_paper(2048, 2048, 8) / mf::transformer_block_flops_paper(2048, 2048);
@@ -395,7 +396,7 @@ void figure1(std::ostream& os, const fs::path& out_dir, std::vector<JsonObject>&
   const fs::path gp = out_dir / "memoryformer_figure1.gp";
   const fs::path png = out_dir / "memoryformer_figure1.png";
   {
-    std::ofstream g(gp);
+    std::ostringstream g;
     g << "set terminal pngcairo size 900,600\n"
       << "set output '" << png.string() << "'\n"
       << "set datafile separator ','\n"
@@ -407,6 +408,12 @@ void figure1(std::ostream& os, const fs::path& out_dir, std::vector<JsonObject>&
       << "     f every ::1 using ($1==1024?$2:1/0):($5/1e9) with linespoints lw 2 title 'MemoryFormer, s=1024', \\\n"
       << "     f every ::1 using ($1==2048?$2:1/0):($5/1e9) with linespoints lw 2 title 'MemoryFormer, s=2048', \\\n"
       << "     f every ::1 using ($1==2048?$2:1/0):($7/1e9) with lines dt 2 title 'MemoryFormer literal, s=2048'\n";
+    try {
+      mf::write_file_atomically(gp, g.str());
+    } catch (const mf::IoError& e) {
+      os << "   " << e.what() << ": no PNG\n\n";
+      return;
+    }
   }
   if (const std::string gnuplot = mfbench::gnuplot_command(); !gnuplot.empty()) {
     const std::string cmd = "'" + gnuplot + "' '" + gp.string() + "' 2>/dev/null";
@@ -935,7 +942,7 @@ void measured_section(std::ostream& os, const mfbench::Grid& grid, const std::ve
   auto us = [](const Measurement* m) { return m ? fmt(m->cpu_us < 10 ? "%.3f" : "%.1f", m->cpu_us) : std::string("-"); };
   auto ratio = [](const Measurement* a, const Measurement* b) { return a && b ? a->cpu_us / b->cpu_us : kNaN; };
   const fs::path csv = out_dir / "memoryformer_measured.csv";
-  std::ofstream f(csv);
+  std::ostringstream f;
   f << "d_in,d_out,tau,K,N,table_bytes,weight_bytes,flops_memory_paper,flops_dense_paper,memory_forward_us,"
        "dense_forward_us,forward_ratio,lookup_only_us,memory_backward_us,dense_backward_us,backward_ratio,"
        "memory_forward_us_min,memory_forward_us_max,dense_forward_us_min,dense_forward_us_max,table_rows_GB_per_s,"
@@ -989,7 +996,12 @@ void measured_section(std::ostream& os, const mfbench::Grid& grid, const std::ve
   for (const auto& s : skipped)
     os << "   skipped " << mfbench::shape_suffix(s) << ": tables + dtables " << mb(2 * s.table_bytes())
        << " MB > cap " << mb(grid.max_table_bytes) << " MB (--max-table-mb)\n";
-  os << "   CSV: " << fs::absolute(csv).string() << "\n\n";
+  try {
+    mf::write_file_atomically(csv, f.str());
+    os << "   CSV: " << fs::absolute(csv).string() << "\n\n";
+  } catch (const mf::IoError& e) {
+    os << "   " << e.what() << "\n\n";
+  }
   os << "   Per token the Memory Layer reads K table rows; the dense layer reads all of W once per call and reuses it\n"
         "   for all N tokens of the call.\n\n";
 }
