@@ -23,14 +23,18 @@ class BucketTable {
  public:
   BucketTable() = default;
 
-  /// @throws ConfigError for τ outside 1..16 or non-positive counts.
+  /// @throws ConfigError for τ outside 1..16, non-positive counts, or tables that memory cannot hold.
   BucketTable(Index tables, int tau, Index width) : tables_(tables), tau_(tau), width_(width) {
     detail::check_config(tables > 0, "BucketTable", "tables = " + std::to_string(tables) + " must be > 0");
     detail::check_config(tau >= 1 && tau <= 16, "BucketTable", "tau = " + std::to_string(tau) + " is outside 1..16");
     detail::check_config(width > 0, "BucketTable", "width = " + std::to_string(width) + " must be > 0");
     // Checked before allocating: a wrapped product would allocate a tiny block that size() then overstates.
-    values_.resize(size_t(detail::checked_product("BucketTable", "tables × 2^tau × width",
-                                                  {tables, rows_per_table(), width})));
+    const Index count =
+        detail::checked_product("BucketTable", "tables × 2^tau × width", {tables, rows_per_table(), width});
+    detail::allocating("BucketTable",
+                       "tables × 2^tau × width = " + std::to_string(tables) + " × " +
+                           std::to_string(rows_per_table()) + " × " + std::to_string(width) + " values",
+                       count * Index(sizeof(Scalar)), [&] { values_.resize(size_t(count)); });
   }
 
   Index num_tables() const { return tables_; }             ///< K

@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "../detail/checked_size.hpp"
 #include "../detail/checks.hpp"
 #if defined(__AVX512F__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -293,8 +294,8 @@ class AdamW {
   /**
    * @brief Allocates zero moments for `params` (the count starts at 0).
    * @throws ConfigError for β outside [0, 1), eps ≤ 0, negative weight decay or multiplier, non-finite values,
-   *         duplicate parameter names, or (RowSparse) a sparse-kind parameter whose row_size does not divide its size;
-   *         ShapeError when a parameter's value/grad sizes disagree with its shape.
+   *         duplicate parameter names, (RowSparse) a sparse-kind parameter whose row_size does not divide its size, or
+   *         moments that memory cannot hold; ShapeError when a parameter's value/grad sizes disagree with its shape.
    */
   explicit AdamW(std::vector<ParameterView<Scalar>> params, AdamWOptions options = {})
       : params_(std::move(params)), options_(options) {
@@ -322,13 +323,17 @@ class AdamW {
         detail::check_config(params_[j].name != p.name, where, "two parameters are named '" + p.name + "'");
       const std::size_t n = detail::adamw::checked_parameter_size(where, p.name, p.shape, p.value.size(), p.grad.size());
       ParamState s;
-      if (bf16_moments()) {
-        detail::adamw::assign_zeros_on_huge_pages(s.m16, n);
-        detail::adamw::assign_zeros_on_huge_pages(s.v16, n);
-      } else {
-        detail::adamw::assign_zeros_on_huge_pages(s.m, n);
-        detail::adamw::assign_zeros_on_huge_pages(s.v, n);
-      }
+      const Index moment_bytes = 2 * Index(n) * Index(bf16_moments() ? 2 : sizeof(Scalar));
+      detail::allocating(where, "the moments of parameter '" + p.name + "' (" + std::to_string(n) + " values each)",
+                         moment_bytes, [&] {
+                           if (bf16_moments()) {
+                             detail::adamw::assign_zeros_on_huge_pages(s.m16, n);
+                             detail::adamw::assign_zeros_on_huge_pages(s.v16, n);
+                           } else {
+                             detail::adamw::assign_zeros_on_huge_pages(s.m, n);
+                             detail::adamw::assign_zeros_on_huge_pages(s.v, n);
+                           }
+                         });
       if (row_sparse(p)) {
         detail::check_config(p.row_size > 0 && n % std::size_t(p.row_size) == 0, where,
                              "parameter '" + p.name + "' has row_size " + std::to_string(p.row_size) +
