@@ -22,6 +22,7 @@
 #include "detail/checks.hpp"
 #include "config_entries.hpp"
 #include "detail/checked_size.hpp"
+#include "detail/serial_eigen.hpp"
 #include "dtype.hpp"
 #include "error.hpp"
 #include "memoryformer_block.hpp"
@@ -177,41 +178,6 @@ struct LanguageModelCache {
   CrossEntropyCache<Scalar> loss;       // per-row log-sum-exp (forward_loss only)
 };
 
-namespace detail::model {
-
-/**
- * Eigen parallelises its own matrix products with OpenMP, summing in an order that depends on the thread count
- * (its k-blocking changes with the number of threads), so results would depend on OMP_NUM_THREADS. While this
- * guard lives, Eigen's products run single-threaded; the library's own kernels (hashing, table gathers and
- * scatters) keep their threads, and those partition rows so that every value is computed the same way for any
- * thread count.
- */
-class SerialEigenProducts {
- public:
-  explicit SerialEigenProducts(bool active) {
-#if defined(_OPENMP) && !defined(EIGEN_DONT_PARALLELIZE)
-    if (active) {
-      saved_ = Eigen::nbThreads();
-      Eigen::setNbThreads(1);
-    }
-#else
-    (void)active;
-#endif
-  }
-  ~SerialEigenProducts() {
-#if defined(_OPENMP) && !defined(EIGEN_DONT_PARALLELIZE)
-    if (saved_ > 0) Eigen::setNbThreads(saved_);
-#endif
-  }
-  SerialEigenProducts(const SerialEigenProducts&) = delete;
-  SerialEigenProducts& operator=(const SerialEigenProducts&) = delete;
-
- private:
-  [[maybe_unused]] int saved_ = 0;  // Eigen's thread count to restore (OpenMP builds only)
-};
-
-}  // namespace detail::model
-
 /**
  * @brief A decoder-only language model (design §3.2, §8): token embedding → `layers` blocks → final RMSNorm →
  *        untied dense LM head, trained with causal next-token cross-entropy.
@@ -322,7 +288,7 @@ class LanguageModel {
   const Matrix<Scalar>& forward(std::span<const std::int32_t> tokens, Index batch, Index seq, Cache& cache) const {
     constexpr const char* where = "LanguageModel::forward";
     check_sizes(where, "tokens", tokens.size(), batch, seq);
-    detail::model::SerialEigenProducts serial(deterministic_threads_);
+    const detail::SerialEigenScope serial(deterministic_threads_);
     const Index n = batch * seq, d = config_.block.d;
     cache.batch = cache.seq = 0;  // a forward that throws leaves a cache backward refuses
     cache.tokens.assign(tokens.begin(), tokens.end());
@@ -372,7 +338,7 @@ class LanguageModel {
         cache.x.size() != blocks_.size() + 1)
       throw StateError(std::string(where) + ": the cache was not filled by forward_loss; call forward_loss first");
     detail::check_config(std::isfinite(double(dloss)), where, "dloss = " + std::to_string(double(dloss)) + " is not finite");
-    detail::model::SerialEigenProducts serial(deterministic_threads_);
+    const detail::SerialEigenScope serial(deterministic_threads_);
     dlogits_.resize(n, config_.vocab);
     cross_entropy_backward<Scalar>(dlogits_, cache.logits, cache.targets, cache.loss, dloss);
     // Checked before any gradient is touched, so that a non-finite loss gradient leaves every gradient as it was.
@@ -496,7 +462,7 @@ class LanguageModel {
     if (state.length() + t > state.max_seq())
       throw CapacityError(std::string(where) + ": " + std::to_string(state.length()) + " decoded + " +
                           std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(state.max_seq()));
-    detail::model::SerialEigenProducts serial(deterministic_threads_);
+    const detail::SerialEigenScope serial(deterministic_threads_);
     Matrix<Scalar> a(rows, d()), b(rows, d());  // [batch·t, d]
     embedding_.forward(a, tokens_new);
     for (std::size_t i = 0; i < blocks_.size(); ++i) {

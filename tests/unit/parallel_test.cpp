@@ -3,15 +3,18 @@
 // out one at a time), parallel_streams (items handed out from one share per thread), parallel_row_pieces (pieces
 // of rows handed out one at a time) and parallel_threads (one call per thread, for schedules of their own). Each must
 // cover every item exactly once for any thread count; the kernels' bitwise thread-count tests
-// (LookupIsa.ThreadCountDoesNotChangeBits) rest on that.
+// (LookupIsa.ThreadCountDoesNotChangeBits) rest on that. And SerialEigenScope, which keeps Eigen's products on one
+// thread while any thread is inside the library.
 #include <algorithm>
 #include <atomic>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
 
 #include <memoryformer/detail/parallel.hpp>
+#include <memoryformer/detail/serial_eigen.hpp>
 
 #include "support/thread_setting.hpp"
 
@@ -172,3 +175,47 @@ TEST(ParallelRowPieces, PiecesCoverEveryRowOnceAndDoNotDependOnTheThreadCount) {
       EXPECT_EQ(pieces_per_setting[i], pieces_per_setting[0]) << rows << " rows, thread setting " << i;
   }
 }
+
+#if defined(MEMORYFORMER_USE_OPENMP) && !defined(EIGEN_DONT_PARALLELIZE)
+TEST(SerialEigenScope, KeepsEigenSerialUntilTheLastScopeOfAnyThreadCloses) {
+  // Two threads in the library at once: A opens, B opens, A closes while B is still inside. Eigen must stay at one
+  // thread until B closes too, then get its setting back. (Restoring on A's close would let B's products be split by
+  // Eigen, whose summation order depends on the thread count.) The steps are sequenced, not raced.
+  const int before = Eigen::nbThreads();
+  Eigen::setNbThreads(3);
+  std::atomic<int> stage{0};
+  const auto wait_for = [&](int s) {
+    while (stage.load() < s) std::this_thread::yield();
+  };
+  int inside_b_after_a_left = 0;
+  std::thread a([&] {
+    {
+      const detail::SerialEigenScope scope;
+      stage = 1;
+      wait_for(2);
+    }
+    stage = 3;
+  });
+  std::thread b([&] {
+    wait_for(1);
+    {
+      const detail::SerialEigenScope scope;
+      stage = 2;
+      wait_for(3);
+      inside_b_after_a_left = Eigen::nbThreads();
+    }
+  });
+  a.join();
+  b.join();
+  EXPECT_EQ(inside_b_after_a_left, 1);
+  EXPECT_EQ(Eigen::nbThreads(), 3);
+  {
+    const detail::SerialEigenScope inactive(false);
+    EXPECT_EQ(Eigen::nbThreads(), 3);
+    const detail::SerialEigenScope nested;
+    EXPECT_EQ(Eigen::nbThreads(), 1);
+  }
+  EXPECT_EQ(Eigen::nbThreads(), 3);
+  Eigen::setNbThreads(before);
+}
+#endif

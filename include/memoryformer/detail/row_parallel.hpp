@@ -8,10 +8,7 @@
 
 #include "../types.hpp"
 #include "parallel.hpp"
-
-#if defined(MEMORYFORMER_USE_OPENMP)
-#include <omp.h>
-#endif
+#include "serial_eigen.hpp"
 
 namespace memoryformer::detail {
 
@@ -44,33 +41,6 @@ void parallel_chunks(Index size, Index chunk, F&& f) {
     for (Index c = cb; c < ce; ++c) f(c, c * chunk, std::min(size, (c + 1) * chunk));
   });
 }
-
-/**
- * While alive, Eigen's own products run single-threaded (its k-blocking, hence its summation order, depends on its
- * thread count). Products below run one per chunk, so the library, not Eigen, decides the threads. Inside an
- * OpenMP region Eigen is single-threaded already and the guard does nothing.
- */
-class SerialEigenScope {
- public:
-  SerialEigenScope() {
-#if defined(_OPENMP) && !defined(EIGEN_DONT_PARALLELIZE)
-    if (!omp_in_parallel() && Eigen::nbThreads() != 1) {
-      saved_ = Eigen::nbThreads();
-      Eigen::setNbThreads(1);
-    }
-#endif
-  }
-  ~SerialEigenScope() {
-#if defined(_OPENMP) && !defined(EIGEN_DONT_PARALLELIZE)
-    if (saved_ > 0) Eigen::setNbThreads(saved_);
-#endif
-  }
-  SerialEigenScope(const SerialEigenScope&) = delete;
-  SerialEigenScope& operator=(const SerialEigenScope&) = delete;
-
- private:
-  [[maybe_unused]] int saved_ = 0;
-};
 
 /// out = a + b, row ranges in parallel; out may be a or b (element-wise).
 template <class Scalar>
