@@ -483,27 +483,6 @@ TEST(Trainer, ResumeContinuesExactlyLikeTheUninterruptedRun) {
   mf::Trainer<mf::MemoryFormerLM<float>> tc(c, data, o);
   EXPECT_THROW(tc.resume(path), mf::FormatError);
   EXPECT_EQ(tc.step_count(), 0);
-
-  // A step count that disagrees with the optimiser's (an edited file): refused before anything is loaded.
-  o.data_seed = 77;
-  const auto edited_path = temp_path("resume_edited.ckpt");
-  mf::Checkpoint edited = mf::load_checkpoint(path);
-  edited.set_config("train.step", "4");
-  mf::save_checkpoint(edited_path, edited);
-  mf::MemoryFormerLM<float> d(small_config(), 2);
-  const auto before = flat_values(d.parameters());
-  mf::Trainer<mf::MemoryFormerLM<float>> td(d, data, o);
-  try {
-    td.resume(edited_path);
-    ADD_FAILURE() << "a checkpoint whose train.step differs from adamw.step was accepted";
-  } catch (const mf::FormatError& e) {
-    EXPECT_NE(std::string(e.what()).find("train.step = 4 but the optimiser state has taken 5 steps"),
-              std::string::npos)
-        << e.what();
-  }
-  EXPECT_EQ(td.step_count(), 0);
-  EXPECT_EQ(flat_values(d.parameters()), before);
-  std::filesystem::remove(edited_path);
   std::filesystem::remove(path);
 }
 

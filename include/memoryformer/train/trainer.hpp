@@ -4,7 +4,6 @@
 // validation, atomic checkpoints and exact resume. Silent: progress goes to callbacks.
 #pragma once
 
-#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -439,9 +438,8 @@ class Trainer {
    * @brief Loads a checkpoint written by save_checkpoint: parameters, optimiser state and the step count. The next
    *        step() then does exactly what the saved run's next step did, given the same options.
    * @return the step count restored
-   * @throws FormatError for a missing, damaged or mismatching checkpoint (the model and optimiser are unchanged), one
-   *         whose data seed, batch, accumulate or seq differ from the options (the batches would differ), or one whose
-   *         train.step differs from its optimiser's step count.
+   * @throws FormatError for a missing, damaged or mismatching checkpoint (the model and optimiser are unchanged), or
+   *         one whose data seed, batch, accumulate or seq differ from the options (the batches would differ).
    */
   Index resume(const std::filesystem::path& path) {
     // Every rank loads; if any fails, all throw (the failing ones their own error), so none waits for the others.
@@ -538,21 +536,6 @@ class Trainer {
                         std::to_string(saved_accumulate) + ", this run has " + std::to_string(options_.accumulate) +
                         " (resuming with other data settings would not continue the same run)");
     expect("train.seq", options_.seq);
-    // The optimiser takes one step per training step. Counts that disagree mean a checkpoint edited or put together
-    // from two runs: the schedule would follow one count and the bias corrections the other. Checked before anything
-    // is loaded; a missing or misshapen tensor is load_model's to report.
-    if (const CheckpointTensor* t = ckpt.find_tensor("adamw.step"); t != nullptr && t->shape == std::vector<Index>{1}) {
-      std::array<double, 1> optimizer_steps{};
-      t->copy_to(optimizer_steps, true);
-      const double taken = optimizer_steps[0];
-      if (taken != double(step))
-        throw FormatError("Trainer::resume: " + origin + ": train.step = " + std::to_string(step) +
-                          " but the optimiser state has taken " +
-                          (std::isfinite(taken) && taken == std::floor(taken) && std::abs(taken) < 0x1p53
-                               ? std::to_string(std::int64_t(taken))
-                               : std::to_string(taken)) +
-                          " steps (adamw.step); a Trainer's checkpoint has them equal");
-    }
     load_model(ckpt, model_, &optimizer_, origin);
     if (options_.packed_tables) model_.tables_changed();  // loading wrote the tables (and released the copies)
     step_ = Index(step);
