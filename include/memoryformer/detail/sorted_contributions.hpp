@@ -95,6 +95,7 @@ inline void sort_contributions(SortedContributions& out, const std::int32_t* cod
   });
   Index used_count = 0;
   for (Index k = 0; k < tables; ++k) {
+    if (used_counts[k] == 0) continue;  // also keeps a null `used` (no tokens) out of memmove
     std::memmove(out.used + used_count, out.used + k * per_table, size_t(used_counts[k]) * sizeof(std::int32_t));
     used_count += used_counts[k];
   }
