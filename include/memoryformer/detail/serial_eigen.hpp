@@ -18,14 +18,14 @@ namespace memoryformer::detail {
  * While alive (and `active`), Eigen's products run single-threaded. Eigen's thread count is one setting for the
  * whole process, so the scopes of all threads share it: the first scope to open saves it and sets 1, the last one to
  * close restores it, under one mutex. Two user threads in the library at once (a frozen model serving both) thus
- * never see it restored while either is still inside. Inside an OpenMP region Eigen is single-threaded already and
- * the scope does nothing.
+ * never see it restored while either is still inside. In a team of more than one thread Eigen is single-threaded
+ * already (the test Eigen itself makes) and the scope does nothing; a team of one (a nested region) still needs it.
  */
 class SerialEigenScope {
  public:
   explicit SerialEigenScope(bool active = true) {
 #if defined(_OPENMP) && !defined(EIGEN_DONT_PARALLELIZE)
-    if (!active || omp_in_parallel()) return;
+    if (!active || omp_get_num_threads() > 1) return;
     Shared& s = shared();
     const std::lock_guard<std::mutex> lock(s.mutex);
     if (s.holders++ == 0) {
