@@ -493,7 +493,17 @@ int main(int argc, char** argv) {
     Args a = parse(argc, argv);
     if (!a.write_default_text.empty()) {
       const std::string text = memoryformer_examples::default_text(a.text_bytes);
-      mf::write_file_atomically(a.write_default_text, text);
+      // A file is replaced atomically; a target that exists and is not a regular file (a symlink, /dev/stdout, a
+      // pipe) is written through, as a plain stream would.
+      std::error_code ec;
+      const std::filesystem::file_status target = std::filesystem::symlink_status(a.write_default_text, ec);
+      if (std::filesystem::exists(target) && !std::filesystem::is_regular_file(target)) {
+        std::ofstream out(a.write_default_text, std::ios::binary);
+        out.write(text.data(), std::streamsize(text.size()));
+        if (!out) fail("cannot write '" + a.write_default_text + "'");
+      } else {
+        mf::write_file_atomically(a.write_default_text, text);
+      }
       std::cerr << "wrote " << text.size() << " bytes of the built-in text to '" << a.write_default_text << "'\n";
       return 0;
     }

@@ -213,7 +213,8 @@ namespace memoryformer {
 
 /**
  * @brief Replaces the file at `path` with `contents`, atomically: readers see the old file or the whole new one,
- *        never a part (a temporary file next to it, fsynced, then renamed over it; see the checkpoint format docs).
+ *        never a part (a temporary file next to it, fsynced, then renamed over it). A symlink at `path` is replaced
+ *        by the file, not followed; a target that is no regular file (a device, a pipe) wants a plain stream.
  * @throws IoError naming the path and the system's error text; the old file, if any, is then unchanged.
  */
 inline void write_file_atomically(const std::filesystem::path& path, std::string_view contents) {
