@@ -23,7 +23,7 @@ class BucketTable {
  public:
   BucketTable() = default;
 
-  /// @throws ConfigError for τ outside 1..16, non-positive counts, or tables that memory cannot hold.
+  /// @throws ConfigError for τ outside 1..16, non-positive counts, or tables that cannot be allocated.
   BucketTable(Index tables, int tau, Index width) : tables_(tables), tau_(tau), width_(width) {
     detail::check_config(tables > 0, "BucketTable", "tables = " + std::to_string(tables) + " must be > 0");
     detail::check_config(tau >= 1 && tau <= 16, "BucketTable", "tau = " + std::to_string(tau) + " is outside 1..16");

@@ -295,7 +295,7 @@ class AdamW {
    * @brief Allocates zero moments for `params` (the count starts at 0).
    * @throws ConfigError for β outside [0, 1), eps ≤ 0, negative weight decay or multiplier, non-finite values,
    *         duplicate parameter names, (RowSparse) a sparse-kind parameter whose row_size does not divide its size, or
-   *         moments that memory cannot hold; ShapeError when a parameter's value/grad sizes disagree with its shape.
+   *         moments that cannot be allocated; ShapeError when a parameter's value/grad sizes disagree with its shape.
    */
   explicit AdamW(std::vector<ParameterView<Scalar>> params, AdamWOptions options = {})
       : params_(std::move(params)), options_(options) {
