@@ -161,7 +161,8 @@ class MemoryLayer {
   const Vector<Scalar>& dbias() const { return dbias_; }          // [d_out]
   /// One flag per held table row (K_own·2^τ): set when backward wrote the row's gradient since zero_grad().
   const std::vector<std::uint8_t>& touched_rows() const { return touched_; }
-  /// The flagged rows' ids, each once, in the order backward first flagged them.
+  /// The flagged rows' ids, each once, in the order backward first flagged them: call by call, and within a call in
+  /// increasing row order on the sorting float kernels, in the order of first appearance among the pairs otherwise.
   const std::vector<Index>& touched_list() const { return touched_list_; }
 
   /**
@@ -260,10 +261,10 @@ class MemoryLayer {
     Matrix<Scalar> all_dy;  // [all ranks' rows, d_out]
     detail::all_gather_rows(comm, rows, dy, all_dy);
     Matrix<Scalar> local = Matrix<Scalar>::Zero(rows.total, mine.tables);  // [all ranks' rows, K_own]
-    write_table_gradients(mine, [&] {
+    write_table_gradients([&](std::vector<Index>* new_rows) {
       detail::lookup_backward(isa, local.data(), local.outerStride(), all_dy.data(), all_dy.outerStride(),
                               tables_.data(), dtables_.data(), touched_.data(), config_.tau, config_.d_out,
-                              mine.tables, mine.codes.data(), mine.scores.data(), mine.rows);
+                              mine.tables, mine.codes.data(), mine.scores.data(), mine.rows, nullptr, new_rows);
     });
     detail::return_score_gradients(comm, rows, h.tables, local, dscores);
   }
@@ -430,10 +431,10 @@ class MemoryLayer {
         presorted = &shared->sorted;
       }
     }
-    write_table_gradients(h, [&] {
+    write_table_gradients([&](std::vector<Index>* new_rows) {
       detail::lookup_backward(isa, dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(), tables_.data(),
                               dtables_.data(), touched_.data(), config_.tau, config_.d_out, h.tables, h.codes.data(),
-                              h.scores.data(), h.rows, presorted);
+                              h.scores.data(), h.rows, presorted, new_rows);
     });
   }
 
@@ -491,36 +492,27 @@ class MemoryLayer {
   /// Frees the copy: forward packs per call until pack_tables runs again.
   void release_packed_tables() { packed_ = detail::TableBlock(); }
 
-  /// Runs `write` (the lookup backward of h's pairs) with the rows h writes that were not flagged yet listed and
-  /// flagged detail::fresh_row: their gradients are zero, so the kernel may store rather than add. The kernel flags
-  /// every row it writes 1; if `write` throws, the listed rows are flagged 1 here, so a later call adds to them.
+  /// Runs `write(new_rows)`, the lookup backward of h's pairs, which lists into new_rows (flagging each
+  /// detail::fresh_row: its gradient is zero, so the kernel may store rather than add) the rows it writes that are not
+  /// flagged yet; new_rows is nullptr once every row is listed (nothing left to find). The kernel flags every row it
+  /// writes 1; if `write` throws, the rows it listed are flagged 1 here, so a later call adds to them.
   template <class Write>
-  void write_table_gradients(const HashResult<Scalar>& h, Write&& write) {
+  void write_table_gradients(Write&& write) {
     const std::size_t listed = touched_list_.size();
     try {
-      list_new_rows(h);
-      write();
+      // Every row listed leaves nothing to find, which is the rule for 2^τ-row tables after a few micro-batches of an
+      // accumulated step. The list holds each flagged row once, so room for every row means its appends never throw.
+      std::vector<Index>* new_rows = nullptr;
+      if (listed < touched_.size()) {
+        detail::allocating("MemoryLayer::backward", "the list of touched rows",
+                           Index(touched_.size() * sizeof(Index)), [&] { touched_list_.reserve(touched_.size()); });
+        new_rows = &touched_list_;
+      }
+      write(new_rows);
     } catch (...) {
       for (std::size_t i = listed; i < touched_list_.size(); ++i) touched_[std::size_t(touched_list_[i])] = 1;
       throw;
     }
-  }
-
-  /// Flags (detail::fresh_row) and lists the rows h will write that are not flagged yet.
-  void list_new_rows(const HashResult<Scalar>& h) {
-    // Every row listed (hence flagged: the list holds each flagged row once) leaves nothing to find, which is the
-    // rule for 2^τ-row tables after a few micro-batches of an accumulated step: the scan of N·K codes is skipped.
-    if (touched_list_.size() == touched_.size()) return;
-    const Index per_table = config_.rows_per_table();
-    const std::int32_t* codes = h.codes.data();
-    for (Index n = 0; n < h.rows; ++n)
-      for (Index k = 0; k < h.tables; ++k) {
-        const Index row = k * per_table + codes[n * h.tables + k];
-        if (touched_[std::size_t(row)] == 0) {
-          touched_list_.push_back(row);  // first, so that a flagged row is always listed (push_back may throw)
-          touched_[std::size_t(row)] = detail::fresh_row;
-        }
-      }
   }
 
   MemoryLayerConfig config_;
@@ -532,7 +524,7 @@ class MemoryLayer {
   Vector<Scalar> bias_;               // [d_out]
   Vector<Scalar> dbias_;              // [d_out]
   std::vector<std::uint8_t> touched_; // [K_own·2^τ]
-  std::vector<Index> touched_list_;   // [rows flagged in touched_], first-flagged order
+  std::vector<Index> touched_list_;   // [rows flagged in touched_], first-flagged order (see touched_list())
   Matrix<Scalar> dscores_;            // [N, K] scratch of backward, reused across calls
   // The packed copy of tables_ (see the class comment): held iff current, so "current" needs no separate flag that
   // could disagree with the bytes.

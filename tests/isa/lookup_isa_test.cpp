@@ -493,6 +493,75 @@ TEST(LookupIsa, SortListsEveryUsedRowOnceInIncreasingOrder) {
   }
 }
 
+TEST(LookupIsa, BackwardListsTheRowsItWritesOnceInTheKernelsOrder) {
+  // A backward lists each row it writes that no earlier backward since zero_grad() wrote, once: the sorting kernels
+  // in increasing row order (from their sort, also a sort shared by several layers), the reference kernel in the
+  // order the rows first appear among the (token, table) pairs. Two calls on overlapping codes, then zero_grad().
+  std::vector<mf::Isa> paths = simd_paths();
+  paths.push_back(mf::Isa::Scalar);
+  for (const Shape s : {Shape{64, 64, 8, 300, false}, Shape{40, 37, 10, 600, true}, Shape{12, 19, 4, 70, false}}) {
+    const mf::Matrix<float> x1 = random_matrix(s.n, s.d_in, 31), x2 = random_matrix(s.n + 5, s.d_in, 32);
+    const mf::Matrix<float> dy1 = random_matrix(s.n, s.d_out, 33), dy2 = random_matrix(s.n + 5, s.d_out, 34);
+    for (mf::Isa isa : paths) {
+      const std::string where = std::string(mf::isa_name(isa)) + " " + name(s);
+      auto layer = make_layer(s, 95);
+      mf::HashResult<float> h1, h2;
+      mf::Matrix<float> y1(x1.rows(), s.d_out), y2(x2.rows(), s.d_out);
+      layer.forward(y1, x1, h1, isa);
+      layer.forward(y2, x2, h2, isa);
+      const bool sorted = mf::detail::lookup_backward_sorts<float>(isa, h1.rows, h1.tables, s.tau);
+      const mf::Index R = mf::Index(1) << s.tau;
+      std::vector<std::uint8_t> seen(size_t(h1.tables * R), 0);
+      std::vector<mf::Index> expected;
+      const auto expect_new = [&](const mf::HashResult<float>& h) {
+        std::vector<mf::Index> fresh;
+        for (mf::Index n = 0; n < h.rows; ++n)
+          for (mf::Index k = 0; k < h.tables; ++k) {
+            const mf::Index row = k * R + h.code(n, k);
+            if (seen[size_t(row)] == 0) fresh.push_back(row);
+            seen[size_t(row)] = 1;
+          }
+        if (sorted) std::sort(fresh.begin(), fresh.end());
+        expected.insert(expected.end(), fresh.begin(), fresh.end());
+      };
+      mf::Matrix<float> ds1 = mf::Matrix<float>::Zero(x1.rows(), h1.tables);
+      mf::Matrix<float> ds2 = mf::Matrix<float>::Zero(x2.rows(), h2.tables);
+      layer.backward_hashed(ds1, dy1, h1, isa);
+      expect_new(h1);
+      ASSERT_EQ(layer.touched_list(), expected) << where << ", first call";
+      const size_t after_first = expected.size();
+      layer.backward_hashed(ds2, dy2, h2, isa);
+      expect_new(h2);
+      ASSERT_GT(expected.size(), after_first) << where << ": the second call must find new rows";
+      ASSERT_EQ(layer.touched_list(), expected) << where << ", second call";
+      for (size_t row = 0; row < seen.size(); ++row)
+        ASSERT_EQ(layer.touched_rows()[row], seen[row]) << where << " flag of row " << row;
+      layer.zero_grad();
+      EXPECT_TRUE(layer.touched_list().empty()) << where;
+      if (!sorted) continue;
+      // The kernel over a shared sort lists what the one that sorts for itself lists.
+      const mf::Index rows = h1.tables * R;
+      std::vector<float> dt_own(size_t(rows * s.d_out), 0.0f), dt_shared(dt_own);
+      std::vector<std::uint8_t> flags_own(size_t(rows), 0), flags_shared(flags_own);
+      std::vector<mf::Index> listed_own, listed_shared;
+      listed_own.reserve(size_t(rows));
+      listed_shared.reserve(size_t(rows));
+      mf::Matrix<float> ds_own = mf::Matrix<float>::Zero(s.n, h1.tables), ds_shared = ds_own;
+      mf::detail::SortedContributionsBuffer sort;
+      sort.sort(h1.codes.data(), h1.scores.data(), h1.rows, h1.tables, s.tau);
+      mf::detail::lookup_backward(isa, ds_own.data(), ds_own.outerStride(), dy1.data(), dy1.outerStride(),
+                                  layer.tables().data(), dt_own.data(), flags_own.data(), s.tau, s.d_out, h1.tables,
+                                  h1.codes.data(), h1.scores.data(), h1.rows, nullptr, &listed_own);
+      mf::detail::lookup_backward(isa, ds_shared.data(), ds_shared.outerStride(), dy1.data(), dy1.outerStride(),
+                                  layer.tables().data(), dt_shared.data(), flags_shared.data(), s.tau, s.d_out,
+                                  h1.tables, h1.codes.data(), h1.scores.data(), h1.rows, &sort.sorted, &listed_shared);
+      EXPECT_EQ(listed_own, std::vector<mf::Index>(expected.begin(), expected.begin() + long(after_first))) << where;
+      EXPECT_EQ(listed_shared, listed_own) << where;
+      EXPECT_TRUE(flags_shared == flags_own) << where;
+    }
+  }
+}
+
 TEST(LookupIsa, BackwardOverASharedSortGivesTheSameBits) {
   // Layers that read one hash (a block's Q, K and V) share one sort of its pairs: the kernel over that sort must
   // give the bits of the kernel that sorts for itself, also when the sort is read a second time.
@@ -565,7 +634,7 @@ TEST(LookupIsa, BackwardRowAndColumnSliceOrdersGiveTheSameBits) {
               }
             mf::detail::lookup_backward(isa, dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(),
                                         layer.tables().data(), dtables, touched.data(), s.tau, width, h.tables,
-                                        h.codes.data(), h.scores.data(), h.rows, nullptr, order);
+                                        h.codes.data(), h.scores.data(), h.rows, nullptr, nullptr, order);
           }
           dt.emplace_back(dtables, dtables + rows * width);
           flags.push_back(touched);

@@ -206,13 +206,15 @@ bool lookup_backward_sorts(Isa isa, Index rows, Index num_tables, int tau) {
  * Backward of the lookup over row-major tables: dtables[row] += Σ s·dy (touched rows flagged) and
  * dscores[n,k] += ⟨dy[n], T_k[code_k]⟩ — the reference kernels on Isa::Scalar or for double, else the sorted fast
  * kernel (over `presorted`, the pairs of codes/scores already sorted, when not nullptr; in `order`, the same bits in
- * either). dbias is the caller's.
+ * either). With `new_rows`, the rows it writes that are not flagged yet are first flagged detail::fresh_row and
+ * appended to it (list_new_rows: in row order from the sort, else in order of first appearance); it must have room
+ * for every row. dbias is the caller's.
  */
 template <class Scalar>
 void lookup_backward(Isa isa, Scalar* dscores, Index ds_stride, const Scalar* dy, Index dy_stride, const Scalar* tables,
                      Scalar* dtables, std::uint8_t* touched, int tau, Index width, Index num_tables,
                      const std::int32_t* codes, const Scalar* scores, Index rows,
-                     const SortedContributions* presorted = nullptr,
+                     const SortedContributions* presorted = nullptr, std::vector<Index>* new_rows = nullptr,
                      GradientOrder order = GradientOrder::automatic) {
   if (rows == 0) return;
   if constexpr (std::is_same_v<Scalar, float>) {
@@ -220,13 +222,14 @@ void lookup_backward(Isa isa, Scalar* dscores, Index ds_stride, const Scalar* dy
     if (lookup_backward_sorts<Scalar>(isa, rows, num_tables, tau)) {
       dispatch_simd(isa, [&]<Isa I>() {
         lookup_backward_fast<I>(dscores, ds_stride, dy, dy_stride, tables, dtables, touched, tau, width, num_tables,
-                                codes, scores, rows, presorted, order);
+                                codes, scores, rows, presorted, new_rows, order);
       });
       return;
     }
 #endif
   }
   (void)isa, (void)presorted, (void)order;
+  if (new_rows != nullptr) list_new_rows(*new_rows, touched, codes, rows, num_tables, tau);
   parallel_rows(rows, 16, [&](Index begin, Index end) {
     score_gradient(dscores, ds_stride, dy, dy_stride, tables, tau, width, codes, num_tables, begin, end);
   });

@@ -9,9 +9,9 @@
 // Threads split the table rows into chunks (disjoint writes) and run their own share first, then the chunks of a
 // slower thread's share that it has not reached (in the column-slice order from the slice it reached: a chunk's
 // slices run in order, one thread at a time). Every sum has a fixed order, so the bits do not depend on the thread
-// count or on which thread ran which chunk. A row the caller marks fresh (touched value 2: zero since the last
-// zero_grad) is stored, not added to: with whole 64-byte lines it is written with non-temporal stores, so its old
-// zeros are never read from memory.
+// count or on which thread ran which chunk. A row marked fresh (touched value 2: zero since the last zero_grad) is
+// stored, not added to: with whole 64-byte lines it is written with non-temporal stores, so its old zeros are never
+// read from memory.
 #pragma once
 
 #include <algorithm>
@@ -32,9 +32,35 @@
 
 namespace memoryformer::detail {
 
-/// The touched-row value that marks a row as fresh for lookup_backward: its gradient is zero (flagged by the caller
-/// before the call; every written row leaves with the value 1).
+/// The touched-row value that marks a row as fresh for lookup_backward: its gradient is zero (flagged before the
+/// rows are written, by list_new_rows or the caller; every written row leaves with the value 1).
 inline constexpr std::uint8_t fresh_row = 2;
+
+/// Lists the rows a lookup backward will write that are not flagged yet: flags each detail::fresh_row and appends it
+/// to `new_rows`, which has room for every row (so the appends cannot throw). From the sort's used rows, in row order.
+inline void list_new_rows(std::vector<Index>& new_rows, std::uint8_t* touched, const SortedContributions& sc) {
+  for (Index u = 0; u < sc.used_count; ++u) {
+    const std::int32_t row = sc.used[u];
+    if (touched[row] == 0) {
+      touched[row] = fresh_row;
+      new_rows.push_back(row);
+    }
+  }
+}
+
+/// The same from the [rows, tables] codes of the pairs (the kernels that do not sort), in the order rows first appear.
+inline void list_new_rows(std::vector<Index>& new_rows, std::uint8_t* touched, const std::int32_t* codes, Index rows,
+                          Index tables, int tau) {
+  const Index per_table = Index(1) << tau;
+  for (Index n = 0; n < rows; ++n)
+    for (Index k = 0; k < tables; ++k) {
+      const Index row = k * per_table + codes[n * tables + k];
+      if (touched[row] == 0) {
+        touched[row] = fresh_row;
+        new_rows.push_back(row);
+      }
+    }
+}
 
 /// The loop orders of lookup_backward_fast, which give the same bits: over column slices (gradient_slice) or over
 /// whole rows (gradient_rows).
@@ -340,14 +366,16 @@ class SliceChunks {
  * Fast lookup backward over row-major float tables: dtables += row gradients (stored into rows flagged fresh_row),
  * touched rows flagged 1, dscores[n,k] += ⟨dy[n], T_k[code]⟩. dbias is not touched (the caller sums dy's columns).
  * `presorted`: the pairs of codes/scores already sorted (by SortedContributionsBuffer::sort, which keeps entry_of),
- * or nullptr to sort them here; the result is the same. `order` picks the loop order (the same bits either way);
+ * or nullptr to sort them here; the result is the same. `new_rows`: see list_new_rows (the sort's used rows
+ * replace a scan of all N·K codes). `order` picks the loop order (the same bits either way);
  * automatic takes the row order where gradient_rows_pay and the width is whole slices.
  */
 template <Isa I>
 void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Index dy_stride, const float* tables,
                           float* dtables, std::uint8_t* touched, int tau, Index width, Index num_tables,
                           const std::int32_t* codes, const float* scores, Index rows,
-                          const SortedContributions* presorted, GradientOrder order = GradientOrder::automatic) {
+                          const SortedContributions* presorted, std::vector<Index>* new_rows,
+                          GradientOrder order = GradientOrder::automatic) {
   using L = Lanes<I>;
   constexpr Index slice = SliceTraits<I>::vectors * L::n;
   const Index R = Index(1) << tau, total_rows = num_tables * R, entries = rows * num_tables;
@@ -365,6 +393,7 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
     sc.entry_of = thread_scratch<14, std::int32_t>(size_t(entries));
     sort_contributions(sc, codes, scores, rows, num_tables, tau);
   }
+  if (new_rows != nullptr) list_new_rows(*new_rows, touched, sc);
   // Non-temporal stores need every row slice to start a 64-byte line.
   const bool stream_fresh = reinterpret_cast<std::uintptr_t>(dtables) % 64 == 0 && width % 16 == 0;
   const bool whole_slices = width % slice == 0;
