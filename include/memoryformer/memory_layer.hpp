@@ -492,7 +492,7 @@ class MemoryLayer {
   /// Frees the copy: forward packs per call until pack_tables runs again.
   void release_packed_tables() { packed_ = detail::TableBlock(); }
 
-  /// Runs `write(new_rows)`, the lookup backward of h's pairs, which lists into new_rows (flagging each
+  /// Runs `write(new_rows)`, a lookup backward, which lists into new_rows (flagging each
   /// detail::fresh_row: its gradient is zero, so the kernel may store rather than add) the rows it writes that are not
   /// flagged yet; new_rows is nullptr once every row is listed (nothing left to find). The kernel flags every row it
   /// writes 1; if `write` throws, the rows it listed are flagged 1 here, so a later call adds to them.

@@ -558,6 +558,16 @@ TEST(LookupIsa, BackwardListsTheRowsItWritesOnceInTheKernelsOrder) {
       EXPECT_EQ(listed_own, std::vector<mf::Index>(expected.begin(), expected.begin() + long(after_first))) << where;
       EXPECT_EQ(listed_shared, listed_own) << where;
       EXPECT_TRUE(flags_shared == flags_own) << where;
+      // Listed rows are flagged fresh before the kernel writes them (so it stores rather than adds), flagged rows are
+      // not listed again.
+      std::vector<std::uint8_t> flags(size_t(rows), 0);
+      flags[size_t(listed_own.front())] = 1;
+      std::vector<mf::Index> listed;
+      listed.reserve(size_t(rows));
+      mf::detail::list_new_rows(listed, flags.data(), sort.sorted);
+      EXPECT_EQ(listed, std::vector<mf::Index>(listed_own.begin() + 1, listed_own.end())) << where;
+      for (const mf::Index row : listed) ASSERT_EQ(flags[size_t(row)], mf::detail::fresh_row) << where << " row " << row;
+      EXPECT_EQ(flags[size_t(listed_own.front())], 1) << where;
     }
   }
 }

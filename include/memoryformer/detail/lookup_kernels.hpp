@@ -14,6 +14,7 @@
 #include <bit>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "../storage_type.hpp"
 #include "../types.hpp"
@@ -206,9 +207,9 @@ bool lookup_backward_sorts(Isa isa, Index rows, Index num_tables, int tau) {
  * Backward of the lookup over row-major tables: dtables[row] += Σ s·dy (touched rows flagged) and
  * dscores[n,k] += ⟨dy[n], T_k[code_k]⟩ — the reference kernels on Isa::Scalar or for double, else the sorted fast
  * kernel (over `presorted`, the pairs of codes/scores already sorted, when not nullptr; in `order`, the same bits in
- * either). With `new_rows`, the rows it writes that are not flagged yet are first flagged detail::fresh_row and
- * appended to it (list_new_rows: in row order from the sort, else in order of first appearance); it must have room
- * for every row. dbias is the caller's.
+ * either). With `new_rows`, the rows it writes that are not flagged yet are first appended to it and flagged
+ * detail::fresh_row (list_new_rows: in row order from the sort, else in order of first appearance; its capacity must
+ * cover them). dbias is the caller's.
  */
 template <class Scalar>
 void lookup_backward(Isa isa, Scalar* dscores, Index ds_stride, const Scalar* dy, Index dy_stride, const Scalar* tables,

@@ -36,14 +36,15 @@ namespace memoryformer::detail {
 /// rows are written, by list_new_rows or the caller; every written row leaves with the value 1).
 inline constexpr std::uint8_t fresh_row = 2;
 
-/// Lists the rows a lookup backward will write that are not flagged yet: flags each detail::fresh_row and appends it
-/// to `new_rows`, which has room for every row (so the appends cannot throw). From the sort's used rows, in row order.
+/// Lists the rows a lookup backward will write that are not flagged yet: appends each to `new_rows` and flags it
+/// detail::fresh_row. new_rows's capacity must cover its size plus every row not flagged yet (MemoryLayer reserves
+/// one entry per row), so the appends cannot throw. From the sort's used rows, in row order.
 inline void list_new_rows(std::vector<Index>& new_rows, std::uint8_t* touched, const SortedContributions& sc) {
   for (Index u = 0; u < sc.used_count; ++u) {
     const std::int32_t row = sc.used[u];
     if (touched[row] == 0) {
+      new_rows.push_back(row);  // first, so that a flagged row is always listed
       touched[row] = fresh_row;
-      new_rows.push_back(row);
     }
   }
 }
@@ -56,8 +57,8 @@ inline void list_new_rows(std::vector<Index>& new_rows, std::uint8_t* touched, c
     for (Index k = 0; k < tables; ++k) {
       const Index row = k * per_table + codes[n * tables + k];
       if (touched[row] == 0) {
-        touched[row] = fresh_row;
         new_rows.push_back(row);
+        touched[row] = fresh_row;
       }
     }
 }

@@ -53,7 +53,8 @@ void check_touched(const ParameterView<Scalar>& p, std::string_view where) {
 }
 
 /// A touched list longer than 1/list_scan_divisor of the rows is walked by scanning the flags instead: rows in
-/// ascending order stream through memory, where the list's first-touched order jumps between rows at random.
+/// ascending order stream through memory, where the list's first-touched order jumps between rows at random from
+/// one backward call to the next.
 inline constexpr std::size_t list_scan_divisor = 8;
 
 /// Appends the pieces of parameter `index` that walk its rows (by_rows) or its elements. Rows go by the touched list
