@@ -21,6 +21,7 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -93,6 +94,28 @@ mf::MemoryLayer<float> make_layer(const Shape& s, std::uint64_t seed) {
   c.table_init_std = 0.5;
   c.bias_init_std = 0.5;
   return mf::MemoryLayer<float>(c, seed);
+}
+
+/// The inputs of two backward calls on one layer: x2 and dy2 have `extra` rows more than x1 and dy1 (seeds seed to
+/// seed + 3).
+struct TwoCalls {
+  mf::Matrix<float> x1, x2, dy1, dy2;
+};
+
+TwoCalls two_calls(const Shape& s, mf::Index extra, std::uint64_t seed) {
+  return {random_matrix(s.n, s.d_in, seed), random_matrix(s.n + extra, s.d_in, seed + 1),
+          random_matrix(s.n, s.d_out, seed + 2), random_matrix(s.n + extra, s.d_out, seed + 3)};
+}
+
+/// The hashes of x1 and x2 that `layer`'s forward on `isa` keeps for backward.
+std::pair<mf::HashResult<float>, mf::HashResult<float>> hash_both(const mf::MemoryLayer<float>& layer,
+                                                                  const mf::Matrix<float>& x1,
+                                                                  const mf::Matrix<float>& x2, mf::Isa isa) {
+  std::pair<mf::HashResult<float>, mf::HashResult<float>> h;
+  mf::Matrix<float> y1(x1.rows(), layer.config().d_out), y2(x2.rows(), layer.config().d_out);
+  layer.forward(y1, x1, h.first, isa);
+  layer.forward(y2, x2, h.second, isa);
+  return h;
 }
 
 /// Σ_k |s_k·T_k[code_k][o]| + |b_o| in double, the scale of every forward bound.
@@ -399,15 +422,11 @@ TEST(LookupIsa, BackwardStoresFreshRowsAndAddsToTouchedOnes) {
   if (paths.empty()) GTEST_SKIP() << "no SIMD path in this build";
   for (const Shape s : {Shape{64, 64, 8, 300, false}, Shape{48, 128, 6, 90, true}, Shape{40, 37, 10, 600, true},
                         Shape{32, 520, 8, 80, true}}) {
-    const mf::Matrix<float> x1 = random_matrix(s.n, s.d_in, 21), x2 = random_matrix(s.n + 7, s.d_in, 22);
-    const mf::Matrix<float> dy1 = random_matrix(s.n, s.d_out, 23), dy2 = random_matrix(s.n + 7, s.d_out, 24);
+    const auto [x1, x2, dy1, dy2] = two_calls(s, 7, 21);
     for (mf::Isa isa : paths) {
       const std::string where = std::string(mf::isa_name(isa)) + " " + name(s);
       auto layer = make_layer(s, 91);
-      mf::HashResult<float> h1, h2;
-      mf::Matrix<float> y1(x1.rows(), s.d_out), y2(x2.rows(), s.d_out);
-      layer.forward(y1, x1, h1, isa);
-      layer.forward(y2, x2, h2, isa);
+      const auto [h1, h2] = hash_both(layer, x1, x2, isa);
       mf::Matrix<float> ds1 = mf::Matrix<float>::Zero(x1.rows(), h1.tables);
       mf::Matrix<float> ds2 = mf::Matrix<float>::Zero(x2.rows(), h2.tables);
       layer.backward_hashed(ds1, dy1, h1, isa);
@@ -500,15 +519,11 @@ TEST(LookupIsa, BackwardListsTheRowsItWritesOnceInTheKernelsOrder) {
   std::vector<mf::Isa> paths = simd_paths();
   paths.push_back(mf::Isa::Scalar);
   for (const Shape s : {Shape{64, 64, 8, 300, false}, Shape{40, 37, 10, 600, true}, Shape{12, 19, 4, 70, false}}) {
-    const mf::Matrix<float> x1 = random_matrix(s.n, s.d_in, 31), x2 = random_matrix(s.n + 5, s.d_in, 32);
-    const mf::Matrix<float> dy1 = random_matrix(s.n, s.d_out, 33), dy2 = random_matrix(s.n + 5, s.d_out, 34);
+    const auto [x1, x2, dy1, dy2] = two_calls(s, 5, 31);
     for (mf::Isa isa : paths) {
       const std::string where = std::string(mf::isa_name(isa)) + " " + name(s);
       auto layer = make_layer(s, 95);
-      mf::HashResult<float> h1, h2;
-      mf::Matrix<float> y1(x1.rows(), s.d_out), y2(x2.rows(), s.d_out);
-      layer.forward(y1, x1, h1, isa);
-      layer.forward(y2, x2, h2, isa);
+      const auto [h1, h2] = hash_both(layer, x1, x2, isa);
       const bool sorted = mf::detail::lookup_backward_sorts<float>(isa, h1.rows, h1.tables, s.tau);
       const mf::Index R = mf::Index(1) << s.tau;
       std::vector<std::uint8_t> seen(size_t(h1.tables * R), 0);
