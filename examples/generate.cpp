@@ -59,7 +59,7 @@ const char* usage =
     "  --tokens N         bytes to generate (default 400)\n"
     "  --temperature T    softmax temperature; 0 = always the most likely byte (default 0.8)\n"
     "  --top-k K          sample only among the K most likely bytes, 0 = all (default 0)\n"
-    "  --seed N           sampling seed (default 1)\n"
+    "  --seed N           sampling seed, 0 to 2^64 - 1 (default 1)\n"
     "  --context N        tokens the model sees at once (default: the training seq stored in the checkpoint); when\n"
     "                     the KV cache is full, it restarts from the last N/2 tokens (rotary positions past the\n"
     "                     training length were never trained)\n"
@@ -87,7 +87,7 @@ Args parse(int argc, char** argv) {
     else if (f == "--tokens") a.tokens = count(i);
     else if (f == "--temperature") a.temperature = number(i);
     else if (f == "--top-k") a.top_k = count(i);
-    else if (f == "--seed") a.seed = std::uint64_t(args.integer(i));
+    else if (f == "--seed") a.seed = args.seed(i);
     else if (f == "--context") a.context = count(i);
     else if (f == "--storage") {
       a.storage = value(i);

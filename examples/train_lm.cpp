@@ -95,7 +95,7 @@ const char* usage =
     "  --eval-every N --eval-windows N   validate every N steps on N windows (default 50, 64)\n"
     "  --final-eval-windows N windows of the final validation, 0 = the whole split (default 256)\n"
     "  --val-fraction X       share of the text held out at its end for validation (default 0.1)\n"
-    "  --seed N --data-seed N initialisation and batch-sampling seeds (default 1, 1)\n"
+    "  --seed N --data-seed N initialisation and batch-sampling seeds, 0 to 2^64 - 1 (default 1, 1)\n"
     "  --save FILE [--save-every N]   write checkpoints (model + AdamW state + step) atomically\n"
     "  --resume FILE          continue a run saved with --save (same data options)\n"
     "  --threads N            OpenMP threads (builds with MEMORYFORMER_USE_OPENMP; results do not depend on N)\n"
@@ -149,8 +149,8 @@ Args parse(int argc, char** argv) {
     else if (f == "--eval-windows") a.eval_windows = integer(i);
     else if (f == "--final-eval-windows") a.final_eval_windows = integer(i);
     else if (f == "--val-fraction") a.val_fraction = real(i);
-    else if (f == "--seed") a.seed = std::uint64_t(integer(i));
-    else if (f == "--data-seed") a.data_seed = std::uint64_t(integer(i));
+    else if (f == "--seed") a.seed = args.seed(i);
+    else if (f == "--data-seed") a.data_seed = args.seed(i);
     else if (f == "--save") a.save = value(i);
     else if (f == "--save-every") a.save_every = integer(i);
     else if (f == "--resume") a.resume = value(i);

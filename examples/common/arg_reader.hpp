@@ -5,6 +5,7 @@
 
 #include <charconv>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <exception>
 #include <iostream>
@@ -40,6 +41,20 @@ class ArgReader {
         (!allow_negative && v < 0))
       fail(flag + (allow_negative ? " expects a finite number" : " expects a finite non-negative number") + ", got '" +
            s + "'");
+    return v;
+  }
+
+  /// A seed after flag argv[i]: any unsigned 64-bit integer, written as digits; advances i.
+  std::uint64_t seed(int& i) const {
+    const std::string flag = argv_[i], s = value(i);
+    const char* first = s.data();
+    const char* last = s.data() + s.size();
+    if (!s.empty() && *first == '+') ++first;
+    std::uint64_t v = 0;
+    const auto r = std::from_chars(first, last, v);
+    if (first == last || r.ec != std::errc() || r.ptr != last)
+      fail(flag + " expects an integer in [0, " + std::to_string(std::numeric_limits<std::uint64_t>::max()) +
+           "] written as digits, got '" + s + "'");
     return v;
   }
 
