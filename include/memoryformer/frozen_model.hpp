@@ -107,29 +107,34 @@ class FrozenLanguageModel {
    *        sequence b.
    * @param logits [batch·seq, vocab] output
    * @param tokens batch·seq ids in [0, vocab), batch-major
-   * @throws ConfigError for batch or seq < 1; ShapeError for a tokens count ≠ batch·seq or logits of another shape;
-   *         ValueError for an id outside [0, vocab).
+   * @throws ConfigError for batch or seq < 1, or when memory cannot hold the buffers of batch·seq positions;
+   *         ShapeError for a tokens count ≠ batch·seq or logits of another shape; ValueError for an id outside
+   *         [0, vocab).
    */
   void forward(MatrixRef<float> logits, std::span<const std::int32_t> tokens, Index batch, Index seq) const {
     constexpr const char* where = "FrozenLanguageModel::forward";
     const Index rows = checked_rows(where, tokens, batch, seq);
     detail::check_shape(where, "logits", logits.rows(), logits.cols(), rows, vocab_);
     detail::SerialEigenScope serial;
-    FrozenMemoryFormerBlockScratch scratch;
-    Matrix<float> x(rows, d_), y(rows, d_);  // [batch·seq, d]
-    embed(where, x, tokens);
-    for (const auto& b : blocks_) {
-      b.forward(y, x, batch, seq, scratch);
-      x.swap(y);
-    }
-    RMSNormCache<float> stats;
-    head(logits, x, y, stats);
+    detail::allocating_activations(where, rows, d_, Index(blocks_.size()), sizeof(float), [&] {
+      FrozenMemoryFormerBlockScratch scratch;
+      Matrix<float> x(rows, d_), y(rows, d_);  // [batch·seq, d]
+      embed(where, x, tokens);
+      for (const auto& b : blocks_) {
+        b.forward(y, x, batch, seq, scratch);
+        x.swap(y);
+      }
+      RMSNormCache<float> stats;
+      head(logits, x, y, stats);
+    });
   }
 
   /// Allocating form of forward: the [batch·seq, vocab] logits.
   Matrix<float> forward(std::span<const std::int32_t> tokens, Index batch, Index seq) const {
-    const Index rows = checked_rows("FrozenLanguageModel::forward", tokens, batch, seq);  // before allocating
-    Matrix<float> logits(rows, vocab_);
+    constexpr const char* where = "FrozenLanguageModel::forward";
+    const Index rows = checked_rows(where, tokens, batch, seq);  // before allocating
+    Matrix<float> logits = detail::allocating_activations(where, rows, vocab_, Index(blocks_.size()), sizeof(float),
+                                                          [&] { return Matrix<float>(rows, vocab_); });
     forward(logits, tokens, batch, seq);
     return logits;
   }

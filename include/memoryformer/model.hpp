@@ -282,30 +282,16 @@ class LanguageModel {
    *        position t of sequence b (causal: it sees positions 0 … t of its own sequence only).
    * @param tokens  batch·seq ids in [0, vocab), batch-major
    * @return a reference to cache.logits
-   * @throws ConfigError for batch or seq < 1; ShapeError when tokens.size() ≠ batch·seq; ValueError for an
-   *         id outside [0, vocab).
+   * @throws ConfigError for batch or seq < 1, or when memory cannot hold the buffers of batch·seq positions;
+   *         ShapeError when tokens.size() ≠ batch·seq; ValueError for an id outside [0, vocab).
    */
   const Matrix<Scalar>& forward(std::span<const std::int32_t> tokens, Index batch, Index seq, Cache& cache) const {
     constexpr const char* where = "LanguageModel::forward";
     check_sizes(where, "tokens", tokens.size(), batch, seq);
-    const detail::SerialEigenScope serial(deterministic_threads_);
-    const Index n = batch * seq, d = config_.block.d;
     cache.batch = cache.seq = 0;  // a forward that throws leaves a cache backward refuses
-    cache.tokens.assign(tokens.begin(), tokens.end());
-    cache.targets.clear();
-    cache.x.resize(std::size_t(config_.layers) + 1);
-    cache.blocks.resize(std::size_t(config_.layers));
-    for (auto& m : cache.x) m.resize(n, d);
-    embedding_.forward(cache.x[0], tokens);
-    for (std::size_t i = 0; i < blocks_.size(); ++i)
-      blocks_[i].forward(cache.x[i + 1], cache.x[i], batch, seq, cache.blocks[i]);
-    cache.normed.resize(n, d);
-    final_norm_.forward(cache.normed, cache.x.back(), cache.norm);
-    cache.logits.resize(n, config_.vocab);
-    head_.forward(cache.logits, cache.normed);
-    cache.batch = batch;
-    cache.seq = seq;
-    return cache.logits;
+    return detail::allocating_activations(
+        where, batch * seq, config_.block.d, config_.layers, sizeof(Scalar),
+        [&]() -> const Matrix<Scalar>& { return forward_layers(tokens, batch, seq, cache); });
   }
 
   /**
@@ -329,7 +315,8 @@ class LanguageModel {
    * @brief Backward of forward_loss: accumulates dL/dθ · dloss into every parameter gradient (L the mean loss).
    * @throws StateError unless `cache` was filled by forward_loss; ConfigError for a non-finite dloss and
    *         NonFiniteError for non-finite logit gradients, both before any gradient changes. When a block throws
-   *         later, every gradient is cleared (zero_grad) before the exception propagates.
+   *         later (also ConfigError when memory cannot hold its gradient buffers), every gradient is cleared
+   *         (zero_grad) before the exception propagates.
    */
   void backward(const Cache& cache, Scalar dloss = Scalar(1)) {
     constexpr const char* where = "LanguageModel::backward";
@@ -339,12 +326,14 @@ class LanguageModel {
       throw StateError(std::string(where) + ": the cache was not filled by forward_loss; call forward_loss first");
     detail::check_config(std::isfinite(double(dloss)), where, "dloss = " + std::to_string(double(dloss)) + " is not finite");
     const detail::SerialEigenScope serial(deterministic_threads_);
-    dlogits_.resize(n, config_.vocab);
+    detail::allocating_activations(where, n, config_.block.d, config_.layers, sizeof(Scalar),
+                                   [&] { dlogits_.resize(n, config_.vocab); });
     cross_entropy_backward<Scalar>(dlogits_, cache.logits, cache.targets, cache.loss, dloss);
     // Checked before any gradient is touched, so that a non-finite loss gradient leaves every gradient as it was.
     detail::check_finite(where, "dlogits", dlogits_.data(), dlogits_.rows(), dlogits_.cols());
     try {
-      backward_layers(cache);
+      detail::allocating_activations(where, n, config_.block.d, config_.layers, sizeof(Scalar),
+                                     [&] { backward_layers(cache); });
     } catch (...) {
       // A later layer refused its input after the head and final norm had accumulated theirs: clear every
       // gradient rather than leave a partial (possibly non-finite) sum behind.
@@ -354,6 +343,27 @@ class LanguageModel {
   }
 
  private:
+  /// forward's work once its sizes are checked (forward names a failed allocation).
+  const Matrix<Scalar>& forward_layers(std::span<const std::int32_t> tokens, Index batch, Index seq, Cache& cache) const {
+    const detail::SerialEigenScope serial(deterministic_threads_);
+    const Index n = batch * seq, d = config_.block.d;
+    cache.tokens.assign(tokens.begin(), tokens.end());
+    cache.targets.clear();
+    cache.x.resize(std::size_t(config_.layers) + 1);
+    cache.blocks.resize(std::size_t(config_.layers));
+    for (auto& m : cache.x) m.resize(n, d);
+    embedding_.forward(cache.x[0], tokens);
+    for (std::size_t i = 0; i < blocks_.size(); ++i)
+      blocks_[i].forward(cache.x[i + 1], cache.x[i], batch, seq, cache.blocks[i]);
+    cache.normed.resize(n, d);
+    final_norm_.forward(cache.normed, cache.x.back(), cache.norm);
+    cache.logits.resize(n, config_.vocab);
+    head_.forward(cache.logits, cache.normed);
+    cache.batch = batch;
+    cache.seq = seq;
+    return cache.logits;
+  }
+
   void backward_layers(const Cache& cache) {
     const Index n = cache.batch * cache.seq, d = config_.block.d;
     dx_.resize(n, d);

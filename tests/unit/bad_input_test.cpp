@@ -17,6 +17,7 @@
 
 #include <memoryformer/bucket_table.hpp>
 #include <memoryformer/detail/checked_size.hpp>
+#include <memoryformer/frozen_model.hpp>
 #include <memoryformer/io/checkpoint.hpp>
 #include <memoryformer/io/model_checkpoint.hpp>
 #include <memoryformer/io/text_tensor.hpp>
@@ -29,6 +30,24 @@
 
 #include "../support/checkpoint_bytes.hpp"
 #include "../support/tiny_model.hpp"
+
+#if defined(__linux__)
+#include <sys/resource.h>
+#include <unistd.h>
+#endif
+#if defined(MEMORYFORMER_USE_OPENMP)
+#include <omp.h>
+#endif
+
+// The sanitizers reserve terabytes of shadow address space, so a process under one cannot be given a small
+// address-space limit.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define MEMORYFORMER_TEST_UNDER_SANITIZER 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
+#define MEMORYFORMER_TEST_UNDER_SANITIZER 1
+#endif
+#endif
 
 namespace memoryformer {
 namespace {
@@ -431,6 +450,59 @@ TEST(BadInput, OptimizerStateWithNonFiniteMomentsIsRefused) {
               std::string::npos)
         << text;
   }
+}
+
+#if defined(__linux__) && !defined(MEMORYFORMER_TEST_UNDER_SANITIZER)
+/// In a process whose address space is capped 96 MB above what it maps now: the training and the frozen model's
+/// forward over 2^23 positions (tensors of 256 MB at d = 8) must throw ConfigError naming the positions, not
+/// std::bad_alloc. Returns 0 when both do, else a code saying what happened.
+int forward_past_an_address_space_limit() {
+#if defined(MEMORYFORMER_USE_OPENMP)
+  omp_set_num_threads(1);  // no thread stacks to map under the limit
+#endif
+  const mf::MemoryFormerLM<float> model(tiny_lm(), 1);
+  const mf::FrozenLanguageModel frozen = mf::freeze(model, mf::StorageType::F32);
+  const Index seq = Index(1) << 23;
+  const std::vector<std::int32_t> tokens(static_cast<size_t>(seq), 0);
+  mf::MemoryFormerLM<float>::Cache cache;
+  long pages = 0;
+  std::ifstream("/proc/self/statm") >> pages;
+  if (pages <= 0) return 10;
+  const rlim_t cap = rlim_t(pages) * rlim_t(sysconf(_SC_PAGESIZE)) + (rlim_t(96) << 20);
+  const rlimit limit{cap, cap};
+  if (setrlimit(RLIMIT_AS, &limit) != 0) return 11;
+  const auto named = [](const mf::ConfigError& e) {
+    const std::string text = e.what();
+    return text.find("cannot be allocated") != std::string::npos && text.find("8388608 positions") != std::string::npos;
+  };
+  try {
+    model.forward(tokens, 1, seq, cache);
+    return 1;  // nothing failed: the cap did not bite
+  } catch (const mf::ConfigError& e) {
+    if (!named(e)) return 2;
+  } catch (const std::bad_alloc&) {
+    return 3;
+  }
+  try {
+    (void)frozen.forward(tokens, 1, seq);
+    return 4;
+  } catch (const mf::ConfigError& e) {
+    if (!named(e)) return 5;
+  } catch (const std::bad_alloc&) {
+    return 6;
+  }
+  return 0;
+}
+#endif
+
+TEST(BadInput, ModelWhoseActivationsCannotBeAllocated) {
+#if defined(__linux__) && !defined(MEMORYFORMER_TEST_UNDER_SANITIZER)
+  // In a child process (re-executed, so no threads of this one are copied), where the limit cannot harm other tests.
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(std::exit(forward_past_an_address_space_limit()), ::testing::ExitedWithCode(0), "");
+#else
+  GTEST_SKIP() << "needs Linux and a process without a sanitizer's shadow memory (an address-space limit)";
+#endif
 }
 
 TEST(BadInput, SaveRemovesStaleTemporariesOfTheSameTarget) {
