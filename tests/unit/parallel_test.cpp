@@ -7,6 +7,8 @@
 // thread while any thread is inside the library.
 #include <algorithm>
 #include <atomic>
+#include <new>
+#include <stdexcept>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -123,6 +125,39 @@ TEST(ParallelRows, RangesCoverEveryRowOnceWithTheMinimumPerThread) {
       });
       for (mf::Index r = 0; r < rows; ++r)
         EXPECT_EQ(hits[static_cast<size_t>(r)].load(), 1) << "row " << r << " of " << rows;
+    }
+  }
+}
+
+// A thread that throws inside a region (a failed scratch allocation, say) must not terminate the program: the
+// exception reaches the caller once the other threads are done, for every split and thread count.
+TEST(ParallelRegions, AnExceptionOnAnyThreadReachesTheCaller) {
+  ThreadSetting setting;
+  for (int threads : thread_settings()) {
+    setting.set(threads);
+    for (int thrower = 0; thrower < threads; ++thrower) {
+      std::atomic<int> finished{0};
+      EXPECT_THROW(detail::parallel_threads(threads,
+                                            [&](mf::Index t, mf::Index) {
+                                              if (t == thrower) throw std::bad_alloc();
+                                              ++finished;
+                                            }),
+                   std::bad_alloc)
+          << threads << " threads, thrower " << thrower;
+      EXPECT_EQ(finished.load(), threads - 1) << "the other threads run to their end";
+      EXPECT_THROW(detail::parallel_rows(300, 1,
+                                         [&](mf::Index begin, mf::Index end) {
+                                           if (begin <= 150 && 150 < end) throw std::runtime_error("row 150");
+                                         }),
+                   std::runtime_error)
+          << threads << " threads";
+      EXPECT_THROW(detail::parallel_claims(40,
+                                           [&](detail::WorkQueue& queue) {
+                                             for (mf::Index i = queue.claim(); i >= 0; i = queue.claim())
+                                               if (i == 17) throw std::bad_alloc();
+                                           }),
+                   std::bad_alloc)
+          << threads << " threads";
     }
   }
 }

@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
+#include <exception>
 #include <memory>
+#include <mutex>
 
 #include "../types.hpp"
 
@@ -26,6 +28,29 @@ inline Index available_threads() {
   return 1;
 }
 
+/// Catches what a thread of a parallel region throws, to be rethrown on the calling thread once the region ends: an
+/// exception that left an OpenMP region would terminate the program (a std::bad_alloc of a kernel's scratch, say).
+/// When several threads throw, one of their exceptions is rethrown.
+class RegionExceptions {
+ public:
+  template <class F>
+  void run(F&& f) noexcept {
+    try {
+      f();
+    } catch (...) {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (!first_) first_ = std::current_exception();
+    }
+  }
+  void rethrow() const {
+    if (first_) std::rethrow_exception(first_);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::exception_ptr first_;
+};
+
 /// Runs f(begin, end) over contiguous ranges of [0, rows), one per thread, with at least `min_rows_per_thread`
 /// rows per thread (1 without OpenMP or inside a parallel region).
 template <class F>
@@ -33,12 +58,14 @@ void parallel_rows(Index rows, Index min_rows_per_thread, F&& f) {
 #if defined(MEMORYFORMER_USE_OPENMP)
   const Index threads = std::min(available_threads(), std::max<Index>(1, rows / min_rows_per_thread));
   if (threads > 1) {
+    RegionExceptions exceptions;
 #pragma omp parallel num_threads(int(threads))
     {
       const Index t = omp_get_thread_num(), nt = omp_get_num_threads();
       const Index begin = rows * t / nt, end = rows * (t + 1) / nt;
-      if (begin < end) f(begin, end);
+      if (begin < end) exceptions.run([&] { f(begin, end); });
     }
+    exceptions.rethrow();
     return;
   }
 #else
@@ -54,8 +81,10 @@ void parallel_threads(Index max_threads, Work&& work) {
 #if defined(MEMORYFORMER_USE_OPENMP)
   const Index threads = std::min(available_threads(), max_threads);
   if (threads > 1) {
+    RegionExceptions exceptions;
 #pragma omp parallel num_threads(int(threads))
-    work(Index(omp_get_thread_num()), Index(omp_get_num_threads()));
+    exceptions.run([&] { work(Index(omp_get_thread_num()), Index(omp_get_num_threads())); });
+    exceptions.rethrow();
     return;
   }
 #else
