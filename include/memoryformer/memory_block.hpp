@@ -99,7 +99,7 @@ class MemoryBlock {
   /**
    * @param y [N, d] output
    * @param x [N, d] input
-   * @throws ShapeError, NonFiniteError
+   * @throws ShapeError, NonFiniteError; ConfigError when memory cannot hold the buffers of x's rows
    */
   void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Cache& cache) const {
     if (x.cols() != config_.d)
@@ -110,7 +110,8 @@ class MemoryBlock {
     cache.hash1.invalidate();
     cache.hash2.invalidate();
     try {
-      forward_layers(y, x, cache, n, h);
+      detail::allocating_activations("MemoryBlock::forward", n, h, 1, sizeof(Scalar),
+                                     [&] { forward_layers(y, x, cache, n, h); });
     } catch (...) {
       cache.hash1.invalidate();
       cache.hash2.invalidate();
@@ -139,18 +140,21 @@ class MemoryBlock {
    * @param dx [N, d] overwritten
    * @param x  [N, d] the input given to forward
    * @param dy [N, d]
-   * @throws StateError (backward before forward), ShapeError, NonFiniteError
+   * @throws StateError (backward before forward), ShapeError, NonFiniteError; ConfigError when memory cannot hold
+   *         the buffers of x's rows
    */
   void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> dy, const Cache& cache) {
     if (cache.hash1.empty() || cache.hash2.empty()) throw StateError("MemoryBlock::backward: the cache is empty; call forward first");
     const Index n = x.rows(), h = config_.hidden();
     detail::check_shape("MemoryBlock::backward", "x", x.rows(), x.cols(), cache.hidden.rows(), config_.d);
-    dh_.resize(n, h);
-    const Matrix<Scalar>& ml2_input = config_.gelu ? cache.activated : cache.normed;
-    ml2_.backward(dh_, ml2_input, dy, cache.hash2);
-    if (config_.gelu) gelu_backward(dh_, cache.normed, dh_);
-    norm_.backward(dh_, cache.hidden, dh_, cache.norm);
-    ml1_.backward(dx, x, dh_, cache.hash1);
+    detail::allocating_activations("MemoryBlock::backward", n, h, 1, sizeof(Scalar), [&] {
+      dh_.resize(n, h);
+      const Matrix<Scalar>& ml2_input = config_.gelu ? cache.activated : cache.normed;
+      ml2_.backward(dh_, ml2_input, dy, cache.hash2);
+      if (config_.gelu) gelu_backward(dh_, cache.normed, dh_);
+      norm_.backward(dh_, cache.hidden, dh_, cache.norm);
+      ml1_.backward(dx, x, dh_, cache.hash1);
+    });
   }
 
   /// Reports to ML1 and ML2 that any table row may have changed (MemoryLayer::tables_changed: they keep packed copies

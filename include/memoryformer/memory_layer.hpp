@@ -170,13 +170,15 @@ class MemoryLayer {
    * @param y     [N, d_out] output (must already have that shape)
    * @param x     [N, d_in] input
    * @param cache receives the codes and scores of x, for backward (and for other layers sharing this hash)
-   * @throws ShapeError, NonFiniteError
+   * @throws ShapeError, NonFiniteError; ConfigError when memory cannot hold the buffers of x's rows
    */
   void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, HashResult<Scalar>& cache, Isa isa = best_isa()) const {
     check_input("MemoryLayer::forward", x);
     check_output("MemoryLayer::forward", y, x.rows());
-    hasher_.hash(cache, x, isa);
-    forward_hashed(y, cache, isa);
+    detail::allocating_activations("MemoryLayer::forward", x.rows(), config_.d_out, 1, sizeof(Scalar), [&] {
+      hasher_.hash(cache, x, isa);
+      forward_hashed(y, cache, isa);
+    });
   }
 
   /// Allocating convenience form of forward.
@@ -287,14 +289,17 @@ class MemoryLayer {
    * @param x     [N, d_in] the input given to forward
    * @param dy    [N, d_out] gradient of the loss with respect to y
    * @param cache the HashResult forward filled
-   * @throws StateError if cache is empty (backward before forward); ShapeError; NonFiniteError for NaN/Inf in dy
+   * @throws StateError if cache is empty (backward before forward); ShapeError; NonFiniteError for NaN/Inf in dy;
+   *         ConfigError when memory cannot hold the buffers of its rows
    */
   void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> dy,
                 const HashResult<Scalar>& cache, Isa isa = best_isa()) {
     hasher_.check_hash_matches("MemoryLayer::backward", x, cache);
-    dscores_.setZero(cache.rows, cache.tables);
-    backward_hashed(dscores_, dy, cache, isa);
-    hasher_.backward(dx, x, cache, dscores_, isa);
+    detail::allocating_activations("MemoryLayer::backward", cache.rows, config_.d_out, 1, sizeof(Scalar), [&] {
+      dscores_.setZero(cache.rows, cache.tables);
+      backward_hashed(dscores_, dy, cache, isa);
+      hasher_.backward(dx, x, cache, dscores_, isa);
+    });
   }
 
   /**

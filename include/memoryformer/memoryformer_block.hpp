@@ -148,41 +148,44 @@ class MemoryFormerBlock {
   /**
    * @param y [batch·seq, d] output
    * @param x [batch·seq, d] input
-   * @throws ShapeError, NonFiniteError, ConfigError (batch or seq < 1)
+   * @throws ShapeError, NonFiniteError, ConfigError (batch or seq < 1, or memory cannot hold the buffers of x's rows)
    */
   void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Index batch, Index seq, Cache& c) const {
     check_rows("MemoryFormerBlock::forward", x, batch, seq);
     detail::check_shape("MemoryFormerBlock::forward", "y", y.rows(), y.cols(), x.rows(), config_.d);
     const Index n = x.rows(), d = config_.d;
     c.batch = c.seq = 0;  // invalid until the end: a forward that throws leaves a cache backward refuses
-    for (Matrix<Scalar>* m : {&c.a, &c.q, &c.k, &c.v, &c.ctx, &c.h, &c.b}) m->resize(n, d);
-    norm1_.forward(c.a, x, c.norm1);
-    hasher_.hash(c.hash, c.a);
-    // Each rotation right after its product, while the product's rows are still in the core's cache.
-    q_.forward_hashed(c.q, c.hash);
-    rotary_.forward(c.q, c.q, batch, seq, 0);
-    k_.forward_hashed(c.k, c.hash);
-    rotary_.forward(c.k, c.k, batch, seq, 0);
-    v_.forward_hashed(c.v, c.hash);
-    attention_forward<Scalar>(c.ctx, c.q, c.k, c.v, batch, seq, config_.heads, c.attention);
-    if (output_) {
-      output_->forward(c.h, c.ctx);
-      detail::parallel_add<Scalar>(c.h, x);
-    } else {
-      detail::parallel_sum<Scalar>(c.h, x, c.ctx);
-    }
-    norm2_.forward(c.b, c.h, c.norm2);
-    memory_.forward(y, c.b, c.memory);
-    detail::parallel_add<Scalar>(y, c.h);
-    c.batch = batch;
-    c.seq = seq;
+    detail::allocating_activations("MemoryFormerBlock::forward", n, d, 1, sizeof(Scalar), [&] {
+      for (Matrix<Scalar>* m : {&c.a, &c.q, &c.k, &c.v, &c.ctx, &c.h, &c.b}) m->resize(n, d);
+      norm1_.forward(c.a, x, c.norm1);
+      hasher_.hash(c.hash, c.a);
+      // Each rotation right after its product, while the product's rows are still in the core's cache.
+      q_.forward_hashed(c.q, c.hash);
+      rotary_.forward(c.q, c.q, batch, seq, 0);
+      k_.forward_hashed(c.k, c.hash);
+      rotary_.forward(c.k, c.k, batch, seq, 0);
+      v_.forward_hashed(c.v, c.hash);
+      attention_forward<Scalar>(c.ctx, c.q, c.k, c.v, batch, seq, config_.heads, c.attention);
+      if (output_) {
+        output_->forward(c.h, c.ctx);
+        detail::parallel_add<Scalar>(c.h, x);
+      } else {
+        detail::parallel_sum<Scalar>(c.h, x, c.ctx);
+      }
+      norm2_.forward(c.b, c.h, c.norm2);
+      memory_.forward(y, c.b, c.memory);
+      detail::parallel_add<Scalar>(y, c.h);
+      c.batch = batch;
+      c.seq = seq;
+    });
   }
 
   /**
    * @param dx [batch·seq, d] overwritten
    * @param x  [batch·seq, d] the input given to forward
    * @param dy [batch·seq, d]
-   * @throws StateError (backward before forward), ShapeError, NonFiniteError
+   * @throws StateError (backward before forward), ShapeError, NonFiniteError; ConfigError when memory cannot hold
+   *         the buffers of x's rows
    */
   void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> dy, const Cache& c) {
     constexpr const char* where = "MemoryFormerBlock::backward";
@@ -191,28 +194,30 @@ class MemoryFormerBlock {
     detail::check_shape(where, "dy", dy.rows(), dy.cols(), x.rows(), config_.d);
     detail::check_shape(where, "dx", dx.rows(), dx.cols(), x.rows(), config_.d);
     const Index n = x.rows(), d = config_.d;
-    for (Matrix<Scalar>* m : {&dh_, &tmp_, &dq_, &dk_, &dv_, &da_}) m->resize(n, d);
-    // y = h + MB(norm2(h))
-    memory_.backward(tmp_, c.b, dy, c.memory);
-    norm2_.backward(dh_, c.h, tmp_, c.norm2);
-    detail::parallel_add<Scalar>(dh_, dy);
-    // h = x + [W_O] ctx: without W_O, dctx is dh itself (no copy).
-    if (output_) output_->backward(tmp_, c.ctx, dh_);
-    const Matrix<Scalar>& dctx = output_ ? tmp_ : dh_;
-    attention_backward<Scalar>(dq_, dk_, dv_, c.q, c.k, c.v, dctx, c.attention);
-    // One hash feeds Q, K and V: its pairs are sorted by table row once for the three (design §1.6), and their score
-    // gradients add up before one pass through the hasher. Each rotation runs right before the lookup that reads its
-    // result, which then finds it in the core's cache.
-    dscores_.setZero(c.hash.rows, c.hash.tables);
-    qkv_sort_.current = false;
-    rotary_.backward(dq_, dq_, c.batch, c.seq, 0);
-    q_.backward_lookup(dscores_, dq_, c.hash, best_isa(), &qkv_sort_);
-    rotary_.backward(dk_, dk_, c.batch, c.seq, 0);
-    k_.backward_lookup(dscores_, dk_, c.hash, best_isa(), &qkv_sort_);
-    v_.backward_lookup(dscores_, dv_, c.hash, best_isa(), &qkv_sort_);
-    hasher_.backward(da_, c.a, c.hash, dscores_);
-    norm1_.backward(dx, x, da_, c.norm1);
-    detail::parallel_add<Scalar>(dx, dh_);
+    detail::allocating_activations(where, n, d, 1, sizeof(Scalar), [&] {
+      for (Matrix<Scalar>* m : {&dh_, &tmp_, &dq_, &dk_, &dv_, &da_}) m->resize(n, d);
+      // y = h + MB(norm2(h))
+      memory_.backward(tmp_, c.b, dy, c.memory);
+      norm2_.backward(dh_, c.h, tmp_, c.norm2);
+      detail::parallel_add<Scalar>(dh_, dy);
+      // h = x + [W_O] ctx: without W_O, dctx is dh itself (no copy).
+      if (output_) output_->backward(tmp_, c.ctx, dh_);
+      const Matrix<Scalar>& dctx = output_ ? tmp_ : dh_;
+      attention_backward<Scalar>(dq_, dk_, dv_, c.q, c.k, c.v, dctx, c.attention);
+      // One hash feeds Q, K and V: its pairs are sorted by table row once for the three (design §1.6), and their score
+      // gradients add up before one pass through the hasher. Each rotation runs right before the lookup that reads its
+      // result, which then finds it in the core's cache.
+      dscores_.setZero(c.hash.rows, c.hash.tables);
+      qkv_sort_.current = false;
+      rotary_.backward(dq_, dq_, c.batch, c.seq, 0);
+      q_.backward_lookup(dscores_, dq_, c.hash, best_isa(), &qkv_sort_);
+      rotary_.backward(dk_, dk_, c.batch, c.seq, 0);
+      k_.backward_lookup(dscores_, dk_, c.hash, best_isa(), &qkv_sort_);
+      v_.backward_lookup(dscores_, dv_, c.hash, best_isa(), &qkv_sort_);
+      hasher_.backward(da_, c.a, c.hash, dscores_);
+      norm1_.backward(dx, x, da_, c.norm1);
+      detail::parallel_add<Scalar>(dx, dh_);
+    });
   }
 
   /// A KV cache sized for this block, stored as `storage` (BF16 for Scalar = float only, see KVCache).

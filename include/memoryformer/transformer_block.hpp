@@ -170,7 +170,8 @@ class TransformerBlock {
    * @param batch  sequences, ≥ 1
    * @param seq    tokens per sequence, ≥ 1 (rotary positions 0 … seq−1)
    * @param cache  receives what backward needs; its buffers are reused
-   * @throws ConfigError for batch or seq < 1; ShapeError when x or y is not (batch·seq, d).
+   * @throws ConfigError for batch or seq < 1 or when memory cannot hold the buffers of x's rows; ShapeError when x or
+   *         y is not (batch·seq, d).
    */
   void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Index batch, Index seq, Cache& cache) const {
     constexpr const char* where = "TransformerBlock::forward";
@@ -178,35 +179,37 @@ class TransformerBlock {
     const Index n = batch * seq, d = config_.d, f = config_.hidden();
     // Invalidate first: if a step below throws, backward refuses the half-written cache.
     cache.batch = cache.seq = 0;
-    cache.a.resize(n, d);
-    cache.q.resize(n, d);
-    cache.k.resize(n, d);
-    cache.v.resize(n, d);
-    cache.ctx.resize(n, d);
-    cache.h.resize(n, d);
-    cache.m.resize(n, d);
-    cache.up.resize(n, f);
-    cache.act.resize(n, f);
+    detail::allocating_activations(where, n, d, 1, sizeof(Scalar), [&] {
+      cache.a.resize(n, d);
+      cache.q.resize(n, d);
+      cache.k.resize(n, d);
+      cache.v.resize(n, d);
+      cache.ctx.resize(n, d);
+      cache.h.resize(n, d);
+      cache.m.resize(n, d);
+      cache.up.resize(n, f);
+      cache.act.resize(n, f);
 
-    ln1_.forward(cache.a, x, cache.ln1);
-    // Each rotation right after its product, while the product's rows are still in the core's cache.
-    q_.forward(cache.q, cache.a);
-    rotary_.forward(cache.q, cache.q, batch, seq, 0);
-    k_.forward(cache.k, cache.a);
-    rotary_.forward(cache.k, cache.k, batch, seq, 0);
-    v_.forward(cache.v, cache.a);
-    attention_forward<Scalar>(cache.ctx, cache.q, cache.k, cache.v, batch, seq, config_.heads, cache.attn);
-    o_.forward(cache.h, cache.ctx);
-    // Every read of x happens before y is written, so y may be x.
-    if (config_.parallel_residual) ln2_.forward(cache.m, x, cache.ln2);
-    detail::parallel_add<Scalar>(cache.h, x);
-    if (!config_.parallel_residual) ln2_.forward(cache.m, cache.h, cache.ln2);
-    up_.forward(cache.up, cache.m);
-    gelu_forward(cache.act, cache.up);
-    down_.forward(y, cache.act);
-    detail::parallel_add<Scalar>(y, cache.h);
-    cache.batch = batch;
-    cache.seq = seq;
+      ln1_.forward(cache.a, x, cache.ln1);
+      // Each rotation right after its product, while the product's rows are still in the core's cache.
+      q_.forward(cache.q, cache.a);
+      rotary_.forward(cache.q, cache.q, batch, seq, 0);
+      k_.forward(cache.k, cache.a);
+      rotary_.forward(cache.k, cache.k, batch, seq, 0);
+      v_.forward(cache.v, cache.a);
+      attention_forward<Scalar>(cache.ctx, cache.q, cache.k, cache.v, batch, seq, config_.heads, cache.attn);
+      o_.forward(cache.h, cache.ctx);
+      // Every read of x happens before y is written, so y may be x.
+      if (config_.parallel_residual) ln2_.forward(cache.m, x, cache.ln2);
+      detail::parallel_add<Scalar>(cache.h, x);
+      if (!config_.parallel_residual) ln2_.forward(cache.m, cache.h, cache.ln2);
+      up_.forward(cache.up, cache.m);
+      gelu_forward(cache.act, cache.up);
+      down_.forward(y, cache.act);
+      detail::parallel_add<Scalar>(y, cache.h);
+      cache.batch = batch;
+      cache.seq = seq;
+    });
   }
 
   /**
@@ -215,7 +218,8 @@ class TransformerBlock {
    * @param x      [batch·seq, d] the input given to forward
    * @param dy     [batch·seq, d] gradient of the output
    * @param cache  filled by forward on this x
-   * @throws StateError when forward has not filled the cache; ShapeError on a shape mismatch.
+   * @throws StateError when forward has not filled the cache; ShapeError on a shape mismatch; ConfigError when memory
+   *         cannot hold the buffers of x's rows.
    */
   void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> dy, const Cache& cache) {
     constexpr const char* where = "TransformerBlock::backward";
@@ -226,48 +230,50 @@ class TransformerBlock {
     detail::check_shape(where, "x", x.rows(), x.cols(), n, d, expected);
     detail::check_shape(where, "dy", dy.rows(), dy.cols(), n, d, expected);
     detail::check_shape(where, "dx", dx.rows(), dx.cols(), n, d, expected);
-    df_.resize(n, f);
-    dm_.resize(n, d);
-    dh_.resize(n, d);
-    dq_.resize(n, d);
-    dk_.resize(n, d);
-    dv_.resize(n, d);
-    da_.resize(n, d);
+    detail::allocating_activations(where, n, d, 1, sizeof(Scalar), [&] {
+      df_.resize(n, f);
+      dm_.resize(n, d);
+      dh_.resize(n, d);
+      dq_.resize(n, d);
+      dk_.resize(n, d);
+      dv_.resize(n, d);
+      da_.resize(n, d);
 
-    // FFN branch, from dy down to the gradient of LN2's input.
-    down_.backward(df_, cache.act, dy);
-    gelu_backward(df_, cache.up, df_);
-    up_.backward(dm_, cache.m, df_);
-    // dres is the gradient of the residual stream after attention: dy itself in the parallel form (no copy), dy plus
-    // the FFN branch (in dh_) in the sequential form.
-    if (config_.parallel_residual) {
-      ln2_.backward(dm_, x, dm_, cache.ln2);  // dm_ now holds the FFN branch's dx contribution
-    } else {
-      ln2_.backward(dm_, cache.h, dm_, cache.ln2);
-      detail::parallel_sum<Scalar>(dh_, dy, dm_);
-    }
-    const ConstMatrixRef<Scalar> dres = config_.parallel_residual ? dy : ConstMatrixRef<Scalar>(dh_);
+      // FFN branch, from dy down to the gradient of LN2's input.
+      down_.backward(df_, cache.act, dy);
+      gelu_backward(df_, cache.up, df_);
+      up_.backward(dm_, cache.m, df_);
+      // dres is the gradient of the residual stream after attention: dy itself in the parallel form (no copy), dy plus
+      // the FFN branch (in dh_) in the sequential form.
+      if (config_.parallel_residual) {
+        ln2_.backward(dm_, x, dm_, cache.ln2);  // dm_ now holds the FFN branch's dx contribution
+      } else {
+        ln2_.backward(dm_, cache.h, dm_, cache.ln2);
+        detail::parallel_sum<Scalar>(dh_, dy, dm_);
+      }
+      const ConstMatrixRef<Scalar> dres = config_.parallel_residual ? dy : ConstMatrixRef<Scalar>(dh_);
 
-    // Attention branch, from dres down to dL/da.
-    o_.backward(da_, cache.ctx, dres);  // da_ temporarily holds dctx
-    attention_backward<Scalar>(dq_, dk_, dv_, cache.q, cache.k, cache.v, da_, cache.attn);
-    // Linear::backward overwrites its dx, so the three input gradients are summed through scratch buffers. Each
-    // rotation runs right before the product that reads its result.
-    rotary_.backward(dq_, dq_, cache.batch, cache.seq, 0);
-    q_.backward(da_, cache.a, dq_);
-    rotary_.backward(dk_, dk_, cache.batch, cache.seq, 0);
-    k_.backward(dq_, cache.a, dk_);
-    detail::parallel_add<Scalar>(da_, dq_);
-    v_.backward(dq_, cache.a, dv_);
-    detail::parallel_add<Scalar>(da_, dq_);
-    ln1_.backward(da_, x, da_, cache.ln1);
+      // Attention branch, from dres down to dL/da.
+      o_.backward(da_, cache.ctx, dres);  // da_ temporarily holds dctx
+      attention_backward<Scalar>(dq_, dk_, dv_, cache.q, cache.k, cache.v, da_, cache.attn);
+      // Linear::backward overwrites its dx, so the three input gradients are summed through scratch buffers. Each
+      // rotation runs right before the product that reads its result.
+      rotary_.backward(dq_, dq_, cache.batch, cache.seq, 0);
+      q_.backward(da_, cache.a, dq_);
+      rotary_.backward(dk_, dk_, cache.batch, cache.seq, 0);
+      k_.backward(dq_, cache.a, dk_);
+      detail::parallel_add<Scalar>(da_, dq_);
+      v_.backward(dq_, cache.a, dv_);
+      detail::parallel_add<Scalar>(da_, dq_);
+      ln1_.backward(da_, x, da_, cache.ln1);
 
-    // dx last: it may share storage with x, which LN1's backward still reads, or with dy (= dres in the parallel
-    // form), which the element-wise sum reads at the index it writes.
-    if (config_.parallel_residual)
-      detail::parallel_sum<Scalar>(dx, dres, da_, dm_);
-    else
-      detail::parallel_sum<Scalar>(dx, dh_, da_);
+      // dx last: it may share storage with x, which LN1's backward still reads, or with dy (= dres in the parallel
+      // form), which the element-wise sum reads at the index it writes.
+      if (config_.parallel_residual)
+        detail::parallel_sum<Scalar>(dx, dres, da_, dm_);
+      else
+        detail::parallel_sum<Scalar>(dx, dh_, da_);
+    });
   }
 
   /**

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <span>
 #include <string>
 #include <typeinfo>
 #include <vector>
@@ -27,6 +28,8 @@
 #include <memoryformer/nn/kv_cache.hpp>
 #include <memoryformer/nn/linear.hpp>
 #include <memoryformer/optim/adamw.hpp>
+#include <memoryformer/memoryformer_block.hpp>
+#include <memoryformer/transformer_block.hpp>
 
 #include "../support/checkpoint_bytes.hpp"
 #include "../support/tiny_model.hpp"
@@ -453,53 +456,85 @@ TEST(BadInput, OptimizerStateWithNonFiniteMomentsIsRefused) {
 }
 
 #if defined(__linux__) && !defined(MEMORYFORMER_TEST_UNDER_SANITIZER)
-/// In a process whose address space is capped 96 MB above what it maps now: the training and the frozen model's
-/// forward over 2^23 positions (tensors of 256 MB at d = 8) must throw ConfigError naming the positions, not
-/// std::bad_alloc. Returns 0 when both do, else a code saying what happened.
-int forward_past_an_address_space_limit() {
+/// In a process whose address space is capped 8 MB above what it maps once the inputs and caches are made: forward
+/// calls over 2^21 positions (tensors of 64 MB at d = 8) and backward calls over 2^19 (16 MB, from caches made before
+/// the cap) of the models, blocks and the Memory Layer must throw ConfigError naming the positions, not
+/// std::bad_alloc. Returns 0 when all do, else 100 + the case that did not (10 + it for a bare std::bad_alloc).
+int calls_past_an_address_space_limit() {
 #if defined(MEMORYFORMER_USE_OPENMP)
   omp_set_num_threads(1);  // no thread stacks to map under the limit
 #endif
-  const mf::MemoryFormerLM<float> model(tiny_lm(), 1);
+  constexpr Index d = 8, big = Index(1) << 21, mid = Index(1) << 19, seq = 64;
+  const mf::MemoryFormerLM<float>::Config lm = tiny_lm();
+  mf::MemoryFormerLM<float> model(lm, 1);
   const mf::FrozenLanguageModel frozen = mf::freeze(model, mf::StorageType::F32);
-  const Index seq = Index(1) << 23;
-  const std::vector<std::int32_t> tokens(static_cast<size_t>(seq), 0);
-  mf::MemoryFormerLM<float>::Cache cache;
+  mf::MemoryFormerBlock<float> mf_block(lm.block, 2);
+  mf::TransformerBlock<float> dense_block(mf::TransformerBlockConfig{.d = d, .heads = 2}, 3);
+  mf::MemoryBlock<float> memory_block(mf::MemoryBlockConfig{.d = d, .tau = 4, .expand_bits = 1}, 4);
+  mf::MemoryLayer<float> layer(mf::MemoryLayerConfig{.d_in = d, .d_out = d, .tau = 4}, 5);
+  const std::vector<std::int32_t> tokens(static_cast<size_t>(big), 0);
+  const std::span<const std::int32_t> tokens_mid(tokens.data(), static_cast<size_t>(mid));
+  const mf::Matrix<float> x = mf::Matrix<float>::Constant(big, d, 0.5f), dy = mf::Matrix<float>::Ones(mid, d);
+  mf::Matrix<float> y(big, d), dx(mid, d);
+  const auto x_mid = x.topRows(mid);
+  // Caches over 2^19 positions (2^13 sequences of 64) for the backward calls.
+  mf::MemoryFormerLM<float>::Cache lm_cache;
+  model.forward_loss(tokens_mid, tokens_mid, mid / seq, seq, lm_cache);
+  mf::MemoryFormerBlock<float>::Cache mf_cache;
+  mf_block.forward(y.topRows(mid), x_mid, mid / seq, seq, mf_cache);
+  mf::TransformerBlock<float>::Cache dense_cache;
+  dense_block.forward(y.topRows(mid), x_mid, mid / seq, seq, dense_cache);
+  mf::MemoryBlock<float>::Cache memory_cache;
+  memory_block.forward(y.topRows(mid), x_mid, memory_cache);
+  mf::HashResult<float> hash;
+  layer.forward(y.topRows(mid), x_mid, hash);
+
   long pages = 0;
   std::ifstream("/proc/self/statm") >> pages;
-  if (pages <= 0) return 10;
-  const rlim_t cap = rlim_t(pages) * rlim_t(sysconf(_SC_PAGESIZE)) + (rlim_t(96) << 20);
+  if (pages <= 0) return 1;
+  const rlim_t cap = rlim_t(pages) * rlim_t(sysconf(_SC_PAGESIZE)) + (rlim_t(8) << 20);
   const rlimit limit{cap, cap};
-  if (setrlimit(RLIMIT_AS, &limit) != 0) return 11;
-  const auto named = [](const mf::ConfigError& e) {
-    const std::string text = e.what();
-    return text.find("cannot be allocated") != std::string::npos && text.find("8388608 positions") != std::string::npos;
+  if (setrlimit(RLIMIT_AS, &limit) != 0) return 2;
+
+  mf::MemoryFormerLM<float>::Cache big_lm_cache;
+  mf::MemoryFormerBlock<float>::Cache big_mf_cache;
+  mf::TransformerBlock<float>::Cache big_dense_cache;
+  mf::MemoryBlock<float>::Cache big_memory_cache;
+  mf::HashResult<float> big_hash;
+  const std::vector<std::function<void()>> calls = {
+      [&] { model.forward(tokens, big / seq, seq, big_lm_cache); },
+      [&] { (void)frozen.forward(tokens, big / seq, seq); },
+      [&] { mf_block.forward(y, x, big / seq, seq, big_mf_cache); },
+      [&] { dense_block.forward(y, x, big / seq, seq, big_dense_cache); },
+      [&] { memory_block.forward(y, x, big_memory_cache); },
+      [&] { layer.forward(y, x, big_hash); },
+      [&] { model.backward(lm_cache); },
+      [&] { mf_block.backward(dx, x_mid, dy, mf_cache); },
+      [&] { dense_block.backward(dx, x_mid, dy, dense_cache); },
+      [&] { memory_block.backward(dx, x_mid, dy, memory_cache); },
+      [&] { layer.backward(dx, x_mid, dy, hash); },
   };
-  try {
-    model.forward(tokens, 1, seq, cache);
-    return 1;  // nothing failed: the cap did not bite
-  } catch (const mf::ConfigError& e) {
-    if (!named(e)) return 2;
-  } catch (const std::bad_alloc&) {
-    return 3;
-  }
-  try {
-    (void)frozen.forward(tokens, 1, seq);
-    return 4;
-  } catch (const mf::ConfigError& e) {
-    if (!named(e)) return 5;
-  } catch (const std::bad_alloc&) {
-    return 6;
+  for (size_t i = 0; i < calls.size(); ++i) {
+    try {
+      calls[i]();
+      return 100 + int(i);  // nothing failed: the cap did not bite
+    } catch (const mf::ConfigError& e) {
+      const std::string text = e.what();
+      if (text.find("cannot be allocated") == std::string::npos || text.find(" positions") == std::string::npos)
+        return 100 + int(i);
+    } catch (const std::bad_alloc&) {
+      return 10 + int(i);
+    }
   }
   return 0;
 }
 #endif
 
-TEST(BadInput, ModelWhoseActivationsCannotBeAllocated) {
+TEST(BadInput, CallsWhoseBuffersCannotBeAllocated) {
 #if defined(__linux__) && !defined(MEMORYFORMER_TEST_UNDER_SANITIZER)
   // In a child process (re-executed, so no threads of this one are copied), where the limit cannot harm other tests.
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_EXIT(std::exit(forward_past_an_address_space_limit()), ::testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(std::exit(calls_past_an_address_space_limit()), ::testing::ExitedWithCode(0), "");
 #else
   GTEST_SKIP() << "needs Linux and a process without a sanitizer's shadow memory (an address-space limit)";
 #endif

@@ -69,17 +69,23 @@ decltype(auto) allocating(std::string_view where, std::string_view what, Index b
   }
 }
 
-/// allocating() for a model's forward or backward over n = batch·seq positions of width d: a failed allocation
-/// becomes a ConfigError naming the positions and the bytes of one [n, d] tensor (the model keeps several per layer).
+/// allocating() for a forward or backward over n = batch·seq positions of width d (a model's, a block's, a layer's): a
+/// failed allocation becomes a ConfigError naming the positions and the bytes of one [n, d] tensor (several are kept).
+/// The message is built only on failure: these run on every call.
 template <class Allocate>
 decltype(auto) allocating_activations(std::string_view where, Index n, Index d, Index layers, std::size_t value_bytes,
                                       Allocate&& allocate) {
-  const std::string what = "the buffers of batch·seq = " + std::to_string(n) + " positions ([" + std::to_string(n) +
-                           ", " + std::to_string(d) + "] per tensor, " + std::to_string(layers) + " layers)";
-  Index bytes = 0;  // saturated: the message only reports it
-  if (__builtin_mul_overflow(n, d, &bytes) || __builtin_mul_overflow(bytes, Index(value_bytes), &bytes))
-    bytes = std::numeric_limits<Index>::max();
-  return allocating(where, what, bytes, std::forward<Allocate>(allocate));
+  try {
+    return std::forward<Allocate>(allocate)();
+  } catch (const std::bad_alloc&) {
+    Index bytes = 0;  // saturated: the message only reports it
+    if (__builtin_mul_overflow(n, d, &bytes) || __builtin_mul_overflow(bytes, Index(value_bytes), &bytes))
+      bytes = std::numeric_limits<Index>::max();
+    throw ConfigError(std::string(where) + ": the buffers of batch·seq = " + std::to_string(n) +
+                      " positions cannot be allocated ([" + std::to_string(n) + ", " + std::to_string(d) +
+                      "] per tensor, " + std::to_string(bytes) + " bytes each" +
+                      (layers > 1 ? "; " + std::to_string(layers) + " layers)" : std::string(")")));
+  }
 }
 
 /// a + b for non-negative a, b; throws Error naming `what` when it overflows or exceeds `limit`.
