@@ -166,15 +166,7 @@ class MemoryFormerBlock {
       rotary_.forward(c.k, c.k, batch, seq, 0);
       v_.forward_hashed(c.v, c.hash);
       attention_forward<Scalar>(c.ctx, c.q, c.k, c.v, batch, seq, config_.heads, c.attention);
-      if (output_) {
-        output_->forward(c.h, c.ctx);
-        detail::parallel_add<Scalar>(c.h, x);
-      } else {
-        detail::parallel_sum<Scalar>(c.h, x, c.ctx);
-      }
-      norm2_.forward(c.b, c.h, c.norm2);
-      memory_.forward(y, c.b, c.memory);
-      detail::parallel_add<Scalar>(y, c.h);
+      residual_and_memory(y, x, c);
       c.batch = batch;
       c.seq = seq;
     });
@@ -252,15 +244,7 @@ class MemoryFormerBlock {
     rotary_.forward(c.q, c.q, kv.batch(), t, kv.length());
     rotary_.forward(c.k, c.k, kv.batch(), t, kv.length());
     attention_decode<Scalar>(c.ctx, c.q, c.k, c.v, kv, config_.heads);
-    if (output_) {
-      output_->forward(c.h, c.ctx);
-      detail::parallel_add<Scalar>(c.h, x_new);
-    } else {
-      detail::parallel_sum<Scalar>(c.h, x_new, c.ctx);
-    }
-    norm2_.forward(c.b, c.h, c.norm2);
-    memory_.forward(y_new, c.b, c.memory);
-    detail::parallel_add<Scalar>(y_new, c.h);
+    residual_and_memory(y_new, x_new, c);
   }
 
   /// Reports to every Memory Layer that any table row may have changed (see MemoryLayer::tables_changed).
@@ -314,6 +298,19 @@ class MemoryFormerBlock {
   }
 
  private:
+  /// The block after attention, from c.ctx: h = x + [W_O] ctx, y = h + MB(norm2(h)) (into c.h, c.b and y).
+  void residual_and_memory(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Cache& c) const {
+    if (output_) {
+      output_->forward(c.h, c.ctx);
+      detail::parallel_add<Scalar>(c.h, x);
+    } else {
+      detail::parallel_sum<Scalar>(c.h, x, c.ctx);
+    }
+    norm2_.forward(c.b, c.h, c.norm2);
+    memory_.forward(y, c.b, c.memory);
+    detail::parallel_add<Scalar>(y, c.h);
+  }
+
   void check_rows(const char* where, ConstMatrixRef<Scalar> x, Index batch, Index seq) const {
     detail::check_config(batch >= 1 && seq >= 1, where,
                          "batch = " + std::to_string(batch) + " and seq = " + std::to_string(seq) + " must be >= 1");
