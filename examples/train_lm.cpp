@@ -333,9 +333,6 @@ template <class Model>
 int train(const Args& a, typename Model::Config config, const std::string& text, const std::string& text_name,
           mf::Communicator& comm) {
   const mf::TextDataset data(text, a.val_fraction);
-  const mf::TableSharding sharding = a.table_parallel ? mf::TableSharding{&comm} : mf::TableSharding{};
-  Model model(config, a.seed, sharding);
-  model.set_deterministic_threads(!a.eigen_threads);
 
   mf::TrainerOptions o;
   o.steps = a.steps;
@@ -357,7 +354,12 @@ int train(const Args& a, typename Model::Config config, const std::string& text,
     o.checkpoint_path = a.save;
     o.checkpoint_every = a.save_every;
   }
-  o.validate();  // before the sizes are printed or used (--profile runs the steps without a Trainer)
+  // Before the sizes are printed or used (--profile runs the steps without a Trainer), and before the model's
+  // tables are allocated and initialised, which takes seconds at the default size.
+  o.validate();
+  const mf::TableSharding sharding = a.table_parallel ? mf::TableSharding{&comm} : mf::TableSharding{};
+  Model model(config, a.seed, sharding);
+  model.set_deterministic_threads(!a.eigen_threads);
 
   const double unigram_bits = mf::unigram_entropy_bits(data.tokens());
   const double flops_per_token =
