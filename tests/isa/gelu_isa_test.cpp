@@ -24,7 +24,7 @@ namespace {
 #define MEMORYFORMER_TEST_ISA "unspecified"
 #endif
 
-constexpr mf::Isa best = mf::best_isa();
+constexpr mf::Isa gelu_path = mf::best_isa();
 
 /// Inputs of every class: a fine grid over the whole range, both sides of the branch at |x| = 1/√2·… (|z| = ½),
 /// where Φ underflows, signed zeros, infinities, NaN, subnormals and the largest floats.
@@ -50,7 +50,7 @@ bool same_bits(float a, float b) { return std::isnan(a) ? std::isnan(b) : std::b
 TEST(GeluIsa, BuildReportsItsPath) {
   const std::string expected = MEMORYFORMER_TEST_ISA;
   if (expected == "unspecified") GTEST_SKIP() << "built outside the ISA matrix";
-  EXPECT_EQ(std::string(mf::isa_name(best)), expected);
+  EXPECT_EQ(std::string(mf::isa_name(gelu_path)), expected);
 }
 
 TEST(GeluIsa, VectorPathIsBitIdenticalToScalar) {
@@ -62,9 +62,9 @@ TEST(GeluIsa, VectorPathIsBitIdenticalToScalar) {
     for (std::size_t offset : {std::size_t(0), std::size_t(3)}) {
       const std::size_t len = std::min(n, x.size() - offset);
       std::vector<float> y_fast(len), y_scalar(len), dx_fast(len), dx_scalar(len);
-      md::gelu_forward_row<best>(y_fast.data(), x.data() + offset, mf::Index(len));
+      md::gelu_forward_row<gelu_path>(y_fast.data(), x.data() + offset, mf::Index(len));
       md::gelu_forward_row<mf::Isa::Scalar>(y_scalar.data(), x.data() + offset, mf::Index(len));
-      md::gelu_backward_row<best>(dx_fast.data(), x.data() + offset, dy.data() + offset, mf::Index(len));
+      md::gelu_backward_row<gelu_path>(dx_fast.data(), x.data() + offset, dy.data() + offset, mf::Index(len));
       md::gelu_backward_row<mf::Isa::Scalar>(dx_scalar.data(), x.data() + offset, dy.data() + offset, mf::Index(len));
       for (std::size_t i = 0; i < len; ++i) {
         ASSERT_TRUE(same_bits(y_fast[i], y_scalar[i])) << "x = " << x[offset + i] << ": " << y_fast[i] << " vs " << y_scalar[i];
@@ -80,8 +80,8 @@ TEST(GeluIsa, WithinItsBoundOfTheDoubleForm) {
   // underflows to 0, within 2e-5 relative plus a few smallest normals.
   const std::vector<float> x = inputs();
   std::vector<float> y(x.size()), dx(x.size()), ones(x.size(), 1.0f);
-  md::gelu_forward_row<best>(y.data(), x.data(), mf::Index(x.size()));
-  md::gelu_backward_row<best>(dx.data(), x.data(), ones.data(), mf::Index(x.size()));
+  md::gelu_forward_row<gelu_path>(y.data(), x.data(), mf::Index(x.size()));
+  md::gelu_backward_row<gelu_path>(dx.data(), x.data(), ones.data(), mf::Index(x.size()));
   for (std::size_t i = 0; i < x.size(); ++i) {
     const double v = x[i];
     if (!std::isfinite(v) || std::abs(v) > 16) continue;
@@ -100,7 +100,7 @@ TEST(GeluIsa, WithinItsBoundOfTheDoubleForm) {
   float big[3] = {std::numeric_limits<float>::max(), std::numeric_limits<float>::infinity(),
                   std::numeric_limits<float>::quiet_NaN()};
   float out[3];
-  md::gelu_forward_row<best>(out, big, 3);
+  md::gelu_forward_row<gelu_path>(out, big, 3);
   EXPECT_EQ(out[0], big[0]);
   EXPECT_EQ(out[1], big[1]);
   EXPECT_TRUE(std::isnan(out[2]));
@@ -114,8 +114,8 @@ TEST(GeluIsa, PublicFunctionsTakeThisPath) {
   mf::gelu_forward(y, xm);
   mf::gelu_backward(dx, xm, dy);
   std::vector<float> y_ref(x.size()), dx_ref(x.size());
-  md::gelu_forward_row<best>(y_ref.data(), x.data(), n);
-  md::gelu_backward_row<best>(dx_ref.data(), x.data(), dy.data(), n);
+  md::gelu_forward_row<gelu_path>(y_ref.data(), x.data(), n);
+  md::gelu_backward_row<gelu_path>(dx_ref.data(), x.data(), dy.data(), n);
   for (mf::Index i = 0; i < n; ++i) {
     ASSERT_TRUE(same_bits(y(0, i), y_ref[std::size_t(i)])) << "x = " << x[std::size_t(i)];
     ASSERT_TRUE(same_bits(dx(0, i), dx_ref[std::size_t(i)])) << "x = " << x[std::size_t(i)];

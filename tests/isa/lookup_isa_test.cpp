@@ -48,7 +48,7 @@ namespace {
 
 constexpr double u = 0x1.0p-24;
 
-mf::Matrix<float> random_matrix(mf::Index rows, mf::Index cols, std::uint64_t seed, double stddev = 1.0) {
+mf::Matrix<float> float_matrix(mf::Index rows, mf::Index cols, std::uint64_t seed, double stddev = 1.0) {
   mf::Rng rng(seed);
   mf::Matrix<float> m(rows, cols);
   for (mf::Index i = 0; i < m.size(); ++i) m.data()[i] = float(rng.normal(0.0, stddev));
@@ -103,8 +103,8 @@ struct TwoCalls {
 };
 
 TwoCalls two_calls(const Shape& s, mf::Index extra, std::uint64_t seed) {
-  return {random_matrix(s.n, s.d_in, seed), random_matrix(s.n + extra, s.d_in, seed + 1),
-          random_matrix(s.n, s.d_out, seed + 2), random_matrix(s.n + extra, s.d_out, seed + 3)};
+  return {float_matrix(s.n, s.d_in, seed), float_matrix(s.n + extra, s.d_in, seed + 1),
+          float_matrix(s.n, s.d_out, seed + 2), float_matrix(s.n + extra, s.d_out, seed + 3)};
 }
 
 /// The hashes of x1 and x2 that `layer`'s forward on `isa` keeps for backward.
@@ -134,7 +134,7 @@ TEST(LookupIsa, BuildReportsItsPath) {
 TEST(LookupIsa, ForwardEveryPathMatchesReferenceAndDoubleSums) {
   for (const Shape& s : shapes) {
     const auto layer = make_layer(s, 11);
-    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 5);
+    const mf::Matrix<float> x = float_matrix(s.n, s.d_in, 5);
     mf::HashResult<float> h;
     mf::Matrix<float> ref(s.n, s.d_out);
     layer.forward(ref, x, h, mf::Isa::Scalar);
@@ -165,7 +165,7 @@ TEST(LookupIsa, ForwardFastPathsGiveIdenticalBitsWhateverTheLoopOrder) {
   for (const Shape& s : shapes) {
     if (s.n < 32) continue;
     const auto layer = make_layer(s, 21);
-    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 6);
+    const mf::Matrix<float> x = float_matrix(s.n, s.d_in, 6);
     const auto h = layer.hasher().hash(x);
     mf::Matrix<float> all(s.n, s.d_out);
     layer.forward_hashed(all, h, paths.front());
@@ -199,7 +199,7 @@ TEST(LookupIsa, PrefillGivesIdenticalBitsForAnyTableGroupSize) {
   // table per group (8 groups), three (evened out to 3 groups of ≤ 3) and all tables (one group).
   const Shape s{64, 100, 8, 300, true};  // K = 8 tables of 256 rows; fp32 32-column chunks: 32 KB + 64 B per table
   const auto layer = make_layer(s, 31);
-  const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 7);
+  const mf::Matrix<float> x = float_matrix(s.n, s.d_in, 7);
   const auto h = layer.hasher().hash(x);
   for (mf::Isa isa : simd_paths()) {
     mf::Matrix<float> one_group(s.n, s.d_out);
@@ -225,7 +225,7 @@ TEST(LookupIsa, ForwardIntoStridedOutput) {
   // y may be a block of a wider matrix (outer stride ≠ d_out), and misaligned for streaming stores (prefill path).
   const Shape s{64, 64, 8, 800, true};
   const auto layer = make_layer(s, 3);
-  const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 8);
+  const mf::Matrix<float> x = float_matrix(s.n, s.d_in, 8);
   const auto h = layer.hasher().hash(x);
   mf::Matrix<float> ref(s.n, s.d_out);
   layer.forward_hashed(ref, h, mf::Isa::Scalar);
@@ -262,7 +262,7 @@ TEST(LookupIsa, SortedKernelsOnlyWhereTheirInt32PositionsFit) {
 TEST(LookupIsa, PackedStorageEveryPathMatchesItsReference) {
   for (const Shape& s : shapes) {
     const auto layer = make_layer(s, 31);
-    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 9);
+    const mf::Matrix<float> x = float_matrix(s.n, s.d_in, 9);
     const auto h = layer.hasher().hash(x);
     mf::Matrix<float> f32(s.n, s.d_out);
     layer.forward_hashed(f32, h, mf::Isa::Scalar);
@@ -349,8 +349,8 @@ TEST(LookupIsa, Bf16HighHalfIsTheNearestFloatWithThoseLowBits) {
 
 TEST(LookupIsa, BackwardEveryPathMatchesReference) {
   for (const Shape& s : shapes) {
-    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 12);
-    const mf::Matrix<float> dy = random_matrix(s.n, s.d_out, 13);
+    const mf::Matrix<float> x = float_matrix(s.n, s.d_in, 12);
+    const mf::Matrix<float> dy = float_matrix(s.n, s.d_out, 13);
     auto ref_layer = make_layer(s, 51);
     mf::HashResult<float> h;
     mf::Matrix<float> y(s.n, s.d_out), dx_ref(s.n, s.d_in);
@@ -593,7 +593,7 @@ TEST(LookupIsa, BackwardOverASharedSortGivesTheSameBits) {
   const auto paths = simd_paths();
   if (paths.empty()) GTEST_SKIP() << "no SIMD path in this build";
   for (const Shape& s : shapes) {
-    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 31), dy = random_matrix(s.n, s.d_out, 32);
+    const mf::Matrix<float> x = float_matrix(s.n, s.d_in, 31), dy = float_matrix(s.n, s.d_out, 32);
     for (mf::Isa isa : paths) {
       const std::string where = std::string(mf::isa_name(isa)) + " " + name(s);
       auto layer = make_layer(s, 71);
@@ -632,7 +632,7 @@ TEST(LookupIsa, BackwardRowAndColumnSliceOrdersGiveTheSameBits) {
   using mf::detail::GradientOrder;
   for (const Shape s : {Shape{40, 64, 10, 600, true}, Shape{64, 128, 8, 300, true}, Shape{64, 256, 8, 2000, true},
                         Shape{48, 64, 6, 7, true}, Shape{24, 192, 12, 1, true}}) {
-    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 41), dy_wide = random_matrix(s.n, s.d_out + 5, 42);
+    const mf::Matrix<float> x = float_matrix(s.n, s.d_in, 41), dy_wide = float_matrix(s.n, s.d_out + 5, 42);
     const auto dy = dy_wide.leftCols(s.d_out);
     for (mf::Isa isa : paths) {
       auto layer = make_layer(s, 61);
@@ -684,7 +684,7 @@ void expect_slices_finished_row_by_row_give_the_same_bits(const std::string& whe
   constexpr mf::Index slice = d::SliceTraits<I>::vectors * d::Lanes<I>::n;
   for (const Shape s : {Shape{64, 4 * slice, 8, 700, true}, Shape{40, 2 * slice, 10, 300, true}}) {
     auto layer = make_layer(s, 91);
-    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 92), dy = random_matrix(s.n, s.d_out, 93);
+    const mf::Matrix<float> x = float_matrix(s.n, s.d_in, 92), dy = float_matrix(s.n, s.d_out, 93);
     mf::HashResult<float> h;
     mf::Matrix<float> y(s.n, s.d_out);
     layer.forward(y, x, h);
@@ -760,7 +760,7 @@ TEST(LookupIsa, BackwardThreadsTakingEachOthersRowsGiveTheSameBits) {
   const auto paths = simd_paths();
   if (paths.empty()) GTEST_SKIP() << "no SIMD path in this build";
   for (const Shape s : {Shape{64, 256, 8, 2000, true}, Shape{80, 256, 10, 1500, true}}) {
-    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 94), dy = random_matrix(s.n, s.d_out, 95);
+    const mf::Matrix<float> x = float_matrix(s.n, s.d_in, 94), dy = float_matrix(s.n, s.d_out, 95);
     for (mf::Isa isa : paths) {
       std::vector<mf::Matrix<float>> dts, dss;
       const int saved = omp_get_max_threads();
@@ -790,8 +790,8 @@ TEST(LookupIsa, BackwardRejectsNonFiniteGradient) {
   const Shape s{64, 64, 8, 40, true};
   for (mf::Isa isa : simd_paths()) {
     auto layer = make_layer(s, 61);
-    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 14);
-    mf::Matrix<float> dy = random_matrix(s.n, s.d_out, 15);
+    const mf::Matrix<float> x = float_matrix(s.n, s.d_in, 14);
+    mf::Matrix<float> dy = float_matrix(s.n, s.d_out, 15);
     mf::HashResult<float> h;
     mf::Matrix<float> y(s.n, s.d_out), dx(s.n, s.d_in);
     layer.forward(y, x, h, isa);
@@ -813,12 +813,12 @@ TEST(LookupIsa, FrozenLayerChecksItsInputs) {
   const mf::FrozenMemoryLayer frozen(layer, mf::StorageType::BF16);
   mf::HashResult<float> cache;
   mf::Matrix<float> y(4, 64);
-  EXPECT_THROW(frozen.forward(y, random_matrix(4, 63, 1), cache), mf::ShapeError);
+  EXPECT_THROW(frozen.forward(y, float_matrix(4, 63, 1), cache), mf::ShapeError);
   EXPECT_THROW(frozen.forward_hashed(y, mf::HashResult<float>{}), mf::StateError);
   mf::Matrix<float> wrong(3, 64);
-  EXPECT_THROW(frozen.forward(wrong, random_matrix(4, 64, 1), cache), mf::ShapeError);
+  EXPECT_THROW(frozen.forward(wrong, float_matrix(4, 64, 1), cache), mf::ShapeError);
   if (!mf::isa_available(mf::Isa::Avx512)) {
-    EXPECT_THROW(frozen.forward(y, random_matrix(4, 64, 1), cache, mf::Isa::Avx512), mf::ConfigError);
+    EXPECT_THROW(frozen.forward(y, float_matrix(4, 64, 1), cache, mf::Isa::Avx512), mf::ConfigError);
   }
   // float16 storage refuses values it cannot hold.
   auto big = make_layer(s, 72);
@@ -836,8 +836,8 @@ TEST(LookupIsa, ThreadCountDoesNotChangeBits) {
   // d_in = 520: 65 tables, whose backward sort the threads take in 5 groups of 16 tables.
   for (const Shape s : {Shape{64, 520, 8, 800, true}, Shape{64, 520, 8, 400, true}, Shape{64, 520, 8, 5, true},
                         Shape{520, 64, 8, 800, true}}) {
-    const mf::Matrix<float> x = random_matrix(s.n, s.d_in, 16);
-    const mf::Matrix<float> dy = random_matrix(s.n, s.d_out, 17);
+    const mf::Matrix<float> x = float_matrix(s.n, s.d_in, 16);
+    const mf::Matrix<float> dy = float_matrix(s.n, s.d_out, 17);
     std::vector<mf::Matrix<float>> ys, dts, dss, packed_ys;
     std::vector<mf::Vector<float>> dbs;  // dbias: column sums split by column blocks over the threads
     const int saved = omp_get_max_threads();

@@ -255,7 +255,7 @@ TEST(CheckpointFuzz, ZeroSizeTensorsDoNotHideOverlaps) {
   EXPECT_THROW(mf::parse_checkpoint(b), mf::FormatError);
 }
 
-mf::MemoryFormerLM<float>::Config tiny_config() { return mf::testing_support::tiny_memoryformer_lm(); }
+mf::MemoryFormerLM<float>::Config tiny_lm_config() { return mf::testing_support::tiny_memoryformer_lm(); }
 
 std::vector<std::vector<float>> snapshot(std::vector<mf::ParameterView<float>> params) {
   std::vector<std::vector<float>> out;
@@ -273,7 +273,7 @@ std::vector<std::vector<float>> snapshot(mf::AdamW<float>& opt) {
 /// value or leaves the model and the optimiser bit-identical.
 TEST(CheckpointFuzz, ModelLoadsAreAllOrNothing) {
   using Model = mf::MemoryFormerLM<float>;
-  Model source(tiny_config(), 1);
+  Model source(tiny_lm_config(), 1);
   mf::AdamW<float> source_opt(source.parameters());
   for (auto& s : source_opt.state_tensors())
     for (std::size_t i = 0; i < s.values.size(); ++i) s.values[i] = s.name == "adamw.step" || s.name.starts_with("adamw.row_step.") ? 3.0f : 0.5f;
@@ -285,7 +285,7 @@ TEST(CheckpointFuzz, ModelLoadsAreAllOrNothing) {
   const auto original = mf::serialize_checkpoint(ckpt);
   const auto dir = ts::directory_of(original);
 
-  Model target(tiny_config(), 2);
+  Model target(tiny_lm_config(), 2);
   mf::AdamW<float> target_opt(target.parameters());
   std::mt19937_64 rng(7);
   int rejected = 0, loaded = 0;

@@ -16,6 +16,7 @@
 #include <memoryformer/frozen_model.hpp>
 #include <memoryformer/train/trainer.hpp>
 
+#include "support/test_helpers.hpp"
 #include "support/thread_setting.hpp"
 
 namespace mf = memoryformer;
@@ -23,6 +24,8 @@ using mf::Index;
 
 namespace {
 
+using memoryformer::testing_support::random_tokens;
+using memoryformer::testing_support::same_bits;
 using memoryformer::testing_support::ThreadSetting;
 
 mf::MemoryFormerLM<float>::Config config(bool variants = false) {
@@ -41,22 +44,11 @@ mf::MemoryFormerLM<float>::Config config(bool variants = false) {
   return c;
 }
 
-std::vector<std::int32_t> random_tokens(Index n, Index vocab, std::uint64_t seed) {
-  mf::Rng rng(seed);
-  std::vector<std::int32_t> t(static_cast<std::size_t>(n));
-  for (auto& v : t) v = std::int32_t(rng.uniform_index(std::uint64_t(vocab)));
-  return t;
-}
-
 /// max |a − b| / max |b|: the error relative to the logits' scale.
 double relative_max_diff(const mf::Matrix<float>& a, const mf::Matrix<float>& b) {
   return double((a - b).cwiseAbs().maxCoeff()) / double(b.cwiseAbs().maxCoeff());
 }
 
-bool same_bits(const mf::Matrix<float>& a, const mf::Matrix<float>& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(float) * std::size_t(a.size())) == 0;
-}
 
 }  // namespace
 

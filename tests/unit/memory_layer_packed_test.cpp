@@ -30,7 +30,7 @@ using namespace memoryformer::testing_support;
 namespace {
 
 // d_out = 40 is not a multiple of the 32-column chunks, so the padded last column block is exercised.
-mf::MemoryLayerConfig small_config() {
+mf::MemoryLayerConfig packed_layer_config() {
   mf::MemoryLayerConfig c;
   c.d_in = 32;
   c.d_out = 40;
@@ -43,10 +43,6 @@ mf::MemoryLayerConfig small_config() {
 /// True when this build and CPU run the fast kernels, the only case in which a packed copy is kept.
 bool fast_kernels() { return mf::detail::use_fast_kernels<float>(mf::best_isa()); }
 
-bool same_bits(const mf::Matrix<float>& a, const mf::Matrix<float>& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), size_t(a.size()) * sizeof(float)) == 0;
-}
 
 /// forward_hashed on `layer` with an explicit ISA (default: best).
 mf::Matrix<float> lookup(const mf::MemoryLayer<float>& layer, const mf::HashResult<float>& h,
@@ -74,14 +70,14 @@ void backward_on_random_batch(mf::MemoryLayer<float>& layer, mf::Index n, unsign
 
 /// A layer whose copy has been requested (tables_changed): current wherever a copy can be kept.
 mf::MemoryLayer<float> packed_layer(std::uint64_t seed) {
-  mf::MemoryLayer<float> layer(small_config(), seed);
+  mf::MemoryLayer<float> layer(packed_layer_config(), seed);
   layer.tables_changed();
   EXPECT_EQ(layer.packed_tables_current(), fast_kernels());
   return layer;
 }
 
 TEST(MemoryLayerPacked, NewLayerKeepsNoCopyUntilAskedThenOneOfTheStatedSize) {
-  mf::MemoryLayer<float> layer(small_config(), 3);
+  mf::MemoryLayer<float> layer(packed_layer_config(), 3);
   EXPECT_FALSE(layer.packed_tables_current());
   EXPECT_EQ(layer.packed_table_bytes(), 0u);
   layer.tables_changed();
@@ -99,7 +95,7 @@ TEST(MemoryLayerPacked, NewLayerKeepsNoCopyUntilAskedThenOneOfTheStatedSize) {
 }
 
 TEST(MemoryLayerPacked, DoubleLayersKeepNoCopy) {
-  mf::MemoryLayer<double> layer(small_config(), 3);
+  mf::MemoryLayer<double> layer(packed_layer_config(), 3);
   EXPECT_FALSE(layer.packed_tables_current());
   layer.tables_changed();
   const std::vector<mf::Index> rows = {0, 5};
@@ -204,7 +200,7 @@ TEST(MemoryLayerPacked, RowIndicesOutsideTheTablesThrowBeforeAnythingChanges) {
 // touched rows (row-sparse update) or an explicit row list or everything (dense update). After every step the layer's
 // forward equals, bit for bit, that of a new layer built with the same tables.
 TEST(MemoryLayerPacked, IncrementalRepackAfterUpdatesMatchesAFreshLayer) {
-  const mf::MemoryLayerConfig config = small_config();
+  const mf::MemoryLayerConfig config = packed_layer_config();
   mf::MemoryLayer<float> layer(config, 23);
   auto views = layer.parameters();  // held for the whole loop, like an optimiser's
   layer.tables_changed();           // the promise: every later write is reported
@@ -269,7 +265,7 @@ TEST(MemoryLayerPacked, OptimisersKeepTheCopyCurrentThroughTheViewsAlone) {
   // The library's optimisers report every range they write (ParameterView::values_written), so after one
   // tables_changed() nothing else is reported: row-sparse and dense AdamW, fused and not, and SGD.
   for (int optimiser = 0; optimiser < 4; ++optimiser) {
-    mf::MemoryLayer<float> layer(small_config(), 31);
+    mf::MemoryLayer<float> layer(packed_layer_config(), 31);
     auto views = layer.parameters();
     mf::AdamWOptions options;
     options.sparse_update = optimiser == 0 ? mf::SparseUpdate::RowSparse : mf::SparseUpdate::Dense;
@@ -294,7 +290,7 @@ TEST(MemoryLayerPacked, OptimisersKeepTheCopyCurrentThroughTheViewsAlone) {
 }
 
 TEST(MemoryLayerPacked, KeepTablesPackedRepacksOnlyAReleasedCopy) {
-  mf::MemoryLayer<float> layer(small_config(), 43);
+  mf::MemoryLayer<float> layer(packed_layer_config(), 43);
   auto views = layer.parameters();
   layer.keep_tables_packed();  // no copy yet: packs one, as tables_changed()
   EXPECT_EQ(layer.packed_tables_current(), fast_kernels());
@@ -315,7 +311,7 @@ TEST(MemoryLayerPacked, KeepTablesPackedRepacksOnlyAReleasedCopy) {
 
 TEST(MemoryLayerPacked, ReportedRangesCutInsideRowsAndColumnBlocksReachTheCopy) {
   // d_out = 40: a full 32-column block and a partial one; ranges start and end inside rows and blocks.
-  mf::MemoryLayer<float> layer(small_config(), 37);
+  mf::MemoryLayer<float> layer(packed_layer_config(), 37);
   auto views = layer.parameters();
   layer.tables_changed();
   const std::span<float> theta = views[0].value;
@@ -340,7 +336,7 @@ TEST(MemoryLayerPacked, ReportedRangesCutInsideRowsAndColumnBlocksReachTheCopy) 
 
 // An F32 copy is exact for any value: non-finite table values are packed, not rejected (PackedTables rejects them).
 TEST(MemoryLayerPacked, NonFiniteTableValuesArePackedAsTheyAre) {
-  mf::MemoryLayer<float> layer(small_config(), 29);
+  mf::MemoryLayer<float> layer(packed_layer_config(), 29);
   const mf::Matrix<float> x = random_matrix<float>(64, 32, 8);
   mf::HashResult<float> h;
   (void)layer.forward(x, h);
@@ -395,7 +391,7 @@ TEST(MemoryLayerPacked, ResultsAreBitwiseIdenticalForAnyThreadCount) {
   const int threads_before = omp_get_max_threads();
   auto run = [&](int threads) {
     omp_set_num_threads(threads);
-    mf::MemoryLayer<float> layer(small_config(), 41);
+    mf::MemoryLayer<float> layer(packed_layer_config(), 41);
     auto views = layer.parameters();
     layer.tables_changed();
     mf::HashResult<float> cache;
@@ -415,7 +411,7 @@ TEST(MemoryLayerPacked, ResultsAreBitwiseIdenticalForAnyThreadCount) {
 TEST(MemoryLayerPacked, DenseAdamWPiecesCuttingRowsKeepTheCopyCurrentOnAnyThreadCount) {
   // 49,152 table values: two pieces of the optimiser, the first ending inside a row; d_out = 48 has a whole
   // 16-column block after the 32-column one. Every thread count gives a current copy and the same values.
-  mf::MemoryLayerConfig config = small_config();
+  mf::MemoryLayerConfig config = packed_layer_config();
   config.d_in = 96;
   config.tau = 6;
   config.d_out = 48;

@@ -21,6 +21,8 @@
 #include <memoryformer/optim/adamw.hpp>
 #include <memoryformer/testing/gradcheck.hpp>
 
+#include "support/test_helpers.hpp"
+
 #if defined(MEMORYFORMER_USE_OPENMP)
 #include <omp.h>
 #endif
@@ -29,6 +31,8 @@ namespace mf = memoryformer;
 using mf::Index;
 
 namespace {
+
+using memoryformer::testing_support::random_tokens;
 
 mf::MemoryFormerLM<double>::Config tiny_memoryformer_config() {
   mf::MemoryFormerLM<double>::Config c;
@@ -52,13 +56,6 @@ mf::TransformerLM<double>::Config tiny_transformer_config() {
   c.block.rotary_dims = 2;
   c.block.ffn_hidden = 12;
   return c;
-}
-
-std::vector<std::int32_t> random_tokens(Index n, Index vocab, std::uint64_t seed) {
-  mf::Rng rng(seed);
-  std::vector<std::int32_t> t(static_cast<std::size_t>(n));
-  for (auto& v : t) v = std::int32_t(rng.uniform_index(std::uint64_t(vocab)));
-  return t;
 }
 
 /// Every bucket code of every Memory Layer in the cache (Q/K/V share one hash per block).
@@ -118,7 +115,7 @@ mf::MemoryFormerLM<float>::Config small_float_config() {
   return c;
 }
 
-std::filesystem::path temp_path(const std::string& name) {
+std::filesystem::path model_temp_path(const std::string& name) {
   return std::filesystem::temp_directory_path() /
          ("memoryformer_model_test_" + std::to_string(::getpid()) + "_" + name);
 }
@@ -349,7 +346,7 @@ TEST(ModelCheckpoint, ConfigEntriesRoundTrip) {
 }
 
 TEST(ModelCheckpoint, RoundTripGivesBitwiseIdenticalForward) {
-  const auto path = temp_path("roundtrip.ckpt");
+  const auto path = model_temp_path("roundtrip.ckpt");
   mf::MemoryFormerLM<float> a(small_float_config(), 11);
   mf::MemoryFormerLM<float> b(small_float_config(), 12);  // other seed: different parameters
   mf::save_model(path, a);
@@ -369,7 +366,7 @@ TEST(ModelCheckpoint, RoundTripGivesBitwiseIdenticalForward) {
 }
 
 TEST(ModelCheckpoint, OptimizerStateRoundTripGivesTheSameNextStep) {
-  const auto path = temp_path("optimizer.ckpt");
+  const auto path = model_temp_path("optimizer.ckpt");
   const Index batch = 2, seq = 8;
   auto train_step = [&](mf::MemoryFormerLM<float>& m, mf::AdamW<float>& opt, std::uint64_t data) {
     mf::MemoryFormerLM<float>::Cache cache;
@@ -402,7 +399,7 @@ TEST(ModelCheckpoint, OptimizerStateRoundTripGivesTheSameNextStep) {
 }
 
 TEST(ModelCheckpoint, RejectsAMismatchingModel) {
-  const auto path = temp_path("mismatch.ckpt");
+  const auto path = model_temp_path("mismatch.ckpt");
   mf::MemoryFormerLM<float> a(small_float_config(), 1);
   mf::save_model(path, a);
 
@@ -445,8 +442,8 @@ TEST(ModelCheckpoint, RejectsAMismatchingModel) {
 }
 
 TEST(ModelCheckpoint, RejectsCorruptFilesCleanly) {
-  const auto path = temp_path("corrupt.ckpt");
-  const auto bad_path = temp_path("corrupt_variant.ckpt");
+  const auto path = model_temp_path("corrupt.ckpt");
+  const auto bad_path = model_temp_path("corrupt_variant.ckpt");
   auto config = small_float_config();
   config.layers = 1;
   mf::MemoryFormerLM<float> a(config, 1);

@@ -17,7 +17,7 @@ using namespace memoryformer::testing_support;
 
 namespace {
 
-mf::Matrix<double> random_matrix(mf::Index rows, mf::Index cols, std::uint64_t seed, double mean = 0.0) {
+mf::Matrix<double> random_matrix_with_mean(mf::Index rows, mf::Index cols, std::uint64_t seed, double mean = 0.0) {
   mf::Rng rng(seed);
   mf::Matrix<double> m(rows, cols);
   rng.fill_normal(std::span<double>(m.data(), size_t(m.size())), mean, 1.0);
@@ -43,9 +43,9 @@ TEST(NnLayerNorm, KnownValues) {
 
 TEST(NnLayerNorm, ForwardMatchesExplicitLoops) {
   mf::LayerNorm<double> norm(7);
-  norm.gamma() = random_matrix(7, 1, 3);
-  norm.beta() = random_matrix(7, 1, 4);
-  const auto x = random_matrix(5, 7, 1, 100.0);  // a large mean: the variance must not cancel
+  norm.gamma() = random_matrix_with_mean(7, 1, 3);
+  norm.beta() = random_matrix_with_mean(7, 1, 4);
+  const auto x = random_matrix_with_mean(5, 7, 1, 100.0);  // a large mean: the variance must not cancel
   mf::Matrix<double> y(5, 7);
   mf::LayerNormCache<double> cache;
   norm.forward(y, x, cache);
@@ -62,10 +62,10 @@ TEST(NnLayerNorm, GradientsMatchFiniteDifferences) {
   for (mf::Index rows : {1, 4}) {
     for (mf::Index d : {1, 7}) {
       mf::LayerNorm<double> norm(d);
-      norm.gamma() = random_matrix(d, 1, 5);
-      norm.beta() = random_matrix(d, 1, 6);
-      auto x = random_matrix(rows, d, 7);
-      const auto dy = random_matrix(rows, d, 8);
+      norm.gamma() = random_matrix_with_mean(d, 1, 5);
+      norm.beta() = random_matrix_with_mean(d, 1, 6);
+      auto x = random_matrix_with_mean(rows, d, 7);
+      const auto dy = random_matrix_with_mean(rows, d, 8);
       mf::Matrix<double> y(rows, d), dx(rows, d);
       mf::LayerNormCache<double> cache;
       auto loss = [&] {
@@ -95,9 +95,9 @@ TEST(NnLayerNorm, GradientsMatchFiniteDifferences) {
 
 TEST(NnLayerNorm, InPlaceMatchesOutOfPlaceAndAccumulates) {
   mf::LayerNorm<double> norm(6);
-  norm.gamma() = random_matrix(6, 1, 9);
-  const auto x = random_matrix(3, 6, 1);
-  const auto dy = random_matrix(3, 6, 2);
+  norm.gamma() = random_matrix_with_mean(6, 1, 9);
+  const auto x = random_matrix_with_mean(3, 6, 1);
+  const auto dy = random_matrix_with_mean(3, 6, 2);
   mf::Matrix<double> y(3, 6), dx(3, 6);
   mf::LayerNormCache<double> cache;
   norm.forward(y, x, cache);
@@ -119,7 +119,7 @@ TEST(NnLayerNorm, InPlaceMatchesOutOfPlaceAndAccumulates) {
 TEST(NnLayerNorm, FloatMatchesDouble) {
   mf::LayerNorm<double> nd(33);
   mf::LayerNorm<float> nf(33);
-  const auto x = random_matrix(4, 33, 3, 5.0);
+  const auto x = random_matrix_with_mean(4, 33, 3, 5.0);
   const mf::Matrix<float> xf = x.cast<float>();
   mf::Matrix<double> yd(4, 33);
   mf::Matrix<float> yf(4, 33);

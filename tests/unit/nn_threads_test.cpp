@@ -22,6 +22,7 @@
 #include <memoryformer/nn/rope.hpp>
 #include <memoryformer/nn/softmax.hpp>
 
+#include "support/test_helpers.hpp"
 #include "support/thread_setting.hpp"
 
 namespace mf = memoryformer;
@@ -29,20 +30,14 @@ using mf::Index;
 
 namespace {
 
+using memoryformer::testing_support::random_tokens;
 using memoryformer::testing_support::ThreadSetting;
 
-mf::Matrix<float> random_matrix(Index rows, Index cols, std::uint64_t seed) {
+mf::Matrix<float> float_matrix(Index rows, Index cols, std::uint64_t seed) {
   mf::Rng rng(seed);
   mf::Matrix<float> m(rows, cols);
   for (Index i = 0; i < m.size(); ++i) m.data()[i] = float(rng.normal());
   return m;
-}
-
-std::vector<std::int32_t> random_tokens(Index n, Index vocab, std::uint64_t seed) {
-  mf::Rng rng(seed);
-  std::vector<std::int32_t> t(static_cast<std::size_t>(n));
-  for (auto& v : t) v = std::int32_t(rng.uniform_index(std::uint64_t(vocab)));
-  return t;
 }
 
 /// Appends the bytes of an Eigen object.
@@ -75,7 +70,7 @@ constexpr Index rows = 1100, d = 48, vocab = 200;
 
 TEST(ThreadCount, RotaryForwardBackwardSameBits) {
   // One head with 19 rotated pairs (a whole piece of 16 and a partial one) and a pass-through tail.
-  const auto x = random_matrix(rows, d, 21);
+  const auto x = float_matrix(rows, d, 21);
   expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
     const mf::Rotary<float> rope(d, 1, 38);
     mf::Matrix<float> y(rows, d), dx = x, p(rows, d);
@@ -93,7 +88,7 @@ TEST(ThreadCount, RotaryForwardBackwardSameBits) {
 TEST(ThreadCount, EmbeddingForwardBackwardSameBits) {
   // Repeated ids (1100 tokens over 200 rows) make the backward sum several dy rows into one dW row.
   const auto tokens = random_tokens(rows, vocab, 22);
-  const auto dy = random_matrix(rows, d, 23);
+  const auto dy = float_matrix(rows, d, 23);
   expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
     mf::Embedding<float> embedding(vocab, d, std::uint64_t(24));
     mf::Matrix<float> y(rows, d);
@@ -107,10 +102,10 @@ TEST(ThreadCount, EmbeddingForwardBackwardSameBits) {
 }
 
 TEST(ThreadCount, RMSNormForwardBackwardSameBits) {
-  const auto x = random_matrix(rows, d, 1), dy = random_matrix(rows, d, 2);
+  const auto x = float_matrix(rows, d, 1), dy = float_matrix(rows, d, 2);
   expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
     mf::RMSNorm<float> norm(d);
-    norm.scale() = random_matrix(1, d, 3).row(0).transpose();
+    norm.scale() = float_matrix(1, d, 3).row(0).transpose();
     mf::RMSNormCache<float> cache;
     mf::Matrix<float> y(rows, d), dx(rows, d);
     norm.forward(y, x, cache);
@@ -123,10 +118,10 @@ TEST(ThreadCount, RMSNormForwardBackwardSameBits) {
 }
 
 TEST(ThreadCount, LayerNormForwardBackwardSameBits) {
-  const auto x = random_matrix(rows, d, 4), dy = random_matrix(rows, d, 5);
+  const auto x = float_matrix(rows, d, 4), dy = float_matrix(rows, d, 5);
   expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
     mf::LayerNorm<float> norm(d);
-    norm.gamma() = random_matrix(1, d, 6).row(0).transpose();
+    norm.gamma() = float_matrix(1, d, 6).row(0).transpose();
     mf::LayerNormCache<float> cache;
     mf::Matrix<float> y(rows, d), dx(rows, d);
     norm.forward(y, x, cache);
@@ -139,7 +134,7 @@ TEST(ThreadCount, LayerNormForwardBackwardSameBits) {
 }
 
 TEST(ThreadCount, CrossEntropySameBits) {
-  const auto logits = random_matrix(rows, vocab, 7);
+  const auto logits = float_matrix(rows, vocab, 7);
   const auto targets = random_tokens(rows, vocab, 8);
   expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
     mf::CrossEntropyCache<float> cache;
@@ -152,7 +147,7 @@ TEST(ThreadCount, CrossEntropySameBits) {
 }
 
 TEST(ThreadCount, LinearForwardBackwardSameBits) {
-  const auto x = random_matrix(rows, d, 9), dy = random_matrix(rows, vocab, 10);
+  const auto x = float_matrix(rows, d, 9), dy = float_matrix(rows, vocab, 10);
   expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
     mf::Linear<float> head(d, vocab, true, std::uint64_t(11));
     mf::Matrix<float> y(rows, vocab), dx(rows, d);
@@ -194,7 +189,7 @@ TEST(ThreadCount, ColumnSumsAreRowOrderChains) {
 }
 
 TEST(ThreadCount, GeluAndSoftmaxSameBits) {
-  const auto x = random_matrix(rows, vocab, 12), dy = random_matrix(rows, vocab, 13);
+  const auto x = float_matrix(rows, vocab, 12), dy = float_matrix(rows, vocab, 13);
   expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
     mf::Matrix<float> y(rows, vocab), dx(rows, vocab);
     mf::gelu_forward(y, x);

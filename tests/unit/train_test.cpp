@@ -40,7 +40,7 @@ std::string patterned_text(std::size_t bytes) {
   return s;
 }
 
-mf::MemoryFormerLM<double>::Config tiny_config() {
+mf::MemoryFormerLM<double>::Config tiny_double_lm_config() {
   mf::MemoryFormerLM<double>::Config c;
   c.layers = 1;
   c.block.d = 8;
@@ -50,7 +50,7 @@ mf::MemoryFormerLM<double>::Config tiny_config() {
   return c;
 }
 
-mf::MemoryFormerLM<float>::Config small_config() {
+mf::MemoryFormerLM<float>::Config small_lm_config() {
   mf::MemoryFormerLM<float>::Config c;
   c.layers = 2;
   c.block.d = 32;
@@ -65,7 +65,7 @@ std::vector<float> flat_values(const std::vector<mf::ParameterView<float>>& para
   return out;
 }
 
-std::filesystem::path temp_path(const std::string& name) {
+std::filesystem::path train_temp_path(const std::string& name) {
   return std::filesystem::temp_directory_path() /
          ("memoryformer_train_test_" + std::to_string(::getpid()) + "_" + name);
 }
@@ -191,8 +191,8 @@ TEST(Trainer, OneStepIsTheHandComputedAdamWUpdate) {
   o.adamw.lr_multipliers.table = 3.0;
 
   // The reference gradient: the same model (same seed) on the batch of step 0.
-  mf::MemoryFormerLM<double> reference(tiny_config(), 5);
-  mf::MemoryFormerLM<double> model(tiny_config(), 5);
+  mf::MemoryFormerLM<double> reference(tiny_double_lm_config(), 5);
+  mf::MemoryFormerLM<double> model(tiny_double_lm_config(), 5);
   mf::Trainer<mf::MemoryFormerLM<double>> trainer(model, data, o);
   mf::TokenBatch batch;
   trainer.batch_of_step(batch, 0);
@@ -245,8 +245,8 @@ TEST(Trainer, ClippingScalesTheGradientToTheThreshold) {
   o.seq = 8;
   o.clip_norm = 1e-3;  // far below the natural norm: every step is clipped
   o.eval_every = 0;
-  mf::MemoryFormerLM<double> model(tiny_config(), 1);
-  mf::MemoryFormerLM<double> reference(tiny_config(), 1);
+  mf::MemoryFormerLM<double> model(tiny_double_lm_config(), 1);
+  mf::MemoryFormerLM<double> reference(tiny_double_lm_config(), 1);
   mf::Trainer<mf::MemoryFormerLM<double>> trainer(model, data, o);
   // The reference: the gradient of step 0 clipped by clip_grad_norm, then AdamW::step.
   mf::TokenBatch batch;
@@ -288,7 +288,7 @@ TEST(Trainer, AccumulatedMicroBatchesEqualOneLargeBatch) {
   big.accumulate = 1;
   split.batch = 2;
   split.accumulate = 4;
-  mf::MemoryFormerLM<double> a(tiny_config(), 3), b(tiny_config(), 3);
+  mf::MemoryFormerLM<double> a(tiny_double_lm_config(), 3), b(tiny_double_lm_config(), 3);
   mf::Trainer<mf::MemoryFormerLM<double>> ta(a, data, big), tb(b, data, split);
   mf::TokenBatch ba, bb;
   ta.batch_of_step(ba, 4);
@@ -312,14 +312,14 @@ TEST(Trainer, AccumulatedMicroBatchesEqualOneLargeBatch) {
   // Not trivially: a step on the first micro-batch alone has another loss.
   mf::TrainerOptions one = o;
   one.batch = 2;
-  mf::MemoryFormerLM<double> c(tiny_config(), 3);
+  mf::MemoryFormerLM<double> c(tiny_double_lm_config(), 3);
   mf::Trainer<mf::MemoryFormerLM<double>> tc(c, data, one);
   EXPECT_GT(std::abs(tc.step().loss - first_loss), 1e-6);
 }
 
 TEST(Trainer, RejectsBadAccumulate) {
   const mf::TextDataset data(patterned_text(4000), 0.1);
-  mf::MemoryFormerLM<double> model(tiny_config(), 1);
+  mf::MemoryFormerLM<double> model(tiny_double_lm_config(), 1);
   for (const Index bad : {Index(0), Index(-1), Index(-5)}) {
     mf::TrainerOptions o;
     o.accumulate = bad;
@@ -343,7 +343,7 @@ TEST(GradientBookkeeping, TouchedListsMatchFlagsAndZeroGradClearsEverything) {
   // Real layers: the embedding and the tables keep lists of exactly their flagged rows; zero_grad, visiting only
   // those, leaves the whole gradient buffers zero.
   const mf::TextDataset data(patterned_text(4000), 0.1);
-  mf::MemoryFormerLM<float> model(small_config(), 4);
+  mf::MemoryFormerLM<float> model(small_lm_config(), 4);
   mf::TokenBatch batch;
   mf::TrainerOptions o;
   o.batch = 3;
@@ -390,7 +390,7 @@ TEST(Trainer, NonFiniteLossStopsBeforeTheUpdate) {
   o.steps = 10;
   o.batch = 2;
   o.seq = 8;
-  mf::MemoryFormerLM<double> model(tiny_config(), 1);
+  mf::MemoryFormerLM<double> model(tiny_double_lm_config(), 1);
   mf::Trainer<mf::MemoryFormerLM<double>> trainer(model, data, o);
   model.head().weight()(0, 0) = std::numeric_limits<double>::quiet_NaN();
   EXPECT_THROW(trainer.step(), mf::NonFiniteError);
@@ -410,7 +410,7 @@ TEST(Trainer, ShortRunLossFalls) {
   o.lr = 1e-2;
   o.eval_every = 40;
   o.eval_windows = 16;
-  mf::MemoryFormerLM<float> model(small_config(), 3);
+  mf::MemoryFormerLM<float> model(small_lm_config(), 3);
   mf::Trainer<mf::MemoryFormerLM<float>> trainer(model, data, o);
   const auto initial = trainer.evaluate();
   mf::TrainingHistory history;
@@ -451,7 +451,7 @@ TEST(Trainer, DenseBaselineTrainsToo) {
 }
 
 TEST(Trainer, ResumeContinuesExactlyLikeTheUninterruptedRun) {
-  const auto path = temp_path("resume.ckpt");
+  const auto path = train_temp_path("resume.ckpt");
   const mf::TextDataset data(patterned_text(20000), 0.1);
   mf::TrainerOptions o;
   o.steps = 8;
@@ -461,14 +461,14 @@ TEST(Trainer, ResumeContinuesExactlyLikeTheUninterruptedRun) {
   o.eval_windows = 4;
   o.data_seed = 77;
 
-  mf::MemoryFormerLM<float> a(small_config(), 1);
+  mf::MemoryFormerLM<float> a(small_lm_config(), 1);
   mf::Trainer<mf::MemoryFormerLM<float>> ta(a, data, o);
   for (int i = 0; i < 5; ++i) ta.step();
   ta.save_checkpoint(path);
   std::vector<double> losses_a;
   for (int i = 0; i < 3; ++i) losses_a.push_back(ta.step().loss);
 
-  mf::MemoryFormerLM<float> b(small_config(), 2);  // another init: everything must come from the checkpoint
+  mf::MemoryFormerLM<float> b(small_lm_config(), 2);  // another init: everything must come from the checkpoint
   mf::Trainer<mf::MemoryFormerLM<float>> tb(b, data, o);
   EXPECT_EQ(tb.resume(path), 5);
   std::vector<double> losses_b;
@@ -479,7 +479,7 @@ TEST(Trainer, ResumeContinuesExactlyLikeTheUninterruptedRun) {
 
   // Another data seed would draw other batches: refused.
   o.data_seed = 78;
-  mf::MemoryFormerLM<float> c(small_config(), 2);
+  mf::MemoryFormerLM<float> c(small_lm_config(), 2);
   mf::Trainer<mf::MemoryFormerLM<float>> tc(c, data, o);
   EXPECT_THROW(tc.resume(path), mf::FormatError);
   EXPECT_EQ(tc.step_count(), 0);
@@ -487,7 +487,7 @@ TEST(Trainer, ResumeContinuesExactlyLikeTheUninterruptedRun) {
 }
 
 TEST(Trainer, RunSavesCheckpointsAndStopsOnRequest) {
-  const auto path = temp_path("run.ckpt");
+  const auto path = train_temp_path("run.ckpt");
   const mf::TextDataset data(patterned_text(20000), 0.1);
   mf::TrainerOptions o;
   o.steps = 10;
@@ -497,7 +497,7 @@ TEST(Trainer, RunSavesCheckpointsAndStopsOnRequest) {
   o.eval_windows = 2;
   o.checkpoint_path = path;
   o.checkpoint_every = 3;
-  mf::MemoryFormerLM<float> model(small_config(), 1);
+  mf::MemoryFormerLM<float> model(small_lm_config(), 1);
   mf::Trainer<mf::MemoryFormerLM<float>> trainer(model, data, o);
   std::vector<Index> saved;
   trainer.on_checkpoint([&](const std::filesystem::path&, Index step) { saved.push_back(step); });
@@ -512,7 +512,7 @@ TEST(Trainer, RunSavesCheckpointsAndStopsOnRequest) {
   EXPECT_TRUE(result.stopped_early);
   EXPECT_EQ(result.steps, 7);
   EXPECT_EQ(saved, (std::vector<Index>{3, 6, 7}));  // every 3 steps, and at the end
-  mf::MemoryFormerLM<float> copy(small_config(), 9);
+  mf::MemoryFormerLM<float> copy(small_lm_config(), 9);
   mf::load_model(path, copy);
   EXPECT_EQ(flat_values(copy.parameters()), flat_values(model.parameters()));
   std::filesystem::remove(path);
@@ -557,7 +557,7 @@ TEST(Trainer, KeptPackedTablesTrainBitForBitAsPerCallPacking) {
   o.eval_windows = 4;
   mf::TrainerOptions per_call = o;
   per_call.packed_tables = false;
-  mf::MemoryFormerLM<float> a(small_config(), 9), b(small_config(), 9);
+  mf::MemoryFormerLM<float> a(small_lm_config(), 9), b(small_lm_config(), 9);
   mf::Trainer<mf::MemoryFormerLM<float>> kept(a, data, o), packing(b, data, per_call);
   const bool simd = mf::best_isa() != mf::Isa::Scalar;
   EXPECT_EQ(a.block(0).q().packed_tables_current(), simd);  // the Trainer asked for the copy

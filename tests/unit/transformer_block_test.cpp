@@ -27,15 +27,9 @@ namespace {
 using Mat = mf::Matrix<double>;
 using Block = mf::TransformerBlock<double>;
 
-Mat random_matrix(mf::Index rows, mf::Index cols, std::uint64_t seed, double sd = 1.0) {
-  mf::Rng rng(seed);
-  Mat m(rows, cols);
-  rng.fill_normal(std::span<double>(m.data(), size_t(m.size())), 0.0, sd);
-  return m;
-}
 
 
-mf::TransformerBlockConfig small_config(mf::Index d, mf::Index heads, mf::Index rotary, bool parallel, bool bias = true) {
+mf::TransformerBlockConfig block_config(mf::Index d, mf::Index heads, mf::Index rotary, bool parallel, bool bias = true) {
   mf::TransformerBlockConfig c;
   c.d = d;
   c.heads = heads;
@@ -160,9 +154,9 @@ struct Shape {
 };
 
 // Gradients of L = Σ dy ⊙ y with respect to x and every parameter, against central differences.
-void check_all_gradients(const Shape& s) {
+void check_block_gradients(const Shape& s) {
   SCOPED_TRACE(s.name);
-  Block block(small_config(s.d, s.heads, s.rotary, s.parallel, s.bias), 7);
+  Block block(block_config(s.d, s.heads, s.rotary, s.parallel, s.bias), 7);
   randomize(block, 11);
   const mf::Index n = s.batch * s.seq;
   Mat x = random_matrix(n, s.d, 21);
@@ -224,14 +218,14 @@ TEST(TransformerBlock, ConfigResolvesPythiaDefaults) {
   c.ffn_hidden = 7;
   EXPECT_EQ(c.hidden(), 7);
   EXPECT_NO_THROW(c.validate());
-  Block block(small_config(16, 2, -1, false), 1);
+  Block block(block_config(16, 2, -1, false), 1);
   EXPECT_EQ(block.rotary().rotary_dims(), 2);
   EXPECT_EQ(block.up().d_out(), 64);
   EXPECT_EQ(block.d(), 16);
 }
 
 TEST(TransformerBlock, InitialisationFollowsConfigAndSeed) {
-  auto c = small_config(16, 2, 4, false);
+  auto c = block_config(16, 2, 4, false);
   c.init_std = 0.5;
   Block a(c, 42), b(c, 42), other(c, 43);
   EXPECT_EQ(a.q().weight(), b.q().weight());
@@ -251,7 +245,7 @@ TEST(TransformerBlock, InitialisationFollowsConfigAndSeed) {
 }
 
 TEST(TransformerBlock, ParametersNamesShapesAndCount) {
-  Block block(small_config(12, 3, 2, false), 1);
+  Block block(block_config(12, 3, 2, false), 1);
   const auto views = block.parameters("blocks.0");
   const std::vector<std::string> names = {
       "blocks.0.ln1.gamma", "blocks.0.ln1.beta", "blocks.0.q.weight",  "blocks.0.q.bias",   "blocks.0.k.weight",
@@ -274,7 +268,7 @@ TEST(TransformerBlock, ParametersNamesShapesAndCount) {
   EXPECT_EQ(total, 4 * (144 + 12) + (576 + 48) + (576 + 12) + 48);
   EXPECT_EQ(block.num_parameters(), total);
 
-  Block no_bias(small_config(12, 3, 2, false, false), 1);
+  Block no_bias(block_config(12, 3, 2, false, false), 1);
   const auto nb = no_bias.parameters();
   ASSERT_EQ(nb.size(), 10u);
   EXPECT_EQ(nb[0].name, "ln1.gamma");
@@ -295,7 +289,7 @@ TEST(TransformerBlock, ParametersNamesShapesAndCount) {
 }
 
 TEST(TransformerBlock, ForwardMatchesNaiveCompositionSequential) {
-  Block block(small_config(12, 3, 2, false), 3);
+  Block block(block_config(12, 3, 2, false), 3);
   randomize(block, 4);
   const mf::Index batch = 2, seq = 5;
   const Mat x = random_matrix(batch * seq, 12, 5);
@@ -304,14 +298,14 @@ TEST(TransformerBlock, ForwardMatchesNaiveCompositionSequential) {
 }
 
 TEST(TransformerBlock, ForwardMatchesNaiveCompositionParallel) {
-  Block block(small_config(12, 3, 2, true), 3);
+  Block block(block_config(12, 3, 2, true), 3);
   randomize(block, 4);
   const mf::Index batch = 2, seq = 5;
   const Mat x = random_matrix(batch * seq, 12, 5);
   const Mat y = run_forward(block, x, batch, seq);
   EXPECT_LE((y - naive_block(block, x, batch, seq)).cwiseAbs().maxCoeff(), 1e-12);
   // The two residual forms really differ (LN2 of h versus LN2 of x).
-  Block seq_block(small_config(12, 3, 2, false), 3);
+  Block seq_block(block_config(12, 3, 2, false), 3);
   randomize(seq_block, 4);
   EXPECT_GT((run_forward(seq_block, x, batch, seq) - y).cwiseAbs().maxCoeff(), 1e-3);
 }
@@ -327,7 +321,7 @@ TEST(TransformerBlock, ForwardMatchesNaiveCompositionOtherShapes) {
                         Case{2, 7, 24, 4, 6, false, false, 9}}) {
     SCOPED_TRACE("batch " + std::to_string(k.batch) + " seq " + std::to_string(k.seq) + " d " + std::to_string(k.d) +
                  " heads " + std::to_string(k.heads));
-    auto c = small_config(k.d, k.heads, k.rotary, k.parallel, k.bias);
+    auto c = block_config(k.d, k.heads, k.rotary, k.parallel, k.bias);
     c.ffn_hidden = k.ffn;
     c.rotary_base = 500.0;
     Block block(c, 9);
@@ -339,7 +333,7 @@ TEST(TransformerBlock, ForwardMatchesNaiveCompositionOtherShapes) {
 }
 
 TEST(TransformerBlock, SequencesDoNotMixAndAttentionIsCausal) {
-  Block block(small_config(12, 3, 2, false), 3);
+  Block block(block_config(12, 3, 2, false), 3);
   randomize(block, 4);
   const mf::Index batch = 3, seq = 4;
   const Mat x = random_matrix(batch * seq, 12, 5);
@@ -364,7 +358,7 @@ TEST(TransformerBlock, SequencesDoNotMixAndAttentionIsCausal) {
 
 TEST(TransformerBlock, InPlaceForwardAndCacheReuse) {
   for (bool parallel : {false, true}) {
-    Block block(small_config(12, 3, 2, parallel), 3);
+    Block block(block_config(12, 3, 2, parallel), 3);
     randomize(block, 4);
     const Mat x = random_matrix(6, 12, 5);
     Block::Cache cache;
@@ -389,11 +383,11 @@ TEST(TransformerBlock, GradientsMatchFiniteDifferences) {
                          Shape{"one head, full rotary, sequential", 2, 3, 8, 1, 8, false, true},
                          Shape{"one head, parallel, no bias", 1, 4, 6, 1, 2, true, false},
                          Shape{"seq 5, 2 heads, no rotary, no bias", 1, 5, 10, 2, 0, false, false}})
-    check_all_gradients(s);
+    check_block_gradients(s);
 }
 
 TEST(TransformerBlock, BackwardAccumulatesUntilZeroGradAndMayAlias) {
-  Block block(small_config(12, 3, 2, false), 3);
+  Block block(block_config(12, 3, 2, false), 3);
   randomize(block, 4);
   const Mat x = random_matrix(6, 12, 5), dy = random_matrix(6, 12, 6);
   Block::Cache cache;
@@ -421,7 +415,7 @@ TEST(TransformerBlock, BackwardAccumulatesUntilZeroGradAndMayAlias) {
 TEST(TransformerBlock, DecodeEqualsFullForwardTokenByTokenAndInChunks) {
   for (bool parallel : {false, true}) {
     SCOPED_TRACE(parallel ? "parallel" : "sequential");
-    Block block(small_config(12, 3, 2, parallel), 3);
+    Block block(block_config(12, 3, 2, parallel), 3);
     randomize(block, 4);
     const mf::Index batch = 2, seq = 6, d = 12;
     const Mat x = random_matrix(batch * seq, d, 5);
@@ -458,7 +452,7 @@ TEST(TransformerBlock, DecodeEqualsFullForwardTokenByTokenAndInChunks) {
 }
 
 TEST(TransformerBlock, FloatMatchesDouble) {
-  const auto c = small_config(12, 3, 2, false);
+  const auto c = block_config(12, 3, 2, false);
   Block bd(c, 3);
   randomize(bd, 4);
   mf::TransformerBlock<float> bf(c, 3);
@@ -481,38 +475,38 @@ TEST(TransformerBlock, FloatMatchesDouble) {
 
 TEST(TransformerBlock, BadConfigThrows) {
   const auto make = [](mf::TransformerBlockConfig c) { return [c] { Block b(c, 1); }; };
-  auto c = small_config(12, 5, 2, false);
+  auto c = block_config(12, 5, 2, false);
   expect_throw_with(make(c), "TransformerBlock: d = 12 is not divisible by heads = 5");
   EXPECT_THROW(make(c)(), mf::ConfigError);
-  c = small_config(12, 2, 3, false);
+  c = block_config(12, 2, 3, false);
   expect_throw_with(make(c), "rotary_dims = 3 must be even");
   EXPECT_THROW(make(c)(), mf::ConfigError);
-  c = small_config(12, 3, 6, false);
+  c = block_config(12, 3, 6, false);
   expect_throw_with(make(c), "rotary_dims = 6 exceeds head_dim = d/heads = 4");
-  c = small_config(12, 3, -2, false);
+  c = block_config(12, 3, -2, false);
   expect_throw_with(make(c), "rotary_dims = -2 must be ≥ 0");
-  c = small_config(0, 1, 0, false);
+  c = block_config(0, 1, 0, false);
   expect_throw_with(make(c), "d = 0 must be positive");
-  c = small_config(12, 0, 0, false);
+  c = block_config(12, 0, 0, false);
   expect_throw_with(make(c), "heads = 0 must be positive");
-  c = small_config(12, 3, 2, false);
+  c = block_config(12, 3, 2, false);
   c.ffn_hidden = -1;
   expect_throw_with(make(c), "ffn_hidden = -1");
-  c = small_config(12, 3, 2, false);
+  c = block_config(12, 3, 2, false);
   c.norm_eps = 0.0;
   expect_throw_with(make(c), "norm_eps");
-  c = small_config(12, 3, 2, false);
+  c = block_config(12, 3, 2, false);
   c.rotary_base = -1.0;
   expect_throw_with(make(c), "rotary_base");
-  c = small_config(12, 3, 2, false);
+  c = block_config(12, 3, 2, false);
   c.init_std = -0.1;
   expect_throw_with(make(c), "init_std");
   // validate() alone reports the caller's name.
-  expect_throw_with([] { small_config(12, 5, 2, false).validate("MyModel"); }, "MyModel: d = 12");
+  expect_throw_with([] { block_config(12, 5, 2, false).validate("MyModel"); }, "MyModel: d = 12");
 }
 
 TEST(TransformerBlock, BadShapesAndOrderThrow) {
-  Block block(small_config(12, 3, 2, false), 1);
+  Block block(block_config(12, 3, 2, false), 1);
   Block::Cache cache;
   Mat y(6, 12), x = random_matrix(6, 12, 1);
   Mat x_wide(6, 13), y_wide(6, 13);
