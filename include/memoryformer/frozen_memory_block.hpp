@@ -3,6 +3,7 @@
 // Memory Layers frozen to packed float32, bfloat16 or float16 tables (FrozenMemoryLayer).
 #pragma once
 
+#include "detail/checked_size.hpp"
 #include "error.hpp"
 #include "frozen_memory_layer.hpp"
 #include "hash.hpp"
@@ -54,15 +55,17 @@ class FrozenMemoryBlock {
   /**
    * @param y [N, d] output
    * @param x [N, d] input
-   * @throws ShapeError, NonFiniteError
+   * @throws ShapeError, NonFiniteError; ConfigError when memory cannot hold the buffers of its rows
    */
   void forward(MatrixRef<float> y, ConstMatrixRef<float> x, Scratch& s) const {
     constexpr const char* where = "FrozenMemoryBlock::forward";
     if (x.cols() != config_.d) detail::throw_shape(where, "x", x.rows(), x.cols(), "(N, " + std::to_string(config_.d) + ")");
     detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), config_.d);
     const Index n = x.rows(), h = config_.hidden();
-    s.hidden.resize(n, h);
-    s.normed.resize(n, h);
+    detail::allocating_activations(where, n, h, 1, sizeof(float), [&] {
+      s.hidden.resize(n, h);
+      s.normed.resize(n, h);
+    });
     ml1_.forward(s.hidden, x, s.hash1);
     norm_.forward(s.normed, s.hidden, s.norm);
     if (config_.gelu) gelu_forward(s.normed, s.normed);  // element-wise: in place gives the training bits

@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "detail/checked_size.hpp"
 #include "detail/checks.hpp"
 #include "detail/lookup_kernels.hpp"
 #include "error.hpp"
@@ -70,7 +71,8 @@ class FrozenMemoryLayer {
    * @param x     [N, d_in] input
    * @param cache receives the codes and scores of x
    * @param isa   kernel path: Isa::Scalar runs the reference loop (decode every stored value)
-   * @throws ShapeError, NonFiniteError, ConfigError (isa not compiled in)
+   * @throws ShapeError, NonFiniteError, ConfigError (isa not compiled in, or memory cannot hold the buffers of its
+   *         rows)
    */
   void forward(MatrixRef<float> y, ConstMatrixRef<float> x, HashResult<float>& cache, Isa isa = best_isa()) const {
     detail::check_layer_input<float>("FrozenMemoryLayer::forward", config_, x);
@@ -81,14 +83,15 @@ class FrozenMemoryLayer {
 
   /// Allocating convenience form of forward.
   Matrix<float> forward(ConstMatrixRef<float> x, HashResult<float>& cache, Isa isa = best_isa()) const {
-    Matrix<float> y(x.rows(), config_.d_out);
+    Matrix<float> y = detail::activation_matrix<float>("FrozenMemoryLayer::forward", x.rows(), config_.d_out);
     forward(y, x, cache, isa);
     return y;
   }
 
   /**
    * @brief The lookup half of forward, from a hash computed elsewhere.
-   * @throws StateError (empty hash), ShapeError, ConfigError (isa not compiled in)
+   * @throws StateError (empty hash), ShapeError, ConfigError (isa not compiled in, or memory cannot hold the buffers
+   *         of its rows)
    */
   void forward_hashed(MatrixRef<float> y, const HashResult<float>& h, Isa isa = best_isa()) const {
     const char* where = "FrozenMemoryLayer::forward_hashed";
@@ -97,8 +100,10 @@ class FrozenMemoryLayer {
     detail::check_isa_compiled(where, isa);
     const bool prefill = h.rows >= detail::rows_prefill_min_tokens(config_.tau);
     const PackedTables& t = panels_.empty() ? rows_ : (rows_.empty() || prefill ? panels_ : rows_);
-    detail::lookup_forward_packed(isa, y.data(), y.outerStride(), t.layout(), t.data(), h.codes.data(),
-                                  h.scores.data(), config_.bias ? bias_.data() : nullptr, h.rows);
+    detail::allocating_activations(where, h.rows, config_.d_out, 1, sizeof(float), [&] {  // the kernel's plan
+      detail::lookup_forward_packed(isa, y.data(), y.outerStride(), t.layout(), t.data(), h.codes.data(),
+                                    h.scores.data(), config_.bias ? bias_.data() : nullptr, h.rows);
+    });
   }
 
   /// Bytes of table storage held (both copies with FrozenLayout::Both).

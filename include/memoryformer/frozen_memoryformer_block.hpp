@@ -4,6 +4,7 @@
 #pragma once
 
 #include <optional>
+#include <span>
 #include <stdexcept>
 #include <string>
 
@@ -86,7 +87,8 @@ class FrozenMemoryFormerBlock {
    * @brief y = block(x) for `batch` sequences of `seq` tokens (causal within each sequence, positions 0 … seq−1).
    * @param y [batch·seq, d] output
    * @param x [batch·seq, d] input, batch-major
-   * @throws ConfigError (batch or seq < 1), ShapeError, NonFiniteError
+   * @throws ConfigError (batch or seq < 1, or memory cannot hold the buffers of its rows), ShapeError,
+   *         NonFiniteError
    */
   void forward(MatrixRef<float> y, ConstMatrixRef<float> x, Index batch, Index seq, Scratch& s) const {
     constexpr const char* where = "FrozenMemoryFormerBlock::forward";
@@ -97,11 +99,13 @@ class FrozenMemoryFormerBlock {
       detail::throw_shape(where, "x", x.rows(), x.cols(),
                           "(batch·seq, d) = (" + std::to_string(rows) + ", " + std::to_string(config_.d) + ")");
     detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), config_.d);
-    attention_input(x, s);
-    rotary_.forward(s.q, s.q, batch, seq, 0);
-    rotary_.forward(s.k, s.k, batch, seq, 0);
-    attention_forward<float>(s.ctx, s.q, s.k, s.v, batch, seq, config_.heads, s.attention);
-    finish(y, x, s);
+    detail::allocating_activations(where, rows, config_.d, 1, sizeof(float), [&] {
+      attention_input(x, s);
+      rotary_.forward(s.q, s.q, batch, seq, 0);
+      rotary_.forward(s.k, s.k, batch, seq, 0);
+      attention_forward<float>(s.ctx, s.q, s.k, s.v, batch, seq, config_.heads, s.attention);
+      finish(y, x, s);
+    });
   }
 
   /// A KV cache sized for this block, keys and values stored as `storage` (F32 or BF16, see KVCache).
@@ -113,7 +117,8 @@ class FrozenMemoryFormerBlock {
    * @brief Incremental decoding: x_new [batch·t, d] are the next t tokens of each sequence, at positions
    * kv.length() …; appends their keys and values to kv and writes their outputs (the rows forward gives at those
    * positions on the whole sequence, up to the rounding of attention's sums).
-   * @throws ShapeError; CapacityError past the cache's max_seq (kv unchanged)
+   * @throws ShapeError; CapacityError past the cache's max_seq; ConfigError when memory cannot hold the buffers of
+   *         its rows. kv is unchanged when it throws.
    */
   void forward_decode(MatrixRef<float> y_new, ConstMatrixRef<float> x_new, KVCache<float>& kv, Scratch& s) const {
     constexpr const char* where = "FrozenMemoryFormerBlock::forward_decode";
@@ -128,11 +133,13 @@ class FrozenMemoryFormerBlock {
     if (kv.length() + t > kv.max_seq())
       throw CapacityError(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " +
                           std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
-    attention_input(x_new, s);
-    rotary_.forward(s.q, s.q, kv.batch(), t, kv.length());
-    rotary_.forward(s.k, s.k, kv.batch(), t, kv.length());
-    attention_decode<float>(s.ctx, s.q, s.k, s.v, kv, config_.heads);
-    finish(y_new, x_new, s);
+    detail::decode_step(where, x_new.rows(), config_.d, 1, std::span<KVCache<float>>(&kv, 1), [&] {
+      attention_input(x_new, s);
+      rotary_.forward(s.q, s.q, kv.batch(), t, kv.length());
+      rotary_.forward(s.k, s.k, kv.batch(), t, kv.length());
+      attention_decode<float>(s.ctx, s.q, s.k, s.v, kv, config_.heads);
+      finish(y_new, x_new, s);
+    });
   }
 
  private:

@@ -157,7 +157,8 @@ class FrozenLanguageModel {
    * @param tokens_new batch·t ids, batch-major
    * @throws StateError for a state not made by this model's make_decode_state; ShapeError when tokens_new.size()
    *         is not a positive multiple of state.batch() or logits_new is not (batch·t, vocab); CapacityError
-   *         past max_seq (the state is then unchanged); ValueError for an id outside [0, vocab).
+   *         past max_seq; ValueError for an id outside [0, vocab); ConfigError when memory cannot hold the buffers
+   *         of its rows. The state is unchanged when it throws.
    */
   void forward_decode(MatrixRef<float> logits_new, std::span<const std::int32_t> tokens_new, DecodeState& state) const {
     constexpr const char* where = "FrozenLanguageModel::forward_decode";
@@ -176,14 +177,16 @@ class FrozenLanguageModel {
       throw CapacityError(std::string(where) + ": " + std::to_string(state.length()) + " decoded + " +
                           std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(state.max_seq()));
     detail::SerialEigenScope serial;
-    state.x.resize(rows, d_);
-    state.y.resize(rows, d_);
-    embed(where, state.x, tokens_new);
-    for (std::size_t i = 0; i < blocks_.size(); ++i) {
-      blocks_[i].forward_decode(state.y, state.x, state.kv[i], state.scratch);
-      state.x.swap(state.y);
-    }
-    head(logits_new, state.x, state.y, state.norm);
+    detail::decode_step(where, rows, d_, Index(blocks_.size()), std::span<KVCache<float>>(state.kv), [&] {
+      state.x.resize(rows, d_);
+      state.y.resize(rows, d_);
+      embed(where, state.x, tokens_new);
+      for (std::size_t i = 0; i < blocks_.size(); ++i) {
+        blocks_[i].forward_decode(state.y, state.x, state.kv[i], state.scratch);
+        state.x.swap(state.y);
+      }
+      head(logits_new, state.x, state.y, state.norm);
+    });
   }
 
  private:

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "detail/checked_size.hpp"
 #include "detail/checks.hpp"
 #include "detail/dispatch.hpp"
 #include "detail/hash_kernels.hpp"
@@ -54,7 +55,8 @@ class SignHasher {
    * @brief Codes and scores of x [N, K·τ] into `out` (resized; its buffers are reused across calls).
    * @param isa the kernel path; Isa::Scalar and best_isa() are always available.
    * @throws ShapeError if x's width is not a multiple of τ; NonFiniteError if x holds NaN or ±Inf (rejected rather
-   *         than propagated: a NaN has no sign bit to hash, so any code chosen for it would be arbitrary).
+   *         than propagated: a NaN has no sign bit to hash, so any code chosen for it would be arbitrary);
+   *         ConfigError when memory cannot hold the buffers of its rows (`out` is then left empty).
    */
   void hash(HashResult<Scalar>& out, ConstMatrixRef<Scalar> x, Isa isa = best_isa()) const {
     const int tau = config_.tau;
@@ -65,11 +67,14 @@ class SignHasher {
     }
     check_isa(isa);
     const Index rows = x.rows(), tables = x.cols() / tau;
+    out.invalidate();  // until its buffers have the new shape
+    detail::allocating_activations("SignHasher::hash", rows, tables, 1, sizeof(Scalar) + sizeof(std::int32_t), [&] {
+      out.codes.resize(size_t(rows * tables));
+      out.scores.resize(rows, tables);
+    });
     out.rows = rows;
     out.tables = tables;
     out.tau = tau;
-    out.codes.resize(size_t(rows * tables));
-    out.scores.resize(rows, tables);
     const bool l1 = config_.score == ScoreKind::L1;
     const Scalar neg_scale = l1 ? Scalar(-2) : Scalar(-2.0 / config_.temperature);
     detail::dispatch_tau(tau, [&](auto tau_constant) {

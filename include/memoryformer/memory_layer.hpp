@@ -184,7 +184,7 @@ class MemoryLayer {
   /// Allocating convenience form of forward.
   Matrix<Scalar> forward(ConstMatrixRef<Scalar> x, HashResult<Scalar>& cache, Isa isa = best_isa()) const {
     check_input("MemoryLayer::forward", x);
-    Matrix<Scalar> y(x.rows(), config_.d_out);
+    Matrix<Scalar> y = detail::activation_matrix<Scalar>("MemoryLayer::forward", x.rows(), config_.d_out);
     forward(y, x, cache, isa);
     return y;
   }
@@ -195,7 +195,9 @@ class MemoryLayer {
     static_assert(Rank == 2 || Rank == 3, "MemoryLayer::forward takes [N, d] or [batch, seq, d] tensors");
     auto dims = x.dimensions();
     dims[Rank - 1] = config_.d_out;
-    Tensor<Scalar, Rank> y(dims);
+    const Index rows = x.size() / std::max<Index>(1, x.dimension(Rank - 1));
+    Tensor<Scalar, Rank> y = detail::allocating_activations("MemoryLayer::forward", rows, config_.d_out, 1,
+                                                            sizeof(Scalar), [&] { return Tensor<Scalar, Rank>(dims); });
     forward(as_matrix(y), as_matrix(x), cache);
     return y;
   }
@@ -216,14 +218,17 @@ class MemoryLayer {
    * Every fast path computes each output as the same fused multiply-add chain bias + s_0·T_0 + … + s_{K−1}·T_{K−1},
    * so results are bitwise identical across SIMD paths, token counts and thread counts, and differ from the
    * reference only by FMA rounding (≤ 2(K+1)·2^-24·(|b| + Σ|s_k·T_k|) per element).
-   * @throws ConfigError if `isa` is not compiled in; ShapeError, StateError as forward_hashed
+   * @throws ConfigError if `isa` is not compiled in or memory cannot hold the buffers of h's rows; ShapeError,
+   *         StateError as forward_hashed
    */
   void forward_hashed(MatrixRef<Scalar> y, const HashResult<Scalar>& h, Isa isa) const {
     check_hash("MemoryLayer::forward_hashed", h);
     check_output("MemoryLayer::forward_hashed", y, h.rows);
     check_isa("MemoryLayer::forward_hashed", isa);
-    if (sharded()) return forward_sharded(y, h, isa);
-    lookup(y, h, config_.bias ? bias_.data() : nullptr, isa);
+    detail::allocating_activations("MemoryLayer::forward_hashed", h.rows, config_.d_out, 1, sizeof(Scalar), [&] {
+      if (sharded()) return forward_sharded(y, h, isa);
+      lookup(y, h, config_.bias ? bias_.data() : nullptr, isa);
+    });
   }
 
  private:
@@ -317,10 +322,12 @@ class MemoryLayer {
    * only) counting-sorts the (token, table) pairs by row, accumulates each row's gradient once and takes
    * ⟨dy, T_k[code]⟩ from the same row load (no atomics; bits independent of the thread count; sums in a different
    * order than the reference, so equal to it within float rounding).
-   * @throws ConfigError if `isa` is not compiled in; as backward_hashed otherwise
+   * @throws ConfigError if `isa` is not compiled in or memory cannot hold the buffers of h's rows; as
+   *         backward_hashed otherwise
    */
   void backward_hashed(MatrixRef<Scalar> dscores, ConstMatrixRef<Scalar> dy, const HashResult<Scalar>& h, Isa isa) {
-    backward_lookup(dscores, dy, h, isa, nullptr);
+    detail::allocating_activations("MemoryLayer::backward_hashed", h.rows, config_.d_out, 1, sizeof(Scalar),
+                                   [&] { backward_lookup(dscores, dy, h, isa, nullptr); });
   }
 
   /// Clears dtables (only the listed rows: the others are zero already), dbias, the touched-row flags and list.

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -221,7 +222,8 @@ class MemoryFormerBlock {
    * @brief Incremental decoding: x_new [batch·t, d] are the next t tokens of each sequence, at positions
    * kv.length() …; appends their keys and values to kv and writes their outputs — the same values forward gives
    * at those positions on the whole sequence.
-   * @throws ShapeError; CapacityError past the cache's max_seq (kv unchanged)
+   * @throws ShapeError; CapacityError past the cache's max_seq; ConfigError when memory cannot hold the buffers of
+   *         its rows. kv is unchanged when it throws.
    */
   void forward_decode(MatrixRef<Scalar> y_new, ConstMatrixRef<Scalar> x_new, KVCache<Scalar>& kv) const {
     constexpr const char* where = "MemoryFormerBlock::forward_decode";
@@ -233,18 +235,20 @@ class MemoryFormerBlock {
     if (kv.length() + t > kv.max_seq())
       throw CapacityError(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " +
                           std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
-    Cache c;  // decoding keeps no state for backward
-    const Index n = x_new.rows(), d = config_.d;
-    for (Matrix<Scalar>* m : {&c.a, &c.q, &c.k, &c.v, &c.ctx, &c.h, &c.b}) m->resize(n, d);
-    norm1_.forward(c.a, x_new, c.norm1);
-    hasher_.hash(c.hash, c.a);
-    q_.forward_hashed(c.q, c.hash);
-    k_.forward_hashed(c.k, c.hash);
-    v_.forward_hashed(c.v, c.hash);
-    rotary_.forward(c.q, c.q, kv.batch(), t, kv.length());
-    rotary_.forward(c.k, c.k, kv.batch(), t, kv.length());
-    attention_decode<Scalar>(c.ctx, c.q, c.k, c.v, kv, config_.heads);
-    residual_and_memory(y_new, x_new, c);
+    detail::decode_step(where, x_new.rows(), config_.d, 1, std::span<KVCache<Scalar>>(&kv, 1), [&] {
+      Cache c;  // decoding keeps no state for backward
+      const Index n = x_new.rows(), d = config_.d;
+      for (Matrix<Scalar>* m : {&c.a, &c.q, &c.k, &c.v, &c.ctx, &c.h, &c.b}) m->resize(n, d);
+      norm1_.forward(c.a, x_new, c.norm1);
+      hasher_.hash(c.hash, c.a);
+      q_.forward_hashed(c.q, c.hash);
+      k_.forward_hashed(c.k, c.hash);
+      v_.forward_hashed(c.v, c.hash);
+      rotary_.forward(c.q, c.q, kv.batch(), t, kv.length());
+      rotary_.forward(c.k, c.k, kv.batch(), t, kv.length());
+      attention_decode<Scalar>(c.ctx, c.q, c.k, c.v, kv, config_.heads);
+      residual_and_memory(y_new, x_new, c);
+    });
   }
 
   /// Reports to every Memory Layer that any table row may have changed (see MemoryLayer::tables_changed).

@@ -453,8 +453,8 @@ class LanguageModel {
    *        rounding). Appends to every block's KV cache.
    * @param tokens_new  batch·t ids, batch-major (id b·t + i is new token i of sequence b)
    * @throws ShapeError when tokens_new.size() is not a positive multiple of state.batch() or logits_new is not
-   *         (batch·t, vocab); CapacityError past max_seq (the state is then unchanged);
-   *         ValueError for an id outside [0, vocab).
+   *         (batch·t, vocab); CapacityError past max_seq; ValueError for an id outside [0, vocab);
+   *         ConfigError when memory cannot hold the buffers of its rows. The state is unchanged when it throws.
    */
   void forward_decode(MatrixRef<Scalar> logits_new, std::span<const std::int32_t> tokens_new,
                       DecodeState& state) const {
@@ -473,15 +473,17 @@ class LanguageModel {
       throw CapacityError(std::string(where) + ": " + std::to_string(state.length()) + " decoded + " +
                           std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(state.max_seq()));
     const detail::SerialEigenScope serial(deterministic_threads_);
-    Matrix<Scalar> a(rows, d()), b(rows, d());  // [batch·t, d]
-    embedding_.forward(a, tokens_new);
-    for (std::size_t i = 0; i < blocks_.size(); ++i) {
-      blocks_[i].forward_decode(b, a, state.kv[i]);
-      std::swap(a, b);
-    }
-    RMSNormCache<Scalar> stats;
-    final_norm_.forward(b, a, stats);
-    head_.forward(logits_new, b);
+    detail::decode_step(where, rows, d(), Index(blocks_.size()), std::span<KVCache<Scalar>>(state.kv), [&] {
+      Matrix<Scalar> a(rows, d()), b(rows, d());  // [batch·t, d]
+      embedding_.forward(a, tokens_new);
+      for (std::size_t i = 0; i < blocks_.size(); ++i) {
+        blocks_[i].forward_decode(b, a, state.kv[i]);
+        std::swap(a, b);
+      }
+      RMSNormCache<Scalar> stats;
+      final_norm_.forward(b, a, stats);
+      head_.forward(logits_new, b);
+    });
   }
 
   /// The config as checkpoint entries: "model.kind", "model.scalar", "model.vocab", "model.layers",

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <concepts>
 #include <cstdint>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -293,7 +294,8 @@ class TransformerBlock {
    * @param x_new  [batch·t, d] inputs of the new tokens
    * @param kv     cache from make_kv_cache (or any KVCache with d features); its length grows by t
    * @throws ShapeError when x_new is not (kv.batch()·t, d) or y_new differs, or kv has the wrong width;
-   *         CapacityError when kv.length() + t would exceed kv.max_seq() (kv is then unchanged).
+   *         CapacityError when kv.length() + t would exceed kv.max_seq(); ConfigError when memory cannot hold the
+   *         buffers of its rows. kv is unchanged when it throws.
    */
   void forward_decode(MatrixRef<Scalar> y_new, ConstMatrixRef<Scalar> x_new, KVCache<Scalar>& kv) const {
     constexpr const char* where = "TransformerBlock::forward_decode";
@@ -309,25 +311,27 @@ class TransformerBlock {
                           std::to_string(kv.length()) + " cached would make " + std::to_string(kv.length() + t) +
                           " > max_seq = " + std::to_string(kv.max_seq()));
     const Index position = kv.length();
-    // Decoding is const (the cache is the only state), so its few small buffers are local to the call.
-    LayerNormCache<Scalar> norm_stats;
-    Matrix<Scalar> a(rows, d), q(rows, d), k(rows, d), v(rows, d), h(rows, d);  // [batch·t, d]
-    Matrix<Scalar> hidden(rows, f);                                              // [batch·t, F]
-    ln1_.forward(a, x_new, norm_stats);
-    q_.forward(q, a);
-    k_.forward(k, a);
-    v_.forward(v, a);
-    rotary_.forward(q, q, kv.batch(), t, position);
-    rotary_.forward(k, k, kv.batch(), t, position);
-    attention_decode<Scalar>(q, q, k, v, kv, config_.heads);  // the context overwrites q
-    o_.forward(h, q);
-    if (config_.parallel_residual) ln2_.forward(a, x_new, norm_stats);
-    detail::parallel_add<Scalar>(h, x_new);
-    if (!config_.parallel_residual) ln2_.forward(a, h, norm_stats);
-    up_.forward(hidden, a);
-    gelu_forward(hidden, hidden);
-    down_.forward(y_new, hidden);
-    detail::parallel_add<Scalar>(y_new, h);
+    detail::decode_step(where, rows, d, 1, std::span<KVCache<Scalar>>(&kv, 1), [&] {
+      // Decoding is const (the cache is the only state), so its few small buffers are local to the call.
+      LayerNormCache<Scalar> norm_stats;
+      Matrix<Scalar> a(rows, d), q(rows, d), k(rows, d), v(rows, d), h(rows, d);  // [batch·t, d]
+      Matrix<Scalar> hidden(rows, f);                                              // [batch·t, F]
+      ln1_.forward(a, x_new, norm_stats);
+      q_.forward(q, a);
+      k_.forward(k, a);
+      v_.forward(v, a);
+      rotary_.forward(q, q, kv.batch(), t, position);
+      rotary_.forward(k, k, kv.batch(), t, position);
+      attention_decode<Scalar>(q, q, k, v, kv, config_.heads);  // the context overwrites q
+      o_.forward(h, q);
+      if (config_.parallel_residual) ln2_.forward(a, x_new, norm_stats);
+      detail::parallel_add<Scalar>(h, x_new);
+      if (!config_.parallel_residual) ln2_.forward(a, h, norm_stats);
+      up_.forward(hidden, a);
+      gelu_forward(hidden, hidden);
+      down_.forward(y_new, hidden);
+      detail::parallel_add<Scalar>(y_new, h);
+    });
   }
 
   /// Sets every parameter gradient to zero.

@@ -3,6 +3,7 @@
 // crash, undefined behaviour, a wrapped size, a bare std::bad_alloc or silent garbage.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -18,6 +19,9 @@
 
 #include <memoryformer/bucket_table.hpp>
 #include <memoryformer/detail/checked_size.hpp>
+#include <memoryformer/frozen_memory_block.hpp>
+#include <memoryformer/frozen_memory_layer.hpp>
+#include <memoryformer/frozen_memoryformer_block.hpp>
 #include <memoryformer/frozen_model.hpp>
 #include <memoryformer/io/checkpoint.hpp>
 #include <memoryformer/io/model_checkpoint.hpp>
@@ -25,13 +29,19 @@
 #include <memoryformer/memory_block.hpp>
 #include <memoryformer/memory_layer.hpp>
 #include <memoryformer/model.hpp>
+#include <memoryformer/nn/attention.hpp>
+#include <memoryformer/nn/cross_entropy.hpp>
 #include <memoryformer/nn/kv_cache.hpp>
+#include <memoryformer/nn/layer_norm.hpp>
 #include <memoryformer/nn/linear.hpp>
+#include <memoryformer/nn/rms_norm.hpp>
+#include <memoryformer/nn/rope.hpp>
 #include <memoryformer/optim/adamw.hpp>
 #include <memoryformer/memoryformer_block.hpp>
 #include <memoryformer/transformer_block.hpp>
 
 #include "../support/checkpoint_bytes.hpp"
+#include "../support/test_helpers.hpp"
 #include "../support/tiny_model.hpp"
 
 #if defined(__linux__)
@@ -488,6 +498,28 @@ int calls_past_an_address_space_limit() {
   memory_block.forward(y.topRows(mid), x_mid, memory_cache);
   mf::HashResult<float> hash;
   layer.forward(y.topRows(mid), x_mid, hash);
+  mf::HashResult<float> big_hash;  // all 2^21 rows, for the lookup alone (hashed only: no lookup scratch grows yet)
+  layer.hasher().hash(big_hash, x);
+  const mf::FrozenMemoryLayer frozen_layer(layer, mf::StorageType::F32);
+  const mf::FrozenMemoryBlock frozen_memory_block(memory_block, mf::StorageType::F32);
+  const mf::FrozenMemoryFormerBlock frozen_mf_block(mf_block, mf::StorageType::F32);
+  const mf::LayerNorm<float> layer_norm(1);
+  const mf::RMSNorm<float> rms_norm(1);
+  const mf::Rotary<float> rotary(d, 2, 4);
+  // x and y seen as one column of 2^24 rows, for the norms of width 1.
+  const Eigen::Map<const mf::Matrix<float>> x_column(x.data(), big * d, 1);
+  Eigen::Map<mf::Matrix<float>> y_column(y.data(), big * d, 1);
+  // Decoding 2^18 sequences at once: the caches exist before the cap, the call's buffers do not fit under it.
+  constexpr Index decode_batch = Index(1) << 18;
+  const std::span<const std::int32_t> tokens_decode(tokens.data(), static_cast<size_t>(decode_batch));
+  const auto x_decode = x.topRows(decode_batch);
+  auto y_decode = y.topRows(decode_batch);
+  mf::Matrix<float> logits_decode(decode_batch, lm.vocab);
+  auto model_state = model.make_decode_state(decode_batch, 1);
+  auto frozen_state = frozen.make_decode_state(decode_batch, 1);
+  auto mf_kv = mf_block.make_kv_cache(decode_batch, 1);
+  auto dense_kv = dense_block.make_kv_cache(decode_batch, 1);
+  auto frozen_kv = frozen_mf_block.make_kv_cache(decode_batch, 1);
 
   long pages = 0;
   std::ifstream("/proc/self/statm") >> pages;
@@ -500,19 +532,39 @@ int calls_past_an_address_space_limit() {
   mf::MemoryFormerBlock<float>::Cache big_mf_cache;
   mf::TransformerBlock<float>::Cache big_dense_cache;
   mf::MemoryBlock<float>::Cache big_memory_cache;
-  mf::HashResult<float> big_hash;
+  mf::HashResult<float> hashed_under_cap;
+  mf::LayerNormCache<float> layer_norm_cache;
+  mf::RMSNormCache<float> rms_norm_cache;
+  mf::CrossEntropyCache<float> cross_entropy_cache;
+  mf::AttentionCache<float> attention_cache;
+  mf::FrozenMemoryBlock::Scratch frozen_memory_scratch;
+  mf::FrozenMemoryFormerBlock::Scratch frozen_mf_scratch, frozen_mf_decode_scratch;
   const std::vector<std::function<void()>> calls = {
       [&] { model.forward(tokens, big / seq, seq, big_lm_cache); },
       [&] { (void)frozen.forward(tokens, big / seq, seq); },
       [&] { mf_block.forward(y, x, big / seq, seq, big_mf_cache); },
       [&] { dense_block.forward(y, x, big / seq, seq, big_dense_cache); },
       [&] { memory_block.forward(y, x, big_memory_cache); },
-      [&] { layer.forward(y, x, big_hash); },
+      [&] { layer.forward(y, x, hashed_under_cap); },
       [&] { model.backward(lm_cache); },
       [&] { mf_block.backward(dx, x_mid, dy, mf_cache); },
       [&] { dense_block.backward(dx, x_mid, dy, dense_cache); },
       [&] { memory_block.backward(dx, x_mid, dy, memory_cache); },
       [&] { layer.backward(dx, x_mid, dy, hash); },
+      [&] { layer_norm.forward(y_column, x_column, layer_norm_cache); },
+      [&] { rms_norm.forward(y_column, x_column, rms_norm_cache); },
+      [&] { (void)mf::cross_entropy_forward<float>(x, tokens, cross_entropy_cache); },
+      [&] { mf::attention_forward<float>(y, x, x, x, big / seq, seq, 2, attention_cache); },
+      [&] { mf_block.hasher().hash(hashed_under_cap, x); },
+      [&] { rotary.forward(y, x, 1, big, Index(1) << 40); },  // positions past the cached angles
+      [&] { frozen_layer.forward_hashed(y, big_hash); },
+      [&] { frozen_memory_block.forward(y, x, frozen_memory_scratch); },
+      [&] { frozen_mf_block.forward(y, x, big / seq, seq, frozen_mf_scratch); },
+      [&] { model.forward_decode(logits_decode, tokens_decode, model_state); },
+      [&] { frozen.forward_decode(logits_decode, tokens_decode, frozen_state); },
+      [&] { mf_block.forward_decode(y_decode, x_decode, mf_kv); },
+      [&] { dense_block.forward_decode(y_decode, x_decode, dense_kv); },
+      [&] { frozen_mf_block.forward_decode(y_decode, x_decode, frozen_kv, frozen_mf_decode_scratch); },
   };
   for (size_t i = 0; i < calls.size(); ++i) {
     try {
@@ -526,6 +578,11 @@ int calls_past_an_address_space_limit() {
       return 10 + int(i);
     }
   }
+  // A call that failed left no half-made state: the hash is empty, every cache as long as before.
+  if (!hashed_under_cap.empty()) return 3;
+  if (model_state.length() != 0 || frozen_state.length() != 0 || mf_kv.length() != 0 || dense_kv.length() != 0 ||
+      frozen_kv.length() != 0)
+    return 4;
   return 0;
 }
 #endif
@@ -538,6 +595,65 @@ TEST(BadInput, CallsWhoseBuffersCannotBeAllocated) {
 #else
   GTEST_SKIP() << "needs Linux and a process without a sanitizer's shadow memory (an address-space limit)";
 #endif
+}
+
+/// Fills the parameter named `name` with `value` and returns its previous values.
+std::vector<float> fill_parameter(std::vector<mf::ParameterView<float>> params, const std::string& name, float value) {
+  for (auto& p : params)
+    if (p.name == name) {
+      std::vector<float> old(p.value.begin(), p.value.end());
+      std::fill(p.value.begin(), p.value.end(), value);
+      return old;
+    }
+  ADD_FAILURE() << "no parameter " << name;
+  return {};
+}
+
+/// Puts back values fill_parameter returned.
+void restore_parameter(std::vector<mf::ParameterView<float>> params, const std::string& name,
+                       const std::vector<float>& values) {
+  for (auto& p : params)
+    if (p.name == name) std::copy(values.begin(), values.end(), p.value.begin());
+}
+
+// A decoding step that fails after earlier blocks, or the block's own attention, appended their keys and values
+// drops them again. Here a NaN norm scale gives a later hash a NaN input.
+TEST(BadInput, DecodeStepThatFailsPartWayLeavesTheCachesAsTheyWere) {
+  mf::MemoryFormerLM<float>::Config c = tiny_lm();
+  c.layers = 2;
+  mf::MemoryFormerLM<float> model(c, 1);
+  const std::vector<std::int32_t> first = {1, 2, 3, 4}, second = {5, 6};  // batch 2: two tokens each, then one
+  mf::Matrix<float> logits(4, c.vocab), next(2, c.vocab), expected(2, c.vocab);
+  auto state = model.make_decode_state(2, 8), clean_state = model.make_decode_state(2, 8);
+  model.forward_decode(logits, first, state);
+  model.forward_decode(logits, first, clean_state);
+  model.forward_decode(expected, second, clean_state);
+
+  // Block 1's first norm: block 0 has appended when block 1's hash refuses the step.
+  const std::string scale = "blocks.1.norm1.scale";
+  const std::vector<float> kept = fill_parameter(model.parameters(), scale, std::nanf(""));
+  EXPECT_THROW(model.forward_decode(next, second, state), mf::NonFiniteError);
+  EXPECT_EQ(state.length(), 2);
+  for (const auto& kv : state.kv) EXPECT_EQ(kv.length(), 2);
+  // The frozen model, from its first step: nothing stays appended either.
+  const mf::FrozenLanguageModel frozen = mf::freeze(model, mf::StorageType::F32);
+  auto frozen_state = frozen.make_decode_state(2, 8);
+  EXPECT_THROW(frozen.forward_decode(logits, first, frozen_state), mf::NonFiniteError);
+  EXPECT_EQ(frozen_state.length(), 0);
+  for (const auto& kv : frozen_state.kv) EXPECT_EQ(kv.length(), 0);
+  // Mended, the model continues from its two tokens with the bits of a run that never failed.
+  restore_parameter(model.parameters(), scale, kept);
+  model.forward_decode(next, second, state);
+  EXPECT_TRUE(mf::testing_support::same_bits(next, expected));
+
+  // One block whose Memory Block fails after its attention appended.
+  mf::MemoryFormerBlock<float> block(c.block, 2);
+  (void)fill_parameter(block.parameters(), "norm2.scale", std::nanf(""));
+  auto kv = block.make_kv_cache(2, 8);
+  const mf::Matrix<float> x_new = mf::Matrix<float>::Ones(2, c.block.d);
+  mf::Matrix<float> y_new(2, c.block.d);
+  EXPECT_THROW(block.forward_decode(y_new, x_new, kv), mf::NonFiniteError);
+  EXPECT_EQ(kv.length(), 0);
 }
 
 TEST(BadInput, SaveRemovesStaleTemporariesOfTheSameTarget) {

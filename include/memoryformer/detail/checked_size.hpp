@@ -88,6 +88,13 @@ decltype(auto) allocating_activations(std::string_view where, Index n, Index d, 
   }
 }
 
+/// A [rows, cols] matrix for the activations of a call (the allocating forms of forward), through
+/// allocating_activations.
+template <class Scalar>
+Matrix<Scalar> activation_matrix(std::string_view where, Index rows, Index cols) {
+  return allocating_activations(where, rows, cols, 1, sizeof(Scalar), [&] { return Matrix<Scalar>(rows, cols); });
+}
+
 /// a + b for non-negative a, b; throws Error naming `what` when it overflows or exceeds `limit`.
 template <class Error = ConfigError>
 Index checked_add(std::string_view where, std::string_view what, Index a, Index b, Index limit = max_elements) {

@@ -5,8 +5,10 @@
 #pragma once
 
 #include <algorithm>
+#include <string_view>
 
 #include "../types.hpp"
+#include "checked_size.hpp"
 #include "parallel.hpp"
 #include "serial_eigen.hpp"
 
@@ -107,13 +109,15 @@ void chunked_weight_gradient(MatrixRef<Scalar> dw, ConstMatrixRef<Scalar> x, Con
 /**
  * Σ over rows of per-row terms, summed in a fixed order: add_row(r, acc) adds row r's term into acc (a [cols]
  * Eigen::Map<Vector>); rows are summed in order within chunks of reduction_chunk_rows, the chunk sums are then
- * added into `total` in chunk order. `partials` is scratch [chunks, cols] reused across calls.
+ * added into `total` in chunk order. `partials` is scratch [chunks, cols] reused across calls; when it cannot be
+ * allocated, a ConfigError names `where` and the rows (nothing is added then).
  */
 template <class Scalar, class AddRow>
-void chunked_row_sum(Vector<Scalar>& total, Matrix<Scalar>& partials, Index rows, AddRow&& add_row) {
+void chunked_row_sum(std::string_view where, Vector<Scalar>& total, Matrix<Scalar>& partials, Index rows,
+                     AddRow&& add_row) {
   const Index cols = total.size(), chunks = chunk_count(rows, reduction_chunk_rows);
   if (chunks == 0) return;
-  partials.resize(chunks, cols);
+  allocating_activations(where, rows, cols, 1, sizeof(Scalar), [&] { partials.resize(chunks, cols); });
   const Index min_chunks = std::max<Index>(1, min_rows_per_thread(cols) / reduction_chunk_rows);
   parallel_rows(chunks, min_chunks, [&](Index cb, Index ce) {
     for (Index c = cb; c < ce; ++c) {

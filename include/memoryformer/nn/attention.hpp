@@ -9,6 +9,7 @@
 #include <concepts>
 #include <cstddef>
 #include <limits>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -98,7 +99,8 @@ inline std::string attention_rows_text(Index batch, Index seq, Index d) {
  * @param seq    tokens per sequence (≥ 1)
  * @param heads  number of heads (≥ 1, divides d)
  * @param cache  receives ctx and the log-sum-exp of every row for attention_backward
- * @throws ShapeError when a shape differs from (batch·seq, d); ConfigError for bad batch/seq/heads.
+ * @throws ShapeError when a shape differs from (batch·seq, d); ConfigError for bad batch/seq/heads, or when memory
+ *         cannot hold the buffers of its rows.
  */
 template <std::floating_point Scalar>
 void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_identity_t<ConstMatrixRef<Scalar>> q,
@@ -116,13 +118,15 @@ void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_id
   detail::check_shape(where, "ctx", ctx.rows(), ctx.cols(), rows, d, expected);
 
   cache.batch = cache.seq = cache.heads = 0;  // invalid until filled
-  cache.out.resize(rows, d);  // [batch·seq, d]
-  // The kernel writes into the cache, which shares no storage with q, k, v; ctx (which may alias them) is written
-  // once every read is done.
   // Eigen's products inside the kernels (double, or head widths off the vector width) run on one thread each: with a
   // single work item the kernel runs outside an OpenMP region, where Eigen would split them by its thread count.
   const detail::SerialEigenScope serial;
-  detail::flash_attention_forward<best_isa(), Scalar>(cache.out, cache.lse, q, k, v, batch, seq, heads);
+  // The kernel writes into the cache, which shares no storage with q, k, v; ctx (which may alias them) is written
+  // once every read is done.
+  detail::allocating_activations(where, rows, d, 1, sizeof(Scalar), [&] {
+    cache.out.resize(rows, d);  // [batch·seq, d]
+    detail::flash_attention_forward<best_isa(), Scalar>(cache.out, cache.lse, q, k, v, batch, seq, heads);
+  });
   detail::parallel_copy<Scalar>(ctx, cache.out);
   cache.batch = batch;
   cache.seq = seq;
@@ -143,7 +147,7 @@ void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_id
  * @param dctx      [batch·seq, d] gradient of ctx
  * @param cache     filled by attention_forward on these inputs
  * @throws ShapeError on a shape mismatch; StateError when the cache does not match; ValueError when two
- *         of dq, dk, dv overlap.
+ *         of dq, dk, dv overlap; ConfigError when memory cannot hold the buffers of its rows.
  */
 template <std::floating_point Scalar>
 void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_identity_t<MatrixRef<Scalar>> dk,
@@ -178,8 +182,10 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
     throw ValueError(std::string(where) + ": dq, dk and dv must not overlap");
 
   const detail::SerialEigenScope serial;  // as in attention_forward
-  detail::flash_attention_backward<best_isa(), Scalar>(dq, dk, dv, q, k, v, dctx, cache.out, cache.lse, batch, seq,
-                                                       heads);
+  detail::allocating_activations(where, rows, d, 1, sizeof(Scalar), [&] {
+    detail::flash_attention_backward<best_isa(), Scalar>(dq, dk, dv, q, k, v, dctx, cache.out, cache.lse, batch, seq,
+                                                         heads);
+  });
 }
 
 /**
@@ -201,7 +207,7 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
  *                 the same bfloat16-rounded keys and values.
  * @param heads    number of heads (≥ 1, divides d)
  * @throws ShapeError on a shape mismatch; ConfigError on bad heads; CapacityError when the cache would exceed
- *         max_seq (nothing is appended then).
+ *         max_seq; ConfigError when memory cannot hold the buffers of its rows. Nothing is appended when it throws.
  */
 template <std::floating_point Scalar>
 void attention_decode(std::type_identity_t<MatrixRef<Scalar>> ctx_new,
@@ -220,20 +226,22 @@ void attention_decode(std::type_identity_t<MatrixRef<Scalar>> ctx_new,
   detail::check_shape(where, "ctx_new", ctx_new.rows(), ctx_new.cols(), rows, d, expected);
 
   const Index first = cache.length();
-  cache.append(k_new, v_new);  // throws CapacityError before changing anything
-  // All reads of q_new happen before ctx_new is written (the kernel's merge pass writes), so they may alias.
   const detail::SerialEigenScope serial;  // as in attention_forward
-  if constexpr (std::is_same_v<Scalar, float>) {
-    if (cache.storage() == StorageType::BF16) {
-      detail::flash_attention_decode_bf16<best_isa()>(
-          ctx_new, q_new, cache.batch(), t, first, cache.length(), heads,
-          [&](Index b) { return cache.keys_bf16(b); }, [&](Index b) { return cache.values_bf16(b); });
-      return;
+  detail::decode_step(where, rows, d, 1, std::span<KVCache<Scalar>>(&cache, 1), [&] {
+    cache.append(k_new, v_new);  // throws CapacityError before changing anything
+    // All reads of q_new happen before ctx_new is written (the kernel's merge pass writes), so they may alias.
+    if constexpr (std::is_same_v<Scalar, float>) {
+      if (cache.storage() == StorageType::BF16) {
+        detail::flash_attention_decode_bf16<best_isa()>(
+            ctx_new, q_new, cache.batch(), t, first, cache.length(), heads,
+            [&](Index b) { return cache.keys_bf16(b); }, [&](Index b) { return cache.values_bf16(b); });
+        return;
+      }
     }
-  }
-  detail::flash_attention_decode<best_isa(), Scalar>(
-      ctx_new, q_new, cache.batch(), t, first, cache.length(), heads, [&](Index b) { return cache.keys(b); },
-      [&](Index b) { return cache.values(b); });
+    detail::flash_attention_decode<best_isa(), Scalar>(
+        ctx_new, q_new, cache.batch(), t, first, cache.length(), heads, [&](Index b) { return cache.keys(b); },
+        [&](Index b) { return cache.values(b); });
+  });
 }
 
 }  // namespace memoryformer

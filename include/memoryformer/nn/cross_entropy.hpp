@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../detail/checked_size.hpp"
 #include "../detail/checks.hpp"
 #include "../detail/fast_exp.hpp"
 #include "../detail/row_parallel.hpp"
@@ -53,7 +54,8 @@ inline void check_targets(const char* where, Index rows, Index vocab, std::span<
  * @param cache    receives the per-row log-sum-exp for the backward pass
  * @return the mean loss
  * @throws ShapeError for an empty logits matrix or a targets count ≠ rows; ValueError for a target
- *         outside [0, V) (the message names the row and the value).
+ *         outside [0, V) (the message names the row and the value); ConfigError when memory cannot hold the
+ *         buffers of its rows.
  */
 template <std::floating_point Scalar>
 Scalar cross_entropy_forward(std::type_identity_t<ConstMatrixRef<Scalar>> logits, std::span<const std::int32_t> targets,
@@ -63,10 +65,13 @@ Scalar cross_entropy_forward(std::type_identity_t<ConstMatrixRef<Scalar>> logits
     throw ShapeError(std::string(where) + ": logits is " + detail::shape_string({logits.rows(), logits.cols()}) +
                      ", expected (rows ≥ 1, V ≥ 1)");
   detail::check_targets(where, logits.rows(), logits.cols(), targets);
-  cache.logsumexp.resize(logits.rows());
   // Rows on the threads; their losses are summed afterwards in row order, so the mean has the same bits for any
   // thread count.
-  std::vector<double> row_loss(size_t(logits.rows()));
+  std::vector<double> row_loss;
+  detail::allocating_activations(where, logits.rows(), 1, 1, sizeof(double), [&] {
+    cache.logsumexp.resize(logits.rows());
+    row_loss.resize(size_t(logits.rows()));
+  });
   const Index vocab = logits.cols();
   detail::parallel_rows(logits.rows(), detail::min_rows_per_thread(vocab), [&](Index r0, Index r1) {
     std::vector<Scalar> p(static_cast<size_t>(vocab));  // [V] exp(logits_n − m)

@@ -6,9 +6,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <span>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../detail/checks.hpp"
@@ -210,6 +213,22 @@ void check_caches_match(const char* where, const std::vector<KVCache<Scalar>>& k
                        std::to_string(c.length()) + ") does not match block 0's (batch " +
                        std::to_string(first.batch()) + ", max_seq " + std::to_string(first.max_seq()) + ", length " +
                        std::to_string(first.length()) + "); use make_decode_state");
+  }
+}
+
+/// A decoding step that may append to `caches` (all of one length): runs step() and, when it throws, truncates every
+/// cache back to that length, so a call that fails part-way (a buffer of a later block that cannot be allocated, say)
+/// leaves the caches as they were. A failed allocation becomes allocating_activations' ConfigError, naming `where`,
+/// the rows and the width d.
+template <std::floating_point Scalar, class Step>
+void decode_step(std::string_view where, Index rows, Index d, Index layers, std::span<KVCache<Scalar>> caches,
+                 Step&& step) {
+  const Index length = caches.empty() ? 0 : caches.front().length();
+  try {
+    allocating_activations(where, rows, d, layers, sizeof(Scalar), std::forward<Step>(step));
+  } catch (...) {
+    for (KVCache<Scalar>& cache : caches) cache.truncate(length);
+    throw;
   }
 }
 

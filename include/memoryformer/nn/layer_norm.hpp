@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../detail/checked_size.hpp"
 #include "../detail/checks.hpp"
 #include "../detail/row_parallel.hpp"
 #include "../error.hpp"
@@ -66,14 +67,16 @@ class LayerNorm {
    * @param y      [rows, d] output; may be x itself (in place)
    * @param x      [rows, d] input
    * @param cache  receives the per-row statistics
-   * @throws ShapeError when the shapes disagree.
+   * @throws ShapeError when the shapes disagree; ConfigError when memory cannot hold the buffers of its rows.
    */
   void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, LayerNormCache<Scalar>& cache) const {
     constexpr const char* where = "LayerNorm::forward";
     detail::check_shape(where, "x", x.rows(), x.cols(), -1, d());
     detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), d());
-    cache.mean.resize(x.rows());
-    cache.rstd.resize(x.rows());
+    detail::allocating_activations(where, x.rows(), 1, 1, sizeof(Scalar), [&] {
+      cache.mean.resize(x.rows());
+      cache.rstd.resize(x.rows());
+    });
     const Scalar inv_d = Scalar(1) / Scalar(d());
     // Rows are independent: contiguous row ranges on the threads.
     detail::parallel_rows(x.rows(), detail::min_rows_per_thread(d()), [&](Index r0, Index r1) {
@@ -97,7 +100,8 @@ class LayerNorm {
    * @param x      [rows, d] the input given to forward
    * @param dy     [rows, d] gradient of the output
    * @param cache  filled by forward on this x
-   * @throws ShapeError when the shapes disagree; StateError when the cache does not come from forward on x.
+   * @throws ShapeError when the shapes disagree; StateError when the cache does not come from forward on x;
+   *         ConfigError when memory cannot hold the buffers of its rows.
    */
   void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> dy,
                 const LayerNormCache<Scalar>& cache) {
@@ -115,7 +119,7 @@ class LayerNorm {
     // read x and dy.
     dgamma_beta_.resize(2 * dd);
     dgamma_beta_.setZero();
-    detail::chunked_row_sum(dgamma_beta_, partials_, x.rows(), [&](Index n, auto& acc) {
+    detail::chunked_row_sum(where, dgamma_beta_, partials_, x.rows(), [&](Index n, auto& acc) {
       const Scalar mu = cache.mean(n);
       const Scalar rstd = cache.rstd(n);
       const auto xhat = (x.row(n).array() - mu) * rstd;  // lazy expression, re-read per use

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../detail/checked_size.hpp"
 #include "../detail/checks.hpp"
 #include "../detail/row_parallel.hpp"
 #include "../error.hpp"
@@ -58,13 +59,13 @@ class RMSNorm {
    * @param y      [rows, d] output; may be x itself (in place)
    * @param x      [rows, d] input
    * @param cache  receives the per-row RMS
-   * @throws ShapeError when the shapes disagree.
+   * @throws ShapeError when the shapes disagree; ConfigError when memory cannot hold the buffers of its rows.
    */
   void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, RMSNormCache<Scalar>& cache) const {
     constexpr const char* where = "RMSNorm::forward";
     detail::check_shape(where, "x", x.rows(), x.cols(), -1, d());
     detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), d());
-    cache.rms.resize(x.rows());
+    detail::allocating_activations(where, x.rows(), 1, 1, sizeof(Scalar), [&] { cache.rms.resize(x.rows()); });
     const Scalar inv_d = Scalar(1) / Scalar(d());
     // Rows are independent: contiguous row ranges on the threads.
     detail::parallel_rows(x.rows(), detail::min_rows_per_thread(d()), [&](Index r0, Index r1) {
@@ -86,7 +87,8 @@ class RMSNorm {
    * @param x      [rows, d] the input given to forward
    * @param dy     [rows, d] gradient of the output
    * @param cache  filled by forward on this x
-   * @throws ShapeError when the shapes disagree; StateError when the cache does not come from forward on x.
+   * @throws ShapeError when the shapes disagree; StateError when the cache does not come from forward on x;
+   *         ConfigError when memory cannot hold the buffers of its rows.
    */
   void backward(MatrixRef<Scalar> dx, ConstMatrixRef<Scalar> x, ConstMatrixRef<Scalar> dy,
                 const RMSNormCache<Scalar>& cache) {
@@ -100,7 +102,7 @@ class RMSNorm {
     const Scalar inv_d = Scalar(1) / Scalar(d());
     // dg = Σ_rows dy⊙x·s sums rows in fixed chunks (chunk sums added in chunk order): the same bits for any thread
     // count. Each row's dx is written by the thread that summed it, after its dg term read x and dy.
-    detail::chunked_row_sum(dscale_, partials_, x.rows(), [&](Index n, auto& acc) {
+    detail::chunked_row_sum(where, dscale_, partials_, x.rows(), [&](Index n, auto& acc) {
       const Scalar r = cache.rms(n);
       const Scalar s = Scalar(1) / (r + eps_);
       const Scalar dot = (dy.row(n).array() * scale_.transpose().array() * x.row(n).array()).sum();

@@ -78,7 +78,8 @@ class Rotary {
    * @param x                [batch·seq, d] input (Q or K before attention)
    * @param batch, seq       sequences and tokens per sequence, ≥ 1
    * @param position_offset  position of the first token of every sequence (e.g. the KV-cache length), ≥ 0
-   * @throws ShapeError on a shape mismatch; ConfigError on a bad batch, seq or offset.
+   * @throws ShapeError on a shape mismatch; ConfigError on a bad batch, seq or offset, or when memory cannot hold
+   *         the angles of positions past the cached ones.
    */
   void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Index batch, Index seq, Index position_offset = 0) const {
     apply_sequences("Rotary::forward", "x", "y", y, x, batch, seq, position_offset, Scalar(1));
@@ -246,8 +247,10 @@ class Rotary {
       cos_table = table->cos.data() + offset * half;
       sin_table = (sign > Scalar(0) ? table->sin : table->neg_sin).data() + offset * half;
     } else {
-      cos_local.resize(size_t(seq * half));
-      sin_local.resize(size_t(seq * half));
+      detail::allocating_activations(where, seq, half, 1, sizeof(Scalar), [&] {
+        cos_local.resize(size_t(seq * half));
+        sin_local.resize(size_t(seq * half));
+      });
       for (Index t = 0; t < seq; ++t)
         fill_angles(offset + t, sign, cos_local.data() + t * half, sin_local.data() + t * half);
       cos_table = cos_local.data();
