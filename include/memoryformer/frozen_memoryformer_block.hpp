@@ -100,9 +100,7 @@ class FrozenMemoryFormerBlock {
                           "(batch·seq, d) = (" + std::to_string(rows) + ", " + std::to_string(config_.d) + ")");
     detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), config_.d);
     detail::allocating_activations(where, rows, config_.d, 1, sizeof(float), [&] {
-      attention_input(x, s);
-      rotary_.forward(s.q, s.q, batch, seq, 0);
-      rotary_.forward(s.k, s.k, batch, seq, 0);
+      detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x, batch, seq, 0, s);
       attention_forward<float>(s.ctx, s.q, s.k, s.v, batch, seq, config_.heads, s.attention);
       finish(y, x, s);
     });
@@ -134,26 +132,13 @@ class FrozenMemoryFormerBlock {
       throw CapacityError(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " +
                           std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
     detail::decode_step(where, x_new.rows(), config_.d, 1, std::span<KVCache<float>>(&kv, 1), [&] {
-      attention_input(x_new, s);
-      rotary_.forward(s.q, s.q, kv.batch(), t, kv.length());
-      rotary_.forward(s.k, s.k, kv.batch(), t, kv.length());
+      detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x_new, kv.batch(), t, kv.length(), s);
       attention_decode<float>(s.ctx, s.q, s.k, s.v, kv, config_.heads);
       finish(y_new, x_new, s);
     });
   }
 
  private:
-  // a = norm1(x); one hash of a; q, k, v = its lookups in the Q, K, V tables.
-  void attention_input(ConstMatrixRef<float> x, Scratch& s) const {
-    const Index n = x.rows(), d = config_.d;
-    for (Matrix<float>* m : {&s.a, &s.q, &s.k, &s.v, &s.ctx, &s.h, &s.b}) m->resize(n, d);
-    norm1_.forward(s.a, x, s.norm1);
-    hasher_.hash(s.hash, s.a);
-    q_.forward_hashed(s.q, s.hash);
-    k_.forward_hashed(s.k, s.hash);
-    v_.forward_hashed(s.v, s.hash);
-  }
-
   // h = x + [W_O] ctx; y = h + MB(norm2(h)).
   void finish(MatrixRef<float> y, ConstMatrixRef<float> x, Scratch& s) const {
     if (output_) {

@@ -100,6 +100,30 @@ struct MemoryFormerBlockCache {
   MemoryBlockCache<Scalar> memory;  // the Memory Block's own cache
 };
 
+namespace detail {
+
+/// The attention inputs of a MemoryFormer block (design §3.1), for the training block and its frozen copy alike:
+/// a = norm1(x); one hash of a; q, k, v = its lookups in the Q, K, V tables, q and k rotated at positions
+/// offset … offset + seq − 1 of each of the batch sequences, each right after its product while the product's rows
+/// are still in the core's cache. `buffers` (the block's cache or the frozen block's scratch) receives them, and its
+/// ctx, h and b get x's shape for the rest of the block.
+template <class Norm, class Hasher, class Layer, class Rope, class Buffers>
+void block_attention_input(const Norm& norm1, const Hasher& hasher, const Layer& q, const Layer& k, const Layer& v,
+                           const Rope& rotary, const auto& x, Index batch, Index seq, Index offset, Buffers& buffers) {
+  const Index n = x.rows(), d = x.cols();
+  for (auto* m : {&buffers.a, &buffers.q, &buffers.k, &buffers.v, &buffers.ctx, &buffers.h, &buffers.b})
+    m->resize(n, d);
+  norm1.forward(buffers.a, x, buffers.norm1);
+  hasher.hash(buffers.hash, buffers.a);
+  q.forward_hashed(buffers.q, buffers.hash);
+  rotary.forward(buffers.q, buffers.q, batch, seq, offset);
+  k.forward_hashed(buffers.k, buffers.hash);
+  rotary.forward(buffers.k, buffers.k, batch, seq, offset);
+  v.forward_hashed(buffers.v, buffers.hash);
+}
+
+}  // namespace detail
+
 /**
  * @brief One MemoryFormer block (design §3). Inputs are [batch·seq, d] matrices, rows batch-major (row b·seq + t is
  * token t of sequence b). forward is const; backward overwrites dx and accumulates parameter gradients.
@@ -154,18 +178,9 @@ class MemoryFormerBlock {
   void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Index batch, Index seq, Cache& c) const {
     check_rows("MemoryFormerBlock::forward", x, batch, seq);
     detail::check_shape("MemoryFormerBlock::forward", "y", y.rows(), y.cols(), x.rows(), config_.d);
-    const Index n = x.rows(), d = config_.d;
     c.batch = c.seq = 0;  // invalid until the end: a forward that throws leaves a cache backward refuses
-    detail::allocating_activations("MemoryFormerBlock::forward", n, d, 1, sizeof(Scalar), [&] {
-      for (Matrix<Scalar>* m : {&c.a, &c.q, &c.k, &c.v, &c.ctx, &c.h, &c.b}) m->resize(n, d);
-      norm1_.forward(c.a, x, c.norm1);
-      hasher_.hash(c.hash, c.a);
-      // Each rotation right after its product, while the product's rows are still in the core's cache.
-      q_.forward_hashed(c.q, c.hash);
-      rotary_.forward(c.q, c.q, batch, seq, 0);
-      k_.forward_hashed(c.k, c.hash);
-      rotary_.forward(c.k, c.k, batch, seq, 0);
-      v_.forward_hashed(c.v, c.hash);
+    detail::allocating_activations("MemoryFormerBlock::forward", x.rows(), config_.d, 1, sizeof(Scalar), [&] {
+      detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x, batch, seq, 0, c);
       attention_forward<Scalar>(c.ctx, c.q, c.k, c.v, batch, seq, config_.heads, c.attention);
       residual_and_memory(y, x, c);
       c.batch = batch;
@@ -237,15 +252,7 @@ class MemoryFormerBlock {
                           std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
     detail::decode_step(where, x_new.rows(), config_.d, 1, std::span<KVCache<Scalar>>(&kv, 1), [&] {
       Cache c;  // decoding keeps no state for backward
-      const Index n = x_new.rows(), d = config_.d;
-      for (Matrix<Scalar>* m : {&c.a, &c.q, &c.k, &c.v, &c.ctx, &c.h, &c.b}) m->resize(n, d);
-      norm1_.forward(c.a, x_new, c.norm1);
-      hasher_.hash(c.hash, c.a);
-      q_.forward_hashed(c.q, c.hash);
-      k_.forward_hashed(c.k, c.hash);
-      v_.forward_hashed(c.v, c.hash);
-      rotary_.forward(c.q, c.q, kv.batch(), t, kv.length());
-      rotary_.forward(c.k, c.k, kv.batch(), t, kv.length());
+      detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x_new, kv.batch(), t, kv.length(), c);
       attention_decode<Scalar>(c.ctx, c.q, c.k, c.v, kv, config_.heads);
       residual_and_memory(y_new, x_new, c);
     });
