@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "../detail/checked_size.hpp"
 #include "../detail/checks.hpp"
 #include "../detail/row_parallel.hpp"
 #include "../error.hpp"
@@ -87,6 +88,9 @@ class Embedding {
     detail::check_shape(where, "dy", dy.rows(), dy.cols(), n, d(),
                         "(tokens.size(), d) = (" + std::to_string(n) + ", " + std::to_string(d()) + ")");
     check_tokens(where, tokens);
+    // Room for every id in the list first, so that the appends below cannot throw after dW has changed.
+    detail::allocating(where, "the list of touched rows", vocab() * Index(sizeof(Index)),
+                       [&] { touched_list_.reserve(size_t(vocab())); });
     // Each thread owns a range of ids and adds their rows of dy in token order: every row of dW gets the same sum,
     // in the same order, for any thread count. Splitting by id costs each thread one scan of the ids.
     const Index ids_per_thread = std::max<Index>(1, vocab() * detail::min_rows_per_thread(d()) / std::max<Index>(n, 1));
