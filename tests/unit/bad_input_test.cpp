@@ -31,6 +31,7 @@
 #include <memoryformer/model.hpp>
 #include <memoryformer/nn/attention.hpp>
 #include <memoryformer/nn/cross_entropy.hpp>
+#include <memoryformer/nn/embedding.hpp>
 #include <memoryformer/nn/kv_cache.hpp>
 #include <memoryformer/nn/layer_norm.hpp>
 #include <memoryformer/nn/linear.hpp>
@@ -506,6 +507,7 @@ int calls_past_an_address_space_limit() {
   const mf::LayerNorm<float> layer_norm(1);
   const mf::RMSNorm<float> rms_norm(1);
   const mf::Rotary<float> rotary(d, 2, 4);
+  mf::Embedding<float> embedding(Index(1) << 22, 1, std::uint64_t(6));  // a list of 2^22 touched rows is 32 MB
   // x and y seen as one column of 2^24 rows, for the norms of width 1.
   const Eigen::Map<const mf::Matrix<float>> x_column(x.data(), big * d, 1);
   Eigen::Map<mf::Matrix<float>> y_column(y.data(), big * d, 1);
@@ -578,6 +580,16 @@ int calls_past_an_address_space_limit() {
       return 10 + int(i);
     }
   }
+  // The embedding's list of touched rows is reserved before dW changes.
+  try {
+    embedding.backward(std::span<const std::int32_t>(tokens.data(), 1), dy.topRows(1).leftCols(1));
+    return 5;
+  } catch (const mf::ConfigError& e) {
+    if (std::string(e.what()).find("touched rows") == std::string::npos) return 6;
+  } catch (const std::bad_alloc&) {
+    return 7;
+  }
+  if (embedding.dweight().cwiseAbs().maxCoeff() != 0.0f) return 8;
   // A call that failed left no half-made state: the hash is empty, every cache as long as before.
   if (!hashed_under_cap.empty()) return 3;
   if (model_state.length() != 0 || frozen_state.length() != 0 || mf_kv.length() != 0 || dense_kv.length() != 0 ||
