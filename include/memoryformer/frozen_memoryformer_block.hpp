@@ -102,7 +102,7 @@ class FrozenMemoryFormerBlock {
     detail::allocating_activations(where, rows, config_.d, 1, sizeof(float), [&] {
       detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x, batch, seq, 0, s);
       attention_forward<float>(s.ctx, s.q, s.k, s.v, batch, seq, config_.heads, s.attention);
-      finish(y, x, s);
+      detail::block_residual_and_memory(output_ ? &*output_ : nullptr, norm2_, memory_, y, x, s);
     });
   }
 
@@ -134,24 +134,11 @@ class FrozenMemoryFormerBlock {
     detail::decode_step(where, x_new.rows(), config_.d, 1, std::span<KVCache<float>>(&kv, 1), [&] {
       detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x_new, kv.batch(), t, kv.length(), s);
       attention_decode<float>(s.ctx, s.q, s.k, s.v, kv, config_.heads);
-      finish(y_new, x_new, s);
+      detail::block_residual_and_memory(output_ ? &*output_ : nullptr, norm2_, memory_, y_new, x_new, s);
     });
   }
 
  private:
-  // h = x + [W_O] ctx; y = h + MB(norm2(h)).
-  void finish(MatrixRef<float> y, ConstMatrixRef<float> x, Scratch& s) const {
-    if (output_) {
-      output_->forward(s.h, s.ctx);
-      detail::parallel_add<float>(s.h, x);
-    } else {
-      detail::parallel_sum<float>(s.h, x, s.ctx);
-    }
-    norm2_.forward(s.b, s.h, s.norm2);
-    memory_.forward(y, s.b, s.memory);
-    detail::parallel_add<float>(y, s.h);
-  }
-
   Config config_;
   BlockNorm<float> norm1_;               // [d]
   SignHasher<float> hasher_;             // the hash Q, K and V share

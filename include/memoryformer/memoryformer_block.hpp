@@ -9,6 +9,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "detail/checks.hpp"
@@ -122,6 +123,24 @@ void block_attention_input(const Norm& norm1, const Hasher& hasher, const Layer&
   v.forward_hashed(buffers.v, buffers.hash);
 }
 
+/// The rest of a MemoryFormer block after attention (design §3.1), for the training block and its frozen copy alike:
+/// h = x + [W_O] ctx (output: W_O, or null without it), y = h + MB(norm2(h)), from buffers.ctx into buffers.h,
+/// buffers.b and y.
+template <class Output, class Norm, class Memory, class Buffers, class Y, class X>
+void block_residual_and_memory(const Output* output, const Norm& norm2, const Memory& memory, Y&& y, const X& x,
+                               Buffers& buffers) {
+  using Scalar = typename std::decay_t<decltype(buffers.h)>::Scalar;
+  if (output != nullptr) {
+    output->forward(buffers.h, buffers.ctx);
+    parallel_add<Scalar>(buffers.h, x);
+  } else {
+    parallel_sum<Scalar>(buffers.h, x, buffers.ctx);
+  }
+  norm2.forward(buffers.b, buffers.h, buffers.norm2);
+  memory.forward(y, buffers.b, buffers.memory);
+  parallel_add<Scalar>(y, buffers.h);
+}
+
 }  // namespace detail
 
 /**
@@ -182,7 +201,7 @@ class MemoryFormerBlock {
     detail::allocating_activations("MemoryFormerBlock::forward", x.rows(), config_.d, 1, sizeof(Scalar), [&] {
       detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x, batch, seq, 0, c);
       attention_forward<Scalar>(c.ctx, c.q, c.k, c.v, batch, seq, config_.heads, c.attention);
-      residual_and_memory(y, x, c);
+      detail::block_residual_and_memory(output_ ? &*output_ : nullptr, norm2_, memory_, y, x, c);
       c.batch = batch;
       c.seq = seq;
     });
@@ -254,7 +273,7 @@ class MemoryFormerBlock {
       Cache c;  // decoding keeps no state for backward
       detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x_new, kv.batch(), t, kv.length(), c);
       attention_decode<Scalar>(c.ctx, c.q, c.k, c.v, kv, config_.heads);
-      residual_and_memory(y_new, x_new, c);
+      detail::block_residual_and_memory(output_ ? &*output_ : nullptr, norm2_, memory_, y_new, x_new, c);
     });
   }
 
@@ -309,19 +328,6 @@ class MemoryFormerBlock {
   }
 
  private:
-  /// The block after attention, from c.ctx: h = x + [W_O] ctx, y = h + MB(norm2(h)) (into c.h, c.b and y).
-  void residual_and_memory(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Cache& c) const {
-    if (output_) {
-      output_->forward(c.h, c.ctx);
-      detail::parallel_add<Scalar>(c.h, x);
-    } else {
-      detail::parallel_sum<Scalar>(c.h, x, c.ctx);
-    }
-    norm2_.forward(c.b, c.h, c.norm2);
-    memory_.forward(y, c.b, c.memory);
-    detail::parallel_add<Scalar>(y, c.h);
-  }
-
   void check_rows(const char* where, ConstMatrixRef<Scalar> x, Index batch, Index seq) const {
     detail::check_config(batch >= 1 && seq >= 1, where,
                          "batch = " + std::to_string(batch) + " and seq = " + std::to_string(seq) + " must be >= 1");
