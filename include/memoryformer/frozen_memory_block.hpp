@@ -63,8 +63,8 @@ class FrozenMemoryBlock {
     detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), config_.d);
     const Index n = x.rows(), h = config_.hidden();
     detail::allocating_activations(where, n, h, 1, sizeof(float), [&] {
-      s.hidden.resize(n, h);
-      s.normed.resize(n, h);
+      detail::resize_buffer(s.hidden, n, h);
+      detail::resize_buffer(s.normed, n, h);
     });
     ml1_.forward(s.hidden, x, s.hash1);
     norm_.forward(s.normed, s.hidden, s.norm);

@@ -178,8 +178,8 @@ class FrozenLanguageModel {
                           std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(state.max_seq()));
     detail::SerialEigenScope serial;
     detail::decode_step(where, rows, d_, Index(blocks_.size()), std::span<KVCache<float>>(state.kv), [&] {
-      state.x.resize(rows, d_);
-      state.y.resize(rows, d_);
+      detail::resize_buffer(state.x, rows, d_);
+      detail::resize_buffer(state.y, rows, d_);
       embed(where, state.x, tokens_new);
       for (std::size_t i = 0; i < blocks_.size(); ++i) {
         blocks_[i].forward_decode(state.y, state.x, state.kv[i], state.scratch);

@@ -70,7 +70,7 @@ class SignHasher {
     out.invalidate();  // until its buffers have the new shape
     detail::allocating_activations("SignHasher::hash", rows, tables, 1, sizeof(Scalar) + sizeof(std::int32_t), [&] {
       out.codes.resize(size_t(rows * tables));
-      out.scores.resize(rows, tables);
+      detail::resize_buffer(out.scores, rows, tables);
     });
     out.rows = rows;
     out.tables = tables;

@@ -121,12 +121,12 @@ class MemoryBlock {
 
  private:
   void forward_layers(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Cache& cache, Index n, Index h) const {
-    cache.hidden.resize(n, h);
-    cache.normed.resize(n, h);
+    detail::resize_buffer(cache.hidden, n, h);
+    detail::resize_buffer(cache.normed, n, h);
     ml1_.forward(cache.hidden, x, cache.hash1);
     norm_.forward(cache.normed, cache.hidden, cache.norm);
     if (config_.gelu) {
-      cache.activated.resize(n, h);
+      detail::resize_buffer(cache.activated, n, h);
       gelu_forward(cache.activated, cache.normed);
       ml2_.forward(y, cache.activated, cache.hash2);
     } else {
@@ -148,7 +148,7 @@ class MemoryBlock {
     const Index n = x.rows(), h = config_.hidden();
     detail::check_shape("MemoryBlock::backward", "x", x.rows(), x.cols(), cache.hidden.rows(), config_.d);
     detail::allocating_activations("MemoryBlock::backward", n, h, 1, sizeof(Scalar), [&] {
-      dh_.resize(n, h);
+      detail::resize_buffer(dh_, n, h);
       const Matrix<Scalar>& ml2_input = config_.gelu ? cache.activated : cache.normed;
       ml2_.backward(dh_, ml2_input, dy, cache.hash2);
       if (config_.gelu) gelu_backward(dh_, cache.normed, dh_);

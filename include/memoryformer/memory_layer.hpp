@@ -301,7 +301,8 @@ class MemoryLayer {
                 const HashResult<Scalar>& cache, Isa isa = best_isa()) {
     hasher_.check_hash_matches("MemoryLayer::backward", x, cache);
     detail::allocating_activations("MemoryLayer::backward", cache.rows, config_.d_out, 1, sizeof(Scalar), [&] {
-      dscores_.setZero(cache.rows, cache.tables);
+      detail::resize_buffer(dscores_, cache.rows, cache.tables);
+      dscores_.setZero();
       backward_hashed(dscores_, dy, cache, isa);
       hasher_.backward(dx, x, cache, dscores_, isa);
     });

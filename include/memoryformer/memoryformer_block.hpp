@@ -113,7 +113,7 @@ void block_attention_input(const Norm& norm1, const Hasher& hasher, const Layer&
                            const Rope& rotary, const auto& x, Index batch, Index seq, Index offset, Buffers& buffers) {
   const Index n = x.rows(), d = x.cols();
   for (auto* m : {&buffers.a, &buffers.q, &buffers.k, &buffers.v, &buffers.ctx, &buffers.h, &buffers.b})
-    m->resize(n, d);
+    resize_buffer(*m, n, d);
   norm1.forward(buffers.a, x, buffers.norm1);
   hasher.hash(buffers.hash, buffers.a);
   q.forward_hashed(buffers.q, buffers.hash);
@@ -222,7 +222,7 @@ class MemoryFormerBlock {
     detail::check_shape(where, "dx", dx.rows(), dx.cols(), x.rows(), config_.d);
     const Index n = x.rows(), d = config_.d;
     detail::allocating_activations(where, n, d, 1, sizeof(Scalar), [&] {
-      for (Matrix<Scalar>* m : {&dh_, &tmp_, &dq_, &dk_, &dv_, &da_}) m->resize(n, d);
+      for (Matrix<Scalar>* m : {&dh_, &tmp_, &dq_, &dk_, &dv_, &da_}) detail::resize_buffer(*m, n, d);
       // y = h + MB(norm2(h))
       memory_.backward(tmp_, c.b, dy, c.memory);
       norm2_.backward(dh_, c.h, tmp_, c.norm2);
@@ -234,7 +234,8 @@ class MemoryFormerBlock {
       // One hash feeds Q, K and V: its pairs are sorted by table row once for the three (design §1.6), and their score
       // gradients add up before one pass through the hasher. Each rotation runs right before the lookup that reads its
       // result, which then finds it in the core's cache.
-      dscores_.setZero(c.hash.rows, c.hash.tables);
+      detail::resize_buffer(dscores_, c.hash.rows, c.hash.tables);
+      dscores_.setZero();
       qkv_sort_.current = false;
       rotary_.backward(dq_, dq_, c.batch, c.seq, 0);
       q_.backward_lookup(dscores_, dq_, c.hash, best_isa(), &qkv_sort_);

@@ -327,7 +327,7 @@ class LanguageModel {
     detail::check_config(std::isfinite(double(dloss)), where, "dloss = " + std::to_string(double(dloss)) + " is not finite");
     const detail::SerialEigenScope serial(deterministic_threads_);
     detail::allocating_activations(where, n, config_.block.d, config_.layers, sizeof(Scalar),
-                                   [&] { dlogits_.resize(n, config_.vocab); });
+                                   [&] { detail::resize_buffer(dlogits_, n, config_.vocab); });
     cross_entropy_backward<Scalar>(dlogits_, cache.logits, cache.targets, cache.loss, dloss);
     // Checked before any gradient is touched, so that a non-finite loss gradient leaves every gradient as it was.
     detail::check_finite(where, "dlogits", dlogits_.data(), dlogits_.rows(), dlogits_.cols());
@@ -351,13 +351,13 @@ class LanguageModel {
     cache.targets.clear();
     cache.x.resize(std::size_t(config_.layers) + 1);
     cache.blocks.resize(std::size_t(config_.layers));
-    for (auto& m : cache.x) m.resize(n, d);
+    for (auto& m : cache.x) detail::resize_buffer(m, n, d);
     embedding_.forward(cache.x[0], tokens);
     for (std::size_t i = 0; i < blocks_.size(); ++i)
       blocks_[i].forward(cache.x[i + 1], cache.x[i], batch, seq, cache.blocks[i]);
-    cache.normed.resize(n, d);
+    detail::resize_buffer(cache.normed, n, d);
     final_norm_.forward(cache.normed, cache.x.back(), cache.norm);
-    cache.logits.resize(n, config_.vocab);
+    detail::resize_buffer(cache.logits, n, config_.vocab);
     head_.forward(cache.logits, cache.normed);
     cache.batch = batch;
     cache.seq = seq;
@@ -366,8 +366,8 @@ class LanguageModel {
 
   void backward_layers(const Cache& cache) {
     const Index n = cache.batch * cache.seq, d = config_.block.d;
-    dx_.resize(n, d);
-    dy_.resize(n, d);
+    detail::resize_buffer(dx_, n, d);
+    detail::resize_buffer(dy_, n, d);
     head_.backward(dx_, cache.normed, dlogits_);
     final_norm_.backward(dy_, cache.x.back(), dx_, cache.norm);
     // dy_ holds the gradient of block i's output; its backward writes the gradient of its input into dx_.

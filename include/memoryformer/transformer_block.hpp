@@ -181,15 +181,15 @@ class TransformerBlock {
     // Invalidate first: if a step below throws, backward refuses the half-written cache.
     cache.batch = cache.seq = 0;
     detail::allocating_activations(where, n, d, 1, sizeof(Scalar), [&] {
-      cache.a.resize(n, d);
-      cache.q.resize(n, d);
-      cache.k.resize(n, d);
-      cache.v.resize(n, d);
-      cache.ctx.resize(n, d);
-      cache.h.resize(n, d);
-      cache.m.resize(n, d);
-      cache.up.resize(n, f);
-      cache.act.resize(n, f);
+      detail::resize_buffer(cache.a, n, d);
+      detail::resize_buffer(cache.q, n, d);
+      detail::resize_buffer(cache.k, n, d);
+      detail::resize_buffer(cache.v, n, d);
+      detail::resize_buffer(cache.ctx, n, d);
+      detail::resize_buffer(cache.h, n, d);
+      detail::resize_buffer(cache.m, n, d);
+      detail::resize_buffer(cache.up, n, f);
+      detail::resize_buffer(cache.act, n, f);
 
       ln1_.forward(cache.a, x, cache.ln1);
       // Each rotation right after its product, while the product's rows are still in the core's cache.
@@ -232,13 +232,13 @@ class TransformerBlock {
     detail::check_shape(where, "dy", dy.rows(), dy.cols(), n, d, expected);
     detail::check_shape(where, "dx", dx.rows(), dx.cols(), n, d, expected);
     detail::allocating_activations(where, n, d, 1, sizeof(Scalar), [&] {
-      df_.resize(n, f);
-      dm_.resize(n, d);
-      dh_.resize(n, d);
-      dq_.resize(n, d);
-      dk_.resize(n, d);
-      dv_.resize(n, d);
-      da_.resize(n, d);
+      detail::resize_buffer(df_, n, f);
+      detail::resize_buffer(dm_, n, d);
+      detail::resize_buffer(dh_, n, d);
+      detail::resize_buffer(dq_, n, d);
+      detail::resize_buffer(dk_, n, d);
+      detail::resize_buffer(dv_, n, d);
+      detail::resize_buffer(da_, n, d);
 
       // FFN branch, from dy down to the gradient of LN2's input.
       down_.backward(df_, cache.act, dy);

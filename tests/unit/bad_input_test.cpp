@@ -19,6 +19,7 @@
 
 #include <memoryformer/bucket_table.hpp>
 #include <memoryformer/detail/checked_size.hpp>
+#include <memoryformer/detail/lookup_kernels.hpp>
 #include <memoryformer/frozen_memory_block.hpp>
 #include <memoryformer/frozen_memory_layer.hpp>
 #include <memoryformer/frozen_memoryformer_block.hpp>
@@ -467,10 +468,12 @@ TEST(BadInput, OptimizerStateWithNonFiniteMomentsIsRefused) {
 }
 
 #if defined(__linux__) && !defined(MEMORYFORMER_TEST_UNDER_SANITIZER)
-/// In a process whose address space is capped 8 MB above what it maps once the inputs and caches are made: forward
-/// calls over 2^21 positions (tensors of 64 MB at d = 8) and backward calls over 2^19 (16 MB, from caches made before
-/// the cap) of the models, blocks and the Memory Layer must throw ConfigError naming the positions, not
-/// std::bad_alloc. Returns 0 when all do, else 100 + the case that did not (10 + it for a bare std::bad_alloc).
+/// In a process whose address space is capped 8 MB above what it maps once the inputs and caches are made, every call
+/// whose buffers grow with its rows must throw ConfigError naming the positions, not std::bad_alloc: forward calls
+/// over 2^21 positions (tensors of 64 MB at d = 8) and backward calls over 2^19 (16 MB, from caches made before the
+/// cap) of the models, blocks, layers, norms, attention, the hasher and Rotary, and decoding steps of 2^18 sequences.
+/// Returns 0 when all do, else 100 + the case that did not (10 + it for a bare std::bad_alloc); 3, 4 and 9 when a
+/// failed call left a hash, a KV cache or a block cache that looks valid; 5 to 8 for the Embedding's case.
 int calls_past_an_address_space_limit() {
 #if defined(MEMORYFORMER_USE_OPENMP)
   omp_set_num_threads(1);  // no thread stacks to map under the limit
@@ -501,6 +504,12 @@ int calls_past_an_address_space_limit() {
   layer.forward(y.topRows(mid), x_mid, hash);
   mf::HashResult<float> big_hash;  // all 2^21 rows, for the lookup alone (hashed only: no lookup scratch grows yet)
   layer.hasher().hash(big_hash, x);
+  // Buffers that hold a smaller batch when a larger one cannot be allocated: they must be left empty or as they were,
+  // never dangling (Eigen's resize frees before it allocates), and the calls that failed must not mark them valid.
+  mf::HashResult<float> hashed_under_cap;
+  layer.hasher().hash(hashed_under_cap, x_mid);
+  mf::MemoryFormerBlock<float>::Cache reused_mf_cache;
+  mf_block.forward(y.topRows(mid), x_mid, mid / seq, seq, reused_mf_cache);
   const mf::FrozenMemoryLayer frozen_layer(layer, mf::StorageType::F32);
   const mf::FrozenMemoryBlock frozen_memory_block(memory_block, mf::StorageType::F32);
   const mf::FrozenMemoryFormerBlock frozen_mf_block(mf_block, mf::StorageType::F32);
@@ -534,17 +543,17 @@ int calls_past_an_address_space_limit() {
   mf::MemoryFormerBlock<float>::Cache big_mf_cache;
   mf::TransformerBlock<float>::Cache big_dense_cache;
   mf::MemoryBlock<float>::Cache big_memory_cache;
-  mf::HashResult<float> hashed_under_cap;
   mf::LayerNormCache<float> layer_norm_cache;
   mf::RMSNormCache<float> rms_norm_cache;
   mf::CrossEntropyCache<float> cross_entropy_cache;
   mf::AttentionCache<float> attention_cache;
   mf::FrozenMemoryBlock::Scratch frozen_memory_scratch;
   mf::FrozenMemoryFormerBlock::Scratch frozen_mf_scratch, frozen_mf_decode_scratch;
-  const std::vector<std::function<void()>> calls = {
+  std::vector<std::function<void()>> calls = {
       [&] { model.forward(tokens, big / seq, seq, big_lm_cache); },
       [&] { (void)frozen.forward(tokens, big / seq, seq); },
       [&] { mf_block.forward(y, x, big / seq, seq, big_mf_cache); },
+      [&] { mf_block.forward(y, x, big / seq, seq, reused_mf_cache); },
       [&] { dense_block.forward(y, x, big / seq, seq, big_dense_cache); },
       [&] { memory_block.forward(y, x, big_memory_cache); },
       [&] { layer.forward(y, x, hashed_under_cap); },
@@ -559,7 +568,6 @@ int calls_past_an_address_space_limit() {
       [&] { mf::attention_forward<float>(y, x, x, x, big / seq, seq, 2, attention_cache); },
       [&] { mf_block.hasher().hash(hashed_under_cap, x); },
       [&] { rotary.forward(y, x, 1, big, Index(1) << 40); },  // positions past the cached angles
-      [&] { frozen_layer.forward_hashed(y, big_hash); },
       [&] { frozen_memory_block.forward(y, x, frozen_memory_scratch); },
       [&] { frozen_mf_block.forward(y, x, big / seq, seq, frozen_mf_scratch); },
       [&] { model.forward_decode(logits_decode, tokens_decode, model_state); },
@@ -568,6 +576,9 @@ int calls_past_an_address_space_limit() {
       [&] { dense_block.forward_decode(y_decode, x_decode, dense_kv); },
       [&] { frozen_mf_block.forward_decode(y_decode, x_decode, frozen_kv, frozen_mf_decode_scratch); },
   };
+  // The fast kernels' prefill plan grows with the rows; the portable gather allocates nothing.
+  if (mf::detail::use_fast_kernels<float>(mf::best_isa()))
+    calls.push_back([&] { frozen_layer.forward_hashed(y, big_hash); });
   for (size_t i = 0; i < calls.size(); ++i) {
     try {
       calls[i]();
@@ -592,6 +603,11 @@ int calls_past_an_address_space_limit() {
   if (embedding.dweight().cwiseAbs().maxCoeff() != 0.0f) return 8;
   // A call that failed left no half-made state: the hash is empty, every cache as long as before.
   if (!hashed_under_cap.empty()) return 3;
+  try {  // a forward refused the cache it could not refill
+    mf_block.backward(dx, x_mid, dy, reused_mf_cache);
+    return 9;
+  } catch (const mf::StateError&) {
+  }
   if (model_state.length() != 0 || frozen_state.length() != 0 || mf_kv.length() != 0 || dense_kv.length() != 0 ||
       frozen_kv.length() != 0)
     return 4;

@@ -24,6 +24,7 @@
 
 #include "../types.hpp"
 #include "attention_decode_rows.hpp"
+#include "checked_size.hpp"
 #include "fast_exp.hpp"
 #include "half.hpp"
 #include "parallel.hpp"
@@ -198,9 +199,12 @@ struct OnlineSoftmax {
   Vector<Scalar> l;  // [rows]
   Matrix<Scalar> acc;  // [rows, dh]
   void reset(Index rows, Index dh) {
-    m.setConstant(rows, -std::numeric_limits<Scalar>::infinity());
-    l.setZero(rows);
-    acc.setZero(rows, dh);
+    resize_buffer(m, rows);
+    resize_buffer(l, rows);
+    resize_buffer(acc, rows, dh);
+    m.setConstant(-std::numeric_limits<Scalar>::infinity());
+    l.setZero();
+    acc.setZero();
   }
 };
 
@@ -285,7 +289,7 @@ void attend_key_range_columns(OnlineSoftmax<float>& state, AttentionTileScratch<
                               float scale) {
   const Index rows = Q.rows(), dh = Q.cols();
   const Index queries = attention_padded_cols<I>(rows);  // Sᵀ's columns: whole vectors, the padding Qᵀ's zeros
-  scratch.qt.resize(dh, attention_tile);
+  resize_buffer(scratch.qt, dh, attention_tile);
   pack_transposed_rows<I>(scratch.qt.data(), attention_tile, Q, rows);
   constexpr Index w = VectorOps<I>::n, ld = attention_tile, band = attention_band;
   float* const St = scratch.scores.data();  // [cols, attention_tile]
@@ -391,7 +395,7 @@ void flash_attention_forward(MatrixRef<Scalar> out, Matrix<Scalar>& lse, const C
   const Index dh = q.cols() / heads;
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
   const Index tiles = (seq + attention_tile - 1) / attention_tile;
-  lse.resize(batch * heads, seq);
+  resize_buffer(lse, batch * heads, seq);
   parallel_claims(batch * heads * tiles, [&](WorkQueue& queue) {
     OnlineSoftmax<Scalar> state;
     AttentionTileScratch<Scalar> scratch;
@@ -451,11 +455,11 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
   };
   parallel_claims(batch * heads, [&](WorkQueue& queue) {
     AttentionBackwardScratch<Scalar> w;
-    w.P.resize(attention_backward_rows, attention_tile);
-    w.dP.resize(attention_backward_rows, attention_tile);
+    resize_buffer(w.P, attention_backward_rows, attention_tile);
+    resize_buffer(w.dP, attention_backward_rows, attention_tile);
     if (vector_path) {
-      w.kt.resize(dh, attention_tile);
-      w.vt.resize(dh, attention_tile);
+      resize_buffer(w.kt, dh, attention_tile);
+      resize_buffer(w.vt, dh, attention_tile);
     }
     for (Index bh = queue.claim(); bh >= 0; bh = queue.claim()) {
       const Index b = bh / heads, h = bh % heads;
@@ -464,10 +468,14 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
       const auto V = v.block(b * seq, h * dh, seq, dh);      // [seq, dh]
       const auto dO = dout.block(b * seq, h * dh, seq, dh);  // [seq, dh]
       const auto O = out.block(b * seq, h * dh, seq, dh);    // [seq, dh]
+      resize_buffer(w.D, seq);
       w.D = dO.cwiseProduct(O).rowwise().sum();
-      w.dQ.setZero(seq, dh);
-      w.dK.setZero(seq, dh);
-      w.dV.setZero(seq, dh);
+      resize_buffer(w.dQ, seq, dh);
+      w.dQ.setZero();
+      resize_buffer(w.dK, seq, dh);
+      w.dK.setZero();
+      resize_buffer(w.dV, seq, dh);
+      w.dV.setZero();
       for (Index k0 = 0; k0 < seq; k0 += attention_tile) {
         const Index cols = std::min(attention_tile, seq - k0);
         const auto Kj = K.middleRows(k0, cols), Vj = V.middleRows(k0, cols);  // [cols, dh]
@@ -751,8 +759,8 @@ void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<floa
       [&](Scratch& scratch, OnlineSoftmax<float>& state, Index b, Index h, Index q0, Index rows, Index k0, Index k1) {
         const Index count = k1 - k0;
         const auto Q = q.block(b * t + q0, h * dh, rows, dh);  // [rows, dh]
-        scratch.K.resize(count, dh);
-        scratch.V.resize(count, dh);
+        resize_buffer(scratch.K, count, dh);
+        resize_buffer(scratch.V, count, dh);
         widen_bf16_rows<I>(scratch.K.data(), keys_bf16(b), d, h * dh, k0, count, dh);
         widen_bf16_rows<I>(scratch.V.data(), values_bf16(b), d, h * dh, k0, count, dh);
         // Key r of the block is at position k0 + r: the query positions are shifted by −k0 (may be negative, then

@@ -14,6 +14,7 @@
 #include "../nn/attention.hpp"
 #include "../nn/kv_cache.hpp"
 #include "../types.hpp"
+#include "checked_size.hpp"
 #include "checks.hpp"
 
 namespace memoryformer::detail {
@@ -74,7 +75,7 @@ void reference_attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, st
   check_shape(where, "ctx", ctx.rows(), ctx.cols(), rows, d, expected);
 
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
-  cache.probs.resize(batch * heads * seq, seq);
+  resize_buffer(cache.probs, batch * heads * seq, seq);
   cache.batch = batch;
   cache.seq = seq;
   cache.heads = heads;

@@ -88,6 +88,24 @@ decltype(auto) allocating_activations(std::string_view where, Index n, Index d, 
   }
 }
 
+/// m.resize(rows, cols) that leaves m empty, never dangling, when memory cannot hold the new size: Eigen frees the
+/// old storage before it allocates the new one and keeps the freed pointer when that allocation throws, so a buffer
+/// reused across calls would be freed again later. The same allocations as m.resize otherwise.
+template <class Dense>
+void resize_buffer(Dense& m, Index rows, Index cols) {
+  if (m.rows() == rows && m.cols() == cols) return;
+  if (m.size() != rows * cols) m = Dense();
+  m.resize(rows, cols);
+}
+
+/// resize_buffer for a vector of `size` entries.
+template <class Dense>
+void resize_buffer(Dense& v, Index size) {
+  if (v.size() == size) return;
+  v = Dense();
+  v.resize(size);
+}
+
 /// A [rows, cols] matrix for the activations of a call (the allocating forms of forward), through
 /// allocating_activations.
 template <class Scalar>

@@ -110,14 +110,15 @@ void chunked_weight_gradient(MatrixRef<Scalar> dw, ConstMatrixRef<Scalar> x, Con
  * Σ over rows of per-row terms, summed in a fixed order: add_row(r, acc) adds row r's term into acc (a [cols]
  * Eigen::Map<Vector>); rows are summed in order within chunks of reduction_chunk_rows, the chunk sums are then
  * added into `total` in chunk order. `partials` is scratch [chunks, cols] reused across calls; when it cannot be
- * allocated, a ConfigError names `where` and the rows (nothing is added then).
+ * allocated, a ConfigError names `where` and its bytes (nothing is added then).
  */
 template <class Scalar, class AddRow>
 void chunked_row_sum(std::string_view where, Vector<Scalar>& total, Matrix<Scalar>& partials, Index rows,
                      AddRow&& add_row) {
   const Index cols = total.size(), chunks = chunk_count(rows, reduction_chunk_rows);
   if (chunks == 0) return;
-  allocating_activations(where, rows, cols, 1, sizeof(Scalar), [&] { partials.resize(chunks, cols); });
+  allocating(where, "the partial sums of its rows", chunks * cols * Index(sizeof(Scalar)),
+             [&] { resize_buffer(partials, chunks, cols); });
   const Index min_chunks = std::max<Index>(1, min_rows_per_thread(cols) / reduction_chunk_rows);
   parallel_rows(chunks, min_chunks, [&](Index cb, Index ce) {
     for (Index c = cb; c < ce; ++c) {

@@ -71,7 +71,7 @@ void exchange_table_codes(Communicator& comm, const RankRows& rows, const HashRe
   mine.tables = own.size();
   mine.tau = h.tau;
   mine.codes.resize(std::size_t(rows.total * own.size()));
-  mine.scores.resize(rows.total, own.size());
+  resize_buffer(mine.scores, rows.total, Index(own.size()));
   const std::byte* in = recv.data();
   for (int q = 0; q < ranks; ++q) {
     const std::size_t count = std::size_t(rows.rows[std::size_t(q)] * own.size());
@@ -111,7 +111,7 @@ void reduce_scatter_rows(Communicator& comm, const RankRows& rows, const Matrix<
 template <class Scalar>
 void all_gather_rows(Communicator& comm, const RankRows& rows, ConstMatrixRef<Scalar> x, Matrix<Scalar>& all) {
   const Index w = x.cols();
-  all.resize(rows.total, w);
+  resize_buffer(all, rows.total, w);
   std::vector<std::size_t> bytes(rows.rows.size());
   for (std::size_t q = 0; q < bytes.size(); ++q) bytes[q] = std::size_t(rows.rows[q] * w) * sizeof(Scalar);
   Matrix<Scalar> mine = x;  // contiguous copy: x may be a strided view

@@ -124,7 +124,7 @@ void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_id
   // The kernel writes into the cache, which shares no storage with q, k, v; ctx (which may alias them) is written
   // once every read is done.
   detail::allocating_activations(where, rows, d, 1, sizeof(Scalar), [&] {
-    cache.out.resize(rows, d);  // [batch·seq, d]
+    detail::resize_buffer(cache.out, rows, d);  // [batch·seq, d]
     detail::flash_attention_forward<best_isa(), Scalar>(cache.out, cache.lse, q, k, v, batch, seq, heads);
   });
   detail::parallel_copy<Scalar>(ctx, cache.out);

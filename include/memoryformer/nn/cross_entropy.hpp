@@ -68,9 +68,10 @@ Scalar cross_entropy_forward(std::type_identity_t<ConstMatrixRef<Scalar>> logits
   // Rows on the threads; their losses are summed afterwards in row order, so the mean has the same bits for any
   // thread count.
   std::vector<double> row_loss;
+  // The cache last: when it cannot be allocated it is left empty, which backward refuses.
   detail::allocating_activations(where, logits.rows(), 1, 1, sizeof(double), [&] {
-    cache.logsumexp.resize(logits.rows());
     row_loss.resize(size_t(logits.rows()));
+    detail::resize_buffer(cache.logsumexp, logits.rows());
   });
   const Index vocab = logits.cols();
   detail::parallel_rows(logits.rows(), detail::min_rows_per_thread(vocab), [&](Index r0, Index r1) {

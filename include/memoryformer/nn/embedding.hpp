@@ -80,7 +80,8 @@ class Embedding {
    * @brief dW[tokens[n]] += dy[n] for n in order, and flags those rows as touched.
    * @param tokens  the ids given to forward
    * @param dy      [tokens.size(), d] gradient of the output
-   * @throws ShapeError when dy's shape is wrong; ValueError for a bad id (nothing is accumulated then).
+   * @throws ShapeError when dy's shape is wrong; ValueError for a bad id; ConfigError when the list of touched rows
+   *         cannot be allocated (nothing is accumulated then).
    */
   void backward(std::span<const std::int32_t> tokens, ConstMatrixRef<Scalar> dy) {
     constexpr const char* where = "Embedding::backward";

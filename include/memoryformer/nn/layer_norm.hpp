@@ -74,8 +74,8 @@ class LayerNorm {
     detail::check_shape(where, "x", x.rows(), x.cols(), -1, d());
     detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), d());
     detail::allocating_activations(where, x.rows(), 1, 1, sizeof(Scalar), [&] {
-      cache.mean.resize(x.rows());
-      cache.rstd.resize(x.rows());
+      detail::resize_buffer(cache.mean, x.rows());
+      detail::resize_buffer(cache.rstd, x.rows());
     });
     const Scalar inv_d = Scalar(1) / Scalar(d());
     // Rows are independent: contiguous row ranges on the threads.
@@ -117,7 +117,7 @@ class LayerNorm {
     // dγ and dβ sum rows in fixed chunks (chunk sums added in chunk order): the same bits for any thread count. One
     // accumulator [2d] holds both, dγ first. Each row's dx is written by the thread that summed it, after its terms
     // read x and dy.
-    dgamma_beta_.resize(2 * dd);
+    detail::resize_buffer(dgamma_beta_, 2 * dd);
     dgamma_beta_.setZero();
     detail::chunked_row_sum(where, dgamma_beta_, partials_, x.rows(), [&](Index n, auto& acc) {
       const Scalar mu = cache.mean(n);
