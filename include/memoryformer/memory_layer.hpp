@@ -175,10 +175,8 @@ class MemoryLayer {
   void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, HashResult<Scalar>& cache, Isa isa = best_isa()) const {
     check_input("MemoryLayer::forward", x);
     check_output("MemoryLayer::forward", y, x.rows());
-    detail::allocating_activations("MemoryLayer::forward", x.rows(), config_.d_out, 1, sizeof(Scalar), [&] {
-      hasher_.hash(cache, x, isa);
-      forward_hashed(y, cache, isa);
-    });
+    hasher_.hash(cache, x, isa);  // both name a buffer they cannot allocate
+    forward_hashed(y, cache, isa);
   }
 
   /// Allocating convenience form of forward.
@@ -301,8 +299,7 @@ class MemoryLayer {
                 const HashResult<Scalar>& cache, Isa isa = best_isa()) {
     hasher_.check_hash_matches("MemoryLayer::backward", x, cache);
     detail::allocating_activations("MemoryLayer::backward", cache.rows, config_.d_out, 1, sizeof(Scalar), [&] {
-      detail::resize_buffer(dscores_, cache.rows, cache.tables);
-      dscores_.setZero();
+      detail::zeroed_buffer(dscores_, cache.rows, cache.tables);
       backward_hashed(dscores_, dy, cache, isa);
       hasher_.backward(dx, x, cache, dscores_, isa);
     });

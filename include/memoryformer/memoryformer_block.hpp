@@ -234,8 +234,7 @@ class MemoryFormerBlock {
       // One hash feeds Q, K and V: its pairs are sorted by table row once for the three (design §1.6), and their score
       // gradients add up before one pass through the hasher. Each rotation runs right before the lookup that reads its
       // result, which then finds it in the core's cache.
-      detail::resize_buffer(dscores_, c.hash.rows, c.hash.tables);
-      dscores_.setZero();
+      detail::zeroed_buffer(dscores_, c.hash.rows, c.hash.tables);
       qkv_sort_.current = false;
       rotary_.backward(dq_, dq_, c.batch, c.seq, 0);
       q_.backward_lookup(dscores_, dq_, c.hash, best_isa(), &qkv_sort_);

@@ -201,10 +201,9 @@ struct OnlineSoftmax {
   void reset(Index rows, Index dh) {
     resize_buffer(m, rows);
     resize_buffer(l, rows);
-    resize_buffer(acc, rows, dh);
     m.setConstant(-std::numeric_limits<Scalar>::infinity());
     l.setZero();
-    acc.setZero();
+    zeroed_buffer(acc, rows, dh);
   }
 };
 
@@ -470,12 +469,9 @@ void flash_attention_backward(MatrixRef<Scalar> dq, MatrixRef<Scalar> dk, Matrix
       const auto O = out.block(b * seq, h * dh, seq, dh);    // [seq, dh]
       resize_buffer(w.D, seq);
       w.D = dO.cwiseProduct(O).rowwise().sum();
-      resize_buffer(w.dQ, seq, dh);
-      w.dQ.setZero();
-      resize_buffer(w.dK, seq, dh);
-      w.dK.setZero();
-      resize_buffer(w.dV, seq, dh);
-      w.dV.setZero();
+      zeroed_buffer(w.dQ, seq, dh);
+      zeroed_buffer(w.dK, seq, dh);
+      zeroed_buffer(w.dV, seq, dh);
       for (Index k0 = 0; k0 < seq; k0 += attention_tile) {
         const Index cols = std::min(attention_tile, seq - k0);
         const auto Kj = K.middleRows(k0, cols), Vj = V.middleRows(k0, cols);  // [cols, dh]

@@ -106,6 +106,13 @@ void resize_buffer(Dense& v, Index size) {
   v.resize(size);
 }
 
+/// m.setZero(rows, cols) through resize_buffer.
+template <class Dense>
+void zeroed_buffer(Dense& m, Index rows, Index cols) {
+  resize_buffer(m, rows, cols);
+  m.setZero();
+}
+
 /// A [rows, cols] matrix for the activations of a call (the allocating forms of forward), through
 /// allocating_activations.
 template <class Scalar>
