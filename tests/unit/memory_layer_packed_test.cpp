@@ -5,7 +5,6 @@
 // copy.
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <thread>
 #include <utility>
