@@ -320,8 +320,8 @@ class MemoryLayer {
    * only) counting-sorts the (token, table) pairs by row, accumulates each row's gradient once and takes
    * ⟨dy, T_k[code]⟩ from the same row load (no atomics; bits independent of the thread count; sums in a different
    * order than the reference, so equal to it within float rounding).
-   * @throws ConfigError if `isa` is not compiled in or memory cannot hold the buffers of h's rows; as
-   *         backward_hashed otherwise
+   * @throws ConfigError if `isa` is not compiled in or memory cannot hold the buffers of h's rows (then dtables,
+   *         dbias, dscores and the touched rows are as they were); as backward_hashed otherwise
    */
   void backward_hashed(MatrixRef<Scalar> dscores, ConstMatrixRef<Scalar> dy, const HashResult<Scalar>& h, Isa isa) {
     detail::allocating_activations("MemoryLayer::backward_hashed", h.rows, config_.d_out, 1, sizeof(Scalar),
@@ -429,8 +429,19 @@ class MemoryLayer {
     // only when a sum is; a finite dy whose sum overflows passes that scan.
     const Vector<Scalar> column_sums = detail::column_sums<Scalar>(dy);
     if (!column_sums.allFinite()) detail::check_finite("MemoryLayer::backward", "dy", dy.data(), dy.rows(), dy.cols());
+    if (sharded()) {
+      backward_sharded(dscores, dy, h, isa);
+    } else {
+      lookup_gradients(dscores, dy, h, isa, shared);
+    }
+    // Last, so that a call refused for memory (the lookup allocates all its buffers before it writes) leaves dbias
+    // as it was too.
     if (config_.bias) dbias_ += column_sums;
-    if (sharded()) return backward_sharded(dscores, dy, h, isa);
+  }
+
+  /// The table and score gradients of backward_lookup on an unsharded layer.
+  void lookup_gradients(MatrixRef<Scalar> dscores, ConstMatrixRef<Scalar> dy, const HashResult<Scalar>& h, Isa isa,
+                        detail::SortedContributionsBuffer* shared) {
     const detail::SortedContributions* presorted = nullptr;
     if constexpr (std::is_same_v<Scalar, float>) {
       if (shared != nullptr && detail::lookup_backward_sorts<Scalar>(isa, h.rows, h.tables, config_.tau)) {

@@ -700,6 +700,7 @@ void expect_slices_finished_row_by_row_give_the_same_bits(const std::string& whe
       for (mf::Index c = 0; c < width; ++c) dt_start[size_t(r * width + c)] = 0.01f * float(c - r % 7);
     }
     std::vector<float> dyp(size_t(s.n * slice));
+    d::TableBlock pending(size_t(d::gradient_rows_scratch_floats<I>(width)) * sizeof(float));  // 64-byte aligned
     const auto run = [&](mf::Index done, std::vector<float>& dt, std::vector<float>& dot) {
       d::TableBlock block(size_t(rows * width) * sizeof(float));  // 64-byte aligned: fresh rows streamed
       float* dtables = reinterpret_cast<float*>(block.data());
@@ -719,7 +720,7 @@ void expect_slices_finished_row_by_row_give_the_same_bits(const std::string& whe
       }
       if (done < slices)
         d::gradient_rows<I>(dtables, layer.tables().data(), touched.data(), true, width, dy.data(), dy.outerStride(),
-                            sc, 0, used, done);
+                            sc, 0, used, reinterpret_cast<float*>(pending.data()), done);
       d::store_fence_if_streamed();
       dt.assign(dtables, dtables + rows * width);
     };

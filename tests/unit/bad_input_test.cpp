@@ -473,7 +473,8 @@ TEST(BadInput, OptimizerStateWithNonFiniteMomentsIsRefused) {
 /// over 2^21 positions (tensors of 64 MB at d = 8) and backward calls over 2^19 (16 MB, from caches made before the
 /// cap) of the models, blocks, layers, norms, attention, the hasher and Rotary, and decoding steps of 2^18 sequences.
 /// Returns 0 when all do, else 100 + the case that did not (10 + it for a bare std::bad_alloc); 3, 4 and 9 when a
-/// failed call left a hash, a KV cache or a block cache that looks valid; 5 to 8 for the Embedding's case.
+/// failed call left a hash, a KV cache or a block cache that looks valid; 5 to 8 for the Embedding's case; 90 when the
+/// Memory Layer's refused backward calls changed a gradient.
 int calls_past_an_address_space_limit() {
 #if defined(MEMORYFORMER_USE_OPENMP)
   omp_set_num_threads(1);  // no thread stacks to map under the limit
@@ -502,6 +503,7 @@ int calls_past_an_address_space_limit() {
   memory_block.forward(y.topRows(mid), x_mid, memory_cache);
   mf::HashResult<float> hash;
   layer.forward(y.topRows(mid), x_mid, hash);
+  mf::Matrix<float> dscores = mf::Matrix<float>::Zero(mid, layer.num_tables());  // backward_hashed allocates the rest
   mf::HashResult<float> big_hash;  // all 2^21 rows, for the lookup alone (hashed only: no lookup scratch grows yet)
   layer.hasher().hash(big_hash, x);
   // Buffers that hold a smaller batch when a larger one cannot be allocated: they must be left empty or as they were,
@@ -562,6 +564,7 @@ int calls_past_an_address_space_limit() {
       [&] { dense_block.backward(dx, x_mid, dy, dense_cache); },
       [&] { memory_block.backward(dx, x_mid, dy, memory_cache); },
       [&] { layer.backward(dx, x_mid, dy, hash); },
+      [&] { layer.backward_hashed(dscores, dy, hash); },
       [&] { layer_norm.forward(y_column, x_column, layer_norm_cache); },
       [&] { rms_norm.forward(y_column, x_column, rms_norm_cache); },
       [&] { (void)mf::cross_entropy_forward<float>(x, tokens, cross_entropy_cache); },
@@ -611,6 +614,11 @@ int calls_past_an_address_space_limit() {
   if (model_state.length() != 0 || frozen_state.length() != 0 || mf_kv.length() != 0 || dense_kv.length() != 0 ||
       frozen_kv.length() != 0)
     return 4;
+  // The layer's refused backward calls left every gradient as it was: dbias, dtables, the touched rows, dscores.
+  const auto all_zero = [](std::span<const float> v) { return std::ranges::all_of(v, [](float e) { return e == 0.0f; }); };
+  if (!layer.dbias().isZero() || !all_zero(layer.dtables().values()) || !layer.touched_list().empty() ||
+      std::ranges::any_of(layer.touched_rows(), [](std::uint8_t f) { return f != 0; }) || !dscores.isZero())
+    return 90;
   return 0;
 }
 #endif

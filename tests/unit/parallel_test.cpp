@@ -98,6 +98,8 @@ TEST(StreamQueue, EachThreadTakesItsOwnShareInOrderThenHelpsWithTheNext) {
   EXPECT_EQ(last.claim(), 5);
   EXPECT_EQ(last.claim(), 6);
   EXPECT_EQ(last.claim(), 3);  // share 2 used up; share 0 too; share 1 has item 3 left
+  EXPECT_EQ(last.thread(), 2);  // still the thread it was made for, whose share it helps with
+  EXPECT_EQ(first.thread(), 0);
   EXPECT_EQ(first.claim(), -1);
   EXPECT_EQ(last.claim(), -1);
   EXPECT_EQ(last.claim(), -1);
@@ -109,6 +111,24 @@ TEST(StreamQueue, EachThreadTakesItsOwnShareInOrderThenHelpsWithTheNext) {
 TEST(ParallelStreams, EveryItemIsClaimedExactlyOnceForAnyThreadCount) {
   // A thread's claims are not increasing: the last share's thread helps with the first share.
   expect_every_item_claimed_once([](mf::Index count, auto&& work) { detail::parallel_streams(count, work); }, false);
+}
+
+TEST(ParallelStreams, EachThreadsClaimsNameADistinctThreadBelowTheThreadCount) {
+  ThreadSetting setting;
+  for (int threads : thread_settings()) {
+    setting.set(threads);
+    const mf::Index count = 9;
+    const mf::Index workers = std::min<mf::Index>(count, detail::available_threads());
+    std::vector<std::atomic<int>> seen(static_cast<size_t>(count));
+    detail::parallel_streams(count, [&](detail::StreamQueue::Claims& claims) {
+      ASSERT_GE(claims.thread(), 0);
+      ASSERT_LT(claims.thread(), workers);
+      ++seen[static_cast<size_t>(claims.thread())];  // thread-indexed buffers need one user per index
+      while (claims.claim() >= 0) {
+      }
+    });
+    for (const auto& s : seen) EXPECT_LE(s.load(), 1) << threads << " threads";
+  }
 }
 
 TEST(ParallelRows, RangesCoverEveryRowOnceWithTheMinimumPerThread) {

@@ -130,7 +130,9 @@ class StreamQueue {
   /// A thread's view of the queue: claim() gives the next item for thread `t`, or −1 once every item is claimed.
   class Claims {
    public:
-    Claims(StreamQueue& queue, Index t) : queue_(queue), share_(t) {}
+    Claims(StreamQueue& queue, Index t) : queue_(queue), thread_(t), share_(t) {}
+    /// The thread these claims are made for, t in [0, threads): an index for per-thread buffers.
+    Index thread() const { return thread_; }
     Index claim() {
       for (Index tried = 0; tried < queue_.threads_; ++tried) {
         const Index item = queue_.next_[std::size_t(share_)].fetch_add(1, std::memory_order_relaxed);
@@ -142,6 +144,7 @@ class StreamQueue {
 
    private:
     StreamQueue& queue_;
+    Index thread_;
     Index share_;  // the share claimed from: the thread's own, then the ones after it
   };
 

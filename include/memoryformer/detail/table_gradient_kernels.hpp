@@ -252,17 +252,24 @@ inline constexpr Index gradient_rows_prefetch = 8;
 /// Contributions ahead whose dy row gradient_rows requests into L1.
 inline constexpr Index gradient_rows_prefetch_entries = 4;
 
+/// Floats of gradient_rows' per-thread scratch for rows of `width` values (a multiple of the slice).
+template <Isa I>
+constexpr Index gradient_rows_scratch_floats(Index width) {
+  return width / (SliceTraits<I>::vectors * Lanes<I>::n) * 16 * Lanes<I>::n;
+}
+
 /// Row order over the used rows sc.used[u0, u1), for tables whose rows have few contributions (ML2's 2^10 rows per
 /// table get about two of 2,048 tokens each): each row's T and dT are read whole, in address order, so they stream
 /// like an array, where the column-slice order reads every row in pieces a row apart; dy's rows are read in place.
 /// Per column slice it computes what gradient_slice computes, in the same order (the row's sum from +0, each entry's
 /// slice part of ⟨dy, T⟩ through the same reduction tree, added to dot in slice order), so the bits are the same.
 /// width must be a multiple of the slice. Only the slices from `first_slice` on are computed (the earlier ones are
-/// done: a range that another thread began column slice by column slice).
+/// done: a range that another thread began column slice by column slice). `pending`: the thread's scratch of
+/// gradient_rows_scratch_floats<I>(width) floats, 64-byte aligned.
 template <Isa I>
 void gradient_rows(float* dtables, const float* tables, const std::uint8_t* touched, bool stream_fresh, Index width,
                    const float* dy, Index dy_stride, const SortedContributions& sc, Index u0, Index u1,
-                   Index first_slice = 0) {
+                   [[maybe_unused]] float* pending, Index first_slice = 0) {
   using L = Lanes<I>;
   using V = typename L::V;
   constexpr Index nv = SliceTraits<I>::vectors;
@@ -270,8 +277,8 @@ void gradient_rows(float* dtables, const float* tables, const std::uint8_t* touc
   const Index slices = width / slice, first_col = first_slice * slice;
   [[maybe_unused]] const Index e_begin = sc.start[sc.used[u0]];
   const Index e_end = sc.start[sc.used[u1 - 1] + 1];
-  // Per slice, the ⟨dy, T⟩ vectors of the current group of 16 entries (groups counted from e_begin; AVX-512 only).
-  [[maybe_unused]] float* pending = thread_scratch<13, float>(size_t(slices * 16 * L::n));
+  // pending holds, per slice, the ⟨dy, T⟩ vectors of the current group of 16 entries (groups counted from e_begin;
+  // AVX-512 only).
   const Index row_bytes = (width - first_col) * Index(sizeof(float));
   for (Index u = u0; u < u1; ++u) {
     const Index r = sc.used[u];
@@ -394,7 +401,6 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
     sc.entry_of = thread_scratch<14, std::int32_t>(size_t(entries));
     sort_contributions(sc, codes, scores, rows, num_tables, tau);
   }
-  if (new_rows != nullptr) list_new_rows(*new_rows, touched, sc);
   // Non-temporal stores need every row slice to start a 64-byte line.
   const bool stream_fresh = reinterpret_cast<std::uintptr_t>(dtables) % 64 == 0 && width % 16 == 0;
   const bool whole_slices = width % slice == 0;
@@ -405,6 +411,14 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   std::vector<Index> bounds(size_t(chunks + 1));  // chunk c: used rows [bounds[c], bounds[c + 1])
   for (Index c = 0; c <= chunks; ++c) bounds[size_t(c)] = balanced_row_split(sc, c, chunks);
   const auto chunk_begin = [&](Index c) { return bounds[size_t(c)]; };
+  const Index slices = (width + slice - 1) / slice;
+  SliceChunks work(row_order ? 0 : chunks, slices);
+  // Every thread's scratch is allocated before the first row is flagged or written, so that a call refused for
+  // memory changes nothing; thread t's part starts at t times its size.
+  const Index pending_floats = whole_slices ? gradient_rows_scratch_floats<I>(width) : 0;
+  float* const pending = thread_scratch<13, float>(size_t(available_threads() * pending_floats));
+  float* const dy_slices = row_order ? nullptr : thread_scratch<8, float>(size_t(threads * rows * slice));
+  if (new_rows != nullptr) list_new_rows(*new_rows, touched, sc);
   // The rows' last step: flagged written.
   const auto flag_rows = [&](Index u0, Index u1) {
     for (Index u = u0; u < u1; ++u) touched[sc.used[u]] = 1;
@@ -421,10 +435,11 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   if (row_order) {
     // Each chunk whole (all slices, then finished) by one thread: own share first, then the others'.
     parallel_streams(chunks, [&](StreamQueue::Claims& claims) {
+      float* const own_pending = pending + claims.thread() * pending_floats;
       for (Index c = claims.claim(); c >= 0; c = claims.claim()) {
         if (chunk_begin(c) >= chunk_begin(c + 1)) continue;
         gradient_rows<I>(dtables, tables, touched, stream_fresh, width, dy, dy_stride, sc, chunk_begin(c),
-                         chunk_begin(c + 1));
+                         chunk_begin(c + 1), own_pending);
         if (stream_fresh) store_fence_if_streamed();  // the rows' streamed stores before anyone reads them
         flag_rows(chunk_begin(c), chunk_begin(c + 1));
       }
@@ -432,12 +447,10 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
     parallel_rows(rows, 64, add_dots);
     return;
   }
-  const Index slices = (width + slice - 1) / slice;
-  SliceChunks work(chunks, slices);
   parallel_threads(threads, [&](Index t, Index nt) {
     // Own share, slice by slice: dy's slice packed once and read from L2 by every chunk.
     const Index own0 = chunks * t / nt, own1 = chunks * (t + 1) / nt;
-    float* dyp = thread_scratch<8, float>(size_t(rows * slice));
+    float* const dyp = dy_slices + t * rows * slice;
     for (Index sl = 0; sl < slices; ++sl) {
       const Index c0 = sl * slice, cols = std::min(slice, width - c0);
       bool packed = false;
@@ -474,7 +487,7 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
           const Index first = work.claim_rest(c);
           if (first < 0) continue;
           gradient_rows<I>(dtables, tables, touched, stream_fresh, width, dy, dy_stride, sc, chunk_begin(c),
-                           chunk_begin(c + 1), first);
+                           chunk_begin(c + 1), pending + t * pending_floats, first);
           if (stream_fresh) store_fence_if_streamed();
           work.release(c, slices);
           took = true;
