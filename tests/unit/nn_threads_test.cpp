@@ -63,12 +63,16 @@ void expect_same_bits_for_1_2_3_threads(Run&& run) {
   }
 }
 
-// Enough rows for several threads at every layer's minimum work per thread and several reduction chunks.
-constexpr Index rows = 1100, d = 48, vocab = 200;
+// Enough rows for several threads at every layer's minimum work per thread and several reduction chunks. One named
+// constant, so that generic names (rows, d, vocab) stay out of the files compiled after this one in a unity batch.
+constexpr struct {
+  Index rows, d, vocab;
+} thread_test_shape{1100, 48, 200};
 
 }  // namespace
 
 TEST(ThreadCount, RotaryForwardBackwardSameBits) {
+  const Index rows = thread_test_shape.rows, d = thread_test_shape.d;
   // One head with 19 rotated pairs (a whole piece of 16 and a partial one) and a pass-through tail.
   const auto x = float_matrix(rows, d, 21);
   expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
@@ -86,6 +90,7 @@ TEST(ThreadCount, RotaryForwardBackwardSameBits) {
 }
 
 TEST(ThreadCount, EmbeddingForwardBackwardSameBits) {
+  const Index rows = thread_test_shape.rows, d = thread_test_shape.d, vocab = thread_test_shape.vocab;
   // Repeated ids (1100 tokens over 200 rows) make the backward sum several dy rows into one dW row.
   const auto tokens = random_tokens(rows, vocab, 22);
   const auto dy = float_matrix(rows, d, 23);
@@ -102,6 +107,7 @@ TEST(ThreadCount, EmbeddingForwardBackwardSameBits) {
 }
 
 TEST(ThreadCount, RMSNormForwardBackwardSameBits) {
+  const Index rows = thread_test_shape.rows, d = thread_test_shape.d;
   const auto x = float_matrix(rows, d, 1), dy = float_matrix(rows, d, 2);
   expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
     mf::RMSNorm<float> norm(d);
@@ -118,6 +124,7 @@ TEST(ThreadCount, RMSNormForwardBackwardSameBits) {
 }
 
 TEST(ThreadCount, LayerNormForwardBackwardSameBits) {
+  const Index rows = thread_test_shape.rows, d = thread_test_shape.d;
   const auto x = float_matrix(rows, d, 4), dy = float_matrix(rows, d, 5);
   expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
     mf::LayerNorm<float> norm(d);
@@ -134,6 +141,7 @@ TEST(ThreadCount, LayerNormForwardBackwardSameBits) {
 }
 
 TEST(ThreadCount, CrossEntropySameBits) {
+  const Index rows = thread_test_shape.rows, vocab = thread_test_shape.vocab;
   const auto logits = float_matrix(rows, vocab, 7);
   const auto targets = random_tokens(rows, vocab, 8);
   expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
@@ -147,6 +155,7 @@ TEST(ThreadCount, CrossEntropySameBits) {
 }
 
 TEST(ThreadCount, LinearForwardBackwardSameBits) {
+  const Index rows = thread_test_shape.rows, d = thread_test_shape.d, vocab = thread_test_shape.vocab;
   const auto x = float_matrix(rows, d, 9), dy = float_matrix(rows, vocab, 10);
   expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
     mf::Linear<float> head(d, vocab, true, std::uint64_t(11));
@@ -189,6 +198,7 @@ TEST(ThreadCount, ColumnSumsAreRowOrderChains) {
 }
 
 TEST(ThreadCount, GeluAndSoftmaxSameBits) {
+  const Index rows = thread_test_shape.rows, vocab = thread_test_shape.vocab;
   const auto x = float_matrix(rows, vocab, 12), dy = float_matrix(rows, vocab, 13);
   expect_same_bits_for_1_2_3_threads([&](std::vector<float>& out) {
     mf::Matrix<float> y(rows, vocab), dx(rows, vocab);
