@@ -320,8 +320,9 @@ class MemoryLayer {
    * only) counting-sorts the (token, table) pairs by row, accumulates each row's gradient once and takes
    * ⟨dy, T_k[code]⟩ from the same row load (no atomics; bits independent of the thread count; sums in a different
    * order than the reference, so equal to it within float rounding).
-   * @throws ConfigError if `isa` is not compiled in or memory cannot hold the buffers of h's rows (then dtables,
-   *         dbias, dscores and the touched rows are as they were); as backward_hashed otherwise
+   * @throws ConfigError if `isa` is not compiled in or memory cannot hold the buffers of h's rows (then, unless the
+   *         layer is sharded, dtables, dbias, dscores and the touched rows are as they were); as backward_hashed
+   *         otherwise
    */
   void backward_hashed(MatrixRef<Scalar> dscores, ConstMatrixRef<Scalar> dy, const HashResult<Scalar>& h, Isa isa) {
     detail::allocating_activations("MemoryLayer::backward_hashed", h.rows, config_.d_out, 1, sizeof(Scalar),

@@ -15,6 +15,7 @@
 #include <span>
 #include <string>
 #include <typeinfo>
+#include <utility>
 #include <vector>
 
 #include <memoryformer/bucket_table.hpp>
@@ -533,7 +534,6 @@ int calls_past_an_address_space_limit() {
   auto mf_kv = mf_block.make_kv_cache(decode_batch, 1);
   auto dense_kv = dense_block.make_kv_cache(decode_batch, 1);
   auto frozen_kv = frozen_mf_block.make_kv_cache(decode_batch, 1);
-
   long pages = 0;
   std::ifstream("/proc/self/statm") >> pages;
   if (pages <= 0) return 1;
@@ -615,7 +615,9 @@ int calls_past_an_address_space_limit() {
       frozen_kv.length() != 0)
     return 4;
   // The layer's refused backward calls left every gradient as it was: dbias, dtables, the touched rows, dscores.
-  const auto all_zero = [](std::span<const float> v) { return std::ranges::all_of(v, [](float e) { return e == 0.0f; }); };
+  const auto all_zero = [](std::span<const float> v) {
+    return std::ranges::all_of(v, [](float e) { return e == 0.0f; });
+  };
   if (!layer.dbias().isZero() || !all_zero(layer.dtables().values()) || !layer.touched_list().empty() ||
       std::ranges::any_of(layer.touched_rows(), [](std::uint8_t f) { return f != 0; }) || !dscores.isZero())
     return 90;
@@ -628,6 +630,69 @@ TEST(BadInput, CallsWhoseBuffersCannotBeAllocated) {
   // In a child process (re-executed, so no threads of this one are copied), where the limit cannot harm other tests.
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_EXIT(std::exit(calls_past_an_address_space_limit()), ::testing::ExitedWithCode(0), "");
+#else
+  GTEST_SKIP() << "needs Linux and a process without a sanitizer's shadow memory (an address-space limit)";
+#endif
+}
+
+#if defined(__linux__) && !defined(MEMORYFORMER_TEST_UNDER_SANITIZER)
+/// The sorted backward kernel over a sort made before an address-space cap (as MemoryFormerBlock shares one), whose
+/// sums buffer a backward over as many pairs (8 tables × 2^17 rows) has grown: the capped call over 2^19 rows is
+/// refused only its per-thread dy slices, which it must allocate before it flags or lists a row. Returns 0 when it
+/// is refused and leaves the touched rows, their list, dtables and dscores as they were; 1–2 when the cap could not
+/// be set, 3 when the cap did not bite, 4 when something changed, 5 without the sorted kernel.
+int sorted_backward_past_an_address_space_limit() {
+#if defined(MEMORYFORMER_USE_OPENMP)
+  omp_set_num_threads(1);  // no thread stacks to map under the limit
+#endif
+  constexpr Index d = 8, rows = Index(1) << 19, wide_rows = rows / 4;
+  const mf::Isa isa = mf::best_isa();
+  mf::MemoryLayer<float> layer(mf::MemoryLayerConfig{.d_in = d, .d_out = d, .tau = 4}, 5);  // 2 tables of 16 rows
+  if (!mf::detail::lookup_backward_sorts<float>(isa, rows, layer.num_tables(), 4)) return 5;
+  const mf::Matrix<float> x = mf::Matrix<float>::Constant(rows, d, 0.5f), dy = mf::Matrix<float>::Ones(rows, d);
+  mf::Matrix<float> y(rows, d), dscores = mf::Matrix<float>::Zero(rows, layer.num_tables());
+  mf::HashResult<float> hash;
+  layer.forward(y, x, hash);
+  mf::detail::SortedContributionsBuffer presorted;
+  presorted.sort(hash.codes.data(), hash.scores.data(), hash.rows, hash.tables, 4);
+  mf::MemoryLayer<float> wide(mf::MemoryLayerConfig{.d_in = 4 * d, .d_out = d, .tau = 4}, 7);  // 8 tables
+  const Eigen::Map<const mf::Matrix<float>> x_wide(x.data(), wide_rows, 4 * d);
+  mf::HashResult<float> h_wide;
+  wide.forward(y.topRows(wide_rows), x_wide, h_wide);
+  mf::Matrix<float> ds_wide = mf::Matrix<float>::Zero(wide_rows, wide.num_tables());
+  wide.backward_hashed(ds_wide, dy.topRows(wide_rows), h_wide);
+  std::vector<std::uint8_t> touched(std::size_t(layer.num_tables() * 16), 0);
+  std::vector<Index> new_rows;
+  new_rows.reserve(touched.size());
+  std::vector<float> dtables(touched.size() * std::size_t(d), 0.0f);
+
+  long pages = 0;
+  std::ifstream("/proc/self/statm") >> pages;
+  if (pages <= 0) return 1;
+  const rlim_t cap = rlim_t(pages) * rlim_t(sysconf(_SC_PAGESIZE)) + (rlim_t(8) << 20);
+  const rlimit limit{cap, cap};
+  if (setrlimit(RLIMIT_AS, &limit) != 0) return 2;
+  try {
+    mf::detail::lookup_backward(isa, dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(),
+                                std::as_const(layer).tables().data(), dtables.data(), touched.data(), 4, d,
+                                hash.tables, hash.codes.data(), hash.scores.data(), hash.rows, &presorted.sorted,
+                                &new_rows);
+    return 3;
+  } catch (const std::bad_alloc&) {  // the kernel's own failure, which MemoryLayer names
+  }
+  if (!new_rows.empty() || std::ranges::any_of(touched, [](std::uint8_t f) { return f != 0; }) ||
+      std::ranges::any_of(dtables, [](float v) { return v != 0.0f; }) || !dscores.isZero())
+    return 4;
+  return 0;
+}
+#endif
+
+TEST(BadInput, SortedBackwardRefusedItsScratchChangesNothing) {
+#if defined(__linux__) && !defined(MEMORYFORMER_TEST_UNDER_SANITIZER)
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const int status = mf::detail::lookup_backward_sorts<float>(mf::best_isa(), 2, 2, 4) ? 0 : 5;
+  if (status != 0) GTEST_SKIP() << "needs the sorted backward kernel (a SIMD build)";
+  EXPECT_EXIT(std::exit(sorted_backward_past_an_address_space_limit()), ::testing::ExitedWithCode(0), "");
 #else
   GTEST_SKIP() << "needs Linux and a process without a sanitizer's shadow memory (an address-space limit)";
 #endif

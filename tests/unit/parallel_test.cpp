@@ -98,7 +98,7 @@ TEST(StreamQueue, EachThreadTakesItsOwnShareInOrderThenHelpsWithTheNext) {
   EXPECT_EQ(last.claim(), 5);
   EXPECT_EQ(last.claim(), 6);
   EXPECT_EQ(last.claim(), 3);  // share 2 used up; share 0 too; share 1 has item 3 left
-  EXPECT_EQ(last.thread(), 2);  // still the thread it was made for, whose share it helps with
+  EXPECT_EQ(last.thread(), 2);  // still the thread it was made for, though it has claimed from share 1
   EXPECT_EQ(first.thread(), 0);
   EXPECT_EQ(first.claim(), -1);
   EXPECT_EQ(last.claim(), -1);

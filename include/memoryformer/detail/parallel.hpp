@@ -127,6 +127,8 @@ class StreamQueue {
                                             next_(new std::atomic<Index>[std::size_t(threads_)]) {
     for (Index t = 0; t < threads_; ++t) next_[std::size_t(t)].store(share_begin(t), std::memory_order_relaxed);
   }
+  /// The number of shares (threads the queue was made for).
+  Index threads() const { return threads_; }
   /// A thread's view of the queue: claim() gives the next item for thread `t`, or −1 once every item is claimed.
   class Claims {
    public:
@@ -160,7 +162,14 @@ template <class Work>
 void parallel_streams(Index count, Work&& work) {
   if (count <= 0) return;
   StreamQueue queue(count, std::min(available_threads(), count));
-  parallel_threads(count, [&](Index t, Index) {
+  parallel_streams(queue, work);
+}
+
+/// parallel_streams over a queue made beforehand, for a caller that allocates everything before its first write:
+/// work(claims) on up to queue.threads() threads.
+template <class Work>
+void parallel_streams(StreamQueue& queue, Work&& work) {
+  parallel_threads(queue.threads(), [&](Index t, Index) {
     StreamQueue::Claims claims(queue, t);
     work(claims);
   });

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "../types.hpp"
@@ -413,11 +414,13 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   const auto chunk_begin = [&](Index c) { return bounds[size_t(c)]; };
   const Index slices = (width + slice - 1) / slice;
   SliceChunks work(row_order ? 0 : chunks, slices);
-  // Every thread's scratch is allocated before the first row is flagged or written, so that a call refused for
-  // memory changes nothing; thread t's part starts at t times its size.
+  // Every thread's scratch, and the row order's queue, are allocated before the first row is flagged or written, so
+  // that a call refused for memory changes nothing; thread t's part of a scratch starts at t times its size.
   const Index pending_floats = whole_slices ? gradient_rows_scratch_floats<I>(width) : 0;
-  float* const pending = thread_scratch<13, float>(size_t(available_threads() * pending_floats));
+  float* const pending = thread_scratch<13, float>(size_t(threads * pending_floats));
   float* const dy_slices = row_order ? nullptr : thread_scratch<8, float>(size_t(threads * rows * slice));
+  std::optional<StreamQueue> row_queue;  // the row order's chunks, in at most `threads` shares (chunks ≤ used rows)
+  if (row_order) row_queue.emplace(chunks, std::min(available_threads(), chunks));
   if (new_rows != nullptr) list_new_rows(*new_rows, touched, sc);
   // The rows' last step: flagged written.
   const auto flag_rows = [&](Index u0, Index u1) {
@@ -434,7 +437,7 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   };
   if (row_order) {
     // Each chunk whole (all slices, then finished) by one thread: own share first, then the others'.
-    parallel_streams(chunks, [&](StreamQueue::Claims& claims) {
+    parallel_streams(*row_queue, [&](StreamQueue::Claims& claims) {
       float* const own_pending = pending + claims.thread() * pending_floats;
       for (Index c = claims.claim(); c >= 0; c = claims.claim()) {
         if (chunk_begin(c) >= chunk_begin(c + 1)) continue;
