@@ -502,6 +502,7 @@ int main(int argc, char** argv) {
       if (std::filesystem::exists(target) && !std::filesystem::is_regular_file(target)) {
         std::ofstream out(a.write_default_text, std::ios::binary);
         out.write(text.data(), std::streamsize(text.size()));
+        out.close();  // the flush can fail too (a full device)
         // A failed write is a runtime error (status 1), like the atomic write's, not a usage error (status 2).
         if (!out) throw mf::IoError("cannot write '" + a.write_default_text + "'");
       } else {
