@@ -469,6 +469,30 @@ TEST(BadInput, OptimizerStateWithNonFiniteMomentsIsRefused) {
 }
 
 #if defined(__linux__) && !defined(MEMORYFORMER_TEST_UNDER_SANITIZER)
+/// Caps the process's address space 8 MB above what it maps now. Returns 0, or 1 and 2 when the mapping cannot be read
+/// or the cap cannot be set.
+int cap_address_space() {
+  long pages = 0;
+  std::ifstream("/proc/self/statm") >> pages;
+  if (pages <= 0) return 1;
+  const rlim_t cap = rlim_t(pages) * rlim_t(sysconf(_SC_PAGESIZE)) + (rlim_t(8) << 20);
+  const rlimit limit{cap, cap};
+  return setrlimit(RLIMIT_AS, &limit) != 0 ? 2 : 0;
+}
+
+/// True when every value of `values` is zero.
+template <class Range>
+bool all_zero(const Range& values) {
+  return std::ranges::all_of(values, [](auto v) { return v == 0; });
+}
+
+/// Runs `calls` in a child process (re-executed, so no threads of this one are copied), where an address-space limit
+/// cannot harm other tests, and expects it to exit with status 0.
+void expect_exit_zero_in_a_child(int (*calls)()) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(std::exit(calls()), ::testing::ExitedWithCode(0), "");
+}
+
 /// In a process whose address space is capped 8 MB above what it maps once the inputs and caches are made, every call
 /// whose buffers grow with its rows must throw ConfigError naming the positions, not std::bad_alloc: forward calls
 /// over 2^21 positions (tensors of 64 MB at d = 8) and backward calls over 2^19 (16 MB, from caches made before the
@@ -534,12 +558,7 @@ int calls_past_an_address_space_limit() {
   auto mf_kv = mf_block.make_kv_cache(decode_batch, 1);
   auto dense_kv = dense_block.make_kv_cache(decode_batch, 1);
   auto frozen_kv = frozen_mf_block.make_kv_cache(decode_batch, 1);
-  long pages = 0;
-  std::ifstream("/proc/self/statm") >> pages;
-  if (pages <= 0) return 1;
-  const rlim_t cap = rlim_t(pages) * rlim_t(sysconf(_SC_PAGESIZE)) + (rlim_t(8) << 20);
-  const rlimit limit{cap, cap};
-  if (setrlimit(RLIMIT_AS, &limit) != 0) return 2;
+  if (const int failed = cap_address_space(); failed != 0) return failed;
 
   mf::MemoryFormerLM<float>::Cache big_lm_cache;
   mf::MemoryFormerBlock<float>::Cache big_mf_cache;
@@ -615,11 +634,8 @@ int calls_past_an_address_space_limit() {
       frozen_kv.length() != 0)
     return 4;
   // The layer's refused backward calls left every gradient as it was: dbias, dtables, the touched rows, dscores.
-  const auto all_zero = [](std::span<const float> v) {
-    return std::ranges::all_of(v, [](float e) { return e == 0.0f; });
-  };
   if (!layer.dbias().isZero() || !all_zero(layer.dtables().values()) || !layer.touched_list().empty() ||
-      std::ranges::any_of(layer.touched_rows(), [](std::uint8_t f) { return f != 0; }) || !dscores.isZero())
+      !all_zero(layer.touched_rows()) || !dscores.isZero())
     return 90;
   return 0;
 }
@@ -627,9 +643,7 @@ int calls_past_an_address_space_limit() {
 
 TEST(BadInput, CallsWhoseBuffersCannotBeAllocated) {
 #if defined(__linux__) && !defined(MEMORYFORMER_TEST_UNDER_SANITIZER)
-  // In a child process (re-executed, so no threads of this one are copied), where the limit cannot harm other tests.
-  GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_EXIT(std::exit(calls_past_an_address_space_limit()), ::testing::ExitedWithCode(0), "");
+  expect_exit_zero_in_a_child(calls_past_an_address_space_limit);
 #else
   GTEST_SKIP() << "needs Linux and a process without a sanitizer's shadow memory (an address-space limit)";
 #endif
@@ -666,12 +680,7 @@ int sorted_backward_past_an_address_space_limit() {
   new_rows.reserve(touched.size());
   std::vector<float> dtables(touched.size() * std::size_t(d), 0.0f);
 
-  long pages = 0;
-  std::ifstream("/proc/self/statm") >> pages;
-  if (pages <= 0) return 1;
-  const rlim_t cap = rlim_t(pages) * rlim_t(sysconf(_SC_PAGESIZE)) + (rlim_t(8) << 20);
-  const rlimit limit{cap, cap};
-  if (setrlimit(RLIMIT_AS, &limit) != 0) return 2;
+  if (const int failed = cap_address_space(); failed != 0) return failed;
   try {
     mf::detail::lookup_backward(isa, dscores.data(), dscores.outerStride(), dy.data(), dy.outerStride(),
                                 std::as_const(layer).tables().data(), dtables.data(), touched.data(), 4, d,
@@ -680,19 +689,16 @@ int sorted_backward_past_an_address_space_limit() {
     return 3;
   } catch (const std::bad_alloc&) {  // the kernel's own failure, which MemoryLayer names
   }
-  if (!new_rows.empty() || std::ranges::any_of(touched, [](std::uint8_t f) { return f != 0; }) ||
-      std::ranges::any_of(dtables, [](float v) { return v != 0.0f; }) || !dscores.isZero())
-    return 4;
+  if (!new_rows.empty() || !all_zero(touched) || !all_zero(dtables) || !dscores.isZero()) return 4;
   return 0;
 }
 #endif
 
 TEST(BadInput, SortedBackwardRefusedItsScratchChangesNothing) {
 #if defined(__linux__) && !defined(MEMORYFORMER_TEST_UNDER_SANITIZER)
-  GTEST_FLAG_SET(death_test_style, "threadsafe");
-  const int status = mf::detail::lookup_backward_sorts<float>(mf::best_isa(), 2, 2, 4) ? 0 : 5;
-  if (status != 0) GTEST_SKIP() << "needs the sorted backward kernel (a SIMD build)";
-  EXPECT_EXIT(std::exit(sorted_backward_past_an_address_space_limit()), ::testing::ExitedWithCode(0), "");
+  if (!mf::detail::lookup_backward_sorts<float>(mf::best_isa(), 2, 2, 4))
+    GTEST_SKIP() << "needs the sorted backward kernel (a SIMD build)";
+  expect_exit_zero_in_a_child(sorted_backward_past_an_address_space_limit);
 #else
   GTEST_SKIP() << "needs Linux and a process without a sanitizer's shadow memory (an address-space limit)";
 #endif
