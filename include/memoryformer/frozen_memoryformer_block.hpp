@@ -102,7 +102,7 @@ class FrozenMemoryFormerBlock {
     detail::allocating_activations(where, rows, config_.d, 1, sizeof(float), [&] {
       detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x, batch, seq, 0, s);
       attention_forward<float>(s.ctx, s.q, s.k, s.v, batch, seq, config_.heads, s.attention);
-      detail::block_residual_and_memory(output_ ? &*output_ : nullptr, norm2_, memory_, y, x, s);
+      detail::block_residual_and_memory(output_, norm2_, memory_, y, x, s);
     });
   }
 
@@ -134,7 +134,7 @@ class FrozenMemoryFormerBlock {
     detail::decode_step(where, x_new.rows(), config_.d, 1, std::span<KVCache<float>>(&kv, 1), [&] {
       detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x_new, kv.batch(), t, kv.length(), s);
       attention_decode<float>(s.ctx, s.q, s.k, s.v, kv, config_.heads);
-      detail::block_residual_and_memory(output_ ? &*output_ : nullptr, norm2_, memory_, y_new, x_new, s);
+      detail::block_residual_and_memory(output_, norm2_, memory_, y_new, x_new, s);
     });
   }
 

@@ -124,13 +124,13 @@ void block_attention_input(const Norm& norm1, const Hasher& hasher, const Layer&
 }
 
 /// The rest of a MemoryFormer block after attention (design §3.1), for the training block and its frozen copy alike:
-/// h = x + [W_O] ctx (output: W_O, or null without it), y = h + MB(norm2(h)), from buffers.ctx into buffers.h,
+/// h = x + [W_O] ctx (output: W_O, empty without it), y = h + MB(norm2(h)), from buffers.ctx into buffers.h,
 /// buffers.b and y.
 template <class Output, class Norm, class Memory, class Buffers, class Y, class X>
-void block_residual_and_memory(const Output* output, const Norm& norm2, const Memory& memory, Y&& y, const X& x,
-                               Buffers& buffers) {
+void block_residual_and_memory(const std::optional<Output>& output, const Norm& norm2, const Memory& memory, Y&& y,
+                               const X& x, Buffers& buffers) {
   using Scalar = typename std::decay_t<decltype(buffers.h)>::Scalar;
-  if (output != nullptr) {
+  if (output) {
     output->forward(buffers.h, buffers.ctx);
     parallel_add<Scalar>(buffers.h, x);
   } else {
@@ -201,7 +201,7 @@ class MemoryFormerBlock {
     detail::allocating_activations("MemoryFormerBlock::forward", x.rows(), config_.d, 1, sizeof(Scalar), [&] {
       detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x, batch, seq, 0, c);
       attention_forward<Scalar>(c.ctx, c.q, c.k, c.v, batch, seq, config_.heads, c.attention);
-      detail::block_residual_and_memory(output_ ? &*output_ : nullptr, norm2_, memory_, y, x, c);
+      detail::block_residual_and_memory(output_, norm2_, memory_, y, x, c);
       c.batch = batch;
       c.seq = seq;
     });
@@ -273,7 +273,7 @@ class MemoryFormerBlock {
       Cache c;  // decoding keeps no state for backward
       detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x_new, kv.batch(), t, kv.length(), c);
       attention_decode<Scalar>(c.ctx, c.q, c.k, c.v, kv, config_.heads);
-      detail::block_residual_and_memory(output_ ? &*output_ : nullptr, norm2_, memory_, y_new, x_new, c);
+      detail::block_residual_and_memory(output_, norm2_, memory_, y_new, x_new, c);
     });
   }
 

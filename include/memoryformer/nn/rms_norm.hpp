@@ -65,7 +65,8 @@ class RMSNorm {
     constexpr const char* where = "RMSNorm::forward";
     detail::check_shape(where, "x", x.rows(), x.cols(), -1, d());
     detail::check_shape(where, "y", y.rows(), y.cols(), x.rows(), d());
-    detail::allocating_activations(where, x.rows(), 1, 1, sizeof(Scalar), [&] { detail::resize_buffer(cache.rms, x.rows()); });
+    detail::allocating_activations(where, x.rows(), 1, 1, sizeof(Scalar),
+                                   [&] { detail::resize_buffer(cache.rms, x.rows()); });
     const Scalar inv_d = Scalar(1) / Scalar(d());
     // Rows are independent: contiguous row ranges on the threads.
     detail::parallel_rows(x.rows(), detail::min_rows_per_thread(d()), [&](Index r0, Index r1) {

@@ -9,7 +9,6 @@
 #include <limits>
 #include <memory>
 #include <mutex>
-#include <new>
 #include <span>
 #include <string>
 #include <vector>
@@ -248,19 +247,15 @@ class Rotary {
       cos_table = table->cos.data() + offset * half;
       sin_table = (sign > Scalar(0) ? table->sin : table->neg_sin).data() + offset * half;
     } else {
-      try {
-        cos_local.resize(size_t(seq * half));
-        sin_local.resize(size_t(seq * half));
-      } catch (const std::bad_alloc&) {
-        // seq·half fits: the rows of x are batch·seq, each of d ≥ 2·half values.
-        detail::throw_size<ConfigError>(where,
-                                        "the cos and sin tables of the seq = " + std::to_string(seq) +
-                                            " positions past the cached angles ([" + std::to_string(seq) + ", " +
-                                            std::to_string(half) + "] each)",
-                                        "of " + std::to_string(Index(2) * seq * half * Index(sizeof(Scalar))) +
-                                            " bytes",
-                                        "cannot be allocated");
-      }
+      // seq·half fits: the rows of x are batch·seq, each of d ≥ 2·half values.
+      detail::allocating(where,
+                         "the cos and sin tables of the seq = " + std::to_string(seq) +
+                             " positions past the cached angles ([" + std::to_string(seq) + ", " +
+                             std::to_string(half) + "] each)",
+                         Index(2) * seq * half * Index(sizeof(Scalar)), [&] {
+                           cos_local.resize(size_t(seq * half));
+                           sin_local.resize(size_t(seq * half));
+                         });
       for (Index t = 0; t < seq; ++t)
         fill_angles(offset + t, sign, cos_local.data() + t * half, sin_local.data() + t * half);
       cos_table = cos_local.data();
