@@ -509,6 +509,58 @@ void bm_stream_read(benchmark::State& st) {
   st.counters["footprint_MB"] = double(bytes) / 1e6;
 }
 
+/// The DRAM rooflines of the training step's table kernels and optimizer, on `threads` threads (each its own
+/// contiguous part of 256 MB float arrays, best of five passes, wall time): a read of src (the clip's norm pass) and
+/// dst += src (the table gradient, which reads T and dT and writes dT; GB/s counts all three streams).
+void bm_stream_threads(benchmark::State& st) {
+  const int threads = int(st.range(0));
+  constexpr std::size_t bytes = std::size_t(256) << 20;
+  constexpr Index floats = Index(bytes / sizeof(float));
+  mf::detail::TableBlock dst_block(bytes), src_block(bytes);
+  auto* dst = reinterpret_cast<float*>(dst_block.data());
+  const auto* src = reinterpret_cast<const float*>(src_block.data());
+  std::vector<float> sums(static_cast<std::size_t>(threads));  // one per thread, so nothing is shared
+  set_threads(threads);
+  const auto best_seconds = [&](auto&& pass) {
+    pass();  // warms the TLB and the threads
+    double best = 1e30;
+    for (int rep = 0; rep < 5; ++rep) {
+      const double t0 = now_seconds(false);
+      pass();
+      best = std::min(best, now_seconds(false) - t0);
+    }
+    return best;
+  };
+  double read = 0, update = 0;
+  for (auto _ : st) {
+    read = best_seconds([&] {
+      mf::detail::parallel_threads(threads, [&](Index t, Index nt) {
+        // One float per 64-byte line into four sums, as stream_read: the loads, not the adds' latency, set the pace.
+        const Index begin = floats * t / nt / 64 * 64, end = floats * (t + 1) / nt / 64 * 64;
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        for (Index i = begin; i < end; i += 64) {
+          s0 += src[i];
+          s1 += src[i + 16];
+          s2 += src[i + 32];
+          s3 += src[i + 48];
+        }
+        sums[std::size_t(t)] = s0 + s1 + s2 + s3;
+      });
+    });
+    update = best_seconds([&] {
+      mf::detail::parallel_rows(floats, 1, [&](Index begin, Index end) {
+        for (Index i = begin; i < end; ++i) dst[i] += src[i];
+      });
+    });
+  }
+  benchmark::DoNotOptimize(sums.data());
+  benchmark::DoNotOptimize(dst[floats - 1]);
+  set_threads(1);
+  st.counters["read_GBps"] = double(bytes) / read / 1e9;
+  st.counters["update_GBps"] = 3.0 * double(bytes) / update / 1e9;
+  st.counters["threads"] = threads;
+}
+
 /// Random `chunk`-byte reads inside an L2-resident block the size of one prefill panel group: the ceiling of the
 /// prefill gathers. Four named accumulators, one per chunk of a group of four, so the sums stay in registers (an
 /// indexed accumulator array went through memory and measured store forwarding instead: 63 GB/s).
@@ -561,6 +613,13 @@ void register_kernel_benchmarks() {
     benchmark::RegisterBenchmark("kernels/roofline/stream_read", bm_stream_read)->Arg(bytes)->Iterations(1);
   for (std::int64_t chunk : {64, 128, 256})
     us(benchmark::RegisterBenchmark("kernels/roofline/l2_random_gather/chunk_bytes", bm_l2_random_gather)->Arg(chunk));
+  benchmark::RegisterBenchmark("kernels/roofline/stream_dram/threads", bm_stream_threads)->Arg(1)->Iterations(1);
+#if defined(MEMORYFORMER_USE_OPENMP)
+  benchmark::RegisterBenchmark("kernels/roofline/stream_dram/threads", bm_stream_threads)
+      ->Arg(2)
+      ->Iterations(1)
+      ->UseRealTime();
+#endif
 
   // Prefill, one thread: the dense twin first (x_dense of the others refers to it).
   ms(benchmark::RegisterBenchmark("kernels/prefill/dense/N:2048/threads:1", [](benchmark::State& st) { bm_prefill_dense(st, 1); }));
