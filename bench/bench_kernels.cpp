@@ -50,6 +50,19 @@ constexpr Index kStackLayers = 48;
 
 // ------------------------------------------------------------------------------------------------ rooflines
 
+/// Sum of one 8-byte word per 64-byte line of [p, p + words), four lines per step into four sums: the loads, not
+/// the adds' latency, set the pace of the rooflines' reads.
+std::uint64_t sum_line_words(const std::uint64_t* p, std::size_t words) {
+  std::uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (std::size_t i = 0; i + 32 <= words; i += 32) {
+    s0 += p[i];
+    s1 += p[i + 8];
+    s2 += p[i + 16];
+    s3 += p[i + 24];
+  }
+  return s0 + s1 + s2 + s3;
+}
+
 /// Best of several timed sequential reads of a `bytes` buffer (64-byte loads summed so nothing is elided), GB/s.
 double stream_read_gbps(std::size_t bytes) {
   static std::map<std::size_t, double> cache;
@@ -60,17 +73,9 @@ double stream_read_gbps(std::size_t bytes) {
   const int passes = int(std::max<std::size_t>(1, (std::size_t(256) << 20) / bytes));
   double best = 1e30;
   for (int rep = 0; rep < 5; ++rep) {
-    std::uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     const double t0 = now_seconds(true);
-    for (int pass = 0; pass < passes; ++pass)
-      for (std::size_t i = 0; i + 32 <= words; i += 32) {  // one 8-byte word per 64-byte line, 4 lines per step
-        s0 += p[i];
-        s1 += p[i + 8];
-        s2 += p[i + 16];
-        s3 += p[i + 24];
-      }
+    for (int pass = 0; pass < passes; ++pass) benchmark::DoNotOptimize(sum_line_words(p, words));
     const double dt = now_seconds(true) - t0;
-    benchmark::DoNotOptimize(s0 + s1 + s2 + s3);
     best = std::min(best, dt / passes);
   }
   return cache[bytes] = double(bytes) / best / 1e9;
@@ -520,7 +525,6 @@ void bm_stream_threads(benchmark::State& st, int threads) {
   mf::detail::TableBlock dst_block(bytes), src_block(bytes);
   auto* dst = reinterpret_cast<float*>(dst_block.data());
   const auto* src = reinterpret_cast<const float*>(src_block.data());
-  std::vector<float> sums(static_cast<std::size_t>(threads));  // one slot per thread
   set_threads(threads);
   const auto best_seconds = [&](auto&& pass) {
     pass();  // warms the TLB and the threads
@@ -535,18 +539,12 @@ void bm_stream_threads(benchmark::State& st, int threads) {
   double read = 0, update = 0;
   for (auto _ : st) {
     read = best_seconds([&] {
+      constexpr auto words = bytes / sizeof(std::uint64_t);
+      const auto* w = reinterpret_cast<const std::uint64_t*>(src);
       mf::detail::parallel_threads(threads, [&](Index t, Index nt) {
-        // One float per 64-byte line into four sums, as stream_read: the loads, not the adds' latency, set the pace.
-        const Index begin = floats * t / nt / 64 * 64, end = floats * (t + 1) / nt / 64 * 64;
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-        for (Index i = begin; i < end; i += 64) {
-          s0 += src[i];
-          s1 += src[i + 16];
-          s2 += src[i + 32];
-          s3 += src[i + 48];
-        }
-        sums[std::size_t(t)] = s0 + s1 + s2 + s3;
-        benchmark::DoNotOptimize(sums[std::size_t(t)]);  // every pass's loads are kept, not only the last one's
+        const std::size_t begin = words * std::size_t(t) / std::size_t(nt) / 32 * 32;
+        const std::size_t end = words * std::size_t(t + 1) / std::size_t(nt) / 32 * 32;
+        benchmark::DoNotOptimize(sum_line_words(w + begin, end - begin));
       });
     });
     update = best_seconds([&] {
