@@ -200,3 +200,15 @@ function(memoryformer_configure_target target)
     endif()
   endif()
 endfunction()
+
+# Links the explicit instantiations of the models, blocks, trainers and optimizers that the tests compile
+# (memoryformer_class_instantiations) into `target` and force-includes the header that declares them extern, so the
+# target stops compiling its own copy of every member: a build-time measure for the examples and test programs that
+# are built with the tests, with the same flags (memoryformer_configure_target, ISA best). Nothing without the tests.
+function(memoryformer_use_class_instantiations target)
+  if(TARGET memoryformer_class_instantiations)
+    target_link_libraries(${target} PRIVATE memoryformer_class_instantiations)
+    target_compile_options(${target} PRIVATE
+      "SHELL:-include \"${PROJECT_SOURCE_DIR}/tests/support/class_template_instantiations.hpp\"")
+  endif()
+endfunction()

@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: MIT
 // Test support: the library's class templates the unit tests use most, declared as explicitly instantiated
-// elsewhere (tests/unit/class_template_instantiations_*.cpp), so each test source stops compiling its own copy
+// elsewhere (tests/support/class_template_instantiations_*.cpp), so each test source stops compiling its own copy
 // of every member of the models, blocks, trainers and optimizers: a build-time measure only (the unit-test target
-// force-includes this header through its precompiled header); each test still sees the library's full
-// definitions, and a build without it compiles the same program.
+// force-includes this header through its precompiled header, the examples and other programs built with the tests
+// through memoryformer_use_class_instantiations); each still sees the library's full definitions, and a build
+// without it compiles the same program.
 #pragma once
 
 #include <memoryformer/memoryformer.hpp>
