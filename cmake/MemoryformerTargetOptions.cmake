@@ -202,13 +202,20 @@ function(memoryformer_configure_target target)
 endfunction()
 
 # Links the explicit instantiations of the models, blocks, trainers and optimizers that the tests compile
-# (memoryformer_class_instantiations) into `target` and force-includes the header that declares them extern, so the
-# target stops compiling its own copy of every member: a build-time measure for the examples and test programs that
-# are built with the tests, with the same flags (memoryformer_configure_target, ISA best). Nothing without the tests.
+# (memoryformer_class_instantiations) into `target` and force-includes the header that declares them extern into its
+# sources (only the given SOURCES, if any: a small source that uses none of them would only parse more), so they stop
+# compiling their own copy of every member: a build-time measure for the examples and test programs built with the
+# tests, with the same flags (memoryformer_configure_target, ISA best). Nothing without the tests.
 function(memoryformer_use_class_instantiations target)
-  if(TARGET memoryformer_class_instantiations)
-    target_link_libraries(${target} PRIVATE memoryformer_class_instantiations)
-    target_compile_options(${target} PRIVATE
-      "SHELL:-include \"${PROJECT_SOURCE_DIR}/tests/support/class_template_instantiations.hpp\"")
+  cmake_parse_arguments(PARSE_ARGV 1 ARG "" "" "SOURCES")
+  if(NOT TARGET memoryformer_class_instantiations)
+    return()
+  endif()
+  target_link_libraries(${target} PRIVATE memoryformer_class_instantiations)
+  set(_include "SHELL:-include \"${PROJECT_SOURCE_DIR}/tests/support/class_template_instantiations.hpp\"")
+  if(ARG_SOURCES)
+    set_property(SOURCE ${ARG_SOURCES} TARGET_DIRECTORY ${target} APPEND PROPERTY COMPILE_OPTIONS "${_include}")
+  else()
+    target_compile_options(${target} PRIVATE "${_include}")
   endif()
 endfunction()
