@@ -416,7 +416,8 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   SliceChunks work(row_order ? 0 : chunks, slices);
   // Every thread's scratch, and the row order's queue, are allocated before the first row is flagged or written, so
   // that a call refused for memory changes nothing; thread t's part of a scratch starts at t times its size.
-  const Index pending_floats = whole_slices ? gradient_rows_scratch_floats<I>(width) : 0;
+  // gradient_rows' groups of ⟨dy, T⟩ vectors (AVX-512 only: AVX2 adds each entry's sum at once).
+  const Index pending_floats = whole_slices && I == Isa::Avx512 ? gradient_rows_scratch_floats<I>(width) : 0;
   float* const pending = thread_scratch<13, float>(size_t(threads * pending_floats));
   float* const dy_slices = row_order ? nullptr : thread_scratch<8, float>(size_t(threads * rows * slice));
   std::optional<StreamQueue> row_queue;  // the row order's chunks, in at most `threads` shares (chunks ≤ used rows)
