@@ -212,7 +212,9 @@ function(memoryformer_use_class_instantiations target)
     return()
   endif()
   target_link_libraries(${target} PRIVATE memoryformer_class_instantiations)
-  set(_include "SHELL:-include \"${PROJECT_SOURCE_DIR}/tests/support/class_template_instantiations.hpp\"")
+  # Joined (-include<file>, which GCC and Clang accept): one option, so neither de-duplication nor a source's options
+  # split it.
+  set(_include "-include${PROJECT_SOURCE_DIR}/tests/support/class_template_instantiations.hpp")
   if(ARG_SOURCES)
     set_property(SOURCE ${ARG_SOURCES} TARGET_DIRECTORY ${target} APPEND PROPERTY COMPILE_OPTIONS "${_include}")
   else()
