@@ -834,7 +834,7 @@ TEST(LookupIsa, ThreadCountDoesNotChangeBits) {
   // 800 tokens: prefill path for forward (≥ 3·2^τ tokens), almost every table row used by the backward;
   // 400 tokens: table order (threads split the tokens), 520 columns: a partial last vector;
   // 5 tokens: decode path, at most 40 of the 2048 rows used, split between the threads;
-  // d_in = 520: 65 tables, whose backward sort the threads take in 5 groups of 16 tables.
+  // d_in = 520: 65 tables, whose backward sort the threads take in 9 groups of 8 tables.
   for (const Shape s : {Shape{64, 520, 8, 800, true}, Shape{64, 520, 8, 400, true}, Shape{64, 520, 8, 5, true},
                         Shape{520, 64, 8, 800, true}}) {
     const mf::Matrix<float> x = float_matrix(s.n, s.d_in, 16);

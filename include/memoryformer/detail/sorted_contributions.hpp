@@ -44,10 +44,11 @@ inline void sort_contributions(SortedContributions& out, const std::int32_t* cod
   const Index R = Index(1) << tau;
   std::int32_t* start = out.start;
   start[0] = 0;
-  // Threads claim groups of 16 tables one at a time. Each group's codes and scores are copied table-major: the
-  // [N, K] arrays are read once, a line at a time, instead of once per table and pass with a stride of K. The
-  // copies' stride is padded by a line: a power-of-two stride would put all 16 in the same L1 sets.
-  constexpr Index group = 16;
+  // Threads claim groups of 8 tables one at a time: at K = 32 (d = 256, τ = 8) four items, which two threads
+  // share more evenly than two. Each group's codes and scores are copied table-major: the [N, K] arrays are read
+  // once per group, half a line at a time, instead of once per table and pass with a stride of K. The copies'
+  // stride is padded by a line: a power-of-two stride would put all 8 in the same L1 sets.
+  constexpr Index group = 8;
   // Table k lists its used rows in its own stretch of `used`, [k·min(N, 2^τ), …) (it has at most that many), and
   // the stretches are closed up afterwards: a serial scan of all K·2^τ row starts would leave the other threads
   // waiting.
