@@ -144,6 +144,7 @@ class SignHasher {
     if (h.tau != config_.tau)
       throw ShapeError(std::string(where) + ": the cache was hashed with τ = " + std::to_string(h.tau) +
                        ", this layer has τ = " + std::to_string(config_.tau));
+    if (x.rows() == h.rows && x.cols() == h.tables * config_.tau) return;  // the message only for a mismatch
     std::ostringstream os;
     os << "(" << h.rows << ", " << h.tables * config_.tau << ") = the shape hashed by forward (N = " << h.rows
        << ", K = " << h.tables << ", τ = " << config_.tau << ")";
