@@ -253,10 +253,12 @@ inline constexpr Index gradient_rows_prefetch = 8;
 /// Contributions ahead whose dy row gradient_rows requests into L1.
 inline constexpr Index gradient_rows_prefetch_entries = 4;
 
-/// Floats of gradient_rows' per-thread scratch for rows of `width` values (a multiple of the slice).
+/// Floats of gradient_rows' per-thread scratch for rows of `width` values (a multiple of the slice): its groups of
+/// ⟨dy, T⟩ vectors, AVX-512 only (AVX2 adds each entry's sum at once and needs none).
 template <Isa I>
 constexpr Index gradient_rows_scratch_floats(Index width) {
-  return width / (SliceTraits<I>::vectors * Lanes<I>::n) * 16 * Lanes<I>::n;
+  if constexpr (I != Isa::Avx512) return 0;
+  else return width / (SliceTraits<I>::vectors * Lanes<I>::n) * 16 * Lanes<I>::n;
 }
 
 /// Row order over the used rows sc.used[u0, u1), for tables whose rows have few contributions (ML2's 2^10 rows per
@@ -416,8 +418,7 @@ void lookup_backward_fast(float* dscores, Index ds_stride, const float* dy, Inde
   SliceChunks work(row_order ? 0 : chunks, slices);
   // Every thread's scratch, and the row order's queue, are allocated before the first row is flagged or written, so
   // that a call refused for memory changes nothing; thread t's part of a scratch starts at t times its size.
-  // gradient_rows' groups of ⟨dy, T⟩ vectors (AVX-512 only: AVX2 adds each entry's sum at once).
-  const Index pending_floats = whole_slices && I == Isa::Avx512 ? gradient_rows_scratch_floats<I>(width) : 0;
+  const Index pending_floats = whole_slices ? gradient_rows_scratch_floats<I>(width) : 0;
   float* const pending = thread_scratch<13, float>(size_t(threads * pending_floats));
   float* const dy_slices = row_order ? nullptr : thread_scratch<8, float>(size_t(threads * rows * slice));
   std::optional<StreamQueue> row_queue;  // the row order's chunks, in at most `threads` shares (chunks ≤ used rows)
