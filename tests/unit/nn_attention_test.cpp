@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <span>
@@ -252,6 +253,72 @@ TEST(NnAttention, OutputsMayAliasInputs) {
   EXPECT_EQ(a, dq);
   EXPECT_EQ(b, dk);
   EXPECT_EQ(c, dv);
+}
+
+TEST(NnAttention, GradientsMayBeColumnBlocksOfOneBuffer) {
+  const mf::Index batch = 2, seq = 5, d = 8, heads = 2, rows = batch * seq;
+  const auto q = random_matrix(rows, d, 31), k = random_matrix(rows, d, 32), v = random_matrix(rows, d, 33);
+  const auto dctx = random_matrix(rows, d, 34);
+  mf::Matrix<double> ctx(rows, d), dq(rows, d), dk(rows, d), dv(rows, d);
+  mf::AttentionCache<double> cache;
+  mf::attention_forward(ctx, q, k, v, batch, seq, heads, cache);
+  mf::attention_backward(dq, dk, dv, q, k, v, dctx, cache);
+  // dq, dk and dv side by side in one [N, 3d] buffer share no element, in any order of the blocks.
+  mf::Matrix<double> fused(rows, 3 * d);  // [N, 3d]
+  mf::attention_backward(fused.middleCols(2 * d, d), fused.middleCols(0, d), fused.middleCols(d, d), q, k, v, dctx,
+                         cache);
+  EXPECT_EQ(mf::Matrix<double>(fused.middleCols(2 * d, d)), dq);
+  EXPECT_EQ(mf::Matrix<double>(fused.middleCols(0, d)), dk);
+  EXPECT_EQ(mf::Matrix<double>(fused.middleCols(d, d)), dv);
+  mf::detail::ReferenceAttentionCache<double> reference_cache;
+  mf::detail::reference_attention_forward<double>(ctx, q, k, v, batch, seq, heads, reference_cache);
+  mf::Matrix<double> reference_fused(rows, 3 * d);  // [N, 3d]
+  mf::detail::reference_attention_backward<double>(reference_fused.middleCols(0, d), reference_fused.middleCols(d, d),
+                                                   reference_fused.middleCols(2 * d, d), q, k, v, dctx,
+                                                   reference_cache);
+  EXPECT_LT((reference_fused.middleCols(0, d) - dq).cwiseAbs().maxCoeff(), 1e-12);
+  // Blocks that do share elements are refused: one column apart, and the last column of a row beside the first of
+  // the next (a block that wraps past the row stride).
+  expect_throw_with([&] {
+    mf::attention_backward(fused.middleCols(0, d), fused.middleCols(d - 1, d), fused.middleCols(2 * d, d), q, k, v,
+                           dctx, cache);
+  }, "dq, dk and dv must not overlap");
+  mf::Matrix<double> wide(rows + 1, 3 * d);
+  const mf::MatrixRef<double> wrapped(Eigen::Map<mf::Matrix<double>, 0, Eigen::OuterStride<>>(
+      wide.data() + 3 * d - 1, rows, d, Eigen::OuterStride<>(3 * d)));  // starts at a row's last column
+  EXPECT_THROW(mf::attention_backward(wide.middleRows(1, rows).middleCols(0, d), wrapped,
+                                      wide.middleRows(0, rows).middleCols(d, d), q, k, v, dctx, cache),
+               mf::ValueError);
+}
+
+TEST(NnAttention, InputsSharingTheCacheBeingFilledAreRefused) {
+  const mf::Index batch = 1, seq = 4, d = 8, heads = 2, rows = batch * seq;
+  const auto q = random_matrix(rows, d, 41), k = random_matrix(rows, d, 42), v = random_matrix(rows, d, 43);
+  mf::Matrix<double> ctx(rows, d);
+  mf::AttentionCache<double> cache;
+  mf::attention_forward(ctx, q, k, v, batch, seq, heads, cache);
+  const mf::AttentionCache<double> before = cache;
+  expect_throw_with([&] { mf::attention_forward(ctx, cache.out, k, v, batch, seq, heads, cache); },
+                    "q, k and v must not share storage with the cache being filled");
+  EXPECT_THROW(mf::attention_forward(ctx, q, k, cache.out, batch, seq, heads, cache), mf::ValueError);
+  EXPECT_EQ(cache.out, before.out);  // refused before anything was written
+  EXPECT_EQ(cache.batch, before.batch);
+  // Another cache may read it.
+  mf::AttentionCache<double> next;
+  mf::attention_forward(ctx, cache.out, cache.out, cache.out, batch, seq, heads, next);
+  mf::Matrix<double> expected(rows, d);
+  const mf::Matrix<double> out = cache.out;
+  mf::attention_forward(expected, out, out, out, batch, seq, heads, cache);
+  EXPECT_EQ(ctx, expected);
+}
+
+TEST(NnAttention, RowsTimesWidthThatOverflowsIsAConfigError) {
+  // [2^40, 2^24] views whose rows all read one buffer (row stride 0): batch·seq fits an Index, batch·seq·d does not.
+  const mf::Index rows = mf::Index(1) << 40, d = mf::Index(1) << 24;
+  std::vector<float> row(static_cast<std::size_t>(d), 0.5f);
+  const Eigen::Map<mf::Matrix<float>, 0, Eigen::OuterStride<>> view(row.data(), rows, d, Eigen::OuterStride<>(0));
+  mf::AttentionCache<float> cache;
+  EXPECT_THROW(mf::attention_forward<float>(view, view, view, view, rows, 1, 1, cache), mf::ConfigError);
 }
 
 TEST(NnAttention, DecodeTokenByTokenEqualsFullForwardWithRotary) {

@@ -94,7 +94,9 @@ decltype(auto) allocating_activations(std::string_view where, Index n, Index d, 
 template <class Dense>
 void resize_buffer(Dense& m, Index rows, Index cols) {
   if (m.rows() == rows && m.cols() == cols) return;
-  if (m.size() != rows * cols) m = Dense();
+  // A rows·cols that overflows is compared without being formed; Eigen's resize then throws std::bad_alloc.
+  const bool fits = rows >= 0 && cols >= 0 && (cols == 0 || rows <= std::numeric_limits<Index>::max() / cols);
+  if (!fits || m.size() != rows * cols) m = Dense();
   m.resize(rows, cols);
 }
 

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <span>
 #include <stdexcept>
@@ -67,14 +68,30 @@ inline void attention_check_sizes(const char* where, Index batch, Index seq) {
                "batch·seq = " + std::to_string(batch) + "·" + std::to_string(seq) + " overflows");
 }
 
+/// Whether two row-major views of Scalar (inner stride 1) share an element. Views with the same row stride are
+/// compared element by element, so that column blocks of one buffer (dq, dk and dv side by side in a [N, 3d]
+/// gradient) do not count as overlapping; other views are compared by the address ranges they span.
 template <class A, class B>
 bool attention_views_overlap(const A& a, const B& b) {
-  if (a.size() == 0 || b.size() == 0) return false;
-  const auto* a0 = a.data();
-  const auto* b0 = b.data();
-  const auto* a1 = a.data() + (a.rows() - 1) * a.outerStride() + a.cols();
-  const auto* b1 = b.data() + (b.rows() - 1) * b.outerStride() + b.cols();
-  return a0 < b1 && b0 < a1;
+  static_assert(sizeof(typename A::Scalar) == sizeof(typename B::Scalar));
+  constexpr std::uintptr_t bytes = sizeof(typename A::Scalar);
+  if (a.rows() == 0 || a.cols() == 0 || b.rows() == 0 || b.cols() == 0) return false;
+  const auto begin = [](const auto& m) { return reinterpret_cast<std::uintptr_t>(m.data()); };
+  const auto end = [&](const auto& m) {  // unsigned: a caller's stride cannot make it overflow
+    const std::uintptr_t last_row = std::uintptr_t(m.rows() - 1) * std::uintptr_t(m.outerStride());
+    return begin(m) + bytes * (last_row + std::uintptr_t(m.cols()));
+  };
+  if (!(begin(a) < end(b) && begin(b) < end(a))) return false;
+  const Index stride = a.outerStride();
+  const std::uintptr_t gap = begin(a) < begin(b) ? begin(b) - begin(a) : begin(a) - begin(b);
+  if (b.outerStride() != stride || a.cols() > stride || b.cols() > stride || gap % bytes != 0) return true;
+  // The later view starts `row` rows and `col` columns into the earlier one's grid: its rows cover columns
+  // [col, col + later_cols) of grid rows row, row + 1, …, the part past the stride in the grid row after.
+  const bool a_first = begin(a) <= begin(b);
+  const Index first_rows = a_first ? a.rows() : b.rows(), first_cols = a_first ? a.cols() : b.cols();
+  const Index later_cols = a_first ? b.cols() : a.cols();
+  const Index offset = Index(gap / bytes), row = offset / stride, col = offset % stride;
+  return (row < first_rows && col < first_cols) || (col + later_cols > stride && row + 1 < first_rows);
 }
 
 inline std::string attention_rows_text(Index batch, Index seq, Index d) {
@@ -98,9 +115,10 @@ inline std::string attention_rows_text(Index batch, Index seq, Index d) {
  * @param batch  sequences (≥ 1)
  * @param seq    tokens per sequence (≥ 1)
  * @param heads  number of heads (≥ 1, divides d)
- * @param cache  receives ctx and the log-sum-exp of every row for attention_backward
- * @throws ShapeError when a shape differs from (batch·seq, d); ConfigError for bad batch/seq/heads, or when memory
- *         cannot hold the buffers of its rows.
+ * @param cache  receives ctx and the log-sum-exp of every row for attention_backward; q, k and v must not be
+ *               views of it (a cache's output fed back in needs another cache)
+ * @throws ShapeError when a shape differs from (batch·seq, d); ValueError when q, k or v shares storage with cache;
+ *         ConfigError for bad batch/seq/heads, or when memory cannot hold the buffers of its rows.
  */
 template <std::floating_point Scalar>
 void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_identity_t<ConstMatrixRef<Scalar>> q,
@@ -116,6 +134,12 @@ void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_id
   detail::check_shape(where, "k", k.rows(), k.cols(), rows, d, expected);
   detail::check_shape(where, "v", v.rows(), v.cols(), rows, d, expected);
   detail::check_shape(where, "ctx", ctx.rows(), ctx.cols(), rows, d, expected);
+  detail::checked_mul(where, "batch·seq·d", rows, d);
+  // The kernel writes the cache while it reads q, k and v.
+  for (const ConstMatrixRef<Scalar>* input : {&q, &k, &v})
+    if (detail::attention_views_overlap(*input, cache.out) || detail::attention_views_overlap(*input, cache.lse))
+      throw ValueError(std::string(where) +
+                       ": q, k and v must not share storage with the cache being filled (such as its own output)");
 
   cache.batch = cache.seq = cache.heads = 0;  // invalid until filled
   // Eigen's products inside the kernels (double, or head widths off the vector width) run on one thread each: with a
@@ -177,6 +201,7 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
   detail::check_shape(where, "dq", dq.rows(), dq.cols(), rows, d, expected);
   detail::check_shape(where, "dk", dk.rows(), dk.cols(), rows, d, expected);
   detail::check_shape(where, "dv", dv.rows(), dv.cols(), rows, d, expected);
+  detail::checked_mul(where, "batch·seq·d", rows, d);
   if (detail::attention_views_overlap(dq, dk) || detail::attention_views_overlap(dq, dv) ||
       detail::attention_views_overlap(dk, dv))
     throw ValueError(std::string(where) + ": dq, dk and dv must not overlap");
