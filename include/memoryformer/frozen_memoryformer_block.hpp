@@ -120,17 +120,7 @@ class FrozenMemoryFormerBlock {
    */
   void forward_decode(MatrixRef<float> y_new, ConstMatrixRef<float> x_new, KVCache<float>& kv, Scratch& s) const {
     constexpr const char* where = "FrozenMemoryFormerBlock::forward_decode";
-    if (kv.d() != config_.d)
-      throw ShapeError(std::string(where) + ": kv holds " + std::to_string(kv.d()) +
-                       " features per token, expected d = " + std::to_string(config_.d));
-    if (x_new.cols() != config_.d || x_new.rows() == 0 || x_new.rows() % kv.batch() != 0)
-      detail::throw_shape(where, "x_new", x_new.rows(), x_new.cols(),
-                          "(batch·t, " + std::to_string(config_.d) + ") with batch = " + std::to_string(kv.batch()));
-    detail::check_shape(where, "y_new", y_new.rows(), y_new.cols(), x_new.rows(), config_.d);
-    const Index t = x_new.rows() / kv.batch();
-    if (kv.length() + t > kv.max_seq())
-      throw CapacityError(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " +
-                          std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
+    const Index t = detail::block_decode_tokens(where, config_.d, y_new, x_new, kv);
     detail::decode_step(where, x_new.rows(), config_.d, 1, std::span<KVCache<float>>(&kv, 1), [&] {
       detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x_new, kv.batch(), t, kv.length(), s);
       attention_decode<float>(s.ctx, s.q, s.k, s.v, kv, config_.heads);

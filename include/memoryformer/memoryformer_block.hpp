@@ -103,6 +103,22 @@ struct MemoryFormerBlockCache {
 
 namespace detail {
 
+/// The checks of a decode step into kv by a block of width d, for the training block and its frozen copy alike: kv's
+/// width, x_new [batch·t, d], y_new of x_new's shape and room for t more tokens; returns t.
+template <class Cache>
+Index block_decode_tokens(const char* where, Index d, const auto& y_new, const auto& x_new, const Cache& kv) {
+  kv.check_features(where, d);
+  if (x_new.cols() != d || x_new.rows() == 0 || x_new.rows() % kv.batch() != 0)
+    throw_shape(where, "x_new", x_new.rows(), x_new.cols(),
+                "(batch·t, " + std::to_string(d) + ") with batch = " + std::to_string(kv.batch()));
+  check_shape(where, "y_new", y_new.rows(), y_new.cols(), x_new.rows(), d);
+  const Index t = x_new.rows() / kv.batch();
+  if (kv.length() + t > kv.max_seq())
+    throw CapacityError(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " + std::to_string(t) +
+                        " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
+  return t;
+}
+
 /// The attention inputs of a MemoryFormer block (design §3.1), for the training block and its frozen copy alike:
 /// a = norm1(x); one hash of a; q, k, v = its lookups in the Q, K, V tables, q and k rotated at positions
 /// offset … offset + seq − 1 of each of the batch sequences, each right after its product while the product's rows
@@ -261,14 +277,7 @@ class MemoryFormerBlock {
    */
   void forward_decode(MatrixRef<Scalar> y_new, ConstMatrixRef<Scalar> x_new, KVCache<Scalar>& kv) const {
     constexpr const char* where = "MemoryFormerBlock::forward_decode";
-    if (x_new.cols() != config_.d || x_new.rows() == 0 || x_new.rows() % kv.batch() != 0)
-      detail::throw_shape(where, "x_new", x_new.rows(), x_new.cols(),
-                          "(batch·t, " + std::to_string(config_.d) + ") with batch = " + std::to_string(kv.batch()));
-    detail::check_shape(where, "y_new", y_new.rows(), y_new.cols(), x_new.rows(), config_.d);
-    const Index t = x_new.rows() / kv.batch();
-    if (kv.length() + t > kv.max_seq())
-      throw CapacityError(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " +
-                          std::to_string(t) + " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));
+    const Index t = detail::block_decode_tokens(where, config_.d, y_new, x_new, kv);
     detail::decode_step(where, x_new.rows(), config_.d, 1, std::span<KVCache<Scalar>>(&kv, 1), [&] {
       Cache c;  // decoding keeps no state for backward
       detail::block_attention_input(norm1_, hasher_, q_, k_, v_, rotary_, x_new, kv.batch(), t, kv.length(), c);

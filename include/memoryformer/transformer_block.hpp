@@ -300,9 +300,7 @@ class TransformerBlock {
   void forward_decode(MatrixRef<Scalar> y_new, ConstMatrixRef<Scalar> x_new, KVCache<Scalar>& kv) const {
     constexpr const char* where = "TransformerBlock::forward_decode";
     const Index d = config_.d, f = config_.hidden();
-    if (kv.d() != d)
-      throw ShapeError(std::string(where) + ": kv holds " + std::to_string(kv.d()) + " features per token, expected d = " +
-                       std::to_string(d));
+    kv.check_features(where, d);
     const Index t = kv.new_tokens(where, "x_new", x_new.rows(), x_new.cols());
     const Index rows = x_new.rows();
     detail::check_shape(where, "y_new", y_new.rows(), y_new.cols(), rows, d);

@@ -214,6 +214,18 @@ TEST(MemoryFormerBlock, RejectsBadConfigurationsAndShapes) {
   mf::Matrix<float> odd(3, 32), out(3, 32);
   odd.setZero();
   EXPECT_THROW(block.forward_decode(out, odd, kv), mf::ShapeError);  // 3 rows for 2 sequences
+  // A cache of another width is named as such, not through the attention's internal buffers.
+  mf::Matrix<float> two = mf::Matrix<float>::Random(2, 32), out2(2, 32);
+  for (const mf::Index width : {mf::Index(31), mf::Index(16)}) {
+    mf::KVCache<float> other(2, 4, width);
+    const std::string message = error_of([&] { block.forward_decode(out2, two, other); });
+    EXPECT_NE(message.find("MemoryFormerBlock::forward_decode: kv holds " + std::to_string(width) +
+                           " features per token, expected d = 32"),
+              std::string::npos)
+        << message;
+    EXPECT_THROW(block.forward_decode(out2, two, other), mf::ShapeError);
+    EXPECT_EQ(other.length(), 0);
+  }
 }
 
 TEST(MemoryFormerBlock, OwnsItsHashAndExposesPublicNorms) {

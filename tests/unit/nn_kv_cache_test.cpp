@@ -80,6 +80,9 @@ TEST(NnKVCache, OverflowAndShapeErrors) {
   EXPECT_THROW(mf::KVCache<double>(0, 3, 4), mf::ConfigError);
   EXPECT_THROW(mf::KVCache<double>(1, 0, 4), mf::ConfigError);
   expect_throw_with([] { mf::KVCache<double>(1, 2, -4); }, "d = -4");
+  expect_throw_with([] { mf::KVCache<float>(1, 2, 4, static_cast<mf::StorageType>(7)); },
+                    "storage = 7 is not a StorageType");
+  EXPECT_THROW(mf::KVCache<double>(1, 2, 4, static_cast<mf::StorageType>(-1)), mf::ConfigError);
 }
 
 TEST(NnKVCache, Bf16StorageRoundsOnAppendAndKeepsTheLayout) {

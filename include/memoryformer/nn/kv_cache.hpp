@@ -44,7 +44,8 @@ class KVCache {
    * @param max_seq  capacity in tokens per sequence, ≥ 1
    * @param d        features per token (all heads), ≥ 1
    * @param storage  precision of the stored keys and values: F32 (as Scalar) or, for KVCache<float>, BF16
-   * @throws ConfigError for a non-positive size, a batch·max_seq·d that overflows, F16, or BF16 with Scalar = double.
+   * @throws ConfigError for a non-positive size, a batch·max_seq·d that overflows, F16, BF16 with Scalar = double,
+   *         or a value that is not a StorageType.
    */
   KVCache(Index batch, Index max_seq, Index d, StorageType storage = StorageType::F32)
       : batch_(batch), max_seq_(max_seq), d_(d), storage_(storage) {
@@ -55,6 +56,8 @@ class KVCache {
     const Index rows = detail::checked_mul("KVCache", "batch × max_seq", batch, max_seq);
     const Index elements = detail::checked_mul("KVCache", "batch × max_seq × d", rows, d);
     detail::check_config(storage != StorageType::F16, "KVCache", "storage fp16 is not supported (use fp32 or bf16)");
+    detail::check_config(storage == StorageType::F32 || storage == StorageType::BF16, "KVCache",
+                         "storage = " + std::to_string(static_cast<int>(storage)) + " is not a StorageType");
     detail::check_config(storage == StorageType::F32 || std::is_same_v<Scalar, float>, "KVCache",
                          std::string("storage ") + std::string(storage_type_name(storage)) +
                              " needs KVCache<float>; a double cache stores fp32 only");
@@ -150,6 +153,13 @@ class KVCache {
   /// @throws StateError unless storage() is BF16.
   const std::uint16_t* values_bf16(Index b) const {
     return stored_as_bf16("values_bf16", values_bf16_) + checked_batch(b) * max_seq_ * d_;
+  }
+
+  /// Throws ShapeError unless the cache holds d features per token (a block of width d decoding into it).
+  void check_features(const char* where, Index d) const {
+    if (d_ != d)
+      throw ShapeError(std::string(where) + ": kv holds " + std::to_string(d_) + " features per token, expected d = " +
+                       std::to_string(d));
   }
 
   /**
