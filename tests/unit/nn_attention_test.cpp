@@ -236,7 +236,7 @@ TEST(NnAttention, GradientsMatchFiniteDifferences) {
   }
 }
 
-TEST(NnAttention, OutputsMayAliasInputs) {
+TEST(NnAttention, OutputsMayAliasInputsOrShareOneBuffer) {
   const mf::Index batch = 2, seq = 3, d = 8, heads = 2, rows = batch * seq;
   const auto q = random_matrix(rows, d, 11), k = random_matrix(rows, d, 12), v = random_matrix(rows, d, 13);
   const auto dctx = random_matrix(rows, d, 14);
@@ -253,16 +253,6 @@ TEST(NnAttention, OutputsMayAliasInputs) {
   EXPECT_EQ(a, dq);
   EXPECT_EQ(b, dk);
   EXPECT_EQ(c, dv);
-}
-
-TEST(NnAttention, GradientsMayBeColumnBlocksOfOneBuffer) {
-  const mf::Index batch = 2, seq = 5, d = 8, heads = 2, rows = batch * seq;
-  const auto q = random_matrix(rows, d, 31), k = random_matrix(rows, d, 32), v = random_matrix(rows, d, 33);
-  const auto dctx = random_matrix(rows, d, 34);
-  mf::Matrix<double> ctx(rows, d), dq(rows, d), dk(rows, d), dv(rows, d);
-  mf::AttentionCache<double> cache;
-  mf::attention_forward(ctx, q, k, v, batch, seq, heads, cache);
-  mf::attention_backward(dq, dk, dv, q, k, v, dctx, cache);
   // dq, dk and dv side by side in one [N, 3d] buffer share no element, in any order of the blocks.
   mf::Matrix<double> fused(rows, 3 * d);  // [N, 3d]
   mf::attention_backward(fused.middleCols(2 * d, d), fused.middleCols(0, d), fused.middleCols(d, d), q, k, v, dctx,
@@ -289,27 +279,6 @@ TEST(NnAttention, GradientsMayBeColumnBlocksOfOneBuffer) {
   EXPECT_THROW(mf::attention_backward(wide.middleRows(1, rows).middleCols(0, d), wrapped,
                                       wide.middleRows(0, rows).middleCols(d, d), q, k, v, dctx, cache),
                mf::ValueError);
-}
-
-TEST(NnAttention, InputsSharingTheCacheBeingFilledAreRefused) {
-  const mf::Index batch = 1, seq = 4, d = 8, heads = 2, rows = batch * seq;
-  const auto q = random_matrix(rows, d, 41), k = random_matrix(rows, d, 42), v = random_matrix(rows, d, 43);
-  mf::Matrix<double> ctx(rows, d);
-  mf::AttentionCache<double> cache;
-  mf::attention_forward(ctx, q, k, v, batch, seq, heads, cache);
-  const mf::AttentionCache<double> before = cache;
-  expect_throw_with([&] { mf::attention_forward(ctx, cache.out, k, v, batch, seq, heads, cache); },
-                    "q, k and v must not share storage with the cache being filled");
-  EXPECT_THROW(mf::attention_forward(ctx, q, k, cache.out, batch, seq, heads, cache), mf::ValueError);
-  EXPECT_EQ(cache.out, before.out);  // refused before anything was written
-  EXPECT_EQ(cache.batch, before.batch);
-  // Another cache may read it.
-  mf::AttentionCache<double> next;
-  mf::attention_forward(ctx, cache.out, cache.out, cache.out, batch, seq, heads, next);
-  mf::Matrix<double> expected(rows, d);
-  const mf::Matrix<double> out = cache.out;
-  mf::attention_forward(expected, out, out, out, batch, seq, heads, cache);
-  EXPECT_EQ(ctx, expected);
 }
 
 TEST(NnAttention, RowsTimesWidthThatOverflowsIsAConfigError) {
@@ -412,6 +381,20 @@ TEST(NnAttention, BadShapesAndConfigThrow) {
   q.setRandom();
   k.setRandom();
   v.setRandom();
+  mf::attention_forward(ctx, q, k, v, 2, 7, 2, cache);
+  // q, k or v in the storage of the cache being filled (its own output fed back in) is refused before anything is
+  // written; another cache may read it.
+  const mf::Matrix<double> out = cache.out;
+  expect_throw_with([&] { mf::attention_forward(ctx, cache.out, k, v, 2, 7, 2, cache); },
+                    "q, k and v must not share storage with the cache being filled");
+  EXPECT_THROW(mf::attention_forward(ctx, q, k, cache.out, 2, 7, 2, cache), mf::ValueError);
+  EXPECT_EQ(cache.out, out);
+  EXPECT_EQ(cache.batch, 2);
+  mf::AttentionCache<double> next;
+  mf::Matrix<double> fed_back(14, 10), expected(14, 10);
+  mf::attention_forward(fed_back, cache.out, cache.out, cache.out, 2, 7, 2, next);
+  mf::attention_forward(expected, out, out, out, 2, 7, 2, next);
+  EXPECT_EQ(fed_back, expected);
   mf::attention_forward(ctx, q, k, v, 2, 7, 2, cache);
   // The cache's fields are public: counts whose products overflow are a StateError, not a wrapped comparison.
   mf::AttentionCache<double> forged = cache;
