@@ -172,7 +172,8 @@ class TransformerBlock {
    * @param seq    tokens per sequence, ≥ 1 (rotary positions 0 … seq−1)
    * @param cache  receives what backward needs; its buffers are reused
    * @throws ConfigError for batch or seq < 1 or when memory cannot hold the buffers of x's rows; ShapeError when x or
-   *         y is not (batch·seq, d).
+   *         y is not (batch·seq, d); NonFiniteError when attention's scores are not finite (a NaN or ±Inf in x
+   *         reaches them).
    */
   void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Index batch, Index seq, Cache& cache) const {
     constexpr const char* where = "TransformerBlock::forward";

@@ -281,6 +281,27 @@ TEST(NnAttention, OutputsMayAliasInputsOrShareOneBuffer) {
                mf::ValueError);
 }
 
+TEST(NnAttention, ScoresThatAreNotFiniteAreANonFiniteError) {
+  // Finite inputs whose products q·k exceed float's range, and a NaN input: the softmax of such a row is not defined.
+  const mf::Index seq = 3, d = 16;
+  mf::Matrix<float> q = mf::Matrix<float>::Constant(seq, d, 1e20f), k = q;
+  const mf::Matrix<float> v = mf::Matrix<float>::Constant(seq, d, 0.5f);
+  k.row(1) *= -1.0f;
+  mf::Matrix<float> ctx = mf::Matrix<float>::Zero(seq, d);
+  mf::AttentionCache<float> cache;
+  expect_throw_with([&] { mf::attention_forward<float>(ctx, q, k, v, 1, seq, 1, cache); },
+                    "attention_forward: the scores of query 0 of sequence 0, head 0 are not finite");
+  EXPECT_EQ(ctx, mf::Matrix<float>::Zero(seq, d));  // not written
+  mf::Matrix<float> dq(seq, d), dk(seq, d), dv(seq, d);
+  EXPECT_THROW(mf::attention_backward<float>(dq, dk, dv, q, k, v, ctx, cache), mf::StateError);
+  q.setConstant(0.25f);
+  k.setConstant(0.25f);
+  q(2, 3) = std::numeric_limits<float>::quiet_NaN();
+  expect_throw_with([&] { mf::attention_forward<float>(ctx, q, k, v, 1, seq, 1, cache); },
+                    "the scores of query 2 of sequence 0, head 0 are not finite");
+  EXPECT_THROW(mf::attention_forward<float>(ctx, q, k, v, 1, seq, 1, cache), mf::NonFiniteError);
+}
+
 TEST(NnAttention, RowsTimesWidthThatOverflowsIsAConfigError) {
   // [2^40, 2^24] views whose rows all read one buffer (row stride 0): batch·seq fits an Index, batch·seq·d does not.
   const mf::Index rows = mf::Index(1) << 40, d = mf::Index(1) << 24;

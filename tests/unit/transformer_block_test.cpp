@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <numbers>
 #include <span>
@@ -535,6 +536,10 @@ TEST(TransformerBlock, BadShapesAndOrderThrow) {
                     "TransformerBlock::backward: x is (4, 12), expected (batch·seq, d) = (6, 12)");
   Mat dy_wide(6, 11);
   expect_throw_with([&] { block.backward(dx, x, dy_wide, cache); }, "dy is (6, 11)");
+  Mat x_nan = x;  // reaches attention's scores through the norm and the products
+  x_nan(4, 2) = std::numeric_limits<double>::quiet_NaN();
+  expect_throw_with([&] { block.forward(y, x_nan, 2, 3, cache); }, "attention_forward: the scores of query 1 of sequence 1");
+  EXPECT_THROW(block.forward(y, x_nan, 2, 3, cache), mf::NonFiniteError);
 
   // Decoding: width, rows per sequence, capacity.
   auto kv = block.make_kv_cache(2, 3);

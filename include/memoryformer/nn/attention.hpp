@@ -5,6 +5,7 @@
 // and cache traffic grow with s·d, not s².
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <concepts>
 #include <cstddef>
@@ -118,7 +119,8 @@ inline std::string attention_rows_text(Index batch, Index seq, Index d) {
  * @param cache  receives ctx and the log-sum-exp of every row for attention_backward; q, k and v must not be
  *               views of it (a cache's output fed back in needs another cache)
  * @throws ShapeError when a shape differs from (batch·seq, d); ValueError when q, k or v shares storage with cache;
- *         ConfigError for bad batch/seq/heads, or when memory cannot hold the buffers of its rows.
+ *         NonFiniteError when a score is not finite (ctx is then unchanged); ConfigError for bad batch/seq/heads, or
+ *         when memory cannot hold the buffers of its rows.
  */
 template <std::floating_point Scalar>
 void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_identity_t<ConstMatrixRef<Scalar>> q,
@@ -151,6 +153,17 @@ void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_id
     detail::resize_buffer(cache.out, rows, d);  // [batch·seq, d]
     detail::flash_attention_forward<best_isa(), Scalar>(cache.out, cache.lse, q, k, v, batch, seq, heads);
   });
+  // A score that is not finite (a NaN or ±Inf input, or a product q·k beyond the type's range) makes its row's
+  // log-sum-exp so; the output would be NaN.
+  if (!detail::all_finite(cache.lse.data(), cache.lse.size())) {
+    const Index at = Index(std::find_if(cache.lse.data(), cache.lse.data() + cache.lse.size(),
+                                        [](Scalar x) { return !std::isfinite(x); }) -
+                           cache.lse.data());
+    const Index bh = at / seq;
+    throw NonFiniteError(std::string(where) + ": the scores of query " + std::to_string(at % seq) + " of sequence " +
+                         std::to_string(bh / heads) + ", head " + std::to_string(bh % heads) +
+                         " are not finite (an input is not finite, or a product q·k exceeds the type's range)");
+  }
   detail::parallel_copy<Scalar>(ctx, cache.out);
   cache.batch = batch;
   cache.seq = seq;
