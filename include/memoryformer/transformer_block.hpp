@@ -172,8 +172,8 @@ class TransformerBlock {
    * @param seq    tokens per sequence, ≥ 1 (rotary positions 0 … seq−1)
    * @param cache  receives what backward needs; its buffers are reused
    * @throws ConfigError for batch or seq < 1 or when memory cannot hold the buffers of x's rows; ShapeError when x or
-   *         y is not (batch·seq, d); NonFiniteError when attention's scores are not finite (a NaN or ±Inf in x
-   *         reaches them).
+   *         y is not (batch·seq, d); NonFiniteError when attention's scores or outputs are not finite (a NaN or ±Inf
+   *         in x reaches them).
    */
   void forward(MatrixRef<Scalar> y, ConstMatrixRef<Scalar> x, Index batch, Index seq, Cache& cache) const {
     constexpr const char* where = "TransformerBlock::forward";
@@ -295,7 +295,8 @@ class TransformerBlock {
    * @param x_new  [batch·t, d] inputs of the new tokens
    * @param kv     cache from make_kv_cache (or any KVCache with d features); its length grows by t
    * @throws ShapeError when x_new is not (kv.batch()·t, d) or y_new differs, or kv has the wrong width;
-   *         CapacityError when kv.length() + t would exceed kv.max_seq(); ConfigError when memory cannot hold the
+   *         CapacityError when kv.length() + t would exceed kv.max_seq(); NonFiniteError when attention's scores or
+   *         outputs are not finite (a NaN or ±Inf in x_new reaches them); ConfigError when memory cannot hold the
    *         buffers of its rows. kv is unchanged when it throws.
    */
   void forward_decode(MatrixRef<Scalar> y_new, ConstMatrixRef<Scalar> x_new, KVCache<Scalar>& kv) const {

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -239,6 +240,64 @@ TEST(AttentionIsa, VectorPathMatchesScalarPathAndReference) {
       EXPECT_LE(relative_error(decoded[0][0], decoded[1][0]), 2e-5) << "decode, vector path against scalar, " << label;
       EXPECT_LE(relative_error(decoded[0][1], decoded[1][1]), 2e-5)
           << "decode from bfloat16, vector path against scalar, " << label;
+    }
+  }
+}
+
+
+TEST(AttentionIsa, RowsThatAreNotFiniteAreFoundAlikeOnEveryPath) {
+  // One query entry is NaN: only that row's scores are not finite, on every path. Forward marks exactly its
+  // log-sum-exp; decode names it, from a float and a bfloat16 cache, folded in place (t = 1) and by query tiles (t = 7).
+  const mf::Index batch = 2, seq = 70, heads = 2, dh = 16, d = heads * dh, rows = batch * seq;
+  const mf::Matrix<float> k = random_matrix<float>(rows, d, 61), v = random_matrix<float>(rows, d, 62);
+  mf::Matrix<float> q = random_matrix<float>(rows, d, 60);
+  q(seq + 66, dh + 3) = std::numeric_limits<float>::quiet_NaN();  // sequence 1, query 66, head 1
+  for (const mf::Isa path : {best, mf::Isa::Scalar}) {
+    SCOPED_TRACE(std::string(mf::isa_name(path)));
+    mf::Matrix<float> out(rows, d), lse;
+    if (path == best)
+      md::flash_attention_forward<best, float>(out, lse, q, k, v, batch, seq, heads);
+    else
+      md::flash_attention_forward<mf::Isa::Scalar, float>(out, lse, q, k, v, batch, seq, heads);
+    for (mf::Index bh = 0; bh < batch * heads; ++bh)
+      for (mf::Index i = 0; i < seq; ++i)
+        EXPECT_EQ(std::isfinite(lse(bh, i)), bh != 3 || i != 66) << "row " << bh << ", query " << i;
+    for (const mf::Index t : {1, 7}) {
+      for (const mf::StorageType storage : {mf::StorageType::F32, mf::StorageType::BF16}) {
+        const mf::Index first = 66 - (t - 1) / 2;  // the NaN query is new token (t − 1)/2
+        mf::KVCache<float> kv(batch, seq, d, storage);
+        mf::Matrix<float> keys(batch * (first + t), d), values(batch * (first + t), d), qt(batch * t, d);
+        for (mf::Index b = 0; b < batch; ++b) {
+          keys.middleRows(b * (first + t), first + t) = k.middleRows(b * seq, first + t);
+          values.middleRows(b * (first + t), first + t) = v.middleRows(b * seq, first + t);
+          qt.middleRows(b * t, t) = q.middleRows(b * seq + first, t);
+        }
+        kv.append(keys, values);
+        mf::Matrix<float> ctx = mf::Matrix<float>::Constant(batch * t, d, 3.0f);
+        std::optional<md::DecodeSite> site;
+        if (storage == mf::StorageType::BF16) {
+          const auto keys_of = [&](mf::Index b) { return kv.keys_bf16(b); };
+          const auto values_of = [&](mf::Index b) { return kv.values_bf16(b); };
+          site = path == best ? md::flash_attention_decode_bf16<best>(ctx, qt, batch, t, first, first + t, heads,
+                                                                       keys_of, values_of)
+                              : md::flash_attention_decode_bf16<mf::Isa::Scalar>(ctx, qt, batch, t, first,
+                                                                                  first + t, heads, keys_of, values_of);
+        } else {
+          const auto keys_of = [&](mf::Index b) { return kv.keys(b); };
+          const auto values_of = [&](mf::Index b) { return kv.values(b); };
+          site = path == best ? md::flash_attention_decode<best, float>(ctx, qt, batch, t, first, first + t, heads,
+                                                                        keys_of, values_of)
+                              : md::flash_attention_decode<mf::Isa::Scalar, float>(ctx, qt, batch, t, first,
+                                                                                   first + t, heads, keys_of,
+                                                                                   values_of);
+        }
+        const std::string label = "t = " + std::to_string(t) + ", " + std::string(mf::storage_type_name(storage));
+        ASSERT_TRUE(site.has_value()) << label;
+        EXPECT_EQ(site->sequence, 1) << label;
+        EXPECT_EQ(site->token, (t - 1) / 2) << label;
+        EXPECT_EQ(site->head, 1) << label;
+        EXPECT_TRUE(ctx.isApproxToConstant(3.0f)) << label << ": nothing is written";
+      }
     }
   }
 }

@@ -290,7 +290,7 @@ TEST(NnAttention, ScoresThatAreNotFiniteAreANonFiniteError) {
   mf::Matrix<float> ctx = mf::Matrix<float>::Zero(seq, d);
   mf::AttentionCache<float> cache;
   expect_throw_with([&] { mf::attention_forward<float>(ctx, q, k, v, 1, seq, 1, cache); },
-                    "attention_forward: the scores of query 0 of sequence 0, head 0 are not finite");
+                    "attention_forward: the scores or outputs of query 0 of sequence 0, head 0 are not finite");
   EXPECT_EQ(ctx, mf::Matrix<float>::Zero(seq, d));  // not written
   mf::Matrix<float> dq(seq, d), dk(seq, d), dv(seq, d);
   EXPECT_THROW(mf::attention_backward<float>(dq, dk, dv, q, k, v, ctx, cache), mf::StateError);
@@ -298,8 +298,63 @@ TEST(NnAttention, ScoresThatAreNotFiniteAreANonFiniteError) {
   k.setConstant(0.25f);
   q(2, 3) = std::numeric_limits<float>::quiet_NaN();
   expect_throw_with([&] { mf::attention_forward<float>(ctx, q, k, v, 1, seq, 1, cache); },
-                    "the scores of query 2 of sequence 0, head 0 are not finite");
+                    "the scores or outputs of query 2 of sequence 0, head 0 are not finite");
   EXPECT_THROW(mf::attention_forward<float>(ctx, q, k, v, 1, seq, 1, cache), mf::NonFiniteError);
+  // A value that is not finite leaves the scores finite and the outputs of the rows that see it not. Rows of the same
+  // tile that do not see it may be named instead: a tile product multiplies their masked entries (zeros) by it.
+  q(2, 3) = 0.25f;
+  mf::Matrix<float> v_nan = v;
+  v_nan(1, 5) = std::numeric_limits<float>::quiet_NaN();
+  expect_throw_with([&] { mf::attention_forward<float>(ctx, q, k, v_nan, 1, seq, 1, cache); },
+                    "of sequence 0, head 0 are not finite");
+  EXPECT_EQ(ctx, mf::Matrix<float>::Zero(seq, d));
+  mf::attention_forward<float>(ctx, q, k, v, 1, seq, 1, cache);  // the same cache works again
+  EXPECT_TRUE(ctx.isApproxToConstant(0.5f));
+}
+
+template <class Scalar>
+void expect_decode_refuses_what_is_not_finite(mf::StorageType storage) {
+  // Two sequences, 4 heads of 16; 5 tokens cached, then t new ones: t = 1 and 3 fold the cache in place on a vector
+  // path, t = 7 goes through query tiles. Sequence 1's last new token has, in head 2, products q·k beyond the type's
+  // range, or a NaN value; the call throws naming them and leaves ctx_new and the cache as they were.
+  const mf::Index batch = 2, d = 64, heads = 4, cached = 5;
+  for (const mf::Index t : {1, 3, 7}) {
+    for (const bool nan_value : {false, true}) {
+      mf::KVCache<Scalar> kv(batch, 16, d, storage);
+      const mf::Matrix<Scalar> x0 = random_matrix<Scalar>(batch * cached, d, 40);
+      mf::Matrix<Scalar> out0(batch * cached, d);
+      mf::attention_decode<Scalar>(out0, x0, x0, x0, kv, heads);
+      mf::Matrix<Scalar> q = random_matrix<Scalar>(batch * t, d, 41), k = q, v = q;
+      const mf::Index token = t > 1 ? t - 1 : 0, row = t + token;  // sequence 1's last new token
+      if (nan_value) {
+        v(row, 2 * 16 + 3) = std::numeric_limits<Scalar>::quiet_NaN();
+      } else {
+        q.row(row).segment(2 * 16, 16).setConstant(std::numeric_limits<Scalar>::max() / 2);
+        k.row(row).segment(2 * 16, 16).setConstant(std::numeric_limits<Scalar>::max() / 2);
+      }
+      const mf::Matrix<Scalar> before = mf::Matrix<Scalar>::Constant(batch * t, d, Scalar(7));
+      mf::Matrix<Scalar> ctx = before;
+      // A NaN value may be named at an earlier new token of the same query tile (see the forward's test above).
+      const std::string site = (nan_value ? std::string() : "new token " + std::to_string(token)) +
+                               " of sequence 1, head 2 are not finite";
+      SCOPED_TRACE(std::string(mf::storage_type_name(storage)) + ", t = " + std::to_string(t) +
+                   (nan_value ? ", NaN value" : ", products beyond range"));
+      expect_throw_with([&] { mf::attention_decode<Scalar>(ctx, q, k, v, kv, heads); }, site);
+      EXPECT_THROW(mf::attention_decode<Scalar>(ctx, q, k, v, kv, heads), mf::NonFiniteError);
+      EXPECT_EQ(ctx, before) << site;
+      EXPECT_EQ(kv.length(), cached) << site;
+      const mf::Matrix<Scalar> fine = random_matrix<Scalar>(batch * t, d, 42);
+      mf::attention_decode<Scalar>(ctx, fine, fine, fine, kv, heads);  // the cache takes the next tokens
+      EXPECT_EQ(kv.length(), cached + t);
+      EXPECT_TRUE(ctx.allFinite());
+    }
+  }
+}
+
+TEST(NnAttention, DecodeRefusesScoresOrOutputsThatAreNotFinite) {
+  expect_decode_refuses_what_is_not_finite<float>(mf::StorageType::F32);
+  expect_decode_refuses_what_is_not_finite<float>(mf::StorageType::BF16);
+  expect_decode_refuses_what_is_not_finite<double>(mf::StorageType::F32);
 }
 
 TEST(NnAttention, RowsTimesWidthThatOverflowsIsAConfigError) {

@@ -538,7 +538,8 @@ TEST(TransformerBlock, BadShapesAndOrderThrow) {
   expect_throw_with([&] { block.backward(dx, x, dy_wide, cache); }, "dy is (6, 11)");
   Mat x_nan = x;  // reaches attention's scores through the norm and the products
   x_nan(4, 2) = std::numeric_limits<double>::quiet_NaN();
-  expect_throw_with([&] { block.forward(y, x_nan, 2, 3, cache); }, "attention_forward: the scores of query 1 of sequence 1");
+  expect_throw_with([&] { block.forward(y, x_nan, 2, 3, cache); }, "attention_forward: the scores or outputs of query");
+  expect_throw_with([&] { block.forward(y, x_nan, 2, 3, cache); }, "of sequence 1, head");
   EXPECT_THROW(block.forward(y, x_nan, 2, 3, cache), mf::NonFiniteError);
 
   // Decoding: width, rows per sequence, capacity.
@@ -552,6 +553,12 @@ TEST(TransformerBlock, BadShapesAndOrderThrow) {
   expect_throw_with([&] { block.forward_decode(y1, x2, kv); }, "TransformerBlock::forward_decode: y_new is (1, 12)");
   mf::KVCache<double> kv_wrong(2, 3, 8);
   expect_throw_with([&] { block.forward_decode(y2, x2, kv_wrong); }, "kv holds 8 features per token, expected d = 12");
+  Mat x2_nan = x2;  // sequence 1's new token: refused, and nothing is appended
+  x2_nan(1, 5) = std::numeric_limits<double>::quiet_NaN();
+  expect_throw_with([&] { block.forward_decode(y2, x2_nan, kv); },
+                    "attention_decode: the scores or outputs of new token 0 of sequence 1, head");
+  EXPECT_THROW(block.forward_decode(y2, x2_nan, kv), mf::NonFiniteError);
+  EXPECT_EQ(kv.length(), 0);
   for (int i = 0; i < 3; ++i) block.forward_decode(y2, x2, kv);
   EXPECT_EQ(kv.length(), 3);
   expect_throw_with([&] { block.forward_decode(y2, x2, kv); },

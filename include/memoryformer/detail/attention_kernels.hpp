@@ -19,12 +19,15 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../types.hpp"
 #include "attention_decode_rows.hpp"
 #include "checked_size.hpp"
+#include "checks.hpp"
 #include "fast_exp.hpp"
 #include "half.hpp"
 #include "parallel.hpp"
@@ -384,9 +387,51 @@ void merge_online_softmax(OnlineSoftmax<Scalar>& into, const OnlineSoftmax<Scala
   }
 }
 
+/// A new token's head whose attention is not finite: new token `token` of sequence `sequence`, head `head`.
+struct DecodeSite {
+  Index sequence;
+  Index token;
+  Index head;
+};
+
+/// Where decode met a row it cannot write: the first (group, row), in order, whose log-sum-exp or output is not
+/// finite (a score or value that is not, or a product beyond the type's range).
+struct DecodeFault {
+  Index group;
+  Index row;
+};
+
+/// The end of a decode: merges each group's `blocks` partial states in block order into its first (group g's at
+/// partial[g·blocks …]) and normalises it in place, acc ← acc/l; then, unless some row's log-sum-exp or output is
+/// not finite (the first such is returned and nothing is written), writes every group through write(g, state).
+/// Groups are merged on any thread, each in a fixed order: the bits do not depend on the thread count.
+template <class Scalar, class Write>
+std::optional<DecodeFault> finish_decode(std::vector<OnlineSoftmax<Scalar>>& partial, Index groups, Index blocks,
+                                         Write&& write) {
+  std::vector<Index> fault(size_t(groups), -1);  // per group, its first row that is not finite
+  parallel_claims(groups, [&](WorkQueue& queue) {
+    for (Index g = queue.claim(); g >= 0; g = queue.claim()) {
+      auto& state = partial[size_t(g * blocks)];
+      for (Index block = 1; block < blocks; ++block) merge_online_softmax(state, partial[size_t(g * blocks + block)]);
+      for (Index i = 0; i < state.m.size(); ++i) {
+        state.acc.row(i) *= Scalar(1) / state.l(i);
+        const bool finite = std::isfinite(state.m(i) + std::log(state.l(i))) &&
+                            all_finite(state.acc.row(i).data(), state.acc.cols());
+        if (!finite && fault[size_t(g)] < 0) fault[size_t(g)] = i;
+      }
+    }
+  });
+  for (Index g = 0; g < groups; ++g)
+    if (fault[size_t(g)] >= 0) return DecodeFault{g, fault[size_t(g)]};
+  parallel_claims(groups, [&](WorkQueue& queue) {
+    for (Index g = queue.claim(); g >= 0; g = queue.claim()) write(g, std::as_const(partial[size_t(g * blocks)]));
+  });
+  return std::nullopt;
+}
+
 /// Causal attention forward over `batch` sequences of `seq` tokens, `heads` heads of dh columns:
 /// out [batch·seq, d] = softmax(scale·Q Kᵀ + mask) V per (sequence, head), lse [batch·heads, seq] the log-sum-exp
-/// of row (b·heads + h, i): m + log l. Work items are (sequence, head, query tile), each computed by one thread.
+/// of row (b·heads + h, i): m + log l, or NaN where that row's output is not finite. Work items are (sequence, head, query tile), each computed by one thread.
 template <Isa I, class Scalar>
 void flash_attention_forward(MatrixRef<Scalar> out, Matrix<Scalar>& lse, const ConstMatrixRef<Scalar>& q,
                              const ConstMatrixRef<Scalar>& k, const ConstMatrixRef<Scalar>& v, Index batch, Index seq,
@@ -410,8 +455,12 @@ void flash_attention_forward(MatrixRef<Scalar> out, Matrix<Scalar>& lse, const C
       state.reset(rows, dh);
       attend_key_range<I>(state, scratch, Q, q0, K, V, 0, q0 + rows, scale);
       for (Index i = 0; i < rows; ++i) {
-        out.row(b * seq + q0 + i).segment(h * dh, dh) = state.acc.row(i) * (Scalar(1) / state.l(i));
-        lse(bh, q0 + i) = state.m(i) + std::log(state.l(i));
+        auto row = out.row(b * seq + q0 + i).segment(h * dh, dh);
+        row = state.acc.row(i) * (Scalar(1) / state.l(i));
+        // A row whose output is not finite (a value that is not, or sums beyond the type's range) is marked by a
+        // log-sum-exp that is not finite either, so the caller's one check of lse finds it.
+        lse(bh, q0 + i) = all_finite(row.data(), dh) ? state.m(i) + std::log(state.l(i))
+                                                     : std::numeric_limits<Scalar>::quiet_NaN();
       }
     }
   });
@@ -588,10 +637,11 @@ struct CachedRows {
 /// Decode of t ≤ attention_decode_in_place_rows new rows per sequence, every head of a row folded at once from the
 /// cache rows in place (fold_heads_in_place). Items are (sequence, key block of attention_decode_key_block keys);
 /// the blocks' partial states (one per new row and head) are merged in block order, so the bits do not depend on
-/// the thread count. rows_of(b) gives sequence b's CachedRows.
+/// the thread count. rows_of(b) gives sequence b's CachedRows. Returns the first new row and head whose attention is
+/// not finite, with nothing written to out (finish_decode), or nothing.
 template <Isa I, class RowsOf>
-void decode_in_place(MatrixRef<float> out, const ConstMatrixRef<float>& q, Index batch, Index t, Index first,
-                     Index length, Index heads, RowsOf&& rows_of) {
+std::optional<DecodeSite> decode_in_place(MatrixRef<float> out, const ConstMatrixRef<float>& q, Index batch, Index t,
+                                          Index first, Index length, Index heads, RowsOf&& rows_of) {
   const Index d = q.cols(), dh = d / heads;
   const float scale = 1.0f / std::sqrt(float(dh));
   const Index blocks = (length + attention_decode_key_block - 1) / attention_decode_key_block;
@@ -619,15 +669,12 @@ void decode_in_place(MatrixRef<float> out, const ConstMatrixRef<float>& q, Index
     }
   });
   // All reads of q are done: out may alias it.
-  parallel_claims(batch, [&](WorkQueue& queue) {
-    for (Index b = queue.claim(); b >= 0; b = queue.claim()) {
-      auto& state = partial[size_t(b * blocks)];
-      for (Index block = 1; block < blocks; ++block) merge_online_softmax(state, partial[size_t(b * blocks + block)]);
-      for (Index i = 0; i < t; ++i)
-        for (Index h = 0; h < heads; ++h)
-          out.row(b * t + i).segment(h * dh, dh) = state.acc.row(i * heads + h) * (1.0f / state.l(i * heads + h));
-    }
+  const auto fault = finish_decode(partial, batch, blocks, [&](Index b, const OnlineSoftmax<float>& state) {
+    for (Index i = 0; i < t; ++i)
+      for (Index h = 0; h < heads; ++h) out.row(b * t + i).segment(h * dh, dh) = state.acc.row(i * heads + h);
   });
+  if (!fault) return std::nullopt;
+  return DecodeSite{fault->group, fault->row / heads, fault->row % heads};
 }
 #endif
 
@@ -635,9 +682,10 @@ void decode_in_place(MatrixRef<float> out, const ConstMatrixRef<float>& q, Index
 /// query tile the cache is cut into key blocks of attention_decode_key_block keys, otherwise each item takes every
 /// key. fold(scratch, state, b, h, q0, rows, k0, k1) folds keys [k0, k1) into the item's own (m, l, acc) with the
 /// thread's ItemScratch; the items of a (sequence, head, tile) are then merged in block order and written to out,
-/// so the bits do not depend on the thread count.
+/// so the bits do not depend on the thread count. Returns what decode_in_place returns.
 template <class Scalar, class ItemScratch, class Fold>
-void decode_key_blocks(MatrixRef<Scalar> out, Index batch, Index t, Index length, Index heads, Index dh, Fold&& fold) {
+std::optional<DecodeSite> decode_key_blocks(MatrixRef<Scalar> out, Index batch, Index t, Index length, Index heads,
+                                            Index dh, Fold&& fold) {
   const Index tiles = (t + attention_tile - 1) / attention_tile;
   const Index blocks = tiles == 1 ? (length + attention_decode_key_block - 1) / attention_decode_key_block : 1;
   const Index block_keys = tiles == 1 ? attention_decode_key_block : length;
@@ -655,26 +703,25 @@ void decode_key_blocks(MatrixRef<Scalar> out, Index batch, Index t, Index length
       fold(scratch, state, bh / heads, bh % heads, q0, rows, k0, k1);
     }
   });
-  parallel_claims(groups, [&](WorkQueue& queue) {
-    for (Index group = queue.claim(); group >= 0; group = queue.claim()) {
-      auto& state = partial[size_t(group * blocks)];
-      for (Index block = 1; block < blocks; ++block) merge_online_softmax(state, partial[size_t(group * blocks + block)]);
-      const Index bh = group / tiles, tile = group % tiles;
-      const Index b = bh / heads, h = bh % heads;
-      const Index q0 = tile * attention_tile;
-      for (Index i = 0; i < state.m.size(); ++i)
-        out.row(b * t + q0 + i).segment(h * dh, dh) = state.acc.row(i) * (Scalar(1) / state.l(i));
-    }
+  const auto fault = finish_decode(partial, groups, blocks, [&](Index group, const OnlineSoftmax<Scalar>& state) {
+    const Index bh = group / tiles, q0 = group % tiles * attention_tile;
+    for (Index i = 0; i < state.m.size(); ++i)
+      out.row(bh / heads * t + q0 + i).segment(bh % heads * dh, dh) = state.acc.row(i);
   });
+  if (!fault) return std::nullopt;
+  const Index bh = fault->group / tiles;
+  return DecodeSite{bh / heads, fault->group % tiles * attention_tile + fault->row, bh % heads};
 }
 
 /// Decode: t new query rows per sequence (row b·t + i at position first + i) against the cached keys and values
 /// of `batch` sequences, length `length` each (keys(b) / values(b) give [length, d] views). With few new rows the
 /// cache is split into key blocks of attention_decode_key_block keys, each folded by one thread into its own
 /// (m, l, acc), then merged in block order; with more than one query tile, items are query tiles as in forward.
+/// Returns the first new row and head whose attention is not finite, with nothing written to out, or nothing.
 template <Isa I, class Scalar, class Keys, class Values>
-void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>& q, Index batch, Index t,
-                            Index first, Index length, Index heads, Keys&& keys, Values&& values) {
+std::optional<DecodeSite> flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>& q, Index batch,
+                                                 Index t, Index first, Index length, Index heads, Keys&& keys,
+                                                 Values&& values) {
   const Index d = q.cols(), dh = d / heads;
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
   if constexpr (attention_vector_path_compiled<I, Scalar>()) {
@@ -687,7 +734,7 @@ void flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>&
   }
 #endif
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(dh));
-  decode_key_blocks<Scalar, AttentionTileScratch<Scalar>>(
+  return decode_key_blocks<Scalar, AttentionTileScratch<Scalar>>(
       out, batch, t, length, heads, dh,
       [&](AttentionTileScratch<Scalar>& scratch, OnlineSoftmax<Scalar>& state, Index b, Index h, Index q0, Index rows,
           Index k0, Index k1) {
@@ -733,9 +780,9 @@ inline void widen_bf16_rows(float* out, const std::uint16_t* block, Index d, Ind
 /// throughout. Items and the merge order are those of flash_attention_decode; the bits do not depend on the
 /// thread count.
 template <Isa I, class KeysBf16, class ValuesBf16>
-void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<float>& q, Index batch, Index t,
-                                 Index first, Index length, Index heads, KeysBf16&& keys_bf16,
-                                 ValuesBf16&& values_bf16) {
+std::optional<DecodeSite> flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<float>& q,
+                                                      Index batch, Index t, Index first, Index length, Index heads,
+                                                      KeysBf16&& keys_bf16, ValuesBf16&& values_bf16) {
   const Index d = q.cols(), dh = d / heads;
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
   if constexpr (attention_vector_path_compiled<I, float>()) {
@@ -750,7 +797,7 @@ void flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<floa
     AttentionTileScratch<float> tile;
     Matrix<float> K, V;  // [count, dh] the widened keys and values of the item's block
   };
-  decode_key_blocks<float, Scratch>(
+  return decode_key_blocks<float, Scratch>(
       out, batch, t, length, heads, dh,
       [&](Scratch& scratch, OnlineSoftmax<float>& state, Index b, Index h, Index q0, Index rows, Index k0, Index k1) {
         const Index count = k1 - k0;

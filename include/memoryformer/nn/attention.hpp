@@ -100,6 +100,13 @@ inline std::string attention_rows_text(Index batch, Index seq, Index d) {
          std::to_string(batch) + ", seq = " + std::to_string(seq);
 }
 
+/// The message of a NonFiniteError of attention: which row of which sequence and head is not finite, and why.
+inline std::string attention_not_finite_text(const char* where, const char* row, Index at, Index sequence, Index head) {
+  return std::string(where) + ": the scores or outputs of " + row + " " + std::to_string(at) + " of sequence " +
+         std::to_string(sequence) + ", head " + std::to_string(head) +
+         " are not finite (an input is not finite, or a product q·k or a sum of values exceeds the type's range)";
+}
+
 }  // namespace detail
 
 /**
@@ -119,8 +126,8 @@ inline std::string attention_rows_text(Index batch, Index seq, Index d) {
  * @param cache  receives ctx and the log-sum-exp of every row for attention_backward; q, k and v must not be
  *               views of it (a cache's output fed back in needs another cache)
  * @throws ShapeError when a shape differs from (batch·seq, d); ValueError when q, k or v shares storage with cache;
- *         NonFiniteError when a score is not finite (ctx is then unchanged); ConfigError for bad batch/seq/heads, or
- *         when memory cannot hold the buffers of its rows.
+ *         NonFiniteError when a score or an output is not finite (ctx is then unchanged); ConfigError for bad
+ *         batch/seq/heads, or when memory cannot hold the buffers of its rows.
  */
 template <std::floating_point Scalar>
 void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_identity_t<ConstMatrixRef<Scalar>> q,
@@ -154,15 +161,13 @@ void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_id
     detail::flash_attention_forward<best_isa(), Scalar>(cache.out, cache.lse, q, k, v, batch, seq, heads);
   });
   // A score that is not finite (a NaN or ±Inf input, or a product q·k beyond the type's range) makes its row's
-  // log-sum-exp so; the output would be NaN.
+  // log-sum-exp so, and the kernel marks a row whose output is not finite (a value that is not) the same way.
   if (!detail::all_finite(cache.lse.data(), cache.lse.size())) {
     const Index at = Index(std::find_if(cache.lse.data(), cache.lse.data() + cache.lse.size(),
                                         [](Scalar x) { return !std::isfinite(x); }) -
                            cache.lse.data());
-    const Index bh = at / seq;
-    throw NonFiniteError(std::string(where) + ": the scores of query " + std::to_string(at % seq) + " of sequence " +
-                         std::to_string(bh / heads) + ", head " + std::to_string(bh % heads) +
-                         " are not finite (an input is not finite, or a product q·k exceeds the type's range)");
+    throw NonFiniteError(detail::attention_not_finite_text(where, "query", at % seq, at / seq / heads,
+                                                           at / seq % heads));
   }
   detail::parallel_copy<Scalar>(ctx, cache.out);
   cache.batch = batch;
@@ -245,7 +250,8 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
  *                 the same bfloat16-rounded keys and values.
  * @param heads    number of heads (≥ 1, divides d)
  * @throws ShapeError on a shape mismatch; ConfigError on bad heads; CapacityError when the cache would exceed
- *         max_seq; ConfigError when memory cannot hold the buffers of its rows. Nothing is appended when it throws.
+ *         max_seq; NonFiniteError when a new token's scores or output are not finite (ctx_new is then unchanged);
+ *         ConfigError when memory cannot hold the buffers of its rows. Nothing is appended when it throws.
  */
 template <std::floating_point Scalar>
 void attention_decode(std::type_identity_t<MatrixRef<Scalar>> ctx_new,
@@ -267,18 +273,21 @@ void attention_decode(std::type_identity_t<MatrixRef<Scalar>> ctx_new,
   const detail::SerialEigenScope serial;  // as in attention_forward
   detail::decode_step(where, rows, d, 1, std::span<KVCache<Scalar>>(&cache, 1), [&] {
     cache.append(k_new, v_new);  // throws CapacityError before changing anything
-    // All reads of q_new happen before ctx_new is written (the kernel's merge pass writes), so they may alias.
-    if constexpr (std::is_same_v<Scalar, float>) {
-      if (cache.storage() == StorageType::BF16) {
-        detail::flash_attention_decode_bf16<best_isa()>(
-            ctx_new, q_new, cache.batch(), t, first, cache.length(), heads,
-            [&](Index b) { return cache.keys_bf16(b); }, [&](Index b) { return cache.values_bf16(b); });
-        return;
+    // All reads of q_new happen before ctx_new is written (the kernel's last pass writes), so they may alias.
+    const auto fault = [&] {
+      if constexpr (std::is_same_v<Scalar, float>) {
+        if (cache.storage() == StorageType::BF16)
+          return detail::flash_attention_decode_bf16<best_isa()>(
+              ctx_new, q_new, cache.batch(), t, first, cache.length(), heads,
+              [&](Index b) { return cache.keys_bf16(b); }, [&](Index b) { return cache.values_bf16(b); });
       }
-    }
-    detail::flash_attention_decode<best_isa(), Scalar>(
-        ctx_new, q_new, cache.batch(), t, first, cache.length(), heads, [&](Index b) { return cache.keys(b); },
-        [&](Index b) { return cache.values(b); });
+      return detail::flash_attention_decode<best_isa(), Scalar>(
+          ctx_new, q_new, cache.batch(), t, first, cache.length(), heads, [&](Index b) { return cache.keys(b); },
+          [&](Index b) { return cache.values(b); });
+    }();
+    // decode_step takes the appended tokens back out of the cache.
+    if (fault) throw NonFiniteError(detail::attention_not_finite_text(where, "new token", fault->token, fault->sequence,
+                                                                      fault->head));
   });
 }
 
