@@ -40,11 +40,14 @@ class FrozenMemoryLayer {
    * @brief Copies `layer`'s hash settings and bias and converts its tables.
    * @param layout       which copies to keep (Panels for prefill, Rows for decode, Both)
    * @param chunk_values panel chunk width (0: default; see PackedTables)
-   * @throws ConfigError (see PackedTables), also for a table-parallel layer (it holds only some of its tables)
+   * @throws ConfigError (see PackedTables), also for a table-parallel layer (it holds only some of its tables) or a
+   *         layout that is not a FrozenLayout
    */
   FrozenMemoryLayer(const MemoryLayer<float>& layer, StorageType storage, FrozenLayout layout = FrozenLayout::Panels,
                     Index chunk_values = 0)
       : config_(layer.config()), hasher_(layer.hasher()), bias_(layer.bias()) {
+    detail::check_enum("FrozenMemoryLayer", "layout", layout, {FrozenLayout::Panels, FrozenLayout::Rows,
+                                                               FrozenLayout::Both}, "FrozenLayout");
     detail::check_config(!layer.sharded(), "FrozenMemoryLayer",
                          "the layer is table-parallel: it holds tables " + std::to_string(layer.owned_tables().begin) +
                              " to " + std::to_string(layer.owned_tables().end - 1) + " of " +

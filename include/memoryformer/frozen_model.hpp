@@ -66,8 +66,8 @@ class FrozenLanguageModel {
    * @brief Freezes `model`: copies the embedding, norms, hashes and head, converts every table to `storage`.
    * @param layout which table copies the Memory Layers keep: Both (default; each call uses the better layout,
    *               2× the table bytes), Panels (prefill) or Rows (decode); see FrozenMemoryLayer
-   * @throws ConfigError for a model without Memory Layers (TransformerLM), or a table value that is not finite or
-   *         does not fit float16.
+   * @throws ConfigError for a model without Memory Layers (TransformerLM), a table value that is not finite or
+   *         does not fit float16, or a storage or layout that is not a member of its enum.
    */
   template <class Model>
     requires std::same_as<typename Model::ScalarType, float>

@@ -62,11 +62,16 @@ class PackedTables {
    * @brief Converts row-major float tables [tables, 2^τ, width] (contiguous) to `storage`.
    * @param layout       Panels (prefill) or Rows (decode)
    * @param chunk_values Panels only: columns per chunk, 0 for the default (32), else 16, 32 or 64 (bf16: 32, 64)
-   * @throws ConfigError for a bad shape or chunk size, a non-finite value, or a value beyond the float16 range
+   * @throws ConfigError for a bad shape or chunk size, a non-finite value, a value beyond the float16 range, or a
+   *         storage or layout that is not a member of its enum
    */
   PackedTables(const float* values, Index tables, int tau, Index width, StorageType storage,
                TableLayout layout = TableLayout::Panels, Index chunk_values = 0) {
     const char* where = "PackedTables";
+    // Checked first: the layout's byte sizes and the lookups' dispatch read them.
+    detail::check_enum(where, "storage", storage, {StorageType::F32, StorageType::F16, StorageType::BF16},
+                       "StorageType");
+    detail::check_enum(where, "layout", layout, {TableLayout::Panels, TableLayout::Rows}, "TableLayout");
     detail::check_config(tables > 0, where, "tables = " + std::to_string(tables) + " must be > 0");
     detail::check_config(tau >= 1 && tau <= 16, where, "tau = " + std::to_string(tau) + " is outside 1..16");
     detail::check_config(width > 0, where, "width = " + std::to_string(width) + " must be > 0");

@@ -181,6 +181,25 @@ std::vector<Case> cases() {
   out.push_back({"BucketTable negative width", [] { mf::BucketTable<float>(1, 4, -3); }, throws<mf::ConfigError>()});
   out.push_back({"KVCache batch × max_seq overflow", [] { mf::KVCache<float>(4, Index(1) << 62, 8); },
                  throws<mf::ConfigError>()});
+  // ---- enum values made from integers that name no member
+  out.push_back({"PackedTables storage outside StorageType",
+                 [] { mf::PackedTables(mf::BucketTable<float>(2, 4, 8), static_cast<mf::StorageType>(7)); },
+                 throws<mf::ConfigError>()});
+  out.push_back({"PackedTables layout outside TableLayout",
+                 [] {
+                   mf::PackedTables(mf::BucketTable<float>(2, 4, 8), mf::StorageType::BF16,
+                                    static_cast<mf::TableLayout>(-1));
+                 },
+                 throws<mf::ConfigError>()});
+  out.push_back({"FrozenMemoryLayer layout outside FrozenLayout",
+                 [] {
+                   const mf::MemoryLayer<float> layer(small_layer(), 1);
+                   mf::FrozenMemoryLayer(layer, mf::StorageType::F32, static_cast<mf::FrozenLayout>(3));
+                 },
+                 throws<mf::ConfigError>()});
+  out.push_back({"freeze to a storage outside StorageType",
+                 [] { (void)mf::freeze(mf::MemoryFormerLM<float>(tiny_lm(), 1), static_cast<mf::StorageType>(3)); },
+                 throws<mf::ConfigError>()});
   out.push_back({"make_decode_state overflow",
                  [] {
                    mf::MemoryFormerLM<float> m(tiny_lm(), 1);
@@ -724,7 +743,8 @@ void restore_parameter(std::vector<mf::ParameterView<float>> params, const std::
 }
 
 // A decoding step that fails after earlier blocks, or the block's own attention, appended their keys and values
-// drops them again. Here a NaN norm scale gives a later hash a NaN input.
+// drops them again. Here a NaN norm scale gives a later hash a NaN input, and a NaN bias a later attention NaN
+// queries.
 TEST(BadInput, DecodeStepThatFailsPartWayLeavesTheCachesAsTheyWere) {
   mf::MemoryFormerLM<float>::Config c = tiny_lm();
   c.layers = 2;
@@ -761,6 +781,22 @@ TEST(BadInput, DecodeStepThatFailsPartWayLeavesTheCachesAsTheyWere) {
   mf::Matrix<float> y_new(2, c.block.d);
   EXPECT_THROW(block.forward_decode(y_new, x_new, kv), mf::NonFiniteError);
   EXPECT_EQ(kv.length(), 0);
+
+  // A dense model whose second block's attention refuses scores that are not finite (NaN queries).
+  mf::TransformerLM<float>::Config dense_config;
+  dense_config.vocab = c.vocab;
+  dense_config.layers = 2;
+  dense_config.block.d = 8;
+  dense_config.block.heads = 2;
+  mf::TransformerLM<float> dense(dense_config, 3);
+  auto dense_state = dense.make_decode_state(2, 8);
+  dense.forward_decode(logits, first, dense_state);
+  (void)fill_parameter(dense.parameters(), "blocks.1.q.bias", std::nanf(""));
+  ts::expect_throw_with([&] { dense.forward_decode(next, second, dense_state); },
+                        "attention_decode: the scores or outputs");
+  EXPECT_THROW(dense.forward_decode(next, second, dense_state), mf::NonFiniteError);
+  EXPECT_EQ(dense_state.length(), 2);
+  for (const auto& dense_kv : dense_state.kv) EXPECT_EQ(dense_kv.length(), 2);
 }
 
 TEST(BadInput, SaveRemovesStaleTemporariesOfTheSameTarget) {

@@ -58,6 +58,17 @@ inline void check_config(bool cond, std::string_view where, const std::string& m
   if (!cond) throw ConfigError(std::string(where) + ": " + message);
 }
 
+/// Throws ConfigError("<where>: <what> = <n> is not a <type>") unless `value` is one of `members`: an enum's
+/// value made from an integer (static_cast) that names none of its members.
+template <class Enum>
+void check_enum(std::string_view where, std::string_view what, Enum value, std::initializer_list<Enum> members,
+                std::string_view type) {
+  for (const Enum member : members)
+    if (value == member) return;
+  throw ConfigError(std::string(where) + ": " + std::string(what) + " = " +
+                    std::to_string(static_cast<long long>(value)) + " is not a " + std::string(type));
+}
+
 /// True when every value is finite: s − s is 0 for finite s and NaN otherwise; 64 independent lanes let the
 /// compiler vectorise the scan without reassociating anything, as four independent sums on AVX-512 (one sum is
 /// bound by the add latency).

@@ -55,9 +55,9 @@ class KVCache {
     // Checked before allocating: a wrapped batch·max_seq would give a cache too small for the positions it accepts.
     const Index rows = detail::checked_mul("KVCache", "batch × max_seq", batch, max_seq);
     const Index elements = detail::checked_mul("KVCache", "batch × max_seq × d", rows, d);
+    detail::check_enum("KVCache", "storage", storage, {StorageType::F32, StorageType::F16, StorageType::BF16},
+                       "StorageType");
     detail::check_config(storage != StorageType::F16, "KVCache", "storage fp16 is not supported (use fp32 or bf16)");
-    detail::check_config(storage == StorageType::F32 || storage == StorageType::BF16, "KVCache",
-                         "storage = " + std::to_string(static_cast<int>(storage)) + " is not a StorageType");
     detail::check_config(storage == StorageType::F32 || std::is_same_v<Scalar, float>, "KVCache",
                          std::string("storage ") + std::string(storage_type_name(storage)) +
                              " needs KVCache<float>; a double cache stores fp32 only");
