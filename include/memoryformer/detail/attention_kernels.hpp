@@ -413,12 +413,15 @@ std::optional<DecodeFault> finish_decode(std::vector<OnlineSoftmax<Scalar>>& par
     for (Index g = queue.claim(); g >= 0; g = queue.claim()) {
       auto& state = partial[size_t(g * blocks)];
       for (Index block = 1; block < blocks; ++block) merge_online_softmax(state, partial[size_t(g * blocks + block)]);
+      bool finite = true;
       for (Index i = 0; i < state.m.size(); ++i) {
         state.acc.row(i) *= Scalar(1) / state.l(i);
-        const bool finite = std::isfinite(state.m(i) + std::log(state.l(i))) &&
-                            all_finite(state.acc.row(i).data(), state.acc.cols());
-        if (!finite && fault[size_t(g)] < 0) fault[size_t(g)] = i;
+        finite = finite && std::isfinite(state.m(i) + std::log(state.l(i)));
       }
+      if (finite && all_finite_block(state.acc)) continue;
+      for (Index i = 0; i < state.m.size() && fault[size_t(g)] < 0; ++i)
+        if (!std::isfinite(state.m(i) + std::log(state.l(i))) || !all_finite_block(state.acc.row(i)))
+          fault[size_t(g)] = i;
     }
   });
   for (Index g = 0; g < groups; ++g)
@@ -454,14 +457,16 @@ void flash_attention_forward(MatrixRef<Scalar> out, Matrix<Scalar>& lse, const C
       const auto V = v.block(b * seq, h * dh, seq, dh);         // [seq, dh]
       state.reset(rows, dh);
       attend_key_range<I>(state, scratch, Q, q0, K, V, 0, q0 + rows, scale);
+      auto O = out.block(b * seq + q0, h * dh, rows, dh);  // [rows, dh]
       for (Index i = 0; i < rows; ++i) {
-        auto row = out.row(b * seq + q0 + i).segment(h * dh, dh);
-        row = state.acc.row(i) * (Scalar(1) / state.l(i));
-        // A row whose output is not finite (a value that is not, or sums beyond the type's range) is marked by a
-        // log-sum-exp that is not finite either, so the caller's one check of lse finds it.
-        lse(bh, q0 + i) = all_finite(row.data(), dh) ? state.m(i) + std::log(state.l(i))
-                                                     : std::numeric_limits<Scalar>::quiet_NaN();
+        O.row(i) = state.acc.row(i) * (Scalar(1) / state.l(i));
+        lse(bh, q0 + i) = state.m(i) + std::log(state.l(i));
       }
+      // A row whose output is not finite (a value that is not, or a sum beyond the type's range) is marked by a
+      // log-sum-exp that is not finite either, so the caller's one check of lse finds it.
+      if (!all_finite_block(O))
+        for (Index i = 0; i < rows; ++i)
+          if (!all_finite_block(O.row(i))) lse(bh, q0 + i) = std::numeric_limits<Scalar>::quiet_NaN();
     }
   });
 }

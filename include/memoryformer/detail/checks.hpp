@@ -85,6 +85,13 @@ bool all_finite(const Scalar* v, Eigen::Index count) {
   return total == Scalar(0);
 }
 
+/// True when every coefficient of a small Eigen block (a tile, a few rows) is finite: one vectorised sum of x − x,
+/// which is 0 for finite x and NaN otherwise; all_finite's 64 lanes cost more than that to reduce.
+template <class Derived>
+bool all_finite_block(const Eigen::DenseBase<Derived>& x) {
+  return (x.derived().array() - x.derived().array()).sum() == typename Derived::Scalar(0);
+}
+
 /// Throws NonFiniteError naming the first NaN/Inf element of a row-major buffer.
 template <class Scalar>
 void check_finite(std::string_view where, std::string_view what, const Scalar* data, Eigen::Index rows,
