@@ -161,7 +161,7 @@ void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_id
     detail::flash_attention_forward<best_isa(), Scalar>(cache.out, cache.lse, q, k, v, batch, seq, heads);
   });
   // A score that is not finite (a NaN or ±Inf input, or a product q·k beyond the type's range) makes its row's
-  // log-sum-exp so, and the kernel marks a row whose output is not finite (a value that is not) the same way.
+  // log-sum-exp so, and the kernel marks a row whose output is not finite (a value that is not) the same way (§6.5).
   if (!detail::all_finite(cache.lse.data(), cache.lse.size())) {
     const Index at = Index(std::find_if(cache.lse.data(), cache.lse.data() + cache.lse.size(),
                                         [](Scalar x) { return !std::isfinite(x); }) -
