@@ -247,7 +247,8 @@ TEST(AttentionIsa, VectorPathMatchesScalarPathAndReference) {
 
 TEST(AttentionIsa, RowsThatAreNotFiniteAreFoundAlikeOnEveryPath) {
   // One query entry is NaN: only that row's scores are not finite, on every path. Forward marks exactly its
-  // log-sum-exp; decode names it, from a float and a bfloat16 cache, folded in place (t = 1) and by query tiles (t = 7).
+  // log-sum-exp; decode names it, from a float and a bfloat16 cache, folded in place (t = 1) and by query tiles
+  // (t = 7).
   const mf::Index batch = 2, seq = 70, heads = 2, dh = 16, d = heads * dh, rows = batch * seq;
   const mf::Matrix<float> k = random_matrix<float>(rows, d, 61), v = random_matrix<float>(rows, d, 62);
   mf::Matrix<float> q = random_matrix<float>(rows, d, 60);

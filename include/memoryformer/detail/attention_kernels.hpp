@@ -434,7 +434,8 @@ std::optional<DecodeFault> finish_decode(std::vector<OnlineSoftmax<Scalar>>& par
 
 /// Causal attention forward over `batch` sequences of `seq` tokens, `heads` heads of dh columns:
 /// out [batch·seq, d] = softmax(scale·Q Kᵀ + mask) V per (sequence, head), lse [batch·heads, seq] the log-sum-exp
-/// of row (b·heads + h, i): m + log l, or NaN where that row's output is not finite. Work items are (sequence, head, query tile), each computed by one thread.
+/// of row (b·heads + h, i): m + log l, or NaN where that row's output is not finite. Work items are (sequence, head,
+/// query tile), each computed by one thread.
 template <Isa I, class Scalar>
 void flash_attention_forward(MatrixRef<Scalar> out, Matrix<Scalar>& lse, const ConstMatrixRef<Scalar>& q,
                              const ConstMatrixRef<Scalar>& k, const ConstMatrixRef<Scalar>& v, Index batch, Index seq,
