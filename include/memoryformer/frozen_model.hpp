@@ -157,8 +157,8 @@ class FrozenLanguageModel {
    * @param tokens_new batch·t ids, batch-major
    * @throws StateError for a state not made by this model's make_decode_state; ShapeError when tokens_new.size()
    *         is not a positive multiple of state.batch() or logits_new is not (batch·t, vocab); CapacityError
-   *         past max_seq; ValueError for an id outside [0, vocab); NonFiniteError when a block's attention scores or
-   *         outputs are not finite; ConfigError when memory cannot hold the buffers of its rows. The state is
+   *         past max_seq; ValueError for an id outside [0, vocab); NonFiniteError when a block's input, attention scores
+   *         or outputs are not finite; ConfigError when memory cannot hold the buffers of its rows. The state is
    *         unchanged when it throws.
    */
   void forward_decode(MatrixRef<float> logits_new, std::span<const std::int32_t> tokens_new, DecodeState& state) const {

@@ -272,8 +272,9 @@ class MemoryFormerBlock {
    * @brief Incremental decoding: x_new [batch·t, d] are the next t tokens of each sequence, at positions
    * kv.length() …; appends their keys and values to kv and writes their outputs — the same values forward gives
    * at those positions on the whole sequence.
-   * @throws ShapeError; CapacityError past the cache's max_seq; ConfigError when memory cannot hold the buffers of
-   *         its rows. kv is unchanged when it throws.
+   * @throws ShapeError; CapacityError past the cache's max_seq; NonFiniteError for a NaN or ±Inf in x_new (or a
+   *         value that reaches the hash or attention so); ConfigError when memory cannot hold the buffers of its rows.
+   *         kv is unchanged when it throws.
    */
   void forward_decode(MatrixRef<Scalar> y_new, ConstMatrixRef<Scalar> x_new, KVCache<Scalar>& kv) const {
     constexpr const char* where = "MemoryFormerBlock::forward_decode";

@@ -308,6 +308,13 @@ TEST(NnAttention, ScoresThatAreNotFiniteAreANonFiniteError) {
   expect_throw_with([&] { mf::attention_forward<float>(ctx, q, k, v_nan, 1, seq, 1, cache); },
                     "of sequence 0, head 0 are not finite");
   EXPECT_EQ(ctx, mf::Matrix<float>::Zero(seq, d));
+  // Finite values whose weighted sum exceeds float's range: with q = 0 every key weighs 1, and query 2 sums three
+  // values of max/2 (query 1 sums two: exactly max).
+  const mf::Matrix<float> zero = mf::Matrix<float>::Zero(seq, d);
+  const mf::Matrix<float> v_large = mf::Matrix<float>::Constant(seq, d, std::numeric_limits<float>::max() / 2);
+  expect_throw_with([&] { mf::attention_forward<float>(ctx, zero, zero, v_large, 1, seq, 1, cache); },
+                    "the scores or outputs of query 2 of sequence 0, head 0 are not finite");
+  EXPECT_EQ(ctx, mf::Matrix<float>::Zero(seq, d));
   mf::attention_forward<float>(ctx, q, k, v, 1, seq, 1, cache);  // the same cache works again
   EXPECT_TRUE(ctx.isApproxToConstant(0.5f));
 }

@@ -536,7 +536,9 @@ TEST(TransformerBlock, BadShapesAndOrderThrow) {
                     "TransformerBlock::backward: x is (4, 12), expected (batch·seq, d) = (6, 12)");
   Mat dy_wide(6, 11);
   expect_throw_with([&] { block.backward(dx, x, dy_wide, cache); }, "dy is (6, 11)");
-  Mat x_nan = x;  // reaches attention's scores through the norm and the products
+  // A NaN input reaches attention's scores through the norm and the products; the row named may be an earlier one
+  // of its tile (the tile product multiplies its NaN value by the masked zeros of earlier rows).
+  Mat x_nan = x;
   x_nan(4, 2) = std::numeric_limits<double>::quiet_NaN();
   expect_throw_with([&] { block.forward(y, x_nan, 2, 3, cache); }, "attention_forward: the scores or outputs of query");
   expect_throw_with([&] { block.forward(y, x_nan, 2, 3, cache); }, "of sequence 1, head");

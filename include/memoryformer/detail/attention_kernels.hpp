@@ -392,22 +392,18 @@ struct DecodeSite {
   Index sequence;
   Index token;
   Index head;
-};
-
-/// Where decode met a row it cannot write: the first (group, row), in order, whose log-sum-exp or output is not
-/// finite (a score or value that is not, or a product beyond the type's range).
-struct DecodeFault {
-  Index group;
-  Index row;
+  auto operator<=>(const DecodeSite&) const = default;  // (sequence, token, head) order
 };
 
 /// The end of a decode: merges each group's `blocks` partial states in block order into its first (group g's at
 /// partial[g·blocks …]) and normalises it in place, acc ← acc/l; then, unless some row's log-sum-exp or output is
-/// not finite (the first such is returned and nothing is written), writes every group through write(g, state).
-/// Groups are merged on any thread, each in a fixed order: the bits do not depend on the thread count.
-template <class Scalar, class Write>
-std::optional<DecodeFault> finish_decode(std::vector<OnlineSoftmax<Scalar>>& partial, Index groups, Index blocks,
-                                         Write&& write) {
+/// not finite (a score or value that is not, or a sum beyond the type's range), writes every group through
+/// write(g, state). Otherwise nothing is written and the result is the least site(g, row) over the groups' first
+/// such rows, (sequence, token, head) in order, whichever way the kernel groups its rows. Groups are merged on any
+/// thread, each in a fixed order: the bits do not depend on the thread count.
+template <class Scalar, class Site, class Write>
+[[nodiscard]] std::optional<DecodeSite> finish_decode(std::vector<OnlineSoftmax<Scalar>>& partial, Index groups,
+                                                      Index blocks, Site&& site, Write&& write) {
   std::vector<Index> fault(size_t(groups), -1);  // per group, its first row that is not finite
   parallel_claims(groups, [&](WorkQueue& queue) {
     for (Index g = queue.claim(); g >= 0; g = queue.claim()) {
@@ -424,8 +420,10 @@ std::optional<DecodeFault> finish_decode(std::vector<OnlineSoftmax<Scalar>>& par
           fault[size_t(g)] = i;
     }
   });
+  std::optional<DecodeSite> first;
   for (Index g = 0; g < groups; ++g)
-    if (fault[size_t(g)] >= 0) return DecodeFault{g, fault[size_t(g)]};
+    if (fault[size_t(g)] >= 0 && (!first || site(g, fault[size_t(g)]) < *first)) first = site(g, fault[size_t(g)]);
+  if (first) return first;
   parallel_claims(groups, [&](WorkQueue& queue) {
     for (Index g = queue.claim(); g >= 0; g = queue.claim()) write(g, std::as_const(partial[size_t(g * blocks)]));
   });
@@ -643,11 +641,12 @@ struct CachedRows {
 /// Decode of t ≤ attention_decode_in_place_rows new rows per sequence, every head of a row folded at once from the
 /// cache rows in place (fold_heads_in_place). Items are (sequence, key block of attention_decode_key_block keys);
 /// the blocks' partial states (one per new row and head) are merged in block order, so the bits do not depend on
-/// the thread count. rows_of(b) gives sequence b's CachedRows. Returns the first new row and head whose attention is
-/// not finite, with nothing written to out (finish_decode), or nothing.
+/// the thread count. rows_of(b) gives sequence b's CachedRows. Returns the first (sequence, new token, head) whose
+/// attention is not finite, with nothing written to out (finish_decode), or nothing.
 template <Isa I, class RowsOf>
-std::optional<DecodeSite> decode_in_place(MatrixRef<float> out, const ConstMatrixRef<float>& q, Index batch, Index t,
-                                          Index first, Index length, Index heads, RowsOf&& rows_of) {
+[[nodiscard]] std::optional<DecodeSite> decode_in_place(MatrixRef<float> out, const ConstMatrixRef<float>& q,
+                                                        Index batch, Index t, Index first, Index length, Index heads,
+                                                        RowsOf&& rows_of) {
   const Index d = q.cols(), dh = d / heads;
   const float scale = 1.0f / std::sqrt(float(dh));
   const Index blocks = (length + attention_decode_key_block - 1) / attention_decode_key_block;
@@ -675,12 +674,12 @@ std::optional<DecodeSite> decode_in_place(MatrixRef<float> out, const ConstMatri
     }
   });
   // All reads of q are done: out may alias it.
-  const auto fault = finish_decode(partial, batch, blocks, [&](Index b, const OnlineSoftmax<float>& state) {
-    for (Index i = 0; i < t; ++i)
-      for (Index h = 0; h < heads; ++h) out.row(b * t + i).segment(h * dh, dh) = state.acc.row(i * heads + h);
-  });
-  if (!fault) return std::nullopt;
-  return DecodeSite{fault->group, fault->row / heads, fault->row % heads};
+  return finish_decode(
+      partial, batch, blocks, [&](Index b, Index row) { return DecodeSite{b, row / heads, row % heads}; },
+      [&](Index b, const OnlineSoftmax<float>& state) {
+        for (Index i = 0; i < t; ++i)
+          for (Index h = 0; h < heads; ++h) out.row(b * t + i).segment(h * dh, dh) = state.acc.row(i * heads + h);
+      });
 }
 #endif
 
@@ -690,8 +689,8 @@ std::optional<DecodeSite> decode_in_place(MatrixRef<float> out, const ConstMatri
 /// thread's ItemScratch; the items of a (sequence, head, tile) are then merged in block order and written to out,
 /// so the bits do not depend on the thread count. Returns what decode_in_place returns.
 template <class Scalar, class ItemScratch, class Fold>
-std::optional<DecodeSite> decode_key_blocks(MatrixRef<Scalar> out, Index batch, Index t, Index length, Index heads,
-                                            Index dh, Fold&& fold) {
+[[nodiscard]] std::optional<DecodeSite> decode_key_blocks(MatrixRef<Scalar> out, Index batch, Index t, Index length,
+                                                          Index heads, Index dh, Fold&& fold) {
   const Index tiles = (t + attention_tile - 1) / attention_tile;
   const Index blocks = tiles == 1 ? (length + attention_decode_key_block - 1) / attention_decode_key_block : 1;
   const Index block_keys = tiles == 1 ? attention_decode_key_block : length;
@@ -709,25 +708,29 @@ std::optional<DecodeSite> decode_key_blocks(MatrixRef<Scalar> out, Index batch, 
       fold(scratch, state, bh / heads, bh % heads, q0, rows, k0, k1);
     }
   });
-  const auto fault = finish_decode(partial, groups, blocks, [&](Index group, const OnlineSoftmax<Scalar>& state) {
-    const Index bh = group / tiles, q0 = group % tiles * attention_tile;
-    for (Index i = 0; i < state.m.size(); ++i)
-      out.row(bh / heads * t + q0 + i).segment(bh % heads * dh, dh) = state.acc.row(i);
-  });
-  if (!fault) return std::nullopt;
-  const Index bh = fault->group / tiles;
-  return DecodeSite{bh / heads, fault->group % tiles * attention_tile + fault->row, bh % heads};
+  return finish_decode(
+      partial, groups, blocks,
+      [&](Index group, Index row) {
+        const Index bh = group / tiles;
+        return DecodeSite{bh / heads, group % tiles * attention_tile + row, bh % heads};
+      },
+      [&](Index group, const OnlineSoftmax<Scalar>& state) {
+        const Index bh = group / tiles, q0 = group % tiles * attention_tile;
+        for (Index i = 0; i < state.m.size(); ++i)
+          out.row(bh / heads * t + q0 + i).segment(bh % heads * dh, dh) = state.acc.row(i);
+      });
 }
 
 /// Decode: t new query rows per sequence (row b·t + i at position first + i) against the cached keys and values
 /// of `batch` sequences, length `length` each (keys(b) / values(b) give [length, d] views). With few new rows the
 /// cache is split into key blocks of attention_decode_key_block keys, each folded by one thread into its own
 /// (m, l, acc), then merged in block order; with more than one query tile, items are query tiles as in forward.
-/// Returns the first new row and head whose attention is not finite, with nothing written to out, or nothing.
+/// Returns the first (sequence, new token, head) whose attention is not finite, with nothing written to out, or
+/// nothing.
 template <Isa I, class Scalar, class Keys, class Values>
-std::optional<DecodeSite> flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>& q, Index batch,
-                                                 Index t, Index first, Index length, Index heads, Keys&& keys,
-                                                 Values&& values) {
+[[nodiscard]] std::optional<DecodeSite> flash_attention_decode(MatrixRef<Scalar> out, const ConstMatrixRef<Scalar>& q,
+                                                               Index batch, Index t, Index first, Index length,
+                                                               Index heads, Keys&& keys, Values&& values) {
   const Index d = q.cols(), dh = d / heads;
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
   if constexpr (attention_vector_path_compiled<I, Scalar>()) {
@@ -786,9 +789,10 @@ inline void widen_bf16_rows(float* out, const std::uint16_t* block, Index d, Ind
 /// throughout. Items and the merge order are those of flash_attention_decode; the bits do not depend on the
 /// thread count.
 template <Isa I, class KeysBf16, class ValuesBf16>
-std::optional<DecodeSite> flash_attention_decode_bf16(MatrixRef<float> out, const ConstMatrixRef<float>& q,
-                                                      Index batch, Index t, Index first, Index length, Index heads,
-                                                      KeysBf16&& keys_bf16, ValuesBf16&& values_bf16) {
+[[nodiscard]] std::optional<DecodeSite> flash_attention_decode_bf16(MatrixRef<float> out,
+                                                                    const ConstMatrixRef<float>& q, Index batch,
+                                                                    Index t, Index first, Index length, Index heads,
+                                                                    KeysBf16&& keys_bf16, ValuesBf16&& values_bf16) {
   const Index d = q.cols(), dh = d / heads;
 #if defined(MEMORYFORMER_HAVE_AVX512) || defined(MEMORYFORMER_HAVE_AVX2)
   if constexpr (attention_vector_path_compiled<I, float>()) {

@@ -126,8 +126,9 @@ inline std::string attention_not_finite_text(const char* where, const char* row,
  * @param cache  receives ctx and the log-sum-exp of every row for attention_backward; q, k and v must not be
  *               views of it (a cache's output fed back in needs another cache)
  * @throws ShapeError when a shape differs from (batch·seq, d); ValueError when q, k or v shares storage with cache;
- *         NonFiniteError when a score or an output is not finite (ctx is then unchanged); ConfigError for bad
- *         batch/seq/heads, or when memory cannot hold the buffers of its rows.
+ *         NonFiniteError when a row's softmax is undefined (a NaN or +∞ score, as from q·k beyond the type's range)
+ *         or an output is not finite (ctx is then unchanged, §6.5); ConfigError for bad batch/seq/heads, or when
+ *         memory cannot hold the buffers of its rows.
  */
 template <std::floating_point Scalar>
 void attention_forward(std::type_identity_t<MatrixRef<Scalar>> ctx, std::type_identity_t<ConstMatrixRef<Scalar>> q,
@@ -250,7 +251,8 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
  *                 the same bfloat16-rounded keys and values.
  * @param heads    number of heads (≥ 1, divides d)
  * @throws ShapeError on a shape mismatch; ConfigError on bad heads; CapacityError when the cache would exceed
- *         max_seq; NonFiniteError when a new token's scores or output are not finite (ctx_new is then unchanged);
+ *         max_seq; NonFiniteError as attention_forward, for the first (sequence, new token, head) in that order
+ *         (ctx_new is then unchanged);
  *         ConfigError when memory cannot hold the buffers of its rows. Nothing is appended when it throws.
  */
 template <std::floating_point Scalar>
