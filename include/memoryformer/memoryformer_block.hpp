@@ -108,11 +108,8 @@ namespace detail {
 template <class Cache>
 Index block_decode_tokens(const char* where, Index d, const auto& y_new, const auto& x_new, const Cache& kv) {
   kv.check_features(where, d);
-  if (x_new.cols() != d || x_new.rows() == 0 || x_new.rows() % kv.batch() != 0)
-    throw_shape(where, "x_new", x_new.rows(), x_new.cols(),
-                "(batch·t, " + std::to_string(d) + ") with batch = " + std::to_string(kv.batch()));
+  const Index t = kv.new_tokens(where, "x_new", x_new.rows(), x_new.cols());
   check_shape(where, "y_new", y_new.rows(), y_new.cols(), x_new.rows(), d);
-  const Index t = x_new.rows() / kv.batch();
   if (kv.length() + t > kv.max_seq())
     throw CapacityError(std::string(where) + ": " + std::to_string(kv.length()) + " cached + " + std::to_string(t) +
                         " new tokens exceed max_seq = " + std::to_string(kv.max_seq()));

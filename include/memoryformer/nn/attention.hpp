@@ -252,8 +252,8 @@ void attention_backward(std::type_identity_t<MatrixRef<Scalar>> dq, std::type_id
  * @param heads    number of heads (≥ 1, divides d)
  * @throws ShapeError on a shape mismatch; ConfigError on bad heads; CapacityError when the cache would exceed
  *         max_seq; NonFiniteError as attention_forward, for the first (sequence, new token, head) in that order
- *         (ctx_new is then unchanged);
- *         ConfigError when memory cannot hold the buffers of its rows. Nothing is appended when it throws.
+ *         (ctx_new is then unchanged); ConfigError when memory cannot hold the buffers of its rows. Nothing is
+ *         appended when it throws.
  */
 template <std::floating_point Scalar>
 void attention_decode(std::type_identity_t<MatrixRef<Scalar>> ctx_new,
